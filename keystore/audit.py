@@ -1,0 +1,200 @@
+"""The append-only, hash-chained audit trail.
+
+Row n stores `hash = SHA-256(prev_hash || "\\n" || JSON[seq, ts, actor, action, vm, detail])`
+with `prev_hash` the hash of row n-1 (64 zeros for row 1). `verify` recomputes the chain:
+an edited row breaks its own hash, a deleted or inserted row breaks the next row's
+`prev_hash` and the run of consecutive `seq` numbers, and a deleted tail is caught by the
+head (seq, hash) kept in the `meta` table. Triggers refuse UPDATE and DELETE.
+
+What this cannot do: someone who can write the file can drop the triggers and rewrite the
+whole chain consistently. Copy the head printed by `vmshield audit verify` somewhere else
+(a ticket, a remote log) to anchor it; `verify --head` then checks against that copy.
+
+`append_audit` is the synchronous entry point for other components (usbgate, erase); the
+repository has an async twin. Never put secrets in `detail`: keys that look like secrets
+are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from keystore import db as dbmod
+from keystore.errors import AuditChainBroken
+from keystore.models import AuditEntry
+
+GENESIS = "0" * 64
+HEAD_KEY = "audit_head"
+
+_SECRET_WORDS = ("password", "passphrase", "secret", "verifier", "master_key")
+
+LAST_SQL = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+INSERT_SQL = (
+    "INSERT INTO audit (seq, ts, actor, action, vm, detail, prev_hash, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+HEAD_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+SELECT_SQL = "SELECT seq, ts, actor, action, vm, detail, prev_hash, hash FROM audit"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def canonical_detail(detail: dict[str, Any] | None) -> str:
+    """Canonical JSON of `detail`; refuses keys that look like secrets (ValueError)."""
+    detail = detail or {}
+    if not isinstance(detail, dict):
+        raise TypeError("audit detail must be a dict")
+    for key in detail:
+        if any(w in str(key).lower() for w in _SECRET_WORDS):
+            raise ValueError(f"audit detail key {key!r} looks like a secret; never store one")
+    return json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def row_hash(
+    prev_hash: str, seq: int, ts: str, actor: str, action: str, vm: str | None, detail: str
+) -> str:
+    """The chained hash of one row (hex)."""
+    body = json.dumps([seq, ts, actor, action, vm, detail], separators=(",", ":"))
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def next_row(
+    last: tuple[int, str] | None,
+    actor: str,
+    action: str,
+    vm: str | None,
+    detail: dict[str, Any] | None,
+) -> tuple[Any, ...]:
+    """Parameters for INSERT_SQL given the current last (seq, hash) of the chain."""
+    if not actor or not action:
+        raise ValueError("audit rows need an actor and an action")
+    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    ts = now().isoformat()
+    text = canonical_detail(detail)
+    h = row_hash(prev, seq, ts, actor, action, vm, text)
+    return (seq, ts, actor, action, vm, text, prev, h)
+
+
+def entry_from_row(row: tuple[Any, ...] | sqlite3.Row) -> AuditEntry:
+    seq, ts, actor, action, vm, detail, prev, h = tuple(row)
+    return AuditEntry(
+        int(seq), datetime.fromisoformat(ts), actor, action, vm, json.loads(detail), prev, h
+    )
+
+
+def append_audit(
+    db: str | Path,
+    actor: str,
+    action: str,
+    vm: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Append one row to the audit trail of the keystore at `db` (synchronous, any process).
+
+    `actor` says who (a principal or a component such as "usbgate"), `action` what, as a
+    dotted verb ("usb.attach", "disk.erase.done"), `vm` the VM name if any, `detail` a small
+    JSON-able dict without secrets. Raises KeystoreBusy / DatabaseUnavailable.
+    """
+    path = Path(db)
+    conn = dbmod.open_sync(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            last = conn.execute(LAST_SQL).fetchone()
+            params = next_row(tuple(last) if last else None, actor, action, vm, detail)
+            conn.execute(INSERT_SQL, params)
+            conn.execute(HEAD_SQL, (HEAD_KEY, f"{params[0]}:{params[7]}"))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as e:
+        raise dbmod.translate(e, path) from e
+    finally:
+        conn.close()
+    return entry_from_row(params)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of a chain check: how many rows, the head, and the problems found."""
+
+    rows: int
+    head_seq: int
+    head_hash: str
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_rows(
+    rows: list[tuple[Any, ...]], recorded_head: str | None, anchor: str | None = None
+) -> VerifyResult:
+    """Check a full chain (rows in seq order) against its recorded head and an optional anchor.
+
+    `anchor` is a "SEQ:HASH" head copied earlier: that row must still be in the chain.
+    """
+    problems: list[str] = []
+    prev, expect_seq = GENESIS, 1
+    hashes: dict[int, str] = {}
+    for row in rows:
+        seq, ts, actor, action, vm, detail, prev_hash, h = row
+        if seq != expect_seq:
+            problems.append(f"rows {expect_seq}..{seq - 1} are missing (deleted)")
+        if not hmac.compare_digest(prev_hash, prev):
+            problems.append(f"row {seq}: previous-hash link broken (a row before it changed)")
+        calc = row_hash(prev_hash, seq, ts, actor, action, vm, detail)
+        if not hmac.compare_digest(calc, h):
+            problems.append(f"row {seq}: content does not match its hash (edited)")
+        prev, expect_seq = h, seq + 1
+        hashes[seq] = h
+    head_seq = expect_seq - 1
+    if recorded_head is not None and recorded_head != f"{head_seq}:{prev}":
+        problems.append(
+            f"recorded head is {recorded_head} but the chain ends at {head_seq}:{prev} "
+            "(rows deleted from the end, or the head was altered)"
+        )
+    if recorded_head is None and rows:
+        problems.append("the recorded head is missing")
+    if anchor:
+        try:
+            a_seq, a_hash = anchor.split(":", 1)
+            ok = hmac.compare_digest(hashes.get(int(a_seq), ""), a_hash)
+        except ValueError:
+            raise ValueError(f"anchor must be SEQ:HASH, got {anchor!r}") from None
+        if not ok:
+            problems.append(f"anchor {anchor} is not in the chain (history was rewritten)")
+    return VerifyResult(len(rows), head_seq, prev, tuple(problems))
+
+
+def verify(db: str | Path, anchor: str | None = None) -> VerifyResult:
+    """Verify the audit chain of the keystore at `db` (read-only, synchronous)."""
+    path = Path(db)
+    conn = dbmod.open_sync(path, readonly=True)
+    try:
+        conn.execute("BEGIN")
+        rows = [tuple(r) for r in conn.execute(SELECT_SQL + " ORDER BY seq")]
+        head = conn.execute("SELECT value FROM meta WHERE key = ?", (HEAD_KEY,)).fetchone()
+        conn.execute("COMMIT")
+    except sqlite3.Error as e:
+        raise dbmod.translate(e, path) from e
+    finally:
+        conn.close()
+    return verify_rows(rows, head[0] if head else None, anchor)
+
+
+def require_valid(result: VerifyResult) -> None:
+    """Raise AuditChainBroken listing the problems if the chain did not verify."""
+    if not result.ok:
+        raise AuditChainBroken("audit chain broken: " + "; ".join(result.problems))

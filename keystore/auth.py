@@ -1,0 +1,70 @@
+"""Password verifiers (argon2id) and the rate-limit policy.
+
+Verifiers use argon2-cffi's RFC 9106 "low memory" profile: argon2id, t=3, m=64 MiB, p=4
+(RFC 9106 section 4, second recommended option; above OWASP's minimum of m=19 MiB, t=2).
+The verifier proves a password; it does not decrypt anything. A user's password is also
+the passphrase of that user's LUKS keyslot on their disks, and only that keyslot decrypts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from datetime import timedelta
+
+from argon2 import PasswordHasher, profiles
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+#: RFC 9106 second recommended option (argon2id, t=3, m=64 MiB, p=4).
+DEFAULT_HASHER = PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
+
+#: Shortest password accepted by `user add` / `user passwd`.
+MIN_PASSWORD_LENGTH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthPolicy:
+    """How verifiers are made and how failures are rate-limited.
+
+    After `max_failures` consecutive failures the account is locked for `lockout`; while
+    locked, attempts are refused without checking the password. The counter resets only on
+    a success, so after a lock expires each further failure locks again at once.
+    """
+
+    hasher: PasswordHasher = DEFAULT_HASHER
+    max_failures: int = 5
+    lockout: timedelta = timedelta(minutes=15)
+
+    def hash(self, password: bytes) -> str:
+        """A new argon2id PHC string for `password`."""
+        return self.hasher.hash(bytes(password))
+
+    def verify(self, verifier: str, password: bytes) -> bool:
+        """True if `password` matches; False for a mismatch or an unusable verifier."""
+        try:
+            return self.hasher.verify(verifier, bytes(password))
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    def needs_rehash(self, verifier: str) -> bool:
+        try:
+            return self.hasher.check_needs_rehash(verifier)
+        except InvalidHashError:
+            return True
+
+    def burn(self, password: bytes) -> None:
+        """Spend the time of one verification (unknown user: no timing oracle)."""
+        self.verify(_dummy_verifier(self.hasher), password)
+
+
+@functools.cache
+def _dummy_verifier(hasher: PasswordHasher) -> str:
+    return hasher.hash(b"vmshield-no-such-user")
+
+
+def check_password_quality(password: bytes) -> None:
+    """Refuse passwords that cannot work as a LUKS passphrase or are obviously weak."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"password too short: use at least {MIN_PASSWORD_LENGTH} characters")
+    if b"\n" in password or b"\0" in password:
+        raise ValueError("password must not contain newlines or NUL bytes")
