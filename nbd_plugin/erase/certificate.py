@@ -1,0 +1,111 @@
+"""The erase certificate: a JSON record of what was done, and its SHA-256 for the audit chain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from nbd_plugin.erase.journal import DEVICE_JOURNAL_DIR, JournalState
+from nbd_plugin.erase.methods import get_method
+from nbd_plugin.erase.storage import nist_category
+
+CERTIFICATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A written certificate: its content, where it is, and the SHA-256 of its bytes."""
+
+    data: dict[str, Any]
+    path: str
+    sha256: str
+
+    @property
+    def verified(self) -> bool:
+        """False when verification ran and found bytes that differ."""
+        return bool(self.data["verification"]["result"] != "failed")
+
+
+def tool_version() -> str:
+    """vmshield's installed version."""
+    try:
+        return metadata.version("vmshield")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def default_path(target: str, *, block_device: bool, started: float) -> str:
+    """Beside a file target; under /var/lib/vmshield/erase/ for a block device."""
+    if block_device:
+        name = os.path.realpath(target).strip("/").replace("/", "_")
+        stamp = datetime.fromtimestamp(started, UTC).strftime("%Y%m%dT%H%M%SZ")
+        return os.path.join(DEVICE_JOURNAL_DIR, f"{name}-{stamp}.erase-certificate.json")
+    return target + ".erase-certificate.json"
+
+
+def build(
+    state: JournalState, *, size: int, finished: float, unlinked: bool, storage: dict[str, Any]
+) -> dict[str, Any]:
+    """The certificate content for a finished erase described by its journal."""
+    method = get_method(state.method)
+    allocated = sum(e[1] for e in state.extents)
+    crypto = state.crypto or {"performed": False}
+    overwritten = sum(int(p["bytes"]) for p in state.passes) + int(crypto.get("bytes", 0))
+    return {
+        "certificate_version": CERTIFICATE_VERSION,
+        "tool": {"name": "vmshield", "version": tool_version()},
+        "host": socket.gethostname(),
+        "target": {
+            "path": os.path.abspath(state.target),
+            "kind": storage["kind"],
+            "size": size,
+            "allocated_bytes": allocated,
+            "extents": len(state.extents),
+            "luks_version": state.luks_version,
+        },
+        "method": {
+            "name": method.name,
+            "passes": [p.value for p in method.passes],
+            "source": method.source,
+        },
+        "crypto_erase": crypto,
+        "passes": state.passes,
+        "bytes_overwritten": overwritten,
+        "verification": state.verification or {"result": "skipped"},
+        "discard": state.discard or {"performed": False},
+        "unlinked": unlinked,
+        "started": _iso(state.started),
+        "finished": _iso(finished),
+        "duration_seconds": round(finished - state.started, 3),
+        "resumed": state.resumed,
+        "storage": storage,
+        "nist_sp800_88_rev2": nist_category(
+            storage, bool(crypto.get("performed")), bool(state.passes)
+        ),
+    }
+
+
+def write(data: dict[str, Any], path: str) -> Certificate:
+    """Write the certificate (0644, durable) and return it with its SHA-256."""
+    blob = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, blob)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return Certificate(data, path, hashlib.sha256(blob).hexdigest())

@@ -1,0 +1,338 @@
+"""Deep erase of one image file or block device, resumable at any point.
+
+Order: lock the target (refuse while a server holds it) → crypto-erase (overwrite the LUKS
+header and every keyslot area several times, fdatasync: from here the data is unreadable) →
+overwrite every allocated extent, pass by pass, fdatasync after each → read the last pass back
+and compare → discard (punch hole / BLKDISCARD / BLKSECDISCARD) → unlink → certificate.
+
+Each step records itself in the journal (journal.py) before and after it runs; running the same
+erase again after a crash or a kill continues from the last checkpoint and ends with the same
+bytes on the medium as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nbd_plugin.erase import journal as jn
+from nbd_plugin.erase import keyregions, storage, sysio
+from nbd_plugin.erase.certificate import Certificate, build, default_path, write
+from nbd_plugin.erase.journal import JournalState, Phase
+from nbd_plugin.erase.methods import Method, Pattern, get_method
+from nbd_plugin.erase.overwrite import Engine, Target, close_target, open_target, sync
+from nbd_plugin.erase.progress import Reporter
+from nbd_plugin.erase.sysio import Extent
+from nbd_plugin.errors import ImageBusy, ImageError, UnsupportedError
+from nbd_plugin.locking import hold_image
+
+HEADER_WIPES = 3
+"""Overwrites of the key material, each fdatasync'ed (keystream passes -1, -2, -3)."""
+
+
+@dataclass(frozen=True)
+class EraseOptions:
+    """How to erase; the defaults follow the full order of DESIGN.md."""
+
+    verify: bool = True
+    discard: bool = True
+    unlink: bool = True
+    secure_discard: bool = False
+    certificate_path: str | None = None
+    journal_path: str | None = None
+    checkpoint_bytes: int = 512 << 20
+    checkpoint_seconds: float = 2.0
+
+
+def _ext(state: JournalState) -> list[Extent]:
+    return [Extent(o, n, bool(s)) for o, n, s in state.extents]
+
+
+def _regions(state: JournalState) -> list[Extent]:
+    return [Extent(o, n) for o, n in state.key_regions]
+
+
+class _Eraser:
+    """One run of an erase: holds the open target, its lock, the journal and the reporter."""
+
+    def __init__(
+        self, target: Target, state: JournalState, jpath: str, opts: EraseOptions, rep: Reporter
+    ) -> None:
+        self.target, self.state, self.jpath, self.opts, self.rep = target, state, jpath, opts, rep
+        self.engine = Engine(target, state.erase_key)
+
+    def save(self) -> None:
+        jn.save(self.jpath, self.state)
+
+    def _checkpointer(self, phase_total: int) -> Any:
+        last = [self.state.done, time.monotonic()]
+
+        def progress(pos: int) -> None:
+            self.rep.update(pos)
+            now = time.monotonic()
+            if (
+                pos - last[0] >= self.opts.checkpoint_bytes
+                or now - last[1] >= self.opts.checkpoint_seconds
+            ) and pos < phase_total:
+                sync(self.target)
+                self.state.done = pos
+                self.save()
+                last[0], last[1] = pos, now
+
+        return progress
+
+    def crypto(self) -> None:
+        regions = _regions(self.state)
+        if not regions:
+            self.state.crypto = {"performed": False, "reason": "not a LUKS image"}
+            return
+        total = sum(r.length for r in regions)
+        t0 = time.monotonic()
+        self.rep.start(Phase.CRYPTO, "wiping key material", total * HEADER_WIPES)
+        for i in range(HEADER_WIPES):
+            base = i * total
+
+            def progress(pos: int, base: int = base) -> None:
+                self.rep.update(base + pos)
+
+            self.engine.run_pass(Pattern.RANDOM, -1 - i, regions, 0, progress)
+            sync(self.target)
+        self.rep.end()
+        bad, first = self.engine.verify(Pattern.RANDOM, -HEADER_WIPES, regions, lambda p: None)
+        if bad:
+            raise ImageError(
+                f"{self.target.path}: key material still reads back at byte {first} after the "
+                "wipe; the storage does not take writes: the image is NOT erased"
+            )
+        self.state.crypto = {
+            "performed": True,
+            "luks_version": self.state.luks_version,
+            "regions": self.state.key_regions,
+            "overwrites": HEADER_WIPES,
+            "bytes": total * HEADER_WIPES,
+            "seconds": round(time.monotonic() - t0, 4),
+            "verified": True,
+        }
+
+    def overwrite(self, method: Method) -> None:
+        extents = _ext(self.state)
+        total = sum(e.length for e in extents)
+        while self.state.pass_index < len(method.passes):
+            number = self.state.pass_index + 1
+            pattern = method.passes[self.state.pass_index]
+            start = self.state.done
+            label = f"pass {number}/{len(method.passes)} ({pattern.value})"
+            self.rep.start(f"pass{number}", label, total)
+            t0 = time.monotonic()
+            via = self.engine.run_pass(pattern, number, extents, start, self._checkpointer(total))
+            seconds = time.monotonic() - t0
+            sync_s = sync(self.target)
+            self.rep.end()
+            self.state.passes.append(
+                {
+                    "number": number,
+                    "pattern": pattern.value,
+                    "bytes": total,
+                    "seconds": round(seconds + sync_s, 4),
+                    "fdatasync_seconds": round(sync_s, 4),
+                    "via": via,
+                    "resumed_at": start or None,
+                }
+            )
+            self.state.pass_index += 1
+            self.state.done = 0
+            self.save()
+
+    def verify(self, method: Method) -> None:
+        if not self.opts.verify:
+            self.state.verification = {"performed": False, "result": "skipped"}
+            return
+        if not method.passes:
+            # crypto only: the key material was read back right after the wipe
+            self.state.verification = {
+                "performed": True,
+                "scope": "key material",
+                "bytes_read": sum(n for _, n in self.state.key_regions),
+                "mismatched_bytes": 0,
+                "result": "passed",
+            }
+            return
+        extents = _ext(self.state)
+        total = sum(e.length for e in extents)
+        number = len(method.passes)
+        self.rep.start(Phase.VERIFY, f"verifying pass {number}", total)
+        t0 = time.monotonic()
+        bad, first = self.engine.verify(method.passes[-1], number, extents, self.rep.update)
+        self.rep.end()
+        self.state.verification = {
+            "performed": True,
+            "scope": f"pass {number} over every allocated byte",
+            "pattern": method.passes[-1].value,
+            "bytes_read": total,
+            "mismatched_bytes": bad,
+            "first_mismatch": first,
+            "direct_io": self.target.direct_fd is not None,
+            "seconds": round(time.monotonic() - t0, 4),
+            "result": "failed" if bad else "passed",
+        }
+
+    def discard(self) -> None:
+        if not self.opts.discard:
+            self.state.discard = {"performed": False}
+            return
+        t = self.target
+        size = sysio.device_size(t.fd)
+        if t.block_device:
+            how = "BLKSECDISCARD" if self.opts.secure_discard else "BLKDISCARD"
+            request = sysio.BLKSECDISCARD if self.opts.secure_discard else sysio.BLKDISCARD
+        else:
+            how = "punch hole"
+        try:
+            if t.block_device:
+                sysio.blk_range_ioctl(t.fd, request, 0, size)
+            else:
+                sysio.punch_hole(t.fd, 0, size)
+            sync(t)
+            self.state.discard = {"performed": True, "how": how, "result": "done"}
+        except OSError as e:
+            if self.opts.secure_discard:
+                raise ImageError(
+                    f"{t.path}: the device refused BLKSECDISCARD ({e.strerror}); the overwrite "
+                    "is complete, run again without --secure-discard to finish"
+                ) from None
+            unsupported = e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL)
+            self.state.discard = {
+                "performed": False,
+                "how": how,
+                "result": "unsupported" if unsupported else f"failed: {e.strerror}",
+            }
+
+
+def _new_state(path: str, target: Target, method: Method) -> JournalState:
+    st = os.fstat(target.fd)
+    size = sysio.device_size(target.fd)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    luks = keyregions.probe(head)
+    if luks is None and not method.overwrites:
+        raise UnsupportedError(
+            f"{path} is not a LUKS image: the crypto method has no key material to wipe; "
+            "choose an overwrite method (zero, random, dod3...)"
+        )
+    regions = keyregions.key_material_regions(path, size) if luks else []
+    return JournalState(
+        target=path,
+        identity=[st.st_dev, st.st_ino, size],
+        method=method.name,
+        key=os.urandom(32).hex(),
+        extents=[[e.offset, e.length, int(e.shared)] for e in sysio.allocated_extents(target.fd)],
+        key_regions=[[o, n] for o, n in regions],
+        luks_version=luks,
+        started=time.time(),
+    )
+
+
+def _lock(target: Target) -> None:
+    try:
+        hold_image(target.fd, target.path, exclusive=True)
+    except ImageBusy:
+        raise ImageBusy(
+            f"{target.path} is in use: a server (nbdkit) or another erase holds its lock. "
+            "Stop the server (or wait for the other erase) and run the erase again."
+        ) from None
+
+
+def erase(
+    path: str,
+    method_name: str,
+    options: EraseOptions | None = None,
+    reporter: Reporter | None = None,
+) -> Certificate:
+    """Erase `path` with the named method; returns the written certificate.
+
+    Raises ImageBusy when a server holds the image, ImageError/UnsupportedError when the target
+    cannot be erased as asked, ValueError for an unknown method.
+    """
+    opts = options or EraseOptions()
+    rep = reporter or Reporter()
+    method = get_method(method_name)
+    target = open_target(path)
+    try:
+        _lock(target)
+        jpath = opts.journal_path or jn.journal_path(path, block_device=target.block_device)
+        state = jn.load(jpath)
+        st = os.fstat(target.fd)
+        if state is not None:
+            if state.identity[:2] != [st.st_dev, st.st_ino]:
+                raise ImageError(
+                    f"the journal {jpath} belongs to another file that was at {path}; "
+                    "remove the journal to erase this one"
+                )
+            if state.method != method.name:
+                raise ImageError(
+                    f"an erase of {path} with method {state.method!r} was interrupted; "
+                    f"run it again with --method {state.method}, or remove {jpath} to start over"
+                )
+            state.resumed += 1
+            rep.event(
+                "resumed",
+                **{"phase": state.phase, "pass": state.pass_index + 1, "done": state.done},
+            )
+        else:
+            state = _new_state(path, target, method)
+        run = _Eraser(target, state, jpath, opts, rep)
+        run.save()
+        try:
+            return _run(run, method, path)
+        finally:
+            run.engine.close()
+    finally:
+        close_target(target)
+        rep.close()
+
+
+def _run(run: _Eraser, method: Method, path: str) -> Certificate:
+    state, opts, target = run.state, run.opts, run.target
+    shared = any(e[2] for e in state.extents)
+    assessment = storage.assess_path(path, shared_extents=shared)
+    if state.phase == Phase.CRYPTO:
+        run.crypto()
+        state.phase = Phase.OVERWRITE
+        run.save()
+    if state.phase == Phase.OVERWRITE:
+        run.overwrite(method)
+        state.phase = Phase.VERIFY
+        run.save()
+    if state.phase == Phase.VERIFY:
+        run.verify(method)
+        state.phase = Phase.DISCARD
+        run.save()
+    failed = bool(state.verification and state.verification.get("result") == "failed")
+    size = state.identity[2]
+    unlinked = False
+    if not failed:
+        run.discard()
+        state.phase = Phase.UNLINK
+        run.save()
+        if opts.unlink and not target.block_device:
+            os.unlink(path)
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            unlinked = True
+    else:
+        state.discard = {"performed": False, "reason": "verification failed: kept for inspection"}
+    cert_path = opts.certificate_path or default_path(
+        path, block_device=target.block_device, started=state.started
+    )
+    data = build(state, size=size, finished=time.time(), unlinked=unlinked, storage=assessment)
+    shown = ("verify", "discard", "unlink", "secure_discard")
+    data["options"] = {k: v for k, v in asdict(opts).items() if k in shown}
+    cert = write(data, cert_path)
+    jn.remove(run.jpath)
+    return cert

@@ -1,0 +1,123 @@
+"""The erase journal: where an interrupted erase stands, so the same command can continue.
+
+A small JSON file beside the target (`TARGET.vmshield-erase`; for a block device under
+/var/lib/vmshield/erase/). It is replaced atomically (write, fsync, rename, fsync the
+directory) and only after the target itself was fdatasync'ed up to the recorded position, so
+after a crash the journal never claims more than the medium holds. Redoing the bytes between
+the last checkpoint and the crash is harmless: every pass writes the same bytes at the same
+offsets (see keystream.py).
+
+It holds the per-erase keystream key: that key predicts the overwrite pattern and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nbd_plugin.errors import ImageError
+
+VERSION = 1
+DEVICE_JOURNAL_DIR = "/var/lib/vmshield/erase"
+
+
+class Phase:
+    """Steps in their order; the journal records the one in progress."""
+
+    CRYPTO = "crypto"
+    OVERWRITE = "overwrite"
+    VERIFY = "verify"
+    DISCARD = "discard"
+    UNLINK = "unlink"
+    ORDER = (CRYPTO, OVERWRITE, VERIFY, DISCARD, UNLINK)
+
+
+@dataclass
+class JournalState:
+    """Everything a resumed erase needs; serialised as JSON."""
+
+    target: str
+    identity: list[int]
+    """[st_dev, st_ino, size] of the target when the erase started: a resume must match it."""
+    method: str
+    key: str
+    """Hex keystream key of this erase."""
+    extents: list[list[int]]
+    """[offset, length, shared] of every allocated extent, fixed at the start."""
+    key_regions: list[list[int]]
+    luks_version: int | None
+    started: float
+    phase: str = Phase.CRYPTO
+    pass_index: int = 0
+    done: int = 0
+    """Bytes of the current pass (linear over `extents`) known to be on the medium."""
+    bytes_written: int = 0
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    crypto: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None
+    discard: dict[str, Any] | None = None
+    resumed: int = 0
+    version: int = VERSION
+
+    @property
+    def erase_key(self) -> bytes:
+        """The keystream key as bytes."""
+        return bytes.fromhex(self.key)
+
+
+def journal_path(target: str, *, block_device: bool) -> str:
+    """Where the journal of `target` lives."""
+    if block_device:
+        name = os.path.realpath(target).strip("/").replace("/", "_")
+        return os.path.join(DEVICE_JOURNAL_DIR, name + ".vmshield-erase")
+    return target + ".vmshield-erase"
+
+
+def load(path: str) -> JournalState | None:
+    """The journal at `path`, None if there is none; ImageError if it is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ImageError(
+            f"erase journal {path} is unreadable ({e}); remove it to start the erase over"
+        ) from None
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        raise ImageError(f"erase journal {path} has an unknown format; remove it to start over")
+    try:
+        return JournalState(**data)
+    except TypeError as e:
+        raise ImageError(
+            f"erase journal {path} is malformed ({e}); remove it to start over"
+        ) from None
+
+
+def save(path: str, state: JournalState) -> None:
+    """Replace the journal atomically and durably."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(asdict(state), sort_keys=True).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove(path: str) -> None:
+    """Delete the journal (the erase is complete)."""
+    for p in (path, path + ".tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
