@@ -1,0 +1,37 @@
+"""Key derivation for keyslots: PBKDF2 (LUKS1, LUKS2) with iteration-time calibration."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from nbd_plugin.errors import UnsupportedError
+
+PBKDF2_HASHES = ("sha1", "sha256", "sha512", "sha384", "sha224", "ripemd160")
+MIN_ITERATIONS = 1000
+
+
+def check_hash(hash_name: str) -> str:
+    """Normalise a LUKS hash spec ("SHA256" -> "sha256") or raise UnsupportedError."""
+    name = hash_name.lower()
+    if name not in PBKDF2_HASHES:
+        raise UnsupportedError(f"hash {hash_name!r} is not supported (use sha1, sha256, sha512)")
+    try:
+        hashlib.new(name)
+    except ValueError:
+        raise UnsupportedError(f"hash {hash_name!r} is not available in this OpenSSL") from None
+    return name
+
+
+def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+    """PBKDF2-HMAC as LUKS uses it."""
+    return hashlib.pbkdf2_hmac(check_hash(hash_name), passphrase, salt, iterations, length)
+
+
+def iterations_for(hash_name: str, milliseconds: int, length: int = 32) -> int:
+    """PBKDF2 iterations that take about ``milliseconds`` on this machine (like cryptsetup)."""
+    probe = 20000
+    start = time.perf_counter()
+    pbkdf2(hash_name, b"calibration", b"\0" * 32, probe, length)
+    per_second = probe / max(time.perf_counter() - start, 1e-6)
+    return max(MIN_ITERATIONS, int(per_second * milliseconds / 1000))

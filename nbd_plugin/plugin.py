@@ -1,0 +1,194 @@
+"""nbdkit Python plugin: serve the plaintext of a LUKS image.
+
+    nbdkit -U SOCK python nbd_plugin/plugin.py image=disk.img passphrase=+keyfile
+
+This file only adapts nbdkit's callbacks to ``nbd_plugin.disk.EncryptedDisk``; the logic
+lives in importable modules that tests drive without nbdkit.
+"""
+
+import errno
+import os
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_VENV_SITE = os.path.join(
+    _REPO, ".venv", "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages"
+)
+for _path in (_REPO, _VENV_SITE):
+    if os.path.isdir(_path) and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import nbdkit  # noqa: E402
+
+from nbd_plugin.disk import NotFast  # noqa: E402
+from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
+from nbd_plugin.server import CONFIG_HELP, ServerConfig, nbdkit_readonly  # noqa: E402
+
+API_VERSION = 2
+
+_config = ServerConfig()
+_disk = None
+
+
+def _fail(message):
+    """Report a startup error in one line and stop nbdkit (no traceback, no secrets).
+
+    Only called before nbdkit listens (config, config_complete), when nothing is open that
+    needs cleaning up, so leaving at once with status 1 is safe.
+    """
+    print(f"nbdkit: vmshield: error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def config(key, value):
+    try:
+        _config.set(key, value)
+    except VmshieldError as exc:
+        _fail(str(exc))
+
+
+def config_help():
+    return CONFIG_HELP
+
+
+def config_complete():
+    global _disk
+    try:
+        _disk = _config.open_disk(readonly=nbdkit_readonly())
+    except InvalidPassphrase as exc:
+        _fail(f"{_config.image}: {exc}")
+    except (VmshieldError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def thread_model():
+    # Python callbacks contend for the GIL: PARALLEL measured slower here (2 cores).
+    return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+
+
+def open(readonly):
+    return _disk
+
+
+def get_size(h):
+    return h.size
+
+
+def block_size(h):
+    preferred = max(4096, h.sector)
+    return (1, preferred, 0xFFFFFFFF)
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return not h.volume.readonly
+
+
+def can_flush(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    # All connections share one descriptor and requests are serialized server-wide, so a
+    # flush on any connection covers every write: multi-conn is safe.
+    return True
+
+
+def can_trim(h):
+    return h.can_trim
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_extents(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def _io_error(exc):
+    if isinstance(exc, ValueError):
+        nbdkit.set_error(errno.EINVAL)
+    elif isinstance(exc, OSError) and exc.errno:
+        nbdkit.set_error(exc.errno)
+    else:
+        nbdkit.set_error(errno.EIO)
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.pread(buf, offset)
+    except Exception as exc:
+        _io_error(exc)
+        raise
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _io_error(exc)
+        raise
+
+
+def flush(h, flags):
+    try:
+        h.flush()
+    except Exception as exc:
+        _io_error(exc)
+        raise
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _io_error(exc)
+        raise
+
+
+def zero(h, count, offset, flags):
+    try:
+        h.zero(
+            offset,
+            count,
+            may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+            fua=bool(flags & nbdkit.FLAG_FUA),
+            fast=bool(flags & nbdkit.FLAG_FAST_ZERO),
+        )
+    except NotFast:
+        nbdkit.set_error(errno.ENOTSUP)
+        raise
+    except Exception as exc:
+        _io_error(exc)
+        raise
+
+
+def extents(h, count, offset, flags):
+    try:
+        runs = h.extents(offset, count)
+    except Exception as exc:
+        _io_error(exc)
+        raise
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    return [(off, n, 0 if is_data else hole) for off, n, is_data in runs]
+
+
+def cleanup():
+    if _disk is not None:
+        _disk.close()
