@@ -1,0 +1,106 @@
+"""RuleSource and AuditSink backed by the vmshield keystore (keystore.usbrules, keystore.audit).
+
+Change notification: one persistent read-only sqlite3 connection per VM
+(keystore.usbrules.RulesWatcher) whose ``PRAGMA data_version`` is read on every poll. SQLite
+changes that number whenever *another* connection, in any process, commits to the file, so
+a `vmshield usb ...` commit is seen at the next poll (every 10 ms) for a few microseconds
+per poll; the rules are re-read only then.
+
+Audit rows go through keystore.audit.append_audit (hash-chained, its own short write
+transaction) on one worker thread, in order, so the event loop never waits for the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from keystore import audit as keystore_audit
+from keystore import usbrules
+from keystore.errors import KeystoreError
+from usbgate.errors import RuleSourceError
+from usbgate.policy import Action, Rule
+
+log = logging.getLogger(__name__)
+
+AUDIT_ACTOR = "usbgate"
+
+
+def rule_from_keystore(row: usbrules.UsbRule) -> Rule:
+    """The usbgate Rule for a keystore UsbRule (same fields, same meaning)."""
+    return Rule(
+        Action(row.action.value),
+        row.vendor_id,
+        row.product_id,
+        row.device_class,
+        row.interfaces,
+        row.serial,
+    )
+
+
+class KeystoreRuleSource:
+    """The rules of each VM from the keystore database at ``db_path``."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.db_path = Path(db_path)
+        self._watchers: dict[str, usbrules.RulesWatcher] = {}
+
+    def _watcher(self, vm: str) -> usbrules.RulesWatcher:
+        watcher = self._watchers.get(vm)
+        if watcher is None:
+            try:
+                watcher = usbrules.RulesWatcher(self.db_path, vm)
+            except KeystoreError as exc:
+                raise RuleSourceError(str(exc)) from exc
+            self._watchers[vm] = watcher
+        return watcher
+
+    def load(self, vm: str) -> list[Rule]:
+        return [rule_from_keystore(r) for r in self._watcher(vm).rules]
+
+    def poll(self, vm: str) -> list[Rule] | None:
+        watcher = self._watcher(vm)
+        try:
+            rows = watcher.poll()
+        except KeystoreError as exc:
+            raise RuleSourceError(str(exc)) from exc
+        return None if rows is None else [rule_from_keystore(r) for r in rows]
+
+    def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.close()
+        self._watchers.clear()
+
+
+class KeystoreAuditSink:
+    """Appends each record to the keystore's hash-chained audit trail from a worker thread."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.db_path = Path(db_path)
+        self._queue: queue.Queue[tuple[str, str, dict[str, Any]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="usbgate-audit", daemon=True)
+        self._thread.start()
+
+    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        self._queue.put((action, vm, detail))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            action, vm, detail = item
+            try:
+                keystore_audit.append_audit(self.db_path, AUDIT_ACTOR, action, vm, detail)
+            except (KeystoreError, ValueError, TypeError) as exc:
+                log.error("audit %s for %s not written: %s", action, vm, exc)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            await asyncio.to_thread(self.close)

@@ -1,0 +1,242 @@
+"""The USB policy engine: USBGuard-like rules, first match wins, default block.
+
+A rule sets any of: VID:PID (``*`` wildcards), the device class (bDeviceClass), interface
+patterns ``CC:SS:PP`` (``with-interface``; ``*`` wildcards) and the serial number. A rule
+matches a device when every field it sets matches; ``with-interface`` matches when *every*
+interface of the device matches at least one of its patterns (so a rule for storage
+interfaces does not let a keyboard interface ride along). These are the semantics of
+keystore.usbrules.
+
+Composite devices are judged twice over: the device as a whole, and then each interface on its
+own (the device seen with only that interface). Every one of those verdicts must be ``allow``
+for the device to pass; if any is ``reject`` the result is ``reject``, else ``block``. So with
+
+    block with-interface 03:*:*
+    allow id 0781:5567
+
+a 0781:5567 that is storage *plus* a HID keyboard is blocked: its keyboard interface, judged
+alone, meets the block rule first. The verdict is therefore never more permissive than
+keystore.usbrules.decide on the whole device.
+
+Text form, one rule per line (``#`` comments)::
+
+    allow id 0781:5567 serial "4C530001" with-interface { 08:06:50 }
+    block class 03
+    reject id 1234:*
+"""
+
+from __future__ import annotations
+
+import enum
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from usbgate.errors import RuleSyntaxError
+
+Pattern = tuple[int | None, int | None, int | None]
+InterfaceTriple = tuple[int, int, int]
+
+
+class Action(enum.StrEnum):
+    """What a rule does with a matching device."""
+
+    ALLOW = "allow"
+    """Forward the device to the VM."""
+    BLOCK = "block"
+    """Do not forward it; tell the owner (filter_reject), keep the connection."""
+    REJECT = "reject"
+    """Do not forward it; tell the owner and close the connection."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the policy decides on: the announcement, checked against the descriptors."""
+
+    vendor_id: int
+    product_id: int
+    device_class: int = 0
+    interfaces: tuple[InterfaceTriple, ...] = ()
+    serial: str | None = None
+    device_subclass: int = 0
+    device_protocol: int = 0
+    bcd_device: int = 0
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able summary for the audit trail."""
+        return {
+            "vid_pid": f"{self.vendor_id:04x}:{self.product_id:04x}",
+            "class": f"{self.device_class:02x}",
+            "interfaces": [format_pattern(i) for i in self.interfaces],
+            "serial": self.serial,
+            "bcd_device": f"{self.bcd_device:04x}",
+        }
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One whitelist rule; ``None`` fields match anything."""
+
+    action: Action
+    vendor_id: int | None = None
+    product_id: int | None = None
+    device_class: int | None = None
+    interfaces: tuple[Pattern, ...] | None = None
+    serial: str | None = None
+
+    def matches(self, device: Device) -> bool:
+        """True when every field this rule sets matches ``device``."""
+        if self.vendor_id is not None and self.vendor_id != device.vendor_id:
+            return False
+        if self.product_id is not None and self.product_id != device.product_id:
+            return False
+        if self.device_class is not None and self.device_class != device.device_class:
+            return False
+        if self.serial is not None and self.serial != device.serial:
+            return False
+        if self.interfaces is not None:
+            if not device.interfaces:
+                return False
+            return all(
+                any(pattern_matches(p, iface) for p in self.interfaces)
+                for iface in device.interfaces
+            )
+        return True
+
+    def __str__(self) -> str:
+        parts = [str(self.action)]
+        if self.vendor_id is not None or self.product_id is not None:
+            parts.append(f"id {format_id(self.vendor_id)}:{format_id(self.product_id)}")
+        if self.device_class is not None:
+            parts.append(f"class {self.device_class:02x}")
+        if self.serial is not None:
+            parts.append("serial " + shlex.quote(self.serial))
+        if self.interfaces is not None:
+            inner = " ".join(format_pattern(p) for p in self.interfaces)
+            parts.append(f"with-interface {{ {inner} }}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on a device and the rule (or default) behind it, for logs and the audit."""
+
+    action: Action
+    reason: str
+    rule: Rule | None = field(default=None, compare=False)
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW
+
+
+def pattern_matches(pattern: Pattern, iface: InterfaceTriple) -> bool:
+    return all(want is None or want == got for want, got in zip(pattern, iface, strict=True))
+
+
+def _first_match(rules: Sequence[Rule], device: Device) -> tuple[Action, Rule | None]:
+    for rule in rules:
+        if rule.matches(device):
+            return rule.action, rule
+    return Action.BLOCK, None
+
+
+def decide(rules: Sequence[Rule], device: Device) -> Decision:
+    """The verdict on ``device``: the whole device, then each interface alone, must be allowed."""
+    views = [("device", device)]
+    views += [
+        (f"interface {format_pattern(iface)}", replace(device, interfaces=(iface,)))
+        for iface in dict.fromkeys(device.interfaces)
+    ]
+    worst: Decision | None = None
+    for what, view in views:
+        action, rule = _first_match(rules, view)
+        if action is Action.ALLOW:
+            continue
+        reason = f"{what}: " + (f"rule '{rule}'" if rule else "no rule matches (default block)")
+        if worst is None or (action is Action.REJECT and worst.action is not Action.REJECT):
+            worst = Decision(action, reason, rule)
+    if worst is not None:
+        return worst
+    _, rule = _first_match(rules, device)
+    return Decision(Action.ALLOW, f"rule '{rule}'", rule)
+
+
+# --- text form ----------------------------------------------------------------------------
+
+
+def format_id(value: int | None) -> str:
+    return "*" if value is None else f"{value:04x}"
+
+
+def format_pattern(p: Pattern | InterfaceTriple) -> str:
+    return ":".join("*" if v is None else f"{v:02x}" for v in p)
+
+
+def _hex(text: str, digits: int, what: str) -> int | None:
+    if text == "*":
+        return None
+    t = text.lower().removeprefix("0x")
+    if not t or len(t) > digits or any(c not in "0123456789abcdef" for c in t):
+        raise RuleSyntaxError(f"{what} must be {digits} hex digits or '*', got {text!r}")
+    return int(t, 16)
+
+
+def parse_pattern(text: str) -> Pattern:
+    """``CC:SS:PP`` in hex with ``*`` wildcards; ``CC`` alone means ``CC:*:*``."""
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise RuleSyntaxError(f"interface pattern must be CC:SS:PP, got {text!r}")
+    parts += ["*"] * (3 - len(parts))
+    cls, sub, proto = (_hex(p, 2, "interface field") for p in parts)
+    return cls, sub, proto
+
+
+def parse_rule(line: str) -> Rule:
+    """One rule from its text form (see the module docstring)."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError as exc:
+        raise RuleSyntaxError(f"{line!r}: {exc}") from None
+    if not words:
+        raise RuleSyntaxError("empty rule")
+    try:
+        action = Action(words[0])
+    except ValueError:
+        raise RuleSyntaxError(f"{line!r}: must start with allow, block or reject") from None
+    rule = Rule(action)
+    rest = words[1:]
+    while rest:
+        key = rest.pop(0)
+        if not rest:
+            raise RuleSyntaxError(f"{line!r}: {key!r} needs a value")
+        value = rest.pop(0)
+        if key == "id":
+            vid, sep, pid = value.partition(":")
+            if not sep:
+                raise RuleSyntaxError(f"{line!r}: id must be VID:PID, got {value!r}")
+            rule = replace(rule, vendor_id=_hex(vid, 4, "VID"), product_id=_hex(pid, 4, "PID"))
+        elif key == "class":
+            cls = _hex(value, 2, "class")
+            rule = replace(rule, device_class=cls)
+        elif key == "serial":
+            rule = replace(rule, serial=value)
+        elif key == "with-interface":
+            texts = [value]
+            if value == "{":
+                if "}" not in rest:
+                    raise RuleSyntaxError(f"{line!r}: '{{' without '}}'")
+                end = rest.index("}")
+                texts, rest = rest[:end], rest[end + 1 :]
+                if not texts:
+                    raise RuleSyntaxError(f"{line!r}: empty interface set")
+            rule = replace(rule, interfaces=tuple(parse_pattern(t) for t in texts))
+        else:
+            raise RuleSyntaxError(f"{line!r}: unknown keyword {key!r}")
+    return rule
+
+
+def parse_rules(text: str | Iterable[str]) -> list[Rule]:
+    """Rules from text, one per line; blank lines and ``#`` comments are skipped."""
+    lines = text.splitlines() if isinstance(text, str) else list(text)
+    return [parse_rule(line) for line in lines if line.split("#", 1)[0].strip()]
