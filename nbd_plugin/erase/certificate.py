@@ -80,6 +80,12 @@ def build(
         },
         "crypto_erase": crypto,
         "passes": state.passes,
+        "keystream": {
+            "algorithm": "AES-256-CTR, key HMAC-SHA256(erase_key, 'vmshield-erase-pass' || "
+            "int64be(pass)), counter offset/16",
+            "erase_key": state.key,
+            "note": "predicts the random passes only, so anyone can re-verify the final pattern",
+        },
         "bytes_overwritten": overwritten,
         "verification": state.verification or {"result": "skipped"},
         "discard": state.discard or {"performed": False},

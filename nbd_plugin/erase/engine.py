@@ -45,6 +45,10 @@ class EraseOptions:
     journal_path: str | None = None
     checkpoint_bytes: int = 512 << 20
     checkpoint_seconds: float = 2.0
+    erase_key: bytes | None = None
+    """Keystream key of a new erase (default: 32 bytes from os.urandom). Fixing it makes two
+    erases of identical images write identical bytes (tests, audits); a resumed erase always
+    takes the key from its journal."""
 
 
 def _ext(state: JournalState) -> list[Extent]:
@@ -211,7 +215,7 @@ class _Eraser:
             }
 
 
-def _new_state(path: str, target: Target, method: Method) -> JournalState:
+def _new_state(path: str, target: Target, method: Method, key: bytes | None) -> JournalState:
     st = os.fstat(target.fd)
     size = sysio.device_size(target.fd)
     with open(path, "rb") as f:
@@ -227,7 +231,7 @@ def _new_state(path: str, target: Target, method: Method) -> JournalState:
         target=path,
         identity=[st.st_dev, st.st_ino, size],
         method=method.name,
-        key=os.urandom(32).hex(),
+        key=(key or os.urandom(32)).hex(),
         extents=[[e.offset, e.length, int(e.shared)] for e in sysio.allocated_extents(target.fd)],
         key_regions=[[o, n] for o, n in regions],
         luks_version=luks,
@@ -282,7 +286,7 @@ def erase(
                 **{"phase": state.phase, "pass": state.pass_index + 1, "done": state.done},
             )
         else:
-            state = _new_state(path, target, method)
+            state = _new_state(path, target, method, opts.erase_key)
         run = _Eraser(target, state, jpath, opts, rep)
         run.save()
         try:
