@@ -16,14 +16,19 @@ from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-PASSPHRASE_FILE = secret_file_option(
-    "--passphrase-file",
-    "Read the (current) passphrase from FILE, byte for byte as cryptsetup --key-file does. "
-    "Without it: a hidden prompt on a terminal, else one line of stdin.",
-)
-NEW_PASSPHRASE_FILE = secret_file_option(
-    "--new-passphrase-file", "Read the new passphrase from FILE (byte for byte)."
-)
+
+def PASSPHRASE_FILE(f: F) -> F:  # noqa: N802 - reads like the other option decorators
+    return secret_file_option(
+        "--passphrase-file",
+        "Read the (current) passphrase from FILE, byte for byte as cryptsetup --key-file "
+        "does. Without it: a hidden prompt on a terminal, else one line of stdin.",
+    )(f)
+
+
+def NEW_PASSPHRASE_FILE(f: F) -> F:  # noqa: N802
+    return secret_file_option(
+        "--new-passphrase-file", "Read the new passphrase from FILE (byte for byte)."
+    )(f)
 
 
 def _kdf_options(f: F) -> F:

@@ -8,11 +8,14 @@ a terminal gets a hidden prompt; a pipe on stdin gives one passphrase per line.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 MAX_SECRET = 8192
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class SecretReader:
