@@ -17,18 +17,20 @@ from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def PASSPHRASE_FILE(f: F) -> F:  # noqa: N802 - reads like the other option decorators
-    return secret_file_option(
+def PASSPHRASE_FILE(f: F) -> F:
+    option: Callable[[F], F] = secret_file_option(
         "--passphrase-file",
         "Read the (current) passphrase from FILE, byte for byte as cryptsetup --key-file "
         "does. Without it: a hidden prompt on a terminal, else one line of stdin.",
-    )(f)
+    )
+    return option(f)
 
 
-def NEW_PASSPHRASE_FILE(f: F) -> F:  # noqa: N802
-    return secret_file_option(
+def NEW_PASSPHRASE_FILE(f: F) -> F:
+    option: Callable[[F], F] = secret_file_option(
         "--new-passphrase-file", "Read the new passphrase from FILE (byte for byte)."
-    )(f)
+    )
+    return option(f)
 
 
 def _kdf_options(f: F) -> F:
