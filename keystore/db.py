@@ -24,11 +24,13 @@ from keystore.schema import MIGRATIONS, SCHEMA_VERSION
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
 
-_PRAGMAS = (
-    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
-    "PRAGMA foreign_keys = ON",
-    "PRAGMA synchronous = FULL",
-)
+
+def _pragmas() -> tuple[str, ...]:
+    return (
+        f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+        "PRAGMA foreign_keys = ON",
+        "PRAGMA synchronous = FULL",
+    )
 
 
 def diagnose(path: Path) -> str:
@@ -62,7 +64,7 @@ def translate(exc: BaseException, path: Path) -> KeystoreError:
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
         return KeystoreBusy(
             f"keystore {path} is busy: another vmshield process held the write lock for more "
-            f"than {BUSY_TIMEOUT_MS // 1000} s; try again"
+            f"than {BUSY_TIMEOUT_MS / 1000:g} s; try again"
         )
     if "readonly" in msg or "read-only" in msg:
         return DatabaseUnavailable(f"keystore {path} is not writable: {diagnose(path)}")
@@ -127,7 +129,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int:
 
 
 def _configure(conn: sqlite3.Connection, *, readonly: bool) -> None:
-    for p in _PRAGMAS:
+    for p in _pragmas():
         conn.execute(p)
     if not readonly:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -210,7 +212,7 @@ async def open_async(path: Path) -> aiosqlite.Connection:
     except sqlite3.Error as e:
         raise translate(e, path) from e
     try:
-        for p in _PRAGMAS:
+        for p in _pragmas():
             await db.execute(p)
     except sqlite3.Error as e:
         await db.close()

@@ -1,0 +1,130 @@
+"""`vmshield vm ...`: virtual machines (thesis table 5-1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from keystore.cli.options import actor, db_option, emit_json, json_option, run, table, when
+from keystore.models import Vm
+from keystore.repository import Repository
+
+
+@click.group()
+def vm() -> None:
+    """Manage virtual machines.
+
+    A VM has an owner (a `vmshield user`), a uuid (generated unless given, e.g. libvirt's
+    domain uuid), optional storage pool and storage domain uuids, and counts how often its
+    disks were served (last access, access count).
+    """
+
+
+@vm.command("add")
+@click.argument("name")
+@click.option("--owner", required=True, help="User who owns the VM (see `vmshield user add`).")
+@click.option("--uuid", "vm_uuid", help="VM uuid (default: a new random one).")
+@click.option("--pool-uuid", help="Storage pool uuid, recorded as-is.")
+@click.option("--domain-uuid", help="Storage domain uuid, recorded as-is.")
+@db_option
+def add(
+    name: str,
+    owner: str,
+    vm_uuid: str | None,
+    pool_uuid: str | None,
+    domain_uuid: str | None,
+    db: Path | None,
+) -> None:
+    """Record VM NAME owned by OWNER.
+
+    New VMs get the default erase permission: deep erase allowed, normal delete refused
+    (change with `vmshield perm set`), and an empty USB whitelist (nothing is forwarded).
+    """
+    v = run(
+        db,
+        lambda r: r.add_vm(
+            name, owner, actor=actor(), uuid=vm_uuid, pool_uuid=pool_uuid, domain_uuid=domain_uuid
+        ),
+    )
+    click.echo(f"VM {v.name} created (uuid {v.uuid})")
+
+
+@vm.command("list")
+@click.option("--owner", help="Only VMs of this user.")
+@json_option
+@db_option
+def list_(owner: str | None, as_json: bool, db: Path | None) -> None:
+    """List VMs with owner, uuid, last access and access count."""
+    vms: list[Vm] = run(db, lambda r: r.list_vms(owner))
+    if as_json:
+        emit_json([v.to_json() for v in vms])
+        return
+    table(
+        [[v.name, v.owner, v.uuid, when(v.last_access), str(v.access_count)] for v in vms],
+        ["name", "owner", "uuid", "last access", "accesses"],
+    )
+
+
+async def _show(r: Repository, name: str) -> dict[str, Any]:
+    v = await r.get_vm(name)
+    return {
+        "vm": v.to_json(),
+        "disks": [d.to_json() for d in await r.list_disks(v.name)],
+        "erase_permission": (await r.get_erase_permission(v.name)).to_json(),
+        "usb_rules": [u.to_json() for u in await r.list_usb_rules(v.name)],
+    }
+
+
+@vm.command("show")
+@click.argument("name")
+@json_option
+@db_option
+def show(name: str, as_json: bool, db: Path | None) -> None:
+    """Show VM NAME (name or uuid): its record, disks, erase permission and USB rules."""
+    info = run(db, lambda r: _show(r, name))
+    if as_json:
+        emit_json(info)
+        return
+    v = info["vm"]
+    for key in (
+        "name",
+        "uuid",
+        "owner",
+        "pool_uuid",
+        "domain_uuid",
+        "created",
+        "last_access",
+        "access_count",
+    ):
+        click.echo(f"{key.replace('_', ' ') + ':':14} {v[key] if v[key] is not None else '-'}")
+    p = info["erase_permission"]
+    click.echo(f"{'deep erase:':14} {'yes' if p['deep_erase'] else 'no'}")
+    click.echo(f"{'normal delete:':14} {'yes' if p['normal_delete'] else 'no'}")
+    click.echo("disks:" + ("" if info["disks"] else " none"))
+    for d in info["disks"]:
+        click.echo(
+            f"  {d['name']}  {d['state']}  {d['size']} bytes  {d['format']} "
+            f"{d['cipher']}  {d['path']}"
+        )
+    click.echo("usb rules:" + ("" if info["usb_rules"] else " none (nothing is forwarded)"))
+    for u in info["usb_rules"]:
+        click.echo(f"  {u['position']}. {u['action']} {u['vendor_id']}:{u['product_id']}")
+
+
+@vm.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@db_option
+def remove(name: str, yes: bool, db: Path | None) -> None:
+    """Remove VM NAME with its permissions and USB rules.
+
+    Refused while the VM has disks that are not destroyed: destroy them first
+    (`vmshield disk destroy`) so no readable image is left without a record.
+    The audit trail keeps the VM's history.
+    """
+    if not yes:
+        click.confirm(f"Remove VM {name}?", abort=True, err=True)
+    v = run(db, lambda r: r.remove_vm(name, actor=actor()))
+    click.echo(f"VM {v.name} removed")
