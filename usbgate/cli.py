@@ -1,0 +1,244 @@
+"""The `usbgate` command: a thin click layer over usbgate's modules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from usbgate.addresses import Address, parse_address
+from usbgate.devices import NoUsbStack, list_devices
+from usbgate.errors import RuleSourceError
+from usbgate.gateway import POLL_INTERVAL, Gateway
+from usbgate.qemu_filter import libvirt_redirfilter, qemu_filter_value, render, translation_notes
+from usbgate.session import PROBE_TIMEOUT
+from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    try:
+        if isinstance(value, tuple):
+            return tuple(parse_address(v) for v in value)
+        return None if value is None else parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def rules_options(f: F) -> F:
+    """`--db PATH` (the keystore) or `--rules-file FILE` (text rules)."""
+    f = click.option(
+        "--rules-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Take the rules from this text file instead of the keystore, one rule a line "
+        "(`allow id 0781:5567 with-interface { 08:06:50 }`); the same rules for every VM. "
+        "Changes apply live: replace the file atomically (write, then rename).",
+    )(f)
+    f = click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="VMSHIELD_DB",
+        show_envvar=True,
+        help="Keystore database with the VMs' USB rules and the audit trail. Default: "
+        "/var/lib/vmshield/keystore.db for root, ~/.local/share/vmshield/keystore.db otherwise.",
+    )(f)
+    return f
+
+
+def _keystore_path(db: Path | None) -> Path:
+    from keystore import paths
+
+    return db if db is not None else paths.default_db_path()
+
+
+def _rule_source(db: Path | None, rules_file: Path | None) -> RuleSource:
+    if rules_file is not None:
+        if db is not None:
+            raise click.UsageError("give --db or --rules-file, not both")
+        return FileRuleSource(rules_file)
+    from usbgate.keystore_source import KeystoreRuleSource
+
+    return KeystoreRuleSource(_keystore_path(db))
+
+
+def _audit_sink(db: Path | None, rules_file: Path | None) -> AuditSink:
+    if rules_file is not None:
+        return _LogAuditSink()
+    from usbgate.keystore_source import KeystoreAuditSink
+
+    return KeystoreAuditSink(_keystore_path(db))
+
+
+class _LogAuditSink(MemoryAuditSink):
+    """Without a keystore, decisions go to the log as JSON lines (journald keeps them)."""
+
+    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        line = json.dumps({"action": action, "vm": vm, **detail}, sort_keys=True, default=str)
+        logging.getLogger("usbgate.audit").warning("%s", line)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vmshield")
+def main() -> None:
+    """usbgate: a usbredir gateway that forwards only whitelisted USB devices to a VM.
+
+    It sits between the device's owner (`usbredirect --to HOST:PORT` on the machine the
+    device is plugged into) and the VM's `-device usb-redir` chardev, forwards a device only
+    if the VM's USB rules allow it, and detaches it within 50 ms when they stop allowing it.
+    Rules are managed with `vmshield usb ...`; every decision goes to the keystore's audit.
+    """
+
+
+@main.command()
+@click.option("--vm", required=True, help="VM whose USB rules apply (its name in the keystore).")
+@click.option(
+    "--listen",
+    required=True,
+    callback=_address,
+    metavar="ADDR",
+    help="Where owners connect: tcp:HOST:PORT (for `usbredirect --to HOST:PORT`) or unix:PATH.",
+)
+@click.option(
+    "--qemu",
+    "qemu",
+    required=True,
+    multiple=True,
+    callback=_address,
+    metavar="ADDR",
+    help="The VM's usb-redir chardev (QEMU: -chardev socket,server=on,...): unix:PATH or "
+    "tcp:HOST:PORT. Repeat once per usb-redir device; each owner connection takes the "
+    "first free one.",
+)
+@rules_options
+@click.option(
+    "--poll-ms",
+    type=click.FloatRange(min=1, max=1000),
+    default=POLL_INTERVAL * 1000,
+    show_default=True,
+    help="How often to check the rules for changes, in milliseconds.",
+)
+@click.option(
+    "--probe-timeout",
+    type=click.FloatRange(min=0.1),
+    default=PROBE_TIMEOUT,
+    show_default=True,
+    help="Seconds a device gets to answer the descriptor probe before it is denied.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every connection and decision.")
+def run(
+    vm: str,
+    listen: Address,
+    qemu: tuple[Address, ...],
+    db: Path | None,
+    rules_file: Path | None,
+    poll_ms: float,
+    probe_timeout: float,
+    verbose: bool,
+) -> None:
+    """Run the gateway for one VM until SIGINT/SIGTERM.
+
+    Each owner connection on --listen is relayed to a free --qemu slot. The device it
+    announces is held until usbgate has read its descriptors and the VM's rules allow it;
+    a denied device never reaches QEMU. When `vmshield usb ...` changes the rules so that
+    an attached device is no longer allowed, usbgate detaches it (device_disconnect to
+    QEMU, filter_reject to the owner, connection closed). Rule changes are seen by polling
+    SQLite's `PRAGMA data_version` every --poll-ms.
+
+    \b
+    Example (QEMU started with
+      -chardev socket,id=usbredir0,path=/run/vmshield/web1-usb0.sock,server=on,wait=off
+      -device usb-redir,chardev=usbredir0,id=usb0):
+      usbgate run --vm web1 --listen tcp:0.0.0.0:4000 \\
+                  --qemu unix:/run/vmshield/web1-usb0.sock
+      usbredirect --device 0781:5567 --to gateway-host:4000     # on the owner's machine
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="usbgate: %(levelname)s %(message)s",
+    )
+    rules = _rule_source(db, rules_file)
+    audit = _audit_sink(db, rules_file)
+    gateway = Gateway(vm, listen, qemu, rules, audit, poll_interval=poll_ms / 1000,
+                      probe_timeout=probe_timeout)  # fmt: skip
+    try:
+        asyncio.run(_serve(gateway, audit))
+    except RuleSourceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+
+
+async def _serve(gateway: Gateway, audit: AuditSink) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+        click.echo(f"usbgate: vm {gateway.vm} listening on {gateway.bound_address}", err=True)
+        await stop.wait()
+    finally:
+        await gateway.stop()
+        await audit.aclose()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def devices(as_json: bool) -> None:
+    """List the USB devices plugged into this host (VID:PID, class, interfaces, serial).
+
+    Run it where the devices are, to write rules: each line ends with a rule that allows
+    exactly that device. Exits 0 with a plain message when the host has no USB stack.
+    """
+    try:
+        found = list_devices()
+    except NoUsbStack as exc:
+        if as_json:
+            click.echo(json.dumps({"devices": [], "error": str(exc)}, indent=2))
+        else:
+            click.echo(f"usbgate: {exc}")
+        return
+    if as_json:
+        click.echo(json.dumps({"devices": [d.to_json() for d in found]}, indent=2))
+        return
+    if not found:
+        click.echo("usbgate: no USB devices found")
+        return
+    for d in found:
+        name = " ".join(x for x in (d.manufacturer, d.product) if x) or "-"
+        click.echo(f"{d.bus:03d}/{d.address:03d}  {d.vid_pid}  class {d.device_class:02x}  "
+                   f"serial {d.serial or '-'}  {name}")  # fmt: skip
+        click.echo(f"         rule: {d.rule()}")
+
+
+@main.command("qemu-filter")
+@click.argument("vm")
+@rules_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool) -> None:
+    """Print QEMU's usb-redir `filter=` and libvirt's <redirfilter> for VM's rules.
+
+    The same as `vmshield usb qemu-filter VM`, and it also reads --rules-file. The static
+    filter is broader than the live rules, never narrower (see usbgate.qemu_filter).
+    """
+    source = _rule_source(db, rules_file)
+    try:
+        rules = source.load(vm)
+    except RuleSourceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        source.close()
+    if as_json:
+        click.echo(json.dumps(render(vm, rules), indent=2, sort_keys=True))
+        return
+    click.echo(f"filter={qemu_filter_value(rules)}")
+    click.echo(libvirt_redirfilter(rules))
+    for note in translation_notes(rules):
+        click.echo(f"note: {note}", err=True)
