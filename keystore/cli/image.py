@@ -297,3 +297,9 @@ def test_passphrase(path: Path, passphrase_file: Path | None) -> None:
             volume.close()
 
     click.echo(f"keyslot {_guard(check)} opens {path}")
+
+
+# `image erase` lives in keystore/cli/erase.py (erase developer).
+from keystore.cli.erase import erase  # noqa: E402
+
+image.add_command(erase)

@@ -50,7 +50,7 @@ def default_path(target: str, *, block_device: bool, started: float) -> str:
         name = os.path.realpath(target).strip("/").replace("/", "_")
         stamp = datetime.fromtimestamp(started, UTC).strftime("%Y%m%dT%H%M%SZ")
         return os.path.join(DEVICE_JOURNAL_DIR, f"{name}-{stamp}.erase-certificate.json")
-    return target + ".erase-certificate.json"
+    return os.path.abspath(target) + ".erase-certificate.json"
 
 
 def build(
