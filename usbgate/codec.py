@@ -38,6 +38,8 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
 Event = Packet | Sentinel
 
+_KNOWN_TYPES = frozenset(int(t) for t in PacketType)
+
 # Bytes a caller may feed beyond one maximal packet before draining with next_event().
 _READ_SLACK = 256 * 1024
 
@@ -145,6 +147,8 @@ class Connection:
         if len(self._buffer) < header_size:
             return self._need_data_or_eof()
         header = Header.unpack(bytes(self._buffer[:header_size]), ids_64bit)
+        if header.type not in _KNOWN_TYPES:
+            raise ProtocolError(f"unknown packet type {header.type}")
         if header.length > self.max_body:
             raise ProtocolError(f"packet length {header.length} exceeds limit {self.max_body}")
         if self.peer_hello is None and header.type != PacketType.HELLO:
