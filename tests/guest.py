@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ class Guest:
 @functools.cache
 def build_guest(guest_dir: str | None = None) -> Guest:
     """Run scripts/build-guest (a no-op when its cache is current) and return the images."""
-    argv = [str(BUILD_GUEST)]
+    argv = [sys.executable, str(BUILD_GUEST)]
     if guest_dir is not None:
         argv += ["--dir", guest_dir]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
