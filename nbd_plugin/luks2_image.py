@@ -461,8 +461,8 @@ def change_key(fd: int, passphrase: bytes, new_passphrase: bytes, **kdf_opts: An
 # ---- read-only views ---------------------------------------------------------------------
 def _kdf_info(kdf: Kdf) -> dict[str, Any]:
     if kdf.type == "pbkdf2":
-        return {"pbkdf": "pbkdf2", "hash": kdf.hash, "iterations": kdf.iterations}
-    return {"pbkdf": kdf.type, "time": kdf.time, "memory_kib": kdf.memory, "parallel": kdf.cpus}
+        return {"kdf": "pbkdf2", "hash": kdf.hash, "iterations": kdf.iterations}
+    return {"kdf": kdf.type, "time": kdf.time, "memory_kib": kdf.memory, "parallel": kdf.cpus}
 
 
 def info(fd: int, path: str) -> dict[str, Any]:

@@ -122,6 +122,19 @@ def image() -> None:
     default=None,
     help="LUKS2 only: keyslot KDF (default argon2id).",
 )
+@click.option(
+    "--pbkdf-memory",
+    type=click.IntRange(32, 4 * 1024 * 1024),
+    default=None,
+    metavar="KIB",
+    help="LUKS2 only: argon2 memory cost in KiB (default: calibrated, at most 1 GiB).",
+)
+@click.option(
+    "--pbkdf-parallel",
+    type=click.IntRange(1, 4),
+    default=None,
+    help="LUKS2 only: argon2 threads (default: up to 4 CPUs).",
+)
 @_kdf_options
 @PASSPHRASE_FILE
 @click.option("--json", "as_json", is_flag=True, help="Print the new image's info as JSON.")
@@ -134,6 +147,8 @@ def create(
     hash_name: str,
     sector_size: str | None,
     pbkdf: str | None,
+    pbkdf_memory: int | None,
+    pbkdf_parallel: int | None,
     iterations: int | None,
     iter_time_ms: int,
     passphrase_file: Path | None,
@@ -153,8 +168,12 @@ def create(
             opts["sector_size"] = int(sector_size)
         if pbkdf:
             opts["pbkdf"] = pbkdf
-    elif sector_size or pbkdf:
-        raise click.UsageError("--sector-size and --pbkdf apply to --format luks2 only")
+        if pbkdf_memory:
+            opts["pbkdf_memory"] = pbkdf_memory
+        if pbkdf_parallel:
+            opts["pbkdf_parallel"] = pbkdf_parallel
+    elif sector_size or pbkdf or pbkdf_memory or pbkdf_parallel:
+        raise click.UsageError("--sector-size and --pbkdf* apply to --format luks2 only")
     secret = SecretReader().read(passphrase_file, "New passphrase", confirm=True)
     _guard(
         lambda: container.create_image(
