@@ -70,9 +70,10 @@ async def _next_name(r: Repository, vm: str) -> str:
     "--format",
     "fmt",
     type=click.Choice(FORMATS),
-    default="luks1",
+    default="luks2",
     show_default=True,
-    help="Container format.",
+    help="Container format: luks2 (argon2id keyslot, 4096-byte sectors; --pbkdf-iterations "
+    "makes it a PBKDF2 keyslot) or luks1 (also opens in QEMU and nbdkit's luks filter).",
 )
 @click.option(
     "--cipher",
