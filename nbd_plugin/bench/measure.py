@@ -1,0 +1,143 @@
+"""Start a server, time nbdcopy against it, read its CPU time and peak RSS from /proc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from nbd_plugin.bench.servers import Paths, Server
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 120.0
+
+
+class BenchError(Exception):
+    """A server or nbdcopy failed; the message says which and how."""
+
+
+def uri(socket: str) -> str:
+    return f"nbd+unix:///?socket={socket}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def connect_once(socket: str) -> None:
+    """Open one NBD connection and ask the size (the luks filter derives its key here)."""
+    result = subprocess.run(
+        ["nbdinfo", "--size", uri(socket)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise BenchError(f"nbdinfo on {socket} failed: {result.stderr.strip()}")
+
+
+@dataclass
+class Sample:
+    seconds: float
+    cpu: float
+
+
+class Running:
+    """A started server: ``with Running(server, paths) as r: r.copy(...)``."""
+
+    def __init__(self, server: Server, paths: Paths, log: str) -> None:
+        self.server = server
+        self.paths = paths
+        self._log_path = log
+        self._log = open(log, "ab")  # noqa: SIM115 -- closed in __exit__
+        self.proc = subprocess.Popen(
+            server.argv(paths), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+        )
+        self.started = time.perf_counter()
+        try:
+            self.ready_after = self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _wait_ready(self) -> float:
+        """Seconds from start to the first answered NBD connection (key derivation included)."""
+        deadline = self.started + START_TIMEOUT
+        while not os.path.exists(self.paths.socket):
+            if self.proc.poll() is not None:
+                raise BenchError(self._died())
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{self.server.key}: no socket after {START_TIMEOUT:.0f} s")
+            time.sleep(0.005)
+        connect_once(self.paths.socket)
+        return time.perf_counter() - self.started
+
+    def _died(self) -> str:
+        with open(self._log_path, errors="replace") as f:
+            tail = f.read()[-2000:]
+        return f"{self.server.key} exited with status {self.proc.returncode}:\n{tail}"
+
+    def time_connect(self) -> float:
+        start = time.perf_counter()
+        connect_once(self.paths.socket)
+        return time.perf_counter() - start
+
+    def copy(self, source: str, dest: str, request_size: int) -> Sample:
+        """Run nbdcopy once; seconds of wall time and the server's CPU seconds meanwhile."""
+        argv = [
+            "nbdcopy",
+            "--no-extents",
+            f"--request-size={request_size}",
+            "--connections=1",
+            "--requests=16",
+            source,
+            dest,
+        ]
+        cpu0 = cpu_seconds(self.proc.pid)
+        start = time.perf_counter()
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        cpu = cpu_seconds(self.proc.pid) - cpu0
+        if result.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+        return Sample(seconds, cpu)
+
+    def read(self, request_size: int) -> Sample:
+        return self.copy(uri(self.paths.socket), "null:", request_size)
+
+    def write(self, source_file: str, request_size: int) -> Sample:
+        return self.copy(source_file, uri(self.paths.socket), request_size)
+
+    def peak_rss_kib(self) -> int:
+        return peak_rss_kib(self.proc.pid)
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        if os.path.exists(self.paths.socket):
+            os.unlink(self.paths.socket)

@@ -1,0 +1,138 @@
+"""Best-of-N numbers, ratios, the printed table and the JSON document."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbd_plugin.bench.measure import Sample
+from nbd_plugin.bench.servers import RATIO_TO, SUBJECT, Server
+
+GIB = 1 << 30
+DIRECTIONS = ("read", "write")
+
+
+def size_label(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+@dataclass
+class Row:
+    """Every sample of one server; best-of-N summaries."""
+
+    server: Server
+    samples: dict[tuple[str, int], list[Sample]] = field(default_factory=dict)
+    peak_rss_kib: int = 0
+    unlock_s: float | None = None
+    reconnect_s: float | None = None
+
+    def add(self, direction: str, request_size: int, sample: Sample) -> None:
+        self.samples.setdefault((direction, request_size), []).append(sample)
+
+    def best(self, direction: str, request_size: int) -> Sample | None:
+        runs = self.samples.get((direction, request_size))
+        return min(runs, key=lambda s: s.seconds) if runs else None
+
+
+@dataclass
+class Report:
+    size: int  # bytes copied per run
+    request_sizes: list[int]
+    runs: int
+    rows: list[Row]
+    machine: dict[str, Any]
+
+    def row(self, key: str) -> Row | None:
+        return next((r for r in self.rows if r.server.key == key), None)
+
+    def mbps(self, row: Row, direction: str, rs: int) -> float | None:
+        best = row.best(direction, rs)
+        return self.size / 1e6 / best.seconds if best else None
+
+    def cpu_per_gib(self, row: Row, direction: str, rs: int) -> float | None:
+        best = row.best(direction, rs)
+        return best.cpu * GIB / self.size if best else None
+
+    def efficiency(self, row: Row, direction: str, rs: int) -> float | None:
+        """MB moved per CPU-second of the server."""
+        best = row.best(direction, rs)
+        return self.size / 1e6 / best.cpu if best and best.cpu > 0 else None
+
+    def ratio(self, other: str, direction: str, rs: int, *, cpu: bool = False) -> float | None:
+        subject, peer = self.row(SUBJECT), self.row(other)
+        if subject is None or peer is None:
+            return None
+        measure = self.efficiency if cpu else self.mbps
+        a, b = measure(subject, direction, rs), measure(peer, direction, rs)
+        return a / b if a is not None and b else None
+
+    def columns(self) -> list[tuple[str, int]]:
+        return [(d, rs) for rs in self.request_sizes for d in DIRECTIONS]
+
+    def to_json(self) -> dict[str, Any]:
+        def per_column(fn: Any) -> dict[str, Any]:
+            return {f"{size_label(rs)} {d}": fn(d, rs) for d, rs in self.columns()}
+
+        rows = {}
+        for r in self.rows:
+            rows[r.server.key] = {
+                "label": r.server.label,
+                "mb_per_s": per_column(lambda d, rs, r=r: self.mbps(r, d, rs)),
+                "cpu_s_per_gib": per_column(lambda d, rs, r=r: self.cpu_per_gib(r, d, rs)),
+                "mb_per_cpu_s": per_column(lambda d, rs, r=r: self.efficiency(r, d, rs)),
+                "seconds": {
+                    f"{size_label(rs)} {d}": [s.seconds for s in runs]
+                    for (d, rs), runs in r.samples.items()
+                },
+                "peak_rss_kib": r.peak_rss_kib,
+                "unlock_s": r.unlock_s,
+                "reconnect_s": r.reconnect_s,
+            }
+        ratios = {
+            f"{SUBJECT}/{other}": per_column(lambda d, rs, o=other: self.ratio(o, d, rs))
+            for other in RATIO_TO
+        }
+        ratios[f"{SUBJECT}/luks efficiency"] = per_column(
+            lambda d, rs: self.ratio("luks", d, rs, cpu=True)
+        )
+        return {
+            "machine": self.machine,
+            "bytes_per_run": self.size,
+            "runs": self.runs,
+            "mb": "10^6 bytes",
+            "rows": rows,
+            "ratios": ratios,
+        }
+
+    def markdown(self) -> str:
+        cols = self.columns()
+        head = "| | " + " | ".join(f"{size_label(rs)} {d}" for d, rs in cols) + " |"
+        rule = "|---|" + "---:|" * len(cols)
+
+        def line(name: str, values: list[float | None], fmt: str) -> str:
+            cells = ["—" if v is None else format(v, fmt) for v in values]
+            return f"| {name} | " + " | ".join(cells) + " |"
+
+        out = [f"MB/s (best of {self.runs}, {self.size >> 20} MiB per run)", "", head, rule]
+        for r in self.rows:
+            out.append(line(r.server.label, [self.mbps(r, d, rs) for d, rs in cols], ".0f"))
+        for other in RATIO_TO:
+            if self.row(other) and self.row(SUBJECT):
+                vals = [self.ratio(other, d, rs) for d, rs in cols]
+                out.append(line(f"**{SUBJECT} / {other}**", vals, ".2f"))
+        out += ["", "Server CPU seconds per GiB (same runs)", "", head, rule]
+        for r in self.rows:
+            out.append(line(r.server.label, [self.cpu_per_gib(r, d, rs) for d, rs in cols], ".2f"))
+        if self.row("luks") and self.row(SUBJECT):
+            vals = [self.ratio("luks", d, rs, cpu=True) for d, rs in cols]
+            out.append(line(f"**{SUBJECT} / luks, MB per CPU-second**", vals, ".2f"))
+        out += [
+            "",
+            "| server | unlock: start to first connection (s) | reconnect (s) | peak RSS (MiB) |",
+        ]
+        out.append("|---|---:|---:|---:|")
+        for r in self.rows:
+            unlock = "—" if r.unlock_s is None else f"{r.unlock_s:.2f}"
+            again = "—" if r.reconnect_s is None else f"{r.reconnect_s:.2f}"
+            out.append(f"| {r.server.label} | {unlock} | {again} | {r.peak_rss_kib / 1024:.0f} |")
+        return "\n".join(out)

@@ -1,0 +1,89 @@
+"""The servers measured by `scripts/bench`: one entry per table row.
+
+Adding a row is adding a ``Server`` to ``SERVERS`` (or passing extra ones to ``cli.run``).
+``image`` names which image of the run the server serves: "plain" (raw file) or "luks" (a
+LUKS1 aes-xts-plain64 image); another format gets its own image kind in ``cli.IMAGES``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PLUGIN = os.path.join(REPO, "nbd_plugin", "plugin.py")
+FLOOR_PLUGIN = os.path.join(REPO, "nbd_plugin", "bench", "floor_plugin.py")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What a server command line needs: its socket, image and passphrase file."""
+
+    socket: str
+    image: str
+    passphrase_file: str
+
+
+Argv = Callable[[Paths], list[str]]
+
+
+@dataclass(frozen=True)
+class Server:
+    """One row of the table."""
+
+    key: str  # short name, used in JSON and for ratios
+    label: str  # what the table prints
+    image: str  # "plain" or "luks"
+    argv: Argv
+    derives_per_connection: bool = False  # the luks filter runs PBKDF2 on every connect
+
+
+def _nbdkit(*args: str) -> Argv:
+    return lambda p: ["nbdkit", "-f", "--exit-with-parent", "-U", p.socket, *args]
+
+
+def _file(p: Paths) -> list[str]:
+    return _nbdkit("file", f"file={p.image}")(p)
+
+
+def _floor(p: Paths) -> list[str]:
+    return _nbdkit("python", FLOOR_PLUGIN, f"file={p.image}")(p)
+
+
+def _luks_filter(p: Paths) -> list[str]:
+    return _nbdkit("--filter=luks", "file", f"file={p.image}", f"passphrase=+{p.passphrase_file}")(
+        p
+    )
+
+
+def _qemu_nbd(p: Paths) -> list[str]:
+    return [
+        "qemu-nbd",
+        "--object",
+        f"secret,id=s0,file={p.passphrase_file}",
+        "--image-opts",
+        f"driver=luks,key-secret=s0,file.filename={p.image}",
+        "--persistent",  # serve more than the first connection
+        "-k",
+        p.socket,
+    ]
+
+
+def _vmshield(p: Paths) -> list[str]:
+    return _nbdkit("python", PLUGIN, f"image={p.image}", f"passphrase=+{p.passphrase_file}")(p)
+
+
+SERVERS: list[Server] = [
+    Server("file", "nbdkit file (plaintext, C ceiling)", "plain", _file),
+    Server("floor", "nbdkit python plaintext (Python floor)", "plain", _floor),
+    Server("luks", "nbdkit luks filter (C peer)", "luks", _luks_filter, True),
+    Server("qemu", "qemu-nbd luks driver (QEMU peer)", "luks", _qemu_nbd),
+    Server("vmshield", "vmshield plugin", "luks", _vmshield),
+]
+
+SUBJECT = "vmshield"
+"""The row the ratios are computed for."""
+
+RATIO_TO = ("floor", "luks", "qemu")
+"""The rows the subject is compared with."""
