@@ -226,17 +226,30 @@ def _new_state(path: str, target: Target, method: Method, key: bytes | None) -> 
             f"{path} is not a LUKS image: the crypto method has no key material to wipe; "
             "choose an overwrite method (zero, random, dod3...)"
         )
+    extents = sysio.allocated_extents(target.fd)
     regions = keyregions.key_material_regions(path, size) if luks else []
     return JournalState(
         target=path,
         identity=[st.st_dev, st.st_ino, size],
         method=method.name,
         key=(key or os.urandom(32)).hex(),
-        extents=[[e.offset, e.length, int(e.shared)] for e in sysio.allocated_extents(target.fd)],
-        key_regions=[[o, n] for o, n in regions],
+        extents=[[e.offset, e.length, int(e.shared)] for e in extents],
+        key_regions=[list(r) for r in _intersect(regions, extents)],
         luks_version=luks,
         started=time.time(),
     )
+
+
+def _intersect(regions: list[tuple[int, int]], extents: list[Extent]) -> list[tuple[int, int]]:
+    """The parts of the key-material regions that hold blocks: holes hold no key material,
+    and writing into them would only allocate new blocks."""
+    out = []
+    for off, n in regions:
+        for e in extents:
+            lo, hi = max(off, e.offset), min(off + n, e.offset + e.length)
+            if hi > lo:
+                out.append((lo, hi - lo))
+    return out
 
 
 def _lock(target: Target) -> None:
