@@ -42,6 +42,8 @@ class EncryptedDisk:
         self._regular = stat.S_ISREG(mode)
         blksize = os.fstat(self._fd).st_blksize if self._regular else self.sector
         self._hole_align = max(blksize, self.sector)
+        # Writes cover whole filesystem blocks (see _span); block devices have no holes.
+        self._write_unit = self._hole_align if self._regular else self.sector
         self._rmw = threading.Lock()
         self._scratch: list[bytearray] = []
         self._scratch_lock = threading.Lock()
@@ -101,10 +103,16 @@ class EncryptedDisk:
         finally:
             self._give(scratch)
 
-    def _span(self, offset: int, length: int) -> tuple[int, int]:
-        first = offset // self.sector * self.sector
-        last = -(-(offset + length) // self.sector) * self.sector
-        return first, last
+    def _span(self, offset: int, length: int, unit: int) -> tuple[int, int]:
+        """[offset, offset+length) widened to ``unit`` boundaries of the file, within the disk.
+
+        Writes are widened to whole filesystem blocks: writing one 512-byte sector into a
+        hole would make the filesystem allocate the whole block with zero *ciphertext*
+        around it, which decrypts to garbage instead of the zeros the hole stood for.
+        """
+        first = (self._base + offset) // unit * unit - self._base
+        last = -(-(self._base + offset + length) // unit) * unit - self._base
+        return max(first, 0), min(last, self.size)
 
     # ---- the operations ------------------------------------------------------------------
     def pread(self, buf: Any, offset: int) -> None:
@@ -113,7 +121,7 @@ class EncryptedDisk:
         if offset % self.sector == 0 and len(view) % self.sector == 0:
             self._read_sectors(view, offset)
             return
-        first, last = self._span(offset, len(view))
+        first, last = self._span(offset, len(view), self.sector)
         tmp = bytearray(last - first)
         self._read_sectors(memoryview(tmp), first)
         view[:] = tmp[offset - first : offset - first + len(view)]
@@ -121,10 +129,10 @@ class EncryptedDisk:
     def pwrite(self, buf: Any, offset: int, *, fua: bool = False) -> None:
         view = memoryview(buf).cast("B")
         self._check(offset, len(view))
-        if offset % self.sector == 0 and len(view) % self.sector == 0:
+        first, last = self._span(offset, len(view), self._write_unit)
+        if first == offset and last == offset + len(view):
             self._write_sectors(view, offset)
         else:
-            first, last = self._span(offset, len(view))
             with self._rmw:
                 tmp = bytearray(last - first)
                 self._read_sectors(memoryview(tmp), first)
@@ -145,20 +153,19 @@ class EncryptedDisk:
         return (a - self._base, b - a) if b > a else (offset, 0)
 
     def _write_zeros(self, offset: int, length: int) -> None:
+        """Write encrypted zeros; chunks end on write-unit boundaries so only edges RMW."""
         end = offset + length
-        if length > 0 and offset % self.sector:  # partial head sector
-            head_end = min(end, (offset // self.sector + 1) * self.sector)
-            self.pwrite(bytes(head_end - offset), offset)
-            offset = head_end
-        if end > offset and end % self.sector:  # partial tail sector
-            tail = max(offset, end // self.sector * self.sector)
-            self.pwrite(bytes(end - tail), tail)
-            end = tail
-        zeros = bytes(min(max(end - offset, 0), ZERO_CHUNK))
+        zeros = memoryview(bytes(min(max(length, 0), ZERO_CHUNK)))
         while offset < end:
-            n = min(end - offset, ZERO_CHUNK)
-            self._write_sectors(memoryview(zeros)[:n], offset)
-            offset += n
+            stop = min(
+                end,
+                (self._base + offset + ZERO_CHUNK) // self._write_unit * self._write_unit
+                - self._base,
+            )
+            if stop <= offset:
+                stop = min(end, offset + ZERO_CHUNK)
+            self.pwrite(zeros[: stop - offset], offset)
+            offset = stop
 
     def zero(
         self,

@@ -38,6 +38,7 @@ def connect(sock: str) -> Iterator[object]:
     import nbd
 
     h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     h.connect_unix(sock)
     try:
         yield h
