@@ -63,12 +63,14 @@ def create(
         raise DiskOpError(f"cannot create {path}: {e}") from e
 
 
-def change_key(path: str, old: bytes, new: bytes) -> None:
+def change_key(
+    path: str, old: bytes, new: bytes, *, iterations: int | None = None, iter_time_ms: int = 2000
+) -> None:
     from nbd_plugin import container
     from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
 
     try:
-        container.change_key(path, old, new)
+        container.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
     except ImageBusy as e:
         raise DiskOpError("image is in use (served read-write?): stop it first") from e
     except InvalidPassphrase as e:
@@ -77,7 +79,14 @@ def change_key(path: str, old: bytes, new: bytes) -> None:
         raise DiskOpError(str(e)) from e
 
 
-def rekey(disks: Sequence[Disk], old: bytes, new: bytes) -> list[tuple[str, str]]:
+def rekey(
+    disks: Sequence[Disk],
+    old: bytes,
+    new: bytes,
+    *,
+    iterations: int | None = None,
+    iter_time_ms: int = 2000,
+) -> list[tuple[str, str]]:
     """Change the keyslot passphrase of every live disk from `old` to `new`, all or none.
 
     Returns the failures as (disk, reason); when there are any, the disks already changed
@@ -89,14 +98,14 @@ def rekey(disks: Sequence[Disk], old: bytes, new: bytes) -> list[tuple[str, str]
         if d.state is not DiskState.READY:
             continue
         try:
-            change_key(d.path, old, new)
+            change_key(d.path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
             done.append(d)
         except DiskOpError as e:
             failures.append((d.name, str(e)))
     if failures:
         for d in done:
             try:
-                change_key(d.path, new, old)
+                change_key(d.path, new, old, iterations=iterations, iter_time_ms=iter_time_ms)
             except DiskOpError as e:
                 failures.append(
                     (

@@ -20,6 +20,7 @@ from keystore.cli.options import (
     emit_json,
     handle_errors,
     json_option,
+    kdf_options,
     password_file_option,
     resolve_db,
     run,
@@ -88,21 +89,7 @@ async def _next_name(r: Repository, vm: str) -> str:
     help="Image file to create (default: disks/NAME.img next to the keystore).",
 )
 @click.option("--name", help="Disk name (default: VM-N, e.g. web1-0).")
-@click.option(
-    "--iter-time",
-    type=click.IntRange(min=1),
-    default=2000,
-    show_default=True,
-    metavar="MS",
-    help="PBKDF2 time for the keyslot, in milliseconds.",
-)
-@click.option(
-    "--pbkdf-iterations",
-    type=click.IntRange(min=1000),
-    metavar="N",
-    help="Force N PBKDF2 iterations instead of timing (weakens the keyslot; "
-    "tests and slow machines).",
-)
+@kdf_options
 @password_file_option
 @db_option
 def create(

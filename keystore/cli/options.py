@@ -38,6 +38,14 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 
 
+class KeystoreClickError(click.ClickException):
+    """`Error: MESSAGE` with a chosen exit status (e.g. EX_NOPERM, EX_TEMPFAIL)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        vars(self)["exit_code"] = exit_code  # click declares exit_code on the class
+
+
 class BusyError(click.ClickException):
     """The keystore stayed locked by another process: try again (exit status 75)."""
 
@@ -77,6 +85,25 @@ def password_file_option(f: F) -> F:
         help="Read the password from FILE, byte for byte (no trailing newline: write it "
         "with printf '%s'), as cryptsetup --key-file does. Without it, a pipe on stdin "
         "gives one password per line; a terminal gets a hidden prompt.",
+    )(f)
+
+
+def kdf_options(f: F) -> F:
+    """`--iter-time MS` and `--pbkdf-iterations N` for commands that write LUKS keyslots."""
+    f = click.option(
+        "--pbkdf-iterations",
+        type=click.IntRange(min=1000),
+        metavar="N",
+        help="Force N PBKDF2 iterations instead of timing (weakens the keyslot; tests and "
+        "slow machines).",
+    )(f)
+    return click.option(
+        "--iter-time",
+        type=click.IntRange(min=1),
+        default=2000,
+        show_default=True,
+        metavar="MS",
+        help="PBKDF2 time for the new keyslot, in milliseconds (as cryptsetup's --iter-time).",
     )(f)
 
 

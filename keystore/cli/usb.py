@@ -1,7 +1,7 @@
 """`vmshield usb ...`: the per-VM USB whitelist (thesis table 5-3, extended).
 
-The usbgate developer's `usbgate.qemu_filter` adds `vmshield usb qemu-filter VM` when it
-is installed (see the bottom of this module).
+`vmshield usb qemu-filter VM` uses the usbgate developer's `usbgate.qemu_filter` and is
+offered when that module is installed (see the bottom of this module).
 """
 
 from __future__ import annotations
@@ -162,14 +162,46 @@ def remove(vm: str, position: int, db: Path | None) -> None:
     click.echo(f"{vm}: removed rule {position}: {rule.describe()}")
 
 
-def _add_qemu_filter() -> None:
-    """Wire `vmshield usb qemu-filter` from the usbgate package once it provides one."""
-    if importlib.util.find_spec("usbgate.qemu_filter") is None:
+@click.command("qemu-filter")
+@click.argument("vm")
+@click.option(
+    "--chardev",
+    default="usbredir0",
+    show_default=True,
+    help="Chardev id to name in the printed -device argument.",
+)
+@json_option
+@db_option
+def qemu_filter(vm: str, chardev: str, as_json: bool, db: Path | None) -> None:
+    """Print QEMU's usb-redir `filter=` and libvirt's `<redirfilter>` for VM's rules.
+
+    A second line of defence generated from the same whitelist: QEMU's own filter refuses
+    what it refuses even if the gateway were bypassed. It knows only class, VID and PID and
+    is fixed when QEMU starts, so rules with class/interface/serial are broadened (allow)
+    or left out (block/reject): it never refuses what the gateway would forward. Regenerate
+    it after changing rules; the gateway applies changes live.
+    """
+    from usbgate import qemu_filter as qf
+
+    rules = run(db, lambda r: r.list_usb_rules(vm))
+    value = qf.qemu_filter_value(rules)
+    device = f"-device usb-redir,chardev={chardev},filter={value}"
+    xml = qf.libvirt_redirfilter(rules)
+    notes = qf.translation_notes(rules)
+    if as_json:
+        emit_json(
+            {"vm": vm, "filter": value, "qemu_device": device, "libvirt_xml": xml, "notes": notes}
+        )
         return
-    mod = importlib.import_module("usbgate.qemu_filter")
-    command = getattr(mod, "qemu_filter", None) or getattr(mod, "command", None)
-    if isinstance(command, click.Command):
-        usb.add_command(command, "qemu-filter")
+    click.echo(f"QEMU:\n  '{device}'\n\nlibvirt <devices> entry:\n{xml}")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+def _add_qemu_filter() -> None:
+    """`vmshield usb qemu-filter` needs usbgate.qemu_filter (usbgate developer)."""
+    if importlib.util.find_spec("usbgate.qemu_filter") is not None:
+        usb.add_command(qemu_filter)
 
 
 _add_qemu_filter()

@@ -13,6 +13,7 @@ from keystore.cli.options import (
     db_option,
     emit_json,
     json_option,
+    kdf_options,
     password_file_option,
     run,
     table,
@@ -60,9 +61,15 @@ def add(name: str, password_file: Path | None, db: Path | None) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Read the new password from FILE. On stdin, the new password is the second line.",
 )
+@kdf_options
 @db_option
 def passwd(
-    name: str, password_file: Path | None, new_password_file: Path | None, db: Path | None
+    name: str,
+    password_file: Path | None,
+    new_password_file: Path | None,
+    iter_time: int,
+    pbkdf_iterations: int | None,
+    db: Path | None,
 ) -> None:
     """Change NAME's password, and the keyslot passphrase on every disk NAME owns.
 
@@ -77,7 +84,10 @@ def passwd(
     try:
         run(db, lambda r: r.authenticate(name, bytes(old), actor=actor()))
         new = src.read_new(f"New password for {name}", file=new_password_file)
-        failures = diskops.rekey(run(db, lambda r: _owned_disks(r, name)), bytes(old), bytes(new))
+        disks = run(db, lambda r: _owned_disks(r, name))
+        failures = diskops.rekey(
+            disks, bytes(old), bytes(new), iterations=pbkdf_iterations, iter_time_ms=iter_time
+        )
         if failures:
             for disk, why in failures:
                 click.echo(f"disk {disk}: not re-keyed: {why}", err=True)
