@@ -71,6 +71,7 @@ class QemuWithRedir:
 
     workdir: Path
     slots: int = 1
+    filter: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     qmp: Qmp | None = None
     stderr_lines: list[tuple[float, str]] = field(default_factory=list)
@@ -85,8 +86,11 @@ class QemuWithRedir:
         argv = [QEMU, "-accel", "tcg", "-machine", "q35", "-nodefaults", "-display", "none",
                 "-m", "64", "-device", "qemu-xhci,id=xhci"]  # fmt: skip
         for n in range(self.slots):
+            device = f"usb-redir,chardev=ch{n},id=redir{n},debug=3"
+            if self.filter is not None:
+                device += f",filter={self.filter}"
             argv += ["-chardev", f"socket,id=ch{n},path={self.chardev_path(n)},server=on,wait=off",
-                     "-device", f"usb-redir,chardev=ch{n},id=redir{n},debug=3"]  # fmt: skip
+                     "-device", device]  # fmt: skip
         argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)  # fmt: skip
