@@ -283,6 +283,7 @@ def _install(fd: int, header: Header, ks: Keyslot, key: bytearray, passphrase: b
     digest = header.meta.digest_for_segment()
     assert digest is not None
     meta = header.meta.with_keyslot(ks, digest.id, header.hdr_size)
+    meta.json_area()  # refuse before writing anything if the metadata no longer fits
     write_exact(fd, material, ks.area_offset)
     os.fsync(fd)
     return write_header(fd, header, meta)
