@@ -31,6 +31,7 @@ from keystore.models import UsbAction
 from keystore.sqlite_repo import SqliteRepository
 from tests.usbgate_fakes import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner
 from tests.usbgate_qemu import QEMU, QemuWithRedir, short_tmpdir
+from usbgate.packets import DeviceDisconnectAck
 from usbgate.policy import parse_rule
 from usbgate.qemu_filter import qemu_filter_value
 
@@ -257,6 +258,31 @@ def test_denied_device_never_reaches_qemu(
     assert not any(isinstance(p, type(device.device_connect())) for p in owner.received)
     [row] = keystore.wait_audit("usb.denied", vid_pid)
     assert row["action"] == action
+
+
+def test_blocked_device_unplugged_then_an_allowed_one_on_the_same_connection(
+    qemu: QemuWithRedir, keystore: Keystore, gateway: Any
+) -> None:
+    keystore.set_rules("allow id 0781:5567")
+
+    async def scenario() -> FakeOwner:
+        owner = await offer(gateway, FakeDevice(0x1111, 0x2226))
+        await asyncio.wait_for(owner.filter_rejected.wait(), 5)
+        owner.unplug()
+        for _ in range(100):  # the gateway acknowledges what QEMU never saw
+            if any(isinstance(p, DeviceDisconnectAck) for p in owner.received):
+                break
+            await asyncio.sleep(0.01)
+        owner.device = FakeDevice()
+        owner.announce()
+        await asyncio.to_thread(qemu.wait_attached, True, 0, 10.0)
+        await owner.close()
+        return owner
+
+    owner = asyncio.run(scenario())
+    wait_detached(qemu)
+    assert any(isinstance(p, DeviceDisconnectAck) for p in owner.received)
+    assert attaching_lines(qemu, "1111:2226") == []
 
 
 def test_device_contradicting_its_descriptors_is_denied(

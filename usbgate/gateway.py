@@ -110,8 +110,9 @@ class Gateway:
         self._refresh()
         return decide(self.rules, device)
 
-    def _refresh(self) -> bool:
-        """Pick up changed rules; True if they changed. Unreadable rules deny everything."""
+    def _refresh(self) -> None:
+        """Pick up changed rules and enforce them at once. Unreadable rules deny everything."""
+        seen = time.monotonic()
         try:
             new = self.rule_source.poll(self.vm)
         except RuleSourceError as exc:
@@ -119,17 +120,14 @@ class Gateway:
                 log.error("vm %s: rules unreadable, denying every device: %s", self.vm, exc)
                 self.audit.record("usb.rules.unreadable", self.vm, {"error": str(exc)})
             new = [] if self.rules else None
-        if new is None:
-            return False
-        self.rules = new
-        return True
+        if new is not None:
+            self.rules = new
+            self._enforce(seen)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            seen = time.monotonic()
-            if self._refresh():
-                self._enforce(seen)
+            self._refresh()
 
     def _enforce(self, seen: float) -> None:
         """Revoke every attached device the current rules no longer allow."""

@@ -222,6 +222,8 @@ class Session:
         ):
             self.revoke(Decision(Action.REJECT, "descriptor differs from the probed one"))
             return
+        if isinstance(packet, DeviceConnect):
+            raise ProtocolError("device_connect while a device is attached")
         if isinstance(packet, DeviceDisconnect):
             self._audit("usb.detached", reason="unplugged by the owner")
             self._reset_device()
