@@ -170,6 +170,9 @@ def test_qemu_filter_strings() -> None:
         "rule 3 (reject): class/interface/serial left out",
     ]
     assert qemu_filter_value([]) == "-1:-1:-1:-1:0"
+    # a catch-all ends the list: nothing after it is reachable
+    assert qemu_filter_value(parse_rules("block id *:*\nallow id 0781:*")) == "-1:-1:-1:-1:0"
+    assert qemu_filter_value(parse_rules("allow id *:*\nblock id 0781:*")) == "-1:-1:-1:-1:1"
 
 
 hex16 = st.one_of(st.none(), st.sampled_from([0x0781, 0x5567, 0x046D, 0x1234]))

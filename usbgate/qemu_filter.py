@@ -107,6 +107,8 @@ def filter_rules(rules: Iterable[RuleLike]) -> list[FilterRule]:
         candidate = FilterRule(None, rule.vendor_id, rule.product_id, allow=action == "allow")
         if candidate not in out:
             out.append(candidate)
+        if candidate.vendor_id is None and candidate.product_id is None:
+            return out  # matches every device: later rules are unreachable
     out.append(DENY_ALL)
     return out
 
