@@ -33,7 +33,7 @@ from tests.luks2_helpers import (
     volume_key,
     xts_decrypt,
 )
-from tests.nbdutil import PLUGIN, run_nbdkit_expect_failure, write_secret
+from tests.nbdutil import PLUGIN, read_at, run_nbdkit_expect_failure, serve_plugin, write_secret
 
 SIZE = 1 << 20
 pytestmark = pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="needs cryptsetup")
@@ -103,9 +103,13 @@ def test_hostile_json_is_refused_cleanly(
 
 # ---- the two copies -----------------------------------------------------------------------
 def test_damaged_primary_falls_back_and_says_so(
-    cs_image: Path, keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    cs_image: Path,
+    keyfile: Path,
+    tmp_path: Path,
+    sockdir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _damage(cs_image, 4200)  # inside the primary's JSON area
+    _damage(cs_image, 120)  # the primary's salt: only the checksum notices
     before = digest(cs_image)
     vol = container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=True)
     vol.close()
@@ -114,6 +118,9 @@ def test_damaged_primary_falls_back_and_says_so(
     meta = container.info(str(cs_image))
     assert meta["header_copy"] == "secondary" and meta["warnings"]
     assert digest(cs_image) == before  # opening never writes
+    with serve_plugin(cs_image, keyfile, sockdir, nbdkit_opts=("-r",)) as sock:
+        assert len(read_at(sock, 4096)) == 4096
+    assert "using the secondary copy" in Path(sock + ".err").read_text()
     # The next keyslot change writes both copies: cryptsetup and we see a healthy header.
     other = tmp_path / "k2"
     write_secret(other, b"other")
@@ -130,8 +137,8 @@ def test_damaged_secondary_is_reported_primary_used(cs_image: Path, keyfile: Pat
 
 
 def test_both_copies_damaged_refuses(cs_image: Path, keyfile: Path) -> None:
-    _damage(cs_image, 4200)
-    _damage(cs_image, 16384 + 4200)
+    _damage(cs_image, 120)
+    _damage(cs_image, 16384 + 8000)  # JSON padding: only the checksum notices
     before = digest(cs_image)
     with pytest.raises(ImageError, match="both LUKS2 header copies are damaged"):
         container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
