@@ -1,8 +1,8 @@
 """The overwrite engine: one pass of a pattern over a list of extents, and the read-back check.
 
 Speed comes from doing what `dd bs=4M oflag=direct` does — large O_DIRECT writes from a
-page-aligned buffer — and, for random passes, from generating the next chunk's keystream while
-a worker thread writes the previous one (os.pwrite and OpenSSL both release the GIL). Positions
+page-aligned buffer — with two writes in flight from worker threads, while the main thread
+generates the next chunk's keystream (os.pwrite and OpenSSL both release the GIL). Positions
 are counted linearly over the extents ("done" bytes of a pass), which is what the journal keeps.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from nbd_plugin.erase.methods import Pattern
 from nbd_plugin.erase.sysio import Extent
 
 CHUNK = 8 << 20
+DEPTH = 2
+"""Writes in flight: two keep a virtio/NVMe queue busy while the next chunk is prepared."""
 ZEROOUT_CHUNK = 256 << 20
 _ROOM = CHUNK + AES_BLOCK + SLACK + 4096
 
@@ -88,8 +91,8 @@ class Engine:
     def __init__(self, target: Target, erase_key: bytes) -> None:
         self.target = target
         self._key = erase_key
-        self._bufs = [mmap.mmap(-1, _ROOM), mmap.mmap(-1, _ROOM)]
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erase-writer")
+        self._bufs = [mmap.mmap(-1, _ROOM) for _ in range(DEPTH + 1)]
+        self._pool = ThreadPoolExecutor(max_workers=DEPTH, thread_name_prefix="erase-writer")
 
     def close(self) -> None:
         """Stop the writer thread and release the buffers."""
@@ -129,18 +132,20 @@ class Engine:
             stream = Keystream(self._key, pass_number, CHUNK)
         else:
             self._fill_constant(fill)
-        pending: Future[None] | None = None
-        pending_pos = done
+        # A buffer is refilled only once its write is done: DEPTH in flight + one being filled.
+        pending: deque[tuple[Future[None], int]] = deque()
         for i, (off, n, pos) in enumerate(chunks(extents, done)):
-            buf = memoryview(self._bufs[i % 2])
+            buf = memoryview(self._bufs[i % len(self._bufs)])
             view = buf[:n] if stream is None else stream.fill(buf, off, n)
-            if pending is not None:
-                pending.result()
-                progress(pending_pos)
-            pending, pending_pos = self._pool.submit(self._write, view, off), pos
-        if pending is not None:
-            pending.result()
-            progress(pending_pos)
+            if len(pending) == DEPTH:
+                fut, at = pending.popleft()
+                fut.result()
+                progress(at)
+            pending.append((self._pool.submit(self._write, view, off), pos))
+        while pending:
+            fut, at = pending.popleft()
+            fut.result()
+            progress(at)
         return "write"
 
     def verify(
