@@ -88,3 +88,44 @@ def test_disk_unit_exec_start_serves_from_credential(tmp_path: Path, sockdir: Pa
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_ask_password_dropin_pipes_passphrase_without_newline(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    image = tmp_path / "web1-0.img"
+    container.create_image(str(image), 4 << 20, PW, iterations=1000)
+    # a stand-in for systemd-ask-password: prints the answer and a newline, as the real one
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    ask = fake / "systemd-ask-password"
+    ask.write_text(f"#!/bin/sh\nprintf '%s\\n' '{PW.decode()}'\n")
+    ask.chmod(0o755)
+    line = exec_start(UNITS / "vmshield-disk-ask-password.conf")
+    assert line.startswith("/bin/sh -c '") and line.endswith("'")
+    script = line[len("/bin/sh -c '") : -1].replace("\\\\n", "\\n")  # systemd's C unescaping
+    sock = sockdir / "web1-0.sock"
+    script = script.replace("/run/vmshield/%i.sock", str(sock)).replace("%i", "web1-0")
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "VMSHIELD_PLUGIN": str(serve.plugin_path()),
+        "VMSHIELD_IMAGE": str(image),
+    }
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not serve.probe(sock):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
