@@ -165,8 +165,15 @@ class RepositoryContract:
         assert v.access_count == 2 and v.last_access == clock.now
 
     def test_remove_vm_refuses_with_live_disks(self, repo: Sync, vm: str) -> None:
-        repo.add_disk(vm, "web1-0", "/tmp/x.img", fmt="luks1", cipher="aes-xts-plain64",
-                      size=1 << 20, actor=ACTOR)
+        repo.add_disk(
+            vm,
+            "web1-0",
+            "/tmp/x.img",
+            fmt="luks1",
+            cipher="aes-xts-plain64",
+            size=1 << 20,
+            actor=ACTOR,
+        )
         with pytest.raises(Conflict, match="web1-0"):
             repo.remove_vm(vm, actor=ACTOR)
         repo.set_disk_state("web1-0", DiskState.DESTROYED, actor=ACTOR)
@@ -177,27 +184,35 @@ class RepositoryContract:
     # -- disks and servers --------------------------------------------------------------
 
     def test_disk_roundtrip_and_state_cas(self, repo: Sync, vm: str) -> None:
-        d = repo.add_disk(vm, "web1-0", "/tmp/web1-0.img", fmt="luks1",
-                          cipher="aes-xts-plain64", size=1 << 30, actor=ACTOR)
+        d = repo.add_disk(
+            vm,
+            "web1-0",
+            "/tmp/web1-0.img",
+            fmt="luks1",
+            cipher="aes-xts-plain64",
+            size=1 << 30,
+            actor=ACTOR,
+        )
         assert d.state is DiskState.CREATING and d.vm == vm
         assert repo.get_disk("/tmp/web1-0.img") == d
         with pytest.raises(AlreadyExists):
-            repo.add_disk(vm, "other", "/tmp/web1-0.img", fmt="luks1", cipher="x", size=1,
-                          actor=ACTOR)
+            repo.add_disk(
+                vm, "other", "/tmp/web1-0.img", fmt="luks1", cipher="x", size=1, actor=ACTOR
+            )
         repo.set_disk_state("web1-0", DiskState.READY, actor=ACTOR)
-        d2 = repo.set_disk_state("web1-0", DiskState.DESTROYING, expect=DiskState.READY,
-                                 actor=ACTOR)
+        d2 = repo.set_disk_state(
+            "web1-0", DiskState.DESTROYING, expect=DiskState.READY, actor=ACTOR
+        )
         assert d2.state is DiskState.DESTROYING
         with pytest.raises(Conflict):
-            repo.set_disk_state("web1-0", DiskState.DESTROYING, expect=DiskState.READY,
-                                actor=ACTOR)
+            repo.set_disk_state("web1-0", DiskState.DESTROYING, expect=DiskState.READY, actor=ACTOR)
         assert [x.name for x in repo.list_disks(vm)] == ["web1-0"]
 
     def test_servers(self, repo: Sync, vm: str) -> None:
-        repo.add_disk(vm, "web1-0", "/tmp/a.img", fmt="luks1", cipher="c", size=512,
-                      actor=ACTOR)
-        s = repo.record_server("web1-0", socket="/tmp/s.sock", pidfile="/tmp/s.pid",
-                               pid=42, readonly=True, actor=ACTOR)
+        repo.add_disk(vm, "web1-0", "/tmp/a.img", fmt="luks1", cipher="c", size=512, actor=ACTOR)
+        s = repo.record_server(
+            "web1-0", socket="/tmp/s.sock", pidfile="/tmp/s.pid", pid=42, readonly=True, actor=ACTOR
+        )
         assert s.readonly and s.pid == 42 and repo.get_server("web1-0") == s
         assert repo.list_servers() == [s]
         with pytest.raises(Conflict):
@@ -222,8 +237,9 @@ class RepositoryContract:
     # -- USB rules ----------------------------------------------------------------------
 
     def test_usb_rules_order_and_first_match(self, repo: Sync, vm: str) -> None:
-        repo.add_usb_rule(vm, UsbAction.ALLOW, 0x0781, 0x5567, actor=ACTOR,
-                          interfaces=[(8, 6, 0x50)])
+        repo.add_usb_rule(
+            vm, UsbAction.ALLOW, 0x0781, 0x5567, actor=ACTOR, interfaces=[(8, 6, 0x50)]
+        )
         repo.add_usb_rule(vm, UsbAction.REJECT, None, None, actor=ACTOR, device_class=9)
         r = repo.add_usb_rule(vm, UsbAction.BLOCK, 0x0781, None, actor=ACTOR, position=1)
         rules = repo.list_usb_rules(vm)

@@ -113,8 +113,9 @@ def test_user_add_from_password_file(ready: Path, tmp_path: Path) -> None:
     vms("vm", "add", "db1", "--owner", "bob")
 
 
-def test_production_verifier_is_argon2id_rfc9106(ready: Path, monkeypatch: pytest.MonkeyPatch
-                                                 ) -> None:
+def test_production_verifier_is_argon2id_rfc9106(
+    ready: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sqlite_repo, "AuthPolicy", AuthPolicy)
     vms("user", "add", "carol", input=PW + "\n")
     with sqlite3.connect(ready) as c:
@@ -123,9 +124,17 @@ def test_production_verifier_is_argon2id_rfc9106(ready: Path, monkeypatch: pytes
 
 
 def test_vm_add_list_show_remove(ready: Path) -> None:
-    vms("vm", "add", "web2", "--owner", "alice", "--uuid",
-        "12345678-1234-5678-1234-567812345678", "--pool-uuid",
-        "22345678-1234-5678-1234-567812345678")
+    vms(
+        "vm",
+        "add",
+        "web2",
+        "--owner",
+        "alice",
+        "--uuid",
+        "12345678-1234-5678-1234-567812345678",
+        "--pool-uuid",
+        "22345678-1234-5678-1234-567812345678",
+    )
     listed = js("vm", "list")
     assert [v["name"] for v in listed] == ["web1", "web2"]
     assert listed[1]["uuid"] == "12345678-1234-5678-1234-567812345678"
@@ -144,8 +153,7 @@ def test_perm_set_and_show(ready: Path) -> None:
     out = js("perm", "set", "web1", "--normal-delete", "yes")
     assert out == {"vm": "web1", "deep_erase": True, "normal_delete": True}
     vms("perm", "set", "web1", "--deep-erase", "no")
-    assert js("perm", "show", "web1") == {"vm": "web1", "deep_erase": False,
-                                           "normal_delete": True}
+    assert js("perm", "show", "web1") == {"vm": "web1", "deep_erase": False, "normal_delete": True}
     vms("perm", "set", "web1", code=2)
 
 
@@ -153,10 +161,13 @@ def test_usb_rules_cli(ready: Path) -> None:
     vms("usb", "allow", "web1", "0781:5567", "--interface", "08:06:50")
     vms("usb", "reject", "web1", "*:*", "--class", "09")
     r = vms("usb", "block", "web1", "0781:*", "--serial", "ABC", "--position", "1")
-    assert "rule 1: block id 0781:* serial \"ABC\"" in r.output
+    assert 'rule 1: block id 0781:* serial "ABC"' in r.output
     rules = js("usb", "list", "web1")
     assert [(x["position"], x["action"], x["vendor_id"], x["product_id"]) for x in rules] == [
-        (1, "block", "0781", "*"), (2, "allow", "0781", "5567"), (3, "reject", "*", "*")]
+        (1, "block", "0781", "*"),
+        (2, "allow", "0781", "5567"),
+        (3, "reject", "*", "*"),
+    ]
     assert rules[1]["interfaces"] == ["08:06:50"] and rules[2]["device_class"] == "09"
     vms("usb", "remove", "web1", "1")
     assert [x["action"] for x in js("usb", "list", "web1")] == ["allow", "reject"]
@@ -190,12 +201,15 @@ def test_audit_is_append_only(ready: Path) -> None:
         c.execute("DELETE FROM audit WHERE seq = 1")
 
 
-@pytest.mark.parametrize("sql, problem", [
-    ("UPDATE audit SET actor = 'mallory' WHERE seq = 2", "row 2: content does not match"),
-    ("DELETE FROM audit WHERE seq = 2", "rows 2..2 are missing"),
-    ("DELETE FROM audit WHERE seq = 3", "recorded head"),
-    ("UPDATE audit SET detail = '{}' WHERE seq = 1", "row 1: content does not match"),
-])
+@pytest.mark.parametrize(
+    "sql, problem",
+    [
+        ("UPDATE audit SET actor = 'mallory' WHERE seq = 2", "row 2: content does not match"),
+        ("DELETE FROM audit WHERE seq = 2", "rows 2..2 are missing"),
+        ("DELETE FROM audit WHERE seq = 3", "recorded head"),
+        ("UPDATE audit SET detail = '{}' WHERE seq = 1", "row 1: content does not match"),
+    ],
+)
 def test_audit_verify_detects_tampering(ready: Path, sql: str, problem: str) -> None:
     _tamper(ready, sql)
     r = vms("audit", "verify", code=1)
