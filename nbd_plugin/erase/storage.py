@@ -175,7 +175,8 @@ def _in_place(info: dict[str, Any], notes: list[str]) -> bool | None:
     backing = info.get("backing")
     if backing is not None and backing["overwrite_in_place"] is not True:
         return backing["overwrite_in_place"]  # type: ignore[no-any-return]
-    if info.get("filesystem") in REMOTE_FS or info.get("filesystem", "").startswith("0x"):
+    fs = info.get("filesystem") or ""
+    if fs in REMOTE_FS or fs.startswith("0x"):
         return None
     if info["kind"] == "block device" and info.get("thin") and backing is None:
         return None
