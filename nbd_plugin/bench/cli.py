@@ -27,8 +27,9 @@ from nbd_plugin.bench.servers import SERVERS, Paths, Server
 
 MIB = 1 << 20
 REQUEST_SIZES = (4096, 64 << 10, 1 << 20)
-FILL_WITH = {"plain": "file", "luks": "luks"}
-"""Which server fills each image kind before timing (a neutral C server)."""
+FILL_WITH = {"plain": "file", "luks": "luks", "luks2": "vmshield-luks2"}
+"""Which server fills each image kind before timing (a neutral C server; no C server here
+reads LUKS2, so the LUKS2 image is filled through the plugin itself)."""
 
 
 def parse_size(text: str) -> int:
@@ -75,12 +76,14 @@ class Workspace:
         self.images = {
             "plain": os.path.join(self.dir, "plain.img"),
             "luks": os.path.join(self.dir, "luks1.img"),
+            "luks2": os.path.join(self.dir, "luks2-4k.img"),
         }
         self.unlock_image = os.path.join(self.dir, "luks1-default-cost.img")
         images.write_passphrase(self.passphrase)
         images.random_file(self.source, size)
         images.sparse_file(self.images["plain"], size)
         images.luks1_image(self.images["luks"], size, self.passphrase, iterations=1000)
+        images.luks2_image(self.images["luks2"], size, self.passphrase)
 
     def paths(self, server: Server, image: str | None = None) -> Paths:
         return Paths(

@@ -80,6 +80,7 @@ SERVERS: list[Server] = [
     Server("luks", "nbdkit luks filter (C peer)", "luks", _luks_filter, True),
     Server("qemu", "qemu-nbd luks driver (QEMU peer)", "luks", _qemu_nbd),
     Server("vmshield", "vmshield plugin", "luks", _vmshield),
+    Server("vmshield-luks2", "vmshield plugin, LUKS2 4096-byte sectors", "luks2", _vmshield),
 ]
 
 SUBJECT = "vmshield"
