@@ -31,9 +31,12 @@ from keystore.models import UsbAction
 from keystore.sqlite_repo import SqliteRepository
 from tests.usbgate_fakes import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner
 from tests.usbgate_qemu import QEMU, QemuWithRedir, short_tmpdir
-from usbgate.packets import DeviceDisconnectAck
-from usbgate.policy import parse_rule
-from usbgate.qemu_filter import qemu_filter_value
+from usbgate.addresses import parse_address
+from usbgate.gateway import Gateway
+from usbgate.packets import DeviceDisconnectAck, FilterFilter
+from usbgate.policy import Rule, parse_rule
+from usbgate.qemu_filter import qemu_filter_value, usbredir_filter_string
+from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 
 pytestmark = [
     pytest.mark.qemu,
@@ -487,5 +490,22 @@ def test_generated_static_filter_in_real_qemu(workdir: Path) -> None:
         asyncio.run(offer_directly(FakeDevice()))
         assert attaching_lines(vm, "0781:5567")
         assert len(vm.lines("rejected by device filter")) == 1
+        # through a gateway, the owner still learns QEMU's filter (filter_filter is relayed)
+        asyncio.run(relayed_filter(vm, rules))
     finally:
         vm.stop()
+
+
+async def relayed_filter(vm: QemuWithRedir, rules: list[Rule]) -> None:
+    gateway = Gateway("vmf", parse_address("tcp:127.0.0.1:0"),
+                      [parse_address("unix:" + vm.chardev_path(0))],
+                      MemoryRuleSource({"vmf": rules}), MemoryAuditSink())  # fmt: skip
+    await gateway.start()
+    try:
+        owner = await FakeOwner.connect(str(gateway.bound_address), FakeDevice())
+        await asyncio.to_thread(vm.wait_attached, True, 0, 10.0)
+        filters = [p for p in owner.received if isinstance(p, FilterFilter)]
+        assert filters and filters[0].rules == usbredir_filter_string(rules)
+        await owner.close()
+    finally:
+        await gateway.stop()

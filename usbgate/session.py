@@ -113,7 +113,7 @@ class Session:
         self.probe_result: ProbeResult | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_waiters: dict[int, asyncio.Future[ControlPacket]] = {}
-        self._next_probe_id = PROBE_ID_BASE
+        self._probe_count = 0
         self.closed = asyncio.Event()
 
     # -- running ---------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class Session:
     def _from_owner(self, packet: Packet) -> None:
         if isinstance(packet, Hello):
             self._send_qemu(packet)
-            self._maybe_ready()
+            self._hellos_relayed("qemu")
             return
         if isinstance(packet, ControlPacket) and packet.id in self._probe_waiters:
             future = self._probe_waiters.pop(packet.id)
@@ -248,11 +248,7 @@ class Session:
     def _from_qemu(self, packet: Packet) -> None:
         if isinstance(packet, Hello):
             self._send_owner(packet)
-            self._maybe_ready()
-            try:
-                self._drain("owner")  # owner packets that waited for the hellos
-            except ProtocolError as exc:
-                self._malformed("owner", str(exc))
+            self._hellos_relayed("owner")
             return
         if isinstance(packet, FilterFilter | DeviceDisconnectAck):
             self._send_owner(packet)
@@ -265,15 +261,23 @@ class Session:
             self._send_owner(packet)
         # Otherwise: a late packet for a device that is gone from QEMU; drop it.
 
-    def _maybe_ready(self) -> None:
-        if self.state is State.HELLO and self.owner_conn.caps is not None:
-            self.state = State.WAITING
+    def _hellos_relayed(self, other: str) -> None:
+        """After relaying a hello, packets ``other`` sent behind its own hello can be read."""
+        if self.state is not State.HELLO or self.owner_conn.caps is None:
+            return
+        if self.qemu_conn.caps is None:
+            return
+        self.state = State.WAITING
+        try:
+            self._drain(other)
+        except ProtocolError as exc:
+            self._malformed(other, str(exc))
 
     # -- probing and deciding ----------------------------------------------------------------
 
     async def _read_descriptor(self, value: int, index: int, length: int) -> bytes:
-        packet_id = self._next_probe_id
-        self._next_probe_id += 1
+        packet_id = PROBE_ID_BASE + self._probe_count % 0xFFFF
+        self._probe_count += 1
         future: asyncio.Future[ControlPacket] = asyncio.get_running_loop().create_future()
         self._probe_waiters[packet_id] = future
         self._send_owner(ControlPacket(0x80, REQUEST_GET_DESCRIPTOR,
