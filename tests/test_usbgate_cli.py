@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,6 @@ from click.testing import CliRunner
 from usbgate import devices as devices_module
 from usbgate.addresses import parse_address
 from usbgate.cli import main
-from usbgate.errors import RuleSourceError
-from usbgate.policy import Action, Rule
-from usbgate.sources import FileRuleSource, MemoryRuleSource
 
 
 def test_help_documents_every_command() -> None:
@@ -101,26 +97,3 @@ def test_addresses() -> None:
     for bad in ("tcp:host", "tcp:h:99999", "unix:", "unix:/" + "x" * 200, "serial:/dev/ttyS0"):
         with pytest.raises(ValueError):
             parse_address(bad)
-
-
-def test_file_rule_source_sees_atomic_replacement(tmp_path: Path) -> None:
-    path = tmp_path / "rules"
-    path.write_text("allow id 0781:5567\n")
-    source = FileRuleSource(path)
-    assert source.load("any") == [Rule(Action.ALLOW, 0x0781, 0x5567)]
-    assert source.poll("any") is None
-    tmp = tmp_path / "rules.new"
-    tmp.write_text("block id *:*\n")
-    os.replace(tmp, path)
-    assert source.poll("any") == [Rule(Action.BLOCK)]
-    path.write_text("allow nonsense\n")
-    with pytest.raises(RuleSourceError, match="rules file"):
-        source.poll("any")
-
-
-def test_memory_rule_source_reports_each_change_once() -> None:
-    source = MemoryRuleSource()
-    assert source.load("vm") == []
-    source.set("vm", [Rule(Action.BLOCK)])
-    assert source.poll("vm") == [Rule(Action.BLOCK)]
-    assert source.poll("vm") is None

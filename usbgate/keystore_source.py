@@ -44,30 +44,38 @@ def rule_from_keystore(row: usbrules.UsbRule) -> Rule:
 
 
 class KeystoreRuleSource:
-    """The rules of each VM from the keystore database at ``db_path``."""
+    """The rules of each VM from the keystore database at ``db_path``.
+
+    If a VM's rules cannot be read (the VM was removed, the file is gone), ``poll`` raises
+    RuleSourceError and forgets its watcher; later polls try again and report the rules
+    as changed as soon as they can be read (a VM added back with its rules).
+    """
 
     def __init__(self, db_path: str | Path) -> None:
         self.db_path = Path(db_path)
         self._watchers: dict[str, usbrules.RulesWatcher] = {}
 
-    def _watcher(self, vm: str) -> usbrules.RulesWatcher:
-        watcher = self._watchers.get(vm)
-        if watcher is None:
-            try:
-                watcher = usbrules.RulesWatcher(self.db_path, vm)
-            except KeystoreError as exc:
-                raise RuleSourceError(str(exc)) from exc
-            self._watchers[vm] = watcher
+    def _new_watcher(self, vm: str) -> usbrules.RulesWatcher:
+        try:
+            watcher = usbrules.RulesWatcher(self.db_path, vm)
+        except KeystoreError as exc:
+            raise RuleSourceError(str(exc)) from exc
+        self._watchers[vm] = watcher
         return watcher
 
     def load(self, vm: str) -> list[Rule]:
-        return [rule_from_keystore(r) for r in self._watcher(vm).rules]
+        watcher = self._watchers.get(vm) or self._new_watcher(vm)
+        return [rule_from_keystore(r) for r in watcher.rules]
 
     def poll(self, vm: str) -> list[Rule] | None:
-        watcher = self._watcher(vm)
+        watcher = self._watchers.get(vm)
+        if watcher is None:  # first poll, or the rules were unreadable last time
+            return self.load(vm)
         try:
             rows = watcher.poll()
         except KeystoreError as exc:
+            watcher.close()
+            del self._watchers[vm]
             raise RuleSourceError(str(exc)) from exc
         return None if rows is None else [rule_from_keystore(r) for r in rows]
 
