@@ -27,12 +27,12 @@ def qemu_blockdev(sock: str, node: str, *, readonly: bool) -> str:
 def libvirt_disk_xml(sock: str, *, target: str = "vda", readonly: bool) -> str:
     """A libvirt `<disk type='network'>` element for the domain XML."""
     lines = [
-        "<disk type='network' device='disk'>",
-        "  <driver name='qemu' type='raw' cache='none'/>",
-        "  <source protocol='nbd'>",
-        f"    <host transport='unix' socket={quoteattr(sock)}/>",
+        '<disk type="network" device="disk">',
+        '  <driver name="qemu" type="raw" cache="none"/>',
+        '  <source protocol="nbd">',
+        f'    <host transport="unix" socket={quoteattr(sock)}/>',
         "  </source>",
-        f"  <target dev={quoteattr(target)} bus='virtio'/>",
+        f'  <target dev={quoteattr(target)} bus="virtio"/>',
     ]
     if readonly:
         lines.append("  <readonly/>")

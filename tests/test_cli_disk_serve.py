@@ -117,7 +117,19 @@ def test_serve_read_write_through_printed_uri(env: tuple[Path, Path]) -> None:
     info = serve(db, sockdir)
     assert info["uri"] == f"nbd+unix:///?socket={sockdir}/web1-0.sock"
     assert f"file={info['uri']},format=raw" in info["qemu_drive"]
-    assert "<disk type='network'" in info["libvirt_xml"] and "protocol='nbd'" in info["libvirt_xml"]
+    assert '<disk type="network"' in info["libvirt_xml"]
+    assert '<source protocol="nbd">' in info["libvirt_xml"]
+    # whoever can connect reads the plaintext: no one but the owner may write the socket
+    assert (sockdir / "web1-0.sock").stat().st_mode & 0o022 == 0
+    # qemu-img opens the printed URI too
+    qi = subprocess.run(
+        ["qemu-img", "info", "--output=json", info["uri"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(qi.stdout)["virtual-size"] == 8 << 20
     # the CLI process has exited; the server outlives it
     h = nbd_handle(info["uri"])
     try:

@@ -208,7 +208,8 @@ def serve_(
     waits until the socket answers, records the server, counts an access on the VM, and
     prints the `-drive` / `-blockdev` arguments and the libvirt `<disk>` XML to use.
     The password reaches nbdkit through an inherited pipe: it is never in a command
-    line, an environment or a file. The socket is mode 0600 (owner only).
+    line, an environment or a file. Only the socket's owner can connect to it: whoever
+    can connect reads the plaintext.
     """
     d = run(db, lambda r: r.get_disk(disk_name))
     if d.state is not DiskState.READY:
