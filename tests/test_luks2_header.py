@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keystore.cli import main
 from nbd_plugin import container, luks2
@@ -333,3 +335,71 @@ def test_cli_luks2_create_and_keyslots(tmp_path: Path, keyfile: Path) -> None:
     assert (
         subprocess.run(["cryptsetup", "luksDump", str(image)], capture_output=True).returncode == 0
     )
+
+
+# ---- hostile metadata, generated ----------------------------------------------------------
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**65), 2**65)
+    | st.text(max_size=8)
+    | st.sampled_from(["0", "dynamic", "18446744073709551616", "-1", "4096", "luks2"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cs_json(tmp_path_factory: pytest.TempPathFactory) -> str:
+    tmp = tmp_path_factory.mktemp("json")
+    key = tmp / "key"
+    write_secret(key, b"k")
+    image = tmp / "j.img"
+    luks2_format(image, key, SIZE, *PBKDF2)
+    token = tmp / "token.json"
+    token.write_text('{"type":"t","keyslots":["0"],"x":{"y":[1,"2"]}}')
+    cs("token", "import", "--json-file", str(token), str(image))
+    return json.dumps(metadata(image))
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_single_json_change_is_accepted_or_refused_cleanly(cs_json: str, data: Any) -> None:
+    doc = json.loads(cs_json)
+    path = data.draw(st.sampled_from(_paths(doc)[1:]))
+    value = data.draw(JSON_VALUES | st.just(_DELETE))
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    if value is _DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    text = json.dumps(doc)
+    try:
+        meta = luks2.Metadata.parse(text, 16384)
+        meta.validate(16384)
+        for ks in meta.openable():
+            ks.check()
+        if any(ks.id == 0 for ks in meta.keyslots):
+            meta.without_keyslot(0, 16384).json_area()
+    except ImageError:
+        pass
+
+
+_DELETE = object()
