@@ -17,7 +17,7 @@ from nbd_plugin.erase.journal import journal_path
 from nbd_plugin.erase.keystream import Keystream
 from nbd_plugin.erase.overwrite import Engine, chunks, close_target, open_target
 from nbd_plugin.erase.progress import Reporter
-from nbd_plugin.erase.sysio import Extent
+from nbd_plugin.erase.sysio import Extent, fiemap, merge
 from nbd_plugin.errors import ImageError, UnsupportedError
 from tests.erase_helpers import (
     MIB,
@@ -243,3 +243,52 @@ def test_resume_with_another_method_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="--method dod3"):
         erase(str(img), "zero", KEEP)
     assert erase(str(img), "dod3", KEEP).data["resumed"] == 1
+
+
+def _mapped(path: Path) -> list[tuple[int, int]]:
+    """Extents holding blocks (FIEMAP: written or unwritten), merged."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [(e.offset, e.length) for e in merge(fiemap(fd, os.fstat(fd).st_size) or [])]
+    finally:
+        os.close(fd)
+
+
+def test_sparse_image_stays_sparse_and_unwritten_extents_are_overwritten(tmp_path: Path) -> None:
+    img = tmp_path / "sparse.img"
+    make_luks(img, size=32 * MIB)
+    # zero-range leaves the old ciphertext blocks in place as "unwritten" extents, which
+    # SEEK_DATA may call holes: FIEMAP still finds them
+    subprocess.run(["fallocate", "-z", "-o", str(4 * MIB), "-l", str(MIB), str(img)], check=True)
+    mapped = _mapped(img)
+    cert = erase(str(img), "random", KEEP)
+    assert _mapped(img) == mapped
+    assert cert.data["target"]["allocated_bytes"] == sum(n for _, n in mapped)
+    key = bytes.fromhex(cert.data["keystream"]["erase_key"])
+    assert read_range(img, 4 * MIB, MIB) == expected_pass_bytes("random", key, 1, 4 * MIB, MIB)
+    assert read_range(img, 20 * MIB, MIB) == bytes(MIB)  # a hole reads zeros, as before
+
+
+def test_kill_between_unlink_and_certificate_is_finished_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = tmp_path / "disk.img"
+    make_luks(img)
+    from nbd_plugin.erase import engine
+
+    real_write = engine.write
+
+    def crash(data: dict[str, Any], path: str) -> Any:
+        raise OSError(5, "simulated crash")
+
+    monkeypatch.setattr(engine, "write", crash)
+    with pytest.raises(OSError, match="simulated"):
+        erase(str(img), "zero")
+    assert not img.exists()
+    monkeypatch.setattr(engine, "write", real_write)
+    cert = erase(str(img), "zero")
+    assert cert.data["unlinked"] is True and cert.data["resumed"] == 1
+    assert cert.data["verification"]["result"] == "passed"
+    assert not Path(journal_path(str(img), block_device=False)).exists()
+    with pytest.raises(ImageError, match="no such file"):
+        erase(str(img), "zero")

@@ -181,7 +181,7 @@ Exit status: 0 erased; 1 error; 2 usage; 74 verification failed (image kept);
 
 
 @click.command("erase", help=ERASE_HELP)
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @method_option
 @click.option(
     "--verify/--no-verify",

@@ -228,7 +228,9 @@ def _new_state(path: str, target: Target, method: Method, key: bytes | None) -> 
         )
     extents = sysio.allocated_extents(target.fd)
     regions = keyregions.key_material_regions(path, size) if luks else []
+    shared = any(e.shared for e in extents)
     return JournalState(
+        storage=storage.assess_path(path, shared_extents=shared),
         target=path,
         identity=[st.st_dev, st.st_ino, size],
         method=method.name,
@@ -276,6 +278,14 @@ def erase(
     opts = options or EraseOptions()
     rep = reporter or Reporter()
     method = get_method(method_name)
+    if not os.path.lexists(path):
+        # Killed between unlink and certificate? The journal beside the file finishes it.
+        jpath = opts.journal_path or jn.journal_path(path, block_device=False)
+        state = jn.load(jpath)
+        if state is not None and state.phase == Phase.UNLINK and state.method == method.name:
+            state.resumed += 1
+            return _finish(state, jpath, opts, path, False, unlinked=True)
+        raise ImageError(f"{path}: no such file or block device")
     target = open_target(path)
     try:
         _lock(target)
@@ -313,8 +323,6 @@ def erase(
 
 def _run(run: _Eraser, method: Method, path: str) -> Certificate:
     state, opts, target = run.state, run.opts, run.target
-    shared = any(e[2] for e in state.extents)
-    assessment = storage.assess_path(path, shared_extents=shared)
     if state.phase == Phase.CRYPTO:
         run.crypto()
         state.phase = Phase.OVERWRITE
@@ -327,29 +335,43 @@ def _run(run: _Eraser, method: Method, path: str) -> Certificate:
         run.verify(method)
         state.phase = Phase.DISCARD
         run.save()
-    failed = bool(state.verification and state.verification.get("result") == "failed")
-    size = state.identity[2]
-    unlinked = False
-    if not failed:
+    if state.verification and state.verification.get("result") == "failed":
+        state.discard = {"performed": False, "reason": "verification failed: kept for inspection"}
+        return _finish(state, run.jpath, opts, path, target.block_device, unlinked=False)
+    if state.phase == Phase.DISCARD:
         run.discard()
         state.phase = Phase.UNLINK
         run.save()
-        if opts.unlink and not target.block_device:
-            os.unlink(path)
-            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            unlinked = True
-    else:
-        state.discard = {"performed": False, "reason": "verification failed: kept for inspection"}
+    unlinked = False
+    if opts.unlink and not target.block_device:
+        os.unlink(path)
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        unlinked = True
+    return _finish(state, run.jpath, opts, path, target.block_device, unlinked)
+
+
+def _finish(
+    state: JournalState,
+    jpath: str,
+    opts: EraseOptions,
+    path: str,
+    block_device: bool,
+    unlinked: bool,
+) -> Certificate:
+    """Write the certificate, then drop the journal: the erase is complete."""
     cert_path = opts.certificate_path or default_path(
-        path, block_device=target.block_device, started=state.started
+        path, block_device=block_device, started=state.started
     )
-    data = build(state, size=size, finished=time.time(), unlinked=unlinked, storage=assessment)
+    assessment = state.storage or {}
+    data = build(
+        state, size=state.identity[2], finished=time.time(), unlinked=unlinked, storage=assessment
+    )
     shown = ("verify", "discard", "unlink", "secure_discard")
     data["options"] = {k: v for k, v in asdict(opts).items() if k in shown}
     cert = write(data, cert_path)
-    jn.remove(run.jpath)
+    jn.remove(jpath)
     return cert

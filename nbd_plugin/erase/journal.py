@@ -60,6 +60,8 @@ class JournalState:
     verification: dict[str, Any] | None = None
     discard: dict[str, Any] | None = None
     resumed: int = 0
+    storage: dict[str, Any] | None = None
+    """The storage assessment, made while the target still existed."""
     version: int = VERSION
 
     @property
