@@ -70,6 +70,14 @@ def device_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
+def _luks2_secondary_only(fd: int) -> bool:
+    """Whether a LUKS2 secondary header sits at one of the offsets cryptsetup allows."""
+    from nbd_plugin import luks2
+
+    wanted = luks2.MAGIC_SECONDARY + b"\0\2"
+    return any(luks1_image.read_exact(fd, off, 8) == wanted for off in luks2.HDR_SIZES)
+
+
 def probe_fd(fd: int, path: str) -> str:
     raw = luks1_image.read_exact(fd, 0, _MAGIC_VERSION.size)
     if len(raw) < _MAGIC_VERSION.size:
@@ -78,6 +86,8 @@ def probe_fd(fd: int, path: str) -> str:
     if magic == b"SKUL\xba\xbe":
         raise ImageError(f"{path}: this is a LUKS2 secondary header, not an image start")
     if magic != luks1.MAGIC:
+        if _luks2_secondary_only(fd):
+            return "luks2"  # primary header destroyed; luks2_image falls back and says so
         raise ImageError(f"{path}: not a LUKS image (no LUKS magic at offset 0)")
     if version == 1:
         return "luks1"
@@ -97,7 +107,7 @@ def probe(path: str) -> str:
 
 def _luks2() -> Any:
     try:
-        from nbd_plugin import luks2_image  # type: ignore[attr-defined]
+        from nbd_plugin import luks2_image
     except ImportError:
         raise UnsupportedError("LUKS2 images are not supported by this build") from None
     return luks2_image

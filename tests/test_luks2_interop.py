@@ -193,3 +193,23 @@ def test_tokens_and_unknown_fields_survive_our_changes(
     assert after["config"] == before["config"]
     assert cs("luksDump", str(image)).stdout.count("keepme") == 1
     assert opens(image, other_key)
+
+
+def test_larger_metadata_area_and_its_secondary(
+    tmp_path: Path, keyfile: Path, other_key: Path
+) -> None:
+    """--luks2-metadata-size 64k: the secondary copy sits at 64 KiB; found even when the
+    primary's binary header is unreadable."""
+    image = tmp_path / "big.img"
+    luks2_format(image, keyfile, SIZE, *PBKDF2, "--luks2-metadata-size", "65536",
+                 "--luks2-keyslots-size", "4194304")  # fmt: skip
+    info = container.info(str(image))
+    assert info["header_size"] == 65536 and info["warnings"] == []
+    with image.open("r+b") as f:  # destroy the primary's magic and size
+        f.write(bytes(24))
+    info = container.info(str(image))
+    assert info["header_copy"] == "secondary" and info["header_size"] == 65536
+    container.add_key(str(image), keyfile.read_bytes(), other_key.read_bytes(), **OUR_PBKDF2)
+    assert container.info(str(image))["header_copy"] == "primary"
+    assert opens(image, other_key) and opens(image, keyfile)
+    assert metadata(image)["config"]["keyslots_size"] == "4194304"
