@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import sqlite3
+import stat
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,21 +34,39 @@ def _pragmas() -> tuple[str, ...]:
     )
 
 
+def _blocked_dir(path: Path) -> Path | None:
+    """The first directory on the way to `path` this process may not search, if any."""
+    for p in reversed(path.parents):
+        if os.path.isdir(p) and not os.access(p, os.X_OK):
+            return p
+    return None
+
+
 def diagnose(path: Path) -> str:
     """Say why `path` cannot be used as the keystore file, as precisely as we can tell."""
     parent = path.parent
-    if not path.exists():
-        for p in (parent, *parent.parents):
-            if p.exists():
-                if not p.is_dir():
+    blocked = _blocked_dir(path)
+    if blocked is not None:
+        return f"permission denied: directory {blocked} is not searchable by uid {os.geteuid()}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        for p in parent.parents if not os.path.lexists(parent) else ():
+            if os.path.lexists(p):
+                if not os.path.isdir(p):
                     return f"{p} is not a directory"
-                if p == parent and not os.access(p, os.W_OK | os.X_OK):
-                    return f"directory {p} is not writable"
                 break
-        if not parent.exists():
+        if not os.path.isdir(parent):
+            if os.path.lexists(parent):
+                return f"{parent} is not a directory"
             return f"directory {parent} does not exist"
         return "the file does not exist (run `vmshield init`, or pass --db / VMSHIELD_DB)"
-    if path.is_dir():
+    except NotADirectoryError:
+        p = next(p for p in reversed(path.parents) if os.path.lexists(p) and not os.path.isdir(p))
+        return f"{p} is not a directory"
+    except OSError as e:
+        return os.strerror(e.errno) if e.errno else str(e)
+    if stat.S_ISDIR(st.st_mode):
         return "it is a directory"
     if not os.access(path, os.R_OK):
         return "permission denied (not readable)"
@@ -67,7 +86,7 @@ def translate(exc: BaseException, path: Path) -> KeystoreError:
             f"than {BUSY_TIMEOUT_MS / 1000:g} s; try again"
         )
     if "readonly" in msg or "read-only" in msg:
-        return DatabaseUnavailable(f"keystore {path} is not writable: {diagnose(path)}")
+        return DatabaseUnavailable(f"cannot write keystore {path}: {diagnose(path)}")
     return DatabaseUnavailable(f"cannot use keystore {path}: {diagnose(path)} ({msg})")
 
 
@@ -78,6 +97,12 @@ def create_file(path: Path) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         return False
+    except PermissionError as e:
+        where = next((p for p in path.parents if p.exists()), path.parent)
+        raise DatabaseUnavailable(
+            f"cannot create keystore {path}: permission denied (directory {where} is not "
+            f"writable by uid {os.geteuid()})"
+        ) from e
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         if e.errno in (errno.ENOTDIR, errno.EEXIST):
@@ -194,7 +219,11 @@ async def open_async(path: Path) -> aiosqlite.Connection:
     Older schemas are migrated in place.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        usable = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        usable = False
+    if not usable:
         raise DatabaseUnavailable(f"cannot use keystore {path}: {diagnose(path)}")
     try:
         conn = sqlite3.connect(

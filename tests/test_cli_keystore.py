@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +277,37 @@ def test_no_secret_in_database_dump(ready: Path) -> None:
     raw = b"".join(p.read_bytes() for p in ready.parent.glob("ks.db*"))
     for secret in (PW, "new-password-1", "wrong-password-9"):
         assert secret not in dump and secret.encode() not in raw
+
+
+def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    vmshield = str(Path(sys.executable).parent / "vmshield")
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", vmshield, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run as another user",
+)
+def test_unwritable_paths_as_unprivileged_user(tmp_path: Path, sockdir: Path) -> None:
+    """As uid 65534: an unreachable, an unreadable, a read-only and an uncreatable path."""
+    r = _as_nobody("vm", "list", "--db", str(tmp_path / "ks.db"))  # pytest's tmp is 0700
+    assert r.returncode == 1 and "is not searchable by uid 65534" in r.stderr, r.stderr
+    sockdir.chmod(0o755)  # a short /tmp directory others may enter
+    db = sockdir / "ks.db"
+    vms("init", "--db", str(db))
+    r = _as_nobody("vm", "list", "--db", str(db))  # mode 0600, owned by root
+    assert r.returncode != 0 and str(db) in r.stderr and "not readable" in r.stderr
+    db.chmod(0o644)
+    r = _as_nobody("vm", "add", "x", "--owner", "alice", "--db", str(db))
+    assert r.returncode == 1 and str(db) in r.stderr and "not writable" in r.stderr
+    new = sockdir / "sub" / "ks.db"
+    r = _as_nobody("init", "--db", str(new))
+    assert r.returncode == 1 and str(new) in r.stderr
+    assert f"directory {sockdir} is not writable" in r.stderr
+    assert "Traceback" not in r.stderr
