@@ -144,7 +144,15 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int:
                 raise DatabaseUnavailable(f"{path} is an SQLite file but not a vmshield keystore")
         for n in range(version, SCHEMA_VERSION):
             for stmt in _split(MIGRATIONS[n]):
-                conn.execute(stmt)
+                try:
+                    conn.execute(stmt)
+                except sqlite3.OperationalError as e:
+                    if "locked" in str(e) or "busy" in str(e):
+                        raise
+                    raise DatabaseUnavailable(
+                        f"keystore {path}: migration to schema {n + 1} failed ({e}); "
+                        f"nothing was changed, the keystore stays at version {version}"
+                    ) from e
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -92,3 +92,37 @@ def test_parent_is_a_file(tmp_path: Path) -> None:
     with pytest.raises(DatabaseUnavailable) as exc:
         dbmod.initialise(path)
     assert str(path) in str(exc.value) and "not a directory" in str(exc.value)
+
+
+def test_older_schema_is_migrated_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    path = tmp_path / "ks.db"
+    dbmod.initialise(path)
+    v2 = "ALTER TABLE vms ADD COLUMN note TEXT;\nCREATE INDEX vms_owner ON vms(owner);\n"
+    monkeypatch.setattr(dbmod, "MIGRATIONS", (*dbmod.MIGRATIONS, v2))
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+
+    async def go() -> None:
+        async with await SqliteRepository.open(path, policy=FAST) as r:
+            await r.add_principal("alice", b"password-1", actor="t")
+
+    asyncio.run(go())
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        cols = [row[1] for row in c.execute("PRAGMA table_info(vms)")]
+    assert "note" in cols
+    assert dbmod.initialise(path) == (False, SCHEMA_VERSION + 1)
+
+
+def test_failed_migration_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ks.db"
+    dbmod.initialise(path)
+    bad = "ALTER TABLE vms ADD COLUMN note TEXT;\nCREATE TABLE vms (x);\n"
+    monkeypatch.setattr(dbmod, "MIGRATIONS", (*dbmod.MIGRATIONS, bad))
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with pytest.raises(DatabaseUnavailable, match="migration to schema 2 failed"):
+        dbmod.initialise(path)
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert "note" not in [row[1] for row in c.execute("PRAGMA table_info(vms)")]
