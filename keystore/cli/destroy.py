@@ -40,6 +40,7 @@ from keystore.cli.options import (
 from keystore.models import Disk, DiskState, ErasePermission
 from keystore.repository import Repository
 from nbd_plugin.erase import Certificate, EraseOptions, get_method
+from nbd_plugin.erase.journal import journal_path
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.errors import ImageBusy
 from nbd_plugin.locking import hold_image
@@ -105,6 +106,8 @@ def _check_not_served(disk: Disk) -> None:
     try:
         fd = os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
+        if os.path.exists(journal_path(disk.path, block_device=False)):
+            return  # unlinked by an interrupted destroy: the erase journal finishes it
         raise click.ClickException(
             f"disk {disk.name!r}: its image {disk.path} is missing; "
             f"`vmshield disk forget {disk.name}` removes the record"
@@ -128,7 +131,9 @@ def execute(
     as_json: bool,
     reporter: Reporter | None = None,
 ) -> Certificate:
-    """Claim, erase, record. The disk ends destroyed, failed, or back to its state if busy."""
+    """Claim, erase, record. The disk ends destroyed, failed, or back to its state if busy
+    (a concurrent destroy keeps its `destroying`)."""
+    _check_not_served(disk)
     who = actor()
     before = disk.state
     run(
@@ -145,8 +150,7 @@ def execute(
         cert = run_erase(disk.path, method, options, as_json, reporter)
     except EraseBusy as e:
         why = str(e)
-        back = before if before != DiskState.DESTROYING else DiskState.READY
-        run(db, lambda r: r.set_disk_state(disk.name, back, actor=who, detail={"why": why}))
+        run(db, lambda r: r.set_disk_state(disk.name, before, actor=who, detail={"why": why}))
         raise
     except (EraseFailed, OSError, click.Abort) as e:
         why = str(e)
@@ -228,7 +232,7 @@ def destroy(
     db: Path | None,
 ) -> None:
     disk = run(db, lambda r: _claim(r, disk_name, method, actor()))
-    _check_not_served(disk)
+    _check_not_served(disk)  # before asking; execute() checks again
     confirm(f"disk {disk.name} ({disk.path})", yes)
     options = EraseOptions(verify=verify)
     if background:

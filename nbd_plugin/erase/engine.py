@@ -16,14 +16,20 @@ import errno
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from nbd_plugin.erase import journal as jn
 from nbd_plugin.erase import keyregions, storage, sysio
 from nbd_plugin.erase.certificate import Certificate, build, default_path, write
 from nbd_plugin.erase.journal import JournalState, Phase
 from nbd_plugin.erase.methods import Method, Pattern, get_method
-from nbd_plugin.erase.overwrite import Engine, Target, close_target, open_target, sync
+from nbd_plugin.erase.overwrite import (
+    Engine,
+    Progress,
+    Target,
+    close_target,
+    open_target,
+    sync,
+)
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.erase.sysio import Extent
 from nbd_plugin.errors import ImageBusy, ImageError, UnsupportedError
@@ -71,7 +77,8 @@ class _Eraser:
     def save(self) -> None:
         jn.save(self.jpath, self.state)
 
-    def _checkpointer(self, phase_total: int) -> Any:
+    def _checkpointer(self, phase_total: int) -> Progress:
+        """Progress callback that also fdatasyncs and records the position now and then."""
         last = [self.state.done, time.monotonic()]
 
         def progress(pos: int) -> None:
