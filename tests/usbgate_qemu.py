@@ -36,9 +36,9 @@ class Qmp:
                     raise
                 time.sleep(0.02)
         self.file = self.sock.makefile("rwb")
+        self.lock = threading.Lock()  # one command at a time, whichever thread asks
         self._read()  # greeting
         self.execute("qmp_capabilities")
-        self.lock = threading.Lock()
 
     def _read(self) -> dict[str, Any]:
         while True:
@@ -53,9 +53,10 @@ class Qmp:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
+        with self.lock:
+            self.file.write(json.dumps(msg).encode() + b"\n")
+            self.file.flush()
+            reply = self._read()
         if "error" in reply:
             raise RuntimeError(f"QMP {command}: {reply['error']}")
         return reply["return"]
