@@ -14,6 +14,8 @@ import stat
 import threading
 from typing import Any
 
+import numpy as np
+
 from nbd_plugin.container import Volume
 from nbd_plugin.errors import ImageError
 from nbd_plugin.fileops import data_segments, first_hole, punch_hole
@@ -42,6 +44,9 @@ class EncryptedDisk:
         self._regular = stat.S_ISREG(mode)
         blksize = os.fstat(self._fd).st_blksize if self._regular else self.sector
         self._hole_align = max(blksize, self.sector)
+        # A hole is at least a file block: checking the first word of every
+        # min(block, sector) bytes finds every hole a read can meet.
+        self._head_stride = max(min(blksize, self.sector), 8) // 8
         # Writes cover whole filesystem blocks (see _span); block devices have no holes.
         self._write_unit = self._hole_align if self._regular else self.sector
         self._rmw = threading.Lock()
@@ -81,12 +86,24 @@ class EncryptedDisk:
         while done < len(view):
             done += os.pwritev(self._fd, [view[done:]], file_offset + done)
 
+    def _may_hold_holes(self, view: memoryview) -> bool:
+        """Whether some sector (file block) of fresh ciphertext starts with 8 zero bytes.
+
+        A hole reads as zeros, so a range without such a sector has no hole; real
+        ciphertext starts with 8 zero bytes with probability 2^-64 per sector. This costs one
+        strided numpy call instead of an lseek(SEEK_HOLE) per read, which on tmpfs walks the
+        page cache from the offset to the next hole (milliseconds on a filled 1 GiB file).
+        """
+        heads = np.frombuffer(view, dtype=np.uint64)[:: self._head_stride]
+        return bool(np.count_nonzero(heads) < len(heads))
+
     def _read_sectors(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` (whole sectors at aligned ``offset``) with plaintext."""
         start = self._base + offset
         self._read_raw(view, start)
+        holes = self._regular and self._may_hold_holes(view)
         self.volume.cipher.decrypt(view, view, self.volume.first_iv(offset // self.sector))
-        if self._regular and first_hole(self._fd, start) < start + len(view):
+        if holes and first_hole(self._fd, start) < start + len(view):
             for off, length, is_data in data_segments(self._fd, start, start + len(view)):
                 if not is_data:
                     rel = off - start

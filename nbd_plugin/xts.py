@@ -1,23 +1,31 @@
-"""AES-XTS over whole requests: a handful of OpenSSL calls per request, never one per sector.
+"""AES-XTS over whole requests: a handful of OpenSSL and numpy calls per request.
 
 XTS (IEEE 1619) encrypts block i of data unit j as ``E_K1(P xor D) xor D`` with
-``D = E_K2(IV_j) * alpha^i`` in GF(2^128). We compute every ``D`` of a request at once:
+``D = T_j * alpha^i`` in GF(2^128) and ``T_j = E_K2(IV_j)``. Per request we make
 
-1. one AES-ECB call under K2 turns all the sector IVs (plain64: the little-endian sector
-   number) into the first tweaks ``T_j``;
-2. the tweaks of the other blocks are filled by log-doubling: columns ``[k, 2k)`` are columns
-   ``[0, k)`` multiplied by ``alpha^k`` (shifts by a constant, so numpy stays on its fast path);
-3. data xor tweaks, one AES-ECB call under K1, xor tweaks again.
+1. one AES-ECB call under K2 that turns every sector IV (plain64: the little-endian sector
+   number) into ``T_j``;
+2. all ``T_j * alpha^s`` at once, for s < 32, from the closed form (``x^128 = x^7+x^2+x+1``)::
 
-Ciphertext stealing is not needed: a data unit is a whole sector (512 or 4096 bytes).
-All scratch arrays come from a pool and are reused; nbdkit gives each callback a fresh
-thread state, so the pool is a plain lock-protected stack, not threading.local.
+       hi_s = (hi << s) | (lo >> (64 - s))
+       lo_s = (lo << s) ^ R(hi >> (64 - s)),   R(o) = o ^ o<<1 ^ o<<2 ^ o<<7
+
+   as numpy broadcasts of a (c, 1) column of tweaks against a (32, 1) column of shift
+   counts: each call covers every block of every sector of the request, its inner loop runs
+   along c sectors with one scalar shift (numpy's fast path), and the number of numpy calls
+   does not grow with the request. 4096-byte sectors (256 blocks) chain ``* alpha^32``;
+3. one strided copy from those (word, block, sector) planes into the data's (sector, block,
+   word) order, chunk by chunk of ``CHUNK`` sectors so the transpose stays in cache;
+4. data xor tweaks, one AES-ECB call under K1, xor tweaks again (contiguous, in place).
+
+A data unit is a whole sector (512 or 4096 bytes): no ciphertext stealing. Scratch arrays
+come from a small pool and are reused (nbdkit gives each callback a fresh thread state, so
+the pool is a lock-protected list, not threading.local); cipher contexts are created once.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,41 +33,36 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 BLOCK = 16
+CHUNK = 128
+"""Sectors per tweak plane: the transpose to data order works on (2, blocks, CHUNK) planes."""
+SPAN = 32
+"""Tweaks computed directly from T_j by the closed form (it holds for shifts below 57)."""
+POOL = 4
+
 U64 = npt.NDArray[np.uint64]
+_R_SHIFTS = (1, 2, 7)  # x^128 = x^7 + x^2 + x + 1
 
 
-def _mul_alpha_pow(src: U64, dst: U64, k: int, tmp: U64, over: U64) -> None:
-    """dst = src * alpha^k in GF(2^128) for 1 <= k <= 63 (arrays of [..., (lo, hi)] words).
-
-    ``x^128 = x^7 + x^2 + x + 1`` so the k bits shifted out of the top come back as
-    ``over * 0x87`` (carry-less), which fits in the low word because k <= 56.
-    """
-    lo, hi = src[..., 0], src[..., 1]
-    dlo, dhi = dst[..., 0], dst[..., 1]
-    np.right_shift(hi, 64 - k, out=over)
-    np.left_shift(hi, k, out=dhi)
-    np.right_shift(lo, 64 - k, out=tmp)
-    np.bitwise_or(dhi, tmp, out=dhi)
-    np.left_shift(lo, k, out=dlo)
-    np.bitwise_xor(dlo, over, out=dlo)
-    for shift in (1, 2, 7):
-        np.left_shift(over, shift, out=tmp)
-        np.bitwise_xor(dlo, tmp, out=dlo)
+def _chunking(sectors: int) -> tuple[int, int]:
+    """(chunks, chunk): sectors padded up to chunks * chunk, chunk <= CHUNK."""
+    if sectors <= CHUNK:
+        return 1, sectors
+    return -(-sectors // CHUNK), CHUNK
 
 
 class _Scratch:
-    """Preallocated arrays for one request of up to ``capacity`` sectors."""
+    """Preallocated arrays for requests of up to ``capacity`` sectors (after padding)."""
 
     def __init__(self, capacity: int, blocks: int) -> None:
         self.capacity = capacity
-        self.index = np.arange(capacity, dtype=np.uint64)
         self.ivs = np.zeros((capacity, 2), dtype=np.uint64)
-        self.tweaks = np.empty((capacity, blocks, 2), dtype=np.uint64)
-        self.tmp = np.empty((capacity, blocks // 2), dtype=np.uint64)
-        self.over = np.empty((capacity, blocks // 2), dtype=np.uint64)
         # cryptography's update_into wants len(out) >= len(data) + 15.
-        self.ecb_out = bytearray(capacity * blocks * BLOCK + BLOCK)
-        self.tweak_out = bytearray(capacity * BLOCK + BLOCK)
+        self.first = bytearray(capacity * BLOCK + BLOCK)
+        self.planes = np.empty(capacity * blocks * 2, dtype=np.uint64)
+        self.over = np.empty(capacity * SPAN, dtype=np.uint64)
+        self.red = np.empty(capacity * SPAN, dtype=np.uint64)
+        self.tweaks = np.empty(capacity * blocks * 2, dtype=np.uint64)
+        self.mixed = bytearray(capacity * blocks * BLOCK + BLOCK)
 
 
 class XtsCipher:
@@ -68,21 +71,32 @@ class XtsCipher:
     def __init__(self, key: bytes, sector_size: int = 512, iv_step: int = 1) -> None:
         if len(key) not in (32, 64):
             raise ValueError("XTS needs a 256- or 512-bit key (two AES-128 or AES-256 keys)")
-        if sector_size % BLOCK or sector_size < 32 or sector_size & (sector_size - 1):
+        if sector_size % BLOCK or sector_size < 2 * BLOCK or sector_size & (sector_size - 1):
+            raise ValueError(f"unsupported sector size {sector_size}")
+        if sector_size // BLOCK > SPAN and sector_size // BLOCK % SPAN:
             raise ValueError(f"unsupported sector size {sector_size}")
         half = len(key) // 2
         self.sector_size = sector_size
         self.iv_step = iv_step
         self.blocks = sector_size // BLOCK
-        self._data_key = algorithms.AES(key[:half])
+        self.span = min(self.blocks, SPAN)
+        data_key = algorithms.AES(key[:half])
         self._tweak_enc = Cipher(algorithms.AES(key[half:]), modes.ECB()).encryptor()
-        self._enc = Cipher(self._data_key, modes.ECB()).encryptor()
-        self._dec = Cipher(self._data_key, modes.ECB()).decryptor()
+        self._enc = Cipher(data_key, modes.ECB()).encryptor()
+        self._dec = Cipher(data_key, modes.ECB()).decryptor()
+        shifts = np.arange(self.span, dtype=np.uint64).reshape(1, self.span, 1)
+        self._shift = shifts
+        self._shift_back = np.uint64(64) - shifts  # numpy shifts by 64 give 0, as needed
         self._pool: list[_Scratch] = []
         self._lock = threading.Lock()
+        self._steps = np.empty(0, dtype=np.uint64)
 
+    # ---- scratch ---------------------------------------------------------------------------
     def _scratch(self, sectors: int) -> _Scratch:
         with self._lock:
+            if len(self._steps) < sectors:
+                size = max(sectors, 8)
+                self._steps = np.arange(size, dtype=np.uint64) * np.uint64(self.iv_step)
             for i, s in enumerate(self._pool):
                 if s.capacity >= sectors:
                     return self._pool.pop(i)
@@ -90,48 +104,78 @@ class XtsCipher:
 
     def _release(self, s: _Scratch) -> None:
         with self._lock:
-            if len(self._pool) < 4:
+            if len(self._pool) < POOL:
                 self._pool.append(s)
 
-    def _fill_tweaks(self, s: _Scratch, sectors: int, first_iv: int) -> U64:
-        ivs = s.ivs[:sectors]
-        column = ivs[:, 0]
-        np.multiply(s.index[:sectors], np.uint64(self.iv_step), out=column)
-        np.add(column, np.uint64(first_iv), out=column)
-        tweaks = s.tweaks[:sectors]
-        first = s.tweak_out
-        self._tweak_enc.update_into(memoryview(ivs.reshape(-1).view(np.uint8)), first)
-        tweaks[:, 0, :] = np.frombuffer(first, dtype=np.uint64, count=sectors * 2).reshape(
-            sectors, 2
-        )
-        k = 1
-        while k < self.blocks:
-            n = min(k, self.blocks - k)
-            src, dst = tweaks[:, :n], tweaks[:, k : k + n]
-            tmp, over = s.tmp[:sectors, :n], s.over[:sectors, :n]
-            # The closed form holds for shifts up to 56 bits: go in steps of at most 32.
-            step = min(k, 32)
-            _mul_alpha_pow(src, dst, step, tmp, over)
-            for _ in range(k // step - 1):
-                _mul_alpha_pow(dst, dst, step, tmp, over)
-            k *= 2
-        return tweaks
+    # ---- tweaks ----------------------------------------------------------------------------
+    def _fill_tweaks(self, s: _Scratch, chunks: int, chunk: int, first_iv: int) -> U64:
+        """Tweaks of ``chunks * chunk`` sectors in data order, as a flat uint64 array."""
+        sectors = chunks * chunk
+        blocks, span = self.blocks, self.span
+        column = s.ivs[:sectors, 0]
+        np.add(self._steps[:sectors], np.uint64(first_iv), out=column)
+        self._tweak_enc.update_into(s.ivs[:sectors].reshape(-1).view(np.uint8).data, s.first)
+        first = np.frombuffer(s.first, dtype=np.uint64, count=sectors * 2)
+        first = first.reshape(chunks, 1, chunk, 2)
+        lo, hi = first[..., 0], first[..., 1]  # (chunks, 1, chunk)
+        planes = s.planes[: sectors * blocks * 2].reshape(chunks, 2, blocks, chunk)
+        plo, phi = planes[:, 0, :span], planes[:, 1, :span]  # (chunks, span, chunk)
+        over = s.over[: sectors * span].reshape(chunks, span, chunk)
+        red = s.red[: sectors * span].reshape(chunks, span, chunk)
+        # lo_s = (lo << s) ^ R(hi >> (64 - s))
+        np.right_shift(hi, self._shift_back, out=over)
+        np.copyto(red, over)
+        for k in _R_SHIFTS:
+            np.left_shift(over, np.uint64(k), out=plo)
+            np.bitwise_xor(red, plo, out=red)
+        np.left_shift(lo, self._shift, out=plo)
+        np.bitwise_xor(plo, red, out=plo)
+        # hi_s = (hi << s) | (lo >> (64 - s))
+        np.left_shift(hi, self._shift, out=phi)
+        np.right_shift(lo, self._shift_back, out=over)
+        np.bitwise_or(phi, over, out=phi)
+        for start in range(span, blocks, span):
+            self._times_alpha_span(planes, start, s)
+        tweaks = s.tweaks[: sectors * blocks * 2].reshape(chunks, chunk, blocks, 2)
+        np.copyto(tweaks[..., 0], planes[:, 0].transpose(0, 2, 1))
+        np.copyto(tweaks[..., 1], planes[:, 1].transpose(0, 2, 1))
+        return s.tweaks
 
+    def _times_alpha_span(self, planes: U64, start: int, s: _Scratch) -> None:
+        """Blocks [start, start+SPAN) = blocks [start-SPAN, start) * alpha^SPAN."""
+        chunks, _, _, chunk = planes.shape
+        k = np.uint64(SPAN)
+        back = np.uint64(64 - SPAN)
+        slo, shi = planes[:, 0, start - SPAN : start], planes[:, 1, start - SPAN : start]
+        dlo, dhi = planes[:, 0, start : start + SPAN], planes[:, 1, start : start + SPAN]
+        over = s.over[: chunks * SPAN * chunk].reshape(chunks, SPAN, chunk)
+        red = s.red[: chunks * SPAN * chunk].reshape(chunks, SPAN, chunk)
+        np.right_shift(shi, back, out=over)
+        np.copyto(red, over)
+        for r in _R_SHIFTS:
+            np.left_shift(over, np.uint64(r), out=dlo)
+            np.bitwise_xor(red, dlo, out=red)
+        np.left_shift(slo, k, out=dlo)
+        np.bitwise_xor(dlo, red, out=dlo)
+        np.left_shift(shi, k, out=dhi)
+        np.right_shift(slo, back, out=over)
+        np.bitwise_or(dhi, over, out=dhi)
+
+    # ---- the cipher ------------------------------------------------------------------------
     def _apply(self, ecb: Any, src: Any, dst: Any, first_iv: int) -> None:
-        length = len(src)
+        length = len(src) if not isinstance(src, memoryview) else src.nbytes
         if length % self.sector_size:
             raise ValueError(f"length {length} is not a multiple of {self.sector_size}")
         if length == 0:
             return
-        sectors = length // self.sector_size
-        s = self._scratch(sectors)
+        chunks, chunk = _chunking(length // self.sector_size)
+        s = self._scratch(chunks * chunk)
         try:
-            tweaks = self._fill_tweaks(s, sectors, first_iv).reshape(-1)
+            tweaks = self._fill_tweaks(s, chunks, chunk, first_iv)[: length // 8]
             words = length // 8
-            mixed = np.frombuffer(s.ecb_out, dtype=np.uint64, count=words)
+            mixed = np.frombuffer(s.mixed, dtype=np.uint64, count=words)
             np.bitwise_xor(np.frombuffer(src, dtype=np.uint64, count=words), tweaks, out=mixed)
-            view = memoryview(s.ecb_out)
-            ecb.update_into(view[:length], s.ecb_out)
+            ecb.update_into(memoryview(s.mixed)[:length], s.mixed)
             out = np.frombuffer(dst, dtype=np.uint64, count=words)
             np.bitwise_xor(mixed, tweaks, out=out)
         finally:
@@ -144,6 +188,3 @@ class XtsCipher:
     def decrypt(self, src: Any, dst: Any, first_iv: int) -> None:
         """Decrypt ``src`` (whole sectors) into ``dst`` (may be the same writable buffer)."""
         self._apply(self._dec, src, dst, first_iv)
-
-
-Transform = Callable[[Any, Any, int], None]
