@@ -45,6 +45,11 @@ class Header:
         return self.binary.hdr_size
 
 
+def _at(path: str) -> str:
+    """Message prefix naming the image, when the caller told us its path."""
+    return f"{path}: " if path else ""
+
+
 def _read_copy(fd: int, offset: int) -> tuple[BinaryHeader, Metadata]:
     head = luks2.BinaryHeader.unpack(read_exact(fd, offset, BIN_SIZE))
     return luks2.parse_copy(read_exact(fd, offset, head.hdr_size), offset)
@@ -77,7 +82,7 @@ def read_header(fd: int, path: str) -> Header:
         errors.append(second_error)
     if primary is None and secondary is None:
         raise ImageError(
-            f"{path}: both LUKS2 header copies are damaged ({'; '.join(errors)}); "
+            f"{_at(path)}both LUKS2 header copies are damaged ({'; '.join(errors)}); "
             "restore a header backup (cryptsetup luksHeaderRestore)"
         )
     if primary and secondary and secondary[0].seqid > primary[0].seqid:
@@ -86,7 +91,7 @@ def read_header(fd: int, path: str) -> Header:
     used = primary or secondary
     assert used is not None
     warnings = tuple(
-        f"{path}: {e}; using the {'primary' if primary else 'secondary'} copy" for e in errors
+        f"{_at(path)}{e}; using the {'primary' if primary else 'secondary'} copy" for e in errors
     )
     for warning in warnings:
         log.warning("%s", warning)
@@ -121,7 +126,7 @@ def _check_openable(header: Header, path: str) -> list[Keyslot]:
     meta.validate(header.hdr_size)
     slots = meta.openable()
     if not slots:
-        raise ImageError(f"{path}: no keyslot is bound to the data segment")
+        raise ImageError(f"{_at(path)}no keyslot is bound to the data segment")
     return slots
 
 
@@ -141,7 +146,7 @@ def unlock(fd: int, header: Header, passphrase: bytes, path: str = "") -> tuple[
         if key is not None:
             return ks.id, key
     if not tried:
-        raise UnsupportedError(f"{path}: no keyslot can be opened here: {'; '.join(skipped)}")
+        raise UnsupportedError(f"{_at(path)}no keyslot can be opened here: {'; '.join(skipped)}")
     extra = f" ({'; '.join(skipped)}: not tried)" if skipped else ""
     raise InvalidPassphrase(
         "no keyslot opens with this passphrase (wrong passphrase, or the keyslot is "
@@ -157,9 +162,9 @@ def _payload(header: Header, fd: int, path: str) -> tuple[int, int]:
     else:
         end = seg.offset + seg.size
         if end > total:
-            raise ImageError(f"{path}: truncated: the segment ends at {end}, image is {total}")
+            raise ImageError(f"{_at(path)}truncated: the segment ends at {end}, image is {total}")
     if end < seg.offset:
-        raise ImageError(f"{path}: truncated: data offset {seg.offset} is past the end")
+        raise ImageError(f"{_at(path)}truncated: data offset {seg.offset} is past the end")
     return seg.offset, (end - seg.offset) // seg.sector_size * seg.sector_size
 
 
