@@ -509,6 +509,30 @@ def test_unreachable_qemu_and_a_unix_listener(workdir: Path) -> None:
     assert "cannot reach QEMU" in audit.rows[0][2]["reason"]
 
 
+def test_silent_device_is_denied_after_the_probe_timeout(qemu: QemuWithRedir) -> None:
+    audit = MemoryAuditSink()
+    gateway = Gateway("vmq", parse_address("tcp:127.0.0.1:0"),
+                      [parse_address("unix:" + qemu.chardev_path(1))],
+                      MemoryRuleSource({"vmq": [parse_rule("allow id *:*")]}), audit,
+                      probe_timeout=0.3)  # fmt: skip
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            owner = await FakeOwner.connect(str(gateway.bound_address),
+                                            FakeDevice(0x3333, 0x4444, mute=True))  # fmt: skip
+            await asyncio.wait_for(owner.closed.wait(), 5)
+            assert owner.filter_rejected.is_set()
+            await owner.close()
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    assert audit.actions() == ["usb.denied"]
+    assert "no answer in time" in audit.rows[0][2]["reason"]
+    assert attaching_lines(qemu, "3333:4444") == []
+
+
 def test_audit_chain_still_verifies(keystore: Keystore, gateway: Any) -> None:
     assert keystore.audit_rows(), "usbgate wrote no audit rows"
     result = keystore_audit.verify(keystore.path)

@@ -56,6 +56,8 @@ class FakeDevice:
     # Descriptor values that differ from the announcement (a lying device); None = same.
     descriptor_vendor_id: int | None = None
     descriptor_interfaces: tuple[tuple[int, int, int], ...] | None = None
+    # Never answer control transfers (a device that hangs, or an owner stalling the probe).
+    mute: bool = False
 
     def interface_info(self) -> InterfaceInfo:
         return InterfaceInfo(tuple(Interface(n, *t) for n, t in enumerate(self.interfaces)))
@@ -189,6 +191,8 @@ class FakeOwner:
 
     def answer(self, packet: Packet) -> None:
         d = self.device
+        if d.mute and isinstance(packet, ControlPacket):
+            return
         match packet:
             case ControlPacket(endpoint=ep, request=0x06, value=value, length=length) if ep & 0x80:
                 data = d.descriptor(value)

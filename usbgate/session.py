@@ -283,7 +283,10 @@ class Session:
         self._send_owner(ControlPacket(0x80, REQUEST_GET_DESCRIPTOR,
                                        REQUESTTYPE_IN_STANDARD_DEVICE, 0, value, index, length,
                                        id=packet_id))  # fmt: skip
-        reply = await future
+        try:
+            reply = await future
+        finally:  # also when cancelled: a later probe must not inherit this waiter
+            self._probe_waiters.pop(packet_id, None)
         if reply.status != Status.SUCCESS:
             raise ProbeFailed(f"GET_DESCRIPTOR {value:#06x} answered status {reply.status}")
         return reply.data
@@ -300,11 +303,9 @@ class Session:
         except (ProbeFailed, Contradiction, TimeoutError) as exc:
             what = "descriptors contradict the announcement" if isinstance(
                 exc, Contradiction) else "probe failed"  # fmt: skip
-            reason = f"{what}: {exc or 'no answer in time'}"
+            reason = f"{what}: {str(exc) or 'no answer in time'}"
             self._deny(Decision(Action.REJECT, reason), _announced(connect))
             return
-        finally:
-            self._probe_waiters.clear()
         if self.state is not State.PROBING:
             return
         self.device, self.probe_result = device, result
