@@ -3,6 +3,7 @@ and with trailing garbage, capability-dependent layouts, malformed input, and a 
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -125,7 +126,7 @@ def pair(caps: Capability = ALL_CAPABILITIES) -> tuple[Connection, Connection, b
 
 
 def drain(conn: Connection) -> list[Event]:
-    events = []
+    events: list[Event] = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
         if event is CLOSED:
@@ -173,9 +174,7 @@ def _fits_without_caps(p: Packet) -> bool:
 def _as_received(p: Packet, caps: Capability) -> Packet:
     """What survives a trip without the capabilities that carry optional fields."""
     if isinstance(p, DeviceConnect) and not caps & Capability.CONNECT_DEVICE_VERSION:
-        return DeviceConnect(*(getattr(p, f) for f in ("speed", "device_class",
-                             "device_subclass", "device_protocol", "vendor_id", "product_id")),
-                             0, id=p.id)  # fmt: skip
+        return dataclasses.replace(p, device_version_bcd=0)
     if isinstance(p, EpInfo) and not caps:
         return EpInfo(p.types, p.intervals, p.interfaces, id=p.id)
     return p
