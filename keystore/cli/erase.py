@@ -56,6 +56,12 @@ class EraseBusy(EraseFailed):
     exit_code = EX_TEMPFAIL
 
 
+class Interrupted(EraseFailed):
+    """Ctrl-C: the journal keeps the position (exit status 130, as a shell reports SIGINT)."""
+
+    exit_code = 130
+
+
 class VerifyFailed(EraseFailed):
     """The last pass did not read back as written."""
 
@@ -75,6 +81,10 @@ def run_erase(
     except (VmshieldError, ValueError) as e:
         _json_error(as_json, str(e))
         raise EraseFailed(str(e)) from None
+    except KeyboardInterrupt:
+        msg = f"{path}: interrupted; run the same command again to continue where it stopped"
+        _json_error(as_json, msg)
+        raise Interrupted(msg) from None
     except OSError as e:
         msg = f"{path}: {e.strerror or e}; run the same command again to resume"
         _json_error(as_json, msg)
@@ -176,7 +186,7 @@ Examples:
 
 \b
 Exit status: 0 erased; 1 error; 2 usage; 74 verification failed (image kept);
-75 the image is in use (stop the server, then run again).
+75 the image is in use (stop the server, then run again); 130 interrupted (run again).
 """
 
 

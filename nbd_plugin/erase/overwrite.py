@@ -158,19 +158,29 @@ class Engine:
         """
         fill = pattern.fill_byte
         stream = Keystream(self._key, pass_number, CHUNK) if fill is None else None
-        expected_buf = memoryview(self._bufs[1])
+        expected_buf = memoryview(self._bufs[2])
         if fill is not None:
             expected_buf[:CHUNK] = bytes([fill]) * CHUNK
-        got_buf = memoryview(self._bufs[0])
+        reads = [memoryview(self._bufs[0]), memoryview(self._bufs[1])]
+        todo = list(chunks(extents, 0))
+
+        def read(i: int) -> int:
+            off, n, _ = todo[i]
+            return _pread_all(self.target.fd_for(off, n), reads[i % 2][:n], off)
+
+        # read chunk i+1 (worker thread) while chunk i is compared
+        ahead = self._pool.submit(read, 0) if todo else None
         bad, first_bad = 0, None
-        for off, n, pos in chunks(extents, 0):
-            got = got_buf[:n]
-            if _pread_all(self.target.fd_for(off, n), got, off) != n:
+        for i, (off, n, pos) in enumerate(todo):
+            assert ahead is not None
+            got_n = ahead.result()
+            ahead = self._pool.submit(read, i + 1) if i + 1 < len(todo) else None
+            if got_n != n:
                 bad += n
                 first_bad = off if first_bad is None else first_bad
                 continue
             expected = expected_buf[:n] if stream is None else stream.fill(expected_buf, off, n)
-            a = np.frombuffer(got, dtype=np.uint8)
+            a = np.frombuffer(reads[i % 2][:n], dtype=np.uint8)
             b = np.frombuffer(expected, dtype=np.uint8)
             if not np.array_equal(a, b):
                 diff = np.flatnonzero(a != b)
