@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -125,8 +126,10 @@ class Keystore:
 
 
 @pytest.fixture(scope="module")
-def workdir() -> Path:
-    return short_tmpdir()
+def workdir() -> Iterator[Path]:
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +546,8 @@ def test_generated_static_filter_in_real_qemu(workdir: Path) -> None:
     """QEMU's own filter, generated from the rules, refuses what the rules do not allow."""
     rules = [parse_rule("allow id 0781:5567 with-interface 08:*:*"), parse_rule("block id *:*")]
     value = qemu_filter_value(rules)
-    vm = QemuWithRedir(short_tmpdir(), slots=1, filter=value)
+    vm = QemuWithRedir(workdir / "filtered", slots=1, filter=value)
+    vm.workdir.mkdir()
     vm.start()
     try:
 

@@ -13,6 +13,7 @@ of a millisecond after the change is seen, well within the 50 ms target.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -58,8 +59,8 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self.revocations: list[float] = []
-        """Seconds from seeing a rule change to having detached the device, per revocation."""
+        self.revocations: collections.deque[float] = collections.deque(maxlen=1000)
+        """Seconds from seeing a rule change to having detached the device (latest 1000)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 

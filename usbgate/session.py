@@ -384,6 +384,7 @@ class Session:
             row["device"] = self.device.describe()
         elif self.connect is not None:
             row["device"] = _announced(self.connect).describe()
+        log.info("vm %s: %s %s", self.vm, event, row)
         self.audit.record(event, self.vm, row)
 
 
