@@ -1,65 +1,53 @@
-"""The SQLite (aiosqlite) implementation of `keystore.repository.Repository`."""
+"""The SQLite (aiosqlite) implementation of `keystore.repository.Repository`.
+
+Split in three: sqlite_base (connection, transactions, audit rows), sqlite_principals
+(users and authentication), and this module (VMs, disks, servers, permissions, USB rules,
+audit queries).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
-
-import aiosqlite
+from typing import Any
 
 from keystore import audit as auditmod
 from keystore import db as dbmod
 from keystore import usbrules
 from keystore.auth import AuthPolicy
-from keystore.errors import (
-    AccountLocked,
-    AlreadyExists,
-    AuthenticationFailed,
-    Conflict,
-    KeystoreError,
-    NotFound,
-)
+from keystore.errors import AlreadyExists, Conflict, KeystoreError, NotFound
 from keystore.models import (
     DEFAULT_ERASE_PERMISSION,
     AuditEntry,
     Disk,
     DiskState,
     ErasePermission,
-    Principal,
     Server,
     UsbAction,
     Vm,
 )
 from keystore.repository import check_name
+from keystore.sqlite_base import Clock, dt
+from keystore.sqlite_principals import PrincipalStore
 from keystore.usbrules import Pattern, UsbRule
-
-Clock = Callable[[], datetime]
 
 _VM_COLS = "uuid, name, owner, pool_uuid, domain_uuid, created, last_access, access_count"
 _DISK_SQL = (
     "SELECT d.id, d.name, v.name, d.path, d.format, d.cipher, d.size, d.state, d.created "
     "FROM disks d JOIN vms v ON v.uuid = d.vm_uuid"
 )
-_PRINCIPAL_COLS = "name, failed_attempts, locked_until, created, last_login"
 _SERVER_SQL = (
     "SELECT d.name, s.socket, s.pidfile, s.pid, s.readonly, s.started "
     "FROM servers s JOIN disks d ON d.id = s.disk_id"
 )
 
 
-def _dt(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
 def _vm(row: sqlite3.Row) -> Vm:
     uuid, name, owner, pool, dom, created, last, count = tuple(row)
-    return Vm(uuid, name, owner, pool, dom, datetime.fromisoformat(created), _dt(last), count)
+    return Vm(uuid, name, owner, pool, dom, datetime.fromisoformat(created), dt(last), count)
 
 
 def _disk(row: sqlite3.Row) -> Disk:
@@ -69,31 +57,13 @@ def _disk(row: sqlite3.Row) -> Disk:
     )
 
 
-def _principal(row: sqlite3.Row) -> Principal:
-    name, failed, locked, created, last = tuple(row)
-    return Principal(name, failed, _dt(locked), datetime.fromisoformat(created), _dt(last))
-
-
 def _server(row: sqlite3.Row) -> Server:
     disk, sock, pidfile, pid, ro, started = tuple(row)
     return Server(disk, sock, pidfile, pid, bool(ro), datetime.fromisoformat(started))
 
 
-class SqliteRepository:
+class SqliteRepository(PrincipalStore):
     """Keystore backed by one SQLite file. Use `await SqliteRepository.open(path)`."""
-
-    def __init__(
-        self,
-        conn: aiosqlite.Connection,
-        path: Path,
-        *,
-        policy: AuthPolicy | None = None,
-        clock: Clock = auditmod.now,
-    ) -> None:
-        self._db = conn
-        self.path = path
-        self.policy = policy or AuthPolicy()
-        self.clock = clock
 
     @classmethod
     async def open(
@@ -101,192 +71,8 @@ class SqliteRepository:
     ) -> SqliteRepository:
         """Open an existing keystore (see `keystore.db.initialise` to create one)."""
         p = Path(path)
-        return cls(await dbmod.open_async(p), p, policy=policy, clock=clock)
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _now(self) -> str:
-        return self.clock().isoformat()
-
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One IMMEDIATE transaction; sqlite errors become KeystoreErrors naming the file."""
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise dbmod.translate(e, self.path) from e
-        try:
-            yield self._db
-            await self._db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise Conflict(f"keystore constraint violated: {exc}") from exc
-            if isinstance(exc, sqlite3.Error):
-                raise dbmod.translate(exc, self.path) from exc
-            raise
-
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        try:
-            async with self._db.execute(sql, params) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as e:
-            raise dbmod.translate(e, self.path) from e
-        return row
-
-    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        try:
-            async with self._db.execute(sql, params) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as e:
-            raise dbmod.translate(e, self.path) from e
-        return list(rows)
-
-    async def _audit(
-        self,
-        db: aiosqlite.Connection,
-        actor: str,
-        action: str,
-        vm: str | None,
-        detail: dict[str, Any] | None,
-    ) -> AuditEntry:
-        """Append an audit row inside the caller's write transaction."""
-        async with db.execute(auditmod.LAST_SQL) as cur:
-            last = await cur.fetchone()
-        params = auditmod.next_row(tuple(last) if last else None, actor, action, vm, detail)
-        await db.execute(auditmod.INSERT_SQL, params)
-        await db.execute(auditmod.HEAD_SQL, (auditmod.HEAD_KEY, f"{params[0]}:{params[7]}"))
-        return auditmod.entry_from_row(params)
-
-    async def _vm_uuid(self, name: str) -> str:
-        row = await self._one("SELECT uuid FROM vms WHERE name = ?", (name,))
-        if row is None:
-            raise NotFound(f"no VM named {name!r} (see `vmshield vm list`)")
-        return str(row[0])
-
-    # -- principals -------------------------------------------------------------------------
-
-    async def add_principal(self, name: str, password: bytes, *, actor: str) -> Principal:
-        check_name("user", name)
-        verifier = await asyncio.to_thread(self.policy.hash, password)
-        async with self._write() as db:
-            if await self._exists("SELECT 1 FROM principals WHERE name = ?", name):
-                raise AlreadyExists(f"user {name!r} already exists")
-            await db.execute(
-                "INSERT INTO principals (name, verifier, created) VALUES (?, ?, ?)",
-                (name, verifier, self._now()),
-            )
-            await self._audit(db, actor, "user.add", None, {"user": name})
-        return await self.get_principal(name)
-
-    async def _exists(self, sql: str, *params: Any) -> bool:
-        async with self._db.execute(sql, params) as cur:
-            return await cur.fetchone() is not None
-
-    async def set_password(self, name: str, password: bytes, *, actor: str) -> Principal:
-        verifier = await asyncio.to_thread(self.policy.hash, password)
-        async with self._write() as db:
-            cur = await db.execute(
-                "UPDATE principals SET verifier = ?, failed_attempts = 0, locked_until = NULL "
-                "WHERE name = ?",
-                (verifier, name),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"no user named {name!r}")
-            await self._audit(db, actor, "user.passwd", None, {"user": name})
-        return await self.get_principal(name)
-
-    async def get_principal(self, name: str) -> Principal:
-        row = await self._one(f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE name = ?", (name,))
-        if row is None:
-            raise NotFound(f"no user named {name!r} (see `vmshield user list`)")
-        return _principal(row)
-
-    async def list_principals(self) -> list[Principal]:
-        rows = await self._all(f"SELECT {_PRINCIPAL_COLS} FROM principals ORDER BY name")
-        return [_principal(r) for r in rows]
-
-    async def authenticate(self, name: str, password: bytes, *, actor: str) -> Principal:
-        """Check `password` for `name`; count, lock and audit. Raises the opaque
-        AuthenticationFailed for an unknown user or a wrong password, AccountLocked while
-        locked (without checking the password)."""
-        row = await self._one(
-            "SELECT verifier, locked_until FROM principals WHERE name = ?", (name,)
-        )
-        now = self.clock()
-        if row is not None and row[1] is not None and datetime.fromisoformat(row[1]) > now:
-            async with self._write() as db:
-                await self._audit(
-                    db,
-                    actor,
-                    "auth.refused",
-                    None,
-                    {"user": name, "reason": "locked", "locked_until": row[1]},
-                )
-            raise AccountLocked(
-                f"user {name!r} is locked until {row[1]} after "
-                f"{self.policy.max_failures} failed attempts; wait, or ask an administrator "
-                "to run `vmshield user unlock`"
-            )
-        if row is None:
-            await asyncio.to_thread(self.policy.burn, password)
-            ok = False
-        else:
-            ok = await asyncio.to_thread(self.policy.verify, row[0], password)
-        async with self._write() as db:
-            if ok:
-                new = None
-                if self.policy.needs_rehash(row[0]):  # type: ignore[index]
-                    new = await asyncio.to_thread(self.policy.hash, password)
-                await db.execute(
-                    "UPDATE principals SET failed_attempts = 0, locked_until = NULL, "
-                    "last_login = ?, verifier = coalesce(?, verifier) WHERE name = ?",
-                    (now.isoformat(), new, name),
-                )
-                await self._audit(db, actor, "auth.ok", None, {"user": name})
-            elif row is None:
-                await self._audit(
-                    db, actor, "auth.fail", None, {"user": name, "reason": "unknown user"}
-                )
-            else:
-                async with db.execute(
-                    "UPDATE principals SET failed_attempts = failed_attempts + 1 "
-                    "WHERE name = ? RETURNING failed_attempts",
-                    (name,),
-                ) as cur:
-                    fails = int((await cur.fetchone())[0])  # type: ignore[index]
-                detail: dict[str, Any] = {"user": name, "failed_attempts": fails}
-                if fails >= self.policy.max_failures:
-                    until = (now + self.policy.lockout).isoformat()
-                    await db.execute(
-                        "UPDATE principals SET locked_until = ? WHERE name = ?", (until, name)
-                    )
-                    detail["locked_until"] = until
-                await self._audit(db, actor, "auth.fail", None, detail)
-        if not ok:
-            raise AuthenticationFailed(f"authentication failed for user {name!r}")
-        return await self.get_principal(name)
-
-    async def unlock_principal(self, name: str, *, actor: str) -> Principal:
-        async with self._write() as db:
-            cur = await db.execute(
-                "UPDATE principals SET failed_attempts = 0, locked_until = NULL WHERE name = ?",
-                (name,),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"no user named {name!r}")
-            await self._audit(db, actor, "user.unlock", None, {"user": name})
-        return await self.get_principal(name)
+        conn = await dbmod.open_async(p)
+        return cls(conn, p, policy=policy or AuthPolicy(), clock=clock)
 
     # -- VMs --------------------------------------------------------------------------------
 
