@@ -183,3 +183,24 @@ def test_destroy_in_the_background_is_followed_by_job_status(ks: Path) -> None:
     assert _state(ks, "web1-0") == "destroyed" and not img.exists()
     table = vms("job", "status").output
     assert job["id"] in table and "done" in table
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(tmp_path: Path) -> None:
+    from keystore.cli.erase import Interrupted, run_erase
+    from nbd_plugin.erase import EraseOptions
+    from nbd_plugin.erase.progress import Reporter
+
+    class CtrlC(Reporter):
+        def start(self, phase: str, label: str, total: int) -> None:
+            if phase == "pass2":
+                raise KeyboardInterrupt
+
+    img = tmp_path / "d.img"
+    make_luks(img)
+    with pytest.raises(Interrupted, match="run the same command again") as exc:
+        run_erase(str(img), "dod3", EraseOptions(), False, CtrlC())
+    assert exc.value.exit_code == 130
+    assert Path(str(img) + ".vmshield-erase").exists() and not opens(img)
+    events = _lines(vms("image", "erase", str(img), "-m", "dod3", "--json", "--yes").output)
+    assert events[0] == {"event": "resumed", "phase": "overwrite", "pass": 2, "done": 0}
+    assert events[-1]["result"]["resumed"] == 1 and not img.exists()

@@ -8,6 +8,7 @@ are counted linearly over the extents ("done" bytes of a pass), which is what th
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -98,7 +99,9 @@ class Engine:
         """Stop the writer thread and release the buffers."""
         self._pool.shutdown(wait=True)
         for b in self._bufs:
-            b.close()
+            # after an exception, views in its traceback still export the buffer: leave it to GC
+            with contextlib.suppress(BufferError):
+                b.close()
 
     def _fill_constant(self, byte: int) -> None:
         for b in self._bufs:
