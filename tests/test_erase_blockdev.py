@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbd_plugin.erase import EraseOptions, erase
-from nbd_plugin.errors import ImageError
+from nbd_plugin.errors import ImageBusy, ImageError
 from tests.erase_helpers import MIB, block_digests, expected_pass_bytes, make_luks, opens
 
 
@@ -70,3 +70,18 @@ def test_secure_discard_refusal_is_reported(loop: tuple[Path, str], tmp_path: Pa
     # the overwrite is done; running again without --secure-discard finishes from the journal
     cert = erase(dev, "crypto", _opts(tmp_path))
     assert cert.data["resumed"] == 1 and cert.data["crypto_erase"]["performed"]
+
+
+def test_a_device_in_use_or_a_file_behind_a_loop_is_refused(
+    loop: tuple[Path, str], tmp_path: Path
+) -> None:
+    backing, dev = loop
+    with pytest.raises(ImageBusy, match=f"attached to {dev}"):
+        erase(str(backing), "zero", _opts(tmp_path))
+    holder = os.open(dev, os.O_RDONLY | os.O_EXCL)  # as a mount or a dm mapping would
+    try:
+        with pytest.raises(ImageBusy, match="mounted, mapped"):
+            erase(dev, "zero", _opts(tmp_path))
+    finally:
+        os.close(holder)
+    assert opens(backing)

@@ -262,6 +262,8 @@ def _intersect(regions: list[tuple[int, int]], extents: list[Extent]) -> list[tu
 
 
 def _lock(target: Target) -> None:
+    """Refuse if anything uses the target: a server's flock, a mount or mapping of the device
+    (O_EXCL), a loop device over the file."""
     try:
         hold_image(target.fd, target.path, exclusive=True)
     except ImageBusy:
@@ -269,6 +271,23 @@ def _lock(target: Target) -> None:
             f"{target.path} is in use: a server (nbdkit) or another erase holds its lock. "
             "Stop the server (or wait for the other erase) and run the erase again."
         ) from None
+    if target.block_device:
+        try:
+            os.close(os.open(target.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            raise ImageBusy(
+                f"{target.path} is in use: mounted, mapped (device-mapper, md, swap) or opened "
+                "exclusively by another program; release it and run the erase again"
+            ) from None
+    else:
+        loop = sysio.loop_device_of(target.path)
+        if loop is not None:
+            raise ImageBusy(
+                f"{target.path} is attached to {loop}; detach it (losetup -d {loop}, or close "
+                "the cryptsetup mapping over it) and run the erase again"
+            )
 
 
 def erase(

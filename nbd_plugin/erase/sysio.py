@@ -83,6 +83,28 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def loop_device_of(path: str) -> str | None:
+    """The /dev/loopN whose backing file is `path`, if one is attached."""
+    st = os.stat(path)
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        try:
+            bst = os.stat(backing)
+        except OSError:
+            continue  # "(deleted)" or elsewhere in another mount namespace
+        if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
+            return f"/dev/{name}"
+    return None
+
+
 @dataclass(frozen=True)
 class Extent:
     """A byte range of a file that holds blocks on the medium."""
