@@ -131,10 +131,9 @@ def key_material_regions(path: str, size: int) -> list[Region]:
 
     UnsupportedError when the image is not LUKS at all.
     """
-    head = read_head(path, size)
-    regions: list[Region] | None = None
-    if probe(head) is None:
+    if probe(read_head(path, 8)) is None:
         raise UnsupportedError(f"{path}: not a LUKS image, there is no key material to wipe")
+    regions: list[Region] | None = None
     contract = _contract()
     if contract is not None:
         try:
@@ -142,7 +141,7 @@ def key_material_regions(path: str, size: int) -> list[Region]:
         except (ImageError, NotImplementedError, ImportError):
             regions = None  # e.g. LUKS2 before the spine supports it
     if regions is None:
-        regions = own_regions(head)
+        regions = own_regions(read_head(path, size))
     merged: list[Region] = []
     for off, n in sorted((o, min(o + n, size) - o) for o, n in regions if o < size and n > 0):
         if merged and off <= merged[-1][0] + merged[-1][1]:
