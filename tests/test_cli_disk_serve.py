@@ -280,3 +280,35 @@ def test_stop_of_dead_server_cleans_record(env: tuple[Path, Path]) -> None:
     assert "stale" in cli(db, "disk", "list").stdout
     assert "was not running" in cli(db, "disk", "stop", "web1-0").stdout
     assert json.loads(cli(db, "disk", "list", "--json").stdout)[0]["server"] is None
+
+
+def test_keyslot_mismatch_fails_cleanly_and_is_audited(env: tuple[Path, Path]) -> None:
+    """The keystore accepts the password but the image's keyslot does not (changed behind
+    vmshield's back): nbdkit refuses to start, the failure is audited, nothing leaks."""
+    from nbd_plugin import container
+
+    db, sockdir = env
+    image = json.loads(cli(db, "disk", "list", "--json").stdout)[0]["path"]
+    container.change_key(image, PW, NEW_PW, iterations=1000)
+    r = cli(
+        db,
+        "disk",
+        "serve",
+        "web1-0",
+        "--socket",
+        str(sockdir / "m.sock"),
+        secret=PW + b"\n",
+        code=1,
+    )
+    assert "nbdkit failed to start" in r.stderr and PW.decode() not in r.stderr
+    assert not serve_probe(sockdir / "m.sock")
+    last = json.loads(cli(db, "audit", "--json").stdout)[-1]
+    assert last["action"] == "disk.serve.failed" and last["detail"]["disk"] == "web1-0"
+    assert PW not in (sockdir / "m.log").read_bytes()
+    assert json.loads(cli(db, "disk", "list", "--json").stdout)[0]["server"] is None
+
+
+def serve_probe(sock: Path) -> bool:
+    from keystore.serve import probe
+
+    return probe(sock)

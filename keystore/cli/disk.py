@@ -225,7 +225,12 @@ def serve_(
     pw = PasswordSource(password_file).read(f"Password of {v.owner}")
     try:
         run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
-        pid = serve.start(Path(d.path), bytes(pw), files, readonly=readonly)
+        try:
+            pid = serve.start(Path(d.path), bytes(pw), files, readonly=readonly)
+        except serve.ServeError as e:
+            detail = {"disk": d.name, "error": str(e)[-500:]}
+            run(db, lambda r: r.append_audit(actor(), "disk.serve.failed", d.vm, detail))
+            raise
     finally:
         wipe(pw)
     sock = str(files.socket)
