@@ -141,5 +141,7 @@ def test_watcher_check_is_cheap(db: Path) -> None:
         for _ in range(n):
             w.poll()
         per_call = (time.perf_counter() - start) / n
-    # the gateway polls every few ms to meet its 50 ms revocation target
-    assert per_call < 0.002, f"{per_call * 1e6:.0f} us per poll"
+    # the gateway polls every 10 ms to meet its 50 ms revocation target: a poll must stay
+    # far below that (measured ~1-10 us; the bound is loose because CI shares 2 cores)
+    print(f"RulesWatcher.poll: {per_call * 1e6:.1f} us")
+    assert per_call < 0.005, f"{per_call * 1e6:.0f} us per poll"
