@@ -1,7 +1,8 @@
 """USB whitelist rules of a VM, for the usbgate (reader side) and the CLI (parsing).
 
-Rules are ordered; the first rule that matches a device decides (`allow`, `block`,
-`reject`); no match means block. A rule matches when every field it sets matches:
+This module stores and reads rules; judging a device is usbgate.policy's job (one engine,
+so the CLI, the gateway and QEMU's static filter cannot disagree). Rules are ordered; the
+first rule that matches decides (`allow`, `block`, `reject`); no match means block. Fields:
 
 - vendor_id / product_id: exact 16-bit ids, `None` for `*`;
 - device_class: the device descriptor's bDeviceClass;
@@ -26,7 +27,7 @@ import dataclasses
 import json
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,6 @@ Pattern = tuple[int | None, int | None, int | None]
 
 _HEX4 = re.compile(r"^[0-9a-fA-F]{1,4}$")
 _HEX2 = re.compile(r"^[0-9a-fA-F]{1,2}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class UsbDevice:
-    """What the gateway knows about an offered device (from usbredir's device_connect)."""
-
-    vendor_id: int
-    product_id: int
-    device_class: int = 0
-    interfaces: tuple[tuple[int, int, int], ...] = ()
-    serial: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,22 +54,6 @@ class UsbRule:
     device_class: int | None = None
     interfaces: tuple[Pattern, ...] | None = None
     serial: str | None = None
-
-    def matches(self, dev: UsbDevice) -> bool:
-        """True if every field this rule sets matches `dev` (see module docstring)."""
-        if self.vendor_id is not None and self.vendor_id != dev.vendor_id:
-            return False
-        if self.product_id is not None and self.product_id != dev.product_id:
-            return False
-        if self.device_class is not None and self.device_class != dev.device_class:
-            return False
-        if self.serial is not None and self.serial != dev.serial:
-            return False
-        if self.interfaces is not None:
-            if not dev.interfaces:
-                return False
-            return all(any(_iface_match(p, i) for p in self.interfaces) for i in dev.interfaces)
-        return True
 
     def describe(self) -> str:
         """USBGuard-like one-line text, e.g. `allow id 0781:5567 with-interface 08:06:50`."""
@@ -106,18 +80,6 @@ class UsbRule:
             else [format_pattern(p) for p in self.interfaces],
             "serial": self.serial,
         }
-
-
-def _iface_match(p: Pattern, iface: tuple[int, int, int]) -> bool:
-    return all(want is None or want == got for want, got in zip(p, iface, strict=True))
-
-
-def decide(rules: Sequence[UsbRule], dev: UsbDevice) -> UsbAction:
-    """First match wins; no match blocks."""
-    for rule in rules:
-        if rule.matches(dev):
-            return rule.action
-    return UsbAction.BLOCK
 
 
 def format_id(value: int | None) -> str:

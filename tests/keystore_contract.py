@@ -24,7 +24,8 @@ from keystore.errors import (
     NotFound,
 )
 from keystore.models import DiskState, UsbAction
-from keystore.usbrules import UsbDevice, decide
+from usbgate.keystore_source import rule_from_keystore
+from usbgate.policy import Action, Device, decide
 
 PW = b"correct horse battery"
 ACTOR = "test"
@@ -245,13 +246,17 @@ class RepositoryContract:
         rules = repo.list_usb_rules(vm)
         assert [x.position for x in rules] == [1, 2, 3]
         assert rules[0] == r and rules[1].interfaces == ((8, 6, 0x50),)
-        stick = UsbDevice(0x0781, 0x5567, 0, ((8, 6, 0x50),))
-        assert decide(rules, stick) is UsbAction.BLOCK  # rule 1 shadows rule 2
+        stick = Device(0x0781, 0x5567, 0, ((8, 6, 0x50),))
+
+        def verdict(device: Device) -> Action:
+            return decide([rule_from_keystore(x) for x in rules], device).action
+
+        assert verdict(stick) is Action.BLOCK  # rule 1 shadows rule 2
         repo.remove_usb_rule(vm, 1, actor=ACTOR)
         rules = repo.list_usb_rules(vm)
         assert [x.position for x in rules] == [1, 2]
-        assert decide(rules, stick) is UsbAction.ALLOW
-        assert decide(rules, UsbDevice(1, 2, 9)) is UsbAction.REJECT
+        assert verdict(stick) is Action.ALLOW
+        assert verdict(Device(1, 2, 9)) is Action.REJECT
         with pytest.raises(NotFound):
             repo.remove_usb_rule(vm, 7, actor=ACTOR)
         with pytest.raises(ValueError):

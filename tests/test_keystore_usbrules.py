@@ -13,7 +13,7 @@ from keystore import usbrules
 from keystore.errors import NotFound
 from keystore.models import UsbAction
 from keystore.sqlite_repo import SqliteRepository
-from keystore.usbrules import RulesWatcher, UsbDevice, UsbRule, decide, load_rules
+from keystore.usbrules import RulesWatcher, UsbRule, load_rules
 from tests.test_keystore_sqlite import FAST
 
 
@@ -81,20 +81,8 @@ def test_parse_pattern_and_class() -> None:
             usbrules.parse_pattern(bad)
 
 
-def test_matching_semantics() -> None:
-    stick = UsbDevice(0x0781, 0x5567, 0, ((8, 6, 0x50),), "S1")
-    combo = UsbDevice(0x0781, 0x5567, 0, ((8, 6, 0x50), (3, 1, 1)), "S1")
+def test_describe() -> None:
     r = rule(vendor_id=0x781, interfaces=((8, 6, 0x50),))
-    assert r.matches(stick) and not r.matches(combo)  # a keyboard cannot ride along
-    assert rule(interfaces=((8, None, None), (3, None, None))).matches(combo)
-    assert not rule(serial="S2").matches(stick) and rule(serial="S1").matches(stick)
-    assert not rule(device_class=9).matches(stick)
-    assert not rule(product_id=1).matches(stick)
-    assert not rule(interfaces=((8, None, None),)).matches(UsbDevice(1, 2))
-    assert decide([], stick) is UsbAction.BLOCK
-    assert (
-        decide([rule(action=UsbAction.REJECT, vendor_id=0x781), rule()], stick) is UsbAction.REJECT
-    )
     assert r.describe() == "allow id 0781:* with-interface 08:06:50"
 
 

@@ -15,8 +15,9 @@ for the device to pass; if any is ``reject`` the result is ``reject``, else ``bl
     allow id 0781:5567
 
 a 0781:5567 that is storage *plus* a HID keyboard is blocked: its keyboard interface, judged
-alone, meets the block rule first. The verdict is therefore never more permissive than
-keystore.usbrules.decide on the whole device.
+alone, meets the block rule first. This is the only place a device is judged: the keystore
+stores rules, and QEMU's static filter is generated so that it never refuses a device this
+engine allows.
 
 Text form, one rule per line (``#`` comments)::
 
