@@ -30,9 +30,12 @@ def loop(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         subprocess.run(["losetup", "-d", dev], check=True)
 
 
-def _opts(tmp: Path, **kw: bool) -> EraseOptions:
+def _opts(tmp: Path, *, discard: bool = True, secure_discard: bool = False) -> EraseOptions:
     return EraseOptions(
-        journal_path=str(tmp / "journal"), certificate_path=str(tmp / "cert.json"), **kw
+        journal_path=str(tmp / "journal"),
+        certificate_path=str(tmp / "cert.json"),
+        discard=discard,
+        secure_discard=secure_discard,
     )
 
 

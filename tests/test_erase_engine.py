@@ -274,9 +274,9 @@ def test_kill_between_unlink_and_certificate_is_finished_by_the_next_run(
 ) -> None:
     img = tmp_path / "disk.img"
     make_luks(img)
-    from nbd_plugin.erase import engine
+    from nbd_plugin.erase import certificate, engine
 
-    real_write = engine.write
+    real_write = certificate.write
 
     def crash(data: dict[str, Any], path: str) -> Any:
         raise OSError(5, "simulated crash")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from nbd_plugin.erase import EraseOptions, erase
 from nbd_plugin.erase.journal import journal_path
@@ -34,7 +35,7 @@ erase(sys.argv[1], "dod3", opts, Slow())
 """
 
 
-def _journal(img: Path) -> dict[str, object] | None:
+def _journal(img: Path) -> dict[str, Any] | None:
     try:
         return dict(json.loads(Path(journal_path(str(img), block_device=False)).read_text()))
     except (FileNotFoundError, ValueError):
@@ -60,7 +61,7 @@ def test_sigkill_mid_pass_then_resume_ends_identical(tmp_path: Path) -> None:
             j = _journal(b)
             # pass 3 (random) started, part of it is on the medium, and with two writes in
             # flight at most 40 of the 60 MiB can be written when the kill lands
-            if j and j["pass_index"] == 2 and 0 < int(j["done"]) <= 24 << 20:  # type: ignore[call-overload]
+            if j and j["pass_index"] == 2 and 0 < int(j["done"]) <= 24 << 20:
                 break
             assert child.poll() is None, "the erase finished before it could be killed"
             time.sleep(0.01)
