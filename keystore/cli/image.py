@@ -45,9 +45,11 @@ def _kdf_options(f: F) -> F:
     f = click.option(
         "--pbkdf-iterations",
         "iterations",
-        type=click.IntRange(1000, None),
+        type=click.IntRange(1, None),
         default=None,
-        help="Fixed PBKDF2 iteration count instead of --iter-time (tests and benchmarks).",
+        help="Fixed cost instead of --iter-time (tests and benchmarks): PBKDF2 iterations; "
+        "for LUKS2 it makes the keyslot PBKDF2 unless --pbkdf argon2* is given, where it is "
+        "the argon2 time cost (as cryptsetup's --pbkdf-force-iterations).",
     )(f)
     return f
 
@@ -174,6 +176,8 @@ def create(
             opts["pbkdf_parallel"] = pbkdf_parallel
     elif sector_size or pbkdf or pbkdf_memory or pbkdf_parallel:
         raise click.UsageError("--sector-size and --pbkdf* apply to --format luks2 only")
+    if iterations is not None and iterations < 1000 and not (pbkdf or "").startswith("argon2"):
+        raise click.UsageError("--pbkdf-iterations: PBKDF2 needs at least 1000 iterations")
     secret = SecretReader().read(passphrase_file, "New passphrase", confirm=True)
     _guard(
         lambda: container.create_image(
@@ -214,9 +218,14 @@ def _print_info(meta: dict[str, Any]) -> None:
         extra = ""
         if slot.get("active"):
             kdf = slot.get("kdf", "pbkdf2")
-            cost = slot.get("iterations")
-            extra = f"  {kdf}" + (f", {cost} iterations" if cost else "")
+            if kdf.startswith("argon2"):
+                extra = (f"  {kdf}, time {slot.get('time')}, memory {slot.get('memory_kib')} KiB,"
+                         f" {slot.get('parallel')} threads")  # fmt: skip
+            else:
+                extra = f"  {kdf}, {slot.get('iterations')} iterations"
         click.echo(f"keyslot {slot['slot']}:      {state}{extra}")
+    for warning in meta.get("warnings", []):
+        click.echo(f"warning:        {warning}")
 
 
 @image.command()
