@@ -191,7 +191,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(tmp_path: Path) -> Non
     from nbd_plugin.erase.progress import Reporter
 
     class CtrlC(Reporter):
-        def start(self, phase: str, label: str, total: int) -> None:
+        def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
             if phase == "pass2":
                 raise KeyboardInterrupt
 

@@ -40,7 +40,7 @@ class StopAt(Reporter):
     def __init__(self, phase: str) -> None:
         self.phase = phase
 
-    def start(self, phase: str, label: str, total: int) -> None:
+    def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
         if phase == self.phase:
             raise StopBefore(phase)
 

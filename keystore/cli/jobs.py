@@ -81,6 +81,7 @@ class JobReporter(Reporter):
         self.path, self.job, self.interval = path, job, interval
         self._last = 0.0
         self._t0 = time.monotonic()
+        self._base = 0
 
     def _flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -88,13 +89,13 @@ class JobReporter(Reporter):
             self._last = now
             write(self.path, self.job)
 
-    def start(self, phase: str, label: str, total: int) -> None:
-        self._t0 = time.monotonic()
-        self.job.update(phase=label, done=0, total=total, bytes_per_second=None)
+    def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
+        self._t0, self._base = time.monotonic(), done
+        self.job.update(phase=label, done=done, total=total, bytes_per_second=None)
         self._flush(force=True)
 
     def update(self, done: int) -> None:
-        rate = done / max(time.monotonic() - self._t0, 1e-9)
+        rate = (done - self._base) / max(time.monotonic() - self._t0, 1e-9)
         self.job.update(done=done, bytes_per_second=round(rate))
         self._flush()
 

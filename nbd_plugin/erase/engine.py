@@ -136,7 +136,7 @@ class _Eraser:
             pattern = method.passes[self.state.pass_index]
             start = self.state.done
             label = f"pass {number}/{len(method.passes)} ({pattern.value})"
-            self.rep.start(f"pass{number}", label, total)
+            self.rep.start(f"pass{number}", label, total, start)
             t0 = time.monotonic()
             via = self.engine.run_pass(pattern, number, extents, start, self._checkpointer(total))
             seconds = time.monotonic() - t0

@@ -15,8 +15,8 @@ from typing import IO, Any
 class Reporter:
     """Receives progress; this base ignores it (library use, tests)."""
 
-    def start(self, phase: str, label: str, total: int) -> None:
-        """A phase of `total` bytes begins."""
+    def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
+        """A phase of `total` bytes begins (`done` of them already done, when resumed)."""
 
     def update(self, done: int) -> None:
         """`done` bytes of the current phase are finished."""
@@ -42,13 +42,14 @@ class JsonLinesReporter(Reporter):
         self._t0 = 0.0
         self._last = 0.0
         self._done = 0
+        self._base = 0
 
     def _emit(self, obj: dict[str, Any]) -> None:
         self._out.write(json.dumps(obj, sort_keys=True) + "\n")
         self._out.flush()
 
-    def start(self, phase: str, label: str, total: int) -> None:
-        self._phase, self._total, self._done = phase, total, 0
+    def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
+        self._phase, self._total, self._done, self._base = phase, total, done, done
         self._t0 = self._last = time.monotonic()
         self._emit({"event": "phase", "phase": phase, "label": label, "total": total})
 
@@ -61,7 +62,7 @@ class JsonLinesReporter(Reporter):
 
     def _progress(self, now: float) -> None:
         elapsed = max(now - self._t0, 1e-9)
-        rate = self._done / elapsed
+        rate = (self._done - self._base) / elapsed
         eta = (self._total - self._done) / rate if rate > 0 else None
         self._emit(
             {
@@ -109,8 +110,8 @@ class RichReporter(Reporter):
         self._progress.start()
         self._task: Any = None
 
-    def start(self, phase: str, label: str, total: int) -> None:
-        self._task = self._progress.add_task(label, total=max(total, 1))
+    def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
+        self._task = self._progress.add_task(label, total=max(total, 1), completed=done)
 
     def update(self, done: int) -> None:
         if self._task is not None:
