@@ -204,3 +204,26 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(tmp_path: Path) -> Non
     events = _lines(vms("image", "erase", str(img), "-m", "dod3", "--json", "--yes").output)
     assert events[0] == {"event": "resumed", "phase": "overwrite", "pass": 2, "done": 0}
     assert events[-1]["result"]["resumed"] == 1 and not img.exists()
+
+
+def test_a_job_whose_worker_died_shows_as_interrupted(ks: Path) -> None:
+    import subprocess
+
+    from keystore.cli import jobs
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = jobs.jobs_dir(ks) / "destroy-x.json"
+    jobs.write(
+        path,
+        {
+            "id": "destroy-x",
+            "disk": "web1-0",
+            "method": "dod3",
+            "state": "running",
+            "pid": dead.pid,
+            "started": time.time(),
+        },
+    )
+    assert json.loads(vms("job", "status", "destroy-x", "--json").output)["state"] == "interrupted"
+    vms("job", "status", "nope", code=1)
