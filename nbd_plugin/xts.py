@@ -123,7 +123,7 @@ class XtsCipher:
         native = NativeXts.create(key, self.sector_size, self.iv_step, capacity)
         if native is None:
             return None
-        sample = bytes(range(256)) * (self.sector_size // 256)
+        sample = (bytes(range(256)) * (self.sector_size // 256 + 1))[: self.sector_size]
         iv = 0x0123456789ABCDEF
         try:
             mode = modes.XTS((iv * self.iv_step % (1 << 64)).to_bytes(16, "little"))
