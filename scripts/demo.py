@@ -26,26 +26,27 @@ played in-process; QEMU's usb-redir side is real. The guest helpers come from te
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import re
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from demo_support import (  # noqa: E402  (scripts/, this file's directory, is on sys.path)
+    BIN,
+    Console,
+    Host,
+    Report,
+    SimulatedStick,
+    StepFailed,
+    prepare,
+)
 
 from keystore.usbrules import RulesWatcher  # noqa: E402
 from nbd_plugin.container import payload_region  # noqa: E402
@@ -62,231 +63,14 @@ from tests.guest import (  # noqa: E402  (after the sys.path line: run as a scri
     read_export,
     write_secret,
 )
-from tests.usbgate_fakes import FakeDevice, FakeOwner  # noqa: E402
+from tests.usbgate_fakes import FakeDevice  # noqa: E402
 from tests.usbgate_qemu import Qmp  # noqa: E402
 
-BIN = ROOT / ".venv" / "bin"
 USER, VM, DISK = "alice", "demo", "demo-0"
 PASSWORD = b"correct horse battery staple"
 WRONG_PASSWORD = b"correct horse battery stapler"
 STICK = FakeDevice()  # 0781:5567 (a SanDisk Cruzer's ids), one mass-storage interface
 STICK_ID = f"{STICK.vendor_id:04x}:{STICK.product_id:04x}"
-SAFE_TO_WIPE = ".vmshield-demo"  # only a directory holding this file (or empty) is wiped
-SOCKET_MAX = 107
-
-
-class StepFailed(Exception):
-    """A check failed that the following steps depend on."""
-
-
-# --- printing and checking ------------------------------------------------------------------
-
-
-@dataclass
-class Report:
-    """The checks made so far, printed as they happen: ✔ passed, ✘ failed."""
-
-    demo_dir: Path
-    checks: list[tuple[str, bool]] = field(default_factory=list)
-    steps: list[tuple[str, bool, float]] = field(default_factory=list)
-
-    def shown(self, text: str) -> str:
-        return text.replace(str(self.demo_dir), "$DEMO")
-
-    def command(self, argv: list[str]) -> None:
-        words = [Path(argv[0]).name] + [shlex.quote(a) for a in argv[1:]]
-        print(self.shown("  $ " + " ".join(words)), flush=True)
-
-    def output(self, text: str, limit: int | None = None) -> None:
-        lines = text.rstrip("\n").splitlines()
-        if limit is not None and len(lines) > limit:
-            lines = [*lines[:limit], f"... ({len(lines) - limit} more lines)"]
-        for line in lines:
-            print(self.shown("    " + line), flush=True)
-
-    def check(self, ok: bool, text: str, *, fatal: bool = False) -> bool:
-        self.checks.append((text, ok))
-        print(f"  {'✔' if ok else '✘'} {self.shown(text)}", flush=True)
-        if not ok and fatal:
-            raise StepFailed(text)
-        return ok
-
-    @contextmanager
-    def step(self, number: int, title: str) -> Iterator[None]:
-        print(f"\n[{number}/6] {title}", flush=True)
-        before, start = len(self.checks), time.monotonic()
-        ok = False
-        try:
-            yield
-            ok = all(passed for _, passed in self.checks[before:])
-        finally:
-            seconds = time.monotonic() - start
-            self.steps.append((f"[{number}/6] {title}", ok, seconds))
-            print(f"  ({seconds:.1f} s)", flush=True)
-
-
-# --- processes the demo starts ------------------------------------------------------------
-
-
-@dataclass
-class Host:
-    """Runs commands in the demo directory and stops everything it started, whatever happens."""
-
-    demo_dir: Path
-    report: Report
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    served: set[str] = field(default_factory=set)
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
-
-    @property
-    def db(self) -> Path:
-        return self.demo_dir / "keystore.db"
-
-    def path(self, name: str) -> Path:
-        return self.demo_dir / name
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ, VMSHIELD_DB=str(self.db))
-        env.pop("VMSHIELD_GUEST_DIR", None)
-        return env
-
-    def vmshield(self, *args: str, expect: int = 0, limit: int | None = None,
-                 show: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        """Run `vmshield ARGS` (VMSHIELD_DB=$DEMO/keystore.db), print it and what it said."""
-        argv = [str(BIN / "vmshield"), *args]
-        self.report.command(argv)
-        proc = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=120,
-                              check=False)  # fmt: skip
-        if show or proc.returncode != expect:
-            self.report.output(proc.stderr + proc.stdout, limit)  # progress first, then result
-        if proc.returncode != expect:
-            raise StepFailed(f"vmshield {args[0]} {args[1] if len(args) > 1 else ''} exited "
-                             f"{proc.returncode}, expected {expect}")  # fmt: skip
-        if args[:2] == ("disk", "serve") and proc.returncode == 0:
-            self.served.add(args[2])
-        elif args[:2] == ("disk", "stop"):
-            self.served.discard(args[2])
-        return proc
-
-    def audit(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest audit rows (quietly: not printed)."""
-        out = subprocess.run([str(BIN / "vmshield"), "audit", "--json", "--limit", str(limit)],
-                             env=self.env(), capture_output=True, text=True, check=True,
-                             timeout=60).stdout  # fmt: skip
-        rows: list[dict[str, Any]] = json.loads(out)
-        return rows
-
-    def start(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        """A long-running process in its own session: Ctrl-C reaches us, we stop it in order."""
-        self.report.command(argv)
-        proc = subprocess.Popen(argv, env=self.env(), start_new_session=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def close(self) -> None:
-        """Stop whatever is still running: our processes, then the disk servers."""
-        for cleanup in reversed(self.cleanups):
-            try:
-                cleanup()
-            except Exception as exc:
-                print(f"  cleanup: {exc}", file=sys.stderr)
-        for proc in reversed(self.procs):
-            self.stop(proc)
-        for disk in sorted(self.served):
-            subprocess.run([str(BIN / "vmshield"), "disk", "stop", disk], env=self.env(),
-                           capture_output=True, timeout=30, check=False)  # fmt: skip
-        self.served.clear()
-
-
-# --- the guest console and the simulated USB stick ---------------------------------------
-
-
-class Console:
-    """A running QEMU's serial console (stdio): its output collected, its input writable."""
-
-    def __init__(self, host: Host, proc: subprocess.Popen[bytes]) -> None:
-        self.host, self.proc = host, proc
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self.changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for line in self.lines:
-                    if m := regex.search(line):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self.reader.is_alive()):
-                    tail = "\n".join(self.lines[-15:])
-                    raise StepFailed(f"guest console never showed {pattern!r}; last lines:\n"
-                                     f"{tail}")  # fmt: skip
-                self.changed.wait(min(left, 0.5))
-
-    def finish(self, timeout: float) -> int | None:
-        """Wait for QEMU to exit by itself (the guest powers off); its exit status."""
-        with suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout)
-        code = self.proc.poll()
-        self.host.stop(self.proc)
-        self.reader.join(5)
-        return code
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-
-class SimulatedStick:
-    """The owner's side of usbredir for one USB stick (what `usbredirect --to` does for real),
-    run in a thread with its own event loop so the main thread can stay synchronous."""
-
-    def __init__(self, address: str, device: FakeDevice) -> None:
-        self.address, self.device = address, device
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.owner: FakeOwner | None = None
-
-    def plug(self) -> None:
-        """Connect to usbgate and announce the device (interface_info, ep_info, connect)."""
-        self.thread.start()
-        coro = FakeOwner.connect(self.address, self.device)
-        self.owner = asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def closed_by_gateway(self) -> bool:
-        return self.owner is not None and self.owner.closed.is_set()
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            if self.owner is not None:
-                asyncio.run_coroutine_threadsafe(self.owner.close(), self.loop).result(5)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
-        self.loop.close()
 
 
 # --- the steps -----------------------------------------------------------------------------
@@ -306,27 +90,38 @@ def step1_keystore(host: Host, r: Report) -> Path:
     host.vmshield("disk", "create", VM, "--size", "64M", "--password-file", pw)
     disks = json.loads(host.vmshield("disk", "list", "--json", show=False).stdout)
     disk = next((d for d in disks if d["name"] == DISK), None)
-    r.check(disk is not None and disk["state"] == "ready",
-            f"keystore has user {USER}, VM {VM} and disk {DISK} (state ready)",
-            fatal=True)  # fmt: skip
+    r.check(
+        disk is not None and disk["state"] == "ready",
+        f"keystore has user {USER}, VM {VM} and disk {DISK} (state ready)",
+        fatal=True,
+    )
     assert disk is not None
     image = Path(disk["path"])
     head = image.read_bytes()[:6]
-    r.check(head == b"LUKS\xba\xbe",
-            f"{image} is a LUKS container ({disk['format']}, {disk['cipher']}, "
-            f"{disk['size'] // 2**20} MiB of plaintext)", fatal=True)  # fmt: skip
+    r.check(
+        head == b"LUKS\xba\xbe",
+        f"{image} is a LUKS container ({disk['format']}, {disk['cipher']}, "
+        f"{disk['size'] // 2**20} MiB of plaintext)",
+        fatal=True,
+    )
     return image
 
 
-def start_guest(host: Host, guest: Guest, sock: Path, mode: str, *, readonly: bool = False,
-                extra: list[str] | None = None) -> Console:  # fmt: skip
+def start_guest(
+    host: Host,
+    guest: Guest,
+    sock: Path,
+    mode: str,
+    *,
+    readonly: bool = False,
+    extra: list[str] | None = None,
+) -> Console:
     """QEMU running the test guest in `mode`, its disk the NBD export on `sock` (TCG)."""
     argv = qemu_argv(guest, sock, mode)  # tests/guest.py: the same command line the tests use
     if readonly:
         argv[argv.index("-drive") + 1] += ",readonly=on"  # for a read-only server (nbdkit -r)
     argv += extra or []
-    proc = host.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                      stderr=subprocess.STDOUT)  # fmt: skip
+    proc = host.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return Console(host, proc)
 
 
@@ -334,9 +129,9 @@ def serve(host: Host, *, readonly: bool = False) -> Path:
     """`vmshield disk serve`: the owner's password -> keystore check -> nbdkit over a pipe."""
     sock = host.path(f"run/{DISK}{'-ro' if readonly else ''}.sock")
     ro = ["--readonly"] if readonly else []
-    host.vmshield("disk", "serve", DISK, *ro, "--socket", str(sock),
-                  "--password-file", str(host.path("secrets/alice.pw")),
-                  limit=None if not readonly else 1)  # fmt: skip
+    pw = str(host.path("secrets/alice.pw"))
+    host.vmshield("disk", "serve", DISK, *ro, "--socket", str(sock), "--password-file", pw,
+                  limit=1 if readonly else None)  # fmt: skip
     return sock
 
 
@@ -348,9 +143,12 @@ def step2_guest_writes(host: Host, r: Report, guest: Guest) -> None:
     said = console.wait_for(rf"^({DONE}|{FAIL}).*", 90).group(0)
     r.output(f"guest: {said}")
     code = console.finish(30)
-    r.check(said == f"{DONE} mode=write" and code == 0,
-            f"the guest wrote the marker through the plugin and powered off "
-            f"({time.monotonic() - started:.1f} s under TCG)", fatal=True)  # fmt: skip
+    r.check(
+        said == f"{DONE} mode=write" and code == 0,
+        f"the guest wrote the marker through the plugin and powered off "
+        f"({time.monotonic() - started:.1f} s under TCG)",
+        fatal=True,
+    )
     host.vmshield("disk", "stop", DISK)  # flushes and closes: the master key leaves memory
 
 
@@ -362,40 +160,50 @@ def step3_proof(host: Host, r: Report, image: Path) -> Path:
     offset, length = payload_region(str(image))
     payload = data[offset : offset + length]
     leaked = [MARKER[i : i + 8] for i in range(len(MARKER) - 7) if MARKER[i : i + 8] in payload]
-    r.check(MARKER not in data and not leaked,
-            f"the marker is absent from the ciphertext file; its encrypted payload (from byte "
-            f"{offset}) holds not even an 8-byte fragment of it")  # fmt: skip
+    r.check(
+        MARKER not in data and not leaked,
+        f"the marker is absent from the ciphertext file; its encrypted payload (from byte "
+        f"{offset}) holds not even an 8-byte fragment of it",
+    )
 
     # A wrong password: the keystore refuses it and writes it into the audit trail ...
-    host.vmshield("disk", "serve", DISK, "--password-file", str(host.path("secrets/wrong.pw")),
-                  expect=77)  # fmt: skip
+    host.vmshield(
+        "disk", "serve", DISK, "--password-file", str(host.path("secrets/wrong.pw")), expect=77
+    )
     last = host.audit(1)[-1]
-    r.check(last["action"] == "auth.fail" and last["detail"].get("user") == USER,
-            f"wrong password refused and audited: #{last['seq']} {last['action']} "
-            f"{json.dumps(last['detail'], sort_keys=True)}")  # fmt: skip
+    r.check(
+        last["action"] == "auth.fail" and last["detail"].get("user") == USER,
+        f"wrong password refused and audited: #{last['seq']} {last['action']} "
+        f"{json.dumps(last['detail'], sort_keys=True)}",
+    )
 
     # ... and even bypassing the keystore, the LUKS keyslot itself refuses it.
     argv = ["nbdkit", "-f", "-U", str(host.path("run/bypass.sock")), "python", PLUGIN,
             f"image={image}", f"passphrase=+{host.path('secrets/wrong.pw')}"]  # fmt: skip
     r.command(argv)
     try:
-        bypass = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                                check=False)  # fmt: skip
+        bypass = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
         refused, said = bypass.returncode != 0, (bypass.stderr.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
         refused, said = False, "nbdkit kept running: it accepted the wrong passphrase"
     r.output(said)
-    r.check(refused, "nbdkit with the plugin, given the wrong passphrase directly, stops "
-            "before listening")  # fmt: skip
+    r.check(
+        refused,
+        "nbdkit with the plugin, given the wrong passphrase directly, stops before listening",
+    )
 
     # The right password opens the decrypted view (read-only server) for the key holder.
     sock = serve(host, readonly=True)
     plain = read_export(str(sock))
     in_file = plain.find(MARKER + b"\n", 0, FS_BYTES)
     raw = plain[RAW_OFFSET : RAW_OFFSET + len(MARKER)]
-    r.check(in_file >= 0 and raw == MARKER,
-            f"the decrypted view holds the marker: in /marker.txt (ext2, plaintext byte "
-            f"{in_file}) and raw at byte {RAW_OFFSET} (48 MiB)")  # fmt: skip
+    r.check(
+        in_file >= 0 and raw == MARKER,
+        f"the decrypted view holds the marker: in /marker.txt (ext2, plaintext byte "
+        f"{in_file}) and raw at byte {RAW_OFFSET} (48 MiB)",
+    )
     return sock
 
 
@@ -426,8 +234,10 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     console.send('mount -t ext2 -o ro /dev/vda /mnt && echo "GUEST-READ: $(cat /mnt/marker.txt)"')
     seen = console.wait_for(r"^GUEST-READ: (.*)$", 30).group(1)
     r.output(f"guest: {seen}")
-    r.check(seen == MARKER.decode(), "the guest is up (TCG) and reads the marker from its "
-            "encrypted disk")  # fmt: skip
+    r.check(
+        seen == MARKER.decode(),
+        "the guest is up (TCG) and reads the marker from its encrypted disk",
+    )
     qmp = Qmp(str(qmp_path))
     host.cleanups.append(qmp.close)
 
@@ -446,14 +256,19 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     # Plug the stick in (on the owner's side): usbgate probes its descriptors, asks the rules.
     stick = SimulatedStick(f"unix:{gate}", STICK)
     host.cleanups.append(stick.close)
-    print(f"  plugging in the simulated USB stick {STICK_ID} (mass storage, serial "
-          f"{STICK.serial}) on the owner's side of usbgate")  # fmt: skip
+    print(
+        f"  plugging in the simulated USB stick {STICK_ID} (mass storage, serial "
+        f"{STICK.serial}) on the owner's side of usbgate"
+    )
     plugged = time.time()
     stick.plug()
     seen_at = wait_attached(True, 10)
-    r.check(seen_at is not None, f"allowed by rule 'allow {STICK_ID}': QEMU attached it "
-            f"(QMP attached=true after {((seen_at or plugged) - plugged) * 1000:.0f} ms)",
-            fatal=True)  # fmt: skip
+    r.check(
+        seen_at is not None,
+        f"allowed by rule 'allow {STICK_ID}': QEMU attached it "
+        f"(QMP attached=true after {((seen_at or plugged) - plugged) * 1000:.0f} ms)",
+        fatal=True,
+    )
 
     # Block it while attached: a new rule in front of the allow rule. While the command runs,
     # watch the VM's rules the way usbgate does (keystore.usbrules.RulesWatcher: the moment the
@@ -463,8 +278,7 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     argv = [str(BIN / "vmshield"), "usb", "block", VM, STICK_ID, "--position", "1"]
     r.command(argv)
     started = time.monotonic()
-    block = subprocess.Popen(argv, env=host.env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)  # fmt: skip
+    block = subprocess.Popen(argv, env=host.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     committed = detached = None
     while (committed is None or detached is None) and time.monotonic() < started + 30:
         if committed is None and watcher.poll() is not None:
@@ -474,22 +288,33 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
         time.sleep(0.0005)
     block.communicate(timeout=30)
     took = time.monotonic() - started
-    r.check(block.returncode == 0 and detached is not None,
-            "`vmshield usb block` detached it (QMP attached=false)", fatal=True)  # fmt: skip
+    r.check(
+        block.returncode == 0 and detached is not None,
+        "`vmshield usb block` detached it (QMP attached=false)",
+        fatal=True,
+    )
     assert detached is not None
-    revoked = next((x for x in _wait_audit(host, "usb.revoked", 5)
-                    if x["action"] == "usb.revoked"), None)  # fmt: skip
+    revoked = next(
+        (x for x in _wait_audit(host, "usb.revoked", 5) if x["action"] == "usb.revoked"), None
+    )
     gate_ms = revoked["detail"].get("latency_ms") if revoked else None
-    print(f"  latency: usbgate, from seeing the new rule to device_disconnect: {gate_ms} ms "
-          f"(audit usb.revoked)")  # fmt: skip
+    print(
+        f"  latency: usbgate, from seeing the new rule to device_disconnect: {gate_ms} ms "
+        f"(audit usb.revoked)"
+    )
     if committed is not None:
         e2e_ms = (detached - committed) * 1000
-        print(f"           rule committed to the keystore -> QEMU reports detached: "
-              f"{e2e_ms:.1f} ms (usbgate polls every 10 ms)")  # fmt: skip
-        print(f"           the whole `vmshield usb block` command: {took * 1000:.0f} ms "
-              f"(Python start-up, synchronous SQLite commit)")  # fmt: skip
-        r.check(e2e_ms < 50, f"detached {e2e_ms:.1f} ms after the rule was committed "
-                "(target: 50 ms)")  # fmt: skip
+        print(
+            f"           rule committed to the keystore -> QEMU reports detached: "
+            f"{e2e_ms:.1f} ms (usbgate polls every 10 ms)"
+        )
+        print(
+            f"           the whole `vmshield usb block` command: {took * 1000:.0f} ms "
+            f"(Python start-up, synchronous SQLite commit)"
+        )
+        r.check(
+            e2e_ms < 50, f"detached {e2e_ms:.1f} ms after the rule was committed (target: 50 ms)"
+        )
     else:
         r.check(False, "the rule's commit was seen in the keystore")
     r.check(stick.closed_by_gateway(), "the owner's connection was closed by usbgate")
@@ -518,14 +343,18 @@ def step5_destroy(host: Host, r: Report, image: Path) -> None:
     host.vmshield("disk", "destroy", DISK, "--method", "dod3", "--yes")
     row = next(x for x in reversed(host.audit(5)) if x["action"] == "disk.state")
     cert_path = Path(row["detail"].get("certificate", ""))
-    r.check(row["detail"].get("to") == "destroyed" and cert_path.is_file(),
-            f"disk {DISK} destroyed; certificate {cert_path}")  # fmt: skip
+    r.check(
+        row["detail"].get("to") == "destroyed" and cert_path.is_file(),
+        f"disk {DISK} destroyed; certificate {cert_path}",
+    )
     cert = json.loads(cert_path.read_text())
     print("  certificate (one line per field):")
     for key, value in cert.items():
         r.output(f"{key}: {json.dumps(value, sort_keys=True)}")
-    r.check(cert["crypto_erase"]["performed"] and cert["verification"]["result"] == "passed",
-            "keyslots wiped first (crypto-erase), then 00/FF/random, last pass verified")
+    r.check(
+        cert["crypto_erase"]["performed"] and cert["verification"]["result"] == "passed",
+        "keyslots wiped first (crypto-erase), then 00/FF/random, last pass verified",
+    )
     r.check(not image.exists(), f"the ciphertext file is gone ({image})")
 
 
@@ -533,8 +362,15 @@ def step6_audit(host: Host, r: Report) -> None:
     """Every step above left a row; each row carries the hash of the one before."""
     host.vmshield("audit")
     actions = {x["action"] for x in host.audit(1000)}
-    wanted = {"user.add", "vm.add", "disk.serve", "auth.fail", "usb.allowed", "usb.revoked",
-              "disk.state"}  # fmt: skip
+    wanted = {
+        "user.add",
+        "vm.add",
+        "disk.serve",
+        "auth.fail",
+        "usb.allowed",
+        "usb.revoked",
+        "disk.state",
+    }
     r.check(wanted <= actions, f"the trail holds {', '.join(sorted(wanted))}")
     verify = host.vmshield("audit", "verify", expect=0)
     r.check(verify.stdout.startswith("ok"), "the hash chain verifies")
@@ -543,31 +379,14 @@ def step6_audit(host: Host, r: Report) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
-def prepare(demo_dir: Path) -> None:
-    """Wipe the demo directory (only if it is ours, or empty), stopping old servers first."""
-    if demo_dir.exists():
-        if any(demo_dir.iterdir()) and not (demo_dir / SAFE_TO_WIPE).exists():
-            raise SystemExit(f"demo: {demo_dir} is not empty and not a demo directory "
-                             f"(no {SAFE_TO_WIPE}); choose another --dir")  # fmt: skip
-        old_db = demo_dir / "keystore.db"
-        if old_db.exists():  # a previous run that was killed: its servers may still run
-            env = dict(os.environ, VMSHIELD_DB=str(old_db))
-            subprocess.run([str(BIN / "vmshield"), "disk", "stop", DISK], env=env,
-                           capture_output=True, timeout=30, check=False)  # fmt: skip
-        shutil.rmtree(demo_dir)
-    demo_dir.mkdir(parents=True, mode=0o700)
-    (demo_dir / SAFE_TO_WIPE).write_text("scripts/demo wipes this directory on every run\n")
-    (demo_dir / "run").mkdir(mode=0o700)
-    longest = demo_dir / "run" / f"{DISK}-ro.sock.pid"
-    if len(str(longest)) > SOCKET_MAX:
-        raise SystemExit(f"demo: {demo_dir} is too long for unix socket paths "
-                         f"({SOCKET_MAX} bytes); choose a shorter --dir")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", type=Path, default=ROOT / "var" / "demo",
-                        help="data directory, wiped at the start (default: var/demo)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=ROOT / "var" / "demo",
+        help="data directory, wiped at the start (default: var/demo)",
+    )
     parser.add_argument("--kernel", type=Path, help="guest kernel (default: scripts/build-guest)")
     parser.add_argument("--initrd", type=Path, help="guest initramfs (with --kernel)")
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)  # scripts/demo's clock
@@ -582,13 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
 
-    prepare(demo_dir)
+    prepare(demo_dir, DISK)
     r = Report(demo_dir)
     host = Host(demo_dir, r)
-    guest = (Guest(args.kernel, args.initrd) if args.kernel and args.initrd
-             else build_guest())  # fmt: skip
-    print(f"vmshield demo: data in DEMO={demo_dir} (wiped at the start); "
-          f"VMSHIELD_DB=$DEMO/keystore.db")  # fmt: skip
+    guest = Guest(args.kernel, args.initrd) if args.kernel and args.initrd else build_guest()
+    print(
+        f"vmshield demo: data in DEMO={demo_dir} (wiped at the start); "
+        f"VMSHIELD_DB=$DEMO/keystore.db"
+    )
     print(f"guest: {guest.kernel.name} + {guest.initrd.name} (scripts/build-guest), TCG")
     failure = ""
     try:
@@ -624,12 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     for title, ok, seconds in r.steps:
         print(f"  {'✔' if ok else '✘'} {title:<78} {seconds:5.1f} s")
     if failed or failure or len(r.steps) < 6:
-        print(f"✘ vmshield demo FAILED{f' ({failure})' if failure else ''}: {len(failed)} of "
-              f"{len(r.checks)} checks failed, {6 - len(r.steps)} of 6 steps not run; "
-              f"total {total:.1f} s")  # fmt: skip
+        print(
+            f"✘ vmshield demo FAILED{f' ({failure})' if failure else ''}: {len(failed)} of "
+            f"{len(r.checks)} checks failed, {6 - len(r.steps)} of 6 steps not run; "
+            f"total {total:.1f} s"
+        )
         return 1
-    print(f"✔ vmshield demo passed: all {len(r.checks)} checks in {total:.1f} s "
-          f"(setup and guest build included)")  # fmt: skip
+    print(
+        f"✔ vmshield demo passed: all {len(r.checks)} checks in {total:.1f} s "
+        f"(setup and guest build included)"
+    )
     return 0
 
 
