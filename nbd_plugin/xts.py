@@ -218,16 +218,24 @@ class XtsCipher:
             return
         sectors = length // self.sector_size
         if self._native is not None and sectors <= self._native_max:
-            step = self._native.capacity
-            done = 0
-            while done < sectors:
-                n = min(step, sectors - done)
-                a, b = done * self.sector_size, (done + n) * self.sector_size
-                self._native.apply(
-                    encrypt, _slice(src, a, b), _slice(dst, a, b), n, first_iv + done * self.iv_step
-                )
-                done += n
+            self._apply_native(encrypt, src, dst, sectors, first_iv)
+        else:
+            self._apply_numpy(encrypt, src, dst, sectors, first_iv)
+
+    def _apply_native(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:
+        assert self._native is not None
+        step = self._native.capacity
+        if sectors <= step:
+            self._native.apply(encrypt, src, dst, sectors, first_iv)
             return
+        for done in range(0, sectors, step):
+            n = min(step, sectors - done)
+            a, b = done * self.sector_size, (done + n) * self.sector_size
+            iv = first_iv + done * self.iv_step
+            self._native.apply(encrypt, _slice(src, a, b), _slice(dst, a, b), n, iv)
+
+    def _apply_numpy(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:
+        length = sectors * self.sector_size
         chunks, chunk = _chunking(sectors)
         s = self._scratch(chunks * chunk)
         try:
