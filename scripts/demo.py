@@ -26,6 +26,7 @@ played in-process; QEMU's usb-redir side is real. The guest helpers come from te
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import signal
 import subprocess
@@ -210,7 +211,7 @@ def step3_proof(host: Host, r: Report, image: Path) -> Path:
 def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     """usbgate between a simulated stick and the running guest's usb-redir: allow, then block."""
     redir, qmp_path = host.path("run/usbredir0.sock"), host.path("run/qmp.sock")
-    gate = host.path("run/usbgate.sock")
+    gate, gate_log = host.path("run/usbgate.sock"), host.path("run/usbgate.log")
     host.vmshield("usb", "allow", VM, STICK_ID, show=False)
     host.vmshield("usb", "list", VM)
 
@@ -222,108 +223,122 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
         "-device", "usb-redir,chardev=usbredir0,id=usb0",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
     ])  # fmt: skip
-    usbgate = host.start([str(BIN / "usbgate"), "run", "--vm", VM, "--listen", f"unix:{gate}",
-                          "--qemu", f"unix:{redir}", "--db", str(host.db)],
-                         stderr=subprocess.PIPE)  # fmt: skip
-    assert usbgate.stderr is not None
-    said = usbgate.stderr.readline().decode(errors="replace").strip()  # "... listening on ..."
+    with gate_log.open("wb") as log:
+        usbgate = host.start([str(BIN / "usbgate"), "run", "--vm", VM, "--listen",
+                              f"unix:{gate}", "--qemu", f"unix:{redir}", "--db", str(host.db)],
+                             stderr=log)  # fmt: skip
+    said = wait_for_line(gate_log, "listening on", 20)
     r.output(said)
-    r.check("listening" in said, f"usbgate for VM {VM} is up", fatal=True)
+    r.check("listening on" in said, f"usbgate for VM {VM} is up", fatal=True)
 
     console.wait_for(r"^vmshield guest shell", 90)
     console.send('mount -t ext2 -o ro /dev/vda /mnt && echo "GUEST-READ: $(cat /mnt/marker.txt)"')
     seen = console.wait_for(r"^GUEST-READ: (.*)$", 30).group(1)
     r.output(f"guest: {seen}")
-    r.check(
-        seen == MARKER.decode(),
-        "the guest is up (TCG) and reads the marker from its encrypted disk",
-    )
-    qmp = Qmp(str(qmp_path))
-    host.cleanups.append(qmp.close)
-
-    def attached() -> bool:
-        return bool(qmp.execute("qom-get", path="/machine/peripheral/usb0", property="attached"))
-
-    def wait_attached(want: bool, timeout: float) -> float | None:
-        """Poll QMP until usb0's `attached` is `want`; the wall-clock time it was seen."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if attached() == want:
-                return time.time()
-            time.sleep(0.001)
-        return None
+    r.check(seen == MARKER.decode(), "the guest is up and reads the marker from its disk")
+    usb0 = RedirDevice(Qmp(str(qmp_path)), "usb0")
+    host.cleanups.append(usb0.qmp.close)
 
     # Plug the stick in (on the owner's side): usbgate probes its descriptors, asks the rules.
     stick = SimulatedStick(f"unix:{gate}", STICK)
     host.cleanups.append(stick.close)
-    print(
-        f"  plugging in the simulated USB stick {STICK_ID} (mass storage, serial "
-        f"{STICK.serial}) on the owner's side of usbgate"
-    )
-    plugged = time.time()
+    print(f"  plugging in the simulated USB stick {STICK_ID} (mass storage, serial "
+          f"{STICK.serial}) on the owner's side of usbgate")  # fmt: skip
+    plugged = time.monotonic()
     stick.plug()
-    seen_at = wait_attached(True, 10)
-    r.check(
-        seen_at is not None,
-        f"allowed by rule 'allow {STICK_ID}': QEMU attached it "
-        f"(QMP attached=true after {((seen_at or plugged) - plugged) * 1000:.0f} ms)",
-        fatal=True,
-    )
+    seen_at = usb0.wait(attached=True, timeout=10)
+    r.check(seen_at is not None, f"allowed by rule 'allow {STICK_ID}': QEMU attached it "
+            f"(QMP attached=true after {((seen_at or plugged) - plugged) * 1000:.0f} ms)",
+            fatal=True)  # fmt: skip
 
-    # Block it while attached: a new rule in front of the allow rule. While the command runs,
-    # watch the VM's rules the way usbgate does (keystore.usbrules.RulesWatcher: the moment the
-    # commit is visible) and QEMU (QMP), to time the detach end to end.
-    watcher = RulesWatcher(host.db, VM)
-    host.cleanups.append(watcher.close)
-    argv = [str(BIN / "vmshield"), "usb", "block", VM, STICK_ID, "--position", "1"]
-    r.command(argv)
-    started = time.monotonic()
-    block = subprocess.Popen(argv, env=host.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    committed = detached = None
-    while (committed is None or detached is None) and time.monotonic() < started + 30:
-        if committed is None and watcher.poll() is not None:
-            committed = time.monotonic()
-        if detached is None and not attached():
-            detached = time.monotonic()
-        time.sleep(0.0005)
-    block.communicate(timeout=30)
-    took = time.monotonic() - started
-    r.check(
-        block.returncode == 0 and detached is not None,
-        "`vmshield usb block` detached it (QMP attached=false)",
-        fatal=True,
-    )
-    assert detached is not None
-    revoked = next(
-        (x for x in _wait_audit(host, "usb.revoked", 5) if x["action"] == "usb.revoked"), None
-    )
+    # Block it while attached: a new rule in front of the allow rule.
+    committed, detached, took = block_and_time(host, r, usb0)
+    r.check(detached is not None, "`vmshield usb block` detached it (QMP attached=false)",
+            fatal=True)  # fmt: skip
+    rows = _wait_audit(host, "usb.revoked", 5)
+    revoked = next((x for x in rows if x["action"] == "usb.revoked"), None)
     gate_ms = revoked["detail"].get("latency_ms") if revoked else None
-    print(
-        f"  latency: usbgate, from seeing the new rule to device_disconnect: {gate_ms} ms "
-        f"(audit usb.revoked)"
-    )
-    if committed is not None:
+    print(f"  latency: usbgate, from seeing the new rule to device_disconnect: {gate_ms} ms "
+          "(audit usb.revoked)")  # fmt: skip
+    if committed is not None and detached is not None:
         e2e_ms = (detached - committed) * 1000
-        print(
-            f"           rule committed to the keystore -> QEMU reports detached: "
-            f"{e2e_ms:.1f} ms (usbgate polls every 10 ms)"
-        )
-        print(
-            f"           the whole `vmshield usb block` command: {took * 1000:.0f} ms "
-            f"(Python start-up, synchronous SQLite commit)"
-        )
-        r.check(
-            e2e_ms < 50, f"detached {e2e_ms:.1f} ms after the rule was committed (target: 50 ms)"
-        )
+        print(f"           rule committed to the keystore -> QEMU reports detached: "
+              f"{e2e_ms:.1f} ms (usbgate polls every 10 ms)")  # fmt: skip
+        print(f"           the whole `vmshield usb block` command: {took * 1000:.0f} ms "
+              "(Python start-up, synchronous SQLite commit)")  # fmt: skip
+        r.check(e2e_ms < 50, f"detached {e2e_ms:.1f} ms after the rule was committed "
+                "(target: 50 ms)")  # fmt: skip
     else:
         r.check(False, "the rule's commit was seen in the keystore")
-    r.check(stick.closed_by_gateway(), "the owner's connection was closed by usbgate")
+    r.check(stick.wait_closed(5) and stick.was_rejected(),
+            "usbgate told the owner (filter_reject) and hung up")  # fmt: skip
 
     # Power the guest off: leaving the shell ends /init (done-line, poweroff).
     console.send("umount /mnt; exit")
     console.wait_for(rf"^{DONE} mode=shell", 30)
     r.check(console.finish(30) == 0, "the guest powered off; QEMU exited")
     host.stop(usbgate)
+
+
+class RedirDevice:
+    """A usb-redir device of the running QEMU, watched over QMP (`attached` is reliable;
+    `info usb` lists a usb-redir device whether a USB device is attached or not)."""
+
+    def __init__(self, qmp: Qmp, device_id: str) -> None:
+        self.qmp, self.path = qmp, f"/machine/peripheral/{device_id}"
+
+    def attached(self) -> bool:
+        return bool(self.qmp.execute("qom-get", path=self.path, property="attached"))
+
+    def wait(self, *, attached: bool, timeout: float) -> float | None:
+        """Poll until `attached` has the wanted value; when it was seen (monotonic), or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.attached() == attached:
+                return time.monotonic()
+            time.sleep(0.001)
+        return None
+
+
+def block_and_time(
+    host: Host, r: Report, usb0: RedirDevice
+) -> tuple[float | None, float | None, float]:
+    """Run `vmshield usb block`; meanwhile watch the VM's rules the way usbgate does
+    (keystore.usbrules.RulesWatcher: when the commit becomes visible) and QEMU over QMP.
+    Returns (rule committed, QEMU detached, command's duration); times are monotonic."""
+    watcher = RulesWatcher(host.db, VM)
+    try:
+        argv = [str(BIN / "vmshield"), "usb", "block", VM, STICK_ID, "--position", "1"]
+        r.command(argv)
+        started = time.monotonic()
+        block = subprocess.Popen(argv, env=host.env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)  # fmt: skip
+        committed = detached = None
+        while (committed is None or detached is None) and time.monotonic() < started + 30:
+            if committed is None and watcher.poll() is not None:
+                committed = time.monotonic()
+            if detached is None and not usb0.attached():
+                detached = time.monotonic()
+            time.sleep(0.0005)
+        out = block.communicate(timeout=30)[0].decode(errors="replace")
+        took = time.monotonic() - started
+    finally:
+        watcher.close()
+    if block.returncode != 0:
+        r.output(out)
+        raise StepFailed(f"vmshield usb block exited {block.returncode}")
+    return committed, detached, took
+
+
+def wait_for_line(log: Path, needle: str, timeout: float) -> str:
+    """The first line of `log` containing `needle` (the last line so far on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = log.read_text(errors="replace").splitlines()
+        found = [line for line in lines if needle in line]
+        if found or time.monotonic() > deadline:
+            return (found or lines or [""])[0 if found else -1].strip()
+        time.sleep(0.05)
 
 
 def _wait_audit(host: Host, action: str, timeout: float) -> list[dict[str, Any]]:
@@ -347,7 +362,10 @@ def step5_destroy(host: Host, r: Report, image: Path) -> None:
         row["detail"].get("to") == "destroyed" and cert_path.is_file(),
         f"disk {DISK} destroyed; certificate {cert_path}",
     )
-    cert = json.loads(cert_path.read_text())
+    raw = cert_path.read_bytes()
+    r.check(hashlib.sha256(raw).hexdigest() == row["detail"].get("certificate_sha256"),
+            "the certificate's SHA-256 is the one recorded in the audit chain")  # fmt: skip
+    cert = json.loads(raw)
     print("  certificate (one line per field):")
     for key, value in cert.items():
         r.output(f"{key}: {json.dumps(value, sort_keys=True)}")

@@ -246,8 +246,18 @@ class SimulatedStick:
         coro = FakeOwner.connect(self.address, self.device)
         self.owner = asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
-    def closed_by_gateway(self) -> bool:
+    def wait_closed(self, timeout: float) -> bool:
+        """Has the other side (usbgate) closed the connection (within `timeout` seconds)?"""
+        deadline = time.monotonic() + timeout
+        while self.owner is not None and time.monotonic() < deadline:
+            if self.owner.closed.is_set():
+                return True
+            time.sleep(0.01)
         return self.owner is not None and self.owner.closed.is_set()
+
+    def was_rejected(self) -> bool:
+        """Did the gateway send filter_reject (it refuses the device to its owner)?"""
+        return self.owner is not None and self.owner.filter_rejected.is_set()
 
     def close(self) -> None:
         if self.thread.is_alive():
