@@ -46,7 +46,15 @@ NATIVE_SECTORS = 32
 fixed cost. Sectors of 4096 bytes or more always do (one call per 4 KiB is cheap)."""
 
 U64 = npt.NDArray[np.uint64]
-_R_SHIFTS = (1, 2, 7)  # x^128 = x^7 + x^2 + x + 1
+
+
+def _reduce(over: U64, red: U64, tmp: U64) -> None:
+    """red = R(over) = over * (x^7 + x^2 + x + 1), carry-less (over has at most 57 bits)."""
+    np.left_shift(over, np.uint64(1), out=red)
+    np.bitwise_xor(red, over, out=red)
+    for k in (2, 7):
+        np.left_shift(over, np.uint64(k), out=tmp)
+        np.bitwise_xor(red, tmp, out=red)
 
 
 def _slice(buf: Any, start: int, end: int) -> Any:
@@ -79,6 +87,7 @@ class _Scratch:
         self.ivs = np.zeros((capacity, 2), dtype=np.uint64)
         # cryptography's update_into wants len(out) >= len(data) + 15.
         self.first = bytearray(capacity * BLOCK + BLOCK)
+        self.lohi = np.empty(capacity * 2, dtype=np.uint64)
         self.planes = np.empty(capacity * blocks * 2, dtype=np.uint64)
         self.over = np.empty(capacity * SPAN, dtype=np.uint64)
         self.red = np.empty(capacity * SPAN, dtype=np.uint64)
@@ -165,17 +174,19 @@ class XtsCipher:
         s.tweak_enc.update_into(s.ivs[:sectors].reshape(-1).view(np.uint8).data, s.first)
         first = np.frombuffer(s.first, dtype=np.uint64, count=sectors * 2)
         first = first.reshape(chunks, 1, chunk, 2)
-        lo, hi = first[..., 0], first[..., 1]  # (chunks, 1, chunk)
+        # Contiguous copies of the (chunks, 1, chunk) lo and hi words: the broadcasts below
+        # read each of them 32 times (~15 % faster than reading the interleaved ECB output).
+        lohi = s.lohi[: 2 * sectors].reshape(2, chunks, 1, chunk)
+        lo, hi = lohi[0], lohi[1]
+        np.copyto(lo, first[..., 0])
+        np.copyto(hi, first[..., 1])
         planes = s.planes[: sectors * blocks * 2].reshape(chunks, 2, blocks, chunk)
         plo, phi = planes[:, 0, :span], planes[:, 1, :span]  # (chunks, span, chunk)
         over = s.over[: sectors * span].reshape(chunks, span, chunk)
         red = s.red[: sectors * span].reshape(chunks, span, chunk)
-        # lo_s = (lo << s) ^ R(hi >> (64 - s))
+        # lo_s = (lo << s) ^ R(hi >> (64 - s)); plo is scratch until its final value
         np.right_shift(hi, self._shift_back, out=over)
-        np.copyto(red, over)
-        for k in _R_SHIFTS:
-            np.left_shift(over, np.uint64(k), out=plo)
-            np.bitwise_xor(red, plo, out=red)
+        _reduce(over, red, plo)
         np.left_shift(lo, self._shift, out=plo)
         np.bitwise_xor(plo, red, out=plo)
         # hi_s = (hi << s) | (lo >> (64 - s))
@@ -199,10 +210,7 @@ class XtsCipher:
         over = s.over[: chunks * SPAN * chunk].reshape(chunks, SPAN, chunk)
         red = s.red[: chunks * SPAN * chunk].reshape(chunks, SPAN, chunk)
         np.right_shift(shi, back, out=over)
-        np.copyto(red, over)
-        for r in _R_SHIFTS:
-            np.left_shift(over, np.uint64(r), out=dlo)
-            np.bitwise_xor(red, dlo, out=red)
+        _reduce(over, red, dlo)
         np.left_shift(slo, k, out=dlo)
         np.bitwise_xor(dlo, red, out=dlo)
         np.left_shift(shi, k, out=dhi)
