@@ -1,5 +1,10 @@
 """AES-XTS over whole requests: a handful of OpenSSL and numpy calls per request.
 
+Small requests (up to ``NATIVE_SECTORS`` sectors) and 4096-byte sectors go to OpenSSL's own
+XTS one sector at a time through the system libcrypto (``nbd_plugin.xts_libcrypto``), when it
+is there and agrees with cryptography on a test sector; everything else, and everything when
+it is not, takes the numpy path below, which uses only cryptography's public API.
+
 XTS (IEEE 1619) encrypts block i of data unit j as ``E_K1(P xor D) xor D`` with
 ``D = T_j * alpha^i`` in GF(2^128) and ``T_j = E_K2(IV_j)``. Per request we make
 
@@ -14,8 +19,8 @@ XTS (IEEE 1619) encrypts block i of data unit j as ``E_K1(P xor D) xor D`` with
    counts: each call covers every block of every sector of the request, its inner loop runs
    along c sectors with one scalar shift (numpy's fast path), and the number of numpy calls
    does not grow with the request. 4096-byte sectors (256 blocks) chain ``* alpha^32``;
-3. one strided copy from those (word, block, sector) planes into the data's (sector, block,
-   word) order, chunk by chunk of ``CHUNK`` sectors so the transpose stays in cache;
+3. two strided copies from those (chunk, word, block, sector) planes into the data's (sector,
+   block, word) order; chunks of ``CHUNK`` sectors keep each transpose in cache;
 4. data xor tweaks, one AES-ECB call under K1, xor tweaks again (contiguous, in place).
 
 A data unit is a whole sector (512 or 4096 bytes): no ciphertext stealing. Scratch arrays
