@@ -462,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     for title, ok, seconds in r.steps:
         print(f"  {'✔' if ok else '✘'} {title:<78} {seconds:5.1f} s")
     if failed or failure or len(r.steps) < 6:
+        why = failure.splitlines()[0].rstrip(";:") if failure else ""
         print(
-            f"✘ vmshield demo FAILED{f' ({failure})' if failure else ''}: {len(failed)} of "
+            f"✘ vmshield demo FAILED{f' ({why})' if why else ''}: {len(failed)} of "
             f"{len(r.checks)} checks failed, {6 - len(r.steps)} of 6 steps not run; "
             f"total {total:.1f} s"
         )

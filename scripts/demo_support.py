@@ -62,7 +62,8 @@ class Report:
 
     def check(self, ok: bool, text: str, *, fatal: bool = False) -> bool:
         self.checks.append((text, ok))
-        print(f"  {'✔' if ok else '✘'} {self.shown(text)}", flush=True)
+        shown = self.shown(text).replace("\n", "\n    ")  # continuation lines indented
+        print(f"  {'✔' if ok else '✘'} {shown}", flush=True)
         if not ok and fatal:
             raise StepFailed(text)
         return ok
@@ -86,7 +87,7 @@ class Report:
 
 @dataclass
 class Host:
-    """Runs commands in the demo directory and stops everything it started, whatever happens."""
+    """Runs commands against the demo's keystore; stops everything it started, whatever happens."""
 
     demo_dir: Path
     report: Report
@@ -102,9 +103,7 @@ class Host:
         return self.demo_dir / name
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, VMSHIELD_DB=str(self.db))
-        env.pop("VMSHIELD_GUEST_DIR", None)
-        return env
+        return dict(os.environ, VMSHIELD_DB=str(self.db))
 
     def vmshield(
         self, *args: str, expect: int = 0, limit: int | None = None, show: bool = True
@@ -112,9 +111,8 @@ class Host:
         """Run `vmshield ARGS` (VMSHIELD_DB=$DEMO/keystore.db), print it and what it said."""
         argv = [str(BIN / "vmshield"), *args]
         self.report.command(argv)
-        proc = subprocess.run(
-            argv, env=self.env(), capture_output=True, text=True, timeout=120, check=False
-        )
+        proc = subprocess.run(argv, env=self.env(), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
         if show or proc.returncode != expect:
             self.report.output(proc.stderr + proc.stdout, limit)  # progress first, then result
         if proc.returncode != expect:
