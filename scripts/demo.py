@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         failure = f"error: {type(exc).__name__}: {exc}"
         r.check(False, failure)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         print("\nstopping what the demo started ...", flush=True)
         host.close()
 
