@@ -261,13 +261,15 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     print(f"  latency: usbgate, from seeing the new rule to device_disconnect: {gate_ms} ms "
           "(audit usb.revoked)")  # fmt: skip
     if committed is not None and detached is not None:
+        # Both are polled in one loop (~1 ms a round): a detach seen in the same round as the
+        # commit, or one round before it, happened within that round.
         e2e_ms = (detached - committed) * 1000
-        print(f"           rule committed to the keystore -> QEMU reports detached: "
-              f"{e2e_ms:.1f} ms (usbgate polls every 10 ms)")  # fmt: skip
+        e2e = f"{e2e_ms:.1f} ms" if e2e_ms >= 1 else "under 1 ms (one polling round)"
+        print(f"           rule committed to the keystore -> QEMU reports detached: {e2e} "
+              "(usbgate polls the rules every 10 ms)")  # fmt: skip
         print(f"           the whole `vmshield usb block` command: {took * 1000:.0f} ms "
               "(Python start-up, synchronous SQLite commit)")  # fmt: skip
-        r.check(e2e_ms < 50, f"detached {e2e_ms:.1f} ms after the rule was committed "
-                "(target: 50 ms)")  # fmt: skip
+        r.check(e2e_ms < 50, f"detached {e2e} after the rule was committed (target: 50 ms)")
     else:
         r.check(False, "the rule's commit was seen in the keystore")
     r.check(stick.wait_closed(5) and stick.was_rejected(),
