@@ -10,6 +10,33 @@ from nbd_plugin.bench.servers import RATIO_TO, SUBJECT, Server
 
 GIB = 1 << 30
 DIRECTIONS = ("read", "write")
+KIB, MIB = 1 << 10, 1 << 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """The subject's ratio to a peer must reach ``at_least`` (issue 3's targets)."""
+
+    peer: str
+    direction: str
+    request_size: int
+    at_least: float
+    efficiency: bool = False  # MB per CPU-second instead of MB/s
+
+    def label(self) -> str:
+        what = "MB per CPU-s" if self.efficiency else "MB/s"
+        return f"{size_label(self.request_size)} {self.direction}, {what} vs {self.peer}"
+
+
+TARGETS = [
+    Target("luks", "read", MIB, 1.5),
+    Target("luks", "write", MIB, 2.0),
+    Target("luks", "read", 64 * KIB, 1.25),
+    Target("luks", "write", 64 * KIB, 1.5),
+    Target("floor", "read", 4 * KIB, 0.75),
+    Target("floor", "write", 4 * KIB, 0.75),
+    *(Target("luks", d, rs, 2.0, True) for rs in (64 * KIB, MIB) for d in DIRECTIONS),
+]
 
 
 def size_label(n: int) -> str:
@@ -66,6 +93,15 @@ class Report:
         a, b = measure(subject, direction, rs), measure(peer, direction, rs)
         return a / b if a is not None and b else None
 
+    def targets(self) -> list[tuple[Target, float | None, bool]]:
+        """Each target whose request size was run: (target, measured ratio, met)."""
+        out = []
+        for t in TARGETS:
+            if t.request_size in self.request_sizes:
+                m = self.ratio(t.peer, t.direction, t.request_size, cpu=t.efficiency)
+                out.append((t, m, m is not None and m >= t.at_least))
+        return out
+
     def columns(self) -> list[tuple[str, int]]:
         return [(d, rs) for rs in self.request_sizes for d in DIRECTIONS]
 
@@ -95,8 +131,13 @@ class Report:
         ratios[f"{SUBJECT}/luks efficiency"] = per_column(
             lambda d, rs: self.ratio("luks", d, rs, cpu=True)
         )
+        targets = [
+            {"target": t.label(), "at_least": t.at_least, "measured": m, "met": ok}
+            for t, m, ok in self.targets()
+        ]
         return {
             "machine": self.machine,
+            "targets": targets,
             "bytes_per_run": self.size,
             "runs": self.runs,
             "mb": "10^6 bytes",
@@ -135,4 +176,16 @@ class Report:
             unlock = "—" if r.unlock_s is None else f"{r.unlock_s:.2f}"
             again = "—" if r.reconnect_s is None else f"{r.reconnect_s:.2f}"
             out.append(f"| {r.server.label} | {unlock} | {again} | {r.peak_rss_kib / 1024:.0f} |")
+        checks = self.targets()
+        if checks:
+            out += [
+                "",
+                f"| target ({SUBJECT} / peer) | at least | measured | met |",
+                "|---|---:|---:|---|",
+            ]
+            for t, m, ok in checks:
+                shown = "—" if m is None else f"{m:.2f}"
+                out.append(
+                    f"| {t.label()} | {t.at_least:.2f} | {shown} | {'yes' if ok else 'NO'} |"
+                )
         return "\n".join(out)
