@@ -35,7 +35,7 @@ def _library() -> Any:
             name = ctypes.util.find_library("crypto")
             if name:
                 try:
-                    lib = ctypes.CDLL(name)
+                    lib = ctypes.PyDLL(name)
                     vp, i = ctypes.c_void_p, ctypes.c_int
                     lib.EVP_CIPHER_CTX_new.restype = vp
                     lib.EVP_CIPHER_CTX_new.argtypes = []
