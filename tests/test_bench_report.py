@@ -1,0 +1,65 @@
+"""scripts/bench's arithmetic: best-of-N, ratios, CPU per GiB, targets, JSON (no servers run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nbd_plugin.bench.cli import parse_size
+from nbd_plugin.bench.measure import Sample, cpu_seconds, peak_rss_kib
+from nbd_plugin.bench.report import Report, Row
+from nbd_plugin.bench.servers import SERVERS
+
+MIB = 1 << 20
+
+
+def test_parse_size() -> None:
+    assert parse_size("256M") == 256 * MIB
+    assert parse_size("1g") == 1 << 30
+    assert parse_size("4k") == 4096
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1000") == 1000
+
+
+def make_report() -> Report:
+    rows = {s.key: Row(s) for s in SERVERS}
+    size = 100 * MIB
+    # vmshield: 2 s then 1 s (best 1 s, 0.5 CPU s); luks filter: 2 s and 1 CPU s.
+    rows["vmshield"].add("read", MIB, Sample(2.0, 1.0))
+    rows["vmshield"].add("read", MIB, Sample(1.0, 0.5))
+    rows["luks"].add("read", MIB, Sample(2.0, 1.0))
+    rows["floor"].add("read", MIB, Sample(0.5, 0.1))
+    return Report(size, [MIB], 2, list(rows.values()), {"date": "test"})
+
+
+def test_best_of_n_ratios_and_cpu() -> None:
+    report = make_report()
+    vm, luks = report.row("vmshield"), report.row("luks")
+    assert vm is not None and luks is not None
+    assert report.mbps(vm, "read", MIB) == pytest.approx(100 * MIB / 1e6)
+    assert report.cpu_per_gib(vm, "read", MIB) == pytest.approx(0.5 * 1024 / 100)
+    assert report.ratio("luks", "read", MIB) == pytest.approx(2.0)
+    assert report.ratio("luks", "read", MIB, cpu=True) == pytest.approx(2.0)
+    assert report.ratio("floor", "read", MIB) == pytest.approx(0.5)
+    assert report.ratio("qemu", "read", MIB) is None  # qemu has no sample
+
+
+def test_targets_and_json() -> None:
+    report = make_report()
+    met = {t.label(): ok for t, _, ok in report.targets()}
+    assert met["1 MiB read, MB/s vs luks"] is True  # 2.0 >= 1.5
+    assert met["1 MiB read, MB per CPU-s vs luks"] is True  # 2.0 >= 2.0
+    assert met["1 MiB write, MB/s vs luks"] is False  # not measured
+    doc = json.loads(json.dumps(report.to_json()))
+    assert doc["ratios"]["vmshield/luks"]["1 MiB read"] == pytest.approx(2.0)
+    assert doc["rows"]["vmshield"]["seconds"]["1 MiB read"] == [2.0, 1.0]
+    text = report.markdown()
+    assert "| 1 MiB read, MB/s vs luks | 1.50 | 2.00 | yes |" in text
+
+
+def test_proc_readers_on_this_process() -> None:
+    import os
+
+    assert cpu_seconds(os.getpid()) > 0
+    assert peak_rss_kib(os.getpid()) > 1000
