@@ -46,6 +46,9 @@ SPAN = 32
 """Tweaks computed directly from T_j by the closed form (it holds for shifts below 57)."""
 POOL = 4
 MAX_VIEWS = 8
+MAX_BYTES = 2 << 20
+"""Larger requests go through the numpy path in pieces of this size, so a pooled scratch
+never exceeds ~10 MiB."""
 NATIVE_SECTORS = 32
 """Requests of up to this many 512-byte sectors go to OpenSSL's XTS one sector at a time
 (``xts_libcrypto``) when the system libcrypto allows it: below ~36 sectors that beats numpy's
@@ -262,8 +265,15 @@ class XtsCipher:
         sectors = length // self.sector_size
         if self._native is not None and sectors <= self._native_max:
             self._apply_native(encrypt, src, dst, sectors, first_iv)
-        else:
+        elif length <= MAX_BYTES:
             self._apply_numpy(encrypt, src, dst, sectors, first_iv)
+        else:  # bound the scratch memory: ~5 bytes of scratch per byte of request
+            piece = MAX_BYTES // self.sector_size
+            for done in range(0, sectors, piece):
+                n = min(piece, sectors - done)
+                a, b = done * self.sector_size, (done + n) * self.sector_size
+                iv = first_iv + done * self.iv_step
+                self._apply_numpy(encrypt, _slice(src, a, b), _slice(dst, a, b), n, iv)
 
     def _apply_native(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:
         assert self._native is not None

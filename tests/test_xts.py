@@ -271,6 +271,16 @@ def test_refuses_bad_arguments() -> None:
     cipher.encrypt(b"", bytearray(), 0)  # nothing to do, no error
 
 
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_requests_larger_than_one_piece(sector_size: int) -> None:
+    key = os.urandom(64)
+    sectors = xts.MAX_BYTES // sector_size + 3
+    data = os.urandom(sector_size * sectors)
+    step = sector_size // 512
+    expected = reference(key, data, 40, sector_size, step)
+    both_ways(XtsCipher(key, sector_size, step, native=False), data, 40, expected)
+
+
 def test_chunk_padding_is_not_written() -> None:
     """A request padded up to whole chunks writes only its own bytes."""
     key = os.urandom(64)
