@@ -141,6 +141,8 @@ def run(servers: list[Server], size: int, request_sizes: list[int], runs: int, r
             for row in rows:
                 say(f"run {rep + 1}/{runs}: {row.server.key}")
                 with Running(row.server, ws.paths(row.server), ws.log(row.server)) as r:
+                    started = r.ready_after
+                    row.startup_s = min(row.startup_s or started, started)
                     for rs in request_sizes:
                         row.add("write", rs, r.write(ws.source, rs))
                         row.add("read", rs, r.read(rs))
