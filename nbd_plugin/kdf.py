@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import time
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
 from nbd_plugin.errors import UnsupportedError
 
 PBKDF2_HASHES = ("sha1", "sha256", "sha512", "sha384", "sha224", "ripemd160")
@@ -23,9 +26,26 @@ def check_hash(hash_name: str) -> str:
     return name
 
 
+# cryptography's PBKDF2 (its bundled OpenSSL) ran twice as fast as hashlib's here (Debian's
+# OpenSSL 3.0): 200,000 SHA-256 iterations in ~1 s instead of ~2 s. Unlock time is the time
+# a VM waits for its disk, so the faster one is used where it has the hash.
+_FAST_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha1": hashes.SHA1(),
+    "sha224": hashes.SHA224(),
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+
 def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int, length: int) -> bytes:
     """PBKDF2-HMAC as LUKS uses it."""
-    return hashlib.pbkdf2_hmac(check_hash(hash_name), passphrase, salt, iterations, length)
+    name = check_hash(hash_name)
+    algorithm = _FAST_HASHES.get(name)
+    if algorithm is None:
+        return hashlib.pbkdf2_hmac(name, passphrase, salt, iterations, length)
+    kdf = PBKDF2HMAC(algorithm=algorithm, length=length, salt=salt, iterations=iterations)
+    return kdf.derive(passphrase)
 
 
 def iterations_for(hash_name: str, milliseconds: int, length: int = 32) -> int:
