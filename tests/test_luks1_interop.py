@@ -50,12 +50,15 @@ def vmshield_create(image: Path, keyfile: Path, *opts: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("key_size", ["512", "256"])
+@pytest.mark.parametrize(
+    ("key_size", "hash_name"), [("512", "sha256"), ("256", "sha1"), ("512", "sha512")]
+)
 def test_cryptsetup_image_written_by_luks_filter_reads_identical(
-    tmp_path: Path, keyfile: Path, sockdir: Path, key_size: str
+    tmp_path: Path, keyfile: Path, sockdir: Path, key_size: str, hash_name: str
 ) -> None:
     image = tmp_path / "cs.img"
-    cryptsetup_format(image, keyfile, SIZE, "--cipher", "aes-xts-plain64", "--key-size", key_size)
+    cryptsetup_format(image, keyfile, SIZE, "--cipher", "aes-xts-plain64", "--key-size", key_size,
+                      "--hash", hash_name)  # fmt: skip
     data = pattern()
     with nbdkit(*filter_args(image, keyfile), sockdir=sockdir) as sock:
         write_at(sock, data)
