@@ -184,33 +184,20 @@ def create_image(
         raise ImageError(f"{path}: cannot create: {exc.strerror}") from None
     try:
         hold_image(fd, path, exclusive=True)
-        if fmt == "luks1":
-            if fmt_opts:
-                raise ValueError(f"LUKS1 takes no options {sorted(fmt_opts)}")
-            luks1_image.create(
-                fd,
-                size,
-                passphrase,
-                cipher=cipher_name,
-                mode=mode,
-                key_bytes=key_bytes,
-                hash_spec=hash,
-                iterations=iterations,
-                iter_time_ms=iter_time_ms,
-            )
-        else:
-            _luks2().create(
-                fd,
-                size,
-                passphrase,
-                cipher=cipher_name,
-                mode=mode,
-                key_bytes=key_bytes,
-                hash_spec=hash,
-                iterations=iterations,
-                iter_time_ms=iter_time_ms,
-                **fmt_opts,
-            )
+        if fmt == "luks1" and fmt_opts:
+            raise ValueError(f"LUKS1 takes no options {sorted(fmt_opts)}")
+        _module(fmt).create(
+            fd,
+            size,
+            passphrase,
+            cipher=cipher_name,
+            mode=mode,
+            key_bytes=key_bytes,
+            hash_spec=hash,
+            iterations=iterations,
+            iter_time_ms=iter_time_ms,
+            **fmt_opts,
+        )
     except BaseException:
         os.close(fd)
         os.unlink(path)
@@ -218,44 +205,34 @@ def create_image(
     os.close(fd)
 
 
-def _locked_rw(path: str) -> tuple[int, str]:
+def _module(fmt: str) -> Any:
+    return luks1_image if fmt == "luks1" else _luks2()
+
+
+def _keyslot_change(path: str, operation: str, *args: Any, **opts: Any) -> int:
+    """Run ``operation`` of the image's format module under the exclusive lock."""
     fd = _open_fd(path, False)
     try:
         hold_image(fd, path, exclusive=True)
-        return fd, probe_fd(fd, path)
-    except BaseException:
+        fmt = probe_fd(fd, path)
+        return int(getattr(_module(fmt), operation)(fd, *args, **opts))
+    finally:
         os.close(fd)
-        raise
 
 
 def add_key(path: str, passphrase: bytes, new_passphrase: bytes, **opts: Any) -> int:
     """Add a passphrase; returns the keyslot used."""
-    fd, fmt = _locked_rw(path)
-    try:
-        mod: Any = luks1_image if fmt == "luks1" else _luks2()
-        return int(mod.add_key(fd, passphrase, new_passphrase, **opts))
-    finally:
-        os.close(fd)
+    return _keyslot_change(path, "add_key", passphrase, new_passphrase, **opts)
 
 
 def remove_key(path: str, passphrase: bytes, *, allow_last: bool = False) -> int:
     """Remove the keyslot ``passphrase`` opens; returns its index."""
-    fd, fmt = _locked_rw(path)
-    try:
-        mod: Any = luks1_image if fmt == "luks1" else _luks2()
-        return int(mod.remove_key(fd, passphrase, allow_last=allow_last))
-    finally:
-        os.close(fd)
+    return _keyslot_change(path, "remove_key", passphrase, allow_last=allow_last)
 
 
 def change_key(path: str, passphrase: bytes, new_passphrase: bytes, **opts: Any) -> int:
     """Replace a passphrase; returns the keyslot now holding the new one."""
-    fd, fmt = _locked_rw(path)
-    try:
-        mod: Any = luks1_image if fmt == "luks1" else _luks2()
-        return int(mod.change_key(fd, passphrase, new_passphrase, **opts))
-    finally:
-        os.close(fd)
+    return _keyslot_change(path, "change_key", passphrase, new_passphrase, **opts)
 
 
 def info(path: str) -> dict[str, Any]:
