@@ -2,6 +2,17 @@
 
     nbdkit -U SOCK python nbd_plugin/plugin.py image=disk.img passphrase=+keyfile
 
+Parameters (nbdkit's Python plugin cannot show them in --help):
+
+    image=PATH        (required) LUKS1/LUKS2 image file or block device.
+    passphrase=+FILE  read the passphrase from FILE, byte for byte
+    passphrase=-FD    read it from inherited file descriptor FD
+    passphrase=-      prompt on the terminal
+    passphrase=TEXT   literal passphrase (visible in ps and nbdkit -v: tests only)
+    discard=ignore|unmap
+                      unmap: trim and zero may punch holes (leaks which sectors are in
+                      use); ignore (default): never unmap.
+
 This file only adapts nbdkit's callbacks to ``nbd_plugin.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.
 """
@@ -22,7 +33,7 @@ import nbdkit  # noqa: E402
 
 from nbd_plugin.disk import NotFast  # noqa: E402
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
-from nbd_plugin.server import CONFIG_HELP, ServerConfig, nbdkit_readonly  # noqa: E402
+from nbd_plugin.server import ServerConfig, nbdkit_readonly  # noqa: E402
 
 API_VERSION = 2
 
@@ -45,10 +56,6 @@ def config(key, value):
         _config.set(key, value)
     except VmshieldError as exc:
         _fail(str(exc))
-
-
-def config_help():
-    return CONFIG_HELP
 
 
 def config_complete():

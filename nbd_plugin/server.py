@@ -14,16 +14,6 @@ from nbd_plugin.disk import DISCARD_POLICIES, EncryptedDisk
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.passphrase import PassphraseError, read_passphrase
 
-CONFIG_HELP = """\
-image=PATH        (required) LUKS1/LUKS2 image file or block device.
-passphrase=+FILE  Read the passphrase from FILE (byte for byte).
-passphrase=-FD    Read it from inherited file descriptor FD.
-passphrase=-      Prompt on the terminal.
-passphrase=TEXT   Literal passphrase (visible in ps: tests only).
-discard=ignore|unmap
-                  unmap: trim and zero may punch holes in the image (leaks which
-                  sectors are in use); ignore (default): never unmap."""
-
 READONLY_LONG = ("--readonly", "--read-only")
 # nbdkit short options that take an argument (so a following word is not the plugin name).
 SHORT_WITH_ARG = set("DeGgiPptuUx")
