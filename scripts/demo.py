@@ -18,7 +18,7 @@ Everything lives in one directory (var/demo, or --dir), wiped at the start. Ever
 started here (nbdkit servers, QEMU, usbgate, the simulated device) is stopped on the way out,
 also after a failed check, an exception or Ctrl-C. Exit status 0 only if every check passed.
 
-The simulated USB stick is the fake usbredir owner of usbgate's tests (tests/usbgate_fakes.py):
+The simulated USB stick is usbgate's simulated device owner (usbgate/simulator.py):
 this host has no USB stack, so the owner's side (what `usbredirect` does for a real stick) is
 played in-process; QEMU's usb-redir side is real. The guest helpers come from tests/guest.py.
 """
@@ -64,8 +64,8 @@ from tests.guest import (  # noqa: E402  (after the sys.path line: run as a scri
     read_export,
     write_secret,
 )
-from tests.usbgate_fakes import FakeDevice  # noqa: E402
 from tests.usbgate_qemu import Qmp  # noqa: E402
+from usbgate.simulator import FakeDevice  # noqa: E402
 
 USER, VM, DISK = "alice", "demo", "demo-0"
 PASSWORD = b"correct horse battery staple"

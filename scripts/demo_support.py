@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.usbgate_fakes import FakeDevice, FakeOwner
+from usbgate.simulator import FakeDevice, FakeOwner
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"

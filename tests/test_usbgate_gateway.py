@@ -30,13 +30,13 @@ from keystore.auth import AuthPolicy
 from keystore.db import initialise
 from keystore.models import UsbAction
 from keystore.sqlite_repo import SqliteRepository
-from tests.usbgate_fakes import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner
 from tests.usbgate_qemu import QEMU, QemuWithRedir, short_tmpdir
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
 from usbgate.packets import BulkPacket, DeviceDisconnectAck, FilterFilter
 from usbgate.policy import Rule, parse_rule
 from usbgate.qemu_filter import qemu_filter_value, usbredir_filter_string
+from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 
 pytestmark = [

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.usbgate_fakes import HID_KEYBOARD, MASS_STORAGE, VENDOR, FakeDevice
 from usbgate.errors import RuleSyntaxError
 from usbgate.policy import Action, Device, Rule, decide, parse_rule, parse_rules
 from usbgate.probe import Contradiction, ProbeFailed, probe, reconcile
@@ -20,6 +19,7 @@ from usbgate.qemu_filter import (
     translation_notes,
     usbredir_filter_string,
 )
+from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, VENDOR, FakeDevice
 
 STICK = Device(0x0781, 0x5567, 0, (MASS_STORAGE,), "4C530001")
 STICK_WITH_KEYBOARD = Device(0x0781, 0x5567, 0, (MASS_STORAGE, HID_KEYBOARD), "4C530001")

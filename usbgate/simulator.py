@@ -1,8 +1,8 @@
-"""Test doubles for usbgate: a fake usbredir device owner (the usb-host side) and descriptors.
+"""A simulated USB device on the owner's side of usbredir (what `usbredirect` would be).
 
-There is no USB hardware here, so the tests play the owner's part themselves: announce a
-device (interface_info, ep_info, device_connect) and answer what QEMU (and usbgate's probe)
-asks, from descriptors built below.
+It announces a device (interface_info, ep_info, device_connect) and answers what QEMU and
+usbgate's probe ask, from descriptors built below. The tests and `scripts/demo` use it where
+no USB hardware exists; it is also a quick way to check the wiring of a real deployment.
 """
 
 from __future__ import annotations
