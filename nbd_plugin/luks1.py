@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbd_plugin import af
+from nbd_plugin.cfields import pack_text
 from nbd_plugin.ciphers import check_supported, make_cipher
 from nbd_plugin.errors import ImageError, InvalidPassphrase, UnsupportedError
 from nbd_plugin.kdf import MIN_ITERATIONS, check_hash, iterations_for, pbkdf2
@@ -61,13 +62,6 @@ def _text(raw: bytes, field: str) -> str:
         return value.decode("ascii")
     except UnicodeDecodeError:
         raise ImageError(f"LUKS1 header field {field} is not ASCII: header corrupt") from None
-
-
-def _field(value: str, size: int, field: str) -> bytes:
-    raw = value.encode("ascii")
-    if len(raw) >= size:
-        raise ValueError(f"{field} {value!r} is longer than {size - 1} bytes")
-    return raw.ljust(size, b"\0")
 
 
 @dataclass(frozen=True)
@@ -117,15 +111,15 @@ class Luks1Header:
         head = HEADER.pack(
             MAGIC,
             1,
-            _field(self.cipher_name, 32, "cipher-name"),
-            _field(self.cipher_mode, 32, "cipher-mode"),
-            _field(self.hash_spec, 32, "hash-spec"),
+            pack_text(self.cipher_name, 32, "cipher-name"),
+            pack_text(self.cipher_mode, 32, "cipher-mode"),
+            pack_text(self.hash_spec, 32, "hash-spec"),
             self.payload_offset,
             self.key_bytes,
             self.mk_digest,
             self.mk_digest_salt,
             self.mk_digest_iter,
-            _field(self.uuid, 40, "uuid"),
+            pack_text(self.uuid, 40, "uuid"),
         )
         return head + b"".join(slot.pack() for slot in self.keyslots)
 

@@ -30,6 +30,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nbd_plugin.cfields import pack_text
 from nbd_plugin.errors import ImageError, UnsupportedError
 from nbd_plugin.luks2_meta import (
     BIN_SIZE,
@@ -82,13 +83,6 @@ def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", errors="replace")
 
 
-def _field(value: str, size: int, name: str) -> bytes:
-    raw = value.encode("ascii")
-    if len(raw) >= size:
-        raise ValueError(f"{name} {value!r} is longer than {size - 1} bytes")
-    return raw.ljust(size, b"\0")
-
-
 @dataclass(frozen=True)
 class BinaryHeader:
     """One copy's 4096-byte binary header (the checksum is computed by ``pack``)."""
@@ -113,11 +107,11 @@ class BinaryHeader:
                 VERSION,
                 self.hdr_size,
                 self.seqid,
-                _field(self.label, 48, "label"),
-                _field(self.csum_alg, 32, "checksum_alg"),
+                pack_text(self.label, 48, "label"),
+                pack_text(self.csum_alg, 32, "checksum_alg"),
                 self.salt,
-                _field(self.uuid, 40, "uuid"),
-                _field(self.subsystem, 48, "subsystem"),
+                pack_text(self.uuid, 40, "uuid"),
+                pack_text(self.subsystem, 48, "subsystem"),
                 self.hdr_offset,
                 bytes(184),
                 bytes(CSUM_SIZE),
