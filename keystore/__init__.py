@@ -1,11 +1,14 @@
-"""The vmshield keystore: one SQLite file of VMs, disks, users, permissions, USB rules, audit.
+"""The vmshield keystore: VMs, disks, users, permissions, USB rules and an audit chain.
 
-Entry points for other components (see docs/keystore.md):
+Layers, bottom up:
 
-- `keystore.usbrules.load_rules(db, vm)`, `keystore.usbrules.RulesWatcher` — USB whitelist;
-- `keystore.audit.append_audit(db, actor, action, vm, detail)`, `keystore.audit.verify(db)`;
-- `keystore.sqlite_repo.SqliteRepository` — the async repository (`get_erase_permission`,
-  `set_disk_state`, ...), implementing `keystore.repository.Repository`.
+- models, errors: plain records and the keystore's errors (derived from the product's one
+  hierarchy in ``nbd_plugin.errors``);
+- auth, audit: argon2id verifiers with lockout; the hash-chained audit trail;
+- repository: the ``Repository`` protocol every backend implements; ``sqlite/``: the embedded
+  SQLite backend (connection, schema and migrations, principals, repository, USB rule store);
+- services: the workflows (disk create, serve, destroy, jobs) callable without click;
+- cli: the thin ``vmshield`` command tree over the services.
 
 Nothing stored here decrypts a disk: passwords are argon2id verifiers; a user's password is
 the passphrase of their LUKS keyslot, and only the keyslot decrypts.

@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keystore import db as dbmod
 from keystore.errors import AuditChainBroken
 from keystore.models import AuditEntry
+from keystore.sqlite import connection as dbmod
 
 GENESIS = "0" * 64
 HEAD_KEY = "audit_head"

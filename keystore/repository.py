@@ -23,7 +23,7 @@ from keystore.models import (
     UsbAction,
     Vm,
 )
-from keystore.usbrules import Pattern, UsbRule
+from keystore.sqlite.usbrules import Pattern, UsbRule
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

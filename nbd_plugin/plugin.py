@@ -13,7 +13,7 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
                       unmap: trim and zero may punch holes (leaks which sectors are in
                       use); ignore (default): never unmap.
 
-This file only adapts nbdkit's callbacks to ``nbd_plugin.disk.EncryptedDisk``; the logic
+This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.
 """
 
@@ -31,9 +31,9 @@ for _path in (_REPO, _VENV_SITE):
 
 import nbdkit  # noqa: E402
 
-from nbd_plugin.disk import NotFast  # noqa: E402
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
-from nbd_plugin.server import ServerConfig, nbdkit_readonly  # noqa: E402
+from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
+from nbd_plugin.serve.disk import NotFast  # noqa: E402
 
 API_VERSION = 2
 

@@ -20,7 +20,7 @@ also after a failed check, an exception or Ctrl-C. Exit status 0 only if every c
 
 The simulated USB stick is usbgate's simulated device owner (usbgate/simulator.py):
 this host has no USB stack, so the owner's side (what `usbredirect` does for a real stick) is
-played in-process; QEMU's usb-redir side is real. The guest helpers come from tests/guest.py.
+played in-process; QEMU's usb-redir side is real. The guest helpers come from scripts/guestlib.py.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
     prepare,
 )
 
-from keystore.usbrules import RulesWatcher  # noqa: E402
-from nbd_plugin.container import payload_region  # noqa: E402
-from tests.guest import (  # noqa: E402  (after the sys.path line: run as a script)
+from keystore.sqlite.usbrules import RulesWatcher  # noqa: E402
+from nbd_plugin.luks.volume import payload_region  # noqa: E402
+from scripts.guestlib import (  # noqa: E402  (after the sys.path line: run as a script)
     DONE,
     FAIL,
     FS_BYTES,
@@ -64,7 +64,7 @@ from tests.guest import (  # noqa: E402  (after the sys.path line: run as a scri
     read_export,
     write_secret,
 )
-from tests.usbgate_qemu import Qmp  # noqa: E402
+from usbgate.qmp import Qmp  # noqa: E402
 from usbgate.simulator import FakeDevice  # noqa: E402
 
 USER, VM, DISK = "alice", "demo", "demo-0"
@@ -118,7 +118,7 @@ def start_guest(
     extra: list[str] | None = None,
 ) -> Console:
     """QEMU running the test guest in `mode`, its disk the NBD export on `sock` (TCG)."""
-    argv = qemu_argv(guest, sock, mode)  # tests/guest.py: the same command line the tests use
+    argv = qemu_argv(guest, sock, mode)  # scripts/guestlib.py: the same command line the tests use
     if readonly:
         argv[argv.index("-drive") + 1] += ",readonly=on"  # for a read-only server (nbdkit -r)
     argv += extra or []
@@ -306,7 +306,7 @@ def block_and_time(
     host: Host, r: Report, usb0: RedirDevice
 ) -> tuple[float | None, float | None, float]:
     """Run `vmshield usb block`; meanwhile watch the VM's rules the way usbgate does
-    (keystore.usbrules.RulesWatcher: when the commit becomes visible) and QEMU over QMP.
+    (keystore.sqlite.usbrules.RulesWatcher: when the commit becomes visible) and QEMU over QMP.
     Returns (rule committed, QEMU detached, command's duration); times are monotonic."""
     watcher = RulesWatcher(host.db, VM)
     try:

@@ -22,8 +22,8 @@ def sockdir() -> Iterator[Path]:
 
 @pytest.fixture
 def keyfile(tmp_path: Path) -> Path:
-    """A passphrase file (mode 0600, no trailing newline) holding tests.nbdutil.SECRET."""
-    from tests.nbdutil import SECRET, write_secret
+    """A passphrase file (mode 0600, no trailing newline) holding tests.support.nbd.SECRET."""
+    from tests.support.nbd import SECRET, write_secret
 
     path = tmp_path / "key"
     write_secret(path, SECRET)

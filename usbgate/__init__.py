@@ -1,14 +1,15 @@
 """usbgate: a usbredir gateway that forwards only whitelisted USB devices to a VM.
 
-Modules, bottom up:
+Packages and modules, bottom up:
 
-- wire, controlpackets, datapackets, packets: the usbredir 0.7 wire format, one frozen
-  dataclass per packet type; codec: the sans-IO ``Connection`` (receive_data/next_event/send).
-- descriptors, probe: reading a held device's USB descriptors and checking them against
-  its announcement.
-- policy: USBGuard-like rules and the decision; qemu_filter: QEMU ``filter=`` and libvirt
-  ``<redirfilter>`` from the same rules.
-- sources, keystore_source: where rules come from and decisions go (keystore or text file).
-- session, gateway, addresses: the asyncio gateway; devices: local devices via pyusb;
-  cli: the ``usbgate`` command.
+- usbredir/: the usbredir 0.7 protocol, sans-IO: wire (header, enums), control and data
+  (one frozen dataclass per packet type), packets (the type registry), codec (the
+  ``Connection``: receive_data/next_event/send), descriptors (USB descriptor parsing);
+- policy: the one USBGuard-like rule model, its grammar and the decision; qemu_filter: QEMU
+  ``filter=`` and libvirt ``<redirfilter>`` from the same rules;
+- probe: reading a held device's descriptors and checking them against its announcement;
+- session (one gateway connection's state machine), gateway, addresses: the asyncio gateway;
+- sources, keystore_source: where rules come from and decisions go (keystore or a text file);
+- devices: local devices via pyusb; simulator: a simulated USB owner; qmp: a small QMP client;
+- cli: the ``usbgate`` command.
 """

@@ -1,7 +1,7 @@
-"""RuleSource and AuditSink backed by the vmshield keystore (keystore.usbrules, keystore.audit).
+"""RuleSource and AuditSink backed by the vmshield keystore (its usbrules store and audit chain).
 
 Change notification: one persistent read-only sqlite3 connection per VM
-(keystore.usbrules.RulesWatcher) whose ``PRAGMA data_version`` is read on every poll. SQLite
+(keystore.sqlite.usbrules.RulesWatcher) whose ``PRAGMA data_version`` is read on every poll. SQLite
 changes that number whenever *another* connection, in any process, commits to the file, so
 a `vmshield usb ...` commit is seen at the next poll (every 10 ms) for a few microseconds
 per poll; the rules are re-read only then.
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from keystore import audit as keystore_audit
-from keystore import usbrules
 from keystore.errors import KeystoreError
+from keystore.sqlite import usbrules
 from usbgate.errors import RuleSourceError
 from usbgate.policy import Action, Rule
 

@@ -5,7 +5,7 @@ patterns ``CC:SS:PP`` (``with-interface``; ``*`` wildcards) and the serial numbe
 matches a device when every field it sets matches; ``with-interface`` matches when *every*
 interface of the device matches at least one of its patterns (so a rule for storage
 interfaces does not let a keyboard interface ride along). These are the semantics of
-keystore.usbrules.
+keystore.sqlite.usbrules.
 
 Composite devices are judged twice over: the device as a whole, and then each interface on its
 own (the device seen with only that interface). Every one of those verdicts must be ``allow``

@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from usbgate.descriptors import (
+from usbgate.errors import UsbgateError
+from usbgate.policy import Device, InterfaceTriple
+from usbgate.usbredir.descriptors import (
     ConfigDescriptor,
     DescriptorError,
     DescriptorType,
@@ -23,9 +25,7 @@ from usbgate.descriptors import (
     parse_langids,
     parse_string,
 )
-from usbgate.errors import UsbgateError
-from usbgate.packets import DeviceConnect, InterfaceInfo
-from usbgate.policy import Device, InterfaceTriple
+from usbgate.usbredir.packets import DeviceConnect, InterfaceInfo
 
 # At most this many configurations are read (real devices have 1, rarely 2).
 MAX_CONFIGURATIONS = 8

@@ -37,7 +37,7 @@ Pattern = tuple[int | None, int | None, int | None]
 
 
 class RuleLike(Protocol):
-    """The fields of a rule this module reads (usbgate.policy.Rule, keystore.usbrules.UsbRule)."""
+    """The fields of a rule this module reads (usbgate.policy.Rule, the keystore's UsbRule)."""
 
     @property
     def action(self) -> str: ...

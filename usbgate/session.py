@@ -25,14 +25,24 @@ from collections.abc import Callable
 from typing import Any
 
 from usbgate.addresses import READ_SIZE
-from usbgate.codec import CLOSED, Connection, Sentinel
-from usbgate.descriptors import (
+from usbgate.errors import ProtocolError
+from usbgate.policy import Action, Decision, Device
+from usbgate.probe import (
+    Contradiction,
+    ProbeFailed,
+    ProbeResult,
+    interfaces_within,
+    probe,
+    reconcile,
+)
+from usbgate.sources import AuditSink
+from usbgate.usbredir.codec import CLOSED, Connection, Sentinel
+from usbgate.usbredir.descriptors import (
     REQUEST_GET_DESCRIPTOR,
     REQUESTTYPE_IN_STANDARD_DEVICE,
     DescriptorType,
 )
-from usbgate.errors import ProtocolError
-from usbgate.packets import (
+from usbgate.usbredir.packets import (
     ControlPacket,
     DeviceConnect,
     DeviceDisconnect,
@@ -44,17 +54,7 @@ from usbgate.packets import (
     InterfaceInfo,
     Packet,
 )
-from usbgate.policy import Action, Decision, Device
-from usbgate.probe import (
-    Contradiction,
-    ProbeFailed,
-    ProbeResult,
-    interfaces_within,
-    probe,
-    reconcile,
-)
-from usbgate.sources import AuditSink
-from usbgate.wire import Capability, Role, Status
+from usbgate.usbredir.wire import Capability, Role, Status
 
 log = logging.getLogger(__name__)
 

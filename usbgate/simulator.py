@@ -12,10 +12,10 @@ import contextlib
 import struct
 from dataclasses import dataclass, field
 
-from usbgate.codec import CLOSED, NEED_DATA, Connection
-from usbgate.descriptors import DescriptorType
 from usbgate.errors import ProtocolError
-from usbgate.packets import (
+from usbgate.usbredir.codec import CLOSED, NEED_DATA, Connection
+from usbgate.usbredir.descriptors import DescriptorType
+from usbgate.usbredir.packets import (
     AltSettingStatus,
     BulkPacket,
     ConfigurationStatus,
@@ -36,7 +36,7 @@ from usbgate.packets import (
     StartInterruptReceiving,
     StopInterruptReceiving,
 )
-from usbgate.wire import ALL_CAPABILITIES, EndpointType, Role, Speed, Status
+from usbgate.usbredir.wire import ALL_CAPABILITIES, EndpointType, Role, Speed, Status
 
 HID_KEYBOARD = (0x03, 0x01, 0x01)
 MASS_STORAGE = (0x08, 0x06, 0x50)

@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from keystore.cli import jobs
 from keystore.cli.erase import (
     EraseBusy,
     EraseFailed,
@@ -39,11 +38,12 @@ from keystore.cli.options import (
 )
 from keystore.models import Disk, DiskState, ErasePermission
 from keystore.repository import Repository
+from keystore.services import jobs
 from nbd_plugin.erase import Certificate, EraseOptions, get_method
 from nbd_plugin.erase.journal import journal_path
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.errors import ImageBusy
-from nbd_plugin.locking import hold_image
+from nbd_plugin.osutil.locking import hold_image
 
 CLAIMABLE = (DiskState.READY, DiskState.FAILED, DiskState.DESTROYING)
 #: sysexits.h EX_NOPERM

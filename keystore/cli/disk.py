@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from keystore import diskops, paths, serve, snippets
+from keystore import paths
 from keystore.cli.options import (
     PasswordSource,
     actor,
@@ -29,6 +29,8 @@ from keystore.cli.options import (
 )
 from keystore.models import Disk, DiskState, Server
 from keystore.repository import Repository
+from keystore.services import disks as diskops
+from keystore.services import serve, snippets
 
 FORMATS = ("luks1", "luks2")
 

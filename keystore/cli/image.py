@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 import click
 
 from keystore.cli.secrets import SecretReader, secret_file_option
-from keystore.diskops import parse_size
-from nbd_plugin import container
+from keystore.services.disks import parse_size
 from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
+from nbd_plugin.luks import volume as container
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from keystore import audit
-from keystore import db as dbmod
 from keystore.cli.options import actor, db_option, handle_errors, resolve_db
-from keystore.schema import SCHEMA_VERSION
+from keystore.sqlite import connection as dbmod
+from keystore.sqlite.schema import SCHEMA_VERSION
 
 
 @click.command()

@@ -25,7 +25,7 @@ from keystore.errors import (
     KeystoreError,
 )
 from keystore.repository import Repository
-from keystore.sqlite_repo import SqliteRepository
+from keystore.sqlite.repository import SqliteRepository
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

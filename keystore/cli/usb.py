@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import click
 
-from keystore import usbrules
 from keystore.cli.options import actor, db_option, emit_json, json_option, run, table
 from keystore.models import UsbAction
-from keystore.usbrules import UsbRule
+from keystore.sqlite import usbrules
+from keystore.sqlite.usbrules import UsbRule
 
 P = TypeVar("P")
 

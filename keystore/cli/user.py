@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from keystore import diskops
 from keystore.cli.options import (
     PasswordSource,
     actor,
@@ -22,6 +21,7 @@ from keystore.cli.options import (
 )
 from keystore.models import Disk, Principal
 from keystore.repository import Repository
+from keystore.services import disks as diskops
 
 
 @click.group()

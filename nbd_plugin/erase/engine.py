@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from nbd_plugin.erase import journal as jn
-from nbd_plugin.erase import keyregions, storage, sysio
+from nbd_plugin.erase import storage
 from nbd_plugin.erase.certificate import Certificate, build, default_path, write
 from nbd_plugin.erase.journal import JournalState, Phase
 from nbd_plugin.erase.methods import Method, Pattern, get_method
@@ -31,9 +31,11 @@ from nbd_plugin.erase.overwrite import (
     sync,
 )
 from nbd_plugin.erase.progress import Reporter
-from nbd_plugin.erase.sysio import Extent
 from nbd_plugin.errors import ImageBusy, ImageError, UnsupportedError
-from nbd_plugin.locking import hold_image
+from nbd_plugin.luks import regions as keyregions
+from nbd_plugin.osutil import extents as sysio
+from nbd_plugin.osutil.extents import Extent
+from nbd_plugin.osutil.locking import hold_image
 
 HEADER_WIPES = 3
 """Overwrites of the key material, each fdatasync'ed (keystream passes -1, -2, -3)."""

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nbd_plugin.erase import sysio
 from nbd_plugin.erase.keystream import AES_BLOCK, SLACK, Keystream
 from nbd_plugin.erase.methods import Pattern
-from nbd_plugin.erase.sysio import Extent
+from nbd_plugin.osutil import extents as sysio
+from nbd_plugin.osutil.extents import Extent
 
 CHUNK = 8 << 20
 DEPTH = 2

@@ -1,0 +1,134 @@
+"""Principals of the SQLite repository: verifiers, authentication, rate limiting."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import datetime
+from typing import Any
+
+from keystore.errors import AccountLocked, AlreadyExists, AuthenticationFailed, NotFound
+from keystore.models import Principal
+from keystore.repository import check_name
+from keystore.sqlite.base import SqliteBase, dt
+
+_PRINCIPAL_COLS = "name, failed_attempts, locked_until, created, last_login"
+
+
+def _principal(row: sqlite3.Row) -> Principal:
+    name, failed, locked, created, last = tuple(row)
+    return Principal(name, failed, dt(locked), datetime.fromisoformat(created), dt(last))
+
+
+class PrincipalStore(SqliteBase):
+    """User records; `authenticate` checks, counts, locks and audits."""
+
+    # -- principals -------------------------------------------------------------------------
+
+    async def add_principal(self, name: str, password: bytes, *, actor: str) -> Principal:
+        check_name("user", name)
+        verifier = await asyncio.to_thread(self.policy.hash, password)
+        async with self._write() as db:
+            if await self._exists("SELECT 1 FROM principals WHERE name = ?", name):
+                raise AlreadyExists(f"user {name!r} already exists")
+            await db.execute(
+                "INSERT INTO principals (name, verifier, created) VALUES (?, ?, ?)",
+                (name, verifier, self._now()),
+            )
+            await self._audit(db, actor, "user.add", None, {"user": name})
+        return await self.get_principal(name)
+
+    async def set_password(self, name: str, password: bytes, *, actor: str) -> Principal:
+        verifier = await asyncio.to_thread(self.policy.hash, password)
+        async with self._write() as db:
+            cur = await db.execute(
+                "UPDATE principals SET verifier = ?, failed_attempts = 0, locked_until = NULL "
+                "WHERE name = ?",
+                (verifier, name),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no user named {name!r}")
+            await self._audit(db, actor, "user.passwd", None, {"user": name})
+        return await self.get_principal(name)
+
+    async def get_principal(self, name: str) -> Principal:
+        row = await self._one(f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"no user named {name!r} (see `vmshield user list`)")
+        return _principal(row)
+
+    async def list_principals(self) -> list[Principal]:
+        rows = await self._all(f"SELECT {_PRINCIPAL_COLS} FROM principals ORDER BY name")
+        return [_principal(r) for r in rows]
+
+    async def authenticate(self, name: str, password: bytes, *, actor: str) -> Principal:
+        """Check `password` for `name`; count, lock and audit. Raises the opaque
+        AuthenticationFailed for an unknown user or a wrong password, AccountLocked while
+        locked (without checking the password)."""
+        row = await self._one(
+            "SELECT verifier, locked_until FROM principals WHERE name = ?", (name,)
+        )
+        now = self.clock()
+        if row is not None and row[1] is not None and datetime.fromisoformat(row[1]) > now:
+            async with self._write() as db:
+                await self._audit(
+                    db,
+                    actor,
+                    "auth.refused",
+                    None,
+                    {"user": name, "reason": "locked", "locked_until": row[1]},
+                )
+            raise AccountLocked(
+                f"user {name!r} is locked until {row[1]} after "
+                f"{self.policy.max_failures} failed attempts; wait, or ask an administrator "
+                "to run `vmshield user unlock`"
+            )
+        if row is None:
+            await asyncio.to_thread(self.policy.burn, password)
+            ok = False
+        else:
+            ok = await asyncio.to_thread(self.policy.verify, row[0], password)
+        async with self._write() as db:
+            if ok:
+                new = None
+                if self.policy.needs_rehash(row[0]):  # type: ignore[index]
+                    new = await asyncio.to_thread(self.policy.hash, password)
+                await db.execute(
+                    "UPDATE principals SET failed_attempts = 0, locked_until = NULL, "
+                    "last_login = ?, verifier = coalesce(?, verifier) WHERE name = ?",
+                    (now.isoformat(), new, name),
+                )
+                await self._audit(db, actor, "auth.ok", None, {"user": name})
+            elif row is None:
+                await self._audit(
+                    db, actor, "auth.fail", None, {"user": name, "reason": "unknown user"}
+                )
+            else:
+                async with db.execute(
+                    "UPDATE principals SET failed_attempts = failed_attempts + 1 "
+                    "WHERE name = ? RETURNING failed_attempts",
+                    (name,),
+                ) as cur:
+                    fails = int((await cur.fetchone())[0])  # type: ignore[index]
+                detail: dict[str, Any] = {"user": name, "failed_attempts": fails}
+                if fails >= self.policy.max_failures:
+                    until = (now + self.policy.lockout).isoformat()
+                    await db.execute(
+                        "UPDATE principals SET locked_until = ? WHERE name = ?", (until, name)
+                    )
+                    detail["locked_until"] = until
+                await self._audit(db, actor, "auth.fail", None, detail)
+        if not ok:
+            raise AuthenticationFailed(f"authentication failed for user {name!r}")
+        return await self.get_principal(name)
+
+    async def unlock_principal(self, name: str, *, actor: str) -> Principal:
+        async with self._write() as db:
+            cur = await db.execute(
+                "UPDATE principals SET failed_attempts = 0, locked_until = NULL WHERE name = ?",
+                (name,),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no user named {name!r}")
+            await self._audit(db, actor, "user.unlock", None, {"user": name})
+        return await self.get_principal(name)

@@ -1,0 +1,116 @@
+"""Server state behind the nbdkit callbacks: configuration, startup checks, the open disk.
+
+The key is derived once per server (in ``config_complete``), not once per connection, so a
+wrong passphrase or a damaged image stops nbdkit before it listens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from nbd_plugin.errors import VmshieldError
+from nbd_plugin.luks.volume import open_volume
+from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
+from nbd_plugin.serve.passphrase import PassphraseError, read_passphrase
+
+READONLY_LONG = ("--readonly", "--read-only")
+# nbdkit short options that take an argument (so a following word is not the plugin name).
+SHORT_WITH_ARG = set("DeGgiPptuUx")
+LONG_WITH_ARG = {
+    "--debug",
+    "--export",
+    "--export-name",
+    "--filter",
+    "--group",
+    "--ipaddr",
+    "--log",
+    "--mask-handshake",
+    "--pidfile",
+    "--port",
+    "--run",
+    "--selinux-label",
+    "--threads",
+    "--tls",
+    "--tls-certificates",
+    "--tls-psk",
+    "--unix",
+    "--user",
+    "--vsock",
+}
+
+
+def readonly_from_argv(argv: list[str]) -> bool:
+    """Whether nbdkit was started with -r/--readonly (options before the plugin name)."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            return False
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            if name in READONLY_LONG:
+                return True
+            if "=" not in arg and name in LONG_WITH_ARG:
+                i += 1
+        else:
+            for j, letter in enumerate(arg[1:]):
+                if letter == "r":
+                    return True
+                if letter in SHORT_WITH_ARG:
+                    if j == len(arg) - 2:
+                        i += 1
+                    break
+        i += 1
+    return False
+
+
+def nbdkit_readonly() -> bool:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    return readonly_from_argv(argv)
+
+
+class ConfigError(VmshieldError):
+    """A plugin parameter is missing or wrong."""
+
+
+@dataclass
+class ServerConfig:
+    image: str | None = None
+    passphrase: bytearray | None = None
+    discard: str = "ignore"
+    seen: set[str] = field(default_factory=set)
+
+    def set(self, key: str, value: str) -> None:
+        if key in self.seen:
+            raise ConfigError(f"{key}= given twice")
+        self.seen.add(key)
+        if key == "image":
+            self.image = os.path.abspath(value)
+        elif key == "passphrase":
+            try:
+                self.passphrase = bytearray(read_passphrase(value))
+            except PassphraseError as exc:
+                raise ConfigError(str(exc)) from None
+        elif key == "discard":
+            if value not in DISCARD_POLICIES:
+                raise ConfigError(f"discard={value}: use one of {', '.join(DISCARD_POLICIES)}")
+            self.discard = value
+        else:
+            raise ConfigError(f"unknown parameter {key}= (known: image, passphrase, discard)")
+
+    def open_disk(self, readonly: bool) -> EncryptedDisk:
+        if self.image is None:
+            raise ConfigError("image=PATH is required")
+        if self.passphrase is None:
+            raise ConfigError("passphrase= is required (+FILE, -FD or - to prompt)")
+        try:
+            volume = open_volume(self.image, bytes(self.passphrase), readonly=readonly)
+        finally:
+            self.passphrase[:] = bytes(len(self.passphrase))
+            self.passphrase = None
+        return EncryptedDisk(volume, discard=self.discard)

@@ -1,0 +1,293 @@
+"""XtsCipher against IEEE Std 1619-2007 Annex B and a per-sector reference, on every path.
+
+Paths: libcrypto one sector at a time (requests of <= 32 sectors, and 4096-byte sectors),
+numpy's vectorised tweaks (larger requests, or ``native=False``), numpy's chunked planes
+(more than xts.CHUNK sectors, padded), and the alpha^32 chain of 4096-byte sectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from nbd_plugin.crypto import xts
+from nbd_plugin.crypto.xts import XtsCipher
+
+COUNTING = bytes(i % 256 for i in range(512))
+KEY_128 = "27182818284590452353602874713526" + "31415926535897932384626433832795"
+KEY_256 = (
+    "2718281828459045235360287471352662497757247093699959574966967627"
+    "3141592653589793238462643383279502884197169399375105820974944592"
+)
+
+# IEEE Std 1619-2007 Annex B. Vectors 1-3: 32-byte data units, whole ciphertext given.
+SHORT_VECTORS = [
+    (
+        1,
+        "00" * 32,
+        0,
+        "00" * 32,
+        "917cf69ebd68b2ec9b9fe9a3eadda692cd43d2f59598ed858c02c2652fbf922e",
+    ),
+    (
+        2,
+        "11" * 16 + "22" * 16,
+        0x3333333333,
+        "44" * 32,
+        "c454185e6a16936e39334038acef838bfb186fff7480adc4289382ecd6d394f0",
+    ),
+    (
+        3,
+        "fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0" + "22" * 16,
+        0x3333333333,
+        "44" * 32,
+        "af85336b597afc1a900b2eb21ec949d292df4c047e0b21532186a5971a227a89",
+    ),
+]
+
+# Vectors 4-6 (XTS-AES-128, each encrypting the one before) and 10-14 (XTS-AES-256, the
+# counting plaintext): 512-byte units. The first 32 and last 16 ciphertext bytes as printed
+# in the standard, and the SHA-256 of the whole 512 bytes.
+LONG_VECTORS = [
+    (
+        4,
+        KEY_128,
+        0,
+        "27a7479befa1d476489f308cd4cfa6e2a96e4bbe3208ff25287dd3819616e89c",
+        "0a282df920147beabe421ee5319d0568",
+        "ebee4d64dd2395bb2d6a2d37a0a48ecb2bf4913cfc99d27c2214f2f4144715ea",
+    ),
+    (
+        5,
+        KEY_128,
+        1,
+        "264d3ca8512194fec312c8c9891f279fefdd608d0c027b60483a3fa811d65ee5",
+        "fd2a89ccb45e001a03a867b187f225dd",
+        "bed1b9d9bf8ce83a2ae1981fbd5f2b0c40e21bba5d57df2ea16ecd0975f25215",
+    ),
+    (
+        6,
+        KEY_128,
+        2,
+        "fa762a3680b76007928ed4a4f49a9456031b704782e65e16cecb54ed7d017b5e",
+        "4bcf518138dc3a25c5e236171a2d01d6",
+        "68f1e84faa401c9914a7fd6fc565eaa7b531cedbc22bd28269aa58b15ceec03f",
+    ),
+    (
+        10,
+        KEY_256,
+        0xFF,
+        "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b",
+        "c4f36ffda9fcea70b9c6e693e148c151",
+        "e97e974fa393af794f7a4684395814cf820de60a01eaec677d87b452e316b364",
+    ),
+    (
+        11,
+        KEY_256,
+        0xFFFF,
+        "77a31251618a15e6b92d1d66dffe7b50b50bad552305ba0217a610688eff7e11",
+        "a4f9e27b42af8100cb9d59cef9645803",
+        "def4fad29e95dfe1a24b1ad4620f86d7be094cced5b19e0b121aa82d9e6baf98",
+    ),
+    (
+        12,
+        KEY_256,
+        0xFFFFFF,
+        "e387aaa58ba483afa7e8eb469778317ecf4cf573aa9d4eac23f2cdf914e4e200",
+        "2263a1eef52dd6888c309f5a7d712826",
+        "8bf44861a081dd660d91ce615b5cdfb4d5df9d72c3025c12e67cc0ae097fa5d5",
+    ),
+    (
+        13,
+        KEY_256,
+        0xFFFFFFFF,
+        "bf53d2dade78e822a4d949a9bc6766b01b06a8ef70d26748c6a7fc36d80ae4c5",
+        "4c82f335abb152c4a93411373aaa8220",
+        "c706140a11affda7402234f5e6331eacbfeb687d8e80d83962691823bb3636f0",
+    ),
+    (
+        14,
+        KEY_256,
+        0xFFFFFFFFFF,
+        "64497e5a831e4a932c09be3e5393376daa599548b816031d224bbf50a818ed23",
+        "d609d273ad5b0d59631c531f6a0a57b9",
+        "afba71abc4e95b186d89a63a5437c1bafcfd1a18ca273970c534aba4f8d05282",
+    ),
+]
+
+
+def openssl_xts(key: bytes, unit: int, data: bytes, *, encrypt: bool = True) -> bytes:
+    """One data unit through cryptography's own XTS mode."""
+    cipher = Cipher(algorithms.AES(key), modes.XTS((unit % (1 << 64)).to_bytes(16, "little")))
+    ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+    return ctx.update(data) + ctx.finalize()
+
+
+def reference(key: bytes, data: bytes, first: int, size: int = 512, step: int = 1) -> bytes:
+    """The straightforward per-sector implementation: one cryptography XTS call per sector."""
+    return b"".join(
+        openssl_xts(key, first + j * step, data[j * size : (j + 1) * size])
+        for j in range(len(data) // size)
+    )
+
+
+def both_ways(cipher: XtsCipher, plain: bytes, first: int, expected: bytes) -> None:
+    """Out of place and in place, encrypt and decrypt, must all agree with ``expected``."""
+    out = bytearray(len(plain))
+    cipher.encrypt(plain, out, first)
+    assert bytes(out) == expected
+    back = bytearray(len(plain))
+    cipher.decrypt(bytes(out), back, first)
+    assert bytes(back) == plain
+    buf = bytearray(plain)
+    cipher.encrypt(buf, buf, first)
+    assert bytes(buf) == expected
+    cipher.decrypt(memoryview(buf), memoryview(buf), first)
+    assert bytes(buf) == plain
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize(("number", "key", "unit", "plain", "cipher"), SHORT_VECTORS)
+def test_ieee1619_short_vectors(
+    native: bool, number: int, key: str, unit: int, plain: str, cipher: str
+) -> None:
+    k, p, c = bytes.fromhex(key), bytes.fromhex(plain), bytes.fromhex(cipher)
+    both_ways(XtsCipher(k, sector_size=32, native=native), p, unit, c)
+    if k[:16] == k[16:]:  # vector 1: equal halves, which cryptography (and OpenSSL) refuse
+        with pytest.raises(ValueError):
+            openssl_xts(k, unit, p)
+        assert not XtsCipher(k, sector_size=32).uses_libcrypto
+    else:
+        assert openssl_xts(k, unit, p) == c
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize(("number", "key", "unit", "head", "tail", "digest"), LONG_VECTORS)
+def test_ieee1619_512_byte_vectors(
+    native: bool, number: int, key: str, unit: int, head: str, tail: str, digest: str
+) -> None:
+    k = bytes.fromhex(key)
+    plain = COUNTING
+    if number in (5, 6):  # vector 5 encrypts vector 4's ciphertext, 6 encrypts 5's
+        plain = openssl_xts(k, 0, plain)
+    if number == 6:
+        plain = openssl_xts(k, 1, plain)
+    expected = openssl_xts(k, unit, plain)
+    assert expected[:32].hex() == head
+    assert expected[-16:].hex() == tail
+    assert hashlib.sha256(expected).hexdigest() == digest
+    cipher = XtsCipher(k, native=native)
+    assert cipher.uses_libcrypto == native
+    both_ways(cipher, plain, unit, expected)
+    # The same unit inside a 41-sector request (the numpy planes compute its tweaks).
+    at = min(unit, 3)
+    rest = os.urandom(512 * 40)
+    data = rest[: 512 * at] + plain + rest[512 * at :]
+    out = bytearray(len(data))
+    XtsCipher(k, native=False).encrypt(data, out, unit - at)
+    assert bytes(out[512 * at : 512 * (at + 1)]) == expected
+
+
+SIZES_512 = [1, 3, 7, 8, 31, 32, 33, 127, 128, 129, 257, 2048]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize("key_bytes", [32, 64])
+@pytest.mark.parametrize("sectors", SIZES_512)
+def test_matches_per_sector_reference(native: bool, key_bytes: int, sectors: int) -> None:
+    key = os.urandom(key_bytes)
+    data = os.urandom(512 * sectors)
+    first = int.from_bytes(os.urandom(5), "little")
+    both_ways(XtsCipher(key, native=native), data, first, reference(key, data, first))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize(("sectors", "step"), [(1, 8), (3, 8), (16, 8), (256, 8), (5, 1)])
+def test_4096_byte_sectors(native: bool, sectors: int, step: int) -> None:
+    key = os.urandom(64)
+    data = os.urandom(4096 * sectors)
+    first = 8 * 12345
+    cipher = XtsCipher(key, sector_size=4096, iv_step=step, native=native)
+    both_ways(cipher, data, first, reference(key, data, first, 4096, step))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+def test_plain64_wraps_at_2_64(native: bool) -> None:
+    key = os.urandom(64)
+    for sectors in (7, 300):
+        data = os.urandom(512 * sectors)
+        first = (1 << 64) - 3
+        out = bytearray(len(data))
+        XtsCipher(key, native=native).encrypt(data, out, first)
+        assert bytes(out) == reference(key, data, first)
+
+
+def test_sizes_after_each_other_reuse_scratch_correctly() -> None:
+    """Pooled scratch of a large request must not leak into a smaller one, nor back."""
+    key = os.urandom(64)
+    cipher = XtsCipher(key)
+    for sectors in (2048, 8, 129, 1, 2048, 64):
+        data = os.urandom(512 * sectors)
+        out = bytearray(len(data))
+        cipher.encrypt(data, out, sectors)
+        assert bytes(out) == reference(key, data, sectors)
+
+
+def test_threads_share_one_cipher() -> None:
+    key = os.urandom(64)
+    cipher = XtsCipher(key)
+    cases = [(os.urandom(512 * n), n * 7) for n in (8, 128, 129, 8, 64, 2048)]
+    expected = [reference(key, d, f) for d, f in cases]
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(5):
+            for (data, first), want in zip(cases, expected, strict=True):
+                out = bytearray(len(data))
+                cipher.encrypt(data, out, first)
+                if bytes(out) != want:
+                    errors.append(f"{len(data)} bytes at {first}")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="256- or 512-bit"):
+        XtsCipher(os.urandom(48))
+    with pytest.raises(ValueError, match="sector size"):
+        XtsCipher(os.urandom(64), sector_size=520)
+    cipher = XtsCipher(os.urandom(64))
+    with pytest.raises(ValueError, match="multiple of 512"):
+        cipher.encrypt(bytes(700), bytearray(700), 0)
+    cipher.encrypt(b"", bytearray(), 0)  # nothing to do, no error
+
+
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_requests_larger_than_one_piece(sector_size: int) -> None:
+    key = os.urandom(64)
+    sectors = xts.MAX_BYTES // sector_size + 3
+    data = os.urandom(sector_size * sectors)
+    step = sector_size // 512
+    expected = reference(key, data, 40, sector_size, step)
+    both_ways(XtsCipher(key, sector_size, step, native=False), data, 40, expected)
+
+
+def test_chunk_padding_is_not_written() -> None:
+    """A request padded up to whole chunks writes only its own bytes."""
+    key = os.urandom(64)
+    sectors = xts.CHUNK + 5
+    data = os.urandom(512 * sectors)
+    out = bytearray(512 * (sectors + 4))
+    guard = bytes(out[512 * sectors :])
+    XtsCipher(key, native=False).encrypt(data, memoryview(out)[: len(data)], 0)
+    assert bytes(out[: len(data)]) == reference(key, data, 0)
+    assert bytes(out[len(data) :]) == guard

@@ -1,0 +1,178 @@
+"""A sans-IO usbredir connection: bytes in, typed packets out, and back (h11/wsproto style).
+
+One ``Connection`` is one end of one usbredir stream; it owns no socket::
+
+    conn = Connection(Role.GUEST)
+    wire = conn.send(Hello("usbgate"))      # bytes to write
+    conn.receive_data(chunk)                # bytes read (b"" at end of file)
+    while (event := conn.next_event()) is not NEED_DATA:
+        ...                                 # a packet, or CLOSED
+
+The header size is only known once both hellos are known: 12 bytes, or 16 when both sides
+announce the 64bits_ids capability. Until our own hello is sent, packets that follow the peer's
+hello stay buffered (``next_event`` says NEED_DATA). The receive buffer is bounded: a peer that
+announces or sends more than ``max_body`` bytes in one packet is a ``ProtocolError``, as is any
+malformed packet. A ``ProtocolError`` is final: the connection is dead.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from usbgate.errors import ProtocolError
+from usbgate.usbredir.packets import PACKET_CLASSES, Hello, Packet
+from usbgate.usbredir.wire import DEFAULT_MAX_BODY, Capability, Header, PacketType, Role
+
+
+class Sentinel(enum.Enum):
+    """Events that are not packets."""
+
+    NEED_DATA = "need-data"
+    """Nothing complete is buffered: feed more bytes."""
+    CLOSED = "closed"
+    """The peer closed the stream cleanly, between packets."""
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+CLOSED: Final = Sentinel.CLOSED
+Event = Packet | Sentinel
+
+_KNOWN_TYPES = frozenset(int(t) for t in PacketType)
+
+# Bytes a caller may feed beyond one maximal packet before draining with next_event().
+_READ_SLACK = 256 * 1024
+
+
+def encode(packet: Packet, *, caps: Capability, sender: Role, ids_64bit: bool) -> bytes:
+    """One packet on the wire: header + body. Raises ValueError for an unsendable packet."""
+    if sender not in packet.SENDERS:
+        raise ValueError(f"a {sender.value} never sends {packet.TYPE.name}")
+    check = getattr(packet, "check", None)
+    if check is not None:
+        try:
+            check(sender)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from exc
+    body = packet.pack(caps)
+    header = Header(int(packet.TYPE), len(body), packet.id)
+    return header.pack(ids_64bit and packet.TYPE is not PacketType.HELLO) + body
+
+
+def decode_body(header: Header, body: bytes, *, caps: Capability, sender: Role) -> Packet:
+    """The packet a header and its body describe; ProtocolError if they describe none."""
+    try:
+        cls = PACKET_CLASSES[PacketType(header.type)]
+    except ValueError:
+        raise ProtocolError(f"unknown packet type {header.type}") from None
+    if sender not in cls.SENDERS:
+        raise ProtocolError(f"a {sender.value} never sends {cls.TYPE.name}")
+    return cls.unpack(body, id=header.id, caps=caps, sender=sender)
+
+
+class Connection:
+    """Our end of a usbredir stream, playing ``our_role`` against a peer in the other role."""
+
+    def __init__(self, our_role: Role, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.our_role = our_role
+        self.peer_role = our_role.other
+        self.max_body = max_body
+        self.our_hello: Hello | None = None
+        self.peer_hello: Hello | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._dead = False
+
+    @property
+    def caps(self) -> Capability | None:
+        """Capabilities both sides announced, or None before both hellos are known."""
+        if self.our_hello is None or self.peer_hello is None:
+            return None
+        return self.our_hello.caps & self.peer_hello.caps
+
+    @property
+    def ids_64bit(self) -> bool:
+        caps = self.caps
+        return caps is not None and bool(caps & Capability.IDS_64BIT)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into packets."""
+        return len(self._buffer)
+
+    def send(self, packet: Packet) -> bytes:
+        """The bytes to write for ``packet``. Our hello must go first (ValueError otherwise)."""
+        if isinstance(packet, Hello):
+            if self.our_hello is not None:
+                raise ValueError("hello already sent")
+            self.our_hello = packet
+            return encode(packet, caps=Capability(0), sender=self.our_role, ids_64bit=False)
+        caps = self.caps
+        if caps is None:
+            raise ValueError("cannot send before both hellos are known")
+        return encode(packet, caps=caps, sender=self.our_role, ids_64bit=self.ids_64bit)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed its side."""
+        if self._dead:
+            raise ProtocolError("connection already failed")
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise ValueError("data after end of file")
+        self._buffer += data
+        if len(self._buffer) > self.max_body + 16 + _READ_SLACK:
+            self._fail("peer sent more than one maximal packet without a break")
+
+    def next_event(self) -> Event:
+        """The next complete packet, NEED_DATA, or CLOSED; ProtocolError if the stream is bad."""
+        if self._dead:
+            raise ProtocolError("connection already failed")
+        try:
+            event = self._next_event()
+        except ProtocolError:
+            self._dead = True
+            raise
+        return event
+
+    def _next_event(self) -> Event:
+        if self.peer_hello is None:
+            ids_64bit = False
+        elif self.our_hello is None:
+            return self._need_data_or_eof(waiting_for_us=True)
+        else:
+            ids_64bit = self.ids_64bit
+        header_size = Header.size(ids_64bit)
+        if len(self._buffer) < header_size:
+            return self._need_data_or_eof()
+        header = Header.unpack(bytes(self._buffer[:header_size]), ids_64bit)
+        if header.type not in _KNOWN_TYPES:
+            raise ProtocolError(f"unknown packet type {header.type}")
+        if header.length > self.max_body:
+            raise ProtocolError(f"packet length {header.length} exceeds limit {self.max_body}")
+        if self.peer_hello is None and header.type != PacketType.HELLO:
+            raise ProtocolError(f"first packet is type {header.type}, not hello")
+        if self.peer_hello is not None and header.type == PacketType.HELLO:
+            raise ProtocolError("second hello")
+        end = header_size + header.length
+        if len(self._buffer) < end:
+            return self._need_data_or_eof()
+        body = bytes(self._buffer[header_size:end])
+        caps = self.caps if self.caps is not None else Capability(0)
+        packet = decode_body(header, body, caps=caps, sender=self.peer_role)
+        del self._buffer[:end]
+        if isinstance(packet, Hello):
+            self.peer_hello = packet
+        return packet
+
+    def _need_data_or_eof(self, *, waiting_for_us: bool = False) -> Event:
+        if not self._eof:
+            return NEED_DATA
+        if self._buffer and not waiting_for_us:
+            raise ProtocolError(f"stream ends inside a packet ({len(self._buffer)} bytes left)")
+        return CLOSED
+
+    def _fail(self, reason: str) -> None:
+        self._dead = True
+        raise ProtocolError(reason)
