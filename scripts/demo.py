@@ -50,7 +50,7 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
 )
 
 from keystore.sqlite.usbrules import RulesWatcher  # noqa: E402
-from nbd_plugin.luks.volume import payload_region  # noqa: E402
+from nbd_plugin.luks import payload_region  # noqa: E402
 from scripts.guestlib import (  # noqa: E402  (after the sys.path line: run as a script)
     DONE,
     FAIL,

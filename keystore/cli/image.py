@@ -11,8 +11,8 @@ import click
 
 from keystore.cli.secrets import SecretReader, secret_file_option
 from keystore.services.disks import parse_size
+from nbd_plugin import luks
 from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
-from nbd_plugin.luks import volume as container
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,7 +86,7 @@ def image() -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(container.FORMATS),
+    type=click.Choice(luks.FORMATS),
     default="luks1",
     show_default=True,
     help="luks1 opens in QEMU and nbdkit's luks filter too; luks2 has argon2id "
@@ -180,7 +180,7 @@ def create(
         raise click.UsageError("--pbkdf-iterations: PBKDF2 needs at least 1000 iterations")
     secret = SecretReader().read(passphrase_file, "New passphrase", confirm=True)
     _guard(
-        lambda: container.create_image(
+        lambda: luks.create_image(
             str(path),
             size_bytes,
             secret,
@@ -194,7 +194,7 @@ def create(
         )
     )
     if as_json:
-        click.echo(json.dumps(_guard(lambda: container.info(str(path))), indent=2))
+        click.echo(json.dumps(_guard(lambda: luks.info(str(path))), indent=2))
     else:
         click.echo(f"created {path}: {fmt}, {cipher}, {size_bytes} bytes")
 
@@ -233,7 +233,7 @@ def _print_info(meta: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: Path, as_json: bool) -> None:
     """Show what the header of PATH says (no passphrase needed)."""
-    meta = _guard(lambda: container.info(str(path)))
+    meta = _guard(lambda: luks.info(str(path)))
     if as_json:
         click.echo(json.dumps(meta, indent=2))
     else:
@@ -264,7 +264,7 @@ def add_key(
     old = reader.read(passphrase_file, "Existing passphrase")
     new = reader.read(new_passphrase_file, "New passphrase", confirm=True)
     index = _guard(
-        lambda: container.add_key(
+        lambda: luks.add_key(
             str(path), old, new, slot=slot, iterations=iterations, iter_time_ms=iter_time_ms
         )
     )
@@ -282,7 +282,7 @@ def add_key(
 def remove_key(path: Path, passphrase_file: Path | None, force_last: bool) -> None:
     """Remove the keyslot that the given passphrase opens (its key material is wiped)."""
     secret = SecretReader().read(passphrase_file, "Passphrase to remove")
-    index = _guard(lambda: container.remove_key(str(path), secret, allow_last=force_last))
+    index = _guard(lambda: luks.remove_key(str(path), secret, allow_last=force_last))
     click.echo(f"removed keyslot {index}")
 
 
@@ -303,7 +303,7 @@ def passwd(
     old = reader.read(passphrase_file, "Current passphrase")
     new = reader.read(new_passphrase_file, "New passphrase", confirm=True)
     index = _guard(
-        lambda: container.change_key(
+        lambda: luks.change_key(
             str(path), old, new, iterations=iterations, iter_time_ms=iter_time_ms
         )
     )
@@ -318,7 +318,7 @@ def test_passphrase(path: Path, passphrase_file: Path | None) -> None:
     secret = SecretReader().read(passphrase_file, "Passphrase")
 
     def check() -> int:
-        volume = container.open_volume(str(path), secret, readonly=True)
+        volume = luks.open_volume(str(path), secret, readonly=True)
         try:
             return volume.keyslot
         finally:

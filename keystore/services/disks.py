@@ -1,4 +1,4 @@
-"""Disk-side operations the keystore CLI performs through nbd_plugin.luks.volume.
+"""Disk-side operations the keystore CLI performs through nbd_plugin.luks.
 
 The user's password is the passphrase of their LUKS keyslot: `create` makes the image
 with it, `rekey` moves every disk of a user from the old to the new password (undoing
@@ -45,12 +45,12 @@ def create(
     iter_time_ms: int,
 ) -> None:
     """Create the LUKS image (mode 0600) with one keyslot for `passphrase`."""
+    from nbd_plugin import luks
     from nbd_plugin.errors import VmshieldError
-    from nbd_plugin.luks import volume as container
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        container.create_image(
+        luks.create_image(
             str(path),
             size,
             passphrase,
@@ -66,11 +66,11 @@ def create(
 def change_key(
     path: str, old: bytes, new: bytes, *, iterations: int | None = None, iter_time_ms: int = 2000
 ) -> None:
+    from nbd_plugin import luks
     from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
-    from nbd_plugin.luks import volume as container
 
     try:
-        container.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
+        luks.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
     except ImageBusy as e:
         raise DiskOpError("image is in use (served read-write?): stop it first") from e
     except InvalidPassphrase as e:

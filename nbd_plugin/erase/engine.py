@@ -32,9 +32,9 @@ from nbd_plugin.erase.overwrite import (
 )
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.errors import ImageBusy, ImageError, UnsupportedError
-from nbd_plugin.luks import regions as keyregions
-from nbd_plugin.osutil import extents as sysio
-from nbd_plugin.osutil.extents import Extent
+from nbd_plugin.luks import luks_version, wipe_regions
+from nbd_plugin.osutil import blockdev
+from nbd_plugin.osutil.extents import Extent, allocated_extents, punch_hole
 from nbd_plugin.osutil.locking import hold_image
 
 HEADER_WIPES = 3
@@ -197,17 +197,17 @@ class _Eraser:
             self.state.discard = {"performed": False}
             return
         t = self.target
-        size = sysio.device_size(t.fd)
+        size = blockdev.device_size(t.fd)
         if t.block_device:
             how = "BLKSECDISCARD" if self.opts.secure_discard else "BLKDISCARD"
-            request = sysio.BLKSECDISCARD if self.opts.secure_discard else sysio.BLKDISCARD
+            request = blockdev.BLKSECDISCARD if self.opts.secure_discard else blockdev.BLKDISCARD
         else:
             how = "punch hole"
         try:
             if t.block_device:
-                sysio.blk_range_ioctl(t.fd, request, 0, size)
+                blockdev.blk_range_ioctl(t.fd, request, 0, size)
             else:
-                sysio.punch_hole(t.fd, 0, size)
+                punch_hole(t.fd, 0, size)
             sync(t)
             self.state.discard = {"performed": True, "how": how, "result": "done"}
         except OSError as e:
@@ -226,17 +226,17 @@ class _Eraser:
 
 def _new_state(path: str, target: Target, method: Method, key: bytes | None) -> JournalState:
     st = os.fstat(target.fd)
-    size = sysio.device_size(target.fd)
+    size = blockdev.device_size(target.fd)
     with open(path, "rb") as f:
         head = f.read(8)
-    luks = keyregions.probe(head)
+    luks = luks_version(head)
     if luks is None and not method.overwrites:
         raise UnsupportedError(
             f"{path} is not a LUKS image: the crypto method has no key material to wipe; "
             "choose an overwrite method (zero, random, dod3...)"
         )
-    extents = sysio.allocated_extents(target.fd)
-    regions = keyregions.key_material_regions(path, size) if luks else []
+    extents = allocated_extents(target.fd)
+    regions = wipe_regions(path, size) if luks else []
     shared = any(e.shared for e in extents)
     return JournalState(
         storage=storage.assess_path(path, shared_extents=shared),
@@ -284,7 +284,7 @@ def _lock(target: Target) -> None:
                 "exclusively by another program; release it and run the erase again"
             ) from None
     else:
-        loop = sysio.loop_device_of(target.path)
+        loop = blockdev.loop_device_of(target.path)
         if loop is not None:
             raise ImageBusy(
                 f"{target.path} is attached to {loop}; detach it (losetup -d {loop}, or close "
