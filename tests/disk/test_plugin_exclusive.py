@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nbd_plugin.luks import volume as container
+from tests.support.faults import can_mount, loop_device
 from tests.support.nbd import (
     SECRET,
     plugin_args,
@@ -22,11 +22,7 @@ from tests.support.nbd import (
 SIZE = 4 << 20
 
 
-def _losetup_works() -> bool:
-    return os.geteuid() == 0 and os.path.exists("/dev/loop-control")
-
-
-pytestmark = pytest.mark.skipif(not _losetup_works(), reason="needs root and loop devices")
+pytestmark = pytest.mark.skipif(not can_mount(), reason="needs root and loop devices")
 
 
 @pytest.fixture
@@ -38,13 +34,8 @@ def image(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def loop(image: Path) -> Iterator[Path]:
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    try:
-        yield Path(dev)
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
+    with loop_device(image) as dev:
+        yield dev
 
 
 def test_file_behind_a_loop_device_is_refused_read_write(
@@ -62,14 +53,8 @@ def test_file_behind_a_loop_device_is_refused_read_write(
 def test_loop_device_refused_while_its_file_is_served(
     image: Path, keyfile: Path, sockdir: Path
 ) -> None:
-    with serve_plugin(image, keyfile, sockdir):
-        dev = subprocess.run(
-            ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        try:
-            r = run_nbdkit_expect_failure(plugin_args(Path(dev), keyfile))
-        finally:
-            subprocess.run(["losetup", "-d", dev], check=False)
+    with serve_plugin(image, keyfile, sockdir), loop_device(image) as dev:
+        r = run_nbdkit_expect_failure(plugin_args(dev, keyfile))
     assert r.returncode != 0
     assert f"loop device over {image}" in r.stderr, r.stderr
 
