@@ -1,7 +1,10 @@
 """The plaintext view of an unlocked volume: what the nbdkit callbacks do, minus nbdkit.
 
 Reads decrypt in place in the caller's buffer; aligned writes encrypt into a reusable scratch
-buffer. Unaligned requests read-modify-write whole sectors under a lock. Holes in a regular
+buffer. Unaligned requests read-modify-write whole sectors. Requests may run in parallel
+(nbdkit's PARALLEL thread model): every request that changes the image holds the byte range
+it reads back or changes (``rangelock``), so a read-modify-write never puts back bytes another
+request just wrote. Holes in a regular
 image file read back as plaintext zeros, which makes trim and sparse images work through the
 encryption; unmapping leaks which sectors are in use, so it only happens with
 ``discard="unmap"``.
@@ -20,6 +23,7 @@ import numpy as np
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks.volume import Volume
 from nbd_plugin.osutil.holes import data_segments, first_hole, punch_hole
+from nbd_plugin.serve.rangelock import RangeLock
 
 DISCARD_POLICIES = ("ignore", "unmap")
 ZERO_CHUNK = 1 << 20
@@ -52,7 +56,7 @@ class EncryptedDisk:
         self._heads: dict[int, struct.Struct] = {}
         # Writes cover whole filesystem blocks (see _span); block devices have no holes.
         self._write_unit = self._hole_align if self._regular else self.sector
-        self._rmw = threading.Lock()
+        self._ranges = RangeLock()
         self._scratch: list[bytearray] = []
         self._scratch_lock = threading.Lock()
 
@@ -157,14 +161,17 @@ class EncryptedDisk:
         view = memoryview(buf).cast("B")
         self._check(offset, len(view))
         first, last = self._span(offset, len(view), self._write_unit)
-        if first == offset and last == offset + len(view):
-            self._write_sectors(view, offset)
-        else:
-            with self._rmw:
+        held = self._ranges.acquire(first, last)
+        try:
+            if first == offset and last == offset + len(view):
+                self._write_sectors(view, offset)
+            else:
                 tmp = bytearray(last - first)
                 self._read_sectors(memoryview(tmp), first)
                 tmp[offset - first : offset - first + len(view)] = view
                 self._write_sectors(tmp, first)
+        finally:
+            self._ranges.release(held)
         if fua:
             self.flush()
 
@@ -178,6 +185,14 @@ class EncryptedDisk:
         a = -(-start // self._hole_align) * self._hole_align
         b = end // self._hole_align * self._hole_align
         return (a - self._base, b - a) if b > a else (offset, 0)
+
+    def _punch(self, offset: int, length: int) -> None:
+        """Punch whole file blocks, not while a read-modify-write of them is in flight."""
+        held = self._ranges.acquire(offset, offset + length)
+        try:
+            punch_hole(self._fd, self._base + offset, length)
+        finally:
+            self._ranges.release(held)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         """Write encrypted zeros; chunks end on write-unit boundaries so only edges RMW."""
@@ -208,7 +223,7 @@ class EncryptedDisk:
         if may_trim and self.discard == "unmap" and self._regular:
             hole_off, hole_len = self._unmappable(offset, length)
             if hole_len:
-                punch_hole(self._fd, self._base + hole_off, hole_len)
+                self._punch(hole_off, hole_len)
                 self._write_zeros(offset, hole_off - offset)
                 self._write_zeros(hole_off + hole_len, offset + length - hole_off - hole_len)
                 if fua:
@@ -231,7 +246,7 @@ class EncryptedDisk:
             return
         hole_off, hole_len = self._unmappable(offset, length)
         if hole_len:
-            punch_hole(self._fd, self._base + hole_off, hole_len)
+            self._punch(hole_off, hole_len)
         if fua:
             self.flush()
 
