@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import click
 
-from keystore.cli import audit, destroy, disk, erase, image, initcmd, job, perm, usb, user, vm
+from keystore.cli import (
+    audit,
+    destroy,
+    disk,
+    erase,
+    image,
+    initcmd,
+    job,
+    keystore_cmd,
+    perm,
+    usb,
+    user,
+    vm,
+)
 
 #: (group, its subcommands), or a lone command
 TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] = (
@@ -25,6 +38,7 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
     (usb.usb, (usb.qemu_filter,)),
     (audit.audit, (audit.verify,)),
     (job.job, (job.status,)),
+    (keystore_cmd.keystore_group, (keystore_cmd.migrate,)),
     (
         image.image,
         (

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from keystore.cli.erase import confirm, done_event, method_option, methods_help, run_erase, summary
-from keystore.cli.options import actor, db_option, emit_json, handle_errors, run
+from keystore.cli.options import actor, db_option, emit_json, handle_errors, resolve_db, run
 from keystore.services import destroy as destroying
 from keystore.services.store import Keystore
 from nbd_plugin.erase import Certificate, EraseOptions
@@ -66,7 +66,7 @@ def destroy(
     destroying.check_not_served(disk)  # before asking; execute() checks again
     confirm(f"disk {disk.name} ({disk.path})", yes)
     if background:
-        job = destroying.spawn(store, disk, method, verify)
+        job = destroying.spawn(Keystore(resolve_db(db)), disk, method, verify)
         if as_json:
             emit_json(job)
         else:

@@ -23,6 +23,7 @@ from keystore.cli.options import (
     json_option,
     kdf_options,
     password_file_option,
+    resolve_db,
     run,
     table,
     wipe,
@@ -97,7 +98,7 @@ def create(
     store = Keystore(db)
     v = run(db, lambda r: r.get_vm(vm))
     disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
-    path = (image_path or paths.default_image_dir(store.path) / f"{disk_name}.img").absolute()
+    path = (image_path or paths.default_image_dir(resolve_db(db)) / f"{disk_name}.img").absolute()
     if path.exists():
         raise click.ClickException(f"{path} already exists; choose another --path")
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disk)")

@@ -21,8 +21,10 @@ import click
 from keystore import paths
 from keystore.audit import cli_actor
 from keystore.auth import check_password_quality
+from keystore.backends import Location, parse_location
+from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
-from keystore.services.store import Keystore, resolve_db
+from keystore.services.store import Keystore
 from nbd_plugin.errors import ExitStatus, VmshieldError
 from nbd_plugin.luks.volume import FORMATS
 from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
@@ -53,6 +55,7 @@ __all__ = [
     "passphrase_file_option",
     "password_file_option",
     "resolve_db",
+    "resolve_location",
     "run",
     "table",
     "when",
@@ -89,7 +92,7 @@ def handle_errors(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def run(db: Path | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
+def run(db: Location | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
     """Open the keystore, await `fn(repo)`, close it. Errors become ClickExceptions."""
     try:
         return Keystore(db).run(fn)
@@ -105,18 +108,44 @@ def actor() -> str:
 # -- options -----------------------------------------------------------------------------
 
 
+class DbLocation(click.ParamType):  # type: ignore[type-arg]
+    """`--db` values: a postgresql:// URL stays text (a Path would fold its `//`), else a path."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and isinstance(parse_location(value), PgUrl):
+            return PgUrl(value)
+        return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
+
+
 def db_option(f: F) -> F:
-    """`--db PATH` (env VMSHIELD_DB)."""
+    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL."""
     return click.option(
         "--db",
         "db",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=DbLocation(),
         envvar=paths.DB_ENV,
         default=None,
         show_envvar=True,
-        help="Keystore database file. Default: /var/lib/vmshield/keystore.db for root, "
-        "~/.local/share/vmshield/keystore.db otherwise.",
+        help="Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
+        "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
+        "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL).",
     )(f)
+
+
+def resolve_db(db: Location | None) -> Path:
+    """The keystore file, for commands that only work on a local SQLite keystore."""
+    if isinstance(db, PgUrl):
+        raise click.UsageError(
+            f"this command needs a local keystore file, not {db.redacted()}", ctx=None
+        )
+    return db if db is not None else paths.default_db_path()
+
+
+def resolve_location(db: Location | None) -> Location:
+    """The keystore as given (file or PostgreSQL URL), or the default file."""
+    return db if db is not None else paths.default_db_path()
 
 
 def json_option(f: F) -> F:

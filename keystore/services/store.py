@@ -14,33 +14,33 @@ from pathlib import Path
 from typing import TypeVar
 
 from keystore import paths
+from keystore.backends import Location, open_repository
+from keystore.errors import KeystoreError
+from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
-from keystore.sqlite.repository import SqliteRepository
 
 T = TypeVar("T")
 
 
-def resolve_db(db: Path | None) -> Path:
-    """`db`, else the default keystore (`$VMSHIELD_DB`, then the system or user path)."""
-    return db if db is not None else paths.default_db_path()
-
-
-async def open_repository(db: Path) -> Repository:
-    """The repository of the keystore at `db`."""
-    return await SqliteRepository.open(db)
-
-
 class Keystore:
-    """One keystore, opened anew for each step (`run`)."""
+    """One keystore (an SQLite file or a PostgreSQL URL), opened anew for each step (`run`)."""
 
-    def __init__(self, db: Path | None = None) -> None:
-        self.path = resolve_db(db)
+    def __init__(self, db: Location | None = None) -> None:
+        #: where it is; None means the default (`$VMSHIELD_DB`, else the system or user file)
+        self.location: Location = db if db is not None else paths.default_db_path()
+
+    @property
+    def path(self) -> Path:
+        """The keystore's file, for what lives next to it (jobs, default image directory)."""
+        if isinstance(self.location, PgUrl):
+            raise KeystoreError(f"this needs a local keystore file, not {self.location.redacted()}")
+        return self.location
 
     def run(self, fn: Callable[[Repository], Awaitable[T]]) -> T:
         """Open the keystore, await `fn(repo)`, close it; keystore errors propagate."""
 
         async def go() -> T:
-            repo = await open_repository(self.path)
+            repo = await open_repository(self.location)
             try:
                 return await fn(repo)
             finally:
