@@ -193,6 +193,8 @@ def make_luks1_image(path: Path, keyfile: Path, size: int = DISK_SIZE) -> None:
 
 AGENT_READY = "VMSHIELD-AGENT-READY"
 AGENT_END = re.compile(r"^VMSHIELD-AGENT-END rc=(\d+)$")
+
+
 @dataclass(frozen=True)
 class AgentResult:
     rc: int
