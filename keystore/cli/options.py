@@ -18,14 +18,15 @@ import click
 
 from keystore import paths
 from keystore.auth import check_password_quality
+from keystore.backends import Location, open_repository, parse_location
 from keystore.errors import (
     AccountLocked,
     AuthenticationFailed,
     KeystoreBusy,
     KeystoreError,
 )
+from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
-from keystore.sqlite.repository import SqliteRepository
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,17 +59,29 @@ class DeniedError(click.ClickException):
     exit_code = EX_NOPERM
 
 
+class DbLocation(click.ParamType):  # type: ignore[type-arg]
+    """`--db` values: a postgresql:// URL stays text (a Path would fold its `//`), else a path."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and isinstance(parse_location(value), PgUrl):
+            return PgUrl(value)
+        return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
+
+
 def db_option(f: F) -> F:
-    """`--db PATH` (env VMSHIELD_DB)."""
+    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL."""
     return click.option(
         "--db",
         "db",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=DbLocation(),
         envvar=paths.DB_ENV,
         default=None,
         show_envvar=True,
-        help="Keystore database file. Default: /var/lib/vmshield/keystore.db for root, "
-        "~/.local/share/vmshield/keystore.db otherwise.",
+        help="Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
+        "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
+        "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL).",
     )(f)
 
 
@@ -107,7 +120,17 @@ def kdf_options(f: F) -> F:
     )(f)
 
 
-def resolve_db(db: Path | None) -> Path:
+def resolve_db(db: Location | None) -> Path:
+    """The keystore file, for commands that only work on a local SQLite keystore."""
+    if isinstance(db, PgUrl):
+        raise click.UsageError(
+            f"this command needs a local keystore file, not {db.redacted()}", ctx=None
+        )
+    return db if db is not None else paths.default_db_path()
+
+
+def resolve_location(db: Location | None) -> Location:
+    """The keystore as given (file or PostgreSQL URL), or the default file."""
     return db if db is not None else paths.default_db_path()
 
 
@@ -126,11 +149,11 @@ def fail(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
 
 
-def run(db: Path | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
+def run(db: Location | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
     """Open the keystore, await `fn(repo)`, close it. Errors become ClickExceptions."""
 
     async def go() -> T:
-        repo = await SqliteRepository.open(resolve_db(db))
+        repo = await open_repository(resolve_location(db))
         try:
             return await fn(repo)
         finally:
