@@ -57,7 +57,7 @@ def audit(
     )
 
 
-@audit.command("verify")
+@click.command("verify")
 @click.option(
     "--anchor",
     metavar="SEQ:HASH",
