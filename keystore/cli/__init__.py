@@ -23,12 +23,13 @@ main.add_command(image)
 from keystore.cli.audit import audit  # noqa: E402
 from keystore.cli.disk import disk  # noqa: E402
 from keystore.cli.initcmd import init  # noqa: E402
+from keystore.cli.libvirt import libvirt  # noqa: E402
 from keystore.cli.perm import perm  # noqa: E402
 from keystore.cli.usb import usb  # noqa: E402
 from keystore.cli.user import user  # noqa: E402
 from keystore.cli.vm import vm  # noqa: E402
 
-for _command in (init, user, vm, disk, perm, usb, audit):
+for _command in (init, user, vm, disk, perm, usb, audit, libvirt):
     main.add_command(_command)
 
 

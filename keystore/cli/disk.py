@@ -336,3 +336,9 @@ def _add_destroy() -> None:
 
 
 _add_destroy()
+
+# `disk enroll-host|unenroll-host` (issue 15, libvirt): keystore/cli/unlock.py
+from keystore.cli.unlock import enroll_host, unenroll_host  # noqa: E402
+
+disk.add_command(enroll_host)
+disk.add_command(unenroll_host)

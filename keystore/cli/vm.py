@@ -128,3 +128,9 @@ def remove(name: str, yes: bool, db: Path | None) -> None:
         click.confirm(f"Remove VM {name}?", abort=True, err=True)
     v = run(db, lambda r: r.remove_vm(name, actor=actor()))
     click.echo(f"VM {v.name} removed")
+
+
+# `vm unlock` (issue 15, libvirt): keystore/cli/unlock.py
+from keystore.cli.unlock import unlock_vm  # noqa: E402
+
+vm.add_command(unlock_vm)
