@@ -49,7 +49,8 @@ def domain(ks: Keystore, *, disks: list[str] | None = None, usb: int = 0, name: 
                 f"<host transport='unix' socket='{sock}'/></source><target dev='vdz'/></disk>"
             ))  # fmt: skip
         dev = "".join(ET.tostring(el, encoding="unicode") for el in root)
-    return f"<domain type='qemu'><name>{name or ks.vm}</name><devices>{dev}</devices></domain>".encode()
+    name = name or ks.vm
+    return f"<domain type='qemu'><name>{name}</name><devices>{dev}</devices></domain>".encode()
 
 
 def hook(
