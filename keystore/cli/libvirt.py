@@ -16,10 +16,11 @@ from keystore.cli.options import (
     emit_json,
     handle_errors,
     json_option,
-    resolve_db,
+    resolve_location,
     run,
 )
 from keystore.models import Disk, DiskState, Vm
+from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.services import hookconf, libvirt_xml
 from keystore.services.hookconf import HookConfig
@@ -74,7 +75,7 @@ async def _devices(r: Repository, vm: str) -> tuple[Vm, list[Disk], list[UsbRule
     return v, await r.list_disks(v.name), await r.list_usb_rules(v.name)
 
 
-@libvirt.command("devices")
+@click.command("devices")
 @click.argument("vm")
 @click.option(
     "--usb-slots",
@@ -134,7 +135,7 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         raise
 
 
-@libvirt.command("install-hook")
+@click.command("install-hook")
 @click.option("--hooks-dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_HOOKS_DIR, show_default=True,
               help="libvirt's qemu hook drop-in directory (session mode: "
@@ -168,7 +169,7 @@ def install_hook(
     """
     base = hookconf.defaults()
     cfg = HookConfig(
-        db=resolve_db(db).absolute(),
+        db=location if isinstance(location := resolve_location(db), PgUrl) else location.absolute(),
         run_dir=(run_dir or base.run_dir).absolute(),
         host_key=(host_key or base.host_key).absolute(),
         usb_listen=usb_listen or hookconf.DEFAULT_USB_LISTEN,

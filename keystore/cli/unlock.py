@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from keystore.cli.options import (
-    PasswordSource,
+    SecretReader,
     actor,
     db_option,
     handle_errors,
@@ -75,7 +75,7 @@ def unlock_vm(
         ttl = unlock.parse_duration(duration)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--for") from e
-    pw = PasswordSource(password_file).read(f"Password of {v.owner} (opens the disks of {v.name})")
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disks of {v.name})")
     try:
         run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
         unlock.put(v.uuid, bytes(pw), ttl)
@@ -106,7 +106,7 @@ def enroll_host(
         raise click.ClickException(f"disk {d.name} is {d.state.value}, not ready")
     v = run(db, lambda r: r.get_vm(d.vm))
     path = _host_key_path(host_key)
-    pw = PasswordSource(password_file).read(f"Password of {v.owner} (opens {d.name})")
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
     try:
         run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
         key = unlock.ensure_host_key(path)

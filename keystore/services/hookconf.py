@@ -4,7 +4,7 @@ The hook runs under libvirtd: none of the admin's variables (VMSHIELD_DB ...) re
 everything it needs is in this file, written by `vmshield libvirt install-hook`:
 
     [vmshield]
-    db = /var/lib/vmshield/keystore.db     # the keystore
+    db = /var/lib/vmshield/keystore.db     # the keystore (a file or a postgresql:// URL)
     run_dir = /run/vmshield                # disk sockets, usb-redir sockets, usbgate pid/log
     host_key = /etc/vmshield/host.key      # the key of `vmshield disk enroll-host`
     usb_listen = unix:{run_dir}/{vm}-usb.sock   # where USB owners reach the VM's usbgate
@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from keystore import paths
+from keystore.backends import Location, parse_location
 from keystore.errors import KeystoreError
 from keystore.services.unlock import DEFAULT_HOST_KEY
 
@@ -34,7 +35,7 @@ class HookConfigError(KeystoreError):
 
 @dataclasses.dataclass(frozen=True)
 class HookConfig:
-    db: Path
+    db: Location
     run_dir: Path
     host_key: Path
     usb_listen: str = DEFAULT_USB_LISTEN
@@ -91,7 +92,7 @@ def load(path: Path) -> HookConfig:
     if "db" not in sec:
         raise HookConfigError(f"{path}: db = PATH is required (the keystore database)")
     return HookConfig(
-        db=Path(sec["db"]),
+        db=parse_location(sec["db"]),
         run_dir=Path(sec.get("run_dir", str(base.run_dir))),
         host_key=Path(sec.get("host_key", str(base.host_key))),
         usb_listen=sec.get("usb_listen", DEFAULT_USB_LISTEN),

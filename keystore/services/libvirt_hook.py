@@ -18,7 +18,6 @@ calls back into libvirt (that would deadlock the daemon). Every action is audite
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -31,12 +30,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from keystore.errors import KeystoreError, NotFound
-from keystore.models import Disk, DiskState, Vm
+from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
 from keystore.services import hookconf, serve, unlock
 from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
-from keystore.sqlite.repository import SqliteRepository
+from keystore.services.store import Keystore
+from nbd_plugin.errors import VmshieldError
 
 ACTOR = "libvirt-hook"
 
@@ -174,22 +174,23 @@ def stop_usbgate(cfg: HookConfig, vm: str, timeout: float = 10.0) -> bool:
 # -- the operations -----------------------------------------------------------------------
 
 
-async def _stop_disk(repo: Repository, disk: str) -> bool:
-    s = await repo.get_server(disk)
-    if s is None:
-        return False
-    was = serve.stop(s.pid, serve.ServerFiles(Path(s.socket)))
-    await repo.remove_server(disk, actor=ACTOR)
-    return was
+def _server(store: Keystore, disk: str) -> Server | None:
+    return store.run(lambda r: r.get_server(disk))
 
 
-async def prepare(repo: Repository, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
-    disks = wanted_disks(dom, await repo.list_disks(vm.name), cfg, vm.name)
+def _record(store: Keystore, disk: str, files: serve.ServerFiles, pid: int) -> None:
+    sock, pidfile = str(files.socket), str(files.pidfile)
+    store.run(lambda r: r.record_server(disk, socket=sock, pidfile=pidfile, pid=pid,
+                                        readonly=False, actor=ACTOR))  # fmt: skip
+
+
+def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    disks = wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name)
     slots = wanted_usb_slots(dom, cfg, vm.name)
     for d in disks:
         if d.state is not DiskState.READY:
             raise HookError(f"disk {d.name} is {d.state.value}, not ready")
-        old = await repo.get_server(d.name)
+        old = _server(store, d.name)
         if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
             raise HookError(f"disk {d.name} is already served (pid {old.pid}): stop it first")
     owner_pw = unlock.peek(vm.uuid) if disks else None
@@ -214,13 +215,12 @@ async def prepare(repo: Repository, cfg: HookConfig, vm: Vm, dom: Domain) -> str
             except serve.ServeError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
             started.append(d.name)
-            await repo.record_server(d.name, socket=str(files.socket), pidfile=str(files.pidfile),
-                                     pid=pid, readonly=False, actor=ACTOR)  # fmt: skip
+            _record(store, d.name, files, pid)
         gate = start_usbgate(cfg, vm.name, slots) if slots else None
     except BaseException:
         for name in reversed(started):
-            with contextlib.suppress(KeystoreError, OSError):
-                await _stop_disk(repo, name)
+            with contextlib.suppress(VmshieldError, OSError):
+                serve.stop_disk(store, name, who=ACTOR)
         raise
     finally:
         for buf in (owner_pw, host_key):
@@ -229,77 +229,77 @@ async def prepare(repo: Repository, cfg: HookConfig, vm: Vm, dom: Domain) -> str
     if "unlock" in how.values():
         unlock.consume(vm.uuid)
     if disks:
-        await repo.record_access(vm.name)
+        store.run(lambda r: r.record_access(vm.name))
     detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots)}
     if gate is not None:
         detail["usbgate_pid"] = gate
-    await repo.append_audit(ACTOR, "libvirt.prepare", vm.name, detail)
+    store.run(lambda r: r.append_audit(ACTOR, "libvirt.prepare", vm.name, detail))
     gate_text = f", usbgate with {len(slots)} slot(s)" if slots else ""
     return f"VM {vm.name}: served {', '.join(how) or 'no disks'}{gate_text}"
 
 
-async def release(repo: Repository, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    sockets = {x.socket for x in dom.disks}
     stopped = []
-    for d in await repo.list_disks(vm.name):
-        s = await repo.get_server(d.name)
-        if s is not None and Path(s.socket) in {x.socket for x in dom.disks}:
-            await _stop_disk(repo, d.name)
+    for d in store.run(lambda r: r.list_disks(vm.name)):
+        s = _server(store, d.name)
+        if s is not None and Path(s.socket) in sockets:
+            serve.stop_disk(store, d.name, who=ACTOR)
             stopped.append(d.name)
     gate = stop_usbgate(cfg, vm.name)
     for n in range(len(dom.redirdevs)):
         usb_socket(cfg.run_dir, vm.name, n).unlink(missing_ok=True)
-    await repo.append_audit(ACTOR, "libvirt.release", vm.name,
-                            {"domain": dom.name, "disks": stopped, "usbgate": gate})  # fmt: skip
+    detail = {"domain": dom.name, "disks": stopped, "usbgate": gate}
+    store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, detail))
     return f"VM {vm.name}: stopped {', '.join(stopped) or 'no disks'}" + (
         ", usbgate" if gate else ""
     )
 
 
-async def reconnect(repo: Repository, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+def reconnect(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     up: list[str] = []
     missing: list[str] = []
-    for d in wanted_disks(dom, await repo.list_disks(vm.name), cfg, vm.name):
-        s = await repo.get_server(d.name)
+    for d in wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name):
+        s = _server(store, d.name)
         alive = s is not None and serve.is_our_server(s.pid, Path(s.socket))
         (up if alive and s is not None and serve.probe(Path(s.socket)) else missing).append(d.name)
     if wanted_usb_slots(dom, cfg, vm.name):
         (up if usbgate_pid(cfg, vm.name) is not None else missing).append("usbgate")
-    await repo.append_audit(ACTOR, "libvirt.reconnect", vm.name,
-                            {"domain": dom.name, "up": up, "missing": missing})  # fmt: skip
+    detail = {"domain": dom.name, "up": up, "missing": missing}
+    store.run(lambda r: r.append_audit(ACTOR, "libvirt.reconnect", vm.name, detail))
     text = f"VM {vm.name}: still up: {', '.join(up) or 'nothing'}"
     return text + (f"; MISSING: {', '.join(missing)}" if missing else "")
 
 
-async def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
+OPERATIONS = {
+    ("prepare", "begin"): prepare,
+    ("release", "end"): release,
+    ("reconnect", "begin"): reconnect,
+}
+
+
+def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
     """Run the operation; the line to print (None: nothing of vmshield's was involved)."""
     if not uses_vmshield(dom, cfg):
         return None
-    repo = await SqliteRepository.open(cfg.db)
+    store = Keystore(cfg.db)
+    vm = store.run(lambda r: find_vm(r, dom))
+    if vm is None:
+        raise HookError(f"domain {dom.name} uses vmshield sockets but no VM of that "
+                        f"name or uuid is in the keystore {cfg.db}")  # fmt: skip
     try:
-        vm = await find_vm(repo, dom)
-        if vm is None:
-            raise HookError(f"domain {dom.name} uses vmshield sockets but no VM of that "
-                            f"name or uuid is in the keystore {cfg.db}")  # fmt: skip
-        try:
-            if (op, sub) == ("migrate", "begin"):
-                raise HookError(
-                    f"live migration of VM {vm.name} refused: its disks are served by this "
-                    "host only (shut it down, then start it on the other host)"
-                )
-            if (op, sub) == ("prepare", "begin"):
-                return await prepare(repo, cfg, vm, dom)
-            if (op, sub) == ("release", "end"):
-                return await release(repo, cfg, vm, dom)
-            if (op, sub) == ("reconnect", "begin"):
-                return await reconnect(repo, cfg, vm, dom)
-            return None
-        except (KeystoreError, ValueError, OSError) as e:
-            with contextlib.suppress(KeystoreError):
-                await repo.append_audit(ACTOR, f"libvirt.{op}.refused", vm.name,
-                                        {"domain": dom.name, "error": str(e)[:500]})  # fmt: skip
-            raise
-    finally:
-        await repo.close()
+        if (op, sub) == ("migrate", "begin"):
+            raise HookError(
+                f"live migration of VM {vm.name} refused: its disks are served by this "
+                "host only (shut it down, then start it on the other host)"
+            )
+        action = OPERATIONS.get((op, sub))
+        return None if action is None else action(store, cfg, vm, dom)
+    except (VmshieldError, ValueError, OSError) as e:
+        detail = {"domain": dom.name, "error": str(e)[:500]}
+        with contextlib.suppress(VmshieldError):
+            store.run(lambda r: r.append_audit(ACTOR, f"libvirt.{op}.refused", vm.name, detail))
+        raise
 
 
 HANDLED = {("prepare", "begin"), ("release", "end"), ("reconnect", "begin"), ("migrate", "begin")}
@@ -317,8 +317,8 @@ def main(argv: Sequence[str], *, config: Path, stdin: IO[bytes] | None = None) -
         data = (stdin or sys.stdin.buffer).read(4 * 1024 * 1024 + 1)
         dom = parse_domain(data)
         cfg = hookconf.load(config)
-        said = asyncio.run(dispatch(cfg, op, sub, dom))
-    except (KeystoreError, ValueError, OSError) as e:
+        said = dispatch(cfg, op, sub, dom)
+    except (VmshieldError, ValueError, OSError) as e:
         print(f"vmshield: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)  # fmt: skip
         return 1
