@@ -242,11 +242,14 @@ class Keystore:
         return {**os.environ, "VMSHIELD_DB": str(self.db), "VMSHIELD_HOOK_CONF": str(self.config)}
 
     def cli(self, *args: str, code: int | None = 0) -> subprocess.CompletedProcess[str]:
-        import sys
+        """`vmshield ARGS` in process (CliRunner: no interpreter start per call)."""
+        from click.testing import CliRunner
 
-        exe = str(Path(sys.executable).parent / "vmshield")
-        p = subprocess.run([exe, *args], capture_output=True, text=True, env=self.env(),
-                           stdin=subprocess.DEVNULL, timeout=120, check=False)  # fmt: skip
+        from keystore.cli import main
+
+        env = {"VMSHIELD_DB": str(self.db), "VMSHIELD_HOOK_CONF": str(self.config)}
+        r = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+        p = subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
         if code is not None and p.returncode != code:
             raise AssertionError(
                 f"vmshield {' '.join(args)} exited {p.returncode}, not {code}: {p.stderr}"
