@@ -114,6 +114,7 @@ class Session:
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_waiters: dict[int, asyncio.Future[ControlPacket]] = {}
         self._probe_count = 0
+        self._qemu_refused = False
         self.closed = asyncio.Event()
 
     # -- running ---------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class Session:
         elif isinstance(packet, FilterReject):
             # QEMU's own filter= refused what the policy allowed: pass its verdict on.
             self._audit("usb.denied", action="block", reason="refused by QEMU's filter")
-            self.state = State.BLOCKED
+            self.state, self._qemu_refused = State.BLOCKED, True
             self._send_owner(packet)
         elif self.state is State.ATTACHED:
             self._send_owner(packet)
@@ -328,6 +329,24 @@ class Session:
         self._reject_owner()
         if decision.action is Action.REJECT:
             self.close()
+
+    def admit(self, decision: Decision) -> bool:
+        """Forward a device the rules blocked earlier and now allow, without a replug (live
+        allow): the held announcement goes to QEMU. False if there is nothing to admit."""
+        if (
+            self.state is not State.BLOCKED
+            or self.probe_result is None  # denied by its probe, not by the rules
+            or self.connect is None
+            or self._qemu_refused
+            or not decision.allowed
+        ):
+            return False
+        self.state = State.ATTACHED
+        for packet in (self.interface_info, self.ep_info, self.connect):
+            if packet is not None:
+                self._send_qemu(packet)
+        self._audit("usb.allowed", reason=f"rules changed: {decision.reason}")
+        return True
 
     # -- revocation and closing --------------------------------------------------------------
 
