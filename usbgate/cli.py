@@ -16,7 +16,7 @@ from usbgate.addresses import Address, parse_address
 from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
 from usbgate.gateway import POLL_INTERVAL, Gateway
-from usbgate.qemu_filter import libvirt_redirfilter, qemu_filter_value, render, translation_notes
+from usbgate.qemu_filter import report
 from usbgate.session import PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
 
@@ -235,10 +235,10 @@ def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool
         raise click.ClickException(str(exc)) from exc
     finally:
         source.close()
+    result = report(vm, rules)
     if as_json:
-        click.echo(json.dumps(render(vm, rules), indent=2, sort_keys=True))
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return
-    click.echo(f"filter={qemu_filter_value(rules)}")
-    click.echo(libvirt_redirfilter(rules))
-    for note in translation_notes(rules):
+    click.echo(result.text())
+    for note in result.notes:
         click.echo(f"note: {note}", err=True)
