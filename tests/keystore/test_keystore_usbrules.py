@@ -64,9 +64,10 @@ def test_a_stored_rule_is_a_policy_rule() -> None:
     assert parse_rule(stored.describe()) == Rule(
         Action.ALLOW, 0x0781, None, None, ((8, None, None),), 'a "b"'
     )
-    stick = Device(0x0781, 0x5567, 0, ((8, 6, 0x50),))
+    stick = Device(0x0781, 0x5567, 0, ((8, 6, 0x50),), serial='a "b"')
     assert decide([stored], stick).action is Action.ALLOW
-    assert decide([stored], Device(0x0781, 1, 0, ((3, 1, 1),))).action is Action.BLOCK
+    keyboard = Device(0x0781, 1, 0, ((3, 1, 1),), serial='a "b"')
+    assert decide([stored], keyboard).action is Action.BLOCK
     assert stored.to_json() == {
         "id": 1, "vm": "v", "position": 1, "action": "allow", "vendor_id": "0781",
         "product_id": "*", "device_class": None, "interfaces": ["08:*:*"], "serial": 'a "b"',
