@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from nbd_plugin.errors import ExitStatus
 from usbgate.addresses import Address, parse_address
 from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
@@ -21,6 +22,13 @@ from usbgate.session import PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, status: int = ExitStatus.ERROR) -> click.ClickException:
+    """`Error: MESSAGE`, exiting with one of the product's statuses (nbd_plugin.errors)."""
+    error = click.ClickException(message)
+    vars(error)["exit_code"] = int(status)  # click declares exit_code on the class
+    return error
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -170,9 +178,9 @@ def run(
     try:
         asyncio.run(_serve(gateway, audit))
     except RuleSourceError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        raise _fail(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
 
 
 async def _serve(gateway: Gateway, audit: AuditSink) -> None:
@@ -232,7 +240,7 @@ def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool
     try:
         rules = source.load(vm)
     except RuleSourceError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
     finally:
         source.close()
     result = report(vm, rules)
