@@ -51,37 +51,49 @@ def rules_options(f: F) -> F:
     )(f)
     f = click.option(
         "--db",
-        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="PATH|URL",
         envvar="VMSHIELD_DB",
         show_envvar=True,
-        help="Keystore database with the VMs' USB rules and the audit trail. Default: "
-        "/var/lib/vmshield/keystore.db for root, ~/.local/share/vmshield/keystore.db otherwise.",
+        help="Keystore database with the VMs' USB rules and the audit trail: an SQLite file "
+        "(default: /var/lib/vmshield/keystore.db for root, ~/.local/share/vmshield/keystore.db "
+        "otherwise) or a postgresql:// URL shared by several hosts (changes pushed by NOTIFY).",
     )(f)
     return f
 
 
-def _keystore_path(db: Path | None) -> Path:
+def _keystore_path(db: str | None) -> Path | str:
     from keystore import paths
+    from keystore.backends import parse_location
 
-    return db if db is not None else paths.default_db_path()
+    return parse_location(db) if db is not None else paths.default_db_path()
 
 
-def _rule_source(db: Path | None, rules_file: Path | None) -> RuleSource:
+def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
     if rules_file is not None:
         if db is not None:
             raise click.UsageError("give --db or --rules-file, not both")
         return FileRuleSource(rules_file)
     from usbgate.keystore_source import KeystoreRuleSource
 
-    return KeystoreRuleSource(_keystore_path(db))
+    location = _keystore_path(db)
+    if isinstance(location, str):
+        from usbgate.pg_source import PgRuleSource
+
+        return PgRuleSource(location)
+    return KeystoreRuleSource(location)
 
 
-def _audit_sink(db: Path | None, rules_file: Path | None) -> AuditSink:
+def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
     if rules_file is not None:
         return _LogAuditSink()
     from usbgate.keystore_source import KeystoreAuditSink
 
-    return KeystoreAuditSink(_keystore_path(db))
+    location = _keystore_path(db)
+    if isinstance(location, str):
+        from usbgate.pg_source import PgAuditSink
+
+        return PgAuditSink(location)
+    return KeystoreAuditSink(location)
 
 
 class _LogAuditSink(MemoryAuditSink):
@@ -144,7 +156,7 @@ def run(
     vm: str,
     listen: Address,
     qemu: tuple[Address, ...],
-    db: Path | None,
+    db: str | None,
     rules_file: Path | None,
     poll_ms: float,
     probe_timeout: float,
@@ -230,7 +242,7 @@ def devices(as_json: bool) -> None:
 @click.argument("vm")
 @rules_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool) -> None:
+def qemu_filter(vm: str, db: str | None, rules_file: Path | None, as_json: bool) -> None:
     """Print QEMU's usb-redir `filter=` and libvirt's <redirfilter> for VM's rules.
 
     The same as `vmshield usb qemu-filter VM`, and it also reads --rules-file. The static

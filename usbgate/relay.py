@@ -106,6 +106,7 @@ class Relay:
         self._probe_id: int | None = None
         self._probe_count = 0
         self._qemu_requests: dict[int, ControlPacket] = {}
+        self._qemu_refused = False
         self._to_owner = bytearray()
         self._to_qemu = bytearray()
 
@@ -260,6 +261,7 @@ class Relay:
     def _forget_device(self) -> None:
         self.interface_info = self.ep_info = self.connect = None
         self.device = self.probe_result = None
+        self._qemu_refused = False
         self._stop_probe()
         self._qemu_requests.clear()
 
@@ -277,6 +279,7 @@ class Relay:
                 # QEMU's own filter= refused what the policy allowed: pass its verdict on.
                 self._audit("usb.denied", action="block", reason="refused by QEMU's filter")
                 self.machine.handle(Event.QEMU_REFUSED)
+                self._qemu_refused = True
                 self._qemu_requests.clear()
                 self._send_owner(packet)
         elif self.state is State.ATTACHED:
@@ -361,10 +364,29 @@ class Relay:
             self._deny(decision, device)
             return
         self.machine.handle(Event.ALLOWED)
-        for packet in (self.interface_info, self.ep_info, connect):
+        self._forward_held()
+        self._audit("usb.allowed", reason=decision.reason)
+
+    def admit(self, decision: Decision) -> bool:
+        """Forward a device the rules blocked earlier and now allow, without a replug (live
+        allow): the held announcement goes to QEMU. False if there is nothing to admit."""
+        if (
+            not self.machine.can(Event.ADMITTED)
+            or self.probe_result is None  # denied by its probe, not by the rules
+            or self.connect is None
+            or self._qemu_refused
+            or not decision.allowed
+        ):
+            return False
+        self.machine.handle(Event.ADMITTED)
+        self._forward_held()
+        self._audit("usb.allowed", reason=f"rules changed: {decision.reason}")
+        return True
+
+    def _forward_held(self) -> None:
+        for packet in (self.interface_info, self.ep_info, self.connect):
             if packet is not None:
                 self._send_qemu(packet)
-        self._audit("usb.allowed", reason=decision.reason)
 
     def _deny(self, decision: Decision, device: Device) -> None:
         self.device = device

@@ -123,6 +123,12 @@ class Session:
         self.relay.revoke(decision, since=since)
         self._after()
 
+    def admit(self, decision: Decision) -> bool:
+        """Live allow: forward a device blocked earlier that the rules now allow."""
+        admitted = self.relay.admit(decision)
+        self._after()
+        return admitted
+
     def close(self) -> None:
         self.relay.close()
         self._after()

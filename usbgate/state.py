@@ -10,6 +10,8 @@ events, and usbgate.session does the socket work around it.
                          +------unplugged-------------- BLOCKED <----+
                          +------unplugged------------------------ ATTACHED
 
+    BLOCKED --admitted--> ATTACHED  (live allow: the rules now allow a device still plugged in)
+
 Any state --close--> CLOSED (a hang-up, a malformed packet, a reject, a revocation); CLOSED is
 final. An event the table does not list for a state is a ``TransitionError``: the caller turns
 the owner's out-of-turn packet into a protocol error, and ignores a late one from QEMU.
@@ -53,6 +55,8 @@ class Event(enum.Enum):
     """The owner sent device_disconnect."""
     QEMU_REFUSED = "qemu_refused"
     """QEMU's own filter= refused the forwarded device (filter_reject from QEMU)."""
+    ADMITTED = "admitted"
+    """Rules changed to allow a device blocked earlier, still plugged: it is forwarded now."""
     CLOSE = "close"
     """The session ends: hang-up, malformed stream, reject or revocation."""
 
@@ -65,6 +69,7 @@ TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
     (State.PROBING, Event.DENIED): State.BLOCKED,
     (State.PROBING, Event.UNPLUGGED): State.WAITING,
     (State.BLOCKED, Event.UNPLUGGED): State.WAITING,
+    (State.BLOCKED, Event.ADMITTED): State.ATTACHED,
     (State.ATTACHED, Event.UNPLUGGED): State.WAITING,
     (State.ATTACHED, Event.QEMU_REFUSED): State.BLOCKED,
     **{(state, Event.CLOSE): State.CLOSED for state in State},
