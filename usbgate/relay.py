@@ -284,8 +284,8 @@ class Relay:
                 self._send_owner(packet)
         elif self.state is State.ATTACHED:
             if isinstance(packet, ControlPacket):
-                if len(self._qemu_requests) >= MAX_PENDING_CONTROL:
-                    raise ProtocolError(f"more than {MAX_PENDING_CONTROL} control transfers")
+                if len(self._qemu_requests) >= MAX_PENDING_CONTROL:  # forget the oldest
+                    del self._qemu_requests[next(iter(self._qemu_requests))]
                 self._qemu_requests[packet.id] = packet
             self._send_owner(packet)
         # Otherwise: a late packet for a device that is gone from QEMU; drop it.
