@@ -31,6 +31,7 @@ from pathlib import Path
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
+from keystore.services import lease
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -245,12 +246,18 @@ def serve_disk(
     stopped again, so no server runs that `vmshield disk stop` does not know of.
     """
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
+    held = None if readonly else lease.take(store.location, disk, files.socket)
     try:
         pid = start(Path(disk.path), password, files, readonly=readonly)
     except ServeError as e:
+        if held is not None:
+            held.abort()
         detail = {"disk": disk.name, "error": str(e)[-500:]}
         store.run(lambda r: r.append_audit(who, "disk.serve.failed", disk.vm, detail))
         raise
+    if held is not None:
+        held.attach(pid)
     try:
         store.run(
             lambda r: r.record_server(
