@@ -48,8 +48,7 @@ def populate(url: str, vms: int, rules_per_vm: int) -> list[str]:
             for u, n in zip(uuids, names, strict=True):
                 copy.write_row((u, n, "bench", _TS))
         with cur.copy(
-            "COPY usb_rules (vm_uuid, position, action, vendor_id, product_id, created) "
-            "FROM STDIN"
+            "COPY usb_rules (vm_uuid, position, action, vendor_id, product_id, created) FROM STDIN"
         ) as copy:
             for u in uuids:
                 for p in range(1, rules_per_vm + 1):
