@@ -29,6 +29,7 @@ from keystore.auth import AuthPolicy
 from keystore.models import UsbAction
 from keystore.postgres import audit as pgaudit
 from keystore.postgres.repository import PostgresRepository
+from keystore.postgres.schema import USBGATE_ROLE
 from tests.support.postgres import Cluster
 from tests.support.usbgate_qemu import AttachWatch
 from usbgate.qmp import QEMU, QemuWithRedir, short_tmpdir
@@ -115,14 +116,21 @@ def keystore_url(pg_cluster: Cluster) -> str:
                 await repo.add_usb_rule(vm, UsbAction.ALLOW, 0x0781, 0x5567, actor="test")
 
     asyncio.run(setup())
+    with pg_cluster.admin() as conn:  # the usbgates log in with the least-privileged role
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'gate_hosts'").fetchone():
+            conn.execute(f"CREATE ROLE gate_hosts LOGIN IN ROLE {USBGATE_ROLE}".encode())
     return url
+
+
+def _as_usbgate(url: str) -> str:
+    return url.replace("postgres@", "gate_hosts@")
 
 
 @pytest.fixture(scope="module")
 def hosts(keystore_url: str) -> Iterator[dict[str, Host]]:
-    a = Host("A", "vma", keystore_url)
+    a = Host("A", "vma", _as_usbgate(keystore_url))
     try:
-        b = Host("B", "vmb", keystore_url)
+        b = Host("B", "vmb", _as_usbgate(keystore_url))
     except BaseException:
         a.stop()
         raise
