@@ -67,13 +67,15 @@ def parse_domain(data: bytes) -> Domain:
     uuid = (root.findtext("uuid") or "").strip().lower() or None
     disks = []
     for d in root.iterfind("devices/disk"):
-        src = d.find("source")
-        host = src.find("host") if src is not None else None
-        if src is None or host is None or src.get("protocol") != "nbd":
-            continue
-        if host.get("transport") != "unix" or not host.get("socket"):
-            continue
-        disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None))
+        # the disk's own source, and those of its <backingStore> chain: after an external
+        # snapshot the NBD export sits below a qcow2 overlay
+        for src in d.iter("source"):
+            host = src.find("host")
+            if host is None or src.get("protocol") != "nbd":
+                continue
+            if host.get("transport") != "unix" or not host.get("socket"):
+                continue
+            disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None))
     redirs = []
     for r in root.iterfind("devices/redirdev"):
         src = r.find("source")
