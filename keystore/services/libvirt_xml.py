@@ -78,9 +78,9 @@ def parse_domain(data: bytes) -> Domain:
             disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None))
     redirs = []
     for r in root.iterfind("devices/redirdev"):
-        src = r.find("source")
-        if r.get("type") == "unix" and src is not None and src.get("path"):
-            redirs.append(Path(src.get("path", "")))
+        rsrc = r.find("source")
+        if r.get("type") == "unix" and rsrc is not None and rsrc.get("path"):
+            redirs.append(Path(rsrc.get("path", "")))
     return Domain(name, uuid, tuple(disks), tuple(redirs))
 
 
