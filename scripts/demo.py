@@ -11,9 +11,11 @@ is printed as you would type it (`$DEMO` is the data directory).
      a wrong password is refused (by the keystore, audited; and by the LUKS keyslot itself).
   4. USB: usbgate between a simulated USB stick and the running guest's usb-redir; the stick
      is allowed and attaches, then `vmshield usb block` detaches it; the latency is printed.
-  5. Destroy: `vmshield disk destroy --method dod3`, the certificate, the ciphertext gone.
-  6. The audit trail, verified.
-  7. libvirt (when libvirtd is installed): a private libvirtd runs the vmshield qemu hook;
+  5. The thesis's USB experiment: a guest with USB drivers mounts the simulated stick through
+     usbgate, checks a file and writes one; revoked while reading, it loses the stick.
+  6. Destroy: `vmshield disk destroy --method dod3`, the certificate, the ciphertext gone.
+  7. The audit trail, verified.
+  8. libvirt (when libvirtd is installed): a private libvirtd runs the vmshield qemu hook;
      `virsh start` is refused without an unlock, boots after `vmshield vm unlock`, starts
      unattended with `vmshield disk enroll-host`; start-to-first-disk-read is timed with the
      hook and with the disk served by hand (scripts/demo_libvirt.py).
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from demo_libvirt import libvirt_unavailable, step_libvirt  # noqa: E402
 from demo_support import (  # noqa: E402  (scripts/, this file's directory, is on sys.path)
     BIN,
+    STEPS,
     Console,
     Host,
     Report,
@@ -53,6 +56,7 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
     StepFailed,
     prepare,
 )
+from demo_usb_guest import step_usb_guest  # noqa: E402
 
 from keystore.sqlite.usbrules import RulesWatcher  # noqa: E402
 from nbd_plugin.luks.volume import payload_region  # noqa: E402
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(demo_dir, DISK)
     r = Report(demo_dir)
     no_libvirt = libvirt_unavailable()
-    r.total = 6 if no_libvirt else 7
+    r.total = STEPS if no_libvirt else STEPS + 1
     host = Host(demo_dir, r)
     guest = Guest(args.kernel, args.initrd) if args.kernel and args.initrd else build_guest()
     print(
@@ -449,12 +453,14 @@ def main(argv: list[str] | None = None) -> int:
             sock = step3_proof(host, r, image)
         with r.step(4, "USB: usbgate between a simulated stick and the running guest"):
             step4_usb(host, r, guest, sock)
-        with r.step(5, "Destroy: vmshield disk destroy --method dod3"):
+        with r.step(5, "USB end to end: a guest mounts the stick through usbgate, then loses it"):
+            step_usb_guest(host, r, VM)
+        with r.step(6, "Destroy: vmshield disk destroy --method dod3"):
             step5_destroy(host, r, image)
-        with r.step(6, "The audit trail, verified"):
+        with r.step(7, "The audit trail, verified"):
             step6_audit(host, r)
-        if r.total > 6:
-            with r.step(7, "libvirt: virsh start serves the disk through the vmshield qemu hook"):
+        if r.total > STEPS:
+            with r.step(8, "libvirt: virsh start serves the disk through the vmshield qemu hook"):
                 step_libvirt(host, r, guest)
     except StepFailed as exc:
         failure = f"stopped: {exc}"

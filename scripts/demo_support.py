@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 SAFE_TO_WIPE = ".vmshield-demo"  # only a directory holding this file (or empty) is wiped
 SOCKET_MAX = 107  # bytes in a unix socket path
+STEPS = 7  # the walkthrough's steps (scripts/demo.py main)
 
 
 class StepFailed(Exception):
@@ -45,7 +46,7 @@ class Report:
     demo_dir: Path
     checks: list[tuple[str, bool]] = field(default_factory=list)
     steps: list[tuple[str, bool, float]] = field(default_factory=list)
-    total: int = 6  #: how many steps this run has
+    total: int = STEPS  #: how many steps this run has (scripts/demo.py main)
 
     def shown(self, text: str) -> str:
         return text.replace(str(self.demo_dir), "$DEMO")

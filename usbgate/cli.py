@@ -12,15 +12,23 @@ from typing import Any, TypeVar
 
 import click
 
+from nbd_plugin.errors import ExitStatus
 from usbgate.addresses import Address, parse_address
 from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
 from usbgate.gateway import POLL_INTERVAL, Gateway
-from usbgate.qemu_filter import libvirt_redirfilter, qemu_filter_value, render, translation_notes
+from usbgate.qemu_filter import report
 from usbgate.session import PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, status: int = ExitStatus.ERROR) -> click.ClickException:
+    """`Error: MESSAGE`, exiting with one of the product's statuses (nbd_plugin.errors)."""
+    error = click.ClickException(message)
+    vars(error)["exit_code"] = int(status)  # click declares exit_code on the class
+    return error
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -182,9 +190,9 @@ def run(
     try:
         asyncio.run(_serve(gateway, audit))
     except RuleSourceError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        raise _fail(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
 
 
 async def _serve(gateway: Gateway, audit: AuditSink) -> None:
@@ -244,15 +252,15 @@ def qemu_filter(vm: str, db: str | None, rules_file: Path | None, as_json: bool)
     try:
         rules = source.load(vm)
     except RuleSourceError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
     finally:
         source.close()
+    result = report(vm, rules)
     if as_json:
-        click.echo(json.dumps(render(vm, rules), indent=2, sort_keys=True))
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return
-    click.echo(f"filter={qemu_filter_value(rules)}")
-    click.echo(libvirt_redirfilter(rules))
-    for note in translation_notes(rules):
+    click.echo(result.text())
+    for note in result.notes:
         click.echo(f"note: {note}", err=True)
 
 

@@ -27,7 +27,7 @@ from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
 from keystore.postgres.notify import RulesListener
 from usbgate.errors import RuleSourceError
-from usbgate.keystore_source import AUDIT_ACTOR, rule_from_keystore
+from usbgate.keystore_source import AUDIT_ACTOR
 from usbgate.policy import Rule
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class PgRuleSource:
 
     def load(self, vm: str) -> list[Rule]:
         try:
-            return [rule_from_keystore(r) for r in self.listener.watch(vm)]
+            return list(self.listener.watch(vm))
         except KeystoreError as exc:
             raise RuleSourceError(str(exc)) from exc
 
@@ -51,7 +51,7 @@ class PgRuleSource:
             rows = self.listener.take(vm)
         except KeystoreError as exc:
             raise RuleSourceError(str(exc)) from exc
-        return None if rows is None else [rule_from_keystore(r) for r in rows]
+        return None if rows is None else list(rows)
 
     def close(self) -> None:
         self.listener.close()

@@ -30,7 +30,7 @@ from keystore.models import UsbAction
 from keystore.postgres import audit as pgaudit
 from keystore.postgres.repository import PostgresRepository
 from tests.support.postgres import Cluster
-from tests.usbgate.test_usbgate_gateway import AttachWatch
+from tests.support.usbgate_qemu import AttachWatch
 from usbgate.qmp import QEMU, QemuWithRedir, short_tmpdir
 from usbgate.simulator import FakeDevice, FakeOwner
 
