@@ -81,9 +81,12 @@ class Stick:
 class UsbRig:
     """One guest, one usbgate for slot 0, one keystore; see the module docstring."""
 
-    def __init__(self, workdir: Path, *, memory: int = 256) -> None:
-        self.workdir = workdir
-        self.db = workdir / "keystore.db"
+    def __init__(self, workdir: Path, *, memory: int = 256, db: Path | None = None,
+                 vm: str = VM) -> None:  # fmt: skip
+        """`db`: an existing keystore where `vm` exists (the demo's); default: a new one."""
+        self.workdir, self.vm = workdir, vm
+        self.own_db = db is None
+        self.db = db if db is not None else workdir / "keystore.db"
         self.guest = UsbGuest(build_guest(variant="usb"), workdir, slots=2, memory=memory)
         self.gateway_address = f"unix:{workdir / 'gate.sock'}"
         self.gateway_log = workdir / "usbgate.log"
@@ -101,13 +104,14 @@ class UsbRig:
             rig.stop()
 
     def start(self) -> None:
-        initialise(self.db)
-        self._repo(self._setup)
+        if self.own_db:
+            initialise(self.db)
+            self._repo(self._setup)
         self.guest.start()
         self.qmp = Qmp(self.guest.qmp_path)
         with self.gateway_log.open("wb") as log:
             self.gateway = subprocess.Popen(
-                [str(BIN / "usbgate"), "run", "--vm", VM, "--listen", self.gateway_address,
+                [str(BIN / "usbgate"), "run", "--vm", self.vm, "--listen", self.gateway_address,
                  "--qemu", f"unix:{self.guest.chardev_path(0)}", "--db", str(self.db), "-v"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
@@ -137,15 +141,13 @@ class UsbRig:
 
         return asyncio.run(go())
 
-    @staticmethod
-    async def _setup(repo: SqliteRepository) -> None:
+    async def _setup(self, repo: SqliteRepository) -> None:
         await repo.add_principal("owner", b"owner-password", actor="rig")
-        await repo.add_vm(VM, "owner", actor="rig")
+        await repo.add_vm(self.vm, "owner", actor="rig")
 
-    @staticmethod
-    async def _add(repo: SqliteRepository, text: str, position: int | None) -> None:
+    async def _add(self, repo: SqliteRepository, text: str, position: int | None) -> None:
         r = parse_rule(text)
-        await repo.add_usb_rule(VM, UsbAction(r.action.value), r.vendor_id, r.product_id,
+        await repo.add_usb_rule(self.vm, UsbAction(r.action.value), r.vendor_id, r.product_id,
                                 actor="rig", device_class=r.device_class,
                                 interfaces=r.interfaces, serial=r.serial,
                                 position=position)  # fmt: skip
@@ -154,8 +156,8 @@ class UsbRig:
         """Replace the VM's rules (several transactions: not for timing)."""
 
         async def replace(repo: SqliteRepository) -> None:
-            for _ in await repo.list_usb_rules(VM):
-                await repo.remove_usb_rule(VM, 1, actor="rig")
+            for _ in await repo.list_usb_rules(self.vm):
+                await repo.remove_usb_rule(self.vm, 1, actor="rig")
             for text in texts:
                 await self._add(repo, text, None)
 
@@ -166,6 +168,10 @@ class UsbRig:
         returns the wall-clock time stamped on its audit row inside that transaction, just
         before COMMIT: latencies measured from it are never flattered."""
         self._repo(lambda repo: self._add(repo, text, 1))
+        return self.last_rule_change()
+
+    def last_rule_change(self) -> float:
+        """time.time() stamped on the newest usb.rule.add audit row (inside its transaction)."""
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as conn:
             (ts,) = conn.execute("SELECT ts FROM audit WHERE action = 'usb.rule.add' "
                                  "ORDER BY seq DESC LIMIT 1").fetchone()  # fmt: skip
