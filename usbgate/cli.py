@@ -169,7 +169,9 @@ def run(
     a denied device never reaches QEMU. When `vmshield usb ...` changes the rules so that
     an attached device is no longer allowed, usbgate detaches it (device_disconnect to
     QEMU, filter_reject to the owner, connection closed). Rule changes are seen by polling
-    SQLite's `PRAGMA data_version` every --poll-ms.
+    SQLite's `PRAGMA data_version` every --poll-ms; with `--db postgresql://...` they are
+    pushed by LISTEN/NOTIFY from any host, and while the database connection is lost every
+    device is denied (attached ones detached) until usbgate has reconnected.
 
     \b
     Example (QEMU started with
