@@ -59,7 +59,7 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
 from demo_usb_guest import step_usb_guest  # noqa: E402
 
 from keystore.sqlite.usbrules import RulesWatcher  # noqa: E402
-from nbd_plugin.luks.volume import payload_region  # noqa: E402
+from nbd_plugin.luks import payload_region  # noqa: E402
 from scripts.guestlib import (  # noqa: E402  (after the sys.path line: run as a script)
     DONE,
     FAIL,
