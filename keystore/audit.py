@@ -18,9 +18,11 @@ are refused.
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import hashlib
 import hmac
 import json
+import os
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +48,12 @@ SELECT_SQL = "SELECT seq, ts, actor, action, vm, detail, prev_hash, hash FROM au
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def cli_actor() -> str:
+    """Who runs this command, for the audit trail (the sudo caller if any)."""
+    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    return f"{user}@cli"
 
 
 def canonical_detail(detail: dict[str, Any] | None) -> str:

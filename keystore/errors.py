@@ -1,9 +1,15 @@
-"""Exceptions of the keystore. Each message says what happened and what to do next."""
+"""Exceptions of the keystore. Each message says what happened and what to do next.
+
+They derive from the product's one hierarchy (`nbd_plugin.errors.VmshieldError`) and carry
+the exit status the `vmshield` command reports for them.
+"""
 
 from __future__ import annotations
 
+from nbd_plugin.errors import ExitStatus, VmshieldError
 
-class KeystoreError(Exception):
+
+class KeystoreError(VmshieldError):
     """Base of every error the keystore reports to a user."""
 
 
@@ -13,6 +19,8 @@ class DatabaseUnavailable(KeystoreError):
 
 class KeystoreBusy(KeystoreError):
     """Another process held the write lock longer than the busy timeout."""
+
+    exit_code = ExitStatus.TEMPFAIL
 
 
 class NotFound(KeystoreError):
@@ -27,13 +35,35 @@ class Conflict(KeystoreError):
     """The request contradicts the current state (e.g. removing a VM that still has disks)."""
 
 
+class InUse(KeystoreError):
+    """The disk's image is held by a server or an erase: nothing was done, try again later."""
+
+    exit_code = ExitStatus.TEMPFAIL
+
+
+class PermissionDenied(KeystoreError):
+    """A recorded policy (e.g. the VM's erase permissions) forbids what was asked."""
+
+    exit_code = ExitStatus.NOPERM
+
+
 class AuthenticationFailed(KeystoreError):
     """Unknown user or wrong password: one opaque error, no oracle."""
+
+    exit_code = ExitStatus.NOPERM
 
 
 class AccountLocked(KeystoreError):
     """Too many failed attempts: refused without checking the password until the lock expires."""
 
+    exit_code = ExitStatus.NOPERM
+
 
 class AuditChainBroken(KeystoreError):
     """The audit trail does not verify: a row was edited, inserted or deleted."""
+
+
+class VerificationFailed(KeystoreError):
+    """An erase's last pass did not read back as written; the image was kept."""
+
+    exit_code = ExitStatus.IOERR

@@ -1,9 +1,10 @@
-"""The repository interface every keystore backend implements (SQLite now, PostgreSQL later).
+"""The repository interface every keystore backend implements (SQLite, PostgreSQL).
 
 All methods are coroutines. Mutating methods take `actor` (who asked: an OS user, a
 principal, or a component such as "usbgate") and write their audit row in the same
 transaction as the change, so a change is never recorded without its audit row or the
-reverse. The contract tests in tests/keystore_contract.py run against every backend.
+reverse. The contract tests in tests/support/keystore_contract.py run against every backend;
+keystore.backends picks the backend from the form of `--db` (a file, or postgresql://).
 """
 
 from __future__ import annotations

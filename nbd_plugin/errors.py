@@ -1,8 +1,38 @@
-"""Exceptions of the disk side. Each message says what happened and what to do."""
+"""The product's one error hierarchy, and the exit statuses the CLIs report.
+
+Every error vmshield reports to a user derives from `VmshieldError` (the keystore's
+`KeystoreError` and usbgate's `UsbgateError` too). Each message says what happened and what
+to do. `exit_code` is the status a command exits with when the error reaches its CLI, so a
+script can tell "try again" (75) from "not allowed" (77) without parsing messages.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """Exit statuses of `vmshield` and `usbgate` (sysexits.h where one fits)."""
+
+    OK = 0
+    #: any error not listed below
+    ERROR = 1
+    #: bad command line (click's own status)
+    USAGE = 2
+    #: EX_IOERR: an erase's verification read back something else than it wrote
+    IOERR = 74
+    #: EX_TEMPFAIL: busy (locked keystore, image in use); nothing was done, try again
+    TEMPFAIL = 75
+    #: EX_NOPERM: authentication failed, account locked, or a policy forbids it
+    NOPERM = 77
+    #: interrupted by Ctrl-C (as a shell reports SIGINT); run the command again to resume
+    INTERRUPTED = 130
 
 
 class VmshieldError(Exception):
     """Base of every error vmshield reports to a user."""
+
+    exit_code: int = ExitStatus.ERROR
 
 
 class ImageError(VmshieldError):
@@ -19,3 +49,5 @@ class InvalidPassphrase(VmshieldError):
 
 class ImageBusy(VmshieldError):
     """Another process holds the image (a read-write server, or an erase in progress)."""
+
+    exit_code = ExitStatus.TEMPFAIL

@@ -34,8 +34,13 @@ import nbdkit  # noqa: E402
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
+from nbd_plugin.serve.hardening import harden_process  # noqa: E402
 
 API_VERSION = 2
+
+# Before any passphrase is read: no core dump, no ptrace by the server's own user.
+for _problem in harden_process():
+    print(f"nbdkit: vmshield: warning: {_problem}", file=sys.stderr, flush=True)
 
 _config = ServerConfig()
 _disk = None

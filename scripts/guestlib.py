@@ -12,18 +12,22 @@ The guest's disk layout (the disk must be at least DISK_SIZE bytes):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_GUEST = ROOT / "scripts" / "build-guest"
@@ -45,9 +49,11 @@ class Guest:
 
 
 @functools.cache
-def build_guest(guest_dir: str | None = None) -> Guest:
-    """Run scripts/build-guest (a no-op when its cache is current) and return the images."""
-    argv = [sys.executable, str(BUILD_GUEST)]
+def build_guest(guest_dir: str | None = None, variant: str = "virtio") -> Guest:
+    """Run scripts/build-guest (a no-op when its cache is current) and return the images.
+
+    variant "usb" is the generic kernel with xhci, usb-storage, sd and ext4 (see UsbGuest)."""
+    argv = [sys.executable, str(BUILD_GUEST), "--variant", variant]
     if guest_dir is not None:
         argv += ["--dir", guest_dir]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
@@ -181,3 +187,174 @@ def make_luks1_image(path: Path, keyfile: Path, size: int = DISK_SIZE) -> None:
         ],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+
+
+# --- the USB guest (build-guest --variant usb, vmshield.mode=agent) ----------------------------
+
+AGENT_READY = "VMSHIELD-AGENT-READY"
+AGENT_END = re.compile(r"^VMSHIELD-AGENT-END rc=(\d+)$")
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    rc: int
+    output: str
+
+
+class UsbGuest:
+    """The USB test guest under QEMU (TCG) with a qemu-xhci and ``slots`` usb-redir devices.
+
+        guest = UsbGuest(build_guest(variant="usb"), workdir)
+        guest.start()                                  # boots; returns once the agent is ready
+        guest.run("wait_stick 10 && stick_copy data.bin out.txt hello")  # build-guest's helpers
+        guest.console_since(t, "USB disconnect")       # kernel lines, host-timestamped
+        guest.stop()
+
+    Each usb-redir chardev is a unix socket server at ``chardev_path(n)`` (connect usbgate's
+    --qemu or `usbgate simulate-stick --connect` there). The console (ttyS0) is read in a thread;
+    every line keeps the host's time.time() of its arrival.
+    """
+
+    def __init__(self, guest: Guest, workdir: Path, *, slots: int = 1, memory: int = 256) -> None:
+        self.guest, self.workdir, self.slots, self.memory = guest, workdir, slots, memory
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.console: list[tuple[float, str]] = []
+        self._agent: socket.socket | None = None
+        self._agent_lines: list[str] = []
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    def chardev_path(self, slot: int = 0) -> str:
+        return str(self.workdir / f"redir{slot}.sock")
+
+    @property
+    def qmp_path(self) -> str:
+        return str(self.workdir / "qmp.sock")
+
+    def argv(self) -> list[str]:
+        agent = self.workdir / "agent.sock"
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64,+rdrand",
+            "-m", str(self.memory), "-nodefaults", "-no-user-config", "-display", "none",
+            "-no-reboot", "-kernel", str(self.guest.kernel), "-initrd", str(self.guest.initrd),
+            "-append", "console=ttyS0 panic=-1 quiet usb_storage.delay_use=0 "
+            "usbcore.autosuspend=-1 vmshield.mode=agent",
+            "-serial", "stdio",
+            "-chardev", f"socket,id=agent,path={agent},server=on,wait=off",
+            "-serial", "chardev:agent",
+            "-device", "qemu-xhci,id=xhci",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]  # fmt: skip
+        for n in range(self.slots):
+            argv += ["-chardev", f"socket,id=ch{n},path={self.chardev_path(n)},server=on,wait=off",
+                     "-device", f"usb-redir,chardev=ch{n},id=redir{n}"]  # fmt: skip
+        return argv
+
+    def start(self, timeout: float = 60) -> None:
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        self._spawn(self._read_console)
+        deadline = time.monotonic() + timeout
+        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                agent.connect(str(self.workdir / "agent.sock"))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("QEMU did not start:\n" + self.console_text()) from None
+                time.sleep(0.02)
+        self._agent = agent
+        self._spawn(self._read_agent)
+        self._wait_line(lambda line: line == AGENT_READY, deadline)
+
+    def _spawn(self, target: Any) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _read_console(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            with self._cond:
+                self.console.append((time.time(), line))
+                self._cond.notify_all()
+
+    def _read_agent(self) -> None:
+        assert self._agent is not None
+        for raw in self._agent.makefile("rb"):
+            with self._cond:
+                self._agent_lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._agent_lines.append("")  # EOF
+            self._cond.notify_all()
+
+    def _wait_line(self, match: Any, deadline: float) -> None:
+        with self._cond:
+            while not any(match(line) for line in self._agent_lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc is not None and self.proc.poll() is not None):
+                    raise AssertionError("guest agent not ready; console:\n" + self.console_text())
+                self._cond.wait(min(left, 0.5))
+
+    def send(self, command: str) -> None:
+        """Start `command` in the guest (one shell line); collect it with ``result``."""
+        assert self._agent is not None and "\n" not in command
+        with self._cond:
+            self._agent_lines.clear()
+        self._agent.sendall(command.encode() + b"\n")
+
+    def result(self, timeout: float = 30) -> AgentResult:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for n, line in enumerate(self._agent_lines):
+                    if m := AGENT_END.match(line):
+                        output = "\n".join(self._agent_lines[:n])
+                        del self._agent_lines[: n + 1]
+                        return AgentResult(int(m.group(1)), output)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc is not None and self.proc.poll() is not None):
+                    raise AssertionError(f"guest command gave no result in {timeout} s; "
+                                         f"console:\n{self.console_text()}")  # fmt: skip
+                self._cond.wait(min(left, 0.5))
+
+    def run(self, command: str, timeout: float = 30) -> AgentResult:
+        self.send(command)
+        return self.result(timeout)
+
+    def console_text(self) -> str:
+        return "\n".join(line for _, line in list(self.console))
+
+    def console_since(self, since: float, needle: str) -> list[tuple[float, str]]:
+        """Console lines containing `needle` that arrived at or after time.time() `since`."""
+        return [(t, line) for t, line in list(self.console) if t >= since and needle in line]
+
+    def wait_console(self, needle: str, since: float, timeout: float = 10) -> float:
+        """The arrival time of the first console line with `needle` after `since`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (found := self.console_since(since, needle)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {needle!r} on the console in {timeout} s:\n"
+                                         + self.console_text())  # fmt: skip
+                self._cond.wait(min(left, 0.5))
+        return found[0][0]
+
+    def stop(self) -> None:
+        if self._agent is not None:
+            with contextlib.suppress(OSError):
+                self._agent.sendall(b"quit\n")
+        if self.proc is not None:
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._agent is not None:
+            self._agent.close()
+        for thread in self._threads:
+            thread.join(2)

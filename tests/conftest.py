@@ -28,3 +28,12 @@ def keyfile(tmp_path: Path) -> Path:
     path = tmp_path / "key"
     write_secret(path, SECRET)
     return path
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One real PostgreSQL cluster for the whole session (tests/support/postgres.py)."""
+    from tests.support.postgres import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster

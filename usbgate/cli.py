@@ -242,3 +242,8 @@ def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool
     click.echo(libvirt_redirfilter(rules))
     for note in translation_notes(rules):
         click.echo(f"note: {note}", err=True)
+
+
+from usbgate.stick_cli import simulate_stick  # noqa: E402 - its own module (issue 14)
+
+main.add_command(simulate_stick)

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 
 from usbgate.errors import ProtocolError
+from usbgate.storage import BulkOnlyTransport, FileStore, Identity, ScsiDisk, Transfer
 from usbgate.usbredir.codec import CLOSED, NEED_DATA, Connection
 from usbgate.usbredir.descriptors import DescriptorType
 from usbgate.usbredir.packets import (
@@ -31,6 +32,7 @@ from usbgate.usbredir.packets import (
     InterruptPacket,
     InterruptReceivingStatus,
     Packet,
+    Reset,
     SetAltSetting,
     SetConfiguration,
     StartInterruptReceiving,
@@ -58,6 +60,7 @@ class FakeDevice:
     descriptor_interfaces: tuple[tuple[int, int, int], ...] | None = None
     # Never answer control transfers (a device that hangs, or an owner stalling the probe).
     mute: bool = False
+    product_name: str = "fake device"
 
     def interface_info(self) -> InterfaceInfo:
         return InterfaceInfo(tuple(Interface(n, *t) for n, t in enumerate(self.interfaces)))
@@ -102,11 +105,15 @@ class FakeDevice:
     def string_descriptor(self, index: int) -> bytes | None:
         if index == 0:
             return bytes([4, DescriptorType.STRING]) + struct.pack("<H", 0x0409)
-        text = {1: "vmshield", 2: "fake device", 3: self.serial}.get(index)
+        text = {1: "vmshield", 2: self.product_name, 3: self.serial}.get(index)
         if text is None:
             return None
         raw = text.encode("utf-16-le")
         return bytes([2 + len(raw), DescriptorType.STRING]) + raw
+
+    def handle(self, packet: Packet) -> list[Packet] | None:
+        """Replies of a device with its own function (a stick); None: the generic answers."""
+        return None
 
     def descriptor(self, value: int) -> bytes | None:
         dtype, index = value >> 8, value & 0xFF
@@ -117,6 +124,108 @@ class FakeDevice:
         if dtype == DescriptorType.STRING:
             return self.string_descriptor(index)
         return None
+
+
+REQUEST_CLEAR_FEATURE = 0x01
+REQUESTTYPE_OUT_STANDARD_ENDPOINT = 0x02
+FEATURE_ENDPOINT_HALT = 0
+BULK_IN, BULK_OUT = 0x81, 0x02
+HIGH_SPEED_BULK_PACKET = 512
+
+
+@dataclass
+class MassStorageStick(FakeDevice):
+    """A USB stick: one mass-storage interface (08:06:50, Bulk-Only), bulk endpoints 0x81 and
+    0x02, its blocks in ``transport``'s ScsiDisk (an image file for `usbgate simulate-stick`).
+
+    Answers as usbredirhost does for a real stick: bulk packets carry the transfer (STALL for
+    a halted endpoint), CLEAR_FEATURE(ENDPOINT_HALT) clears a halt, the class requests Get Max
+    LUN and Bulk-Only Mass Storage Reset go to the transport, usbredir reset resets it.
+    """
+
+    transport: BulkOnlyTransport | None = None
+    bulk_packets: int = 0
+
+    def ep_info(self) -> EpInfo:
+        types = [EndpointType.INVALID] * 32
+        types[0] = types[16] = EndpointType.CONTROL
+        types[_ep_index(BULK_IN)] = types[_ep_index(BULK_OUT)] = EndpointType.BULK
+        sizes = [0] * 32
+        sizes[0] = sizes[16] = 64
+        sizes[_ep_index(BULK_IN)] = sizes[_ep_index(BULK_OUT)] = HIGH_SPEED_BULK_PACKET
+        return EpInfo(tuple(types), (0,) * 32, (0,) * 32, tuple(sizes))
+
+    def config_descriptor(self) -> bytes:
+        cls, sub, proto = (self.descriptor_interfaces or self.interfaces)[0]
+        body = struct.pack("<BBBBBBBBB", 9, DescriptorType.INTERFACE, 0, 0, 2, cls, sub, proto, 0)
+        for ep in (BULK_IN, BULK_OUT):
+            body += struct.pack("<BBBBHB", 7, DescriptorType.ENDPOINT, ep, 2,
+                                HIGH_SPEED_BULK_PACKET, 0)  # fmt: skip
+        head = struct.pack("<BBHBBBBB", 9, DescriptorType.CONFIGURATION, 9 + len(body), 1, 1, 0,
+                           0x80, 50)  # fmt: skip
+        return head + body
+
+    def handle(self, packet: Packet) -> list[Packet] | None:
+        bot = self.transport
+        if bot is None:
+            return None
+        match packet:
+            case BulkPacket(endpoint=ep) if ep == BULK_IN:
+                self.bulk_packets += 1
+                outcome, data = bot.bulk_in(packet.length)
+                status = Status.SUCCESS if outcome is Transfer.OK else Status.STALL
+                return [BulkPacket(ep, status, len(data), packet.stream_id, data, id=packet.id)]
+            case BulkPacket(endpoint=ep) if ep == BULK_OUT:
+                self.bulk_packets += 1
+                outcome = bot.bulk_out(packet.data)
+                ok = outcome is Transfer.OK
+                return [BulkPacket(ep, Status.SUCCESS if ok else Status.STALL,
+                                   packet.length if ok else 0, packet.stream_id,
+                                   id=packet.id)]  # fmt: skip
+            case BulkPacket(endpoint=ep):
+                return [BulkPacket(ep, Status.STALL, 0, packet.stream_id, id=packet.id)]
+            case ControlPacket() if _is_clear_halt(packet):
+                bot.clear_halt(bool(packet.index & 0x80))
+                return [control_reply(packet, Status.SUCCESS, b"")]
+            case ControlPacket(request=0xFE, requesttype=0xA1):  # Get Max LUN
+                return [control_reply(packet, Status.SUCCESS, b"\0"[: packet.length])]
+            case ControlPacket(request=0xFF, requesttype=0x21):  # Bulk-Only Mass Storage Reset
+                bot.reset()
+                return [control_reply(packet, Status.SUCCESS, b"")]
+            case Reset():
+                bot.reset()
+                bot.clear_halt(True)
+                bot.clear_halt(False)
+                return []
+        return None
+
+    @classmethod
+    def from_image(cls, path: str, *, vendor_id: int = 0x0781, product_id: int = 0x5567,
+                   serial: str = "4C530001", read_only: bool = False
+                   ) -> MassStorageStick:  # fmt: skip
+        """A stick whose blocks are the image file at ``path`` (OSError if it cannot be opened;
+        ValueError if it is smaller than one block)."""
+        store = FileStore(path, read_only=read_only)
+        try:
+            disk = ScsiDisk(store, Identity(serial=serial), read_only=read_only)
+        except ValueError:
+            store.close()
+            raise
+        return cls(vendor_id, product_id, serial=serial, product_name="Simulated Stick",
+                   transport=BulkOnlyTransport(disk))  # fmt: skip
+
+
+def _is_clear_halt(packet: ControlPacket) -> bool:
+    return (packet.request, packet.requesttype, packet.value) == (
+        REQUEST_CLEAR_FEATURE,
+        REQUESTTYPE_OUT_STANDARD_ENDPOINT,
+        FEATURE_ENDPOINT_HALT,
+    )
+
+
+def _ep_index(endpoint: int) -> int:
+    """usbredir's endpoint index: IN endpoints 16-31, OUT endpoints 0-15."""
+    return ((endpoint & 0x80) >> 3) | (endpoint & 0x0F)
 
 
 @dataclass
@@ -193,17 +302,21 @@ class FakeOwner:
         d = self.device
         if d.mute and isinstance(packet, ControlPacket):
             return
+        if (replies := d.handle(packet)) is not None:
+            for reply in replies:
+                self.write(reply)
+            return
         match packet:
             case ControlPacket(endpoint=ep, request=0x06, value=value, length=length) if ep & 0x80:
                 data = d.descriptor(value)
                 if data is None:
-                    self.write(_control_reply(packet, Status.STALL, b""))
+                    self.write(control_reply(packet, Status.STALL, b""))
                 else:
-                    self.write(_control_reply(packet, Status.SUCCESS, data[:length]))
+                    self.write(control_reply(packet, Status.SUCCESS, data[:length]))
             case ControlPacket(endpoint=ep) if ep & 0x80:
-                self.write(_control_reply(packet, Status.SUCCESS, b"\0" * min(packet.length, 2)))
+                self.write(control_reply(packet, Status.SUCCESS, b"\0" * min(packet.length, 2)))
             case ControlPacket():
-                self.write(_control_reply(packet, Status.SUCCESS, b""))
+                self.write(control_reply(packet, Status.SUCCESS, b""))
             case SetConfiguration(configuration=value):
                 self.write(d.ep_info())
                 self.write(d.interface_info())
@@ -239,7 +352,7 @@ class FakeOwner:
                 await self.task
 
 
-def _control_reply(request: ControlPacket, status: int, data: bytes) -> ControlPacket:
+def control_reply(request: ControlPacket, status: int, data: bytes) -> ControlPacket:
     return ControlPacket(
         request.endpoint, request.request, request.requesttype, status, request.value,
         request.index, len(data), data, id=request.id,

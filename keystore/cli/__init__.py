@@ -1,10 +1,57 @@
-"""The `vmshield` command: a thin click layer over the importable logic."""
+"""The `vmshield` command: a thin click layer over keystore.services and nbd_plugin.
+
+`TREE` below is the whole command tree, in one place: every group with every subcommand.
+Each module of this package defines its commands; nothing registers itself, and a module
+that is missing is an ImportError here, not a command that silently disappears.
+"""
 
 from __future__ import annotations
 
 import click
 
-from keystore.cli.image import image
+from keystore.cli import (
+    audit,
+    destroy,
+    disk,
+    erase,
+    image,
+    initcmd,
+    job,
+    keystore_cmd,
+    perm,
+    usb,
+    user,
+    vm,
+)
+
+#: (group, its subcommands), or a lone command
+TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] = (
+    initcmd.init,
+    (user.user, (user.add, user.passwd, user.unlock, user.list_)),
+    (vm.vm, (vm.add, vm.list_, vm.show, vm.remove)),
+    (
+        disk.disk,
+        (disk.create, disk.serve_, disk.stop, disk.list_, disk.forget, destroy.destroy),
+    ),
+    (perm.perm, (perm.set_, perm.show)),
+    # the rule commands (allow, block, reject, list, remove) are made and added in usb.py
+    (usb.usb, (usb.qemu_filter,)),
+    (audit.audit, (audit.verify,)),
+    (job.job, (job.status,)),
+    (keystore_cmd.keystore_group, (keystore_cmd.migrate,)),
+    (
+        image.image,
+        (
+            image.create,
+            image.info,
+            image.add_key,
+            image.remove_key,
+            image.passwd,
+            image.test_passphrase,
+            erase.erase,
+        ),
+    ),
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,31 +64,15 @@ def main() -> None:
     """
 
 
-main.add_command(image)
-
-# keystore commands (keystore developer): one module per group, options in options.py
-from keystore.cli.audit import audit  # noqa: E402
-from keystore.cli.disk import disk  # noqa: E402
-from keystore.cli.initcmd import init  # noqa: E402
-from keystore.cli.perm import perm  # noqa: E402
-from keystore.cli.usb import usb  # noqa: E402
-from keystore.cli.user import user  # noqa: E402
-from keystore.cli.vm import vm  # noqa: E402
-
-for _command in (init, user, vm, disk, perm, usb, audit):
-    main.add_command(_command)
+def _assemble(root: click.Group) -> None:
+    for entry in TREE:
+        if isinstance(entry, click.Command):
+            root.add_command(entry)
+            continue
+        group, commands = entry
+        for command in commands:
+            group.add_command(command)
+        root.add_command(group)
 
 
-def _add_job_group() -> None:
-    """`vmshield job ...` comes from keystore/cli/destroy.py (erase developer) once it exists."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("keystore.cli.destroy") is None:
-        return
-    job = getattr(importlib.import_module("keystore.cli.destroy"), "job", None)
-    if isinstance(job, click.Command):
-        main.add_command(job)
-
-
-_add_job_group()
+_assemble(main)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from keystore import audit as auditmod
+from keystore.backends import verify_audit
 from keystore.cli.options import (
     db_option,
     emit_json,
     handle_errors,
     json_option,
-    resolve_db,
+    resolve_location,
     run,
     table,
     when,
@@ -57,7 +57,7 @@ def audit(
     )
 
 
-@audit.command("verify")
+@click.command("verify")
 @click.option(
     "--anchor",
     metavar="SEQ:HASH",
@@ -74,7 +74,7 @@ def verify(anchor: str | None, as_json: bool, db: Path | None) -> None:
     `--anchor` later: someone able to write the database could otherwise rewrite the
     whole chain consistently.
     """
-    result = auditmod.verify(resolve_db(db), anchor)
+    result = verify_audit(resolve_location(db), anchor)
     if as_json:
         emit_json(
             {

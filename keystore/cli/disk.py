@@ -1,12 +1,10 @@
 """`vmshield disk ...`: encrypted disk images of VMs, and serving them to QEMU over NBD.
 
-The erase developer's keystore/cli/destroy.py adds `disk destroy` (wired at the bottom).
+The workflows live in keystore.services (disks, serve, destroy); this is the click layer.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +12,13 @@ import click
 
 from keystore import paths
 from keystore.cli.options import (
-    PasswordSource,
+    SecretReader,
     actor,
+    check_pbkdf2_iterations,
+    cipher_option,
     db_option,
     emit_json,
+    format_option,
     handle_errors,
     json_option,
     kdf_options,
@@ -27,12 +28,11 @@ from keystore.cli.options import (
     table,
     wipe,
 )
-from keystore.models import Disk, DiskState, Server
+from keystore.models import Disk, Server
 from keystore.repository import Repository
 from keystore.services import disks as diskops
 from keystore.services import serve, snippets
-
-FORMATS = ("luks1", "luks2")
+from keystore.services.store import Keystore
 
 
 @click.group()
@@ -52,16 +52,7 @@ def disk() -> None:
     """
 
 
-async def _next_name(r: Repository, vm: str) -> str:
-    taken = {d.name for d in await r.list_disks()}
-    v = await r.get_vm(vm)
-    n = 0
-    while f"{v.name}-{n}" in taken:
-        n += 1
-    return f"{v.name}-{n}"
-
-
-@disk.command("create")
+@click.command("create")
 @click.argument("vm")
 @click.option(
     "--size",
@@ -69,21 +60,8 @@ async def _next_name(r: Repository, vm: str) -> str:
     metavar="SIZE",
     help="Plaintext size: bytes, or with K, M, G, T (binary units), e.g. 20G.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="luks2",
-    show_default=True,
-    help="Container format: luks2 (argon2id keyslot, 4096-byte sectors; --pbkdf-iterations "
-    "makes it a PBKDF2 keyslot) or luks1 (also opens in QEMU and nbdkit's luks filter).",
-)
-@click.option(
-    "--cipher",
-    default="aes-xts-plain64",
-    show_default=True,
-    help="Cipher spec (aes-xts-plain64, aes-cbc-essiv:sha256, ...).",
-)
+@format_option("luks2")
+@cipher_option
 @click.option(
     "--path",
     "image_path",
@@ -94,6 +72,7 @@ async def _next_name(r: Repository, vm: str) -> str:
 @kdf_options
 @password_file_option
 @db_option
+@handle_errors
 def create(
     vm: str,
     size: str,
@@ -101,8 +80,8 @@ def create(
     cipher: str,
     image_path: Path | None,
     name: str | None,
-    iter_time: int,
-    pbkdf_iterations: int | None,
+    iter_time_ms: int,
+    iterations: int | None,
     password_file: Path | None,
     db: Path | None,
 ) -> None:
@@ -111,52 +90,36 @@ def create(
     Asks for the owner's password (verified by the keystore; wrong passwords count toward
     the lockout). The image is written with mode 0600 and recorded as the disk NAME.
     """
+    check_pbkdf2_iterations(iterations)
     try:
         nbytes = diskops.parse_size(size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
+    store = Keystore(db)
     v = run(db, lambda r: r.get_vm(vm))
-    disk_name = name or run(db, lambda r: _next_name(r, vm))
+    disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
     path = (image_path or paths.default_image_dir(resolve_db(db)) / f"{disk_name}.img").absolute()
     if path.exists():
         raise click.ClickException(f"{path} already exists; choose another --path")
-    pw = PasswordSource(password_file).read(f"Password of {v.owner} (opens the disk)")
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disk)")
     try:
-        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
-        run(
-            db,
-            lambda r: r.add_disk(
-                v.name, disk_name, str(path), fmt=fmt, cipher=cipher, size=nbytes, actor=actor()
-            ),
+        diskops.create_disk(
+            store,
+            v,
+            disk_name,
+            path,
+            nbytes,
+            bytes(pw),
+            fmt=fmt,
+            cipher=cipher,
+            iterations=iterations,
+            iter_time_ms=iter_time_ms,
+            who=actor(),
         )
-        try:
-            diskops.create(
-                path,
-                nbytes,
-                bytes(pw),
-                fmt=fmt,
-                cipher=cipher,
-                iterations=pbkdf_iterations,
-                iter_time_ms=iter_time,
-            )
-        except diskops.DiskOpError as e:
-            error = {"error": str(e)}
-            run(
-                db,
-                lambda r: r.set_disk_state(
-                    disk_name, DiskState.FAILED, actor=actor(), detail=error
-                ),
-            )
-            raise click.ClickException(str(e)) from e
-        run(db, lambda r: r.set_disk_state(disk_name, DiskState.READY, actor=actor()))
     finally:
         wipe(pw)
     click.echo(f"disk {disk_name} created: {path} ({nbytes} bytes, {fmt}, {cipher})")
     click.echo(f"serve it with: vmshield disk serve {disk_name}")
-
-
-def _server_files(d: Disk, socket: Path | None) -> serve.ServerFiles:
-    return serve.ServerFiles((socket or paths.default_run_dir() / f"{d.name}.sock").absolute())
 
 
 def _print_attach(d: Disk, sock: str, readonly: bool, as_json: bool, pid: int) -> None:
@@ -183,7 +146,7 @@ def _print_attach(d: Disk, sock: str, readonly: bool, as_json: bool, pid: int) -
     click.echo(f"\nstop it with: vmshield disk stop {d.name}")
 
 
-@disk.command("serve")
+@click.command("serve")
 @click.argument("disk_name", metavar="DISK")
 @click.option(
     "--socket",
@@ -213,58 +176,23 @@ def serve_(
     line, an environment or a file. Only the socket's owner can connect to it: whoever
     can connect reads the plaintext.
     """
-    d = run(db, lambda r: r.get_disk(disk_name))
-    if d.state is not DiskState.READY:
-        raise click.ClickException(f"disk {d.name} is {d.state.value}, not ready")
-    v = run(db, lambda r: r.get_vm(d.vm))
-    files = _server_files(d, socket)
-    old = run(db, lambda r: r.get_server(d.name))
-    if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
-        raise click.ClickException(
-            f"disk {d.name} is already served on {old.socket} "
-            f"(pid {old.pid}); `vmshield disk stop {d.name}` first"
-        )
-    pw = PasswordSource(password_file).read(f"Password of {v.owner}")
+    store = Keystore(db)
+    d, v, files = serve.prepare(store, disk_name, socket)
+    pw = SecretReader(password_file).read(f"Password of {v.owner}")
     try:
-        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
-        try:
-            pid = serve.start(Path(d.path), bytes(pw), files, readonly=readonly)
-        except serve.ServeError as e:
-            detail = {"disk": d.name, "error": str(e)[-500:]}
-            run(db, lambda r: r.append_audit(actor(), "disk.serve.failed", d.vm, detail))
-            raise
+        pid = serve.serve_disk(store, d, v, bytes(pw), files, readonly=readonly, who=actor())
     finally:
         wipe(pw)
-    sock = str(files.socket)
-    try:
-        run(
-            db,
-            lambda r: r.record_server(
-                d.name,
-                socket=sock,
-                pidfile=str(files.pidfile),
-                pid=pid,
-                readonly=readonly,
-                actor=actor(),
-            ),
-        )
-        run(db, lambda r: r.record_access(d.vm))
-    except click.ClickException:
-        serve.stop(pid, files)
-        raise
-    _print_attach(d, sock, readonly, as_json, pid)
+    _print_attach(d, str(files.socket), readonly, as_json, pid)
 
 
-@disk.command("stop")
+@click.command("stop")
 @click.argument("disk_name", metavar="DISK")
 @db_option
+@handle_errors
 def stop(disk_name: str, db: Path | None) -> None:
     """Stop the nbdkit server of DISK (shut QEMU's use of it down first)."""
-    s = run(db, lambda r: r.get_server(disk_name))
-    if s is None:
-        raise click.ClickException(f"disk {disk_name} is not being served")
-    was_running = serve.stop(s.pid, serve.ServerFiles(Path(s.socket)))
-    run(db, lambda r: r.remove_server(disk_name, actor=actor()))
+    s, was_running = serve.stop_disk(Keystore(db), disk_name, who=actor())
     click.echo(
         f"stopped server of {disk_name} (pid {s.pid})"
         if was_running
@@ -285,7 +213,7 @@ def _serving(s: Server | None) -> tuple[str, bool]:
     return (s.socket if alive else f"stale (pid {s.pid} gone)"), alive
 
 
-@disk.command("list")
+@click.command("list")
 @click.option("--vm", help="Only disks of this VM.")
 @json_option
 @db_option
@@ -309,7 +237,7 @@ def list_(vm: str | None, as_json: bool, db: Path | None) -> None:
     )
 
 
-@disk.command("forget")
+@click.command("forget")
 @click.argument("disk_name", metavar="DISK")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
@@ -323,16 +251,3 @@ def forget(disk_name: str, yes: bool, db: Path | None) -> None:
         click.confirm(f"Forget disk {disk_name} (the file is kept)?", abort=True, err=True)
     d = run(db, lambda r: r.forget_disk(disk_name, actor=actor()))
     click.echo(f"disk {d.name} forgotten; {d.path} was not touched")
-
-
-def _add_destroy() -> None:
-    """`disk destroy` lives in keystore/cli/destroy.py (erase developer) once it exists."""
-    if importlib.util.find_spec("keystore.cli.destroy") is None:
-        return
-    mod = importlib.import_module("keystore.cli.destroy")
-    command = getattr(mod, "destroy", None)
-    if isinstance(command, click.Command):
-        disk.add_command(command, "destroy")
-
-
-_add_destroy()

@@ -5,70 +5,38 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from keystore.cli.secrets import SecretReader, secret_file_option
+from keystore.cli.options import (
+    SecretReader,
+    check_pbkdf2_iterations,
+    cipher_option,
+    format_option,
+    kdf_options,
+    new_passphrase_file_option,
+    passphrase_file_option,
+)
 from keystore.services.disks import parse_size
-from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
+from nbd_plugin.errors import InvalidPassphrase, VmshieldError
 from nbd_plugin.luks import volume as container
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def PASSPHRASE_FILE(f: F) -> F:
-    option: Callable[[F], F] = secret_file_option(
-        "--passphrase-file",
-        "Read the (current) passphrase from FILE, byte for byte as cryptsetup --key-file "
-        "does. Without it: a hidden prompt on a terminal, else one line of stdin.",
-    )
-    return option(f)
-
-
-def NEW_PASSPHRASE_FILE(f: F) -> F:
-    option: Callable[[F], F] = secret_file_option(
-        "--new-passphrase-file", "Read the new passphrase from FILE (byte for byte)."
-    )
-    return option(f)
-
-
-def _kdf_options(f: F) -> F:
-    f = click.option(
-        "--iter-time",
-        "iter_time_ms",
-        type=click.IntRange(1, 600_000),
-        default=2000,
-        show_default=True,
-        help="Milliseconds the key derivation should take on this machine.",
-    )(f)
-    f = click.option(
-        "--pbkdf-iterations",
-        "iterations",
-        type=click.IntRange(1, None),
-        default=None,
-        help="Fixed cost instead of --iter-time (tests and benchmarks): PBKDF2 iterations; "
-        "for LUKS2 it makes the keyslot PBKDF2 unless --pbkdf argon2* is given, where it is "
-        "the argon2 time cost (as cryptsetup's --pbkdf-force-iterations).",
-    )(f)
-    return f
-
-
-def _fail(exc: Exception) -> click.ClickException:
-    if isinstance(exc, InvalidPassphrase):
-        return click.ClickException(f"{exc}. Nothing was changed.")
-    if isinstance(exc, ImageBusy):
-        return click.ClickException(str(exc))
-    return click.ClickException(str(exc))
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; its errors become one line, exit status 1 (nothing was changed)."""
     try:
         return fn()
+    except InvalidPassphrase as exc:
+        raise click.ClickException(f"{exc}. Nothing was changed.") from None
     except (VmshieldError, ValueError) as exc:
-        raise _fail(exc) from None
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}") from None
+
+
+def _reader() -> SecretReader:
+    return SecretReader(noun="passphrase")
 
 
 @click.group()
@@ -80,24 +48,11 @@ def image() -> None:
     """
 
 
-@image.command()
+@click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--size", required=True, help="Virtual disk size: 10G, 512M, 1T or bytes.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(container.FORMATS),
-    default="luks1",
-    show_default=True,
-    help="luks1 opens in QEMU and nbdkit's luks filter too; luks2 has argon2id "
-    "keyslots and 4096-byte sectors.",
-)
-@click.option(
-    "--cipher",
-    default="aes-xts-plain64",
-    show_default=True,
-    help="Cipher spec (aes-xts-plain64; aes-cbc-essiv:sha256 for old tools).",
-)
+@format_option("luks1")
+@cipher_option
 @click.option(
     "--key-size",
     type=click.Choice(["256", "512"]),
@@ -137,8 +92,8 @@ def image() -> None:
     default=None,
     help="LUKS2 only: argon2 threads (default: up to 4 CPUs).",
 )
-@_kdf_options
-@PASSPHRASE_FILE
+@kdf_options
+@passphrase_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the new image's info as JSON.")
 def create(
     path: Path,
@@ -176,14 +131,13 @@ def create(
             opts["pbkdf_parallel"] = pbkdf_parallel
     elif sector_size or pbkdf or pbkdf_memory or pbkdf_parallel:
         raise click.UsageError("--sector-size and --pbkdf* apply to --format luks2 only")
-    if iterations is not None and iterations < 1000 and not (pbkdf or "").startswith("argon2"):
-        raise click.UsageError("--pbkdf-iterations: PBKDF2 needs at least 1000 iterations")
-    secret = SecretReader().read(passphrase_file, "New passphrase", confirm=True)
+    check_pbkdf2_iterations(iterations, pbkdf)
+    secret = _reader().read("New passphrase", confirm=True, file=passphrase_file)
     _guard(
         lambda: container.create_image(
             str(path),
             size_bytes,
-            secret,
+            bytes(secret),
             fmt=fmt,
             cipher=cipher,
             key_bytes=int(key_size) // 8,
@@ -228,7 +182,7 @@ def _print_info(meta: dict[str, Any]) -> None:
         click.echo(f"warning:        {warning}")
 
 
-@image.command()
+@click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: Path, as_json: bool) -> None:
@@ -240,17 +194,17 @@ def info(path: Path, as_json: bool) -> None:
         _print_info(meta)
 
 
-@image.command("add-key")
+@click.command("add-key")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@PASSPHRASE_FILE
-@NEW_PASSPHRASE_FILE
+@passphrase_file_option
+@new_passphrase_file_option
 @click.option(
     "--slot",
     type=click.IntRange(0, 31),
     default=None,
     help="Keyslot to use (default: the first free one).",
 )
-@_kdf_options
+@kdf_options
 def add_key(
     path: Path,
     passphrase_file: Path | None,
@@ -260,20 +214,25 @@ def add_key(
     iter_time_ms: int,
 ) -> None:
     """Add a passphrase to PATH, authorised by an existing one."""
-    reader = SecretReader()
-    old = reader.read(passphrase_file, "Existing passphrase")
-    new = reader.read(new_passphrase_file, "New passphrase", confirm=True)
+    reader = _reader()
+    old = reader.read("Existing passphrase", file=passphrase_file)
+    new = reader.read("New passphrase", confirm=True, file=new_passphrase_file)
     index = _guard(
         lambda: container.add_key(
-            str(path), old, new, slot=slot, iterations=iterations, iter_time_ms=iter_time_ms
+            str(path),
+            bytes(old),
+            bytes(new),
+            slot=slot,
+            iterations=iterations,
+            iter_time_ms=iter_time_ms,
         )
     )
     click.echo(f"added keyslot {index}")
 
 
-@image.command("remove-key")
+@click.command("remove-key")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@PASSPHRASE_FILE
+@passphrase_file_option
 @click.option(
     "--force-last",
     is_flag=True,
@@ -281,16 +240,16 @@ def add_key(
 )
 def remove_key(path: Path, passphrase_file: Path | None, force_last: bool) -> None:
     """Remove the keyslot that the given passphrase opens (its key material is wiped)."""
-    secret = SecretReader().read(passphrase_file, "Passphrase to remove")
-    index = _guard(lambda: container.remove_key(str(path), secret, allow_last=force_last))
+    secret = _reader().read("Passphrase to remove", file=passphrase_file)
+    index = _guard(lambda: container.remove_key(str(path), bytes(secret), allow_last=force_last))
     click.echo(f"removed keyslot {index}")
 
 
-@image.command()
+@click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@PASSPHRASE_FILE
-@NEW_PASSPHRASE_FILE
-@_kdf_options
+@passphrase_file_option
+@new_passphrase_file_option
+@kdf_options
 def passwd(
     path: Path,
     passphrase_file: Path | None,
@@ -299,23 +258,23 @@ def passwd(
     iter_time_ms: int,
 ) -> None:
     """Change a passphrase: the new keyslot is written before the old one is wiped."""
-    reader = SecretReader()
-    old = reader.read(passphrase_file, "Current passphrase")
-    new = reader.read(new_passphrase_file, "New passphrase", confirm=True)
+    reader = _reader()
+    old = reader.read("Current passphrase", file=passphrase_file)
+    new = reader.read("New passphrase", confirm=True, file=new_passphrase_file)
     index = _guard(
         lambda: container.change_key(
-            str(path), old, new, iterations=iterations, iter_time_ms=iter_time_ms
+            str(path), bytes(old), bytes(new), iterations=iterations, iter_time_ms=iter_time_ms
         )
     )
     click.echo(f"passphrase changed (keyslot {index})")
 
 
-@image.command("test-passphrase")
+@click.command("test-passphrase")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@PASSPHRASE_FILE
+@passphrase_file_option
 def test_passphrase(path: Path, passphrase_file: Path | None) -> None:
     """Check that a passphrase opens PATH (exit 0) without serving it."""
-    secret = SecretReader().read(passphrase_file, "Passphrase")
+    secret = bytes(_reader().read("Passphrase", file=passphrase_file))
 
     def check() -> int:
         volume = container.open_volume(str(path), secret, readonly=True)
@@ -325,9 +284,3 @@ def test_passphrase(path: Path, passphrase_file: Path | None) -> None:
             volume.close()
 
     click.echo(f"keyslot {_guard(check)} opens {path}")
-
-
-# `image erase` lives in keystore/cli/erase.py (erase developer).
-from keystore.cli.erase import erase  # noqa: E402
-
-image.add_command(erase)

@@ -8,6 +8,7 @@ import click
 
 from keystore import audit
 from keystore.cli.options import actor, db_option, handle_errors, resolve_db
+from keystore.postgres.url import PgUrl
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite.schema import SCHEMA_VERSION
 
@@ -19,9 +20,10 @@ def init(db: Path | None) -> None:
     """Create the keystore database, or upgrade an existing one to this version's schema.
 
     The file is created with mode 0600 (its directory 0700) and uses SQLite's WAL journal.
-    Running it again is harmless. The keystore holds password verifiers (argon2id), VMs,
-    disks, erase permissions, USB whitelists and the audit trail; nothing in it alone
-    decrypts a disk.
+    Running it again is harmless. With `--db postgresql://...` it creates the schema and
+    the vmshield_admin / vmshield_usbgate roles in that database instead. The keystore
+    holds password verifiers (argon2id), VMs, disks, erase permissions, USB whitelists and
+    the audit trail; nothing in it alone decrypts a disk.
 
     \b
     Next steps:
@@ -30,6 +32,10 @@ def init(db: Path | None) -> None:
       vmshield disk create web1 --size 20G
       vmshield disk serve web1-0
     """
+    if isinstance(db, PgUrl):
+        from keystore.cli.keystore_cmd import init_postgres
+
+        return init_postgres(db)
     path = resolve_db(db)
     created, old = dbmod.initialise(path)
     if created:

@@ -1,14 +1,16 @@
-"""Shared click options and helpers for the keystore commands: --db, --json, passwords,
-running a coroutine against the repository, and turning keystore errors into messages.
+"""The reusable pieces of every `vmshield` command: options, secrets, errors, output.
+
+Options are decorators (`@db_option`, `@json_option`, `@kdf_options`, the secret-file
+options) so each is written once and every command spells it the same way. Secrets are read
+by one `SecretReader`: files byte for byte (as `cryptsetup --key-file` does), else one line
+of stdin when it is not a terminal, else a hidden prompt. Errors of the product hierarchy
+become one `Error: ...` line with the error's own exit status.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import getpass
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,59 +19,133 @@ from typing import Any, TypeVar
 import click
 
 from keystore import paths
+from keystore.audit import cli_actor
 from keystore.auth import check_password_quality
-from keystore.errors import (
-    AccountLocked,
-    AuthenticationFailed,
-    KeystoreBusy,
-    KeystoreError,
-)
+from keystore.backends import Location, parse_location
+from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
-from keystore.sqlite.repository import SqliteRepository
+from keystore.services.store import Keystore
+from nbd_plugin.errors import ExitStatus, VmshieldError
+from nbd_plugin.luks.volume import FORMATS
+from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: largest password / passphrase file accepted (same limit as the disk side)
-MAX_SECRET = 8192
+#: largest password / passphrase accepted (the same limit as the disk side's)
+MAX_SECRET = MAX_PASSPHRASE
+#: the least PBKDF2 iterations a keyslot may get (a forced count below it is refused)
+MIN_PBKDF2_ITERATIONS = 1000
 
-#: sysexits.h codes, so scripts can tell "try again" from "wrong input"
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
+__all__ = [
+    "MAX_SECRET",
+    "CliError",
+    "SecretReader",
+    "actor",
+    "check_pbkdf2_iterations",
+    "cipher_option",
+    "db_option",
+    "emit_json",
+    "fail",
+    "format_option",
+    "handle_errors",
+    "json_option",
+    "kdf_options",
+    "new_passphrase_file_option",
+    "passphrase_file_option",
+    "password_file_option",
+    "resolve_db",
+    "resolve_location",
+    "run",
+    "table",
+    "when",
+    "wipe",
+]
 
 
-class KeystoreClickError(click.ClickException):
-    """`Error: MESSAGE` with a chosen exit status (e.g. EX_NOPERM, EX_TEMPFAIL)."""
+# -- errors ------------------------------------------------------------------------------
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+
+class CliError(click.ClickException):
+    """`Error: MESSAGE` with a chosen exit status (see nbd_plugin.errors.ExitStatus)."""
+
+    def __init__(self, message: str, exit_code: int = ExitStatus.ERROR) -> None:
         super().__init__(message)
-        vars(self)["exit_code"] = exit_code  # click declares exit_code on the class
+        vars(self)["exit_code"] = int(exit_code)  # click declares exit_code on the class
 
 
-class BusyError(click.ClickException):
-    """The keystore stayed locked by another process: try again (exit status 75)."""
+def fail(exc: Exception) -> click.ClickException:
+    """An error of the product hierarchy (or a ValueError) as a message with its status."""
+    return CliError(str(exc), getattr(exc, "exit_code", ExitStatus.ERROR))
 
-    exit_code = EX_TEMPFAIL
+
+def handle_errors(f: F) -> F:
+    """Decorator: VmshieldError / ValueError raised by a command become clean messages."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (VmshieldError, ValueError) as e:
+            raise fail(e) from e
+
+    return wrapper  # type: ignore[return-value]
 
 
-class DeniedError(click.ClickException):
-    """Authentication failed or the account is locked (exit status 77)."""
+def run(db: Location | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
+    """Open the keystore, await `fn(repo)`, close it. Errors become ClickExceptions."""
+    try:
+        return Keystore(db).run(fn)
+    except (VmshieldError, ValueError) as e:
+        raise fail(e) from e
 
-    exit_code = EX_NOPERM
+
+def actor() -> str:
+    """Who runs this command, for the audit trail."""
+    return cli_actor()
+
+
+# -- options -----------------------------------------------------------------------------
+
+
+class DbLocation(click.ParamType):  # type: ignore[type-arg]
+    """`--db` values: a postgresql:// URL stays text (a Path would fold its `//`), else a path."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and isinstance(parse_location(value), PgUrl):
+            return PgUrl(value)
+        return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
 
 
 def db_option(f: F) -> F:
-    """`--db PATH` (env VMSHIELD_DB)."""
+    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL."""
     return click.option(
         "--db",
         "db",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=DbLocation(),
         envvar=paths.DB_ENV,
         default=None,
         show_envvar=True,
-        help="Keystore database file. Default: /var/lib/vmshield/keystore.db for root, "
-        "~/.local/share/vmshield/keystore.db otherwise.",
+        help="Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
+        "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
+        "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL).",
     )(f)
+
+
+def resolve_db(db: Location | None) -> Path:
+    """The keystore file, for commands that only work on a local SQLite keystore."""
+    if isinstance(db, PgUrl):
+        raise click.UsageError(
+            f"this command needs a local keystore file, not {db.redacted()}", ctx=None
+        )
+    return db if db is not None else paths.default_db_path()
+
+
+def resolve_location(db: Location | None) -> Location:
+    """The keystore as given (file or PostgreSQL URL), or the default file."""
+    return db if db is not None else paths.default_db_path()
 
 
 def json_option(f: F) -> F:
@@ -77,124 +153,129 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
 
 
-def password_file_option(f: F) -> F:
-    """`--password-file FILE`."""
+def _secret_file(name: str, help_text: str) -> Callable[[F], F]:
     return click.option(
-        "--password-file",
+        name,
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="Read the password from FILE, byte for byte (no trailing newline: write it "
+        default=None,
+        help=help_text,
+    )
+
+
+def password_file_option(f: F) -> F:
+    """`--password-file FILE`: a keystore user's password."""
+    return _secret_file(
+        "--password-file",
+        "Read the password from FILE, byte for byte (no trailing newline: write it "
         "with printf '%s'), as cryptsetup --key-file does. Without it, a pipe on stdin "
         "gives one password per line; a terminal gets a hidden prompt.",
     )(f)
 
 
+def passphrase_file_option(f: F) -> F:
+    """`--passphrase-file FILE`: the (current) passphrase of a LUKS image."""
+    return _secret_file(
+        "--passphrase-file",
+        "Read the (current) passphrase from FILE, byte for byte as cryptsetup --key-file "
+        "does. Without it: a hidden prompt on a terminal, else one line of stdin.",
+    )(f)
+
+
+def new_passphrase_file_option(f: F) -> F:
+    """`--new-passphrase-file FILE`."""
+    return _secret_file(
+        "--new-passphrase-file", "Read the new passphrase from FILE (byte for byte)."
+    )(f)
+
+
+def format_option(default: str) -> Callable[[F], F]:
+    """`--format luks1|luks2` of a new image, defaulting to `default`."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default=default,
+        show_default=True,
+        help="Container format: luks2 (argon2id keyslot, 4096-byte sectors; --pbkdf-iterations "
+        "makes it a PBKDF2 keyslot) or luks1 (also opens in QEMU and nbdkit's luks filter).",
+    )
+
+
+def cipher_option(f: F) -> F:
+    """`--cipher SPEC` of a new image."""
+    return click.option(
+        "--cipher",
+        default="aes-xts-plain64",
+        show_default=True,
+        help="Cipher spec (aes-xts-plain64; aes-cbc-essiv:sha256 for old tools).",
+    )(f)
+
+
 def kdf_options(f: F) -> F:
-    """`--iter-time MS` and `--pbkdf-iterations N` for commands that write LUKS keyslots."""
+    """`--iter-time MS` and `--pbkdf-iterations N` for commands that write LUKS keyslots.
+
+    They arrive as `iter_time_ms` and `iterations`; `check_pbkdf2_iterations` refuses a
+    forced PBKDF2 count below MIN_PBKDF2_ITERATIONS (argon2 time costs may be small).
+    """
     f = click.option(
         "--pbkdf-iterations",
-        type=click.IntRange(min=1000),
+        "iterations",
+        type=click.IntRange(1, None),
+        default=None,
         metavar="N",
-        help="Force N PBKDF2 iterations instead of timing (weakens the keyslot; tests and "
-        "slow machines).",
+        help="Fixed cost instead of --iter-time (tests and slow machines; weakens the "
+        "keyslot): PBKDF2 iterations (a new image or disk: at least 1000); for LUKS2 it "
+        "makes the keyslot PBKDF2 unless --pbkdf argon2* is given, where it is the argon2 "
+        "time cost (as cryptsetup's --pbkdf-force-iterations).",
     )(f)
     return click.option(
         "--iter-time",
-        type=click.IntRange(min=1),
+        "iter_time_ms",
+        type=click.IntRange(1, 600_000),
         default=2000,
         show_default=True,
         metavar="MS",
-        help="PBKDF2 time for the new keyslot, in milliseconds (as cryptsetup's --iter-time).",
+        help="Milliseconds the key derivation of the new keyslot should take on this machine "
+        "(as cryptsetup's --iter-time).",
     )(f)
 
 
-def resolve_db(db: Path | None) -> Path:
-    return db if db is not None else paths.default_db_path()
+def check_pbkdf2_iterations(iterations: int | None, pbkdf: str | None = None) -> None:
+    """UsageError if a forced PBKDF2 iteration count is below the minimum."""
+    if iterations is None or (pbkdf or "").startswith("argon2"):
+        return
+    if iterations < MIN_PBKDF2_ITERATIONS:
+        raise click.UsageError(
+            f"--pbkdf-iterations: PBKDF2 needs at least {MIN_PBKDF2_ITERATIONS} iterations"
+        )
 
 
-def actor() -> str:
-    """Who runs this command, for the audit trail (the sudo caller if any)."""
-    user = os.environ.get("SUDO_USER") or getpass.getuser()
-    return f"{user}@cli"
+# -- secrets -----------------------------------------------------------------------------
 
 
-def fail(exc: Exception) -> click.ClickException:
-    """Map a keystore/value error to a ClickException with a sysexits status."""
-    if isinstance(exc, KeystoreBusy):
-        return BusyError(str(exc))
-    if isinstance(exc, AuthenticationFailed | AccountLocked):
-        return DeniedError(str(exc))
-    return click.ClickException(str(exc))
+class SecretReader:
+    """Reads passwords and passphrases; one per command.
 
-
-def run(db: Path | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
-    """Open the keystore, await `fn(repo)`, close it. Errors become ClickExceptions."""
-
-    async def go() -> T:
-        repo = await SqliteRepository.open(resolve_db(db))
-        try:
-            return await fn(repo)
-        finally:
-            await repo.close()
-
-    try:
-        return asyncio.run(go())
-    except (KeystoreError, ValueError) as e:
-        raise fail(e) from e
-
-
-def handle_errors(f: F) -> F:
-    """Decorator: KeystoreError / ValueError raised by a command become clean messages."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except (KeystoreError, ValueError) as e:
-            raise fail(e) from e
-
-    return wrapper  # type: ignore[return-value]
-
-
-# -- passwords ---------------------------------------------------------------------------
-
-
-def _strip_eol(data: bytes) -> bytearray:
-    line = data.split(b"\n", 1)[0]
-    return bytearray(line.removesuffix(b"\r"))
-
-
-class PasswordSource:
-    """Reads passwords from --password-file (byte for byte), else stdin when it is not a
-    terminal (one per line), else a hidden prompt.
-
-    Several reads from stdin take one line each (e.g. current then new password).
+    From a file: byte for byte (no newline stripping). Else, when stdin is not a terminal:
+    one line each (so "current, then new" comes from two lines of a pipe). Else a hidden
+    prompt. Every secret comes back as a bytearray: `wipe` it when done.
     """
 
-    def __init__(self, password_file: Path | None) -> None:
-        self.password_file = password_file
-        self._stdin_lines: list[bytes] | None = None
-
-    def _from_stdin(self) -> bytearray:
-        if self._stdin_lines is None:
-            self._stdin_lines = sys.stdin.buffer.read().split(b"\n")
-        if not self._stdin_lines or (len(self._stdin_lines) == 1 and not self._stdin_lines[0]):
-            raise click.ClickException("expected a password on stdin, got end of input")
-        return _strip_eol(self._stdin_lines.pop(0))
+    def __init__(self, default_file: Path | None = None, *, noun: str = "password") -> None:
+        self.default_file = default_file
+        self.noun = noun
+        self._lines: list[bytes] | None = None
 
     def read(self, prompt: str, *, confirm: bool = False, file: Path | None = None) -> bytearray:
-        """One password as a bytearray (the caller should zero it when done)."""
-        file = file or self.password_file
+        """One secret; `file` (else the reader's default file) wins over stdin."""
+        file = file or self.default_file
         if file is not None:
-            try:
-                data = file.read_bytes()
-            except OSError as e:
-                raise click.ClickException(f"cannot read password file {file}: {e}") from e
-            if len(data) > MAX_SECRET or not data:
-                raise click.ClickException(f"password file {file} is empty or too large")
-            return bytearray(data)
+            return self._from_file(file)
         if not sys.stdin.isatty():
-            return self._from_stdin()
+            return self._from_stdin(prompt)
         text = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+        if not text:
+            raise click.ClickException(f"a {self.noun} cannot be empty")
         return bytearray(str(text).encode())
 
     def read_new(self, prompt: str, *, file: Path | None = None) -> bytearray:
@@ -204,11 +285,41 @@ class PasswordSource:
             check_password_quality(bytes(pw))
         except ValueError as e:
             hint = ""
-            if (file or self.password_file) and pw.endswith(b"\n"):
+            if (file or self.default_file) and pw.endswith(b"\n"):
                 hint = " (the file ends with a newline: write it with printf '%s')"
             wipe(pw)
             raise click.ClickException(f"{e}{hint}") from e
         return pw
+
+    def _from_file(self, file: Path) -> bytearray:
+        try:
+            with open(file, "rb") as f:
+                data = bytearray(f.read(MAX_SECRET + 1))
+        except OSError as e:
+            raise click.ClickException(
+                f"cannot read {self.noun} file {file}: {e.strerror or e}"
+            ) from None
+        if len(data) > MAX_SECRET:
+            wipe(data)
+            raise click.ClickException(
+                f"{self.noun} file {file} holds more than {MAX_SECRET} bytes: "
+                f"not a {self.noun} file"
+            )
+        if not data:
+            raise click.ClickException(
+                f"{self.noun} file {file} is empty: a {self.noun} cannot be empty"
+            )
+        return data
+
+    def _from_stdin(self, prompt: str) -> bytearray:
+        if self._lines is None:
+            self._lines = sys.stdin.buffer.read(MAX_SECRET * 4).split(b"\n")
+        if not self._lines or not self._lines[0]:
+            raise click.ClickException(
+                f"{prompt}: expected a {self.noun} on stdin, got an empty line or end of "
+                "input (or use the matching --*-file option)"
+            )
+        return bytearray(self._lines.pop(0).removesuffix(b"\r"))
 
 
 def wipe(buf: bytearray) -> None:

@@ -32,7 +32,7 @@ def _print(p: ErasePermission, as_json: bool) -> None:
     )
 
 
-@perm.command("set")
+@click.command("set")
 @click.argument("vm")
 @click.option("--deep-erase", type=YES_NO, help="Allow destroying by crypto-erase + overwrite.")
 @click.option("--normal-delete", type=YES_NO, help="Allow removing without overwriting.")
@@ -56,7 +56,7 @@ def set_(
     _print(p, as_json)
 
 
-@perm.command("show")
+@click.command("show")
 @click.argument("vm")
 @json_option
 @db_option

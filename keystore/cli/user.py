@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from keystore.cli.options import (
-    PasswordSource,
+    SecretReader,
     actor,
+    check_pbkdf2_iterations,
     db_option,
     emit_json,
     json_option,
@@ -36,7 +37,7 @@ def user() -> None:
     """
 
 
-@user.command("add")
+@click.command("add")
 @click.argument("name")
 @password_file_option
 @db_option
@@ -45,7 +46,7 @@ def add(name: str, password_file: Path | None, db: Path | None) -> None:
 
     For scripts: `--password-file FILE` or the password on stdin. At least 8 characters.
     """
-    pw = PasswordSource(password_file).read_new(f"Password for {name}")
+    pw = SecretReader(password_file).read_new(f"Password for {name}")
     try:
         run(db, lambda r: r.add_principal(name, bytes(pw), actor=actor()))
     finally:
@@ -53,7 +54,7 @@ def add(name: str, password_file: Path | None, db: Path | None) -> None:
     click.echo(f"user {name} created")
 
 
-@user.command("passwd")
+@click.command("passwd")
 @click.argument("name")
 @password_file_option
 @click.option(
@@ -67,8 +68,8 @@ def passwd(
     name: str,
     password_file: Path | None,
     new_password_file: Path | None,
-    iter_time: int,
-    pbkdf_iterations: int | None,
+    iter_time_ms: int,
+    iterations: int | None,
     db: Path | None,
 ) -> None:
     """Change NAME's password, and the keyslot passphrase on every disk NAME owns.
@@ -78,7 +79,8 @@ def passwd(
     disk that cannot be changed (being served read-write, missing) is reported and keeps
     the old passphrase, and the verifier is only changed when every disk was re-keyed.
     """
-    src = PasswordSource(password_file)
+    check_pbkdf2_iterations(iterations)
+    src = SecretReader(password_file)
     old = src.read(f"Current password for {name}")
     new = bytearray()
     try:
@@ -86,7 +88,7 @@ def passwd(
         new = src.read_new(f"New password for {name}", file=new_password_file)
         disks = run(db, lambda r: _owned_disks(r, name))
         failures = diskops.rekey(
-            disks, bytes(old), bytes(new), iterations=pbkdf_iterations, iter_time_ms=iter_time
+            disks, bytes(old), bytes(new), iterations=iterations, iter_time_ms=iter_time_ms
         )
         if failures:
             for disk, why in failures:
@@ -105,7 +107,7 @@ async def _owned_disks(r: Repository, owner: str) -> list[Disk]:
     return [d for v in await r.list_vms(owner) for d in await r.list_disks(v.name)]
 
 
-@user.command("unlock")
+@click.command("unlock")
 @click.argument("name")
 @db_option
 def unlock(name: str, db: Path | None) -> None:
@@ -124,7 +126,7 @@ def _row(p: Principal) -> list[str]:
     ]
 
 
-@user.command("list")
+@click.command("list")
 @json_option
 @db_option
 def list_(as_json: bool, db: Path | None) -> None:

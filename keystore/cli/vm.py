@@ -22,7 +22,7 @@ def vm() -> None:
     """
 
 
-@vm.command("add")
+@click.command("add")
 @click.argument("name")
 @click.option("--owner", required=True, help="User who owns the VM (see `vmshield user add`).")
 @click.option("--uuid", "vm_uuid", help="VM uuid (default: a new random one).")
@@ -51,7 +51,7 @@ def add(
     click.echo(f"VM {v.name} created (uuid {v.uuid})")
 
 
-@vm.command("list")
+@click.command("list")
 @click.option("--owner", help="Only VMs of this user.")
 @json_option
 @db_option
@@ -77,7 +77,7 @@ async def _show(r: Repository, name: str) -> dict[str, Any]:
     }
 
 
-@vm.command("show")
+@click.command("show")
 @click.argument("name")
 @json_option
 @db_option
@@ -113,7 +113,7 @@ def show(name: str, as_json: bool, db: Path | None) -> None:
         click.echo(f"  {u['position']}. {u['action']} {u['vendor_id']}:{u['product_id']}")
 
 
-@vm.command("remove")
+@click.command("remove")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option

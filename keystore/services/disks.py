@@ -1,8 +1,10 @@
-"""Disk-side operations the keystore CLI performs through nbd_plugin.luks.volume.
+"""Disk workflows of the keystore, through nbd_plugin.luks.volume (no click).
 
-The user's password is the passphrase of their LUKS keyslot: `create` makes the image
-with it, `rekey` moves every disk of a user from the old to the new password (undoing
-the ones already done if one fails, so password and keyslots never disagree).
+The user's password is the passphrase of their LUKS keyslot: `create_disk` checks it,
+records the disk and makes the image with it (a failed image leaves the record `failed`,
+never a `ready` disk without an image); `rekey` moves every disk of a user from the old to
+the new password (undoing the ones already done if one fails, so password and keyslots
+never disagree).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keystore.errors import KeystoreError
-from keystore.models import Disk, DiskState
+from keystore.models import Disk, DiskState, Vm
+from keystore.repository import Repository
+from keystore.services.store import Keystore
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -61,6 +65,56 @@ def create(
         )
     except (VmshieldError, ValueError) as e:
         raise DiskOpError(f"cannot create {path}: {e}") from e
+
+
+async def next_name(repo: Repository, vm: str) -> str:
+    """The first free default disk name of `vm`: VM-0, VM-1, ..."""
+    taken = {d.name for d in await repo.list_disks()}
+    v = await repo.get_vm(vm)
+    n = 0
+    while f"{v.name}-{n}" in taken:
+        n += 1
+    return f"{v.name}-{n}"
+
+
+def create_disk(
+    store: Keystore,
+    vm: Vm,
+    name: str,
+    path: Path,
+    size: int,
+    password: bytes,
+    *,
+    fmt: str,
+    cipher: str,
+    iterations: int | None,
+    iter_time_ms: int,
+    who: str,
+) -> None:
+    """Authenticate `vm`'s owner with `password`, record the disk, create its image.
+
+    The record is `creating` while the image is written, then `ready`; if the image cannot
+    be created it stays recorded as `failed` with the reason (DiskOpError is raised).
+    """
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    store.run(
+        lambda r: r.add_disk(vm.name, name, str(path), fmt=fmt, cipher=cipher, size=size, actor=who)
+    )
+    try:
+        create(
+            path,
+            size,
+            password,
+            fmt=fmt,
+            cipher=cipher,
+            iterations=iterations,
+            iter_time_ms=iter_time_ms,
+        )
+    except DiskOpError as e:
+        error = {"error": str(e)}
+        store.run(lambda r: r.set_disk_state(name, DiskState.FAILED, actor=who, detail=error))
+        raise
+    store.run(lambda r: r.set_disk_state(name, DiskState.READY, actor=who))
 
 
 def change_key(

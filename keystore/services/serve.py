@@ -10,6 +10,10 @@ appears in argv, the environment or a file. nbdkit forks into the background onc
 plugin is configured (the keyslot is opened before the fork, so a wrong passphrase is a
 non-zero exit here), writes PIDFILE and outlives this process. The server's stderr goes to
 a log file next to the socket (mode 0600).
+
+`prepare`, `serve_disk` and `stop_disk` are the keystore workflow around them: check the
+disk, authenticate its owner, start, record the server and the access (stopping the server
+again if it cannot be recorded), and the reverse.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from keystore.errors import KeystoreError
+from keystore import paths
+from keystore.errors import Conflict, KeystoreError, NotFound
+from keystore.models import Disk, DiskState, Server, Vm
+from keystore.services.store import Keystore
+from nbd_plugin.errors import VmshieldError
 
 NBD_MAGIC = b"NBDMAGIC"
 
@@ -187,3 +195,72 @@ def stop(pid: int, files: ServerFiles, *, timeout: float = 10.0) -> bool:
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
     return running
+
+
+# -- the keystore workflow ---------------------------------------------------------------
+
+
+def prepare(store: Keystore, disk_name: str, socket: Path | None) -> tuple[Disk, Vm, ServerFiles]:
+    """The disk, its VM and its server files, if the disk is ready and not already served."""
+    d = store.run(lambda r: r.get_disk(disk_name))
+    if d.state is not DiskState.READY:
+        raise Conflict(f"disk {d.name} is {d.state.value}, not ready")
+    v = store.run(lambda r: r.get_vm(d.vm))
+    files = ServerFiles((socket or paths.default_run_dir() / f"{d.name}.sock").absolute())
+    old = store.run(lambda r: r.get_server(d.name))
+    if old is not None and is_our_server(old.pid, Path(old.socket)):
+        raise Conflict(
+            f"disk {d.name} is already served on {old.socket} "
+            f"(pid {old.pid}); `vmshield disk stop {d.name}` first"
+        )
+    return d, v, files
+
+
+def serve_disk(
+    store: Keystore,
+    disk: Disk,
+    vm: Vm,
+    password: bytes,
+    files: ServerFiles,
+    *,
+    readonly: bool,
+    who: str,
+) -> int:
+    """Authenticate the owner, start nbdkit, record the server and the access; its pid.
+
+    The password counts toward the owner's lockout. A server that cannot be recorded is
+    stopped again, so no server runs that `vmshield disk stop` does not know of.
+    """
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    try:
+        pid = start(Path(disk.path), password, files, readonly=readonly)
+    except ServeError as e:
+        detail = {"disk": disk.name, "error": str(e)[-500:]}
+        store.run(lambda r: r.append_audit(who, "disk.serve.failed", disk.vm, detail))
+        raise
+    try:
+        store.run(
+            lambda r: r.record_server(
+                disk.name,
+                socket=str(files.socket),
+                pidfile=str(files.pidfile),
+                pid=pid,
+                readonly=readonly,
+                actor=who,
+            )
+        )
+        store.run(lambda r: r.record_access(disk.vm))
+    except VmshieldError:
+        stop(pid, files)
+        raise
+    return pid
+
+
+def stop_disk(store: Keystore, disk_name: str, *, who: str) -> tuple[Server, bool]:
+    """Stop the server of `disk_name` and forget it; (its record, whether it was running)."""
+    s = store.run(lambda r: r.get_server(disk_name))
+    if s is None:
+        raise NotFound(f"disk {disk_name} is not being served")
+    was_running = stop(s.pid, ServerFiles(Path(s.socket)))
+    store.run(lambda r: r.remove_server(disk_name, actor=who))
+    return s, was_running

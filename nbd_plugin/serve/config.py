@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.luks.volume import open_volume
 from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
+from nbd_plugin.serve.exclusive import claim
+from nbd_plugin.serve.hardening import lock_secret
 from nbd_plugin.serve.passphrase import PassphraseError, read_passphrase
 
 READONLY_LONG = ("--readonly", "--read-only")
@@ -94,6 +96,7 @@ class ServerConfig:
         elif key == "passphrase":
             try:
                 self.passphrase = bytearray(read_passphrase(value))
+                lock_secret(self.passphrase)
             except PassphraseError as exc:
                 raise ConfigError(str(exc)) from None
         elif key == "discard":
@@ -113,4 +116,11 @@ class ServerConfig:
         finally:
             self.passphrase[:] = bytes(len(self.passphrase))
             self.passphrase = None
-        return EncryptedDisk(volume, discard=self.discard)
+        try:
+            held = claim(volume.fd, self.image, readonly=readonly)
+        except BaseException:
+            volume.close()
+            raise
+        disk = EncryptedDisk(volume, discard=self.discard)
+        disk.held_fds = held
+        return disk

@@ -7,15 +7,25 @@ it reads back or changes (``rangelock``), so a read-modify-write never puts back
 request just wrote. Holes in a regular
 image file read back as plaintext zeros, which makes trim and sparse images work through the
 encryption; unmapping leaks which sectors are in use, so it only happens with
-``discard="unmap"``.
+``discard="unmap"``, and only for trim: a zero request always writes encrypted zeros, because a
+hole reads as zeros through vmshield alone (QEMU's luks driver, cryptsetup, or a copy that
+fills holes, such as ``cp --sparse=never``, decrypt it to garbage).
+
+A write-back error is sticky: once the image returned EIO, or fdatasync failed (the kernel
+reports a lost write-back once, then forgets it), every later write, zero, trim and flush of
+this server fails with EIO, so no flush can acknowledge data that never reached the medium.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -32,6 +42,11 @@ SMALL_HEADS = 32
 
 class NotFast(Exception):
     """A fast zero was asked for but this zero would have to write data."""
+
+
+def _log(message: str) -> None:
+    """One line in nbdkit's log (its stderr)."""
+    print(f"nbdkit: vmshield: error: {message}", file=sys.stderr, flush=True)
 
 
 class EncryptedDisk:
@@ -59,6 +74,42 @@ class EncryptedDisk:
         self._ranges = RangeLock()
         self._scratch: list[bytearray] = []
         self._scratch_lock = threading.Lock()
+        self._broken: str | None = None
+        self._flush_lock = threading.Lock()
+        """Why the image can no longer be trusted to hold what was acknowledged, once it is."""
+        self.held_fds: list[int] = []
+        """Descriptors that keep the image claimed (see serve/exclusive.py); closed with us."""
+
+    # ---- the sticky write-back error -----------------------------------------------------
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Fail at once if the image is broken; break it on EIO or on a failed fdatasync."""
+        if self._broken is not None:
+            raise OSError(errno.EIO, self._broken)
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno == errno.EIO or what == "flush":
+                self._break(what, exc)
+            raise
+
+    def _break(self, what: str, exc: OSError) -> None:
+        if self._broken is not None:
+            return
+        self._broken = (
+            f"{self.volume.path}: an earlier {what} failed ({exc.strerror or exc}); data the "
+            "guest wrote may not be on the medium, so this server refuses every write and flush"
+        )
+        _log(
+            f"{self.volume.path}: {what} failed ({exc.strerror or exc}): written data may be "
+            "lost; from now on every write, zero, trim and flush of this server fails with EIO. "
+            "Check the storage (dmesg), then restart the server."
+        )
+
+    @property
+    def broken(self) -> bool:
+        """True once a write-back error made every later write and flush fail."""
+        return self._broken is not None
 
     # ---- helpers -------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
@@ -149,17 +200,28 @@ class EncryptedDisk:
     def pread(self, buf: Any, offset: int) -> None:
         view = memoryview(buf).cast("B")
         self._check(offset, len(view))
-        if offset % self.sector == 0 and len(view) % self.sector == 0:
-            self._read_sectors(view, offset)
-            return
-        first, last = self._span(offset, len(view), self.sector)
-        tmp = bytearray(last - first)
-        self._read_sectors(memoryview(tmp), first)
-        view[:] = tmp[offset - first : offset - first + len(view)]
+        try:
+            if offset % self.sector == 0 and len(view) % self.sector == 0:
+                self._read_sectors(view, offset)
+                return
+            first, last = self._span(offset, len(view), self.sector)
+            tmp = bytearray(last - first)
+            self._read_sectors(memoryview(tmp), first)
+            view[:] = tmp[offset - first : offset - first + len(view)]
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                self._break("read", exc)
+            raise
 
     def pwrite(self, buf: Any, offset: int, *, fua: bool = False) -> None:
         view = memoryview(buf).cast("B")
         self._check(offset, len(view))
+        with self._writing("write"):
+            self._pwrite(view, offset)
+        if fua:
+            self.flush()
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
         first, last = self._span(offset, len(view), self._write_unit)
         held = self._ranges.acquire(first, last)
         try:
@@ -172,11 +234,12 @@ class EncryptedDisk:
                 self._write_sectors(tmp, first)
         finally:
             self._ranges.release(held)
-        if fua:
-            self.flush()
 
     def flush(self) -> None:
-        os.fdatasync(self._fd)
+        # One fdatasync at a time: the kernel reports a failed write-back to one of two
+        # concurrent callers only; the other must see the sticky error, not a success.
+        with self._flush_lock, self._writing("flush"):
+            os.fdatasync(self._fd)
 
     def _unmappable(self, offset: int, length: int) -> tuple[int, int]:
         """The part of [offset, offset+length) that can become a hole (file-block aligned)."""
@@ -206,7 +269,7 @@ class EncryptedDisk:
             )
             if stop <= offset:
                 stop = min(end, offset + ZERO_CHUNK)
-            self.pwrite(zeros[: stop - offset], offset)
+            self._pwrite(zeros[: stop - offset], offset)
             offset = stop
 
     def zero(
@@ -218,20 +281,17 @@ class EncryptedDisk:
         fua: bool = False,
         fast: bool = False,
     ) -> None:
-        """Make a range read as zeros: punch holes if allowed, else write encrypted zeros."""
+        """Make a range read as zeros for every reader: write encrypted zeros.
+
+        ``may_trim`` (the client allows a hole) is not taken up: a hole reads as zeros only
+        through vmshield, not through QEMU's luks driver or cryptsetup, nor after a copy that
+        fills holes. So a zero is never fast (``fast`` raises NotFast: the client falls back).
+        """
         self._check(offset, length)
-        if may_trim and self.discard == "unmap" and self._regular:
-            hole_off, hole_len = self._unmappable(offset, length)
-            if hole_len:
-                self._punch(hole_off, hole_len)
-                self._write_zeros(offset, hole_off - offset)
-                self._write_zeros(hole_off + hole_len, offset + length - hole_off - hole_len)
-                if fua:
-                    self.flush()
-                return
         if fast:
-            raise NotFast("zeroing would write encrypted zeros (discard=unmap allows holes)")
-        self._write_zeros(offset, length)
+            raise NotFast("zeroing writes encrypted zeros: it is never faster than a write")
+        with self._writing("zero"):
+            self._write_zeros(offset, length)
         if fua:
             self.flush()
 
@@ -245,8 +305,9 @@ class EncryptedDisk:
         if not self.can_trim:
             return
         hole_off, hole_len = self._unmappable(offset, length)
-        if hole_len:
-            self._punch(hole_off, hole_len)
+        with self._writing("trim"):
+            if hole_len:
+                self._punch(hole_off, hole_len)
         if fua:
             self.flush()
 
@@ -259,4 +320,7 @@ class EncryptedDisk:
         return [(off - self._base, n, is_data) for off, n, is_data in runs]
 
     def close(self) -> None:
+        for fd in self.held_fds:
+            os.close(fd)
+        self.held_fds = []
         self.volume.close()

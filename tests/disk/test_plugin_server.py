@@ -16,6 +16,7 @@ from tests.support.nbd import (
     connect,
     nbdkit,
     plugin_args,
+    qemu_read_luks,
     read_at,
     run_nbdkit_expect_failure,
     serve_plugin,
@@ -218,7 +219,7 @@ def test_zero_without_discard_writes_encrypted_zeros(
     assert raw != bytes(len(raw))  # zeros are encrypted, not stored in the clear
 
 
-def test_discard_unmap_punches_holes_that_read_as_zeros(
+def test_discard_unmap_trim_punches_holes_that_read_as_zeros(
     image: Path, keyfile: Path, sockdir: Path
 ) -> None:
     import nbd
@@ -228,11 +229,14 @@ def test_discard_unmap_punches_holes_that_read_as_zeros(
         used = allocated(image)
         with connect(sock) as h:
             assert h.can_trim()  # type: ignore[attr-defined]
-            h.trim(2 << 20, 1 << 20)  # type: ignore[attr-defined]
-            h.zero(1 << 20, 4 << 20, nbd.CMD_FLAG_FAST_ZERO)  # type: ignore[attr-defined]
-            h.zero(1000, 6 << 20)  # type: ignore[attr-defined] - unaligned edges
-            assert h.pread(1 << 20, 4 << 20) == bytes(1 << 20)  # type: ignore[attr-defined]
-            assert h.pread(1000, 6 << 20) == bytes(1000)  # type: ignore[attr-defined]
+            # libnbd's argument order is (count, offset)
+            h.trim(4 << 20, 1 << 20)  # type: ignore[attr-defined]
+            h.zero(1 << 20, 1000)  # type: ignore[attr-defined] - unaligned edges
+            with pytest.raises(nbd.Error):  # a zero is never fast: it writes ciphertext
+                h.zero(4 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)  # type: ignore[attr-defined]
+            assert h.pread(1 << 20, 1000) == bytes(1 << 20)  # type: ignore[attr-defined]
+            h.trim(1 << 20, 6 << 20)  # type: ignore[attr-defined]
+            assert h.pread(1 << 20, 6 << 20) == bytes(1 << 20)  # type: ignore[attr-defined]
             runs: list[tuple[int, int]] = []
 
             def collect(meta: str, offset: int, entries: list[int], err: int) -> int:
@@ -240,7 +244,7 @@ def test_discard_unmap_punches_holes_that_read_as_zeros(
                 return 0
 
             h.block_status(SIZE, 0, collect)  # type: ignore[attr-defined]
-    # The punched ranges are holes in the file (st_blocks also counts extent-tree blocks,
+    # The trimmed range is a hole in the file (st_blocks also counts extent-tree blocks,
     # so allocation is only checked loosely).
     base = container.info(str(image))["payload_offset"]
     fd = os.open(image, os.O_RDONLY)
@@ -249,7 +253,30 @@ def test_discard_unmap_punches_holes_that_read_as_zeros(
                  if not data]  # fmt: skip
     finally:
         os.close(fd)
-    covered = sum(n for off, n in holes if off >= 1 << 20 and off + n <= 5 << 20)
-    assert covered >= 3 << 20, holes
-    assert allocated(image) <= used - (2 << 20)
+    covered = sum(n for off, n in holes if off >= 6 << 20 and off + n <= 7 << 20)
+    assert covered == 1 << 20, holes
+    # the zero wrote ciphertext into the trimmed range: no hole under [4 KiB, 1 MiB)
+    assert not [h for h in holes if h[0] < 1 << 20 and h[0] + h[1] > 4096], holes
+    assert allocated(image) <= used - (1 << 20)
     assert any(flags & nbd.STATE_HOLE for _, flags in runs)
+
+
+def test_zeroed_range_reads_as_zeros_for_qemu_and_after_a_plain_copy(
+    image: Path, keyfile: Path, sockdir: Path, tmp_path: Path
+) -> None:
+    """Issue 12 #8: with discard=unmap a zero (NO_HOLE absent: the client allows a hole)
+    must still read as zeros through QEMU's luks driver and after `cp --sparse=never`."""
+    with serve_plugin(image, keyfile, sockdir, "discard=unmap") as sock:
+        write_at(sock, os.urandom(SIZE))
+        with connect(sock) as h:
+            h.zero(3 << 20, 2 << 20)  # type: ignore[attr-defined]
+            h.flush()  # type: ignore[attr-defined]
+    plain = tmp_path / "qemu.raw"
+    qemu_read_luks(image, keyfile, plain)
+    with plain.open("rb") as f:
+        f.seek(2 << 20)
+        assert f.read(3 << 20) == bytes(3 << 20)
+    copy = tmp_path / "copy.img"
+    subprocess.run(["cp", "--sparse=never", str(image), str(copy)], check=True)
+    with serve_plugin(copy, keyfile, sockdir, nbdkit_opts=("-r",)) as sock:
+        assert read_at(sock, 3 << 20, 2 << 20) == bytes(3 << 20)

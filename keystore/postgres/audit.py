@@ -1,0 +1,66 @@
+"""The audit chain on PostgreSQL: the head row lock that serializes appends, and sync helpers.
+
+Every write transaction (the repository's, usbgate's appends) first takes
+`SELECT ... FROM audit_head FOR UPDATE`: the one-row head is the chain's tip, so appends from
+any number of hosts queue on that row lock and each sees the previous append's (seq, hash).
+That keeps ONE verifiable chain (`vmshield audit verify` unchanged) at the price of
+serialized writers; docs/keystore.md has the measured rate and why not per-VM chains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from keystore import audit as auditmod
+from keystore.models import AuditEntry
+from keystore.postgres import connection as pgconn
+
+LOCK_HEAD_SQL = "SELECT seq, hash FROM audit_head FOR UPDATE"
+INSERT_SQL = auditmod.INSERT_SQL.replace("?", "%s")
+SET_HEAD_SQL = "UPDATE audit_head SET seq = %s, hash = %s"
+HEAD_SQL = "SELECT seq, hash FROM audit_head"
+
+
+def last_of(head: tuple[Any, ...] | None) -> tuple[int, str] | None:
+    """The chain's last (seq, hash) from the head row; None before the first row."""
+    if head is None or int(head[0]) == 0:
+        return None
+    return int(head[0]), str(head[1])
+
+
+def recorded_head(head: tuple[Any, ...] | None) -> str | None:
+    last = last_of(head)
+    return None if last is None else f"{last[0]}:{last[1]}"
+
+
+def append_sync(
+    conn: psycopg.Connection[Any],
+    actor: str,
+    action: str,
+    vm: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Append one row in its own transaction on a synchronous connection (usbgate)."""
+    with conn.transaction():
+        head = conn.execute(LOCK_HEAD_SQL).fetchone()
+        params = auditmod.next_row(last_of(head), actor, action, vm, detail)
+        conn.execute(INSERT_SQL, params)
+        conn.execute(SET_HEAD_SQL, (params[0], params[7]))
+    return auditmod.entry_from_row(params)
+
+
+def verify_sync(url: str, anchor: str | None = None) -> auditmod.VerifyResult:
+    """Verify the whole chain from one snapshot (REPEATABLE READ: rows and head agree)."""
+    conn = pgconn.connect_sync(url)
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            rows = [tuple(r) for r in conn.execute(auditmod.SELECT_SQL + " ORDER BY seq")]
+            head = conn.execute(HEAD_SQL).fetchone()
+    except psycopg.Error as e:
+        raise pgconn.translate(e, url) from e
+    finally:
+        conn.close()
+    return auditmod.verify_rows(rows, recorded_head(head), anchor)

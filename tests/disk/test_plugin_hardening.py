@@ -1,0 +1,96 @@
+"""Issue 12 #14: the server holding the master key cannot dump core and is not dumpable.
+
+nbdkit runs as an unprivileged user here: for a dumpable process /proc/PID/status belongs to
+that user, for a non-dumpable one the kernel makes it root's, which is what the test reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from nbd_plugin.luks import volume as container
+from tests.support.nbd import PLUGIN, ROOT, SECRET, read_at, write_secret
+
+USER = "nobody"
+
+
+def _core_limits(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            soft, hard = line.split()[4:6]
+            return soft, hard
+    raise AssertionError("no core limit in /proc/PID/limits")
+
+
+def _unlimited_core() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start nbdkit as another user")
+def test_running_server_is_not_dumpable_and_has_no_core_limit() -> None:
+    nobody = pwd.getpwnam(USER)
+    work = Path(tempfile.mkdtemp(prefix="vmsh", dir="/tmp"))
+    try:
+        os.chown(work, nobody.pw_uid, nobody.pw_gid)
+        image, key, sock = work / "disk.img", work / "key", work / "s.sock"
+        container.create_image(str(image), 4 << 20, SECRET, iterations=1000)
+        write_secret(key, SECRET)
+        for p in (image, key):
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        pidfile = work / "pid"
+        proc = subprocess.Popen(
+            [
+                "setpriv",
+                f"--reuid={nobody.pw_uid}",
+                f"--regid={nobody.pw_gid}",
+                "--clear-groups",
+                "nbdkit",
+                "-f",
+                "--exit-with-parent",
+                "-U",
+                str(sock),
+                "-P",
+                str(pidfile),
+                "python",
+                PLUGIN,
+                f"image={image}",
+                f"passphrase=+{key}",
+            ],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_unlimited_core,  # what a shell with `ulimit -c unlimited` would pass on
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not (pidfile.exists() and pidfile.stat().st_size):
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "nbdkit did not start"
+                time.sleep(0.05)
+            pid = int(pidfile.read_text())
+            assert read_at(str(sock), 4096) == bytes(4096)  # it serves
+            status = Path(f"/proc/{pid}/status")
+            uid_line = next(x for x in status.read_text().splitlines() if x.startswith("Uid:"))
+            assert int(uid_line.split()[1]) == nobody.pw_uid
+            # non-dumpable: the kernel hands /proc/PID/* to root instead of the process's user
+            assert status.stat().st_uid == 0
+            assert _core_limits(pid) == ("0", "0")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_systemd_unit_forbids_core_dumps() -> None:
+    unit = (ROOT / "scripts" / "systemd" / "vmshield-disk@.service").read_text()
+    assert "\nLimitCORE=0\n" in unit
