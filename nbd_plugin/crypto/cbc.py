@@ -46,12 +46,9 @@ class CbcCipher:
         self.iv_step = iv_step
         self._key = bytes(key)
         self._aes = algorithms.AES(self._key)
-        self._ecb_dec = Cipher(self._aes, modes.ECB()).decryptor()
         self._wrap32 = iv_mode == "plain"
         salt = essiv_salt(self._key, iv_mode)
-        self._essiv = (
-            None if salt is None else Cipher(algorithms.AES(salt), modes.ECB()).encryptor()
-        )
+        self._essiv = None if salt is None else algorithms.AES(salt)
 
     def _ivs(self, first_iv: int, sectors: int) -> bytes:
         numbers = np.zeros((sectors, 2), dtype=np.uint64)
@@ -59,7 +56,10 @@ class CbcCipher:
         if self._wrap32:
             numbers[:, 0] &= np.uint64(0xFFFFFFFF)
         raw = numbers.tobytes()
-        return self._essiv.update(raw) if self._essiv is not None else raw
+        if self._essiv is None:
+            return raw
+        # Contexts per call: cryptography's must not be shared by threads (PARALLEL).
+        return Cipher(self._essiv, modes.ECB()).encryptor().update(raw)
 
     def _check(self, length: int) -> int:
         if length % self.sector_size:
@@ -73,7 +73,9 @@ class CbcCipher:
             return
         blocks = self.sector_size // BLOCK
         cipher = np.frombuffer(bytes(src), dtype=np.uint8).reshape(sectors, blocks, BLOCK)
-        plain = np.frombuffer(self._ecb_dec.update(cipher.tobytes()), dtype=np.uint8)
+        plain = np.frombuffer(
+            Cipher(self._aes, modes.ECB()).decryptor().update(cipher.tobytes()), dtype=np.uint8
+        )
         plain = plain.reshape(sectors, blocks, BLOCK).copy()
         chain = np.empty_like(cipher)
         chain[:, 0] = np.frombuffer(self._ivs(first_iv, sectors), dtype=np.uint8).reshape(

@@ -5,6 +5,11 @@ request) when numba imports, libcrypto is there and the kernels compile; else "n
 vectorised numpy/cryptography path of ``xts.py``, and ``cbc.py``'s own). ``select`` may force
 either before the first cipher is made (the plugin's ``data_path=`` parameter).
 
+Importing numba and loading the kernels costs ~0.3 s of CPU (more on a loaded machine), so a
+server calls ``defer``, then ``start_loading``, and does not wait: ciphers made meanwhile
+(``jit_cipher.jitted``) start on the numpy path and switch to the kernels when they are
+loaded. ``expected()`` tells the thread model before that.
+
 Compiled kernels are cached on disk so that a server's start does not wait for LLVM (~0.5 s
 per kernel): numba's default would be ``__pycache__`` next to the code, which is read-only in
 a packaged install, so the cache goes to a private directory of this user
@@ -15,9 +20,12 @@ used: then the kernels are compiled in memory at start instead.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
 import threading
+import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -27,9 +35,13 @@ from nbd_plugin.errors import UnsupportedError
 PATHS = ("numba", "numpy")
 CACHE_ENV = "NUMBA_CACHE_DIR"
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards the state below; held only briefly
+_load_lock = threading.Lock()  # one loader at a time; held while numba imports
 _forced: str | None = None
 _state: tuple[ModuleType | None, str] | None = None  # (kernels module, why not numba)
+_loading = False  # deferred: a loading thread decides (or will)
+_thread: threading.Thread | None = None
+_when_decided: list[Callable[[], None]] = []
 
 
 def _private_dir(path: str) -> bool:
@@ -71,7 +83,7 @@ def select(path: str | None) -> None:
     if path is not None and path not in PATHS:
         raise ValueError(f"data path must be one of {', '.join(PATHS)}")
     with _lock:
-        if _state is not None and path is not None and path != data_path_locked():
+        if (_state is not None or _loading) and path != _forced:
             raise RuntimeError("the data path is chosen once, before the first cipher")
         _forced = path
 
@@ -101,21 +113,80 @@ def _load() -> tuple[ModuleType | None, str]:
     return kernels, f"numba {numba.__version__} ({where})"
 
 
-def data_path_locked() -> str:
-    assert _state is not None
-    return "numba" if _state[0] is not None else "numpy"
+def _decide() -> None:
+    """Load (once) and run whatever waited for the decision."""
+    global _state, _loading
+    with _load_lock:
+        with _lock:
+            if _state is not None:
+                return
+        started = time.monotonic()
+        state = _load()
+        state = (state[0], f"{state[1]}, ready in {time.monotonic() - started:.2f} s")
+        with _lock:
+            _state, _loading = state, False
+            waiting = list(_when_decided)
+            _when_decided.clear()
+    for callback in waiting:
+        callback()
+
+
+def defer() -> None:
+    """Ciphers made from now on start on the numpy path; ``start_loading`` (or the first
+    ``kernels()`` call) decides. A forced data_path=numba is not deferred: it fails early."""
+    global _loading
+    with _lock:
+        if _state is None and _forced != "numba":
+            _loading = True
+
+
+def start_loading() -> None:
+    """Decide on a thread, after a deferral. A server calls it once it has forked (nbdkit's
+    after_fork): a thread started before fork() would not exist in the serving process."""
+    global _thread
+    with _lock:
+        if not _loading or _thread is not None:
+            return
+        _thread = threading.Thread(target=_decide, name="vmshield-jit", daemon=True)
+    _thread.start()
+
+
+def status() -> str:
+    """ "numba" or "numpy" once decided, "loading" while deferred, else "undecided"."""
+    with _lock:
+        if _state is not None:
+            return "numba" if _state[0] is not None else "numpy"
+        return "loading" if _loading else "undecided"
+
+
+def when_decided(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the path is decided (now, or on the loading thread)."""
+    with _lock:
+        if _state is None:
+            _when_decided.append(callback)
+            return
+    callback()
+
+
+def expected() -> str:
+    """The path this process will use, without waiting for numba to load: for decisions that
+    cannot wait (nbdkit's thread model)."""
+    with _lock:
+        if _state is not None:
+            return "numba" if _state[0] is not None else "numpy"
+        forced = _forced
+    if forced is not None:
+        return forced
+    return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
 
 
 def kernels() -> ModuleType | None:
-    """The compiled kernels module, or None on the numpy path (decided on the first call)."""
-    global _state
+    """The compiled kernels module, or None on the numpy path (waits for the decision)."""
+    _decide()
     with _lock:
-        if _state is None:
-            _state = _load()
-            if _forced == "numba" and _state[0] is None:
-                reason = _state[1]
-                _state = None
-                raise UnsupportedError(f"data_path=numba: {reason}")
+        assert _state is not None
+        if _forced == "numba" and _state[0] is None:
+            raise UnsupportedError(f"data_path=numba: {_state[1]}")
         return _state[0]
 
 
@@ -127,15 +198,19 @@ def demote(why: str) -> None:
 
 
 def data_path() -> str:
-    """ "numba" or "numpy": what the ciphers of this process use."""
-    kernels()
-    with _lock:
-        return data_path_locked()
+    """ "numba" or "numpy": what the ciphers of this process use (waits for the decision)."""
+    return "numba" if kernels() is not None else "numpy"
 
 
 def reason() -> str:
     """One line for the debug log: the data path and, on the numpy path, why."""
     kernels()
+    return describe()
+
+
+def describe() -> str:
+    """``reason()`` without waiting or raising ("loading" before the decision)."""
     with _lock:
-        assert _state is not None
+        if _state is None:
+            return "loading" if _loading else "undecided"
         return _state[1] if _state[0] is not None else f"numpy: {_state[1]}"

@@ -10,6 +10,7 @@ path when it is made; ``SelfCheckFailed`` then sends the caller to that path.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -129,13 +130,9 @@ class JitCipher:
             raise SelfCheckFailed("decryption does not invert encryption")
 
 
-def jitted(make: Callable[[], JitCipher], reference: Callable[[], Any]) -> Any:
-    """``make()`` if this process runs the numba data path and the cipher agrees with
-    ``reference()`` (the numpy/cryptography cipher) on a test request; else ``reference()``,
-    and the process's data path becomes "numpy" with the reason."""
-    if jit.kernels() is None:
-        return reference()
-    fallback = reference()
+def _checked(make: Callable[[], JitCipher], fallback: Any) -> Any:
+    """``make()`` if it agrees with ``fallback`` on a test request; else ``fallback``, and
+    the process's data path becomes "numpy" with the reason."""
     try:
         cipher = make()
         cipher.self_check(fallback)
@@ -143,3 +140,47 @@ def jitted(make: Callable[[], JitCipher], reference: Callable[[], Any]) -> Any:
         jit.demote(f"the numba kernel failed its self-check ({exc})")
         return fallback
     return cipher
+
+
+class Warming:
+    """A cipher on the numpy path until the kernels are loaded, then on the numba one.
+
+    ``encrypt``/``decrypt`` are the current cipher's bound methods, set on the instance: a
+    request costs no extra call, and one in flight during the switch finishes on the cipher
+    it started with (both give the same bytes).
+    """
+
+    def __init__(self, cipher: Any) -> None:
+        self.use(cipher)
+
+    def use(self, cipher: Any) -> None:
+        self.cipher = cipher
+        self.sector_size: int = cipher.sector_size
+        self.encrypt = cipher.encrypt
+        self.decrypt = cipher.decrypt
+
+    @property
+    def data_path(self) -> str:
+        return str(self.cipher.data_path)
+
+
+def jitted(make: Callable[[], JitCipher], reference: Callable[[], Any]) -> Any:
+    """The numba cipher ``make()`` if this process runs that data path (checked against
+    ``reference()``, the numpy/cryptography cipher), else ``reference()``. While the kernels
+    are still loading (``jit.defer``), a ``Warming`` cipher that switches when they are."""
+    status = jit.status()
+    if (status == "undecided" and jit.kernels() is None) or status == "numpy":
+        return reference()
+    fallback = reference()
+    if status != "loading":
+        return _checked(make, fallback)
+    warming = Warming(fallback)
+    ref = weakref.ref(warming)
+
+    def switch() -> None:
+        w = ref()
+        if w is not None and jit.status() == "numba":
+            w.use(_checked(make, fallback))
+
+    jit.when_decided(switch)
+    return warming

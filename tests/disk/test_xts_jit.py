@@ -84,3 +84,58 @@ def test_a_cache_directory_others_can_write_is_not_used(tmp_path: Path) -> None:
     assert got["path"] == "numba"
     assert "compiled at start" in str(got["reason"])
     assert not (shared / "numba").exists()
+
+
+def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from keystore.cli import main
+    from nbd_plugin.luks import volume as container
+
+    image = tmp_path / "d.img"
+    container.create_image(str(image), 1 << 20, b"pw", iterations=1000)
+    r = CliRunner().invoke(main, ["image", "info", "--json", str(image)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["data_path"] == jit.data_path()
+
+
+def serve_once(tmp_path: Path, *extra: str) -> str:
+    """nbdkit -v with the plugin, one read through it; its log."""
+    from nbd_plugin.luks import volume as container
+    from tests.support.nbd import PLUGIN, write_secret
+
+    tmp_path.mkdir()
+    image, key = tmp_path / "s.img", tmp_path / "key"
+    write_secret(key, b"pw")
+    container.create_image(str(image), 1 << 20, b"pw", iterations=1000)
+    r = subprocess.run(
+        [
+            "nbdkit",
+            "-v",
+            "-U",
+            "-",
+            "python",
+            PLUGIN,
+            f"image={image}",
+            f"passphrase=+{key}",
+            *extra,
+            "--run",
+            'nbdcopy "$uri" null: && sleep 1.5',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stderr
+
+
+def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
+    log = serve_once(tmp_path / "auto")
+    assert "vmshield: data path numba (loading at start)" in log
+    assert "using thread model: parallel" in log
+    assert "vmshield: data path numba 0." in log and "ready in" in log  # after the load
+    log = serve_once(tmp_path / "numpy", "data_path=numpy")
+    assert "vmshield: data path numpy" in log
+    assert "using thread model: serialize_all_requests" in log
