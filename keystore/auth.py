@@ -8,8 +8,8 @@ the passphrase of that user's LUKS keyslot on their disks, and only that keyslot
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import functools
 from datetime import timedelta
 
 from argon2 import PasswordHasher, profiles
@@ -54,12 +54,25 @@ class AuthPolicy:
 
     def burn(self, password: bytes) -> None:
         """Spend the time of one verification (unknown user: no timing oracle)."""
-        self.verify(_dummy_verifier(self.hasher), password)
+        self.verify(dummy_verifier(self.hasher), password)
 
 
-@functools.cache
-def _dummy_verifier(hasher: PasswordHasher) -> str:
-    return hasher.hash(b"vmshield-no-such-user")
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def dummy_verifier(hasher: PasswordHasher) -> str:
+    """A constant argon2 PHC string with `hasher`'s parameters, that no password matches.
+
+    Verifying against it costs exactly one verification with those parameters, and
+    building it costs nothing: an unknown user takes as long as a wrong password, even in
+    a fresh process (a verifier computed on first use would double the first attempt).
+    """
+    kind = hasher.type.name.lower()
+    params = f"m={hasher.memory_cost},t={hasher.time_cost},p={hasher.parallelism}"
+    salt = _b64(b"vmshield-no-user"[: hasher.salt_len].ljust(hasher.salt_len, b"\0"))
+    digest = _b64(bytes(hasher.hash_len))
+    return f"$argon2{kind}$v=19${params}${salt}${digest}"
 
 
 def check_password_quality(password: bytes) -> None:

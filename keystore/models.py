@@ -7,6 +7,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
+from usbgate.policy import Action
+
 
 class DiskState(enum.StrEnum):
     """Life cycle of a disk image recorded in the keystore."""
@@ -18,12 +20,8 @@ class DiskState(enum.StrEnum):
     FAILED = "failed"  #: creation or erase failed; see the audit trail
 
 
-class UsbAction(enum.StrEnum):
-    """What a USB rule does with a matching device (USBGuard's vocabulary)."""
-
-    ALLOW = "allow"  #: forward the device to the VM
-    BLOCK = "block"  #: do not forward; the device stays with its owner, may be asked again
-    REJECT = "reject"  #: do not forward and tell the owner to stop offering it
+#: What a USB rule does with a matching device: usbgate.policy's one rule model.
+UsbAction = Action
 
 
 def _jsonable(value: Any) -> Any:

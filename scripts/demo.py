@@ -11,8 +11,10 @@ is printed as you would type it (`$DEMO` is the data directory).
      a wrong password is refused (by the keystore, audited; and by the LUKS keyslot itself).
   4. USB: usbgate between a simulated USB stick and the running guest's usb-redir; the stick
      is allowed and attaches, then `vmshield usb block` detaches it; the latency is printed.
-  5. Destroy: `vmshield disk destroy --method dod3`, the certificate, the ciphertext gone.
-  6. The audit trail, verified.
+  5. The thesis's USB experiment: a guest with USB drivers mounts the simulated stick through
+     usbgate, checks a file and writes one; revoked while reading, it loses the stick.
+  6. Destroy: `vmshield disk destroy --method dod3`, the certificate, the ciphertext gone.
+  7. The audit trail, verified.
 
 Everything lives in one directory (var/demo, or --dir), wiped at the start. Every process
 started here (nbdkit servers, QEMU, usbgate, the simulated device) is stopped on the way out,
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from demo_support import (  # noqa: E402  (scripts/, this file's directory, is on sys.path)
     BIN,
+    STEPS,
     Console,
     Host,
     Report,
@@ -48,9 +51,10 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
     StepFailed,
     prepare,
 )
+from demo_usb_guest import step_usb_guest  # noqa: E402
 
 from keystore.sqlite.usbrules import RulesWatcher  # noqa: E402
-from nbd_plugin.luks.volume import payload_region  # noqa: E402
+from nbd_plugin.luks import payload_region  # noqa: E402
 from scripts.guestlib import (  # noqa: E402  (after the sys.path line: run as a script)
     DONE,
     FAIL,
@@ -440,9 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             sock = step3_proof(host, r, image)
         with r.step(4, "USB: usbgate between a simulated stick and the running guest"):
             step4_usb(host, r, guest, sock)
-        with r.step(5, "Destroy: vmshield disk destroy --method dod3"):
+        with r.step(5, "USB end to end: a guest mounts the stick through usbgate, then loses it"):
+            step_usb_guest(host, r, VM)
+        with r.step(6, "Destroy: vmshield disk destroy --method dod3"):
             step5_destroy(host, r, image)
-        with r.step(6, "The audit trail, verified"):
+        with r.step(7, "The audit trail, verified"):
             step6_audit(host, r)
     except StepFailed as exc:
         failure = f"stopped: {exc}"
@@ -465,11 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary")
     for title, ok, seconds in r.steps:
         print(f"  {'✔' if ok else '✘'} {title:<78} {seconds:5.1f} s")
-    if failed or failure or len(r.steps) < 6:
+    if failed or failure or len(r.steps) < STEPS:
         why = failure.splitlines()[0].rstrip(";:") if failure else ""
         print(
             f"✘ vmshield demo FAILED{f' ({why})' if why else ''}: {len(failed)} of "
-            f"{len(r.checks)} checks failed, {6 - len(r.steps)} of 6 steps not run; "
+            f"{len(r.checks)} checks failed, {STEPS - len(r.steps)} of {STEPS} steps not run; "
             f"total {total:.1f} s"
         )
         return 1

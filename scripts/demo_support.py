@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 SAFE_TO_WIPE = ".vmshield-demo"  # only a directory holding this file (or empty) is wiped
 SOCKET_MAX = 107  # bytes in a unix socket path
+STEPS = 7  # the walkthrough's steps (scripts/demo.py main)
 
 
 class StepFailed(Exception):
@@ -70,7 +71,7 @@ class Report:
 
     @contextmanager
     def step(self, number: int, title: str) -> Iterator[None]:
-        print(f"\n[{number}/6] {title}", flush=True)
+        print(f"\n[{number}/{STEPS}] {title}", flush=True)
         before, start = len(self.checks), time.monotonic()
         ok = False
         try:
@@ -78,7 +79,7 @@ class Report:
             ok = all(passed for _, passed in self.checks[before:])
         finally:
             seconds = time.monotonic() - start
-            self.steps.append((f"[{number}/6] {title}", ok, seconds))
+            self.steps.append((f"[{number}/{STEPS}] {title}", ok, seconds))
             print(f"  ({seconds:.1f} s)", flush=True)
 
 

@@ -12,15 +12,23 @@ from typing import Any, TypeVar
 
 import click
 
+from nbd_plugin.errors import ExitStatus
 from usbgate.addresses import Address, parse_address
 from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
 from usbgate.gateway import POLL_INTERVAL, Gateway
-from usbgate.qemu_filter import libvirt_redirfilter, qemu_filter_value, render, translation_notes
+from usbgate.qemu_filter import report
 from usbgate.session import PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, status: int = ExitStatus.ERROR) -> click.ClickException:
+    """`Error: MESSAGE`, exiting with one of the product's statuses (nbd_plugin.errors)."""
+    error = click.ClickException(message)
+    vars(error)["exit_code"] = int(status)  # click declares exit_code on the class
+    return error
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -43,37 +51,49 @@ def rules_options(f: F) -> F:
     )(f)
     f = click.option(
         "--db",
-        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="PATH|URL",
         envvar="VMSHIELD_DB",
         show_envvar=True,
-        help="Keystore database with the VMs' USB rules and the audit trail. Default: "
-        "/var/lib/vmshield/keystore.db for root, ~/.local/share/vmshield/keystore.db otherwise.",
+        help="Keystore database with the VMs' USB rules and the audit trail: an SQLite file "
+        "(default: /var/lib/vmshield/keystore.db for root, ~/.local/share/vmshield/keystore.db "
+        "otherwise) or a postgresql:// URL shared by several hosts (changes pushed by NOTIFY).",
     )(f)
     return f
 
 
-def _keystore_path(db: Path | None) -> Path:
+def _keystore_path(db: str | None) -> Path | str:
     from keystore import paths
+    from keystore.backends import parse_location
 
-    return db if db is not None else paths.default_db_path()
+    return parse_location(db) if db is not None else paths.default_db_path()
 
 
-def _rule_source(db: Path | None, rules_file: Path | None) -> RuleSource:
+def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
     if rules_file is not None:
         if db is not None:
             raise click.UsageError("give --db or --rules-file, not both")
         return FileRuleSource(rules_file)
     from usbgate.keystore_source import KeystoreRuleSource
 
-    return KeystoreRuleSource(_keystore_path(db))
+    location = _keystore_path(db)
+    if isinstance(location, str):
+        from usbgate.pg_source import PgRuleSource
+
+        return PgRuleSource(location)
+    return KeystoreRuleSource(location)
 
 
-def _audit_sink(db: Path | None, rules_file: Path | None) -> AuditSink:
+def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
     if rules_file is not None:
         return _LogAuditSink()
     from usbgate.keystore_source import KeystoreAuditSink
 
-    return KeystoreAuditSink(_keystore_path(db))
+    location = _keystore_path(db)
+    if isinstance(location, str):
+        from usbgate.pg_source import PgAuditSink
+
+        return PgAuditSink(location)
+    return KeystoreAuditSink(location)
 
 
 class _LogAuditSink(MemoryAuditSink):
@@ -136,7 +156,7 @@ def run(
     vm: str,
     listen: Address,
     qemu: tuple[Address, ...],
-    db: Path | None,
+    db: str | None,
     rules_file: Path | None,
     poll_ms: float,
     probe_timeout: float,
@@ -170,9 +190,9 @@ def run(
     try:
         asyncio.run(_serve(gateway, audit))
     except RuleSourceError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        raise _fail(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
 
 
 async def _serve(gateway: Gateway, audit: AuditSink) -> None:
@@ -222,7 +242,7 @@ def devices(as_json: bool) -> None:
 @click.argument("vm")
 @rules_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool) -> None:
+def qemu_filter(vm: str, db: str | None, rules_file: Path | None, as_json: bool) -> None:
     """Print QEMU's usb-redir `filter=` and libvirt's <redirfilter> for VM's rules.
 
     The same as `vmshield usb qemu-filter VM`, and it also reads --rules-file. The static
@@ -232,15 +252,15 @@ def qemu_filter(vm: str, db: Path | None, rules_file: Path | None, as_json: bool
     try:
         rules = source.load(vm)
     except RuleSourceError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
     finally:
         source.close()
+    result = report(vm, rules)
     if as_json:
-        click.echo(json.dumps(render(vm, rules), indent=2, sort_keys=True))
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return
-    click.echo(f"filter={qemu_filter_value(rules)}")
-    click.echo(libvirt_redirfilter(rules))
-    for note in translation_notes(rules):
+    click.echo(result.text())
+    for note in result.notes:
         click.echo(f"note: {note}", err=True)
 
 

@@ -1,9 +1,15 @@
-"""Exceptions raised by usbgate, split by what the caller can do about them."""
+"""Exceptions raised by usbgate, split by what the caller can do about them.
+
+They derive from the product's one hierarchy (nbd_plugin.errors.VmshieldError), so a caller
+of any vmshield part can catch everything vmshield raises on purpose with one class.
+"""
 
 from __future__ import annotations
 
+from nbd_plugin.errors import VmshieldError
 
-class UsbgateError(Exception):
+
+class UsbgateError(VmshieldError):
     """Base class of every error usbgate raises on purpose."""
 
 

@@ -4,10 +4,11 @@ One ``Gateway`` per VM. Owners (``usbredirect --to HOST:PORT``) connect to ``lis
 connection takes the first free ``--qemu`` slot (one per ``-device usb-redir`` of the VM), and
 a ``Session`` relays it under the VM's rules.
 
-Revocation: a watcher polls the RuleSource every ``poll_interval`` (10 ms). When the rules
-change it re-judges every attached device with the new rules and revokes those no longer
+Revocation and live allow: a watcher polls the RuleSource every ``poll_interval`` (10 ms).
+When the rules change it re-judges every attached device and revokes those no longer
 allowed, in the same loop iteration: the device_disconnect is on its way to QEMU a fraction
-of a millisecond after the change is seen, well within the 50 ms target.
+of a millisecond after the change is seen, well within the 50 ms target. A device blocked
+earlier (its owner still connected) that the new rules allow is forwarded the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Gateway:
         self._handlers: set[asyncio.Task[None]] = set()
         self.revocations: collections.deque[float] = collections.deque(maxlen=1000)
         """Seconds from seeing a rule change to having detached the device (latest 1000)."""
+        self.admissions: collections.deque[float] = collections.deque(maxlen=1000)
+        """Seconds from seeing a rule change to forwarding a blocked device (latest 1000)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -131,11 +134,16 @@ class Gateway:
             self._refresh()
 
     def _enforce(self, seen: float) -> None:
-        """Revoke every attached device the current rules no longer allow."""
+        """Revoke every attached device the current rules no longer allow; forward every
+        blocked (still plugged, not rejected) device they now allow."""
         for session in list(self.sessions.values()):
-            if session.state is not State.ATTACHED or session.device is None:
+            if session.device is None or session.state not in (State.ATTACHED, State.BLOCKED):
                 continue
             decision = decide(self.rules, session.device)
+            if session.state is State.BLOCKED:
+                if decision.allowed and session.admit(decision):
+                    self.admissions.append(time.monotonic() - seen)
+                continue
             if not decision.allowed:
                 why = Decision(Action.REJECT, f"rules changed: {decision.reason}", decision.rule)
                 session.revoke(why, since=seen)

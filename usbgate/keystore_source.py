@@ -1,5 +1,8 @@
 """RuleSource and AuditSink backed by the vmshield keystore (its usbrules store and audit chain).
 
+The keystore's rules are usbgate.policy rules (``UsbRule`` is a ``Rule`` with a row id, VM and
+position), so they are used as loaded: there is nothing to convert.
+
 Change notification: one persistent read-only sqlite3 connection per VM
 (keystore.sqlite.usbrules.RulesWatcher) whose ``PRAGMA data_version`` is read on every poll. SQLite
 changes that number whenever *another* connection, in any process, commits to the file, so
@@ -24,23 +27,11 @@ from keystore import audit as keystore_audit
 from keystore.errors import KeystoreError
 from keystore.sqlite import usbrules
 from usbgate.errors import RuleSourceError
-from usbgate.policy import Action, Rule
+from usbgate.policy import Rule
 
 log = logging.getLogger(__name__)
 
 AUDIT_ACTOR = "usbgate"
-
-
-def rule_from_keystore(row: usbrules.UsbRule) -> Rule:
-    """The usbgate Rule for a keystore UsbRule (same fields, same meaning)."""
-    return Rule(
-        Action(row.action.value),
-        row.vendor_id,
-        row.product_id,
-        row.device_class,
-        row.interfaces,
-        row.serial,
-    )
 
 
 class KeystoreRuleSource:
@@ -65,7 +56,7 @@ class KeystoreRuleSource:
 
     def load(self, vm: str) -> list[Rule]:
         watcher = self._watchers.get(vm) or self._new_watcher(vm)
-        return [rule_from_keystore(r) for r in watcher.rules]
+        return list(watcher.rules)
 
     def poll(self, vm: str) -> list[Rule] | None:
         watcher = self._watchers.get(vm)
@@ -77,7 +68,7 @@ class KeystoreRuleSource:
             watcher.close()
             del self._watchers[vm]
             raise RuleSourceError(str(exc)) from exc
-        return None if rows is None else [rule_from_keystore(r) for r in rows]
+        return None if rows is None else list(rows)
 
     def close(self) -> None:
         for watcher in self._watchers.values():

@@ -4,8 +4,8 @@ A rule sets any of: VID:PID (``*`` wildcards), the device class (bDeviceClass), 
 patterns ``CC:SS:PP`` (``with-interface``; ``*`` wildcards) and the serial number. A rule
 matches a device when every field it sets matches; ``with-interface`` matches when *every*
 interface of the device matches at least one of its patterns (so a rule for storage
-interfaces does not let a keyboard interface ride along). These are the semantics of
-keystore.sqlite.usbrules.
+interfaces does not let a keyboard interface ride along). ``id *:*`` (or no ``id``)
+matches every VID:PID.
 
 Composite devices are judged twice over: the device as a whole, and then each interface on its
 own (the device seen with only that interface). Every one of those verdicts must be ``allow``
@@ -19,6 +19,9 @@ alone, meets the block rule first. This is the only place a device is judged: th
 stores rules, and QEMU's static filter is generated so that it never refuses a device this
 engine allows.
 
+The keystore stores these rules (keystore.sqlite.usbrules.UsbRule is a Rule with its row id,
+VM and position) and loads them back; it has no rule semantics of its own.
+
 Text form, one rule per line (``#`` comments)::
 
     allow id 0781:5567 serial "4C530001" with-interface { 08:06:50 }
@@ -30,13 +33,15 @@ from __future__ import annotations
 
 import enum
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from usbgate.errors import RuleSyntaxError
 
 Pattern = tuple[int | None, int | None, int | None]
 InterfaceTriple = tuple[int, int, int]
+T = TypeVar("T")
 
 
 class Action(enum.StrEnum):
@@ -105,17 +110,35 @@ class Rule:
         return True
 
     def __str__(self) -> str:
-        parts = [str(self.action)]
-        if self.vendor_id is not None or self.product_id is not None:
-            parts.append(f"id {format_id(self.vendor_id)}:{format_id(self.product_id)}")
+        """The text form, which parse_rule reads back to an equal rule."""
+        parts = [str(self.action), f"id {format_id(self.vendor_id)}:{format_id(self.product_id)}"]
         if self.device_class is not None:
             parts.append(f"class {self.device_class:02x}")
-        if self.serial is not None:
-            parts.append("serial " + shlex.quote(self.serial))
         if self.interfaces is not None:
             inner = " ".join(format_pattern(p) for p in self.interfaces)
-            parts.append(f"with-interface {{ {inner} }}")
+            parts.append(f"with-interface {{ {inner} }}" if len(self.interfaces) > 1
+                         else f"with-interface {inner}")  # fmt: skip
+        if self.serial is not None:
+            parts.append("serial " + quote(self.serial))
         return " ".join(parts)
+
+    def describe(self) -> str:
+        """The one-line text form (``str(rule)``), e.g. ``allow id 0781:5567 with-interface
+        08:06:50``."""
+        return str(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The rule's fields as JSON-able text (``*`` for a wildcard id, ``None`` if unset)."""
+        return {
+            "action": self.action.value,
+            "vendor_id": format_id(self.vendor_id),
+            "product_id": format_id(self.product_id),
+            "device_class": None if self.device_class is None else f"{self.device_class:02x}",
+            "interfaces": None
+            if self.interfaces is None
+            else [format_pattern(p) for p in self.interfaces],
+            "serial": self.serial,
+        }
 
 
 @dataclass(frozen=True)
@@ -174,20 +197,42 @@ def format_pattern(p: Pattern | InterfaceTriple) -> str:
     return ":".join("*" if v is None else f"{v:02x}" for v in p)
 
 
+def quote(text: str) -> str:
+    """``text`` in double quotes, as parse_rule (shlex) reads it back."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _hex(text: str, digits: int, what: str) -> int | None:
     if text == "*":
         return None
     t = text.lower().removeprefix("0x")
     if not t or len(t) > digits or any(c not in "0123456789abcdef" for c in t):
-        raise RuleSyntaxError(f"{what} must be {digits} hex digits or '*', got {text!r}")
+        size = "a hex byte" if digits == 2 else f"{digits} hex digits"
+        raise RuleSyntaxError(f"{what} must be {size} or '*', got {text!r}")
     return int(t, 16)
+
+
+def parse_id_pair(text: str) -> tuple[int | None, int | None]:
+    """``VID:PID`` in hex with ``*`` wildcards, e.g. ``0781:5567``, ``0781:*``, ``*:*``."""
+    vid, sep, pid = text.strip().partition(":")
+    if not sep:
+        raise RuleSyntaxError(f"id must be VID:PID in hex (e.g. 0781:5567 or 0781:*), got {text!r}")
+    return _hex(vid, 4, "VID"), _hex(pid, 4, "PID")
+
+
+def parse_class(text: str) -> int:
+    """A USB class code as a hex byte (``08``, ``0x08``); no wildcard."""
+    value = None if text.strip() == "*" else _hex(text.strip(), 2, "USB class")
+    if value is None:
+        raise RuleSyntaxError(f"USB class must be a hex byte such as 08 or 03, got {text!r}")
+    return value
 
 
 def parse_pattern(text: str) -> Pattern:
     """``CC:SS:PP`` in hex with ``*`` wildcards; ``CC`` alone means ``CC:*:*``."""
-    parts = text.split(":")
+    parts = text.strip().split(":")
     if not 1 <= len(parts) <= 3:
-        raise RuleSyntaxError(f"interface pattern must be CC:SS:PP, got {text!r}")
+        raise RuleSyntaxError(f"interface must be CC:SS:PP in hex (e.g. 08:06:50), got {text!r}")
     parts += ["*"] * (3 - len(parts))
     cls, sub, proto = (_hex(p, 2, "interface field") for p in parts)
     return cls, sub, proto
@@ -213,12 +258,10 @@ def parse_rule(line: str) -> Rule:
             raise RuleSyntaxError(f"{line!r}: {key!r} needs a value")
         value = rest.pop(0)
         if key == "id":
-            vid, sep, pid = value.partition(":")
-            if not sep:
-                raise RuleSyntaxError(f"{line!r}: id must be VID:PID, got {value!r}")
-            rule = replace(rule, vendor_id=_hex(vid, 4, "VID"), product_id=_hex(pid, 4, "PID"))
+            vid, pid = _in_rule(line, parse_id_pair, value)
+            rule = replace(rule, vendor_id=vid, product_id=pid)
         elif key == "class":
-            cls = _hex(value, 2, "class")
+            cls = _in_rule(line, lambda v: _hex(v, 2, "class"), value)
             rule = replace(rule, device_class=cls)
         elif key == "serial":
             rule = replace(rule, serial=value)
@@ -231,10 +274,18 @@ def parse_rule(line: str) -> Rule:
                 texts, rest = rest[:end], rest[end + 1 :]
                 if not texts:
                     raise RuleSyntaxError(f"{line!r}: empty interface set")
-            rule = replace(rule, interfaces=tuple(parse_pattern(t) for t in texts))
+            patterns = tuple(_in_rule(line, parse_pattern, t) for t in texts)
+            rule = replace(rule, interfaces=patterns)
         else:
             raise RuleSyntaxError(f"{line!r}: unknown keyword {key!r}")
     return rule
+
+
+def _in_rule(line: str, parse: Callable[[str], T], value: str) -> T:
+    try:
+        return parse(value)
+    except RuleSyntaxError as exc:
+        raise RuleSyntaxError(f"{line!r}: {exc}") from None
 
 
 def parse_rules(text: str | Iterable[str]) -> list[Rule]:

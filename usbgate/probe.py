@@ -12,7 +12,7 @@ setting, not only the active one: the guest can switch configurations later.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 
 from usbgate.errors import UsbgateError
@@ -33,6 +33,9 @@ MAX_CONFIG_LENGTH = 16 * 1024
 
 # Reads one descriptor: (wValue, wIndex, wLength) -> the data, or raises ProbeFailed.
 DescriptorReader = Callable[[int, int, int], Awaitable[bytes]]
+# The probe without I/O: yields (wValue, wIndex, wLength), is sent the data, returns the result.
+ProbeSteps = Generator[tuple[int, int, int], bytes, "ProbeResult"]
+_Read = Generator[tuple[int, int, int], bytes, bytes]
 
 
 class ProbeFailed(UsbgateError):
@@ -58,37 +61,55 @@ class ProbeResult:
         return tuple(seen)
 
 
-async def probe(read: DescriptorReader) -> ProbeResult:
-    """Read the device, configuration(s) and serial descriptors through ``read``."""
+def probe_steps() -> ProbeSteps:
+    """Read the device, configuration(s) and serial descriptors, one request per step (sans-IO).
+
+    Each ``yield`` is a GET_DESCRIPTOR request ``(wValue, wIndex, wLength)``; send it the data
+    the device answered. The generator returns the ProbeResult or raises ProbeFailed.
+    """
     raw: dict[tuple[int, int], bytes] = {}
 
-    async def get(dtype: int, index: int, langid: int, length: int) -> bytes:
+    def get(dtype: int, index: int, langid: int, length: int) -> _Read:
         value = dtype << 8 | index
-        data = await read(value, langid, length)
+        data = yield (value, langid, length)
+        if len(data) > length:
+            raise ProbeFailed(f"GET_DESCRIPTOR {value:#06x} answered {len(data)} > {length} bytes")
         raw[(value, langid)] = data
         return data
 
     try:
-        device = DeviceDescriptor.parse(await get(DescriptorType.DEVICE, 0, 0, 18))
+        device = DeviceDescriptor.parse((yield from get(DescriptorType.DEVICE, 0, 0, 18)))
         if not 1 <= device.num_configurations <= MAX_CONFIGURATIONS:
             raise ProbeFailed(f"bNumConfigurations is {device.num_configurations}")
         configs = []
         for index in range(device.num_configurations):
-            head = await get(DescriptorType.CONFIGURATION, index, 0, 9)
+            head = yield from get(DescriptorType.CONFIGURATION, index, 0, 9)
             total = ConfigDescriptor.total_length_of(head)
             if total > MAX_CONFIG_LENGTH:
                 raise ProbeFailed(f"configuration {index} claims {total} bytes")
-            configs.append(ConfigDescriptor.parse(
-                await get(DescriptorType.CONFIGURATION, index, 0, total)))  # fmt: skip
+            full = yield from get(DescriptorType.CONFIGURATION, index, 0, total)
+            configs.append(ConfigDescriptor.parse(full))
         serial = None
         if device.serial_index:
-            langids = parse_langids(await get(DescriptorType.STRING, 0, 0, 255))
+            langids = parse_langids((yield from get(DescriptorType.STRING, 0, 0, 255)))
             if langids:
-                text = await get(DescriptorType.STRING, device.serial_index, langids[0], 255)
+                text = yield from get(DescriptorType.STRING, device.serial_index, langids[0], 255)
                 serial = parse_string(text)
     except DescriptorError as exc:
         raise ProbeFailed(str(exc)) from exc
     return ProbeResult(device, tuple(configs), serial, raw)
+
+
+async def probe(read: DescriptorReader) -> ProbeResult:
+    """probe_steps driven by an async ``read`` (tests, and anything that owns its I/O)."""
+    steps = probe_steps()
+    request = next(steps)
+    while True:
+        data = await read(*request)
+        try:
+            request = steps.send(data)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 def reconcile(

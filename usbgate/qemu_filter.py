@@ -30,27 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 from xml.sax.saxutils import quoteattr
 
-Pattern = tuple[int | None, int | None, int | None]
-
-
-class RuleLike(Protocol):
-    """The fields of a rule this module reads (usbgate.policy.Rule, the keystore's UsbRule)."""
-
-    @property
-    def action(self) -> str: ...
-    @property
-    def vendor_id(self) -> int | None: ...
-    @property
-    def product_id(self) -> int | None: ...
-    @property
-    def device_class(self) -> int | None: ...
-    @property
-    def interfaces(self) -> tuple[Pattern, ...] | None: ...
-    @property
-    def serial(self) -> str | None: ...
+from usbgate.policy import Action, Rule
 
 
 @dataclass(frozen=True)
@@ -79,32 +61,28 @@ class FilterRule:
 DENY_ALL = FilterRule(None, None, None, allow=False)
 
 
-def _action(rule: RuleLike) -> str:
-    return str(getattr(rule.action, "value", rule.action))
-
-
-def _narrowed(rule: RuleLike) -> bool:
+def _narrowed(rule: Rule) -> bool:
     return any(v is not None for v in (rule.device_class, rule.serial, rule.interfaces))
 
 
-def translation_notes(rules: Sequence[RuleLike]) -> list[str]:
+def translation_notes(rules: Sequence[Rule]) -> list[str]:
     """One line per rule the filter had to broaden or leave out, for the admin to read."""
     notes = []
     for n, rule in enumerate(rules, 1):
         if _narrowed(rule):
-            what = "broadened to its VID:PID" if _action(rule) == "allow" else "left out"
-            notes.append(f"rule {n} ({_action(rule)}): class/interface/serial {what}")
+            what = "broadened to its VID:PID" if rule.action is Action.ALLOW else "left out"
+            notes.append(f"rule {n} ({rule.action}): class/interface/serial {what}")
     return notes
 
 
-def filter_rules(rules: Iterable[RuleLike]) -> list[FilterRule]:
+def filter_rules(rules: Iterable[Rule]) -> list[FilterRule]:
     """The usbredirfilter rules for ``rules`` (see the module docstring for the invariant)."""
     out: list[FilterRule] = []
     for rule in rules:
-        action = _action(rule)
-        if action != "allow" and _narrowed(rule):
+        allow = rule.action is Action.ALLOW
+        if not allow and _narrowed(rule):
             continue
-        candidate = FilterRule(None, rule.vendor_id, rule.product_id, allow=action == "allow")
+        candidate = FilterRule(None, rule.vendor_id, rule.product_id, allow=allow)
         if candidate not in out:
             out.append(candidate)
         if candidate.vendor_id is None and candidate.product_id is None:
@@ -113,17 +91,17 @@ def filter_rules(rules: Iterable[RuleLike]) -> list[FilterRule]:
     return out
 
 
-def qemu_filter_value(rules: Iterable[RuleLike]) -> str:
+def qemu_filter_value(rules: Iterable[Rule]) -> str:
     """The value for ``-device usb-redir,...,filter=VALUE`` (QEMU separates fields with ':')."""
     return "|".join(":".join(r.fields()) for r in filter_rules(rules))
 
 
-def usbredir_filter_string(rules: Iterable[RuleLike]) -> str:
+def usbredir_filter_string(rules: Iterable[Rule]) -> str:
     """The same rules in usbredir's own syntax (',' between fields), as in filter_filter."""
     return "|".join(",".join(r.fields()) for r in filter_rules(rules))
 
 
-def libvirt_redirfilter(rules: Iterable[RuleLike], indent: str = "  ") -> str:
+def libvirt_redirfilter(rules: Iterable[Rule], indent: str = "  ") -> str:
     """A libvirt ``<redirfilter>`` element (goes inside ``<devices>``)."""
     lines = ["<redirfilter>"]
     for r in filter_rules(rules):
@@ -175,12 +153,58 @@ def filter_allows(
     return True
 
 
-def render(vm: str, rules: Sequence[RuleLike]) -> dict[str, object]:
-    """Everything a qemu-filter command prints, as JSON-able data."""
-    return {
-        "vm": vm,
-        "qemu_filter": qemu_filter_value(rules),
-        "usbredir_filter": usbredir_filter_string(rules),
-        "libvirt_redirfilter": libvirt_redirfilter(rules),
-        "notes": translation_notes(rules),
-    }
+@dataclass(frozen=True)
+class FilterReport:
+    """Everything both qemu-filter commands print for a VM's rules (one translation)."""
+
+    vm: str
+    qemu_filter: str
+    usbredir_filter: str
+    libvirt_redirfilter: str
+    notes: tuple[str, ...]
+
+    def qemu_device(self, chardev: str) -> str:
+        """The ``-device usb-redir`` argument that carries the filter."""
+        return f"-device usb-redir,chardev={chardev},filter={self.qemu_filter}"
+
+    def to_json(self) -> dict[str, object]:
+        """``usbgate qemu-filter --json``."""
+        return {
+            "vm": self.vm,
+            "qemu_filter": self.qemu_filter,
+            "usbredir_filter": self.usbredir_filter,
+            "libvirt_redirfilter": self.libvirt_redirfilter,
+            "notes": list(self.notes),
+        }
+
+    def text(self) -> str:
+        """``usbgate qemu-filter`` (the notes go to stderr)."""
+        return f"filter={self.qemu_filter}\n{self.libvirt_redirfilter}"
+
+    def device_json(self, chardev: str) -> dict[str, object]:
+        """``vmshield usb qemu-filter --json``: with the whole ``-device`` argument."""
+        return {
+            "vm": self.vm,
+            "filter": self.qemu_filter,
+            "qemu_device": self.qemu_device(chardev),
+            "libvirt_xml": self.libvirt_redirfilter,
+            "notes": list(self.notes),
+        }
+
+    def device_text(self, chardev: str) -> str:
+        """``vmshield usb qemu-filter`` (the notes go to stderr)."""
+        return (
+            f"QEMU:\n  '{self.qemu_device(chardev)}'\n\n"
+            f"libvirt <devices> entry:\n{self.libvirt_redirfilter}"
+        )
+
+
+def report(vm: str, rules: Sequence[Rule]) -> FilterReport:
+    """The static filter of ``vm`` in every form an admin needs."""
+    return FilterReport(
+        vm,
+        qemu_filter_value(rules),
+        usbredir_filter_string(rules),
+        libvirt_redirfilter(rules),
+        tuple(translation_notes(rules)),
+    )

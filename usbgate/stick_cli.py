@@ -54,7 +54,9 @@ def simulate_stick(image: Path, vid: int, pid: int, serial: str, connect: Addres
     Try a gateway without USB hardware: the guest sees a real Bulk-Only mass-storage
     device (512-byte blocks, the image's size rounded down) and reads and writes IMAGE.
     Make IMAGE with e.g. `truncate -s 64M stick.img && mkfs.ext4 -d DIR stick.img`.
-    Exits 0 when the peer closes the connection, 1 when the stick is rejected.
+    A `filter_reject` (usbgate blocked it) leaves the stick plugged in: a later rule may
+    allow it without a replug. Exits 0 when the peer closes the connection, 1 when it does
+    so after a filter_reject (the stick was rejected or revoked).
 
     \b
     Example:
@@ -79,12 +81,12 @@ def simulate_stick(image: Path, vid: int, pid: int, serial: str, connect: Addres
         if close is not None:
             close()
     if rejected:
-        raise click.ClickException(f"{vid:04x}:{pid:04x} was rejected by {connect}")
+        raise click.ClickException(f"{vid:04x}:{pid:04x} was rejected or revoked by {connect}")
     click.echo(f"simulate-stick: {connect} closed the connection", err=True)
 
 
 async def _offer(stick: MassStorageStick, address: Address) -> bool:
-    """Serve until the peer closes or we are interrupted; True if the device was rejected."""
+    """Serve until the peer closes or we are interrupted; True if it was filter-rejected."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,7 +94,7 @@ async def _offer(stick: MassStorageStick, address: Address) -> bool:
     owner = await FakeOwner.connect(str(address), stick)
     click.echo(f"simulate-stick: {stick.vendor_id:04x}:{stick.product_id:04x} offered to "
                f"{address}", err=True)  # fmt: skip
-    waits = [asyncio.create_task(e.wait()) for e in (owner.closed, owner.filter_rejected, stop)]
+    waits = [asyncio.create_task(e.wait()) for e in (owner.closed, stop)]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:

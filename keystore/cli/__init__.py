@@ -18,7 +18,9 @@ from keystore.cli import (
     initcmd,
     job,
     keystore_cmd,
+    libvirt,
     perm,
+    unlock,
     usb,
     user,
     vm,
@@ -28,15 +30,25 @@ from keystore.cli import (
 TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] = (
     initcmd.init,
     (user.user, (user.add, user.passwd, user.unlock, user.list_)),
-    (vm.vm, (vm.add, vm.list_, vm.show, vm.remove)),
+    (vm.vm, (vm.add, vm.list_, vm.show, vm.remove, unlock.unlock_vm)),
     (
         disk.disk,
-        (disk.create, disk.serve_, disk.stop, disk.list_, disk.forget, destroy.destroy),
+        (
+            disk.create,
+            disk.serve_,
+            disk.stop,
+            disk.list_,
+            disk.forget,
+            destroy.destroy,
+            unlock.enroll_host,
+            unlock.unenroll_host,
+        ),
     ),
     (perm.perm, (perm.set_, perm.show)),
     # the rule commands (allow, block, reject, list, remove) are made and added in usb.py
     (usb.usb, (usb.qemu_filter,)),
     (audit.audit, (audit.verify,)),
+    (libvirt.libvirt, (libvirt.devices, libvirt.install_hook)),
     (job.job, (job.status,)),
     (keystore_cmd.keystore_group, (keystore_cmd.migrate,)),
     (

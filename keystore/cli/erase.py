@@ -120,6 +120,11 @@ def summary(cert: Certificate) -> str:
         f"{'unlinked' if d['unlinked'] else 'kept'}",
         f"NIST SP 800-88 Rev. 2: {nist['category']}",
     ]
+    unlink = d.get("unlink") or {}
+    if unlink.get("reason"):
+        lines.append(f"  note: {unlink['reason']}")
+    if unlink.get("other_links"):
+        lines.append(f"  note: {unlink['other_links']} other hard link(s) still name the file")
     lines += [f"  note: {n}" for n in d["storage"]["notes"]]
     lines += [f"  caveat: {c}" for c in nist["caveats"]]
     lines.append(f"certificate: {cert.path} (sha256 {cert.sha256})")
@@ -178,10 +183,16 @@ says otherwise; it records what was done and an honest storage assessment: copy-
 filesystems, shared extents, thin provisioning and SSDs do not let an overwrite reach old
 blocks, and only the crypto-erase is then a Purge in the sense of NIST SP 800-88 Rev. 2.
 
+PATH must be a LUKS image (file or block device), named by itself: a symbolic link is
+refused (only a link to a block device, such as /dev/disk/by-id/..., is resolved), and so
+are a file that is not LUKS and a file with other hard links, unless --force. The name is
+unlinked only if it still refers to the erased file when the erase ends.
+
 \b
 Examples:
   vmshield image erase /srv/vm/disk.img --method dod3
   vmshield image erase /dev/sdb --method zero --secure-discard --yes
+  vmshield image erase /dev/sdc --method zero --force --yes   # not LUKS: a raw disk
   vmshield image erase old.img -m crypto --keep --json --yes
 
 \b
@@ -212,6 +223,11 @@ Exit status: 0 erased; 1 error; 2 usage; 74 verification failed (image kept);
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the certificate here instead of PATH.erase-certificate.json.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also erase a target that is not a LUKS image, or a file with other hard links.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Progress as JSON lines on stdout.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def erase(
@@ -222,6 +238,7 @@ def erase(
     no_discard: bool,
     secure_discard: bool,
     certificate: Path | None,
+    force: bool,
     as_json: bool,
     yes: bool,
 ) -> None:
@@ -232,6 +249,7 @@ def erase(
         unlink=not keep,
         secure_discard=secure_discard,
         certificate_path=str(certificate) if certificate else None,
+        force=force,
     )
     cert = run_erase(str(path), method, options, as_json)
     if as_json:

@@ -1,13 +1,11 @@
 """`vmshield usb ...`: the per-VM USB whitelist (thesis table 5-3, extended).
 
-`vmshield usb qemu-filter VM` uses the usbgate developer's `usbgate.qemu_filter` and is
-offered when that module is installed (see the bottom of this module).
+The rules, their grammar and their meaning are usbgate.policy's; `qemu-filter` prints
+usbgate.qemu_filter's translation (the same one `usbgate qemu-filter` prints).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,8 +14,9 @@ import click
 
 from keystore.cli.options import actor, db_option, emit_json, json_option, run, table
 from keystore.models import UsbAction
-from keystore.sqlite import usbrules
 from keystore.sqlite.usbrules import UsbRule
+from usbgate import policy
+from usbgate import qemu_filter as qf
 
 P = TypeVar("P")
 
@@ -82,11 +81,11 @@ def _make(action: UsbAction) -> click.Command:
         as_json: bool,
         db: Path | None,
     ) -> None:
-        vid, pid = _parse(ids, usbrules.parse_id_pair, "VID:PID")
+        vid, pid = _parse(ids, policy.parse_id_pair, "VID:PID")
         dclass = (
-            None if device_class is None else _parse(device_class, usbrules.parse_class, "--class")
+            None if device_class is None else _parse(device_class, policy.parse_class, "--class")
         )
-        pats = [_parse(i, usbrules.parse_pattern, "--interface") for i in interfaces]
+        pats = [_parse(i, policy.parse_pattern, "--interface") for i in interfaces]
         rule = run(
             db,
             lambda r: r.add_usb_rule(
@@ -128,11 +127,11 @@ def _rows(rules: list[UsbRule]) -> list[list[str]]:
         [
             str(r.position),
             r.action.value,
-            usbrules.format_id(r.vendor_id) + ":" + usbrules.format_id(r.product_id),
+            policy.format_id(r.vendor_id) + ":" + policy.format_id(r.product_id),
             "-" if r.device_class is None else f"{r.device_class:02x}",
             "-"
             if r.interfaces is None
-            else ",".join(usbrules.format_pattern(p) for p in r.interfaces),
+            else ",".join(policy.format_pattern(p) for p in r.interfaces),
             "-" if r.serial is None else r.serial,
         ]
         for r in rules
@@ -162,7 +161,7 @@ def remove(vm: str, position: int, db: Path | None) -> None:
     click.echo(f"{vm}: removed rule {position}: {rule.describe()}")
 
 
-@click.command("qemu-filter")
+@usb.command("qemu-filter")
 @click.argument("vm")
 @click.option(
     "--chardev",
@@ -181,27 +180,10 @@ def qemu_filter(vm: str, chardev: str, as_json: bool, db: Path | None) -> None:
     or left out (block/reject): it never refuses what the gateway would forward. Regenerate
     it after changing rules; the gateway applies changes live.
     """
-    from usbgate import qemu_filter as qf
-
-    rules = run(db, lambda r: r.list_usb_rules(vm))
-    value = qf.qemu_filter_value(rules)
-    device = f"-device usb-redir,chardev={chardev},filter={value}"
-    xml = qf.libvirt_redirfilter(rules)
-    notes = qf.translation_notes(rules)
+    result = qf.report(vm, run(db, lambda r: r.list_usb_rules(vm)))
     if as_json:
-        emit_json(
-            {"vm": vm, "filter": value, "qemu_device": device, "libvirt_xml": xml, "notes": notes}
-        )
+        emit_json(result.device_json(chardev))
         return
-    click.echo(f"QEMU:\n  '{device}'\n\nlibvirt <devices> entry:\n{xml}")
-    for note in notes:
+    click.echo(result.device_text(chardev))
+    for note in result.notes:
         click.echo(f"note: {note}", err=True)
-
-
-def _add_qemu_filter() -> None:
-    """`vmshield usb qemu-filter` needs usbgate.qemu_filter (usbgate developer)."""
-    if importlib.util.find_spec("usbgate.qemu_filter") is not None:
-        usb.add_command(qemu_filter)
-
-
-_add_qemu_filter()

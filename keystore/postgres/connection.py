@@ -37,8 +37,12 @@ async def _version_async(conn: psycopg.AsyncConnection[Any]) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _kwargs() -> dict[str, Any]:
-    return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "vmshield"}
+def _kwargs(application_name: str = "vmshield") -> dict[str, Any]:
+    return {
+        "autocommit": True,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": application_name,
+    }
 
 
 def translate(exc: BaseException, url: str) -> KeystoreError:
@@ -65,11 +69,11 @@ def _check_version(version: int, url: str) -> None:
         )
 
 
-def connect_sync(url: str) -> psycopg.Connection[Any]:
+def connect_sync(url: str, application_name: str = "vmshield") -> psycopg.Connection[Any]:
     """A synchronous autocommit connection on a current schema (usbgate, audit verify)."""
     refuse_password(url)
     try:
-        conn = psycopg.connect(str(url), **_kwargs())
+        conn = psycopg.connect(str(url), **_kwargs(application_name))
     except psycopg.Error as e:
         raise translate(e, url) from e
     try:

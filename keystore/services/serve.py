@@ -31,10 +31,24 @@ from pathlib import Path
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
+from keystore.services import lease
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
 NBD_MAGIC = b"NBDMAGIC"
+
+#: a file this process creates and no one else had: never follows a link, never reuses
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _read_own(path: Path, limit: int) -> bytes:
+    """The last `limit` bytes of a file, never through a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit))
+    finally:
+        os.close(fd)
 
 
 class ServeError(KeystoreError):
@@ -65,7 +79,7 @@ class ServerFiles:
 
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
-        return path.read_text(errors="replace")[-limit:].strip()
+        return _read_own(path, limit).decode(errors="replace").strip()
     except OSError:
         return ""
 
@@ -107,11 +121,11 @@ def start(
         raise ServeError(f"socket path {sock} is longer than 107 bytes; choose a shorter --socket")
     if probe(sock):
         raise ServeError(f"something already serves on {sock}")
-    sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in (sock, files.pidfile):
+    paths.private_dir(sock.parent)
+    for stale in (sock, files.pidfile, files.logfile):
         with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    log_fd = os.open(files.logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            stale.unlink()  # in a directory only we can write: a planted symlink goes too
+    log_fd = os.open(files.logfile, _NEW_FILE, 0o600)
     r, w = os.pipe()
     try:
         os.write(w, passphrase)  # far below the pipe's capacity: never blocks
@@ -166,7 +180,7 @@ def _clean_env() -> dict[str, str]:
 
 def read_pid(pidfile: Path) -> int | None:
     try:
-        return int(pidfile.read_text().strip())
+        return int(_read_own(pidfile, 64).decode().strip())
     except (OSError, ValueError):
         return None
 
@@ -232,12 +246,18 @@ def serve_disk(
     stopped again, so no server runs that `vmshield disk stop` does not know of.
     """
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
+    held = None if readonly else lease.take(store.location, disk, files.socket)
     try:
         pid = start(Path(disk.path), password, files, readonly=readonly)
     except ServeError as e:
+        if held is not None:
+            held.abort()
         detail = {"disk": disk.name, "error": str(e)[-500:]}
         store.run(lambda r: r.append_audit(who, "disk.serve.failed", disk.vm, detail))
         raise
+    if held is not None:
+        held.attach(pid)
     try:
         store.run(
             lambda r: r.record_server(

@@ -64,22 +64,36 @@ class PrincipalStore(SqliteBase):
     async def authenticate(self, name: str, password: bytes, *, actor: str) -> Principal:
         """Check `password` for `name`; count, lock and audit. Raises the opaque
         AuthenticationFailed for an unknown user or a wrong password, AccountLocked while
-        locked (without checking the password)."""
-        row = await self._one(
-            "SELECT verifier, locked_until FROM principals WHERE name = ?", (name,)
-        )
+        locked (without checking the password).
+
+        The attempt is reserved before the (slow) verification, in the same write
+        transaction as the lock check: it counts as a failure until it is settled, and the
+        reservation that reaches the policy's limit locks the account. So at most the
+        remaining attempts can be verified at once, however many processes guess in
+        parallel; a success settles by clearing the counter and the lock.
+        """
         now = self.clock()
-        if row is not None and row[1] is not None and datetime.fromisoformat(row[1]) > now:
-            async with self._write() as db:
+        locked_until: str | None = None
+        reserved = 0
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT verifier, locked_until FROM principals WHERE name = ?", (name,)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[1] is not None and datetime.fromisoformat(row[1]) > now:
+                locked_until = str(row[1])
                 await self._audit(
                     db,
                     actor,
                     "auth.refused",
                     None,
-                    {"user": name, "reason": "locked", "locked_until": row[1]},
+                    {"user": name, "reason": "locked", "locked_until": locked_until},
                 )
+            elif row is not None:
+                reserved = await self._reserve_attempt(db, name, now)
+        if locked_until is not None:
             raise AccountLocked(
-                f"user {name!r} is locked until {row[1]} after "
+                f"user {name!r} is locked until {locked_until} after "
                 f"{self.policy.max_failures} failed attempts; wait, or ask an administrator "
                 "to run `vmshield user unlock`"
             )
@@ -104,23 +118,27 @@ class PrincipalStore(SqliteBase):
                     db, actor, "auth.fail", None, {"user": name, "reason": "unknown user"}
                 )
             else:
-                async with db.execute(
-                    "UPDATE principals SET failed_attempts = failed_attempts + 1 "
-                    "WHERE name = ? RETURNING failed_attempts",
-                    (name,),
-                ) as cur:
-                    fails = int((await cur.fetchone())[0])  # type: ignore[index]
-                detail: dict[str, Any] = {"user": name, "failed_attempts": fails}
-                if fails >= self.policy.max_failures:
-                    until = (now + self.policy.lockout).isoformat()
-                    await db.execute(
-                        "UPDATE principals SET locked_until = ? WHERE name = ?", (until, name)
-                    )
-                    detail["locked_until"] = until
+                detail: dict[str, Any] = {"user": name, "failed_attempts": reserved}
+                if reserved >= self.policy.max_failures:
+                    detail["locked_until"] = (now + self.policy.lockout).isoformat()
                 await self._audit(db, actor, "auth.fail", None, detail)
         if not ok:
             raise AuthenticationFailed(f"authentication failed for user {name!r}")
         return await self.get_principal(name)
+
+    async def _reserve_attempt(self, db: Any, name: str, now: datetime) -> int:
+        """Count one attempt as failed (inside the caller's write transaction); the one that
+        reaches the limit locks the account. Returns the new count."""
+        async with db.execute(
+            "UPDATE principals SET failed_attempts = failed_attempts + 1 "
+            "WHERE name = ? RETURNING failed_attempts",
+            (name,),
+        ) as cur:
+            fails = int((await cur.fetchone())[0])
+        if fails >= self.policy.max_failures:
+            until = (now + self.policy.lockout).isoformat()
+            await db.execute("UPDATE principals SET locked_until = ? WHERE name = ?", (until, name))
+        return fails
 
     async def unlock_principal(self, name: str, *, actor: str) -> Principal:
         async with self._write() as db:

@@ -398,15 +398,15 @@ class SqliteRepository(PrincipalStore):
                 ),
             )
             rule = UsbRule(
-                int(cur2.lastrowid or 0),
-                vm,
-                pos,
                 UsbAction(action),
                 vendor_id,
                 product_id,
                 device_class,
                 None if interfaces is None else tuple(interfaces),
                 serial,
+                id=int(cur2.lastrowid or 0),
+                vm=vm,
+                position=pos,
             )
             await self._audit(
                 db, actor, "usb.rule.add", vm, {"rule": rule.describe(), "position": pos}

@@ -25,7 +25,7 @@ from nbd_plugin.erase.engine import EraseOptions, erase
 from nbd_plugin.erase.methods import METHODS
 
 MIB = 1 << 20
-KEEP = EraseOptions(verify=False, discard=False, unlink=False)
+KEEP = EraseOptions(verify=False, discard=False, unlink=False, force=True)  # dd-filled target
 
 
 def _dd(path: str, size: int) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 
 from nbd_plugin.erase.journal import DEVICE_JOURNAL_DIR, JournalState
 from nbd_plugin.erase.methods import get_method
+from nbd_plugin.erase.safefile import replace_file
 from nbd_plugin.erase.storage import nist_category
 
 CERTIFICATE_VERSION = 1
@@ -72,6 +73,7 @@ def build(
             "allocated_bytes": allocated,
             "extents": len(state.extents),
             "luks_version": state.luks_version,
+            "hard_links": state.links,
         },
         "method": {
             "name": method.name,
@@ -90,6 +92,7 @@ def build(
         "verification": state.verification or {"result": "skipped"},
         "discard": state.discard or {"performed": False},
         "unlinked": unlinked,
+        "unlink": state.unlink or {"performed": unlinked},
         "started": _iso(state.started),
         "finished": _iso(finished),
         "duration_seconds": round(finished - state.started, 3),
@@ -104,14 +107,5 @@ def build(
 def write(data: dict[str, Any], path: str) -> Certificate:
     """Write the certificate (0644, durable) and return it with its SHA-256."""
     blob = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, blob)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, blob, 0o644, create_dir=0o755)
     return Certificate(data, path, hashlib.sha256(blob).hexdigest())

@@ -7,7 +7,12 @@ and compare → discard (punch hole / BLKDISCARD / BLKSECDISCARD) → unlink →
 
 Each step records itself in the journal (journal.py) before and after it runs; running the same
 erase again after a crash or a kill continues from the last checkpoint and ends with the same
-bytes on the medium as an uninterrupted run.
+bytes on the medium as an uninterrupted run. What a journal claims is checked against the
+medium (recheck.py) before discard and unlink, so a planted journal cannot buy a certificate.
+
+The target is opened once, without following a symlink, relative to a descriptor of its
+directory; every step uses those descriptors, and the unlink goes through the directory after
+checking that the name still refers to the erased inode.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from nbd_plugin.erase import journal as jn
-from nbd_plugin.erase import storage
+from nbd_plugin.erase import recheck, storage
 from nbd_plugin.erase.certificate import Certificate, build, default_path, write
 from nbd_plugin.erase.journal import JournalState, Phase
 from nbd_plugin.erase.methods import Method, Pattern, get_method
@@ -32,9 +37,9 @@ from nbd_plugin.erase.overwrite import (
 )
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.errors import ImageBusy, ImageError, UnsupportedError
-from nbd_plugin.luks import regions as keyregions
-from nbd_plugin.osutil import extents as sysio
-from nbd_plugin.osutil.extents import Extent
+from nbd_plugin.luks import luks_version, wipe_regions
+from nbd_plugin.osutil import blockdev
+from nbd_plugin.osutil.extents import Extent, allocated_extents, punch_hole
 from nbd_plugin.osutil.locking import hold_image
 
 HEADER_WIPES = 3
@@ -57,6 +62,8 @@ class EraseOptions:
     """Keystream key of a new erase (default: 32 bytes from os.urandom). Fixing it makes two
     erases of identical images write identical bytes (tests, audits); a resumed erase always
     takes the key from its journal."""
+    force: bool = False
+    """Erase a target that is not a LUKS image, or a file with other hard links."""
 
 
 def _ext(state: JournalState) -> list[Extent]:
@@ -192,22 +199,59 @@ class _Eraser:
             "result": "failed" if bad else "passed",
         }
 
+    def recheck(self, method: Method, resumed_past_verify: bool) -> None:
+        """Check the journal's claims against the medium before anything irreversible."""
+        t, state = self.target, self.state
+        where = recheck.luks_header_left(t.fd, state.identity[2])
+        if where is not None:
+            raise ImageError(
+                f"{t.path} still holds a LUKS header at byte {where}, although the journal "
+                f"{self.jpath} says its key material was wiped: the journal is forged or "
+                "belongs to another image. Nothing was discarded or unlinked; remove the "
+                "journal and run the erase again."
+            )
+        current = allocated_extents(t.fd)
+        outside = recheck.first_uncovered(current, _ext(self.state) + _regions(self.state))
+        if outside is not None:
+            raise ImageError(
+                f"{t.path} holds data at byte {outside}, outside what the journal "
+                f"{self.jpath} says was overwritten (a forged journal, or the image was "
+                "written since the erase started). Nothing was discarded or unlinked; remove "
+                "the journal and run the erase again."
+            )
+        if not resumed_past_verify or not (state.verification or {}).get("performed"):
+            return
+        # what the journal says was verified: read what is still allocated once more
+        if method.passes:
+            pattern, number = method.passes[-1], len(method.passes)
+            scope = recheck.clip(current, _ext(state))
+        else:
+            pattern, number = Pattern.RANDOM, -HEADER_WIPES
+            scope = recheck.clip(current, _regions(state))
+        bad, first = self.engine.verify(pattern, number, scope, lambda p: None)
+        state.verification = {
+            **(state.verification or {}),
+            "rechecked_on_resume": {"bytes_read": sum(e.length for e in scope), "bad": bad},
+        }
+        if bad:
+            state.verification.update(result="failed", mismatched_bytes=bad, first_mismatch=first)
+
     def discard(self) -> None:
         if not self.opts.discard:
             self.state.discard = {"performed": False}
             return
         t = self.target
-        size = sysio.device_size(t.fd)
+        size = blockdev.device_size(t.fd)
         if t.block_device:
             how = "BLKSECDISCARD" if self.opts.secure_discard else "BLKDISCARD"
-            request = sysio.BLKSECDISCARD if self.opts.secure_discard else sysio.BLKDISCARD
+            request = blockdev.BLKSECDISCARD if self.opts.secure_discard else blockdev.BLKDISCARD
         else:
             how = "punch hole"
         try:
             if t.block_device:
-                sysio.blk_range_ioctl(t.fd, request, 0, size)
+                blockdev.blk_range_ioctl(t.fd, request, 0, size)
             else:
-                sysio.punch_hole(t.fd, 0, size)
+                punch_hole(t.fd, 0, size)
             sync(t)
             self.state.discard = {"performed": True, "how": how, "result": "done"}
         except OSError as e:
@@ -224,30 +268,40 @@ class _Eraser:
             }
 
 
-def _new_state(path: str, target: Target, method: Method, key: bytes | None) -> JournalState:
+def _new_state(path: str, target: Target, method: Method, opts: EraseOptions) -> JournalState:
     st = os.fstat(target.fd)
-    size = sysio.device_size(target.fd)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    luks = keyregions.probe(head)
+    size = blockdev.device_size(target.fd)
+    luks = luks_version(os.pread(target.fd, 8, 0))
     if luks is None and not method.overwrites:
         raise UnsupportedError(
             f"{path} is not a LUKS image: the crypto method has no key material to wipe; "
             "choose an overwrite method (zero, random, dod3...)"
         )
-    extents = sysio.allocated_extents(target.fd)
-    regions = keyregions.key_material_regions(path, size) if luks else []
+    if luks is None and not opts.force:
+        raise ImageError(
+            f"{path} is not a LUKS image (no LUKS header at its start): refusing to erase it. "
+            "If you mean to destroy this file or device whatever it holds, add --force"
+        )
+    if not target.block_device and st.st_nlink > 1 and not opts.force:
+        raise ImageError(
+            f"{path} has {st.st_nlink - 1} other hard link(s): after the erase they would "
+            "still name the (overwritten) file. Remove the other links first "
+            f"(find / -xdev -inum {st.st_ino}), or add --force to erase and unlink this name"
+        )
+    extents = allocated_extents(target.fd)
+    regions = wipe_regions(target.fd_path, size) if luks else []
     shared = any(e.shared for e in extents)
     return JournalState(
-        storage=storage.assess_path(path, shared_extents=shared),
+        storage=storage.assess_path(target.fd_path, shared_extents=shared),
         target=path,
         identity=[st.st_dev, st.st_ino, size],
         method=method.name,
-        key=(key or os.urandom(32)).hex(),
+        key=(opts.erase_key or os.urandom(32)).hex(),
         extents=[[e.offset, e.length, int(e.shared)] for e in extents],
         key_regions=[list(r) for r in _intersect(regions, extents)],
         luks_version=luks,
         started=time.time(),
+        links=1 if target.block_device else st.st_nlink,
     )
 
 
@@ -275,7 +329,7 @@ def _lock(target: Target) -> None:
         ) from None
     if target.block_device:
         try:
-            os.close(os.open(target.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+            os.close(os.open(target.fd_path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
@@ -284,7 +338,7 @@ def _lock(target: Target) -> None:
                 "exclusively by another program; release it and run the erase again"
             ) from None
     else:
-        loop = sysio.loop_device_of(target.path)
+        loop = blockdev.loop_device_of(target.fd_path)
         if loop is not None:
             raise ImageBusy(
                 f"{target.path} is attached to {loop}; detach it (losetup -d {loop}, or close "
@@ -321,7 +375,7 @@ def erase(
         state = jn.load(jpath)
         st = os.fstat(target.fd)
         if state is not None:
-            if state.identity[:2] != [st.st_dev, st.st_ino]:
+            if state.identity != [st.st_dev, st.st_ino, blockdev.device_size(target.fd)]:
                 raise ImageError(
                     f"the journal {jpath} belongs to another file that was at {path}; "
                     "remove the journal to erase this one"
@@ -337,7 +391,7 @@ def erase(
                 **{"phase": state.phase, "pass": state.pass_index + 1, "done": state.done},
             )
         else:
-            state = _new_state(path, target, method, opts.erase_key)
+            state = _new_state(path, target, method, opts)
         run = _Eraser(target, state, jpath, opts, rep)
         run.save()
         try:
@@ -351,6 +405,7 @@ def erase(
 
 def _run(run: _Eraser, method: Method, path: str) -> Certificate:
     state, opts, target = run.state, run.opts, run.target
+    resumed_past_verify = state.resumed > 0 and state.phase in (Phase.DISCARD, Phase.UNLINK)
     if state.phase == Phase.CRYPTO:
         run.crypto()
         state.phase = Phase.OVERWRITE
@@ -363,6 +418,7 @@ def _run(run: _Eraser, method: Method, path: str) -> Certificate:
         run.verify(method)
         state.phase = Phase.DISCARD
         run.save()
+    run.recheck(method, resumed_past_verify)
     if state.verification and state.verification.get("result") == "failed":
         state.discard = {"performed": False, "reason": "verification failed: kept for inspection"}
         return _finish(state, run.jpath, opts, path, target.block_device, unlinked=False)
@@ -372,14 +428,29 @@ def _run(run: _Eraser, method: Method, path: str) -> Certificate:
         run.save()
     unlinked = False
     if opts.unlink and not target.block_device:
-        os.unlink(path)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        unlinked = True
+        unlinked = _unlink(target, state)
     return _finish(state, run.jpath, opts, path, target.block_device, unlinked)
+
+
+def _unlink(target: Target, state: JournalState) -> bool:
+    """Remove the erased file's name, through its directory, if it still names that file."""
+    st = os.fstat(target.fd)
+    try:
+        now = os.stat(target.name, dir_fd=target.dir_fd, follow_symlinks=False)
+        same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        same = False
+    if not same:
+        state.unlink = {
+            "performed": False,
+            "reason": f"{target.path} was renamed or replaced during the erase: it no longer "
+            f"names the erased file (inode {st.st_ino}), so nothing was unlinked",
+        }
+        return False
+    os.unlink(target.name, dir_fd=target.dir_fd)
+    os.fsync(target.dir_fd)
+    state.unlink = {"performed": True, "other_links": st.st_nlink - 1}
+    return True
 
 
 def _finish(

@@ -2,8 +2,11 @@
 
 A small JSON file beside the target (`TARGET.vmshield-erase`; for a block device under
 /var/lib/vmshield/erase/). It is replaced atomically (write, fsync, rename, fsync the
-directory) and only after the target itself was fdatasync'ed up to the recorded position, so
-after a crash the journal never claims more than the medium holds. Redoing the bytes between
+directory; see safefile.py: planted links are never followed) and only after the target itself
+was fdatasync'ed up to the recorded position, so after a crash the journal never claims more
+than the medium holds. A journal that is a link, or that another user could have written, is
+refused; what a journal claims is checked against the medium before a resumed erase
+certifies anything (engine.py). Redoing the bytes between
 the last checkpoint and the crash is harmless: every pass writes the same bytes at the same
 offsets (see keystream.py).
 
@@ -18,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nbd_plugin.erase.safefile import read_own_file, replace_file
 from nbd_plugin.errors import ImageError
 
 VERSION = 1
@@ -62,6 +66,10 @@ class JournalState:
     resumed: int = 0
     storage: dict[str, Any] | None = None
     """The storage assessment, made while the target still existed."""
+    links: int = 1
+    """Hard links of the file when the erase started (1 unless --force took more)."""
+    unlink: dict[str, Any] | None = None
+    """Whether the name was removed, and why not."""
     version: int = VERSION
 
     @property
@@ -80,12 +88,12 @@ def journal_path(target: str, *, block_device: bool) -> str:
 
 def load(path: str) -> JournalState | None:
     """The journal at `path`, None if there is none; ImageError if it is unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    blob = read_own_file(path, "erase journal")
+    if blob is None:
         return None
-    except (OSError, ValueError) as e:
+    try:
+        data = json.loads(blob)
+    except (RecursionError, ValueError) as e:
         raise ImageError(
             f"erase journal {path} is unreadable ({e}); remove it to start the erase over"
         ) from None
@@ -101,25 +109,11 @@ def load(path: str) -> JournalState | None:
 
 def save(path: str, state: JournalState) -> None:
     """Replace the journal atomically and durably."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(asdict(state), sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    blob = json.dumps(asdict(state), sort_keys=True).encode()
+    replace_file(path, blob, 0o600, create_dir=0o700)
 
 
 def remove(path: str) -> None:
     """Delete the journal (the erase is complete)."""
-    for p in (path, path + ".tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

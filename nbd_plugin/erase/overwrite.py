@@ -9,8 +9,10 @@ are counted linearly over the extents ("done" bytes of a pass), which is what th
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,8 +23,10 @@ import numpy as np
 
 from nbd_plugin.erase.keystream import AES_BLOCK, SLACK, Keystream
 from nbd_plugin.erase.methods import Pattern
-from nbd_plugin.osutil import extents as sysio
+from nbd_plugin.errors import ImageError
+from nbd_plugin.osutil import blockdev
 from nbd_plugin.osutil.extents import Extent
+from nbd_plugin.osutil.io import preadinto_all, pwrite_all
 
 CHUNK = 8 << 20
 DEPTH = 2
@@ -36,7 +40,12 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Target:
-    """The open target: a buffered fd, an O_DIRECT fd when the filesystem allows one."""
+    """The open target: a buffered fd, an O_DIRECT fd when the filesystem allows one.
+
+    Both descriptors are the same open file: the path is resolved once (open_target) and
+    every later step — identity, extents, writes, verification, unlink — goes through `fd`,
+    `direct_fd` and `dir_fd`, never through the path again.
+    """
 
     path: str
     fd: int
@@ -45,6 +54,15 @@ class Target:
     align: int
     zeroout: bool
     """BLKZEROOUT does a real overwrite here (a block device with WRITE ZEROES, not a loop)."""
+    dir_fd: int = -1
+    """The directory the target was opened in (unlink goes through it)."""
+    name: str = ""
+    """The target's name in `dir_fd`."""
+
+    @property
+    def fd_path(self) -> str:
+        """A path to the open file itself, for helpers that take a path."""
+        return f"/proc/self/fd/{self.fd}"
 
     def fd_for(self, offset: int, length: int) -> int:
         """O_DIRECT when offset and length are aligned, else the buffered fd."""
@@ -70,22 +88,6 @@ def chunks(extents: list[Extent], done: int, size: int = CHUNK) -> Iterator[tupl
             off += n
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> int:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
-
-
 class Engine:
     """Writes and verifies passes on one target; owns two page-aligned buffers and a writer."""
 
@@ -109,7 +111,7 @@ class Engine:
             b.write(bytes([byte]) * len(b))
 
     def _write(self, view: memoryview, offset: int) -> None:
-        _pwrite_all(self.target.fd_for(offset, len(view)), view, offset)
+        pwrite_all(self.target.fd_for(offset, len(view)), view, offset)
 
     def run_pass(
         self,
@@ -126,7 +128,7 @@ class Engine:
         """
         if pattern is Pattern.ZERO and self.target.zeroout:
             for off, n, pos in chunks(extents, done, ZEROOUT_CHUNK):
-                sysio.blk_range_ioctl(self.target.fd, sysio.BLKZEROOUT, off, n)
+                blockdev.blk_range_ioctl(self.target.fd, blockdev.BLKZEROOUT, off, n)
                 progress(pos)
             return "blkzeroout"
         stream = None
@@ -169,7 +171,7 @@ class Engine:
 
         def read(i: int) -> int:
             off, n, _ = todo[i]
-            return _pread_all(self.target.fd_for(off, n), reads[i % 2][:n], off)
+            return preadinto_all(self.target.fd_for(off, n), reads[i % 2][:n], off)
 
         # read chunk i+1 (worker thread) while chunk i is compared
         ahead = self._pool.submit(read, 0) if todo else None
@@ -194,21 +196,66 @@ class Engine:
         return bad, first_bad
 
 
-def open_target(path: str, *, use_zeroout: bool = True) -> Target:
-    """Open `path` read-write (plus an O_DIRECT fd when the filesystem supports one)."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+def _open_in_dir(path: str) -> tuple[int, int, str]:
+    """(dir fd, fd, name): `path` opened read-write without following a final symlink."""
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        block = sysio.is_block_device(fd)
-        align = sysio.logical_block_size(fd)
-        try:
-            direct_fd: int | None = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError:
-            direct_fd = None  # tmpfs and some FUSE filesystems refuse O_DIRECT
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        return dir_fd, os.open(name, flags, dir_fd=dir_fd), name
+    except BaseException:
+        os.close(dir_fd)
+        raise
+
+
+def open_target(path: str, *, use_zeroout: bool = True) -> Target:
+    """Open `path` once, read-write (plus an O_DIRECT reopen of the same file).
+
+    A symbolic link is refused (ImageError): erasing through a link would overwrite its
+    target but unlink only the link. Only a link to a block device (/dev/disk/by-id/...) is
+    resolved, deliberately, and the device it names is opened.
+    """
+    try:
+        dir_fd, fd, name = _open_in_dir(path)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        real = os.path.realpath(path)
+        if os.path.exists(real) and stat.S_ISBLK(os.stat(real).st_mode):
+            target = open_target(real, use_zeroout=use_zeroout)
+            target.path = path
+            return target
+        raise ImageError(
+            f"{path} is a symbolic link (to {real}); erase refuses links, which would "
+            "overwrite one file and unlink another: name the image itself"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ImageError(f"{path} is neither a regular file nor a block device")
+        os.set_blocking(fd, True)
+        block = stat.S_ISBLK(st.st_mode)
+        align = blockdev.logical_block_size(fd)
+        direct_fd = _reopen_direct(fd, st)
         zeroout = block and use_zeroout and _device_zeroes_in_place(fd)
-        return Target(path, fd, direct_fd, block, align, zeroout)
+        return Target(path, fd, direct_fd, block, align, zeroout, dir_fd, name)
     except BaseException:
         os.close(fd)
+        os.close(dir_fd)
         raise
+
+
+def _reopen_direct(fd: int, st: os.stat_result) -> int | None:
+    """The same file again with O_DIRECT (through /proc/self/fd, not the path)."""
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        return None  # tmpfs and some FUSE filesystems refuse O_DIRECT
+    dst = os.fstat(direct)
+    if (dst.st_dev, dst.st_ino) != (st.st_dev, st.st_ino):  # cannot happen; never write it
+        os.close(direct)
+        raise ImageError("reopening the target for O_DIRECT gave another file; nothing written")
+    return direct
 
 
 def _device_zeroes_in_place(fd: int) -> bool:
@@ -231,10 +278,12 @@ def _device_zeroes_in_place(fd: int) -> bool:
 
 
 def close_target(target: Target) -> None:
-    """Close both fds."""
+    """Close the fds."""
     if target.direct_fd is not None:
         os.close(target.direct_fd)
     os.close(target.fd)
+    if target.dir_fd >= 0:
+        os.close(target.dir_fd)
 
 
 def sync(target: Target) -> float:

@@ -90,10 +90,10 @@ def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from keystore.cli import main
-    from nbd_plugin.luks import volume as container
+    from nbd_plugin import luks
 
     image = tmp_path / "d.img"
-    container.create_image(str(image), 1 << 20, b"pw", iterations=1000)
+    luks.create_image(str(image), 1 << 20, b"pw", iterations=1000)
     r = CliRunner().invoke(main, ["image", "info", "--json", str(image)])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["data_path"] == jit.data_path()
@@ -101,13 +101,13 @@ def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
 
 def serve_once(tmp_path: Path, *extra: str) -> str:
     """nbdkit -v with the plugin, one read through it; its log."""
-    from nbd_plugin.luks import volume as container
+    from nbd_plugin import luks
     from tests.support.nbd import PLUGIN, write_secret
 
     tmp_path.mkdir()
     image, key = tmp_path / "s.img", tmp_path / "key"
     write_secret(key, b"pw")
-    container.create_image(str(image), 1 << 20, b"pw", iterations=1000)
+    luks.create_image(str(image), 1 << 20, b"pw", iterations=1000)
     r = subprocess.run(
         [
             "nbdkit",

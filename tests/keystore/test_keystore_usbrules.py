@@ -1,4 +1,4 @@
-"""keystore.sqlite.usbrules: parsing, matching, the reader API usbgate uses, the change check."""
+"""keystore.sqlite.usbrules: storing policy rules, the reader API usbgate uses, the change check."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from keystore.errors import NotFound
 from keystore.models import UsbAction
 from keystore.sqlite import connection as dbmod
-from keystore.sqlite import usbrules
 from keystore.sqlite.repository import SqliteRepository
 from keystore.sqlite.usbrules import RulesWatcher, UsbRule, load_rules
 from tests.keystore.test_keystore_sqlite import FAST
+from usbgate.policy import Action, Device, Rule, decide, parse_rule
 
 
 def write(path: Path, *calls: tuple[str, tuple[object, ...], dict[str, object]]) -> None:
@@ -52,38 +52,38 @@ def rule(**kw: object) -> UsbRule:
     return UsbRule(**base)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    "text, want",
-    [
-        ("0781:5567", (0x781, 0x5567)),
-        ("0781:*", (0x781, None)),
-        ("*:*", (None, None)),
-        ("abcd:EF01", (0xABCD, 0xEF01)),
-    ],
-)
-def test_parse_id_pair(text: str, want: tuple[int | None, int | None]) -> None:
-    assert usbrules.parse_id_pair(text) == want
-
-
-@pytest.mark.parametrize("text", ["0781", "0781:5567:1", "12345:1", "g:1", ":", "0781:"])
-def test_parse_id_pair_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        usbrules.parse_id_pair(text)
-
-
-def test_parse_pattern_and_class() -> None:
-    assert usbrules.parse_pattern("08:06:50") == (8, 6, 0x50)
-    assert usbrules.parse_pattern("03") == (3, None, None)
-    assert usbrules.parse_pattern("ff:*:01") == (0xFF, None, 1)
-    assert usbrules.parse_class("0x09") == 9
-    for bad in ("1:2:3:4", "100", "x"):
-        with pytest.raises(ValueError):
-            usbrules.parse_pattern(bad)
-
-
 def test_describe() -> None:
     r = rule(vendor_id=0x781, interfaces=((8, 6, 0x50),))
     assert r.describe() == "allow id 0781:* with-interface 08:06:50"
+
+
+def test_a_stored_rule_is_a_policy_rule() -> None:
+    """One model: what the keystore loads is judged and written by usbgate.policy as is."""
+    stored = rule(vendor_id=0x0781, interfaces=((8, None, None),), serial='a "b"')
+    assert isinstance(stored, Rule)
+    assert parse_rule(stored.describe()) == Rule(
+        Action.ALLOW, 0x0781, None, None, ((8, None, None),), 'a "b"'
+    )
+    stick = Device(0x0781, 0x5567, 0, ((8, 6, 0x50),), serial='a "b"')
+    assert decide([stored], stick).action is Action.ALLOW
+    keyboard = Device(0x0781, 1, 0, ((3, 1, 1),), serial='a "b"')
+    assert decide([stored], keyboard).action is Action.BLOCK
+    assert stored.to_json() == {
+        "id": 1, "vm": "v", "position": 1, "action": "allow", "vendor_id": "0781",
+        "product_id": "*", "device_class": None, "interfaces": ["08:*:*"], "serial": 'a "b"',
+    }  # fmt: skip
+
+
+def test_loaded_rules_round_trip_through_the_database(db: Path) -> None:
+    write(
+        db,
+        ("add_usb_rule", ("web1", UsbAction.ALLOW, 0x781, 0x5567),
+         {"interfaces": [(8, 6, 0x50), (3, None, None)], "serial": "S 1"}),
+    )  # fmt: skip
+    [stored] = load_rules(db, "web1")
+    want = Rule(Action.ALLOW, 0x781, 0x5567, None, ((8, 6, 0x50), (3, None, None)), "S 1")
+    assert parse_rule(stored.describe()) == want
+    assert stored.describe() == 'allow id 0781:5567 with-interface { 08:06:50 03:*:* } serial "S 1"'
 
 
 def test_load_rules_in_order(db: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from keystore.audit import os_identity
 from keystore.errors import (
     AccountLocked,
     AlreadyExists,
@@ -24,7 +25,6 @@ from keystore.errors import (
     NotFound,
 )
 from keystore.models import DiskState, UsbAction
-from usbgate.keystore_source import rule_from_keystore
 from usbgate.policy import Action, Device, decide
 
 PW = b"correct horse battery"
@@ -113,7 +113,11 @@ class RepositoryContract:
         with pytest.raises(AuthenticationFailed) as exc:
             repo.authenticate("nobody", PW, actor=ACTOR)
         assert type(exc.value) is AuthenticationFailed
-        assert repo.list_audit()[-1].detail == {"user": "nobody", "reason": "unknown user"}
+        assert repo.list_audit()[-1].detail == {
+            "user": "nobody",
+            "reason": "unknown user",
+            **os_identity(),
+        }
 
     def test_lockout_refuses_without_checking(self, repo: Sync, clock: FakeClock) -> None:
         repo.add_principal("alice", PW, actor=ACTOR)
@@ -249,7 +253,7 @@ class RepositoryContract:
         stick = Device(0x0781, 0x5567, 0, ((8, 6, 0x50),))
 
         def verdict(device: Device) -> Action:
-            return decide([rule_from_keystore(x) for x in rules], device).action
+            return decide(rules, device).action
 
         assert verdict(stick) is Action.BLOCK  # rule 1 shadows rule 2
         repo.remove_usb_rule(vm, 1, actor=ACTOR)

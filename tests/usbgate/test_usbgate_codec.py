@@ -401,3 +401,15 @@ def test_fuzz_mutated_real_stream(flips: list[tuple[int, int]], cut: int, chunk:
     for pos, value in flips:
         data[pos] = value
     _consume(bytes(data[:cut]), chunk)
+
+
+def test_usbgate_errors_are_vmshield_errors() -> None:
+    """One product hierarchy: usbgate's errors derive from nbd_plugin.errors.VmshieldError."""
+    from nbd_plugin.errors import VmshieldError
+    from usbgate.errors import ProtocolError, RuleSourceError, RuleSyntaxError, UsbgateError
+    from usbgate.probe import Contradiction, ProbeFailed
+    from usbgate.usbredir.descriptors import DescriptorError
+
+    for cls in (UsbgateError, ProtocolError, RuleSyntaxError, RuleSourceError, ProbeFailed,
+                Contradiction, DescriptorError):  # fmt: skip
+        assert issubclass(cls, VmshieldError), cls

@@ -9,7 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from usbgate.errors import RuleSyntaxError
-from usbgate.policy import Action, Device, Rule, decide, parse_rule, parse_rules
+from usbgate.policy import (
+    Action,
+    Device,
+    Rule,
+    decide,
+    parse_class,
+    parse_id_pair,
+    parse_pattern,
+    parse_rule,
+    parse_rules,
+)
 from usbgate.probe import Contradiction, ProbeFailed, probe, reconcile
 from usbgate.qemu_filter import (
     filter_allows,
@@ -94,16 +104,38 @@ def test_rule_syntax_errors(text: str) -> None:
         parse_rule(text)
 
 
-def test_keystore_rules_convert_with_the_same_meaning() -> None:
-    from keystore.models import UsbAction
-    from keystore.sqlite.usbrules import UsbRule
-    from usbgate.keystore_source import rule_from_keystore
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("0781:5567", (0x781, 0x5567)), ("0781:*", (0x781, None)), ("*:*", (None, None)),
+     ("abcd:EF01", (0xABCD, 0xEF01)), (" 0x0781:5567 ", (0x781, 0x5567))],
+)  # fmt: skip
+def test_parse_id_pair(text: str, want: tuple[int | None, int | None]) -> None:
+    assert parse_id_pair(text) == want
 
-    ks = [UsbRule(1, "vm", 1, UsbAction.ALLOW, 0x0781, None, None, ((8, None, None),), None)]
-    ours = [rule_from_keystore(r) for r in ks]
-    assert ours == [Rule(Action.ALLOW, 0x0781, None, None, ((8, None, None),), None)]
-    assert decide(ours, STICK).action is Action.ALLOW
-    assert decide(ours, KEYBOARD).action is Action.BLOCK
+
+@pytest.mark.parametrize("text", ["0781", "0781:5567:1", "12345:1", "g:1", ":", "0781:"])
+def test_parse_id_pair_rejects(text: str) -> None:
+    with pytest.raises(RuleSyntaxError):
+        parse_id_pair(text)
+
+
+def test_parse_pattern_and_class() -> None:
+    assert parse_pattern("08:06:50") == (8, 6, 0x50)
+    assert parse_pattern("03") == (3, None, None)
+    assert parse_pattern("ff:*:01") == (0xFF, None, 1)
+    assert parse_class("0x09") == 9
+    for bad in ("1:2:3:4", "100", "x"):
+        with pytest.raises(RuleSyntaxError):
+            parse_pattern(bad)
+    for bad in ("*", "100", ""):
+        with pytest.raises(RuleSyntaxError):
+            parse_class(bad)
+
+
+def test_syntax_errors_are_value_errors_for_the_cli() -> None:
+    """The CLI turns ValueError into a usage error: RuleSyntaxError must be one."""
+    with pytest.raises(ValueError, match="VID must be 4 hex digits"):
+        parse_id_pair("07810:1")
 
 
 # --- probing --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from keystore.sqlite.connection import initialise
 from keystore.sqlite.repository import SqliteRepository
 from usbgate.errors import RuleSourceError
 from usbgate.keystore_source import KeystoreAuditSink, KeystoreRuleSource
-from usbgate.policy import Action, Rule
+from usbgate.policy import Action, Rule, parse_rule
 from usbgate.sources import FileRuleSource, MemoryRuleSource
 
 FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
@@ -76,12 +76,18 @@ def keystore_db(tmp_path: Path) -> Path:
     return db
 
 
+def texts(rules: list[Rule] | None) -> list[Rule]:
+    """The rules as plain policy rules (a stored rule also carries its row id and position)."""
+    assert rules is not None
+    return [parse_rule(str(r)) for r in rules]
+
+
 def test_keystore_rule_source_sees_other_processes_commits(keystore_db: Path) -> None:
     source = KeystoreRuleSource(keystore_db)
-    assert source.load("web1") == [Rule(Action.ALLOW, 0x0781)]
+    assert texts(source.load("web1")) == [Rule(Action.ALLOW, 0x0781)]
     assert source.poll("web1") is None
     _repo_do(keystore_db, "allow 046d")  # another connection commits
-    assert source.poll("web1") == [Rule(Action.ALLOW, 0x0781), Rule(Action.ALLOW, 0x046D)]
+    assert texts(source.poll("web1")) == [Rule(Action.ALLOW, 0x0781), Rule(Action.ALLOW, 0x046D)]
     assert source.poll("web1") is None
     started = time.perf_counter()
     for _ in range(1000):
@@ -100,7 +106,7 @@ def test_keystore_rule_source_vm_removed_then_back(keystore_db: Path) -> None:
     with pytest.raises(RuleSourceError):
         source.poll("web1")  # still gone
     _repo_do(keystore_db, "vm", "allow 0781")
-    assert source.poll("web1") == [Rule(Action.ALLOW, 0x0781)]
+    assert texts(source.poll("web1")) == [Rule(Action.ALLOW, 0x0781)]
     source.close()
     with pytest.raises(RuleSourceError, match="nosuchvm"):
         KeystoreRuleSource(keystore_db).load("nosuchvm")

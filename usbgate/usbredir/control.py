@@ -1,4 +1,8 @@
-"""usbredir control packets as frozen dataclasses with ``pack()`` / ``unpack()``.
+"""usbredir control packets of a device's life, as frozen dataclasses with ``pack``/``unpack``.
+
+Hello, device connect/disconnect, reset, interface and endpoint info, configuration and
+alternate settings, the filter packets. The endpoint stream packets (iso, interrupt, bulk
+streams, bulk receiving, cancel) are in usbgate.usbredir.streams.
 
 ``pack(caps)`` returns the body (type specific header + data) that follows the usb_redir_header;
 ``unpack(body, id=, caps=, sender=)`` is its inverse and raises ``ProtocolError`` for any body
@@ -10,45 +14,22 @@ one direction only, and some packets may only come from one side.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Self, cast
+from dataclasses import dataclass
+from typing import ClassVar, Self
 
 from usbgate.errors import ProtocolError
+from usbgate.usbredir.structs import (
+    EITHER,
+    GUEST_ONLY,
+    HOST_ONLY,
+    FixedBody,
+    pack_bytes,
+    pack_struct,
+)
 from usbgate.usbredir.wire import Capability, PacketType, Role
-
-_EITHER = frozenset({Role.HOST, Role.GUEST})
-_HOST = frozenset({Role.HOST})
-_GUEST = frozenset({Role.GUEST})
 
 # Capability words accepted in a hello: 32 * 16 capabilities is far beyond 0.7's 8.
 MAX_CAPABILITY_WORDS = 16
-
-
-def _pack(wire: struct.Struct, *values: int) -> bytes:
-    try:
-        return wire.pack(*values)
-    except struct.error as exc:
-        raise ValueError(f"field out of range for {wire.format!r}: {values}") from exc
-
-
-class _FixedBody:
-    """A packet whose body is exactly one struct of integers, in field order, and no data."""
-
-    TYPE: ClassVar[PacketType]
-    SENDERS: ClassVar[frozenset[Role]]
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<")
-
-    def pack(self, caps: Capability) -> bytes:
-        names = [f.name for f in fields(cast(Any, self)) if f.name != "id"]
-        return _pack(self.WIRE, *(getattr(self, n) for n in names))
-
-    @classmethod
-    def unpack(cls, body: bytes, *, id: int, caps: Capability, sender: Role) -> Self:
-        if len(body) != cls.WIRE.size:
-            raise ProtocolError(
-                f"{cls.TYPE.name}: body is {len(body)} bytes, expected {cls.WIRE.size}"
-            )
-        return cast(Self, cast(Any, cls)(*cls.WIRE.unpack(body), id=id))
 
 
 # --- control packets ---------------------------------------------------------------------
@@ -59,7 +40,7 @@ class Hello:
     """struct usb_redir_hello_header { char version[64]; uint32_t capabilities[0]; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.HELLO
-    SENDERS: ClassVar[frozenset[Role]] = _EITHER
+    SENDERS: ClassVar[frozenset[Role]] = EITHER
     VERSION_SIZE: ClassVar[int] = 64
 
     version: str
@@ -73,7 +54,7 @@ class Hello:
 
     def pack(self, caps: Capability) -> bytes:
         raw = self.version.encode("latin-1", "replace")[: self.VERSION_SIZE - 1]
-        words = _pack(struct.Struct(f"<{len(self.capabilities)}I"), *self.capabilities)
+        words = pack_struct(struct.Struct(f"<{len(self.capabilities)}I"), *self.capabilities)
         return raw.ljust(self.VERSION_SIZE, b"\0") + words
 
     @classmethod
@@ -92,7 +73,7 @@ class DeviceConnect:
     usb_redir_cap_connect_device_version on both sides ("the packet will be 2 bytes less")."""
 
     TYPE: ClassVar[PacketType] = PacketType.DEVICE_CONNECT
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BBBBHH")
     WIRE_BCD: ClassVar[struct.Struct] = struct.Struct("<BBBBHHH")
 
@@ -109,8 +90,8 @@ class DeviceConnect:
         head = (self.speed, self.device_class, self.device_subclass, self.device_protocol)
         ids = (self.vendor_id, self.product_id)
         if caps & Capability.CONNECT_DEVICE_VERSION:
-            return _pack(self.WIRE_BCD, *head, *ids, self.device_version_bcd)
-        return _pack(self.WIRE, *head, *ids)
+            return pack_struct(self.WIRE_BCD, *head, *ids, self.device_version_bcd)
+        return pack_struct(self.WIRE, *head, *ids)
 
     @classmethod
     def unpack(cls, body: bytes, *, id: int, caps: Capability, sender: Role) -> Self:
@@ -123,20 +104,20 @@ class DeviceConnect:
 
 
 @dataclass(frozen=True)
-class DeviceDisconnect(_FixedBody):
+class DeviceDisconnect(FixedBody):
     """No body: the usb-host's device went away."""
 
     TYPE: ClassVar[PacketType] = PacketType.DEVICE_DISCONNECT
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     id: int = 0
 
 
 @dataclass(frozen=True)
-class Reset(_FixedBody):
+class Reset(FixedBody):
     """No body: the usb-guest resets the device."""
 
     TYPE: ClassVar[PacketType] = PacketType.RESET
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     id: int = 0
 
 
@@ -156,7 +137,7 @@ class InterfaceInfo:
     uint8_t interface[32], interface_class[32], interface_subclass[32], interface_protocol[32]; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.INTERFACE_INFO
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<I32s32s32s32s")
     MAX: ClassVar[int] = 32
 
@@ -169,7 +150,7 @@ class InterfaceInfo:
         columns = [bytes(col).ljust(self.MAX, b"\0") for col in zip(*self._rows(), strict=True)]
         if not columns:
             columns = [b"\0" * self.MAX] * 4
-        return _pack_bytes(self.WIRE, len(self.interfaces), *columns)
+        return pack_bytes(self.WIRE, len(self.interfaces), *columns)
 
     def _rows(self) -> list[tuple[int, int, int, int]]:
         return [
@@ -186,13 +167,6 @@ class InterfaceInfo:
             raise ProtocolError(f"INTERFACE_INFO: interface_count {count} > {cls.MAX}")
         rows = zip(numbers, classes, subclasses, protocols, strict=True)
         return cls(tuple(Interface(*row) for row in list(rows)[:count]), id=id)
-
-
-def _pack_bytes(wire: struct.Struct, *values: int | bytes) -> bytes:
-    try:
-        return wire.pack(*values)
-    except (struct.error, ValueError) as exc:
-        raise ValueError(f"field out of range for {wire.format!r}") from exc
 
 
 def _u8_columns(*columns: tuple[int, ...]) -> list[bytes]:
@@ -214,7 +188,7 @@ class EpInfo:
     uint32_t max_streams[32] (cap bulk_streams); } -- "first 0-15 out, then 0-15 in"."""
 
     TYPE: ClassVar[PacketType] = PacketType.EP_INFO
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     BASE: ClassVar[struct.Struct] = struct.Struct("<32s32s32s")
     SIZES: ClassVar[struct.Struct] = struct.Struct("<32H")
     STREAMS: ClassVar[struct.Struct] = struct.Struct("<32I")
@@ -236,11 +210,11 @@ class EpInfo:
         return size
 
     def pack(self, caps: Capability) -> bytes:
-        out = _pack_bytes(self.BASE, *_u8_columns(self.types, self.intervals, self.interfaces))
+        out = pack_bytes(self.BASE, *_u8_columns(self.types, self.intervals, self.interfaces))
         if caps & Capability.EP_INFO_MAX_PACKET_SIZE:
-            out += _pack(self.SIZES, *self.max_packet_sizes)
+            out += pack_struct(self.SIZES, *self.max_packet_sizes)
         if caps & Capability.BULK_STREAMS:
-            out += _pack(self.STREAMS, *self.max_streams)
+            out += pack_struct(self.STREAMS, *self.max_streams)
         return out
 
     @classmethod
@@ -260,31 +234,31 @@ class EpInfo:
 
 
 @dataclass(frozen=True)
-class SetConfiguration(_FixedBody):
+class SetConfiguration(FixedBody):
     """struct usb_redir_set_configuration_header { uint8_t configuration; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.SET_CONFIGURATION
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<B")
     configuration: int
     id: int = 0
 
 
 @dataclass(frozen=True)
-class GetConfiguration(_FixedBody):
+class GetConfiguration(FixedBody):
     """No body: the usb-guest asks for the active configuration."""
 
     TYPE: ClassVar[PacketType] = PacketType.GET_CONFIGURATION
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     id: int = 0
 
 
 @dataclass(frozen=True)
-class ConfigurationStatus(_FixedBody):
+class ConfigurationStatus(FixedBody):
     """struct usb_redir_configuration_status_header { uint8_t status; uint8_t configuration; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.CONFIGURATION_STATUS
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BB")
     status: int
     configuration: int
@@ -292,11 +266,11 @@ class ConfigurationStatus(_FixedBody):
 
 
 @dataclass(frozen=True)
-class SetAltSetting(_FixedBody):
+class SetAltSetting(FixedBody):
     """struct usb_redir_set_alt_setting_header { uint8_t interface; uint8_t alt; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.SET_ALT_SETTING
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BB")
     interface: int
     alt: int
@@ -304,22 +278,22 @@ class SetAltSetting(_FixedBody):
 
 
 @dataclass(frozen=True)
-class GetAltSetting(_FixedBody):
+class GetAltSetting(FixedBody):
     """struct usb_redir_get_alt_setting_header { uint8_t interface; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.GET_ALT_SETTING
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<B")
     interface: int
     id: int = 0
 
 
 @dataclass(frozen=True)
-class AltSettingStatus(_FixedBody):
+class AltSettingStatus(FixedBody):
     """struct usb_redir_alt_setting_status_header { uint8_t status, interface, alt; }"""
 
     TYPE: ClassVar[PacketType] = PacketType.ALT_SETTING_STATUS
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BBB")
     status: int
     interface: int
@@ -328,127 +302,11 @@ class AltSettingStatus(_FixedBody):
 
 
 @dataclass(frozen=True)
-class StartIsoStream(_FixedBody):
-    """struct usb_redir_start_iso_stream_header { uint8_t endpoint, pkts_per_urb, no_urbs; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.START_ISO_STREAM
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<BBB")
-    endpoint: int
-    pkts_per_urb: int
-    no_urbs: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class StopIsoStream(_FixedBody):
-    """struct usb_redir_stop_iso_stream_header { uint8_t endpoint; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.STOP_ISO_STREAM
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<B")
-    endpoint: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class IsoStreamStatus(_FixedBody):
-    """struct usb_redir_iso_stream_status_header { uint8_t status; uint8_t endpoint; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.ISO_STREAM_STATUS
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<BB")
-    status: int
-    endpoint: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class StartInterruptReceiving(_FixedBody):
-    """struct usb_redir_start_interrupt_receiving_header { uint8_t endpoint; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.START_INTERRUPT_RECEIVING
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<B")
-    endpoint: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class StopInterruptReceiving(_FixedBody):
-    """struct usb_redir_stop_interrupt_receiving_header { uint8_t endpoint; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.STOP_INTERRUPT_RECEIVING
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<B")
-    endpoint: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class InterruptReceivingStatus(_FixedBody):
-    """struct usb_redir_interrupt_receiving_status_header { uint8_t status; uint8_t endpoint; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.INTERRUPT_RECEIVING_STATUS
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<BB")
-    status: int
-    endpoint: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class AllocBulkStreams(_FixedBody):
-    """struct usb_redir_alloc_bulk_streams_header { uint32_t endpoints; uint32_t no_streams; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.ALLOC_BULK_STREAMS
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<II")
-    endpoints: int
-    no_streams: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class FreeBulkStreams(_FixedBody):
-    """struct usb_redir_free_bulk_streams_header { uint32_t endpoints; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.FREE_BULK_STREAMS
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<I")
-    endpoints: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class BulkStreamsStatus(_FixedBody):
-    """struct usb_redir_bulk_streams_status_header { uint32_t endpoints, no_streams;
-    uint8_t status; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.BULK_STREAMS_STATUS
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<IIB")
-    endpoints: int
-    no_streams: int
-    status: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class CancelDataPacket(_FixedBody):
-    """No body: cancel the data packet whose id this header carries."""
-
-    TYPE: ClassVar[PacketType] = PacketType.CANCEL_DATA_PACKET
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class FilterReject(_FixedBody):
+class FilterReject(FixedBody):
     """No body: the usb-guest refused the announced device."""
 
     TYPE: ClassVar[PacketType] = PacketType.FILTER_REJECT
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     id: int = 0
 
 
@@ -458,7 +316,7 @@ class FilterFilter:
     rules joined by '|'."""
 
     TYPE: ClassVar[PacketType] = PacketType.FILTER_FILTER
-    SENDERS: ClassVar[frozenset[Role]] = _EITHER
+    SENDERS: ClassVar[frozenset[Role]] = EITHER
     MAX: ClassVar[int] = 64 * 1024
 
     rules: str
@@ -481,50 +339,9 @@ class FilterFilter:
 
 
 @dataclass(frozen=True)
-class DeviceDisconnectAck(_FixedBody):
+class DeviceDisconnectAck(FixedBody):
     """No body: the usb-guest processed device_disconnect."""
 
     TYPE: ClassVar[PacketType] = PacketType.DEVICE_DISCONNECT_ACK
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class StartBulkReceiving(_FixedBody):
-    """struct usb_redir_start_bulk_receiving_header { uint32_t stream_id, bytes_per_transfer;
-    uint8_t endpoint, no_transfers; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.START_BULK_RECEIVING
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<IIBB")
-    stream_id: int
-    bytes_per_transfer: int
-    endpoint: int
-    no_transfers: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class StopBulkReceiving(_FixedBody):
-    """struct usb_redir_stop_bulk_receiving_header { uint32_t stream_id; uint8_t endpoint; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.STOP_BULK_RECEIVING
-    SENDERS: ClassVar[frozenset[Role]] = _GUEST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<IB")
-    stream_id: int
-    endpoint: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class BulkReceivingStatus(_FixedBody):
-    """struct usb_redir_bulk_receiving_status_header { uint32_t stream_id;
-    uint8_t endpoint, status; }"""
-
-    TYPE: ClassVar[PacketType] = PacketType.BULK_RECEIVING_STATUS
-    SENDERS: ClassVar[frozenset[Role]] = _HOST
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<IBB")
-    stream_id: int
-    endpoint: int
-    status: int
+    SENDERS: ClassVar[frozenset[Role]] = GUEST_ONLY
     id: int = 0

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from usbgate.errors import ProtocolError
+from usbgate.usbredir.structs import EITHER, HOST_ONLY, pack_struct
 from usbgate.usbredir.wire import Capability, PacketType, Role
 
-_EITHER = frozenset({Role.HOST, Role.GUEST})
 ENDPOINT_DIR_IN = 0x80
 
 
@@ -33,13 +33,6 @@ def _check_data(name: str, endpoint: int, length: int, data: bytes, sender: Role
         raise ProtocolError(f"{name}: data in the wrong direction (endpoint {endpoint:#04x})")
 
 
-def _pack(wire: struct.Struct, *values: int) -> bytes:
-    try:
-        return wire.pack(*values)
-    except struct.error as exc:
-        raise ValueError(f"field out of range for {wire.format!r}: {values}") from exc
-
-
 def _split(name: str, wire: struct.Struct, body: bytes) -> tuple[tuple[int, ...], bytes]:
     if len(body) < wire.size:
         raise ProtocolError(f"{name}: body is {len(body)} bytes, header needs {wire.size}")
@@ -52,7 +45,7 @@ class ControlPacket:
     uint16_t value, index, length; } + data."""
 
     TYPE: ClassVar[PacketType] = PacketType.CONTROL_PACKET
-    SENDERS: ClassVar[frozenset[Role]] = _EITHER
+    SENDERS: ClassVar[frozenset[Role]] = EITHER
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BBBBHHH")
 
     endpoint: int
@@ -70,7 +63,7 @@ class ControlPacket:
 
     def pack(self, caps: Capability) -> bytes:
         head = (self.endpoint, self.request, self.requesttype, self.status)
-        return _pack(self.WIRE, *head, self.value, self.index, self.length) + self.data
+        return pack_struct(self.WIRE, *head, self.value, self.index, self.length) + self.data
 
     @classmethod
     def unpack(cls, body: bytes, *, id: int, caps: Capability, sender: Role) -> Self:
@@ -89,7 +82,7 @@ class BulkPacket:
     ``length`` here is the whole length (low and high halves joined)."""
 
     TYPE: ClassVar[PacketType] = PacketType.BULK_PACKET
-    SENDERS: ClassVar[frozenset[Role]] = _EITHER
+    SENDERS: ClassVar[frozenset[Role]] = EITHER
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BBHI")
     WIRE_32: ClassVar[struct.Struct] = struct.Struct("<BBHIH")
 
@@ -106,11 +99,11 @@ class BulkPacket:
     def pack(self, caps: Capability) -> bytes:
         low, high = self.length & 0xFFFF, self.length >> 16
         if caps & Capability.BULK_LENGTH_32BIT:
-            head = _pack(self.WIRE_32, self.endpoint, self.status, low, self.stream_id, high)
+            head = pack_struct(self.WIRE_32, self.endpoint, self.status, low, self.stream_id, high)
         elif high:
             raise ValueError("bulk length > 65535 needs the 32bits_bulk_length capability")
         else:
-            head = _pack(self.WIRE, self.endpoint, self.status, low, self.stream_id)
+            head = pack_struct(self.WIRE, self.endpoint, self.status, low, self.stream_id)
         return head + self.data
 
     @classmethod
@@ -127,12 +120,12 @@ class BulkPacket:
 
 
 @dataclass(frozen=True)
-class IsoPacket:
-    """struct usb_redir_iso_packet_header { uint8_t endpoint, status; uint16_t length; } + data.
-    Iso packets always carry data: sent in the data's direction only."""
+class _ShortDataPacket:
+    """The layout iso and interrupt packets share: { uint8_t endpoint, status; uint16_t length; }
+    + data. Subclasses set TYPE and say in ``check`` which direction they may be sent in."""
 
-    TYPE: ClassVar[PacketType] = PacketType.ISO_PACKET
-    SENDERS: ClassVar[frozenset[Role]] = _EITHER
+    TYPE: ClassVar[PacketType]
+    SENDERS: ClassVar[frozenset[Role]] = EITHER
     WIRE: ClassVar[struct.Struct] = struct.Struct("<BBH")
 
     endpoint: int
@@ -142,50 +135,43 @@ class IsoPacket:
     id: int = 0
 
     def check(self, sender: Role) -> None:
-        if not _data_expected(self.endpoint, sender):
-            raise ProtocolError("ISO_PACKET: sent in the wrong direction")
-        _check_data("ISO_PACKET", self.endpoint, self.length, self.data, sender)
+        _check_data(self.TYPE.name, self.endpoint, self.length, self.data, sender)
 
     def pack(self, caps: Capability) -> bytes:
-        return _pack(self.WIRE, self.endpoint, self.status, self.length) + self.data
+        return pack_struct(self.WIRE, self.endpoint, self.status, self.length) + self.data
 
     @classmethod
     def unpack(cls, body: bytes, *, id: int, caps: Capability, sender: Role) -> Self:
-        (endpoint, status, length), data = _split("ISO_PACKET", cls.WIRE, body)
+        (endpoint, status, length), data = _split(cls.TYPE.name, cls.WIRE, body)
         packet = cls(endpoint, status, length, data, id=id)
         packet.check(sender)
         return packet
 
 
 @dataclass(frozen=True)
-class InterruptPacket:
+class IsoPacket(_ShortDataPacket):
+    """struct usb_redir_iso_packet_header { uint8_t endpoint, status; uint16_t length; } + data.
+    Iso packets always carry data: sent in the data's direction only."""
+
+    TYPE: ClassVar[PacketType] = PacketType.ISO_PACKET
+
+    def check(self, sender: Role) -> None:
+        if not _data_expected(self.endpoint, sender):
+            raise ProtocolError("ISO_PACKET: sent in the wrong direction")
+        super().check(sender)
+
+
+@dataclass(frozen=True)
+class InterruptPacket(_ShortDataPacket):
     """struct usb_redir_interrupt_packet_header { uint8_t endpoint, status; uint16_t length; }
     + data. The guest never sends one for an IN endpoint (the host polls those)."""
 
     TYPE: ClassVar[PacketType] = PacketType.INTERRUPT_PACKET
-    SENDERS: ClassVar[frozenset[Role]] = _EITHER
-    WIRE: ClassVar[struct.Struct] = struct.Struct("<BBH")
-
-    endpoint: int
-    status: int
-    length: int
-    data: bytes = b""
-    id: int = 0
 
     def check(self, sender: Role) -> None:
         if sender is Role.GUEST and self.endpoint & ENDPOINT_DIR_IN:
             raise ProtocolError("INTERRUPT_PACKET: guest sent one for an IN endpoint")
-        _check_data("INTERRUPT_PACKET", self.endpoint, self.length, self.data, sender)
-
-    def pack(self, caps: Capability) -> bytes:
-        return _pack(self.WIRE, self.endpoint, self.status, self.length) + self.data
-
-    @classmethod
-    def unpack(cls, body: bytes, *, id: int, caps: Capability, sender: Role) -> Self:
-        (endpoint, status, length), data = _split("INTERRUPT_PACKET", cls.WIRE, body)
-        packet = cls(endpoint, status, length, data, id=id)
-        packet.check(sender)
-        return packet
+        super().check(sender)
 
 
 @dataclass(frozen=True)
@@ -194,7 +180,7 @@ class BufferedBulkPacket:
     uint8_t endpoint, status; } + data, host to guest only."""
 
     TYPE: ClassVar[PacketType] = PacketType.BUFFERED_BULK_PACKET
-    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.HOST})
+    SENDERS: ClassVar[frozenset[Role]] = HOST_ONLY
     WIRE: ClassVar[struct.Struct] = struct.Struct("<IIBB")
 
     stream_id: int
@@ -209,7 +195,7 @@ class BufferedBulkPacket:
             raise ProtocolError("BUFFERED_BULK_PACKET: data length differs from length field")
 
     def pack(self, caps: Capability) -> bytes:
-        head = _pack(self.WIRE, self.stream_id, self.length, self.endpoint, self.status)
+        head = pack_struct(self.WIRE, self.stream_id, self.length, self.endpoint, self.status)
         return head + self.data
 
     @classmethod

@@ -30,6 +30,8 @@ class DescriptorType(enum.IntEnum):
     """Interface descriptor inside a configuration."""
     ENDPOINT = 5
     """Endpoint descriptor inside a configuration."""
+    OTHER_SPEED_CONFIGURATION = 7
+    """A configuration as it would be at the other speed: interfaces and endpoints, too."""
 
 
 # Standard requests (USB 2.0 table 9-4) and bmRequestType for a device-to-host standard request.
@@ -135,6 +137,29 @@ class ConfigDescriptor:
                 interfaces.append(InterfaceDescriptor(number, alt, icls, isub, iproto))
             offset += length
         return cls(total, num_interfaces, value, tuple(interfaces))
+
+
+def interface_triples_in(data: bytes) -> list[tuple[int, int, int]]:
+    """The (class, subclass, protocol) of every interface descriptor in ``data``.
+
+    ``data`` is a configuration-like descriptor, possibly cut short by a short wLength: the
+    walk stops at the end of the bytes, and only a descriptor that contradicts its own bLength
+    is an error.
+    """
+    triples = []
+    offset = 0
+    while offset + 2 <= len(data):
+        length, dtype = data[offset], data[offset + 1]
+        if length < 2:
+            raise DescriptorError(f"bad bLength {length} at offset {offset}")
+        if dtype == DescriptorType.INTERFACE:
+            if length < INTERFACE_DESCRIPTOR.size:
+                raise DescriptorError("interface descriptor shorter than 9 bytes")
+            if offset + 8 > len(data):
+                break  # cut before its class bytes: the reader cannot see them either
+            triples.append((data[offset + 5], data[offset + 6], data[offset + 7]))
+        offset += length
+    return triples
 
 
 def parse_string(data: bytes) -> str:

@@ -1,6 +1,6 @@
 """Every usbredir packet type: the ``Packet`` union and the type -> class registry.
 
-Control packets are in usbgate.usbredir.control, data packets in usbgate.usbredir.data; each class
+Control packets are in usbgate.usbredir.control and .streams, data packets in .data; each class
 has ``pack(caps) -> body`` and ``unpack(body, id=, caps=, sender=)`` (see controlpackets).
 """
 
@@ -10,11 +10,7 @@ from typing import TypeAlias
 
 from usbgate.usbredir.control import (
     MAX_CAPABILITY_WORDS,
-    AllocBulkStreams,
     AltSettingStatus,
-    BulkReceivingStatus,
-    BulkStreamsStatus,
-    CancelDataPacket,
     ConfigurationStatus,
     DeviceConnect,
     DeviceDisconnect,
@@ -22,23 +18,14 @@ from usbgate.usbredir.control import (
     EpInfo,
     FilterFilter,
     FilterReject,
-    FreeBulkStreams,
     GetAltSetting,
     GetConfiguration,
     Hello,
     Interface,
     InterfaceInfo,
-    InterruptReceivingStatus,
-    IsoStreamStatus,
     Reset,
     SetAltSetting,
     SetConfiguration,
-    StartBulkReceiving,
-    StartInterruptReceiving,
-    StartIsoStream,
-    StopBulkReceiving,
-    StopInterruptReceiving,
-    StopIsoStream,
 )
 from usbgate.usbredir.data import (
     BufferedBulkPacket,
@@ -46,6 +33,21 @@ from usbgate.usbredir.data import (
     ControlPacket,
     InterruptPacket,
     IsoPacket,
+)
+from usbgate.usbredir.streams import (
+    AllocBulkStreams,
+    BulkReceivingStatus,
+    BulkStreamsStatus,
+    CancelDataPacket,
+    FreeBulkStreams,
+    InterruptReceivingStatus,
+    IsoStreamStatus,
+    StartBulkReceiving,
+    StartInterruptReceiving,
+    StartIsoStream,
+    StopBulkReceiving,
+    StopInterruptReceiving,
+    StopIsoStream,
 )
 from usbgate.usbredir.wire import PacketType
 

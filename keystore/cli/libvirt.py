@@ -1,0 +1,197 @@
+"""`vmshield libvirt ...`: the domain XML for a VM, and installing the qemu hook."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from keystore.cli.options import (
+    db_option,
+    emit_json,
+    handle_errors,
+    json_option,
+    resolve_location,
+    run,
+)
+from keystore.models import Disk, DiskState, Vm
+from keystore.postgres.url import PgUrl
+from keystore.repository import Repository
+from keystore.services import hookconf, libvirt_xml
+from keystore.services.hookconf import HookConfig
+from keystore.sqlite.usbrules import UsbRule
+
+DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
+HOOK_NAME = "vmshield"
+HOOK_MARK = "# vmshield qemu hook"
+HOOK_TEMPLATE = """#!{python} -I
+{mark} (written by `vmshield libvirt install-hook`; the logic is in
+# keystore.services.libvirt_hook). libvirtd runs it as `vmshield NAME OP SUBOP EXTRA` with the
+# domain XML on stdin; it reads its settings from {config}.
+import sys
+from pathlib import Path
+
+from keystore.services.libvirt_hook import main
+
+sys.exit(main(sys.argv[1:], config=Path({config_repr})))
+"""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(f: F) -> F:
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=hookconf.CONFIG_ENV,
+        show_envvar=True,
+        help=f"The hook's configuration file (default {hookconf.DEFAULT_CONFIG}).",
+    )(f)
+
+
+@click.group()
+def libvirt() -> None:
+    """Run vmshield VMs under libvirt: `virsh start` serves the disks and the USB gate.
+
+    \b
+    Once per host:
+      vmshield libvirt install-hook          # then restart libvirtd
+    Per VM (domain name = VM name, or <uuid> = the VM's uuid):
+      vmshield libvirt devices web1          # paste into the domain's <devices>
+      vmshield vm unlock web1 --for 10m      # owner present; or, unattended:
+      vmshield disk enroll-host web1-0
+      virsh start web1
+    """
+
+
+async def _devices(r: Repository, vm: str) -> tuple[Vm, list[Disk], list[UsbRule]]:
+    v = await r.get_vm(vm)
+    return v, await r.list_disks(v.name), await r.list_usb_rules(v.name)
+
+
+@click.command("devices")
+@click.argument("vm")
+@click.option(
+    "--usb-slots",
+    type=click.IntRange(0, 8),
+    default=1,
+    show_default=True,
+    help="usb-redir slots (one USB device each); 0: no USB controller or redirection.",
+)
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Socket directory (default: run_dir of the hook's configuration).")  # fmt: skip
+@config_option
+@json_option
+@db_option
+@handle_errors
+def devices(
+    vm: str, usb_slots: int, run_dir: Path | None, config: Path | None, as_json: bool,
+    db: Path | None,
+) -> None:  # fmt: skip
+    """Print the <devices> entries of VM for its libvirt domain.
+
+    Its ready disks as NBD-over-unix <disk>s (the sockets the hook serves them on), a
+    qemu-xhci controller, one <redirdev type='unix'> per USB slot (QEMU listens, usbgate
+    connects when an owner plugs a device in), and a <redirfilter> made from the VM's USB
+    rules: QEMU itself refuses what the rules could never allow (a second line of defence;
+    the filter is fixed at start, so regenerate it after changing the rules).
+    """
+    from usbgate.qemu_filter import libvirt_redirfilter
+
+    cfg = hookconf.load_or_defaults(config)
+    rdir = (run_dir or cfg.run_dir).absolute()
+    v, disks, rules = run(db, lambda r: _devices(r, vm))
+    name, uuid = v.name, v.uuid
+    ready = [d for d in disks if d.state is DiskState.READY]
+    xml = libvirt_xml.devices_xml(
+        name,
+        ready,
+        rdir,
+        usb_slots=usb_slots,
+        redirfilter=libvirt_redirfilter(rules) if usb_slots else None,
+    )
+    if as_json:
+        emit_json({"vm": name, "uuid": uuid, "devices_xml": xml, "run_dir": str(rdir)})
+        return
+    click.echo(xml)
+    click.echo(f"note: name the domain {name} or give it <uuid>{uuid}</uuid>", err=True)
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.command("install-hook")
+@click.option("--hooks-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_HOOKS_DIR, show_default=True,
+              help="libvirt's qemu hook drop-in directory (session mode: "
+              "~/.config/libvirt/hooks/qemu.d).")  # fmt: skip
+@config_option
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the hook puts sockets, pid and log files (default /run/vmshield).",
+)
+@click.option(
+    "--host-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Host key of `vmshield disk enroll-host` (default /etc/vmshield/host.key).",
+)
+@click.option("--usb-listen", metavar="ADDR",
+              help="Where USB owners reach a VM's usbgate; {vm} and {run_dir} are replaced "
+              f"(default {hookconf.DEFAULT_USB_LISTEN}).")  # fmt: skip
+@db_option
+@handle_errors
+def install_hook(
+    hooks_dir: Path, config: Path | None, run_dir: Path | None, host_key: Path | None,
+    usb_listen: str | None, db: Path | None,
+) -> None:  # fmt: skip
+    """Install the vmshield qemu hook and write its configuration.
+
+    The hook runs under libvirtd, which passes none of your variables: the keystore path
+    and the other settings are written to the configuration file (--config), and the
+    hook file names this Python and that file. libvirtd reads new hook files only when it
+    starts: restart it afterwards (an update of an existing hook applies at once).
+    """
+    base = hookconf.defaults()
+    cfg = HookConfig(
+        db=location if isinstance(location := resolve_location(db), PgUrl) else location.absolute(),
+        run_dir=(run_dir or base.run_dir).absolute(),
+        host_key=(host_key or base.host_key).absolute(),
+        usb_listen=usb_listen or hookconf.DEFAULT_USB_LISTEN,
+    )
+    conf = hookconf.config_path(config).absolute()
+    hook = hooks_dir.absolute() / HOOK_NAME
+    if hook.exists() and HOOK_MARK not in hook.read_text(errors="replace"):
+        raise click.ClickException(f"{hook} exists and is not vmshield's hook; not replacing it")
+    existed = hook.exists()
+    try:
+        conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        hook.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _write_atomic(conf, cfg.render(), 0o644)
+        text = HOOK_TEMPLATE.format(python=sys.executable, mark=HOOK_MARK, config=conf,
+                                    config_repr=repr(str(conf)))  # fmt: skip
+        _write_atomic(hook, text, 0o755)
+    except OSError as e:
+        raise click.ClickException(f"cannot install the hook: {e}") from e
+    click.echo(f"wrote {conf} (keystore {cfg.db}, run dir {cfg.run_dir})")
+    click.echo(f"installed {hook}")
+    if existed:
+        click.echo("the hook existed before: libvirtd uses the new version at once")
+    else:
+        click.echo("restart libvirtd now (systemctl restart libvirtd): it reads new hook files "
+                   "only when it starts")  # fmt: skip

@@ -1,0 +1,106 @@
+"""The qemu hook's own configuration (default /etc/vmshield/hook.conf).
+
+The hook runs under libvirtd: none of the admin's variables (VMSHIELD_DB ...) reach it, so
+everything it needs is in this file, written by `vmshield libvirt install-hook`:
+
+    [vmshield]
+    db = /var/lib/vmshield/keystore.db     # the keystore (a file or a postgresql:// URL)
+    run_dir = /run/vmshield                # disk sockets, usb-redir sockets, usbgate pid/log
+    host_key = /etc/vmshield/host.key      # the key of `vmshield disk enroll-host`
+    usb_listen = unix:{run_dir}/{vm}-usb.sock   # where USB owners reach the VM's usbgate
+    timeout = 60                           # seconds a server gets to answer
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from pathlib import Path
+
+from keystore import paths
+from keystore.backends import Location, parse_location
+from keystore.errors import KeystoreError
+from keystore.services.unlock import DEFAULT_HOST_KEY
+
+DEFAULT_CONFIG = Path("/etc/vmshield/hook.conf")
+CONFIG_ENV = "VMSHIELD_HOOK_CONF"
+SECTION = "vmshield"
+DEFAULT_USB_LISTEN = "unix:{run_dir}/{vm}-usb.sock"
+
+
+class HookConfigError(KeystoreError):
+    """hook.conf is missing a value or holds a wrong one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HookConfig:
+    db: Location
+    run_dir: Path
+    host_key: Path
+    usb_listen: str = DEFAULT_USB_LISTEN
+    timeout: float = 60.0
+
+    def usb_listen_for(self, vm: str) -> str:
+        return self.usb_listen.format(run_dir=self.run_dir, vm=vm)
+
+    def render(self) -> str:
+        return (
+            f"# vmshield qemu hook configuration (written by `vmshield libvirt install-hook`)\n"
+            f"[{SECTION}]\n"
+            f"db = {self.db}\n"
+            f"run_dir = {self.run_dir}\n"
+            f"host_key = {self.host_key}\n"
+            f"usb_listen = {self.usb_listen}\n"
+            f"timeout = {self.timeout:g}\n"
+        )
+
+
+def config_path(given: Path | None = None) -> Path:
+    """--config, else $VMSHIELD_HOOK_CONF, else /etc/vmshield/hook.conf."""
+    if given is not None:
+        return given
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def defaults() -> HookConfig:
+    return HookConfig(paths.default_db_path(), paths.default_run_dir(), DEFAULT_HOST_KEY)
+
+
+def load(path: Path) -> HookConfig:
+    """Read hook.conf; HookConfigError with the file and key on anything wrong."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
+    try:
+        with path.open(encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise HookConfigError(f"cannot read hook configuration {path}: {e.strerror}") from e
+    except configparser.Error as e:
+        raise HookConfigError(f"{path}: {e.message.splitlines()[0]}") from e
+    if not parser.has_section(SECTION):
+        raise HookConfigError(f"{path}: no [{SECTION}] section")
+    sec = parser[SECTION]
+    unknown = set(sec) - {f.name for f in dataclasses.fields(HookConfig)}
+    if unknown:
+        raise HookConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}")
+    base = defaults()
+    try:
+        timeout = float(sec.get("timeout", str(base.timeout)))
+    except ValueError as e:
+        raise HookConfigError(f"{path}: timeout must be a number of seconds") from e
+    if "db" not in sec:
+        raise HookConfigError(f"{path}: db = PATH is required (the keystore database)")
+    return HookConfig(
+        db=parse_location(sec["db"]),
+        run_dir=Path(sec.get("run_dir", str(base.run_dir))),
+        host_key=Path(sec.get("host_key", str(base.host_key))),
+        usb_listen=sec.get("usb_listen", DEFAULT_USB_LISTEN),
+        timeout=timeout,
+    )
+
+
+def load_or_defaults(path: Path | None = None) -> HookConfig:
+    """hook.conf if it exists (for the CLI: the same run_dir and host_key as the hook)."""
+    p = config_path(path)
+    return load(p) if p.exists() else defaults()

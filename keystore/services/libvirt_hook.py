@@ -1,0 +1,327 @@
+"""The vmshield qemu hook: libvirt starts and stops a VM's disk servers and usbgate through it.
+
+libvirt runs /etc/libvirt/hooks/qemu.d/vmshield as `vmshield NAME OP SUBOP EXTRA` with the
+domain XML on stdin (the thin script `vmshield libvirt install-hook` writes calls `main`):
+
+- `prepare begin`: find the VM in the keystore (domain uuid = VM uuid, else the name), serve
+  each of its disks that the XML references (sockets under the run directory), start its
+  usbgate if the XML has vmshield usb-redir slots, and wait until they answer. Any failure:
+  stop what was started, print one line, exit 1: libvirt aborts the start and shows it.
+- `release end`: stop them. `reconnect begin` (libvirtd restarted): check they are still
+  there and say so. `migrate begin`: refused (one host serves an image read-write).
+
+Disk passphrases come from an unlock in the kernel keyring (`vmshield vm unlock`) or a host
+key keyslot (`vmshield disk enroll-host`); see keystore.services.unlock. The hook never
+calls back into libvirt (that would deadlock the daemon). Every action is audited with actor
+"libvirt-hook". Domains that use nothing of vmshield pass through untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from keystore.errors import KeystoreError, NotFound
+from keystore.models import Disk, DiskState, Server, Vm
+from keystore.repository import Repository
+from keystore.services import hookconf, serve, unlock
+from keystore.services.hookconf import HookConfig
+from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
+from keystore.services.store import Keystore
+from nbd_plugin.errors import VmshieldError
+
+ACTOR = "libvirt-hook"
+
+
+class HookError(KeystoreError):
+    """The hook refuses or failed; the message is the one line libvirt shows."""
+
+
+# -- finding what the domain asks for -----------------------------------------------------
+
+
+def _under(path: Path, directory: Path) -> bool:
+    return path.parent == directory
+
+
+async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
+    """The keystore VM of the domain: by uuid (the VM's uuid is the domain's), else by name."""
+    if dom.uuid:
+        for v in await repo.list_vms():
+            if v.uuid.lower() == dom.uuid:
+                return v
+    try:
+        return await repo.get_vm(dom.name)
+    except NotFound:
+        return None
+
+
+def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
+    paths = [d.socket for d in dom.disks] + list(dom.redirdevs)
+    return any(_under(p, cfg.run_dir) for p in paths)
+
+
+def wanted_disks(dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str) -> list[Disk]:
+    """The VM's disks whose sockets the XML references; refuses sockets of other disks."""
+    by_socket = {cfg.run_dir / f"{d.name}.sock": d for d in disks}
+    out = []
+    for dd in dom.disks:
+        if not _under(dd.socket, cfg.run_dir):
+            continue
+        d = by_socket.get(dd.socket)
+        if d is None:
+            raise HookError(f"domain {dom.name} uses {dd.socket}, which is not a disk of VM {vm}")
+        if dd.readonly:
+            raise HookError(f"disk {d.name}: <readonly/> is not supported by the hook yet")
+        out.append(d)
+    return out
+
+
+def wanted_usb_slots(dom: Domain, cfg: HookConfig, vm: str) -> list[Path]:
+    mine = [p for p in dom.redirdevs if _under(p, cfg.run_dir)]
+    expected = [usb_socket(cfg.run_dir, vm, n) for n in range(len(mine))]
+    if mine != expected:
+        raise HookError(
+            f"domain {dom.name}: usb-redir sockets must be {', '.join(map(str, expected))} "
+            "(print them with `vmshield libvirt devices`)"
+        )
+    return mine
+
+
+# -- usbgate ------------------------------------------------------------------------------
+
+
+def _usbgate_exe() -> str:
+    here = Path(sys.executable).parent / "usbgate"
+    found = str(here) if here.exists() else shutil.which("usbgate")
+    if found is None:
+        raise HookError("usbgate not found next to the hook's Python or on PATH")
+    return found
+
+
+def usbgate_pid(cfg: HookConfig, vm: str) -> int | None:
+    """The pid of VM's usbgate if it is running (checked against /proc, not only the file)."""
+    pidfile, _ = usbgate_files(cfg.run_dir, vm)
+    pid = serve.read_pid(pidfile)
+    if pid is None:
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    is_ours = any(os.path.basename(a) == b"usbgate" for a in argv[:2]) and vm.encode() in argv
+    return pid if is_ours else None
+
+
+def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
+    """Start VM's usbgate in the background; return its pid once it listens for owners."""
+    if usbgate_pid(cfg, vm) is not None:
+        raise HookError(f"usbgate of VM {vm} is already running")
+    pidfile, logfile = usbgate_files(cfg.run_dir, vm)
+    cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    argv = [_usbgate_exe(), "run", "--vm", vm, "--listen", cfg.usb_listen_for(vm), "--db",
+            str(cfg.db)] + [a for s in slots for a in ("--qemu", f"unix:{s}")]  # fmt: skip
+    log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+        )  # fmt: skip
+    finally:
+        os.close(log_fd)
+    pidfile.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + cfg.timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pidfile.unlink(missing_ok=True)
+            said = logfile.read_text(errors="replace").strip().splitlines()
+            raise HookError(f"usbgate of VM {vm} exited: {said[-1] if said else 'no output'}")
+        if "listening on" in logfile.read_text(errors="replace"):
+            return proc.pid
+        time.sleep(0.02)
+    stop_usbgate(cfg, vm)
+    raise HookError(f"usbgate of VM {vm} did not listen within {cfg.timeout:.0f} s")
+
+
+def stop_usbgate(cfg: HookConfig, vm: str, timeout: float = 10.0) -> bool:
+    """SIGTERM VM's usbgate and wait; False if it was not running."""
+    pid = usbgate_pid(cfg, vm)
+    pidfile, _ = usbgate_files(cfg.run_dir, vm)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while usbgate_pid(cfg, vm) == pid:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    pidfile.unlink(missing_ok=True)
+    listen = cfg.usb_listen_for(vm)
+    if listen.startswith("unix:") and _under(Path(listen[5:]), cfg.run_dir):
+        Path(listen[5:]).unlink(missing_ok=True)  # usbgate leaves its listening socket
+    return pid is not None
+
+
+# -- the operations -----------------------------------------------------------------------
+
+
+def _server(store: Keystore, disk: str) -> Server | None:
+    return store.run(lambda r: r.get_server(disk))
+
+
+def _record(store: Keystore, disk: str, files: serve.ServerFiles, pid: int) -> None:
+    sock, pidfile = str(files.socket), str(files.pidfile)
+    store.run(lambda r: r.record_server(disk, socket=sock, pidfile=pidfile, pid=pid,
+                                        readonly=False, actor=ACTOR))  # fmt: skip
+
+
+def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    disks = wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name)
+    slots = wanted_usb_slots(dom, cfg, vm.name)
+    for d in disks:
+        if d.state is not DiskState.READY:
+            raise HookError(f"disk {d.name} is {d.state.value}, not ready")
+        old = _server(store, d.name)
+        if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
+            raise HookError(f"disk {d.name} is already served (pid {old.pid}): stop it first")
+    owner_pw = unlock.peek(vm.uuid) if disks else None
+    host_key = unlock.read_host_key(cfg.host_key) if disks and owner_pw is None else None
+    started: list[str] = []
+    how: dict[str, str] = {}
+    try:
+        for d in disks:
+            if owner_pw is not None:
+                secret, how[d.name] = owner_pw, "unlock"
+            elif host_key is not None and unlock.host_key_opens(d.path, bytes(host_key)):
+                secret, how[d.name] = host_key, "host-key"
+            else:
+                raise HookError(
+                    f"unlock VM {vm.name} first: `vmshield vm unlock {vm.name}` "
+                    f"(or `vmshield disk enroll-host {d.name}` for unattended starts)"
+                )
+            files = serve.ServerFiles(cfg.run_dir / f"{d.name}.sock")
+            try:
+                pid = serve.start(Path(d.path), bytes(secret), files, readonly=False,
+                                  timeout=cfg.timeout)  # fmt: skip
+            except serve.ServeError as e:
+                raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
+            started.append(d.name)
+            _record(store, d.name, files, pid)
+        gate = start_usbgate(cfg, vm.name, slots) if slots else None
+    except BaseException:
+        for name in reversed(started):
+            with contextlib.suppress(VmshieldError, OSError):
+                serve.stop_disk(store, name, who=ACTOR)
+        raise
+    finally:
+        for buf in (owner_pw, host_key):
+            if buf is not None:
+                buf[:] = b"\0" * len(buf)
+    if "unlock" in how.values():
+        unlock.consume(vm.uuid)
+    if disks:
+        store.run(lambda r: r.record_access(vm.name))
+    detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots)}
+    if gate is not None:
+        detail["usbgate_pid"] = gate
+    store.run(lambda r: r.append_audit(ACTOR, "libvirt.prepare", vm.name, detail))
+    gate_text = f", usbgate with {len(slots)} slot(s)" if slots else ""
+    return f"VM {vm.name}: served {', '.join(how) or 'no disks'}{gate_text}"
+
+
+def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    sockets = {x.socket for x in dom.disks}
+    stopped = []
+    for d in store.run(lambda r: r.list_disks(vm.name)):
+        s = _server(store, d.name)
+        if s is not None and Path(s.socket) in sockets:
+            serve.stop_disk(store, d.name, who=ACTOR)
+            stopped.append(d.name)
+    gate = stop_usbgate(cfg, vm.name)
+    for n in range(len(dom.redirdevs)):
+        usb_socket(cfg.run_dir, vm.name, n).unlink(missing_ok=True)
+    detail = {"domain": dom.name, "disks": stopped, "usbgate": gate}
+    store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, detail))
+    return f"VM {vm.name}: stopped {', '.join(stopped) or 'no disks'}" + (
+        ", usbgate" if gate else ""
+    )
+
+
+def reconnect(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    up: list[str] = []
+    missing: list[str] = []
+    for d in wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name):
+        s = _server(store, d.name)
+        alive = s is not None and serve.is_our_server(s.pid, Path(s.socket))
+        (up if alive and s is not None and serve.probe(Path(s.socket)) else missing).append(d.name)
+    if wanted_usb_slots(dom, cfg, vm.name):
+        (up if usbgate_pid(cfg, vm.name) is not None else missing).append("usbgate")
+    detail = {"domain": dom.name, "up": up, "missing": missing}
+    store.run(lambda r: r.append_audit(ACTOR, "libvirt.reconnect", vm.name, detail))
+    text = f"VM {vm.name}: still up: {', '.join(up) or 'nothing'}"
+    return text + (f"; MISSING: {', '.join(missing)}" if missing else "")
+
+
+OPERATIONS = {
+    ("prepare", "begin"): prepare,
+    ("release", "end"): release,
+    ("reconnect", "begin"): reconnect,
+}
+
+
+def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
+    """Run the operation; the line to print (None: nothing of vmshield's was involved)."""
+    if not uses_vmshield(dom, cfg):
+        return None
+    store = Keystore(cfg.db)
+    vm = store.run(lambda r: find_vm(r, dom))
+    if vm is None:
+        raise HookError(f"domain {dom.name} uses vmshield sockets but no VM of that "
+                        f"name or uuid is in the keystore {cfg.db}")  # fmt: skip
+    try:
+        if (op, sub) == ("migrate", "begin"):
+            raise HookError(
+                f"live migration of VM {vm.name} refused: its disks are served by this "
+                "host only (shut it down, then start it on the other host)"
+            )
+        action = OPERATIONS.get((op, sub))
+        return None if action is None else action(store, cfg, vm, dom)
+    except (VmshieldError, ValueError, OSError) as e:
+        detail = {"domain": dom.name, "error": str(e)[:500]}
+        with contextlib.suppress(VmshieldError):
+            store.run(lambda r: r.append_audit(ACTOR, f"libvirt.{op}.refused", vm.name, detail))
+        raise
+
+
+HANDLED = {("prepare", "begin"), ("release", "end"), ("reconnect", "begin"), ("migrate", "begin")}
+
+
+def main(argv: Sequence[str], *, config: Path, stdin: IO[bytes] | None = None) -> int:
+    """The hook's entry point: `NAME OP SUBOP EXTRA`, domain XML on stdin; exit status."""
+    if len(argv) < 3:
+        print("vmshield hook: expected NAME OP SUBOP [EXTRA] (run by libvirtd)", file=sys.stderr)
+        return 2
+    op, sub = argv[1], argv[2]
+    if (op, sub) not in HANDLED:
+        return 0
+    try:
+        data = (stdin or sys.stdin.buffer).read(4 * 1024 * 1024 + 1)
+        dom = parse_domain(data)
+        cfg = hookconf.load(config)
+        said = dispatch(cfg, op, sub, dom)
+    except (VmshieldError, ValueError, OSError) as e:
+        print(f"vmshield: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if said:
+        print(f"vmshield: {said}", file=sys.stderr)
+    return 0

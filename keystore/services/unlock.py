@@ -1,0 +1,221 @@
+"""Disk secrets for a start without a person at the keyboard: the kernel keyring and a host key.
+
+libvirt runs the qemu hook under its daemon: no terminal, none of the caller's variables.
+Two ways give the hook a disk's passphrase:
+
+- owner present: `vmshield vm unlock VM --for 10m` puts the owner's password (the disk
+  passphrase) into root's kernel keyring as a `user` key named ``vmshield:vm:<uuid>`` with a
+  timeout; the hook reads it at `prepare begin` and invalidates it once the disks are served
+  (one unlock, one start). Root's keyring is readable only by uid 0; the key never touches a
+  disk, and the kernel drops it when its timeout runs out.
+- unattended: `vmshield disk enroll-host DISK` adds a keyslot whose passphrase is a random
+  host key kept in a root-only file (0600, default /etc/vmshield/host.key). The hook opens
+  enrolled disks with it.
+
+The `keyctl` tool (keyutils) moves the secret through pipes, never through argv.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+from keystore.errors import KeystoreError
+
+KEYRING = "@u"  #: root's user keyring: shared by every uid-0 process, closed to other users
+#: possessor and user (uid 0): view, read, write, search, link, setattr; nobody else anything
+KEY_PERM = "0x3f3f0000"
+DEFAULT_HOST_KEY = Path("/etc/vmshield/host.key")
+HOST_KEY_BYTES = 32
+MAX_TTL = 24 * 3600
+
+
+class UnlockError(KeystoreError):
+    """The kernel keyring or the host key file could not be used."""
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> int:
+    """`90`, `90s`, `10m`, `2h` -> seconds (1 s to 24 h)."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:], 0)
+    number = t[:-1] if unit else t
+    if not number.isascii() or not number.isdigit():
+        raise ValueError(f"duration {text!r}: use seconds or a number with s, m or h (10m)")
+    seconds = int(number) * (unit or 1)
+    if not 1 <= seconds <= MAX_TTL:
+        raise ValueError(f"duration {text!r}: must be between 1 s and {MAX_TTL // 3600} h")
+    return seconds
+
+
+def key_name(vm_uuid: str) -> str:
+    return f"vmshield:vm:{vm_uuid}"
+
+
+def _keyctl(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    exe = shutil.which("keyctl")
+    if exe is None:
+        raise UnlockError("keyctl not found: install the keyutils package")
+    return subprocess.run(
+        [exe, *args],
+        input=data,
+        capture_output=True,
+        timeout=10,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C"},
+    )
+
+
+def _search(vm_uuid: str) -> str | None:
+    found = _keyctl("search", KEYRING, "user", key_name(vm_uuid))
+    return found.stdout.decode().strip() if found.returncode == 0 else None
+
+
+def put(vm_uuid: str, secret: bytes, ttl: int) -> None:
+    """Leave `secret` for the hook for `ttl` seconds (replaces an earlier unlock)."""
+    if not 1 <= ttl <= MAX_TTL:
+        raise ValueError(f"unlock time must be between 1 s and {MAX_TTL // 3600} h")
+    added = _keyctl("padd", "user", key_name(vm_uuid), KEYRING, data=secret)
+    if added.returncode != 0:
+        raise UnlockError(f"keyctl padd failed: {added.stderr.decode(errors='replace').strip()}")
+    key = added.stdout.decode().strip()
+    for step in (("setperm", key, KEY_PERM), ("timeout", key, str(ttl))):
+        done = _keyctl(*step)
+        if done.returncode != 0:
+            _keyctl("invalidate", key)
+            why = done.stderr.decode(errors="replace").strip()
+            raise UnlockError(f"keyctl {step[0]} failed: {why}")
+
+
+def peek(vm_uuid: str) -> bytearray | None:
+    """The secret left by `put` if it is still there (not expired), else None."""
+    key = _search(vm_uuid)
+    if key is None:
+        return None
+    got = _keyctl("pipe", key)
+    if got.returncode != 0:  # expired or invalidated between search and read
+        return None
+    return bytearray(got.stdout)
+
+
+def consume(vm_uuid: str) -> bool:
+    """Invalidate the unlock of `vm_uuid`; False if there was none."""
+    key = _search(vm_uuid)
+    return key is not None and _keyctl("invalidate", key).returncode == 0
+
+
+def remaining(vm_uuid: str) -> bool:
+    """Is an unlock waiting for the hook?"""
+    return _search(vm_uuid) is not None
+
+
+# -- the host key ------------------------------------------------------------------------
+
+
+def read_host_key(path: Path) -> bytearray | None:
+    """The host key, or None if there is none; refuses a file others could read or replace."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UnlockError(f"cannot read host key {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise UnlockError(
+                f"host key {path} must be a regular file owned by uid {os.geteuid()} with mode "
+                "0600; refusing to use it"
+            )
+        data = bytearray(os.read(fd, 4 * HOST_KEY_BYTES + 1))
+    finally:
+        os.close(fd)
+    if len(data) != 2 * HOST_KEY_BYTES:
+        raise UnlockError(f"host key {path} is not a vmshield host key ({len(data)} bytes)")
+    return data
+
+
+def ensure_host_key(path: Path) -> bytearray:
+    """The host key, created (random, hex, mode 0600 from the start) if there is none yet."""
+    existing = read_host_key(path)
+    if existing is not None:
+        return existing
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = bytearray(secrets.token_hex(HOST_KEY_BYTES).encode())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # another enroll won the race: use its key
+        again = read_host_key(path)
+        assert again is not None
+        return again
+    except OSError as e:
+        raise UnlockError(f"cannot create host key {path}: {e.strerror}") from e
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+# -- the host keyslot --------------------------------------------------------------------
+
+#: PBKDF2 iterations of the host keyslot: its passphrase is a random 256-bit key, so key
+#: stretching adds nothing, and the hook opens it in milliseconds.
+HOST_KEYSLOT_ITERATIONS = 1000
+
+
+def _disk_error(e: Exception, path: str) -> UnlockError:
+    from nbd_plugin.errors import ImageBusy, InvalidPassphrase
+
+    if isinstance(e, ImageBusy):
+        return UnlockError(f"{path} is in use (served read-write?): stop it first")
+    if isinstance(e, InvalidPassphrase):
+        return UnlockError(f"no keyslot of {path} opens with that passphrase")
+    return UnlockError(f"{path}: {e}")
+
+
+def host_key_opens(path: str, key: bytes) -> bool:
+    """Does the host key open a keyslot of the image at `path`?"""
+    from nbd_plugin import luks
+    from nbd_plugin.errors import InvalidPassphrase, VmshieldError
+
+    try:
+        luks.open_volume(path, key, readonly=True).close()
+    except InvalidPassphrase:
+        return False
+    except (VmshieldError, OSError) as e:
+        raise _disk_error(e, path) from e
+    return True
+
+
+def enroll_host(path: str, owner_password: bytes, key: bytes) -> int:
+    """Add a keyslot for the host key (opened with the owner's password); its index."""
+    from nbd_plugin import luks
+    from nbd_plugin.errors import VmshieldError
+
+    if host_key_opens(path, key):
+        raise UnlockError(f"{path} is already enrolled on this host")
+    try:
+        return luks.add_key(path, owner_password, key, iterations=HOST_KEYSLOT_ITERATIONS)
+    except (VmshieldError, OSError, ValueError) as e:
+        raise _disk_error(e, path) from e
+
+
+def unenroll_host(path: str, key: bytes) -> int:
+    """Remove the keyslot the host key opens (never the last one); its index."""
+    from nbd_plugin import luks
+    from nbd_plugin.errors import InvalidPassphrase, VmshieldError
+
+    try:
+        return luks.remove_key(path, key)
+    except InvalidPassphrase as e:
+        raise UnlockError(f"{path} is not enrolled on this host") from e
+    except (VmshieldError, OSError, ValueError) as e:
+        raise _disk_error(e, path) from e

@@ -1,0 +1,238 @@
+"""libvirt drives vmshield: a real libvirtd (private, started here) runs the vmshield qemu hook.
+
+`virsh start` of a domain built from `vmshield libvirt devices` serves the VM's encrypted disk
+and its usbgate through the hook; the test guest (TCG) writes the thesis marker; `virsh
+destroy` or the guest's poweroff stops everything. Unlocking: `vmshield vm unlock` (kernel
+keyring) and `vmshield disk enroll-host` (host key keyslot). USB: the simulated owner's stick
+attaches through usbgate to the libvirt-started QEMU and a rule change detaches it. A libvirtd
+restart keeps disks and gate up (the hook's `reconnect`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keystore.services import unlock
+from nbd_plugin.luks import payload_region
+from scripts.guestlib import DONE, MARKER, RAW_OFFSET, Guest, build_guest, read_export
+from tests.support.libvirt import Keystore, Libvirtd, available, domain_xml, processes
+from usbgate.simulator import FakeDevice, FakeOwner
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+
+@dataclass
+class Env:
+    ks: Keystore
+    lv: Libvirtd
+    guest: Guest
+    uuid: str
+
+    def define(self, mode: str, usb_slots: int = 0) -> Path:
+        """(Re)define domain web1 booting the guest in `mode`; returns its console log."""
+        devices = self.ks.cli("libvirt", "devices", self.ks.vm, "--usb-slots", str(usb_slots))
+        console = self.ks.base / "console.log"
+        xml = domain_xml(self.ks.vm, self.uuid, self.guest, mode, devices.stdout, console)
+        path = self.ks.base / "domain.xml"
+        path.write_text(xml)
+        self.lv.virsh("define", str(path))
+        return console
+
+    def unlock(self, duration: str = "5m") -> None:
+        self.ks.cli("vm", "unlock", self.ks.vm, "--for", duration, "--password-file",
+                    str(self.ks.pwfile))  # fmt: skip
+
+    def left_behind(self) -> list[str]:
+        """nbdkit or usbgate processes of this test still running."""
+        out = []
+        for pid in processes(str(self.ks.base)):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(os.path.basename(a) in (b"nbdkit", b"usbgate") for a in argv[:2]):
+                out.append(b" ".join(argv).decode(errors="replace"))
+        return out
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    base = Path(tempfile.mkdtemp(prefix="vlv", dir="/tmp"))
+    ks = Keystore(base)
+    uuid = ks.create()
+    lv = Libvirtd(base / "libvirt")
+    lv.prepare()
+    ks.install_hook(lv.hooks_dir)  # before the daemon starts: new hook files need a restart
+    guest = build_guest()
+    try:
+        lv.start()
+        yield Env(ks, lv, guest, uuid)
+    finally:
+        unlock.consume(uuid)
+        if lv.proc is not None:
+            lv.destroy_all()
+        lv.stop()
+        for pid in processes(str(base)):
+            os.kill(pid, 15)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def domain(env: Env) -> Iterator[Env]:
+    """Each test leaves web1 shut off and nothing of it running."""
+    yield env
+    env.lv.virsh("destroy", env.ks.vm, check=False)
+    env.lv.wait_state(env.ks.vm, "shut off", 30)
+
+
+def refused(env: Env) -> str:
+    p = env.lv.virsh("start", env.ks.vm, check=False)
+    assert p.returncode != 0, "virsh start should have failed"
+    assert env.lv.state(env.ks.vm) == "shut off"
+    assert env.left_behind() == []
+    return p.stderr
+
+
+def test_start_without_unlock_fails_with_the_hooks_reason(domain: Env) -> None:
+    domain.define("write", usb_slots=1)
+    err = refused(domain)
+    lines = [line for line in err.splitlines() if "vmshield:" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "vmshield: unlock VM web1 first: `vmshield vm unlock web1` "
+        "(or `vmshield disk enroll-host web1-0` for unattended starts)"
+    )
+    # libvirt runs `release end` after a failed prepare: nothing was there to stop
+    last = domain.ks.audit(2)
+    assert [r["action"] for r in last] == ["libvirt.prepare.refused", "libvirt.release"]
+    assert last[1]["detail"] == {"domain": "web1", "disks": [], "usbgate": False}
+
+
+def test_unlock_expires(domain: Env) -> None:
+    domain.define("write")
+    domain.unlock("1s")
+    time.sleep(2.2)  # the kernel drops the key after its timeout
+    assert "unlock VM web1 first" in refused(domain)
+
+
+def test_virsh_start_boots_the_guest_on_the_encrypted_disk(domain: Env) -> None:
+    ks, lv = domain.ks, domain.lv
+    console = domain.define("write", usb_slots=1)
+    domain.unlock()
+    lv.virsh("start", ks.vm)
+    assert domain.left_behind(), "the hook started nothing"
+    assert lv.wait_state(ks.vm, "shut off", 120), console.read_text(errors="replace")[-2000:]
+    assert f"{DONE} mode=write" in console.read_text(errors="replace")
+    # the guest powered off: libvirt ran `release end`, the hook stopped disk and gate
+    deadline = time.monotonic() + 10
+    while domain.left_behind() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert domain.left_behind() == []
+    actions = [r["action"] for r in ks.audit(8)]
+    assert "libvirt.prepare" in actions and "libvirt.release" in actions
+
+    image = ks.base / "disks" / "web1-0.img"
+    data = image.read_bytes()
+    offset, length = payload_region(str(image))
+    assert MARKER not in data
+    assert MARKER[:16] not in data[offset : offset + length]
+    sock = ks.base / "ro.sock"
+    ks.cli("disk", "serve", ks.disk, "--readonly", "--socket", str(sock),
+           "--password-file", str(ks.pwfile))  # fmt: skip
+    try:
+        plain = read_export(str(sock))
+    finally:
+        ks.cli("disk", "stop", ks.disk)
+    assert plain[RAW_OFFSET : RAW_OFFSET + len(MARKER)] == MARKER
+    assert MARKER + b"\n" in plain
+
+    # the unlock was one start: the next one needs a new unlock
+    assert "unlock VM web1 first" in refused(domain)
+
+
+def test_enroll_host_starts_unattended_until_unenrolled(domain: Env) -> None:
+    ks, lv = domain.ks, domain.lv
+    domain.define("shell", usb_slots=1)
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    try:
+        lv.virsh("start", ks.vm)
+        assert lv.state(ks.vm) == "running"
+        assert len(domain.left_behind()) == 2  # nbdkit + usbgate
+        lv.virsh("destroy", ks.vm)
+        assert domain.left_behind() == []
+        assert ks.audit(1)[-1]["action"] == "libvirt.release"
+    finally:
+        ks.cli("disk", "unenroll-host", ks.disk)
+    assert "unlock VM web1 first" in refused(domain)
+
+
+def _attached(lv: Libvirtd, vm: str) -> bool:
+    cmd = {"execute": "qom-get",
+           "arguments": {"path": "/machine/peripheral/redir0", "property": "attached"}}  # fmt: skip
+    out = lv.virsh("qemu-monitor-command", vm, json.dumps(cmd)).stdout
+    return bool(json.loads(out)["return"])
+
+
+async def _wait_attached(lv: Libvirtd, vm: str, want: bool, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(_attached, lv, vm) == want:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def test_usb_stick_attaches_through_usbgate_and_a_rule_change_detaches_it(domain: Env) -> None:
+    ks, lv = domain.ks, domain.lv
+    ks.cli("usb", "allow", ks.vm, "0781:5567")
+    domain.define("shell", usb_slots=1)
+    domain.unlock()
+    lv.virsh("start", ks.vm)
+    owner_sock = f"unix:{ks.run_dir / 'web1-usb.sock'}"
+
+    async def scenario() -> FakeOwner:
+        owner = await FakeOwner.connect(owner_sock, FakeDevice())
+        try:
+            assert await _wait_attached(lv, ks.vm, True, 15), "the allowed stick never attached"
+            await asyncio.to_thread(ks.cli, "usb", "block", ks.vm, "0781:5567", "--position", "1")
+            assert await _wait_attached(lv, ks.vm, False, 5), "the blocked stick stayed attached"
+            await asyncio.wait_for(owner.closed.wait(), 5)
+        finally:
+            await owner.close()
+        return owner
+
+    try:
+        owner = asyncio.run(scenario())
+        assert owner.filter_rejected.is_set()
+        actions = [r["action"] for r in ks.audit(10)]
+        assert "usb.allowed" in actions and "usb.revoked" in actions
+    finally:
+        ks.cli("usb", "remove", ks.vm, "1")
+        ks.cli("usb", "remove", ks.vm, "1")
+    lv.virsh("destroy", ks.vm)
+    assert domain.left_behind() == []
+
+
+def test_libvirtd_restart_keeps_disks_and_gate(domain: Env) -> None:
+    ks, lv = domain.ks, domain.lv
+    domain.define("shell", usb_slots=1)
+    domain.unlock()
+    lv.virsh("start", ks.vm)
+    before = sorted(domain.left_behind())
+    assert len(before) == 2
+    lv.restart()
+    assert lv.state(ks.vm) == "running"
+    assert sorted(domain.left_behind()) == before
+    rec = next(r for r in reversed(ks.audit(5)) if r["action"] == "libvirt.reconnect")
+    assert rec["detail"] == {"domain": "web1", "up": ["web1-0", "usbgate"], "missing": []}
+    lv.virsh("destroy", ks.vm)
+    assert domain.left_behind() == []

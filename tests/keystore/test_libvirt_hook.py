@@ -1,0 +1,216 @@
+"""The qemu hook without libvirtd: its decisions, run in-process on the XML libvirt would pass,
+against a real keystore, real nbdkit servers and the real kernel keyring."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keystore.services import serve, unlock
+from keystore.services.libvirt_hook import main
+from tests.support.libvirt import Keystore, processes
+
+pytestmark = pytest.mark.skipif(shutil.which("keyctl") is None, reason="keyutils missing")
+
+
+@pytest.fixture
+def ks() -> Iterator[Keystore]:
+    base = Path(tempfile.mkdtemp(prefix="vlh", dir="/tmp"))
+    k = Keystore(base)
+    uuid = k.create()
+    k.install_hook(base / "hooks")
+    try:
+        yield k
+    finally:
+        unlock.consume(uuid)
+        for pid in processes(str(base)):
+            os.kill(pid, 15)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def domain(ks: Keystore, *, disks: list[str] | None = None, usb: int = 0, name: str = "") -> bytes:
+    """A domain XML as libvirt passes it: `vmshield libvirt devices` inside <devices>."""
+    dev = ks.cli("libvirt", "devices", ks.vm, "--usb-slots", str(usb)).stdout
+    if disks is not None:  # replace the disk sockets by the given ones
+        root = ET.fromstring(f"<devices>{dev}</devices>")
+        for el in root.findall("disk"):
+            root.remove(el)
+        for sock in disks:
+            root.append(ET.fromstring(
+                f"<disk type='network' device='disk'><source protocol='nbd'>"
+                f"<host transport='unix' socket='{sock}'/></source><target dev='vdz'/></disk>"
+            ))  # fmt: skip
+        dev = "".join(ET.tostring(el, encoding="unicode") for el in root)
+    name = name or ks.vm
+    return f"<domain type='qemu'><name>{name}</name><devices>{dev}</devices></domain>".encode()
+
+
+def hook(
+    ks: Keystore, op: str, sub: str, xml: bytes, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    code = main([ks.vm, op, sub, "-"], config=ks.config, stdin=io.BytesIO(xml))
+    return code, capsys.readouterr().err
+
+
+def test_foreign_domain_passes_untouched(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    xml = b"<domain type='qemu'><name>other</name><devices/></domain>"
+    assert hook(ks, "prepare", "begin", xml, capsys) == (0, "")
+    assert not [r for r in ks.audit() if str(r["action"]).startswith("libvirt.")]
+
+
+def test_live_migration_refused(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = hook(ks, "migrate", "begin", domain(ks), capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and "live migration of VM web1 refused" in err
+    assert ks.audit(1)[-1]["action"] == "libvirt.migrate.refused"
+
+
+def test_prepare_without_unlock_fails_and_starts_nothing(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = hook(ks, "prepare", "begin", domain(ks, usb=1), capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "vmshield: unlock VM web1 first: `vmshield vm unlock web1` "
+        "(or `vmshield disk enroll-host web1-0` for unattended starts)"
+    ]
+    assert processes(str(ks.base)) == []
+    assert ks.audit(1)[-1]["action"] == "libvirt.prepare.refused"
+
+
+def test_socket_of_another_disk_is_refused(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xml = domain(ks, disks=[str(ks.run_dir / "db1-0.sock")])
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert code == 1 and "which is not a disk of VM web1" in err
+
+
+def test_failed_second_disk_stops_the_first(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ks.cli("disk", "create", ks.vm, "--size", "64M", "--pbkdf-iterations", "1000",
+           "--password-file", str(ks.pwfile))  # fmt: skip
+    (ks.base / "disks" / "web1-1.img").write_bytes(b"not a LUKS image" * 64)
+    ks.cli("vm", "unlock", ks.vm, "--for", "1m", "--password-file", str(ks.pwfile))
+    code, err = hook(ks, "prepare", "begin", domain(ks, usb=1), capsys)
+    assert code == 1 and err.startswith("vmshield: disk web1-1: nbdkit failed to start")
+    assert err.count("\n") == 1
+    assert processes(str(ks.base)) == []  # web1-0's server was stopped again, no usbgate
+    assert [d["server"] for d in json.loads(ks.cli("disk", "list", "--json").stdout)] == [None] * 2
+    # the unlock was not used up by the failed start
+    assert unlock.remaining(json.loads(ks.cli("vm", "show", ks.vm, "--json").stdout)["vm"]["uuid"])
+
+
+def test_prepare_release_reconnect(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    xml = domain(ks, usb=1)
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert (code, err) == (0, "vmshield: VM web1: served web1-0, usbgate with 1 slot(s)\n")
+    sock = ks.run_dir / "web1-0.sock"
+    assert serve.probe(sock)
+    assert (ks.run_dir / "web1-usb.sock").is_socket()  # usbgate listens for owners
+    prep = ks.audit(3)[-1]
+    assert prep["action"] == "libvirt.prepare"
+    assert prep["detail"]["disks"] == {"web1-0": "host-key"}  # type: ignore[index]
+
+    code, err = hook(ks, "reconnect", "begin", xml, capsys)
+    assert (code, err) == (0, "vmshield: VM web1: still up: web1-0, usbgate\n")
+
+    code, err = hook(ks, "release", "end", xml, capsys)
+    assert (code, err) == (0, "vmshield: VM web1: stopped web1-0, usbgate\n")
+    assert processes(str(ks.base)) == [] and not sock.exists()
+
+    code, err = hook(ks, "reconnect", "begin", xml, capsys)
+    assert code == 0 and "MISSING: web1-0, usbgate" in err
+
+
+def test_unlock_is_one_start(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    ks.cli("vm", "unlock", ks.vm, "--for", "1m", "--password-file", str(ks.pwfile))
+    xml = domain(ks)
+    assert hook(ks, "prepare", "begin", xml, capsys)[0] == 0
+    assert ks.audit(3)[-1]["detail"]["disks"] == {"web1-0": "unlock"}  # type: ignore[index]
+    assert hook(ks, "release", "end", xml, capsys)[0] == 0
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert code == 1 and "unlock VM web1 first" in err
+
+
+def test_wrong_unlock_password_is_refused(ks: Keystore) -> None:
+    bad = ks.base / "bad.pw"
+    bad.write_bytes(b"wrong password entirely")
+    p = ks.cli("vm", "unlock", ks.vm, "--password-file", str(bad), code=77)
+    assert p.stderr.strip().count("\n") == 0
+    assert ks.audit(1)[-1]["action"] == "auth.fail"
+
+
+def test_host_key_readable_by_others_is_refused(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    assert ks.host_key.stat().st_mode & 0o777 == 0o600
+    os.chmod(ks.host_key, 0o644)
+    code, err = hook(ks, "prepare", "begin", domain(ks), capsys)
+    assert code == 1 and "must be a regular file owned by uid 0 with mode 0600" in err
+
+
+def test_enroll_unenroll(ks: Keystore) -> None:
+    out = ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile)).stdout
+    assert "enrolled on this host (keyslot 1" in out
+    again = ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile), code=1)
+    assert "already enrolled" in again.stderr
+    image = str(ks.base / "disks" / "web1-0.img")
+    key = bytes(unlock.read_host_key(ks.host_key) or b"")
+    assert unlock.host_key_opens(image, key)
+    assert "keyslot 1 removed" in ks.cli("disk", "unenroll-host", ks.disk).stdout
+    assert not unlock.host_key_opens(image, key)
+    assert "not enrolled" in ks.cli("disk", "unenroll-host", ks.disk, code=1).stderr
+    actions = [r["action"] for r in ks.audit(10)]
+    assert "disk.enroll_host" in actions and "disk.unenroll_host" in actions
+
+
+def test_devices_xml(ks: Keystore) -> None:
+    ks.cli("usb", "allow", ks.vm, "0781:5567")
+    dev = ET.fromstring(
+        f"<devices>{ks.cli('libvirt', 'devices', ks.vm, '--usb-slots', '2').stdout}</devices>"
+    )
+    (disk,) = dev.findall("disk")
+    assert disk.find("source/host").get("socket") == str(ks.run_dir / "web1-0.sock")  # type: ignore[union-attr]
+    assert [c.get("model") for c in dev.findall("controller")] == ["qemu-xhci"]
+    paths = [r.find("source").get("path") for r in dev.findall("redirdev")]  # type: ignore[union-attr]
+    assert paths == [str(ks.run_dir / "web1-usb0.sock"), str(ks.run_dir / "web1-usb1.sock")]
+    rules = [
+        (u.get("vendor"), u.get("product"), u.get("allow"))
+        for u in dev.iterfind("redirfilter/usbdev")
+    ]
+    assert rules == [("0x0781", "0x5567", "yes"), (None, None, "no")]
+
+
+def test_install_hook(ks: Keystore) -> None:
+    hookfile = ks.base / "hooks" / "vmshield"
+    assert os.access(hookfile, os.X_OK)
+    assert str(ks.config) in hookfile.read_text()
+    assert "libvirtd uses the new version at once" in ks.cli(
+        "libvirt", "install-hook", "--hooks-dir", str(ks.base / "hooks")).stdout  # fmt: skip
+    other = ks.base / "other"
+    other.mkdir()
+    (other / "vmshield").write_text("#!/bin/sh\nexit 0\n")
+    p = ks.cli("libvirt", "install-hook", "--hooks-dir", str(other), code=1)
+    assert "is not vmshield's hook" in p.stderr
+
+
+def test_config_without_db(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    xml = domain(ks)
+    ks.config.write_text("[vmshield]\nrun_dir = /tmp\n")
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert (
+        code == 1
+        and err == f"vmshield: {ks.config}: db = PATH is required (the keystore database)\n"
+    )

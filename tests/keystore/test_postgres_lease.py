@@ -1,0 +1,100 @@
+"""One writer per image, cluster-wide: `disk serve` on a PostgreSQL keystore takes a lease.
+
+Two `vmshield disk serve` processes with their own run dirs stand in for two hosts serving
+the same image from shared storage (real nbdkit, real PostgreSQL). Exactly one wins; the
+other is told who holds the lease. Killing the winner's database session ends its lease
+(the holder fences its nbdkit), and the other host can then take over.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from keystore.cli import main
+from keystore.postgres import repository as pg_repo
+from keystore.services import serve
+from tests.keystore.test_cli_keystore import FAST
+from tests.support.postgres import Cluster
+
+VMSHIELD = str(Path(sys.executable).parent / "vmshield")
+PW = b"disk-password-4711"
+
+
+def _serve(url: str, sock: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [VMSHIELD, "disk", "serve", "web1-0", "--socket", str(sock), "--json"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VMSHIELD_DB": url},
+    )  # fmt: skip
+
+
+def _lease_rows(url: str) -> list[tuple[str, int]]:
+    with psycopg.connect(url) as conn:
+        return [(str(h), int(b)) for h, b in conn.execute("SELECT holder, backend FROM leases")]
+
+
+@pytest.fixture
+def keystore(pg_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(pg_repo, "AuthPolicy", lambda: FAST)
+    url = pg_cluster.keystore()
+    for args, secret in (
+        (("user", "add", "alice"), PW + b"\n"),
+        (("vm", "add", "web1", "--owner", "alice"), None),
+        (("disk", "create", "web1", "--size", "8M", "--pbkdf-iterations", "1000",
+          "--path", str(tmp_path / "web1-0.img")), PW + b"\n"),
+    ):  # fmt: skip
+        r = CliRunner().invoke(main, list(args), input=secret, env={"VMSHIELD_DB": url})
+        assert r.exit_code == 0, r.output
+    return url
+
+
+def test_two_hosts_serve_one_image_exactly_one_wins_then_takeover(
+    keystore: str, pg_cluster: Cluster, sockdir: Path
+) -> None:
+    socks = {h: sockdir / h / "web1-0.sock" for h in ("hostA", "hostB")}
+    procs = {h: _serve(keystore, s) for h, s in socks.items()}
+    results = {h: p.communicate(PW.decode(), timeout=120) for h, p in procs.items()}
+    codes = {h: procs[h].returncode for h in procs}
+    winners = [h for h, c in codes.items() if c == 0]
+    assert len(winners) == 1, (codes, results)
+    winner = winners[0]
+    loser = "hostB" if winner == "hostA" else "hostA"
+    err = results[loser][1]
+    assert "already served read-write by host" in err and str(socks[winner]) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert serve.probe(socks[winner]) and not serve.probe(socks[loser])
+    [(holder, _)] = _lease_rows(keystore)
+    assert str(socks[winner]) in holder
+
+    # the winner's host loses its database session: its lease ends, its nbdkit is fenced
+    db = urllib.parse.urlsplit(keystore).path.lstrip("/")
+    assert pg_cluster.terminate(db, application_name="vmshield-lease") == 1
+    deadline = time.monotonic() + 15
+    while serve.probe(socks[winner]):
+        assert time.monotonic() < deadline, "the fenced server still answers"
+        time.sleep(0.05)
+    fenced = (socks[winner].with_suffix(".lease.log")).read_text()
+    assert "lease of web1-0 lost" in fenced
+
+    _out, err = _serve(keystore, socks[loser]).communicate(PW.decode(), timeout=120)
+    assert serve.probe(socks[loser]), err
+    [(holder, _)] = _lease_rows(keystore)
+    assert str(socks[loser]) in holder
+
+    # a clean stop releases the lease (and the lock: a new serve could take it)
+    r = subprocess.run([VMSHIELD, "disk", "stop", "web1-0"], capture_output=True, text=True,
+                       env={**os.environ, "VMSHIELD_DB": keystore}, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 10
+    while _lease_rows(keystore):
+        assert time.monotonic() < deadline, "the lease outlived its server"
+        time.sleep(0.05)

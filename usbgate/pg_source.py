@@ -1,0 +1,102 @@
+"""RuleSource and AuditSink on a PostgreSQL keystore shared by many hosts (`--db postgresql://`).
+
+Change notification is pushed, not polled: keystore.postgres.notify.RulesListener holds one
+LISTEN connection and re-reads a VM's rules when its NOTIFY arrives (sent at the commit of
+`vmshield usb ...` on any host), so the gateway's 10 ms poll is a memory read. While the
+connection is down `poll` raises RuleSourceError: the gateway denies every device, new and
+attached (it cannot know what was revoked meanwhile), until the listener reconnects and
+hands the fresh rules out again.
+
+Audit rows go to the same database through a worker thread and its own connection
+(reconnected when lost), chained under the audit head's row lock like every other writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from typing import Any
+
+import psycopg
+
+from keystore.errors import KeystoreError
+from keystore.postgres import audit as pgaudit
+from keystore.postgres import connection as pgconn
+from keystore.postgres.notify import RulesListener
+from usbgate.errors import RuleSourceError
+from usbgate.keystore_source import AUDIT_ACTOR
+from usbgate.policy import Rule
+
+log = logging.getLogger(__name__)
+
+
+class PgRuleSource:
+    """The rules of each VM from the PostgreSQL keystore at `url`, pushed by NOTIFY."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.listener = RulesListener(url)
+
+    def load(self, vm: str) -> list[Rule]:
+        try:
+            return list(self.listener.watch(vm))
+        except KeystoreError as exc:
+            raise RuleSourceError(str(exc)) from exc
+
+    def poll(self, vm: str) -> list[Rule] | None:
+        try:
+            rows = self.listener.take(vm)
+        except KeystoreError as exc:
+            raise RuleSourceError(str(exc)) from exc
+        return None if rows is None else list(rows)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class PgAuditSink:
+    """Appends each record to the shared hash chain from a worker thread, in order."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._queue: queue.Queue[tuple[str, str, dict[str, Any]] | None] = queue.Queue()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="usbgate-audit", daemon=True)
+        self._thread.start()
+
+    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        self._queue.put((action, vm, detail))
+
+    def _append(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        for attempt in (1, 2):  # a dropped connection is reopened once per row
+            try:
+                if self._conn is None:
+                    self._conn = pgconn.connect_sync(self.url)
+                pgaudit.append_sync(self._conn, AUDIT_ACTOR, action, vm, detail)
+                return
+            except psycopg.OperationalError:
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                if attempt == 2:
+                    raise
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._append(*item)
+            except (psycopg.Error, KeystoreError, ValueError, TypeError) as exc:
+                log.error("audit %s for %s not written: %s", item[0], item[1], exc)
+        if self._conn is not None:
+            self._conn.close()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            await asyncio.to_thread(self.close)
