@@ -167,8 +167,15 @@ GRANT INSERT ON audit TO {USBGATE_ROLE};
 GRANT SELECT, UPDATE ON audit_head TO {USBGATE_ROLE};
 """
 
+# as SQLite's version 2: what a disk's image was when it was recorded
+_V2 = """
+ALTER TABLE disks ADD COLUMN luks_uuid TEXT;
+ALTER TABLE disks ADD COLUMN st_dev BIGINT;
+ALTER TABLE disks ADD COLUMN st_ino BIGINT;
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES,)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
