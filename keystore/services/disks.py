@@ -1,4 +1,4 @@
-"""Disk workflows of the keystore, through nbd_plugin.luks.volume (no click).
+"""Disk workflows of the keystore, through nbd_plugin.luks (no click).
 
 The user's password is the passphrase of their LUKS keyslot: `create_disk` checks it,
 records the disk and makes the image with it (a failed image leaves the record `failed`,
@@ -46,14 +46,14 @@ class Identity:
 def identity(path: str) -> Identity:
     """The identity of the image at `path` (not through a symlink: the stored path is
     canonical, so a symlink there now is not the recorded file)."""
+    from nbd_plugin import luks
     from nbd_plugin.errors import VmshieldError
-    from nbd_plugin.luks import volume as container
 
     st = os.lstat(path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise NotTheRecordedImage(f"{path} is not a regular file or block device any more")
     try:
-        uuid: str | None = str(container.info(path)["uuid"])
+        uuid: str | None = str(luks.info(path)["uuid"])
     except (VmshieldError, OSError, KeyError, ValueError):
         uuid = None
     return Identity(uuid, st.st_dev, st.st_ino)
@@ -115,12 +115,12 @@ def create(
     iter_time_ms: int,
 ) -> None:
     """Create the LUKS image (mode 0600) with one keyslot for `passphrase`."""
+    from nbd_plugin import luks
     from nbd_plugin.errors import VmshieldError
-    from nbd_plugin.luks import volume as container
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        container.create_image(
+        luks.create_image(
             str(path),
             size,
             passphrase,
@@ -187,11 +187,11 @@ def create_disk(
 def change_key(
     path: str, old: bytes, new: bytes, *, iterations: int | None = None, iter_time_ms: int = 2000
 ) -> None:
+    from nbd_plugin import luks
     from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
-    from nbd_plugin.luks import volume as container
 
     try:
-        container.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
+        luks.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
     except ImageBusy as e:
         raise DiskOpError("image is in use (served read-write?): stop it first") from e
     except InvalidPassphrase as e:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from tests.support.luks2 import OUR_PBKDF2
 from tests.support.nbd import ROOT, SECRET, plugin_args
 
@@ -202,7 +202,7 @@ def test_sigkill_mid_workload_loses_no_durable_write(
 ) -> None:
     image = tmp_path / "disk.img"
     opts = {"iterations": 1000} if fmt == "luks1" else OUR_PBKDF2
-    container.create_image(str(image), SIZE, SECRET, fmt=fmt, **opts)  # type: ignore[arg-type]
+    luks.create_image(str(image), SIZE, SECRET, fmt=fmt, **opts)  # type: ignore[arg-type]
     model = Model()
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     problems: list[str] = []
