@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import pwd
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,9 +51,24 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def os_identity() -> dict[str, Any]:
+    """The real uid of this process and the name it maps to (from the password database,
+    not from the environment, which the caller controls)."""
+    uid = os.getuid()
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    return {"os_uid": uid, "os_user": name}
+
+
 def cli_actor() -> str:
-    """Who runs this command, for the audit trail (the sudo caller if any)."""
-    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    """Who runs this command, for the audit trail: the sudo caller when run by root through
+    sudo, else the real user. Every row also records the real uid (`os_identity`), since
+    $SUDO_USER is only a claim."""
+    user = os.environ.get("SUDO_USER") if os.getuid() == 0 else None
+    if not user:
+        user = os_identity()["os_user"] or getpass.getuser()
     return f"{user}@cli"
 
 
@@ -82,12 +98,16 @@ def next_row(
     vm: str | None,
     detail: dict[str, Any] | None,
 ) -> tuple[Any, ...]:
-    """Parameters for INSERT_SQL given the current last (seq, hash) of the chain."""
+    """Parameters for INSERT_SQL given the current last (seq, hash) of the chain.
+
+    The detail gets `os_uid` / `os_user` (`os_identity`) of the writing process, whatever
+    the actor claims: in every row, of every backend, inside the chained hash.
+    """
     if not actor or not action:
         raise ValueError("audit rows need an actor and an action")
     seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
     ts = now().isoformat()
-    text = canonical_detail(detail)
+    text = canonical_detail({**(detail or {}), **os_identity()})
     h = row_hash(prev, seq, ts, actor, action, vm, text)
     return (seq, ts, actor, action, vm, text, prev, h)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from pathlib import Path
+
+from keystore.errors import KeystoreError
 
 #: Environment variable that overrides the default database path (as `--db` does).
 DB_ENV = "VMSHIELD_DB"
@@ -30,15 +34,50 @@ def default_db_path() -> Path:
 def default_run_dir() -> Path:
     """Directory for NBD sockets, pid files and server logs of `vmshield disk serve`.
 
-    /run/vmshield for root; `$XDG_RUNTIME_DIR/vmshield` or /tmp/vmshield-UID otherwise
-    (kept short: unix socket paths are limited to ~107 bytes).
+    /run/vmshield for root; `$XDG_RUNTIME_DIR/vmshield` otherwise (kept short: unix socket
+    paths are limited to ~107 bytes). There is no fallback in /tmp: a name there can be
+    taken first by another local user. Without $XDG_RUNTIME_DIR, NoRunDir says what to do.
     """
     if _is_root():
         return SYSTEM_RUN_DIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "vmshield"
-    return Path(f"/tmp/vmshield-{os.getuid()}")
+    raise NoRunDir(
+        "no $XDG_RUNTIME_DIR (it is set by a login session): give --socket in a directory "
+        "only you can write (e.g. one made by `mktemp -d`), or run in a login session"
+    )
+
+
+class NoRunDir(KeystoreError):
+    """A non-root user has no private runtime directory for the server's socket."""
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory of this user's own that no one else can write, made 0700 if
+    missing. Refuses (UnsafeDirectory) a symlink, another owner, or group/other write
+    access: whoever can write the directory can swap the socket or plant a symlink."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    st = os.lstat(path)
+    uid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{path} is not a directory (a symlink?): refusing to use it")
+    if st.st_uid != uid:
+        raise UnsafeDirectory(
+            f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}): someone else may "
+            "control the socket; remove it or choose another --socket"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeDirectory(
+            f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"`chmod go-w {path}` or choose another --socket"
+        )
+    return path
+
+
+class UnsafeDirectory(KeystoreError):
+    """A directory for a server's socket, pid or log file that others could tamper with."""
 
 
 def default_image_dir(db_path: Path) -> Path:

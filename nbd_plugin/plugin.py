@@ -10,8 +10,9 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
     passphrase=-      prompt on the terminal
     passphrase=TEXT   literal passphrase (visible in ps and nbdkit -v: tests only)
     discard=ignore|unmap
-                      unmap: trim and zero may punch holes (leaks which sectors are in
-                      use); ignore (default): never unmap.
+                      unmap: trim may punch holes (leaks which sectors are in use);
+                      ignore (default): never unmap. A zero always writes encrypted
+                      zeros (a hole reads as zeros through vmshield only).
 
 This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.

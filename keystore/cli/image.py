@@ -19,8 +19,8 @@ from keystore.cli.options import (
     passphrase_file_option,
 )
 from keystore.services.disks import parse_size
+from nbd_plugin import luks
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError
-from nbd_plugin.luks import volume as container
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -134,7 +134,7 @@ def create(
     check_pbkdf2_iterations(iterations, pbkdf)
     secret = _reader().read("New passphrase", confirm=True, file=passphrase_file)
     _guard(
-        lambda: container.create_image(
+        lambda: luks.create_image(
             str(path),
             size_bytes,
             bytes(secret),
@@ -148,7 +148,7 @@ def create(
         )
     )
     if as_json:
-        click.echo(json.dumps(_guard(lambda: container.info(str(path))), indent=2))
+        click.echo(json.dumps(_guard(lambda: luks.info(str(path))), indent=2))
     else:
         click.echo(f"created {path}: {fmt}, {cipher}, {size_bytes} bytes")
 
@@ -187,7 +187,7 @@ def _print_info(meta: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: Path, as_json: bool) -> None:
     """Show what the header of PATH says (no passphrase needed)."""
-    meta = _guard(lambda: container.info(str(path)))
+    meta = _guard(lambda: luks.info(str(path)))
     if as_json:
         click.echo(json.dumps(meta, indent=2))
     else:
@@ -218,7 +218,7 @@ def add_key(
     old = reader.read("Existing passphrase", file=passphrase_file)
     new = reader.read("New passphrase", confirm=True, file=new_passphrase_file)
     index = _guard(
-        lambda: container.add_key(
+        lambda: luks.add_key(
             str(path),
             bytes(old),
             bytes(new),
@@ -241,7 +241,7 @@ def add_key(
 def remove_key(path: Path, passphrase_file: Path | None, force_last: bool) -> None:
     """Remove the keyslot that the given passphrase opens (its key material is wiped)."""
     secret = _reader().read("Passphrase to remove", file=passphrase_file)
-    index = _guard(lambda: container.remove_key(str(path), bytes(secret), allow_last=force_last))
+    index = _guard(lambda: luks.remove_key(str(path), bytes(secret), allow_last=force_last))
     click.echo(f"removed keyslot {index}")
 
 
@@ -262,7 +262,7 @@ def passwd(
     old = reader.read("Current passphrase", file=passphrase_file)
     new = reader.read("New passphrase", confirm=True, file=new_passphrase_file)
     index = _guard(
-        lambda: container.change_key(
+        lambda: luks.change_key(
             str(path), bytes(old), bytes(new), iterations=iterations, iter_time_ms=iter_time_ms
         )
     )
@@ -277,7 +277,7 @@ def test_passphrase(path: Path, passphrase_file: Path | None) -> None:
     secret = bytes(_reader().read("Passphrase", file=passphrase_file))
 
     def check() -> int:
-        volume = container.open_volume(str(path), secret, readonly=True)
+        volume = luks.open_volume(str(path), secret, readonly=True)
         try:
             return volume.keyslot
         finally:

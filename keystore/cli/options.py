@@ -26,7 +26,7 @@ from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.services.store import Keystore
 from nbd_plugin.errors import ExitStatus, VmshieldError
-from nbd_plugin.luks.volume import FORMATS
+from nbd_plugin.luks import FORMATS
 from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
 
 T = TypeVar("T")

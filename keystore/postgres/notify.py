@@ -45,6 +45,7 @@ class RulesListener:
         self.url = url
         self._lock = threading.Lock()
         self._uuids: dict[str, str] = {}  # vm name -> uuid
+        self._channels: dict[str, str] = {}  # LISTEN channel -> vm name
         self._rules: dict[str, list[UsbRule] | None] = {}  # None: the VM is gone
         self._given: dict[str, list[UsbRule] | None] = {}
         self._pending: set[str] = set()  # VMs not LISTENed on yet
@@ -65,27 +66,39 @@ class RulesListener:
 
     def watch(self, vm: str, timeout: float = 10.0) -> list[UsbRule]:
         """Start watching `vm`; its current rules. NotFound, Disconnected on failure."""
+        return self.watch_many([vm], timeout)[vm]
+
+    def watch_many(self, vms: list[str], timeout: float = 10.0) -> dict[str, list[UsbRule]]:
+        """Start watching every VM in `vms` (one round trip to the listener); their rules."""
         if not self._up.wait(timeout):
             where = redact(self.url)
             raise Disconnected(f"cannot reach keystore {where}: {self.last_error}")
         with self._lock:
-            if vm not in self._uuids:
-                self._pending.add(vm)
+            self._pending.update(vm for vm in vms if vm not in self._uuids)
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if vm in self._rules and vm not in self._pending:
-                    rules = self._rules[vm]
-                    self._given[vm] = rules
-                    if rules is None:
+                if all(vm in self._rules and vm not in self._pending for vm in vms):
+                    missing = [vm for vm in vms if self._rules[vm] is None]
+                    for vm in missing:
                         self._forget(vm)
-                        raise NotFound(f"no VM named {vm!r} in keystore {redact(self.url)}")
-                    return list(rules)
+                    if missing:
+                        raise NotFound(f"no VM named {missing[0]!r} in keystore {redact(self.url)}")
+                    found: dict[str, list[UsbRule]] = {}
+                    for vm in vms:
+                        rules = self._rules[vm]
+                        assert rules is not None
+                        self._given[vm] = rules
+                        found[vm] = list(rules)
+                    return found
             if time.monotonic() > deadline:
                 raise Disconnected(f"keystore {redact(self.url)} did not answer")
             time.sleep(0.005)
 
     def _forget(self, vm: str) -> None:
+        uuid = self._uuids.get(vm)
+        if uuid is not None:
+            self._channels.pop(pgconn.rules_channel(uuid), None)
         for d in (self._uuids, self._rules, self._given):
             d.pop(vm, None)
 
@@ -152,8 +165,7 @@ class RulesListener:
             changed = {n.channel for n in conn.notifies(timeout=_WAKE, stop_after=1)}
             for channel in changed:
                 with self._lock:
-                    vm = next((v for v, u in self._uuids.items()
-                               if pgconn.rules_channel(u) == channel), None)  # fmt: skip
+                    vm = self._channels.get(channel)
                 if vm is not None:
                     self._reload(conn, vm)
             if self._pending:
@@ -170,9 +182,11 @@ class RulesListener:
                     self._pending.discard(vm)
                 continue
             uuid = str(row[0])
-            conn.execute(f"LISTEN {pgconn.rules_channel(uuid)}".encode())
+            channel = pgconn.rules_channel(uuid)
+            conn.execute(f"LISTEN {channel}".encode())
             with self._lock:
                 self._uuids[vm] = uuid
+                self._channels[channel] = vm
             self._reload(conn, vm)
             with self._lock:
                 self._pending.discard(vm)

@@ -1,4 +1,4 @@
-"""Disk workflows of the keystore, through nbd_plugin.luks.volume (no click).
+"""Disk workflows of the keystore, through nbd_plugin.luks (no click).
 
 The user's password is the passphrase of their LUKS keyslot: `create_disk` checks it,
 records the disk and makes the image with it (a failed image leaves the record `failed`,
@@ -49,12 +49,12 @@ def create(
     iter_time_ms: int,
 ) -> None:
     """Create the LUKS image (mode 0600) with one keyslot for `passphrase`."""
+    from nbd_plugin import luks
     from nbd_plugin.errors import VmshieldError
-    from nbd_plugin.luks import volume as container
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        container.create_image(
+        luks.create_image(
             str(path),
             size,
             passphrase,
@@ -120,11 +120,11 @@ def create_disk(
 def change_key(
     path: str, old: bytes, new: bytes, *, iterations: int | None = None, iter_time_ms: int = 2000
 ) -> None:
+    from nbd_plugin import luks
     from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
-    from nbd_plugin.luks import volume as container
 
     try:
-        container.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
+        luks.change_key(path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
     except ImageBusy as e:
         raise DiskOpError("image is in use (served read-write?): stop it first") from e
     except InvalidPassphrase as e:

@@ -37,6 +37,19 @@ from nbd_plugin.errors import VmshieldError
 
 NBD_MAGIC = b"NBDMAGIC"
 
+#: a file this process creates and no one else had: never follows a link, never reuses
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _read_own(path: Path, limit: int) -> bytes:
+    """The last `limit` bytes of a file, never through a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit))
+    finally:
+        os.close(fd)
+
 
 class ServeError(KeystoreError):
     """nbdkit could not be started or did not answer; the message includes its log."""
@@ -66,7 +79,7 @@ class ServerFiles:
 
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
-        return path.read_text(errors="replace")[-limit:].strip()
+        return _read_own(path, limit).decode(errors="replace").strip()
     except OSError:
         return ""
 
@@ -108,11 +121,11 @@ def start(
         raise ServeError(f"socket path {sock} is longer than 107 bytes; choose a shorter --socket")
     if probe(sock):
         raise ServeError(f"something already serves on {sock}")
-    sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in (sock, files.pidfile):
+    paths.private_dir(sock.parent)
+    for stale in (sock, files.pidfile, files.logfile):
         with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    log_fd = os.open(files.logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            stale.unlink()  # in a directory only we can write: a planted symlink goes too
+    log_fd = os.open(files.logfile, _NEW_FILE, 0o600)
     r, w = os.pipe()
     try:
         os.write(w, passphrase)  # far below the pipe's capacity: never blocks
@@ -167,7 +180,7 @@ def _clean_env() -> dict[str, str]:
 
 def read_pid(pidfile: Path) -> int | None:
     try:
-        return int(pidfile.read_text().strip())
+        return int(_read_own(pidfile, 64).decode().strip())
     except (OSError, ValueError):
         return None
 

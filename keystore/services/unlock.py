@@ -183,11 +183,11 @@ def _disk_error(e: Exception, path: str) -> UnlockError:
 
 def host_key_opens(path: str, key: bytes) -> bool:
     """Does the host key open a keyslot of the image at `path`?"""
+    from nbd_plugin import luks
     from nbd_plugin.errors import InvalidPassphrase, VmshieldError
-    from nbd_plugin.luks import volume
 
     try:
-        volume.open_volume(path, key, readonly=True).close()
+        luks.open_volume(path, key, readonly=True).close()
     except InvalidPassphrase:
         return False
     except (VmshieldError, OSError) as e:
@@ -197,24 +197,24 @@ def host_key_opens(path: str, key: bytes) -> bool:
 
 def enroll_host(path: str, owner_password: bytes, key: bytes) -> int:
     """Add a keyslot for the host key (opened with the owner's password); its index."""
+    from nbd_plugin import luks
     from nbd_plugin.errors import VmshieldError
-    from nbd_plugin.luks import volume
 
     if host_key_opens(path, key):
         raise UnlockError(f"{path} is already enrolled on this host")
     try:
-        return volume.add_key(path, owner_password, key, iterations=HOST_KEYSLOT_ITERATIONS)
+        return luks.add_key(path, owner_password, key, iterations=HOST_KEYSLOT_ITERATIONS)
     except (VmshieldError, OSError, ValueError) as e:
         raise _disk_error(e, path) from e
 
 
 def unenroll_host(path: str, key: bytes) -> int:
     """Remove the keyslot the host key opens (never the last one); its index."""
+    from nbd_plugin import luks
     from nbd_plugin.errors import InvalidPassphrase, VmshieldError
-    from nbd_plugin.luks import volume
 
     try:
-        return volume.remove_key(path, key)
+        return luks.remove_key(path, key)
     except InvalidPassphrase as e:
         raise UnlockError(f"{path} is not enrolled on this host") from e
     except (VmshieldError, OSError, ValueError) as e:

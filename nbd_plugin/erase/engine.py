@@ -37,9 +37,9 @@ from nbd_plugin.erase.overwrite import (
 )
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.errors import ImageBusy, ImageError, UnsupportedError
-from nbd_plugin.luks import regions as keyregions
-from nbd_plugin.osutil import extents as sysio
-from nbd_plugin.osutil.extents import Extent
+from nbd_plugin.luks import luks_version, wipe_regions
+from nbd_plugin.osutil import blockdev
+from nbd_plugin.osutil.extents import Extent, allocated_extents, punch_hole
 from nbd_plugin.osutil.locking import hold_image
 
 HEADER_WIPES = 3
@@ -210,7 +210,7 @@ class _Eraser:
                 "belongs to another image. Nothing was discarded or unlinked; remove the "
                 "journal and run the erase again."
             )
-        current = sysio.allocated_extents(t.fd)
+        current = allocated_extents(t.fd)
         outside = recheck.first_uncovered(current, _ext(self.state) + _regions(self.state))
         if outside is not None:
             raise ImageError(
@@ -241,17 +241,17 @@ class _Eraser:
             self.state.discard = {"performed": False}
             return
         t = self.target
-        size = sysio.device_size(t.fd)
+        size = blockdev.device_size(t.fd)
         if t.block_device:
             how = "BLKSECDISCARD" if self.opts.secure_discard else "BLKDISCARD"
-            request = sysio.BLKSECDISCARD if self.opts.secure_discard else sysio.BLKDISCARD
+            request = blockdev.BLKSECDISCARD if self.opts.secure_discard else blockdev.BLKDISCARD
         else:
             how = "punch hole"
         try:
             if t.block_device:
-                sysio.blk_range_ioctl(t.fd, request, 0, size)
+                blockdev.blk_range_ioctl(t.fd, request, 0, size)
             else:
-                sysio.punch_hole(t.fd, 0, size)
+                punch_hole(t.fd, 0, size)
             sync(t)
             self.state.discard = {"performed": True, "how": how, "result": "done"}
         except OSError as e:
@@ -270,8 +270,8 @@ class _Eraser:
 
 def _new_state(path: str, target: Target, method: Method, opts: EraseOptions) -> JournalState:
     st = os.fstat(target.fd)
-    size = sysio.device_size(target.fd)
-    luks = keyregions.probe(os.pread(target.fd, 8, 0))
+    size = blockdev.device_size(target.fd)
+    luks = luks_version(os.pread(target.fd, 8, 0))
     if luks is None and not method.overwrites:
         raise UnsupportedError(
             f"{path} is not a LUKS image: the crypto method has no key material to wipe; "
@@ -288,8 +288,8 @@ def _new_state(path: str, target: Target, method: Method, opts: EraseOptions) ->
             "still name the (overwritten) file. Remove the other links first "
             f"(find / -xdev -inum {st.st_ino}), or add --force to erase and unlink this name"
         )
-    extents = sysio.allocated_extents(target.fd)
-    regions = keyregions.key_material_regions(target.fd_path, size) if luks else []
+    extents = allocated_extents(target.fd)
+    regions = wipe_regions(target.fd_path, size) if luks else []
     shared = any(e.shared for e in extents)
     return JournalState(
         storage=storage.assess_path(target.fd_path, shared_extents=shared),
@@ -338,7 +338,7 @@ def _lock(target: Target) -> None:
                 "exclusively by another program; release it and run the erase again"
             ) from None
     else:
-        loop = sysio.loop_device_of(target.fd_path)
+        loop = blockdev.loop_device_of(target.fd_path)
         if loop is not None:
             raise ImageBusy(
                 f"{target.path} is attached to {loop}; detach it (losetup -d {loop}, or close "
@@ -375,7 +375,7 @@ def erase(
         state = jn.load(jpath)
         st = os.fstat(target.fd)
         if state is not None:
-            if state.identity != [st.st_dev, st.st_ino, sysio.device_size(target.fd)]:
+            if state.identity != [st.st_dev, st.st_ino, blockdev.device_size(target.fd)]:
                 raise ImageError(
                     f"the journal {jpath} belongs to another file that was at {path}; "
                     "remove the journal to erase this one"

@@ -24,8 +24,9 @@ import numpy as np
 from nbd_plugin.erase.keystream import AES_BLOCK, SLACK, Keystream
 from nbd_plugin.erase.methods import Pattern
 from nbd_plugin.errors import ImageError
-from nbd_plugin.osutil import extents as sysio
+from nbd_plugin.osutil import blockdev
 from nbd_plugin.osutil.extents import Extent
+from nbd_plugin.osutil.io import preadinto_all, pwrite_all
 
 CHUNK = 8 << 20
 DEPTH = 2
@@ -87,22 +88,6 @@ def chunks(extents: list[Extent], done: int, size: int = CHUNK) -> Iterator[tupl
             off += n
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> int:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
-
-
 class Engine:
     """Writes and verifies passes on one target; owns two page-aligned buffers and a writer."""
 
@@ -126,7 +111,7 @@ class Engine:
             b.write(bytes([byte]) * len(b))
 
     def _write(self, view: memoryview, offset: int) -> None:
-        _pwrite_all(self.target.fd_for(offset, len(view)), view, offset)
+        pwrite_all(self.target.fd_for(offset, len(view)), view, offset)
 
     def run_pass(
         self,
@@ -143,7 +128,7 @@ class Engine:
         """
         if pattern is Pattern.ZERO and self.target.zeroout:
             for off, n, pos in chunks(extents, done, ZEROOUT_CHUNK):
-                sysio.blk_range_ioctl(self.target.fd, sysio.BLKZEROOUT, off, n)
+                blockdev.blk_range_ioctl(self.target.fd, blockdev.BLKZEROOUT, off, n)
                 progress(pos)
             return "blkzeroout"
         stream = None
@@ -186,7 +171,7 @@ class Engine:
 
         def read(i: int) -> int:
             off, n, _ = todo[i]
-            return _pread_all(self.target.fd_for(off, n), reads[i % 2][:n], off)
+            return preadinto_all(self.target.fd_for(off, n), reads[i % 2][:n], off)
 
         # read chunk i+1 (worker thread) while chunk i is compared
         ahead = self._pool.submit(read, 0) if todo else None
@@ -250,7 +235,7 @@ def open_target(path: str, *, use_zeroout: bool = True) -> Target:
             raise ImageError(f"{path} is neither a regular file nor a block device")
         os.set_blocking(fd, True)
         block = stat.S_ISBLK(st.st_mode)
-        align = sysio.logical_block_size(fd)
+        align = blockdev.logical_block_size(fd)
         direct_fd = _reopen_direct(fd, st)
         zeroout = block and use_zeroout and _device_zeroes_in_place(fd)
         return Target(path, fd, direct_fd, block, align, zeroout, dir_fd, name)

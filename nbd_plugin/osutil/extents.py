@@ -1,7 +1,7 @@
-"""Thin wrappers over the Linux calls erase needs and Python's os module lacks.
+"""Where a file has blocks: SEEK_DATA/SEEK_HOLE runs, FIEMAP extents, and hole punching.
 
-Block-device ioctls from <linux/fs.h>; fallocate(2) through libc for hole punching;
-FIEMAP (<linux/fiemap.h>) for the physical layout of a file, which tells allocated-but-unwritten
+fallocate(2) through libc deallocates ranges (Python's os module has no PUNCH_HOLE). FIEMAP
+(<linux/fiemap.h>) gives the physical layout of a file, which tells allocated-but-unwritten
 extents (old blocks that SEEK_DATA reports as holes) and extents shared with another file
 (reflinks, snapshots).
 """
@@ -9,25 +9,14 @@ extents (old blocks that SEEK_DATA reports as holes) and extents shared with ano
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
-import stat
 import struct
 from dataclasses import dataclass
 
-# _IO(0x12, n) / _IOR(0x12, 114, size_t) from <linux/fs.h>.
-BLKDISCARD = 0x1277
-"""Discard (TRIM/UNMAP) a byte range of a block device."""
-BLKSECDISCARD = 0x127D
-"""Secure discard: the device must erase the blocks, not just unmap them."""
-BLKZEROOUT = 0x127F
-"""Zero a byte range with the device's own command (WRITE ZEROES/WRITE SAME) or plain writes."""
-BLKSSZGET = 0x1268
-"""Logical sector size of a block device."""
-BLKGETSIZE64 = 0x80081272
-"""Size of a block device in bytes."""
+from nbd_plugin.osutil.blockdev import device_size, is_block_device
+
 FS_IOC_FIEMAP = 0xC020660B
 """Map a file's logical extents to physical ones."""
 
@@ -45,64 +34,53 @@ FIEMAP_EXTENT_UNWRITTEN = 0x800
 FIEMAP_EXTENT_SHARED = 0x2000
 _FIEMAP_BATCH = 256
 
-_U64_PAIR = struct.Struct("=QQ")
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def is_block_device(fd: int) -> bool:
-    """True when `fd` is a block device."""
-    return stat.S_ISBLK(os.fstat(fd).st_mode)
-
-
-def device_size(fd: int) -> int:
-    """Size in bytes of a block device (BLKGETSIZE64) or a regular file."""
-    if is_block_device(fd):
-        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-        return int(struct.unpack("=Q", buf)[0])
-    return os.fstat(fd).st_size
-
-
-def logical_block_size(fd: int) -> int:
-    """The alignment O_DIRECT needs: BLKSSZGET on a device, 4096 on a file (safe everywhere)."""
-    if is_block_device(fd):
-        buf = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
-        return int(struct.unpack("=i", buf)[0])
-    return 4096
-
-
-def blk_range_ioctl(fd: int, request: int, offset: int, length: int) -> None:
-    """BLKDISCARD / BLKSECDISCARD / BLKZEROOUT over [offset, offset+length)."""
-    fcntl.ioctl(fd, request, _U64_PAIR.pack(offset, length))
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+# int fallocate(int fd, int mode, off_t offset, off_t len); off_t is 64-bit here.
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a file range (the file keeps its size); OSError if the filesystem cannot."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    """Deallocate a byte range of a regular file (it keeps its size and reads as zeros there).
+
+    OSError (with the errno) if the filesystem cannot; nothing to do for ``length`` <= 0.
+    """
+    if length <= 0:
+        return
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
-def loop_device_of(path: str) -> str | None:
-    """The /dev/loopN whose backing file is `path`, if one is attached."""
-    st = os.stat(path)
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return None
-    for name in names:
+def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
+    """Split [start, end) into (offset, length, is_data) runs using SEEK_DATA/SEEK_HOLE.
+
+    Where the filesystem cannot say (no SEEK_DATA, or any other error), everything is data.
+    """
+    runs: list[tuple[int, int, bool]] = []
+    pos = start
+    while pos < end:
         try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                return [(start, end - start, True)]
+            data = end  # only a hole until the end of the file
+        data = min(data, end)
+        if data > pos:
+            runs.append((pos, data - pos, False))
+            pos = data
             continue
-        try:
-            bst = os.stat(backing)
-        except OSError:
-            continue  # "(deleted)" or elsewhere in another mount namespace
-        if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
-            return f"/dev/{name}"
-    return None
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        runs.append((pos, hole - pos, True))
+        pos = hole
+    return runs
+
+
+def first_hole(fd: int, start: int) -> int:
+    """Offset of the first hole at or after ``start`` (the file size if there is none)."""
+    return os.lseek(fd, start, os.SEEK_HOLE)
 
 
 @dataclass(frozen=True)
@@ -149,22 +127,7 @@ def fiemap(fd: int, size: int) -> list[Extent] | None:
 
 def seek_extents(fd: int, size: int) -> list[Extent]:
     """Data extents by SEEK_DATA/SEEK_HOLE; the whole file where the filesystem cannot say."""
-    out: list[Extent] = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            if e.errno == errno.EINVAL:
-                return [Extent(0, size)] if size else []
-            raise
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        if hole > data:
-            out.append(Extent(data, hole - data))
-        pos = hole
-    return out
+    return [Extent(off, n) for off, n, is_data in data_segments(fd, 0, size) if is_data]
 
 
 def merge(extents: list[Extent]) -> list[Extent]:

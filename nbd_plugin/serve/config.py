@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from nbd_plugin.errors import VmshieldError
-from nbd_plugin.luks.volume import open_volume
+from nbd_plugin.luks import open_volume
 from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
 from nbd_plugin.serve.exclusive import claim
 from nbd_plugin.serve.hardening import lock_secret

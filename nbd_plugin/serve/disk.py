@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from nbd_plugin.errors import ImageError
-from nbd_plugin.luks.volume import Volume
-from nbd_plugin.osutil.holes import data_segments, first_hole, punch_hole
+from nbd_plugin.luks import Volume
+from nbd_plugin.osutil.extents import data_segments, first_hole, punch_hole
+from nbd_plugin.osutil.io import preadinto_all, pwrite_all
 from nbd_plugin.serve.rangelock import RangeLock
 
 DISCARD_POLICIES = ("ignore", "unmap")
@@ -129,20 +130,15 @@ class EncryptedDisk:
                 self._scratch.append(buf)
 
     def _read_raw(self, view: memoryview, file_offset: int) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], file_offset + done)
-            if n == 0:
-                raise ImageError(
-                    f"{self.volume.path}: unexpected end of image at byte "
-                    f"{file_offset + done} (was it truncated while served?)"
-                )
-            done += n
+        done = preadinto_all(self._fd, view, file_offset)
+        if done < len(view):
+            raise ImageError(
+                f"{self.volume.path}: unexpected end of image at byte "
+                f"{file_offset + done} (was it truncated while served?)"
+            )
 
     def _write_raw(self, view: memoryview, file_offset: int) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwritev(self._fd, [view[done:]], file_offset + done)
+        pwrite_all(self._fd, view, file_offset)
 
     def _may_hold_holes(self, view: memoryview) -> bool:
         """Whether some sector (file block) of fresh ciphertext starts with 8 zero bytes.

@@ -19,7 +19,7 @@ import os
 import stat
 
 from nbd_plugin.errors import ImageBusy
-from nbd_plugin.osutil.extents import loop_device_of
+from nbd_plugin.osutil.blockdev import loop_device_of
 from nbd_plugin.osutil.locking import hold_image
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from tests.support.faults import can_mount, loop_device, tiny_tmpfs
 from tests.support.nbd import SECRET, connect, read_at, serve_plugin
 
@@ -34,7 +34,7 @@ def test_sparse_image_on_a_full_filesystem(keyfile: Path, sockdir: Path) -> None
 
     with tiny_tmpfs(6 * MIB) as fs:
         image = fs / "disk.img"
-        container.create_image(str(image), 32 * MIB, SECRET, iterations=1000)
+        luks.create_image(str(image), 32 * MIB, SECRET, iterations=1000)
         first = os.urandom(MIB)
         with serve_plugin(image, keyfile, sockdir) as sock, connect(sock) as h:
             h.pwrite(first, 0, nbd.CMD_FLAG_FUA)  # type: ignore[attr-defined]
@@ -70,7 +70,7 @@ def test_failed_write_back_fails_every_later_write_and_flush(
 
     with tiny_tmpfs(6 * MIB) as fs:
         backing = fs / "disk.img"
-        container.create_image(str(backing), 24 * MIB, SECRET, iterations=1000)
+        luks.create_image(str(backing), 24 * MIB, SECRET, iterations=1000)
         with loop_device(backing) as dev:
             durable = os.urandom(MIB)
             with serve_plugin(dev, keyfile, sockdir) as sock, connect(sock) as h:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from nbd_plugin import luks
 from nbd_plugin.errors import ImageBusy, ImageError, InvalidPassphrase, UnsupportedError
 from nbd_plugin.luks import af
-from nbd_plugin.luks import volume as container
 from nbd_plugin.luks.luks1 import format as luks1
 from nbd_plugin.osutil.locking import hold_image
 
@@ -19,7 +19,7 @@ PW = b"pw-one"
 
 def make(tmp_path: Path, name: str = "a.img", **kw: object) -> Path:
     path = tmp_path / name
-    container.create_image(str(path), 1 << 20, PW, iterations=1000, **kw)  # type: ignore[arg-type]
+    luks.create_image(str(path), 1 << 20, PW, iterations=1000, **kw)  # type: ignore[arg-type]
     return path
 
 
@@ -52,28 +52,28 @@ def test_layout_matches_cryptsetup() -> None:
 
 def test_unlock_and_wrong_passphrase(tmp_path: Path) -> None:
     path = make(tmp_path)
-    vol = container.open_volume(str(path), PW, readonly=True)
+    vol = luks.open_volume(str(path), PW, readonly=True)
     assert (vol.size, vol.payload_offset, vol.keyslot) == (1 << 20, 4096 * 512, 0)
     vol.close()
     with pytest.raises(InvalidPassphrase):
-        container.open_volume(str(path), b"wrong", readonly=True)
+        luks.open_volume(str(path), b"wrong", readonly=True)
 
 
 def test_keyslot_add_change_remove(tmp_path: Path) -> None:
     path = make(tmp_path)
-    assert container.add_key(str(path), PW, b"two", iterations=1000) == 1
-    assert container.add_key(str(path), b"two", b"three", slot=5, iterations=1000) == 5
-    new_index = container.change_key(str(path), PW, b"one-new", iterations=1000)
+    assert luks.add_key(str(path), PW, b"two", iterations=1000) == 1
+    assert luks.add_key(str(path), b"two", b"three", slot=5, iterations=1000) == 5
+    new_index = luks.change_key(str(path), PW, b"one-new", iterations=1000)
     assert new_index == 2  # written to a free slot first, then slot 0 wiped
     with pytest.raises(InvalidPassphrase):
-        container.open_volume(str(path), PW, readonly=True)
-    assert container.remove_key(str(path), b"two") == 1
-    assert container.remove_key(str(path), b"three") == 5
+        luks.open_volume(str(path), PW, readonly=True)
+    assert luks.remove_key(str(path), b"two") == 1
+    assert luks.remove_key(str(path), b"three") == 5
     with pytest.raises(ImageError, match="last one"):
-        container.remove_key(str(path), b"one-new")
-    info = container.info(str(path))
+        luks.remove_key(str(path), b"one-new")
+    info = luks.info(str(path))
     assert [s["slot"] for s in info["keyslots"] if s["active"]] == [2]
-    container.open_volume(str(path), b"one-new", readonly=True).close()
+    luks.open_volume(str(path), b"one-new", readonly=True).close()
 
 
 def test_wiped_slot_material_is_replaced(tmp_path: Path) -> None:
@@ -81,8 +81,8 @@ def test_wiped_slot_material_is_replaced(tmp_path: Path) -> None:
     header = luks1.Luks1Header.unpack(path.read_bytes()[:592])
     area = header.keyslots[0].key_offset * 512
     before = path.read_bytes()[area : area + 4096]
-    container.add_key(str(path), PW, b"two", iterations=1000)
-    container.remove_key(str(path), PW)
+    luks.add_key(str(path), PW, b"two", iterations=1000)
+    luks.remove_key(str(path), PW)
     after = path.read_bytes()[area : area + 4096]
     assert before != after
 
@@ -91,7 +91,7 @@ def test_create_refuses_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "exists.img"
     path.write_bytes(b"precious")
     with pytest.raises(ImageError, match="already exists"):
-        container.create_image(str(path), 1 << 20, PW, iterations=1000)
+        luks.create_image(str(path), 1 << 20, PW, iterations=1000)
     assert path.read_bytes() == b"precious"
 
 
@@ -119,14 +119,14 @@ def test_corrupt_headers_are_refused(
     path = make(tmp_path)
     corrupt(path, offset, data)
     with pytest.raises(exc, match=message):
-        container.open_volume(str(path), PW, readonly=True)
+        luks.open_volume(str(path), PW, readonly=True)
 
 
 def test_damaged_keyslot_is_indistinguishable_from_wrong_passphrase(tmp_path: Path) -> None:
     path = make(tmp_path)
     corrupt(path, 4096 + 100, os.urandom(64))
     with pytest.raises(InvalidPassphrase):
-        container.open_volume(str(path), PW, readonly=True)
+        luks.open_volume(str(path), PW, readonly=True)
 
 
 def test_truncated_images(tmp_path: Path) -> None:
@@ -134,29 +134,29 @@ def test_truncated_images(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:300])
     with pytest.raises(ImageError, match="truncated"):
-        container.open_volume(str(path), PW, readonly=True)
+        luks.open_volume(str(path), PW, readonly=True)
     path.write_bytes(data[: 4096 * 512 - 4096])
     with pytest.raises(ImageError, match="truncated"):
-        container.open_volume(str(path), PW, readonly=True)
+        luks.open_volume(str(path), PW, readonly=True)
 
 
 def test_missing_image(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="no such image"):
-        container.open_volume(str(tmp_path / "nope.img"), PW, readonly=True)
+        luks.open_volume(str(tmp_path / "nope.img"), PW, readonly=True)
 
 
 def test_one_writer_lock(tmp_path: Path) -> None:
     path = make(tmp_path)
-    writer = container.open_volume(str(path), PW, readonly=False)
+    writer = luks.open_volume(str(path), PW, readonly=False)
     with pytest.raises(ImageBusy):
-        container.open_volume(str(path), PW, readonly=False)
+        luks.open_volume(str(path), PW, readonly=False)
     with pytest.raises(ImageBusy):
-        container.open_volume(str(path), PW, readonly=True)
+        luks.open_volume(str(path), PW, readonly=True)
     with pytest.raises(ImageBusy):
-        container.add_key(str(path), PW, b"x", iterations=1000)
+        luks.add_key(str(path), PW, b"x", iterations=1000)
     writer.close()
-    r1 = container.open_volume(str(path), PW, readonly=True)
-    r2 = container.open_volume(str(path), PW, readonly=True)  # readers share
+    r1 = luks.open_volume(str(path), PW, readonly=True)
+    r2 = luks.open_volume(str(path), PW, readonly=True)  # readers share
     fd = os.open(path, os.O_RDONLY)
     with pytest.raises(ImageBusy):
         hold_image(fd, str(path), exclusive=True)
@@ -167,8 +167,8 @@ def test_one_writer_lock(tmp_path: Path) -> None:
 
 def test_key_material_regions_cover_header_and_slots(tmp_path: Path) -> None:
     path = make(tmp_path)
-    regions = container.key_material_regions(str(path))
+    regions = luks.key_material_regions(str(path))
     assert regions[0] == (0, 592)
     assert len(regions) == 9
     assert all(off + n <= 4096 * 512 for off, n in regions)
-    assert container.payload_region(str(path)) == (4096 * 512, 1 << 20)
+    assert luks.payload_region(str(path)) == (4096 * 512, 1 << 20)

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keystore.cli import main
+from nbd_plugin import luks
 from nbd_plugin.errors import ImageError, InvalidPassphrase, UnsupportedError
-from nbd_plugin.luks import volume as container
 from nbd_plugin.luks.luks2 import binary as luks2
 from nbd_plugin.serve.disk import EncryptedDisk
 from tests.support.luks2 import (
@@ -100,7 +100,7 @@ def test_hostile_json_is_refused_cleanly(
     rewrite_json(cs_image, edit)
     before = digest(cs_image)
     with pytest.raises(ImageError):
-        container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
+        luks.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
     assert digest(cs_image) == before
 
 
@@ -114,11 +114,11 @@ def test_damaged_primary_falls_back_and_says_so(
 ) -> None:
     _damage(cs_image, 120)  # the primary's salt: only the checksum notices
     before = digest(cs_image)
-    vol = container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=True)
+    vol = luks.open_volume(str(cs_image), keyfile.read_bytes(), readonly=True)
     vol.close()
     assert any("primary header" in w and "secondary" in w for w in vol.info["warnings"])
     assert "using the secondary copy" in caplog.text
-    meta = container.info(str(cs_image))
+    meta = luks.info(str(cs_image))
     assert meta["header_copy"] == "secondary" and meta["warnings"]
     assert digest(cs_image) == before  # opening never writes
     with serve_plugin(cs_image, keyfile, sockdir, nbdkit_opts=("-r",)) as sock:
@@ -127,16 +127,16 @@ def test_damaged_primary_falls_back_and_says_so(
     # The next keyslot change writes both copies: cryptsetup and we see a healthy header.
     other = tmp_path / "k2"
     write_secret(other, b"other")
-    container.add_key(str(cs_image), keyfile.read_bytes(), b"other", **OUR_PBKDF2)
-    assert container.info(str(cs_image))["warnings"] == []
+    luks.add_key(str(cs_image), keyfile.read_bytes(), b"other", **OUR_PBKDF2)
+    assert luks.info(str(cs_image))["warnings"] == []
     assert opens(cs_image, other) and opens(cs_image, keyfile)
 
 
 def test_damaged_secondary_is_reported_primary_used(cs_image: Path, keyfile: Path) -> None:
     _damage(cs_image, 16384 + 5000)
-    meta = container.info(str(cs_image))
+    meta = luks.info(str(cs_image))
     assert meta["header_copy"] == "primary" and "secondary" in meta["warnings"][0]
-    container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=True).close()
+    luks.open_volume(str(cs_image), keyfile.read_bytes(), readonly=True).close()
 
 
 def test_both_copies_damaged_refuses(cs_image: Path, keyfile: Path) -> None:
@@ -144,7 +144,7 @@ def test_both_copies_damaged_refuses(cs_image: Path, keyfile: Path) -> None:
     _damage(cs_image, 16384 + 8000)  # JSON padding: only the checksum notices
     before = digest(cs_image)
     with pytest.raises(ImageError, match="both LUKS2 header copies are damaged"):
-        container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
+        luks.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
     r = run_nbdkit_expect_failure(["python", PLUGIN, f"image={cs_image}", f"passphrase=+{keyfile}"])
     assert r.returncode == 1 and "both LUKS2 header copies are damaged" in r.stderr
     assert "Traceback" not in r.stderr
@@ -162,7 +162,7 @@ def test_newer_secondary_wins_over_older_primary(cs_image: Path, keyfile: Path) 
     with cs_image.open("r+b") as f:
         f.seek(16384)
         f.write(head.pack(bytes(raw[4096:])))
-    meta = container.info(str(cs_image))
+    meta = luks.info(str(cs_image))
     assert meta["header_copy"] == "secondary" and meta["keyslots"][0]["priority"] == 2
 
 
@@ -174,13 +174,13 @@ def test_wrong_passphrase_refused_everywhere_image_unchanged(
     write_secret(wrong, b"not it")
     before = digest(cs_image)
     with pytest.raises(InvalidPassphrase):
-        container.open_volume(str(cs_image), b"not it", readonly=False)
+        luks.open_volume(str(cs_image), b"not it", readonly=False)
     with pytest.raises(InvalidPassphrase):
-        container.add_key(str(cs_image), b"not it", b"new")
+        luks.add_key(str(cs_image), b"not it", b"new")
     with pytest.raises(InvalidPassphrase):
-        container.remove_key(str(cs_image), b"not it", allow_last=True)
+        luks.remove_key(str(cs_image), b"not it", allow_last=True)
     with pytest.raises(InvalidPassphrase):
-        container.change_key(str(cs_image), b"not it", b"new")
+        luks.change_key(str(cs_image), b"not it", b"new")
     r = run_nbdkit_expect_failure(["python", PLUGIN, f"image={cs_image}", f"passphrase=+{wrong}"])
     assert r.returncode == 1 and "no keyslot opens" in r.stderr and "Traceback" not in r.stderr
     assert digest(cs_image) == before
@@ -193,7 +193,7 @@ def test_unsupported_cipher_refused(tmp_path: Path, keyfile: Path) -> None:
     luks2_format(image, keyfile, SIZE, *ARGON, "--cipher", "aes-ecb", "--key-size", "256")
     before = digest(image)
     with pytest.raises(UnsupportedError, match="aes-ecb"):
-        container.open_volume(str(image), keyfile.read_bytes(), readonly=False)
+        luks.open_volume(str(image), keyfile.read_bytes(), readonly=False)
     r = run_nbdkit_expect_failure(["python", PLUGIN, f"image={image}", f"passphrase=+{keyfile}"])
     assert r.returncode == 1 and "aes-ecb" in r.stderr and "Traceback" not in r.stderr
     assert digest(image) == before
@@ -205,39 +205,39 @@ def test_unsupported_cipher_in_keyslot_area_refused(cs_image: Path, keyfile: Pat
     )
     before = digest(cs_image)
     with pytest.raises(UnsupportedError, match="serpent"):
-        container.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
+        luks.open_volume(str(cs_image), keyfile.read_bytes(), readonly=False)
     assert digest(cs_image) == before
 
 
 def test_unsupported_pbkdf_refused(tmp_path: Path, keyfile: Path) -> None:
     image = tmp_path / "scrypt.img"
-    container.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
+    luks.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
     rewrite_json(image, lambda d: d["keyslots"]["0"]["kdf"].update(type="scrypt"))
     before = digest(image)
     with pytest.raises(UnsupportedError, match="scrypt"):
-        container.open_volume(str(image), keyfile.read_bytes(), readonly=False)
+        luks.open_volume(str(image), keyfile.read_bytes(), readonly=False)
     with pytest.raises(UnsupportedError):
-        container.add_key(str(image), keyfile.read_bytes(), b"x", **OUR_PBKDF2)
+        luks.add_key(str(image), keyfile.read_bytes(), b"x", **OUR_PBKDF2)
     assert digest(image) == before
 
 
 def test_remove_last_keyslot_needs_allow_last(tmp_path: Path, keyfile: Path) -> None:
     image = tmp_path / "last.img"
-    container.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
+    luks.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
     before = digest(image)
     with pytest.raises(ImageError, match="last one"):
-        container.remove_key(str(image), keyfile.read_bytes())
+        luks.remove_key(str(image), keyfile.read_bytes())
     assert digest(image) == before
-    assert container.remove_key(str(image), keyfile.read_bytes(), allow_last=True) == 0
+    assert luks.remove_key(str(image), keyfile.read_bytes(), allow_last=True) == 0
     assert not opens(image, keyfile)
     assert metadata(image)["keyslots"] == {}
 
 
 def test_iv_tweak_shifts_every_sector_iv(tmp_path: Path, keyfile: Path) -> None:
     image = tmp_path / "tweak.img"
-    container.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
+    luks.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
     rewrite_json(image, lambda d: d["segments"]["0"].update(iv_tweak="1000"))
-    vol = container.open_volume(str(image), keyfile.read_bytes(), readonly=False)
+    vol = luks.open_volume(str(image), keyfile.read_bytes(), readonly=False)
     disk = EncryptedDisk(vol)
     disk.pwrite(b"\xab" * 8192, 4096)
     disk.close()
@@ -248,7 +248,7 @@ def test_iv_tweak_shifts_every_sector_iv(tmp_path: Path, keyfile: Path) -> None:
 
 def test_metadata_too_large_for_area_refused(tmp_path: Path, keyfile: Path) -> None:
     image = tmp_path / "big.img"
-    container.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
+    luks.create_image(str(image), SIZE, keyfile.read_bytes(), fmt="luks2", **OUR_PBKDF2)
 
     def pad(doc: dict[str, Any]) -> None:  # fits the area as written here, not with a keyslot
         doc["tokens"]["0"] = {"type": "x", "keyslots": [], "pad": ""}
@@ -258,7 +258,7 @@ def test_metadata_too_large_for_area_refused(tmp_path: Path, keyfile: Path) -> N
     assert len(json.dumps(metadata(image))) > 12000
     before = digest(image)
     with pytest.raises(ImageError, match="no longer fits"):
-        container.add_key(str(image), keyfile.read_bytes(), b"x", **OUR_PBKDF2)
+        luks.add_key(str(image), keyfile.read_bytes(), b"x", **OUR_PBKDF2)
     assert digest(image) == before
 
 

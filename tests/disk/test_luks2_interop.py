@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nbd_plugin import luks
 from nbd_plugin.errors import InvalidPassphrase
-from nbd_plugin.luks import volume as container
 from tests.support.luks2 import (
     ARGON,
     OUR_ARGON,
@@ -132,7 +132,7 @@ def test_our_image_accepted_by_cryptsetup(
 ) -> None:
     image = tmp_path / "ours.img"
     secret = keyfile.read_bytes()
-    container.create_image(str(image), SIZE, secret, fmt="luks2", sector_size=sector, **opts)
+    luks.create_image(str(image), SIZE, secret, fmt="luks2", sector_size=sector, **opts)
     assert cs("luksDump", str(image)).returncode == 0
     meta = metadata(image)
     assert meta["segments"]["0"]["sector_size"] == sector
@@ -146,7 +146,7 @@ def test_our_image_accepted_by_cryptsetup(
 def test_keyslots_both_ways(tmp_path: Path, keyfile: Path, other_key: Path) -> None:
     image = tmp_path / "ks.img"
     secret, other = keyfile.read_bytes(), other_key.read_bytes()
-    container.create_image(str(image), SIZE, secret, fmt="luks2", **OUR_ARGON)
+    luks.create_image(str(image), SIZE, secret, fmt="luks2", **OUR_ARGON)
     # cryptsetup adds a keyslot: we open with it.
     cs(
         "luksAddKey",
@@ -157,22 +157,22 @@ def test_keyslots_both_ways(tmp_path: Path, keyfile: Path, other_key: Path) -> N
         str(image),
         str(other_key),
     )
-    vol = container.open_volume(str(image), other, readonly=True)
+    vol = luks.open_volume(str(image), other, readonly=True)
     assert vol.keyslot == 1
     vol.close()
     # cryptsetup kills our slot 0: we refuse the old passphrase.
     cs("luksKillSlot", "--batch-mode", "--key-file", str(other_key), str(image), "0")
     with pytest.raises(InvalidPassphrase):
-        container.open_volume(str(image), secret, readonly=True)
+        luks.open_volume(str(image), secret, readonly=True)
     # we add a keyslot: cryptsetup opens with it.
     third = tmp_path / "key3"
     write_secret(third, b"third one")
-    assert container.add_key(str(image), other, b"third one", **OUR_PBKDF2) == 0
+    assert luks.add_key(str(image), other, b"third one", **OUR_PBKDF2) == 0
     assert opens(image, third) and opens(image, other_key)
     # we change a passphrase, then remove one: cryptsetup agrees.
-    container.change_key(str(image), b"third one", secret, **OUR_ARGON)
+    luks.change_key(str(image), b"third one", secret, **OUR_ARGON)
     assert opens(image, keyfile) and not opens(image, third)
-    container.remove_key(str(image), other)
+    luks.remove_key(str(image), other)
     assert not opens(image, other_key) and opens(image, keyfile)
     assert cs("luksDump", str(image)).returncode == 0
 
@@ -186,7 +186,7 @@ def test_tokens_and_unknown_fields_survive_our_changes(
     token.write_text('{"type":"vmshield-test","keyslots":["0"],"note":"keep me","n":[1,2]}')
     cs("token", "import", "--json-file", str(token), str(image))
     before = metadata(image)
-    container.add_key(str(image), keyfile.read_bytes(), other_key.read_bytes(), **OUR_PBKDF2)
+    luks.add_key(str(image), keyfile.read_bytes(), other_key.read_bytes(), **OUR_PBKDF2)
     after = metadata(image)
     assert after["tokens"] == before["tokens"]
     assert after["segments"] == before["segments"]
@@ -203,13 +203,13 @@ def test_larger_metadata_area_and_its_secondary(
     image = tmp_path / "big.img"
     luks2_format(image, keyfile, SIZE, *PBKDF2, "--luks2-metadata-size", "65536",
                  "--luks2-keyslots-size", "4194304")  # fmt: skip
-    info = container.info(str(image))
+    info = luks.info(str(image))
     assert info["header_size"] == 65536 and info["warnings"] == []
     with image.open("r+b") as f:  # destroy the primary's magic and size
         f.write(bytes(24))
-    info = container.info(str(image))
+    info = luks.info(str(image))
     assert info["header_copy"] == "secondary" and info["header_size"] == 65536
-    container.add_key(str(image), keyfile.read_bytes(), other_key.read_bytes(), **OUR_PBKDF2)
-    assert container.info(str(image))["header_copy"] == "primary"
+    luks.add_key(str(image), keyfile.read_bytes(), other_key.read_bytes(), **OUR_PBKDF2)
+    assert luks.info(str(image))["header_copy"] == "primary"
     assert opens(image, other_key) and opens(image, keyfile)
     assert metadata(image)["config"]["keyslots_size"] == "4194304"

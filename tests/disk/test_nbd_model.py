@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from tests.support.nbd import SECRET, connect, serve_plugin
 
 SIZE = (1 << 20) + 3 * 512  # not a power of two: the tail matters
@@ -54,7 +54,7 @@ def server(
     work = tmp_path_factory.mktemp("model")
     image, key = work / "m.img", work / "key"
     write_secret(key, SECRET)
-    container.create_image(str(image), SIZE, SECRET, iterations=1000)
+    luks.create_image(str(image), SIZE, SECRET, iterations=1000)
     sockdir = Path(tempfile.mkdtemp(prefix="vmm", dir="/tmp"))
     try:
         with serve_plugin(image, key, sockdir, f"discard={request.param}") as sock:

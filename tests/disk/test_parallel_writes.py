@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from nbd_plugin.serve.disk import EncryptedDisk
 from tests.support.nbd import SECRET, connect, serve_plugin, write_secret
 
@@ -84,12 +84,12 @@ def race(write_a: Write, write_b: Write, read: Callable[[], bytes]) -> None:
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
-    container.create_image(str(path), SIZE, SECRET, iterations=1000)
+    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
     return path
 
 
 def test_threads_on_one_disk(image: Path) -> None:
-    disk = EncryptedDisk(container.open_volume(str(image), SECRET, readonly=False))
+    disk = EncryptedDisk(luks.open_volume(str(image), SECRET, readonly=False))
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads often: the race window is microseconds
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from tests.support.faults import can_mount, loop_device
 from tests.support.nbd import (
     SECRET,
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not can_mount(), reason="needs root and loop dev
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
-    container.create_image(str(path), SIZE, SECRET, iterations=1000)
+    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
     return path
 
 

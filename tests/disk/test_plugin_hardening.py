@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from tests.support.nbd import PLUGIN, ROOT, SECRET, read_at, write_secret
 
 USER = "nobody"
@@ -42,7 +42,7 @@ def test_running_server_is_not_dumpable_and_has_no_core_limit() -> None:
     try:
         os.chown(work, nobody.pw_uid, nobody.pw_gid)
         image, key, sock = work / "disk.img", work / "key", work / "s.sock"
-        container.create_image(str(image), 4 << 20, SECRET, iterations=1000)
+        luks.create_image(str(image), 4 << 20, SECRET, iterations=1000)
         write_secret(key, SECRET)
         for p in (image, key):
             os.chown(p, nobody.pw_uid, nobody.pw_gid)

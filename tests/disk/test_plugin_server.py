@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
-from nbd_plugin.osutil.holes import data_segments
+from nbd_plugin import luks
+from nbd_plugin.osutil.extents import data_segments
 from tests.support.nbd import (
     PLUGIN,
     SECRET,
@@ -31,7 +31,7 @@ SIZE = 8 << 20
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
-    container.create_image(str(path), SIZE, SECRET, iterations=1000)
+    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
     return path
 
 
@@ -246,7 +246,7 @@ def test_discard_unmap_trim_punches_holes_that_read_as_zeros(
             h.block_status(SIZE, 0, collect)  # type: ignore[attr-defined]
     # The trimmed range is a hole in the file (st_blocks also counts extent-tree blocks,
     # so allocation is only checked loosely).
-    base = container.info(str(image))["payload_offset"]
+    base = luks.info(str(image))["payload_offset"]
     fd = os.open(image, os.O_RDONLY)
     try:
         holes = [(off - base, n) for off, n, data in data_segments(fd, base, base + SIZE)

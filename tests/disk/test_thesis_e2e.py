@@ -121,7 +121,7 @@ def encrypted(request: pytest.FixtureRequest, guest: Guest, workdir: Path) -> En
     if maker == "cryptsetup":
         make_luks1_image(image, keyfile, DISK_SIZE)
     else:
-        from nbd_plugin.luks.volume import create_image
+        from nbd_plugin.luks import create_image
 
         create_image(str(image), DISK_SIZE, PASSPHRASE, fmt="luks1", iterations=1000)
     with serve_plugin(image, keyfile, workdir) as sock:

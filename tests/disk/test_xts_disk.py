@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.luks import volume as container
-from nbd_plugin.osutil.holes import data_segments
+from nbd_plugin import luks
+from nbd_plugin.osutil.extents import data_segments
 from nbd_plugin.serve.disk import EncryptedDisk
 
 SECRET = b"xts disk test passphrase"
@@ -24,8 +24,8 @@ SIZE = 4 << 20
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[EncryptedDisk]:
     path = tmp_path / "disk.img"
-    container.create_image(str(path), SIZE, SECRET, iterations=1000)
-    d = EncryptedDisk(container.open_volume(str(path), SECRET, readonly=False), discard="unmap")
+    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
+    d = EncryptedDisk(luks.open_volume(str(path), SECRET, readonly=False), discard="unmap")
     try:
         yield d
     finally:

@@ -285,11 +285,11 @@ def test_stop_of_dead_server_cleans_record(env: tuple[Path, Path]) -> None:
 def test_keyslot_mismatch_fails_cleanly_and_is_audited(env: tuple[Path, Path]) -> None:
     """The keystore accepts the password but the image's keyslot does not (changed behind
     vmshield's back): nbdkit refuses to start, the failure is audited, nothing leaks."""
-    from nbd_plugin.luks import volume as container
+    from nbd_plugin import luks
 
     db, sockdir = env
     image = json.loads(cli(db, "disk", "list", "--json").stdout)[0]["path"]
-    container.change_key(image, PW, NEW_PW, iterations=1000)
+    luks.change_key(image, PW, NEW_PW, iterations=1000)
     r = cli(
         db,
         "disk",

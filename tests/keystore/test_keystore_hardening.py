@@ -150,3 +150,68 @@ def ks(tmp_path: Path) -> Path:
     db = tmp_path / "ks.db"
     _make_keystore(db, AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8)))
     return db
+
+
+def test_every_audit_row_records_the_real_uid_whatever_sudo_user_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pwd
+
+    from click.testing import CliRunner
+
+    from keystore import audit
+    from keystore.cli import main
+
+    db = tmp_path / "ks.db"
+    monkeypatch.setenv("VMSHIELD_DB", str(db))
+    monkeypatch.setenv("SUDO_USER", "the-boss")
+    runner = CliRunner()
+    assert runner.invoke(main, ["init"]).exit_code == 0
+    audit.append_audit(db, "usbgate", "usb.attach", None, {"port": 1})  # another component
+    rows = audit.verify(db)
+    assert rows.ok
+    me = {"os_uid": os.getuid(), "os_user": pwd.getpwuid(os.getuid()).pw_name}
+
+    async def entries() -> list[audit.AuditEntry]:
+        async with await SqliteRepository.open(db) as r:
+            return await r.list_audit()
+
+    listed = asyncio.run(entries())
+    assert len(listed) == 2
+    for e in listed:
+        assert {k: e.detail.get(k) for k in me} == me, e
+    # a caller cannot put another uid in the row either
+    audit.append_audit(db, "x", "test.forge", None, {"os_uid": 4242})
+    assert asyncio.run(entries())[-1].detail["os_uid"] == os.getuid()
+
+
+RUNUSER = "vmshield-t2"
+
+
+@pytest.fixture(scope="module")
+def other_user() -> str:
+    """A second local user (created for the test; the machine's root runs the suite)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second local user")
+    try:
+        pwd.getpwnam(RUNUSER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", RUNUSER], check=True)
+    return RUNUSER
+
+
+def test_sudo_user_is_not_the_actor_of_an_unprivileged_caller(
+    tmp_path: Path, other_user: str
+) -> None:
+    tmp_path.chmod(0o755)
+    code = (
+        "import os; os.environ['SUDO_USER'] = 'root'; "
+        "from keystore.audit import cli_actor; print(cli_actor())"
+    )
+    r = subprocess.run(
+        ["runuser", "-u", other_user, "--", sys.executable, "-c", code],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert r.stdout.strip() == f"{other_user}@cli"

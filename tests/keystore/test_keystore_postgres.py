@@ -18,7 +18,7 @@ from keystore.models import UsbAction
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
 from keystore.postgres.repository import PostgresRepository
-from keystore.postgres.schema import SCHEMA_VERSION, USBGATE_ROLE
+from keystore.postgres.schema import ADMIN_ROLE, SCHEMA_VERSION, USBGATE_ROLE
 from tests.support.keystore_contract import RepositoryContract
 from tests.support.postgres import Cluster
 
@@ -140,3 +140,23 @@ def test_concurrent_appends_from_8_writers_keep_one_chain(pg_cluster: Cluster) -
     with psycopg.connect(url) as conn:
         per_host = dict(conn.execute("SELECT actor, count(*) FROM audit GROUP BY actor"))
     assert per_host == {f"host{n}": each for n in range(writers)}
+
+
+def test_admin_role_runs_the_cli_operations(pg_cluster: Cluster) -> None:
+    """A login in vmshield_admin (not a superuser) can do what the CLI does."""
+    url = pg_cluster.keystore()
+    _login_role(pg_cluster, "ops_alice", ADMIN_ROLE)
+    admin_url = url.replace("postgres@", "ops_alice@")
+    _seed(admin_url)
+
+    async def more() -> None:
+        async with await PostgresRepository.open(admin_url, policy=FAST) as repo:
+            await repo.add_disk("web1", "web1-0", "/srv/web1-0.img", fmt="luks2",
+                                cipher="aes-xts-plain64", size=1 << 20, actor="test")  # fmt: skip
+            await repo.set_erase_permission("web1", normal_delete=True, actor="test")
+            await repo.remove_usb_rule("web1", 1, actor="test")
+            assert (await repo.verify_audit()).ok
+
+    asyncio.run(more())
+    with psycopg.connect(admin_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("DELETE FROM audit")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from keystore.services import serve
-from nbd_plugin.luks import volume as container
+from nbd_plugin import luks
 from tests.support import ROOT
 
 UNITS = ROOT / "scripts" / "systemd"
@@ -49,7 +49,7 @@ def test_units_never_put_secrets_in_argv_or_environment() -> None:
 
 def test_disk_unit_exec_start_serves_from_credential(tmp_path: Path, sockdir: Path) -> None:
     image = tmp_path / "web1-0.img"
-    container.create_image(str(image), 4 << 20, PW, iterations=1000)
+    luks.create_image(str(image), 4 << 20, PW, iterations=1000)
     creds = tmp_path / "creds"
     creds.mkdir(mode=0o700)
     (creds / "passphrase").write_bytes(PW)
@@ -91,7 +91,7 @@ def test_ask_password_dropin_pipes_passphrase_without_newline(
     tmp_path: Path, sockdir: Path
 ) -> None:
     image = tmp_path / "web1-0.img"
-    container.create_image(str(image), 4 << 20, PW, iterations=1000)
+    luks.create_image(str(image), 4 << 20, PW, iterations=1000)
     # a stand-in for systemd-ask-password: prints the answer and a newline, as the real one
     fake = tmp_path / "bin"
     fake.mkdir()

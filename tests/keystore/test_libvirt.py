@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from keystore.services import unlock
-from nbd_plugin.luks.volume import payload_region
+from nbd_plugin.luks import payload_region
 from scripts.guestlib import DONE, MARKER, RAW_OFFSET, Guest, build_guest, read_export
 from tests.support.libvirt import Keystore, Libvirtd, available, domain_xml, processes
 from usbgate.simulator import FakeDevice, FakeOwner

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from keystore.audit import os_identity
 from keystore.errors import (
     AccountLocked,
     AlreadyExists,
@@ -112,7 +113,11 @@ class RepositoryContract:
         with pytest.raises(AuthenticationFailed) as exc:
             repo.authenticate("nobody", PW, actor=ACTOR)
         assert type(exc.value) is AuthenticationFailed
-        assert repo.list_audit()[-1].detail == {"user": "nobody", "reason": "unknown user"}
+        assert repo.list_audit()[-1].detail == {
+            "user": "nobody",
+            "reason": "unknown user",
+            **os_identity(),
+        }
 
     def test_lockout_refuses_without_checking(self, repo: Sync, clock: FakeClock) -> None:
         repo.add_principal("alice", PW, actor=ACTOR)

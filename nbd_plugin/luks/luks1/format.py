@@ -34,7 +34,7 @@ from nbd_plugin.crypto.pbkdf2 import MIN_ITERATIONS, check_hash, iterations_for,
 from nbd_plugin.crypto.registry import check_supported, make_cipher
 from nbd_plugin.errors import ImageError, InvalidPassphrase, UnsupportedError
 from nbd_plugin.luks import af
-from nbd_plugin.luks.fields import pack_text
+from nbd_plugin.luks.textfields import ascii_text, pack_text
 
 MAGIC = b"LUKS\xba\xbe"
 SECTOR = 512
@@ -57,11 +57,7 @@ ReadAt = Callable[[int, int], bytes]
 
 
 def _text(raw: bytes, field: str) -> str:
-    value = raw.split(b"\0", 1)[0]
-    try:
-        return value.decode("ascii")
-    except UnicodeDecodeError:
-        raise ImageError(f"LUKS1 header field {field} is not ASCII: header corrupt") from None
+    return ascii_text(raw, field, "LUKS1")
 
 
 @dataclass(frozen=True)
@@ -209,6 +205,16 @@ class Luks1Header:
             if slot.key_offset:
                 regions.append((slot.key_offset * SECTOR, slot.area_bytes(self.key_bytes)))
         return regions
+
+
+def raw_payload_bytes(raw: bytes) -> int:
+    """The payload offset field in bytes, read without any validation (0 if too short).
+
+    Only for wiping a header that ``Luks1Header.unpack`` refuses: never trust it otherwise.
+    """
+    if len(raw) < HEADER.size:
+        return 0
+    return int(HEADER.unpack_from(raw)[5]) * SECTOR
 
 
 def _slot_cipher_apply(header: Luks1Header, key: bytes, data: bytearray, encrypt: bool) -> None:

@@ -1,70 +1,49 @@
-"""LUKS1 images on files and block devices: create, open, and keyslot management.
+"""LUKS1 images on files and block devices: open, create, keyslot management, info.
 
-Every change that touches a keyslot writes the key material first, syncs, then rewrites the
-header sector and syncs again, so a crash leaves either the old or the new keyslot.
+The ``nbd_plugin.luks.formats.Format`` module for "luks1": every function takes a descriptor
+the caller opened and locked. Every change that touches a keyslot writes the key material
+first, syncs, then rewrites the header sector and syncs again, so a crash leaves either the
+old or the new keyslot.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from nbd_plugin.crypto.registry import make_cipher
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks.luks1 import format as luks1
 from nbd_plugin.luks.luks1.format import SECTOR, Keyslot, Luks1Header
-
-
-def read_exact(fd: int, offset: int, length: int) -> bytes:
-    """pread that loops until ``length`` bytes or end of file."""
-    chunks = []
-    while length:
-        data = os.pread(fd, length, offset)
-        if not data:
-            break
-        chunks.append(data)
-        offset += len(data)
-        length -= len(data)
-    return b"".join(chunks)
-
-
-def write_exact(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+from nbd_plugin.luks.policy import NewImage, check_removable
+from nbd_plugin.luks.volume import Volume
+from nbd_plugin.osutil.blockdev import device_size
+from nbd_plugin.osutil.io import pread_all, pwrite_all
 
 
 def read_header(fd: int) -> Luks1Header:
-    return Luks1Header.unpack(read_exact(fd, 0, luks1.HEADER_SIZE))
+    return Luks1Header.unpack(pread_all(fd, luks1.HEADER_SIZE, 0))
 
 
 def unlock(fd: int, header: Luks1Header, passphrase: bytes) -> tuple[int, bytearray]:
-    return luks1.unlock(header, passphrase, lambda off, n: read_exact(fd, off, n))
+    return luks1.unlock(header, passphrase, lambda off, n: pread_all(fd, n, off))
 
 
-def create(
-    fd: int,
-    size: int,
-    passphrase: bytes,
-    *,
-    cipher: str = "aes",
-    mode: str = "xts-plain64",
-    key_bytes: int = 64,
-    hash_spec: str = "sha256",
-    iterations: int | None = None,
-    iter_time_ms: int = 2000,
-) -> Luks1Header:
+def create(fd: int, size: int, passphrase: bytes, new: NewImage, **opts: Any) -> Luks1Header:
     """Write a new LUKS1 container of ``size`` payload bytes to ``fd`` (an empty file)."""
+    if opts:
+        raise ValueError(f"LUKS1 takes no options {sorted(opts)}")
     if size <= 0 or size % SECTOR:
         raise ValueError(f"size must be a positive multiple of {SECTOR} bytes")
-    iterations = luks1.default_iterations(hash_spec, iterations, iter_time_ms)
+    key_bytes = new.key_bytes
+    iterations = luks1.default_iterations(new.hash_spec, new.iterations, new.iter_time_ms)
     master_key = bytearray(os.urandom(key_bytes))
     try:
         header = luks1.new_header(
             master_key,
-            cipher=cipher,
-            mode=mode,
-            hash_spec=hash_spec,
+            cipher=new.cipher,
+            mode=new.mode,
+            hash_spec=new.hash_spec,
             digest_iterations=luks1.digest_iterations_for(iterations),
         )
         slot, material = luks1.make_keyslot(header, 0, master_key, passphrase, iterations)
@@ -73,9 +52,9 @@ def create(
     header = luks1.with_slot(header, 0, slot)
     # Unused keyslot areas get random bytes, like the active one: nothing tells them apart.
     for other in header.keyslots[1:]:
-        write_exact(fd, os.urandom(other.area_bytes(key_bytes)), other.key_offset * SECTOR)
-    write_exact(fd, material, slot.key_offset * SECTOR)
-    write_exact(fd, header.pack(), 0)
+        pwrite_all(fd, os.urandom(other.area_bytes(key_bytes)), other.key_offset * SECTOR)
+    pwrite_all(fd, material, slot.key_offset * SECTOR)
+    pwrite_all(fd, header.pack(), 0)
     os.ftruncate(fd, header.payload_bytes + size)
     os.fsync(fd)
     return header
@@ -83,9 +62,9 @@ def create(
 
 def _commit(fd: int, header: Luks1Header, material: bytes | None, slot: Keyslot) -> None:
     if material is not None:
-        write_exact(fd, material, slot.key_offset * SECTOR)
+        pwrite_all(fd, material, slot.key_offset * SECTOR)
         os.fsync(fd)
-    write_exact(fd, header.pack(), 0)
+    pwrite_all(fd, header.pack(), 0)
     os.fsync(fd)
 
 
@@ -110,8 +89,10 @@ def add_key(
     slot: int | None = None,
     iterations: int | None = None,
     iter_time_ms: int = 2000,
+    **opts: Any,
 ) -> int:
     """Add ``new_passphrase`` in a free keyslot, authorised by an existing passphrase."""
+    _no_options(opts)
     header = read_header(fd)
     _, master_key = unlock(fd, header, passphrase)
     try:
@@ -129,7 +110,7 @@ def add_key(
 def wipe_slot(fd: int, header: Luks1Header, index: int) -> Luks1Header:
     """Overwrite keyslot ``index``'s key material with random bytes and disable it."""
     old = header.keyslots[index]
-    write_exact(fd, os.urandom(old.area_bytes(header.key_bytes)), old.key_offset * SECTOR)
+    pwrite_all(fd, os.urandom(old.area_bytes(header.key_bytes)), old.key_offset * SECTOR)
     os.fsync(fd)
     disabled = Keyslot(False, 0, bytes(luks1.SALT_SIZE), old.key_offset, old.stripes)
     updated = luks1.with_slot(header, index, disabled)
@@ -142,12 +123,7 @@ def remove_key(fd: int, passphrase: bytes, *, allow_last: bool = False) -> int:
     header = read_header(fd)
     index, master_key = unlock(fd, header, passphrase)
     master_key[:] = bytes(len(master_key))
-    if len(header.active_slots()) == 1 and not allow_last:
-        raise ImageError(
-            f"keyslot {index} is the last one: removing it makes the data "
-            "unrecoverable (use `vmshield image erase --method crypto` to destroy "
-            "the image on purpose)"
-        )
+    check_removable(index, len(header.active_slots()), allow_last)
     wipe_slot(fd, header, index)
     return index
 
@@ -159,12 +135,14 @@ def change_key(
     *,
     iterations: int | None = None,
     iter_time_ms: int = 2000,
+    **opts: Any,
 ) -> int:
     """Replace ``passphrase`` by ``new_passphrase``; returns the new keyslot index.
 
     The new keyslot is written (and synced) before the old one is wiped, so a crash never
     leaves the image without a working passphrase.
     """
+    _no_options(opts)
     header = read_header(fd)
     old_index, master_key = unlock(fd, header, passphrase)
     try:
@@ -185,8 +163,72 @@ def change_key(
     return index
 
 
-def check_passphrase(fd: int, passphrase: bytes) -> int:
+def _no_options(opts: dict[str, Any]) -> None:
+    """LUKS1 keyslots are PBKDF2 only: the LUKS2 KDF options have no meaning here."""
+    if opts:
+        raise ValueError(f"LUKS1 keyslots take no options {sorted(opts)}")
+
+
+def open_volume(fd: int, path: str, passphrase: bytes, readonly: bool) -> Volume:
+    """Unlock ``fd`` (already locked by the caller) and describe its payload."""
     header = read_header(fd)
+    total = device_size(fd)
+    if total < header.payload_bytes:
+        raise ImageError(
+            f"{path}: truncated: the header puts the payload at byte "
+            f"{header.payload_bytes} but the image is {total} bytes"
+        )
     index, key = unlock(fd, header, passphrase)
-    key[:] = bytes(len(key))
-    return index
+    try:
+        cipher = make_cipher(header.cipher_name, header.cipher_mode, bytes(key))
+    finally:
+        key[:] = bytes(len(key))
+    size = (total - header.payload_bytes) // SECTOR * SECTOR
+    return Volume(
+        path,
+        fd,
+        "luks1",
+        readonly,
+        header.payload_bytes,
+        size,
+        SECTOR,
+        0,
+        1,
+        cipher,
+        header.uuid,
+        index,
+        {"cipher": f"{header.cipher_name}-{header.cipher_mode}"},
+    )
+
+
+def info(fd: int, path: str) -> dict[str, Any]:
+    """What the header says (no passphrase needed), as plain data for --json."""
+    h = read_header(fd)
+    total = device_size(fd)
+    return {
+        "path": path,
+        "format": "luks1",
+        "uuid": h.uuid,
+        "cipher": f"{h.cipher_name}-{h.cipher_mode}",
+        "key_bits": h.key_bytes * 8,
+        "hash": h.hash_spec,
+        "sector_size": SECTOR,
+        "payload_offset": h.payload_bytes,
+        "size": max(0, (total - h.payload_bytes) // SECTOR * SECTOR),
+        "mk_digest_iterations": h.mk_digest_iter,
+        "keyslots": [
+            {
+                "slot": i,
+                "active": s.active,
+                "iterations": s.iterations if s.active else None,
+                "key_material_offset": s.key_offset * SECTOR,
+                "stripes": s.stripes,
+            }
+            for i, s in enumerate(h.keyslots)
+        ],
+    }
+
+
+def key_material_regions(fd: int, path: str) -> list[tuple[int, int]]:
+    """The header and every keyslot area (active or not: a disabled one may hold old keys)."""
+    return read_header(fd).key_material_regions()

@@ -19,19 +19,19 @@ integers big endian::
     448    64    csum: checksum_alg over hdr_size bytes with this field zeroed
     512    3584  padding
 
-The JSON area's model lives in ``luks2_meta`` (re-exported here).
+The JSON area's model lives in ``metadata`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbd_plugin.errors import ImageError, UnsupportedError
-from nbd_plugin.luks.fields import pack_text
 from nbd_plugin.luks.luks2.metadata import (
     BIN_SIZE,
     KEYSLOT_SECTOR,
@@ -44,6 +44,7 @@ from nbd_plugin.luks.luks2.metadata import (
     dump,
     split_spec,
 )
+from nbd_plugin.luks.textfields import display_text, pack_text
 
 __all__ = [
     "BIN_SIZE",
@@ -77,10 +78,6 @@ AREA_ALIGN = 4096
 STRIPES = 4000
 
 ReadAt = Callable[[int, int], bytes]
-
-
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("ascii", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -135,18 +132,18 @@ class BinaryHeader:
             raise ImageError(f"version {version}, not 2")
         if hdr_size not in HDR_SIZES:
             raise ImageError(f"header size {hdr_size} is not a LUKS2 metadata size")
-        csum_alg = _text(alg)
+        csum_alg = display_text(alg)
         if csum_alg not in CSUM_ALGS:
             raise UnsupportedError(f"LUKS2 checksum algorithm {csum_alg!r} is not supported")
         return cls(
             magic == MAGIC_SECONDARY,
             hdr_size,
             seqid,
-            _text(label),
+            display_text(label),
             csum_alg,
             salt,
-            _text(uuid),
-            _text(subsystem),
+            display_text(uuid),
+            display_text(subsystem),
             offset,
         )
 
@@ -179,6 +176,24 @@ def parse_copy(raw: bytes, expected_offset: int) -> tuple[BinaryHeader, Metadata
     except UnicodeDecodeError:
         raise ImageError("JSON area is not UTF-8") from None
     return head, Metadata.parse(text, head.hdr_size)
+
+
+def raw_payload_offset(raw: bytes) -> int:
+    """Where the primary copy's JSON puts the payload, read without validation (0: unknown).
+
+    Only for wiping a header that ``parse_copy`` refuses: never trust it otherwise.
+    """
+    if len(raw) < BINARY.size:
+        return 0
+    hdr_size = BINARY.unpack_from(raw)[2]
+    if hdr_size not in HDR_SIZES or len(raw) < hdr_size:
+        return 0
+    try:
+        doc = json.loads(raw[BIN_SIZE:hdr_size].split(b"\0", 1)[0])
+        offsets = [int(seg["offset"]) for seg in doc["segments"].values()]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return 0
+    return max(0, min(offsets, default=0))
 
 
 def try_keyslot(
