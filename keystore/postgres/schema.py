@@ -167,8 +167,15 @@ GRANT INSERT ON audit TO {USBGATE_ROLE};
 GRANT SELECT, UPDATE ON audit_head TO {USBGATE_ROLE};
 """
 
+# version 2: read-only serves take a shared lease, so a disk can have several holders
+_V2 = """
+ALTER TABLE leases DROP CONSTRAINT leases_pkey;
+ALTER TABLE leases ADD COLUMN readonly INTEGER NOT NULL DEFAULT 0 CHECK (readonly IN (0, 1));
+ALTER TABLE leases ADD PRIMARY KEY (disk_id, backend);
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES,)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -247,7 +247,7 @@ def serve_disk(
     """
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
-    held = None if readonly else lease.take(store.location, disk, files.socket)
+    held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:
         pid = start(Path(disk.path), password, files, readonly=readonly)
     except ServeError as e:
