@@ -16,7 +16,7 @@ from nbd_plugin.errors import ExitStatus
 from usbgate.addresses import Address, parse_address
 from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
-from usbgate.gateway import POLL_INTERVAL, Gateway
+from usbgate.gateway import HELLO_TIMEOUT, MAX_PER_PEER, POLL_INTERVAL, Gateway
 from usbgate.qemu_filter import report
 from usbgate.session import PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
@@ -151,6 +151,22 @@ def main() -> None:
     show_default=True,
     help="Seconds a device gets to answer the descriptor probe before it is denied.",
 )
+@click.option(
+    "--hello-timeout",
+    type=click.FloatRange(min=0.1),
+    default=HELLO_TIMEOUT,
+    show_default=True,
+    help="Seconds an owner gets, once connected, to send its usbredir hello; until then it "
+    "holds no usb-redir slot. Silent connections are closed and audited.",
+)
+@click.option(
+    "--max-per-peer",
+    type=click.IntRange(min=1),
+    default=MAX_PER_PEER,
+    show_default=True,
+    help="Connections at once from one IP address (or one local user on a unix socket); "
+    "more are refused. Refusals are audited once, then counted per peer every 10 s.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and decision.")
 def run(
     vm: str,
@@ -160,6 +176,8 @@ def run(
     rules_file: Path | None,
     poll_ms: float,
     probe_timeout: float,
+    hello_timeout: float,
+    max_per_peer: int,
     verbose: bool,
 ) -> None:
     """Run the gateway for one VM until SIGINT/SIGTERM.
@@ -169,7 +187,9 @@ def run(
     a denied device never reaches QEMU. When `vmshield usb ...` changes the rules so that
     an attached device is no longer allowed, usbgate detaches it (device_disconnect to
     QEMU, filter_reject to the owner, connection closed). Rule changes are seen by polling
-    SQLite's `PRAGMA data_version` every --poll-ms.
+    SQLite's `PRAGMA data_version` every --poll-ms; with `--db postgresql://...` they are
+    pushed by LISTEN/NOTIFY from any host, and while the database connection is lost every
+    device is denied (attached ones detached) until usbgate has reconnected.
 
     \b
     Example (QEMU started with
@@ -186,7 +206,8 @@ def run(
     rules = _rule_source(db, rules_file)
     audit = _audit_sink(db, rules_file)
     gateway = Gateway(vm, listen, qemu, rules, audit, poll_interval=poll_ms / 1000,
-                      probe_timeout=probe_timeout)  # fmt: skip
+                      probe_timeout=probe_timeout, hello_timeout=hello_timeout,
+                      max_per_peer=max_per_peer)  # fmt: skip
     try:
         asyncio.run(_serve(gateway, audit))
     except RuleSourceError as exc:

@@ -17,18 +17,29 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from usbgate.addresses import Address, open_stream, start_server
-from usbgate.errors import RuleSourceError
+from usbgate.addresses import READ_SIZE, Address, open_stream, start_server
+from usbgate.auditing import REFUSAL_WINDOW, Refusals
+from usbgate.errors import ProtocolError, RuleSourceError
 from usbgate.policy import Action, Decision, Device, Rule, decide
 from usbgate.session import PROBE_TIMEOUT, Session, State
 from usbgate.sources import AuditSink, RuleSource
+from usbgate.usbredir.codec import Connection
+from usbgate.usbredir.packets import Hello
+from usbgate.usbredir.wire import Role
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.010
+# An owner must send its hello this soon after connecting, before it gets a slot.
+HELLO_TIMEOUT = 5.0
+# Connections at once from one IP address (or one local uid), handshakes and sessions.
+MAX_PER_PEER = 4
 
 
 class Gateway:
@@ -44,6 +55,9 @@ class Gateway:
         *,
         poll_interval: float = POLL_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
+        hello_timeout: float = HELLO_TIMEOUT,
+        max_per_peer: int = MAX_PER_PEER,
+        refusal_window: float = REFUSAL_WINDOW,
     ) -> None:
         if not qemu_slots:
             raise ValueError("at least one QEMU usb-redir slot is needed")
@@ -54,6 +68,10 @@ class Gateway:
         self.audit = audit
         self.poll_interval = poll_interval
         self.probe_timeout = probe_timeout
+        self.hello_timeout = hello_timeout
+        self.max_per_peer = max_per_peer
+        self.refusals = Refusals(audit, vm, window=refusal_window)
+        self._per_peer: dict[str, int] = {}
         self.rules: list[Rule] = []
         self.sessions: dict[int, Session] = {}
         self._reserved: set[int] = set()
@@ -106,6 +124,7 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         self.rule_source.close()
+        self.refusals.flush(everything=True)
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -132,6 +151,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.poll_interval)
             self._refresh()
+            self.refusals.flush()
 
     def _enforce(self, seen: float) -> None:
         """Revoke every attached device the current rules no longer allow; forward every
@@ -161,30 +181,75 @@ class Gateway:
             self._handlers.discard(task)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer_name(writer)
+        peer, host = _peer_name(writer), _peer_host(writer)
+        if self._per_peer.get(host, 0) >= self.max_per_peer:
+            self._refuse(writer, "usb.denied", host, f"more than {self.max_per_peer} connections "
+                         f"at once from {host}")  # fmt: skip
+            return
+        self._per_peer[host] = self._per_peer.get(host, 0) + 1
+        try:
+            greeting = await self._handshake(reader, writer, host)
+            if greeting is not None:
+                await self._relay(reader, writer, peer, host, greeting)
+        finally:
+            self._per_peer[host] -= 1
+            if not self._per_peer[host]:
+                del self._per_peer[host]
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         host: str) -> bytes | None:  # fmt: skip
+        """The owner's first bytes, up to and including its hello; None if it sent none in
+        time (refused: it holds no slot and no QEMU connection while it is silent)."""
+        hello = Connection(Role.GUEST)
+        greeting = bytearray()
+        try:
+            async with asyncio.timeout(self.hello_timeout):
+                while True:
+                    data = await reader.read(READ_SIZE)
+                    if not data:
+                        writer.close()
+                        return None
+                    greeting += data
+                    hello.receive_data(data)
+                    if isinstance(hello.next_event(), Hello):
+                        return bytes(greeting)
+        except TimeoutError:
+            reason = f"no usbredir hello within {self.hello_timeout:g} s"
+            self._refuse(writer, "usb.denied", host, reason)
+        except ProtocolError as exc:
+            self._refuse(writer, "usb.malformed", host, f"not a usbredir hello: {exc}")
+        except (ConnectionError, OSError):
+            writer.close()
+        return None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
+                     host: str, greeting: bytes) -> None:  # fmt: skip
         slot = next((n for n in range(len(self.qemu_slots)) if n not in self._reserved), None)
         if slot is None:
-            reason = "every usb-redir slot is in use"
-            self.audit.record("usb.denied", self.vm, {"peer": peer, "reason": reason})
-            writer.close()
+            self._refuse(writer, "usb.denied", host, "every usb-redir slot is in use")
             return
         self._reserved.add(slot)
         try:
             try:
                 qemu = await open_stream(self.qemu_slots[slot])
             except OSError as exc:
-                self.audit.record("usb.error", self.vm, {"peer": peer, "slot": slot,
-                    "reason": f"cannot reach QEMU at {self.qemu_slots[slot]}: {exc}"})  # fmt: skip
-                writer.close()
+                reason = f"cannot reach QEMU at {self.qemu_slots[slot]}: {exc}"
+                self._refuse(writer, "usb.error", host, reason, slot=slot)
                 return
             session = Session(vm=self.vm, slot=slot, peer=peer, owner=(reader, writer), qemu=qemu,
                               decide=self.decide, audit=self.audit,
-                              probe_timeout=self.probe_timeout)  # fmt: skip
+                              probe_timeout=self.probe_timeout, greeting=greeting)  # fmt: skip
             self.sessions[slot] = session
             await session.run()
         finally:
             self.sessions.pop(slot, None)
             self._reserved.discard(slot)
+
+    def _refuse(self, writer: asyncio.StreamWriter, action: str, host: str, reason: str,
+                **detail: Any) -> None:  # fmt: skip
+        """Hang up on a connection usbgate will not serve; audited, aggregated per peer."""
+        self.refusals.refused(action, host, reason, **detail)
+        writer.close()
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:
@@ -192,3 +257,17 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer) if peer else "unix"
+
+
+def _peer_host(writer: asyncio.StreamWriter) -> str:
+    """Who is connecting, for the per-peer limit: the IP address, or a unix socket's uid."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            return f"unix uid {uid}"
+    return "unix"

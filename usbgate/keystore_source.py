@@ -10,22 +10,20 @@ a `vmshield usb ...` commit is seen at the next poll (every 10 ms) for a few mic
 per poll; the rules are re-read only then.
 
 Audit rows go through keystore.audit.append_audit (hash-chained, its own short write
-transaction) on one worker thread, in order, so the event loop never waits for the disk.
+transaction) on one worker thread, in order, through a bounded queue (usbgate.auditing), so
+the event loop never waits for the disk and a flood of rows cannot fill memory.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import queue
-import threading
 from pathlib import Path
 from typing import Any
 
 from keystore import audit as keystore_audit
 from keystore.errors import KeystoreError
 from keystore.sqlite import usbrules
+from usbgate.auditing import MAX_QUEUED, QueuedAuditSink
 from usbgate.errors import RuleSourceError
 from usbgate.policy import Rule
 
@@ -76,30 +74,12 @@ class KeystoreRuleSource:
         self._watchers.clear()
 
 
-class KeystoreAuditSink:
+class KeystoreAuditSink(QueuedAuditSink):
     """Appends each record to the keystore's hash-chained audit trail from a worker thread."""
 
-    def __init__(self, db_path: str | Path) -> None:
+    def __init__(self, db_path: str | Path, *, max_queued: int = MAX_QUEUED) -> None:
         self.db_path = Path(db_path)
-        self._queue: queue.Queue[tuple[str, str, dict[str, Any]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="usbgate-audit", daemon=True)
-        self._thread.start()
+        super().__init__(max_queued=max_queued)
 
-    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
-        self._queue.put((action, vm, detail))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            action, vm, detail = item
-            try:
-                keystore_audit.append_audit(self.db_path, AUDIT_ACTOR, action, vm, detail)
-            except (KeystoreError, ValueError, TypeError) as exc:
-                log.error("audit %s for %s not written: %s", action, vm, exc)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            await asyncio.to_thread(self.close)
+    def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        keystore_audit.append_audit(self.db_path, AUDIT_ACTOR, action, vm, detail)

@@ -13,11 +13,7 @@ Audit rows go to the same database through a worker thread and its own connectio
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import queue
-import threading
 from typing import Any
 
 import psycopg
@@ -26,6 +22,7 @@ from keystore.errors import KeystoreError
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
 from keystore.postgres.notify import RulesListener
+from usbgate.auditing import QueuedAuditSink
 from usbgate.errors import RuleSourceError
 from usbgate.keystore_source import AUDIT_ACTOR
 from usbgate.policy import Rule
@@ -57,20 +54,15 @@ class PgRuleSource:
         self.listener.close()
 
 
-class PgAuditSink:
+class PgAuditSink(QueuedAuditSink):
     """Appends each record to the shared hash chain from a worker thread, in order."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._queue: queue.Queue[tuple[str, str, dict[str, Any]] | None] = queue.Queue()
         self._conn: psycopg.Connection[Any] | None = None
-        self._thread = threading.Thread(target=self._run, name="usbgate-audit", daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
-        self._queue.put((action, vm, detail))
-
-    def _append(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+    def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
         for attempt in (1, 2):  # a dropped connection is reopened once per row
             try:
                 if self._conn is None:
@@ -84,19 +76,6 @@ class PgAuditSink:
                 if attempt == 2:
                     raise
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                self._append(*item)
-            except (psycopg.Error, KeystoreError, ValueError, TypeError) as exc:
-                log.error("audit %s for %s not written: %s", item[0], item[1], exc)
+    def _finish(self) -> None:
         if self._conn is not None:
             self._conn.close()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            await asyncio.to_thread(self.close)

@@ -186,6 +186,83 @@ def decide(rules: Sequence[Rule], device: Device) -> Decision:
     return Decision(Action.ALLOW, f"rule '{rule}'", rule)
 
 
+# --- shadowing: first match wins, so a rule behind a broader one never decides --------------
+
+
+def _field_covers(broad: object, narrow: object) -> bool:
+    return broad is None or broad == narrow
+
+
+def _pattern_covers(broad: Pattern, narrow: Pattern) -> bool:
+    return all(_field_covers(b, n) for b, n in zip(broad, narrow, strict=True))
+
+
+def covers(broad: Rule, narrow: Rule) -> bool:
+    """True when ``broad`` matches every device ``narrow`` matches (so, placed first, it
+    decides every device ``narrow`` would). Conservative: a False may still be covered by
+    several rules together."""
+    fields = ("vendor_id", "product_id", "device_class", "serial")
+    if not all(_field_covers(getattr(broad, f), getattr(narrow, f)) for f in fields):
+        return False
+    if broad.interfaces is None:
+        return True
+    if narrow.interfaces is None:  # narrow also matches devices broad's patterns leave out
+        return False
+    return all(any(_pattern_covers(b, n) for b in broad.interfaces) for n in narrow.interfaces)
+
+
+def shadowing(rules: Sequence[Rule], rule: Rule) -> int | None:
+    """The index in ``rules`` of the first rule that covers ``rule`` (``rule`` placed after
+    it could never be the first match), or None."""
+    return next((i for i, earlier in enumerate(rules) if covers(earlier, rule)), None)
+
+
+def shadowed(rules: Sequence[Rule]) -> list[int | None]:
+    """For each rule, the index of the first earlier rule that shadows it, or None."""
+    return [shadowing(rules[:i], rule) for i, rule in enumerate(rules)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new rule goes so that it takes effect, decided by ``place``."""
+
+    index: int | None
+    """0-based index to insert at; None: do not add (an equal or broader rule with the same
+    action already decides these devices)."""
+    note: str
+    """What the admin is told ('' when the rule simply goes where asked)."""
+
+
+class ShadowedRule(RuleSyntaxError):
+    """The rule, at the position asked, would come after a rule that decides its devices."""
+
+
+def place(rules: Sequence[Rule], rule: Rule, position: int | None = None) -> Placement:
+    """Where ``rule`` must go among ``rules`` to take effect (first match wins).
+
+    Without ``position`` (1-based), a rule covered by an earlier rule with another action is
+    put just before it (``block id 0781:5567`` after ``allow id 0781:5567`` must block);
+    covered by one with the same action, it is not added. With ``position``, a rule that
+    would come after a covering rule of another action is refused (ShadowedRule, naming it).
+    """
+    end = len(rules) if position is None else min(position - 1, len(rules))
+    at = shadowing(rules[:end], rule)
+    if at is None:
+        return Placement(end, "")
+    earlier = rules[at]
+    if earlier.action is rule.action:
+        return Placement(None, f"not added: rule {at + 1} '{earlier}' already {rule.action}s "
+                               "every device this rule matches")  # fmt: skip
+    if position is not None:
+        raise ShadowedRule(
+            f"rule {at + 1} '{earlier}' matches every device this rule matches and comes "
+            f"first, so at position {position} this rule would never decide; use "
+            f"--position {at + 1} (or lower) to put it before, or remove rule {at + 1}"
+        )
+    return Placement(at, f"inserted before rule {at + 1} '{earlier}', which matches every "
+                         "device this rule matches and would have decided first")  # fmt: skip
+
+
 # --- text form ----------------------------------------------------------------------------
 
 

@@ -12,8 +12,10 @@ from typing import TypeVar
 
 import click
 
-from keystore.cli.options import actor, db_option, emit_json, json_option, run, table
+from keystore.backends import Location
+from keystore.cli.options import CliError, actor, db_option, emit_json, json_option, run, table
 from keystore.models import UsbAction
+from keystore.repository import Repository
 from keystore.sqlite.usbrules import UsbRule
 from usbgate import policy
 from usbgate import qemu_filter as qf
@@ -67,7 +69,9 @@ def _make(action: UsbAction) -> click.Command:
     @click.option(
         "--position",
         type=click.IntRange(min=1),
-        help="Insert at this 1-based position (default: last).",
+        help="Insert at this 1-based position (default: last, or just before an earlier rule "
+        "that would otherwise decide these devices first). Refused if an earlier rule with "
+        "another action would still decide them first.",
     )
     @json_option
     @db_option
@@ -86,24 +90,29 @@ def _make(action: UsbAction) -> click.Command:
             None if device_class is None else _parse(device_class, policy.parse_class, "--class")
         )
         pats = [_parse(i, policy.parse_pattern, "--interface") for i in interfaces]
-        rule = run(
-            db,
-            lambda r: r.add_usb_rule(
-                vm,
-                action,
-                vid,
-                pid,
-                actor=actor(),
-                device_class=dclass,
-                interfaces=pats or None,
-                serial=serial,
-                position=position,
-            ),
-        )
+        wanted = policy.Rule(action, vid, pid, dclass, tuple(pats) or None, serial)
+
+        async def add(repo: Repository) -> tuple[UsbRule | None, policy.Placement]:
+            where = policy.place(await repo.list_usb_rules(vm), wanted, position)
+            if where.index is None:
+                return None, where
+            rule = await repo.add_usb_rule(vm, action, vid, pid, actor=actor(),
+                                           device_class=dclass, interfaces=pats or None,
+                                           serial=serial, position=where.index + 1)  # fmt: skip
+            return rule, where
+
+        rule, where = run(db, add)
         if as_json:
-            emit_json(rule.to_json())
+            emit_json({**(rule.to_json() if rule else {}), "added": rule is not None,
+                       "note": where.note or None})  # fmt: skip
+        elif rule is None:
+            click.echo(f"{vm}: {where.note}")
         else:
             click.echo(f"{vm} rule {rule.position}: {rule.describe()}")
+            if where.note:
+                click.echo(f"note: {where.note}", err=True)
+        if rule is not None and not as_json:
+            _warn_newly_shadowed(vm, db, rule)
 
     verb = {
         UsbAction.ALLOW: "Forward",
@@ -113,7 +122,12 @@ def _make(action: UsbAction) -> click.Command:
     cmd.help = (
         f"{verb} devices matching VID:PID to VM (a `{action.value}` rule).\n\n"
         "VID:PID are 4-digit hex ids, '*' matches any (e.g. 0781:5567, 0781:*, '*:*'). "
-        "The optional --class, --interface and --serial narrow the match."
+        "The optional --class, --interface and --serial narrow the match.\n\n"
+        "The first matching rule decides, so the command makes sure the new rule takes "
+        "effect: if an earlier rule with another action already matches every device it "
+        "matches, the new rule goes just before that rule (and says so); if one with the "
+        "same action does, nothing is added. With --position, such a rule is refused "
+        "with a message naming the rule in the way."
     )
     return cmd
 
@@ -123,6 +137,7 @@ for _action in UsbAction:
 
 
 def _rows(rules: list[UsbRule]) -> list[list[str]]:
+    shadows = policy.shadowed(rules)
     return [
         [
             str(r.position),
@@ -133,9 +148,19 @@ def _rows(rules: list[UsbRule]) -> list[list[str]]:
             if r.interfaces is None
             else ",".join(policy.format_pattern(p) for p in r.interfaces),
             "-" if r.serial is None else r.serial,
+            "-" if by is None else f"shadowed by #{by + 1}",
         ]
-        for r in rules
+        for r, by in zip(rules, shadows, strict=True)
     ]
+
+
+def _warn_newly_shadowed(vm: str, db: Location | None, rule: UsbRule) -> None:
+    """After an insert, say which later rules the new one now decides for."""
+    rules = run(db, lambda r: r.list_usb_rules(vm))
+    hidden = [str(i + 1) for i, by in enumerate(policy.shadowed(rules)) if by == rule.position - 1]
+    if hidden:
+        click.echo(f"note: rule {rule.position} now shadows rule(s) {', '.join(hidden)}: they "
+                   "can no longer decide any device", err=True)  # fmt: skip
 
 
 @usb.command("list")
@@ -143,22 +168,63 @@ def _rows(rules: list[UsbRule]) -> list[list[str]]:
 @json_option
 @db_option
 def list_(vm: str, as_json: bool, db: Path | None) -> None:
-    """List the rules of VM in the order they are tried."""
+    """List the rules of VM in the order they are tried.
+
+    A rule that comes after one matching every device it matches can never decide: the
+    last column (and `shadowed_by` in --json, the position of that rule) says so.
+    """
     rules = run(db, lambda r: r.list_usb_rules(vm))
     if as_json:
-        emit_json([r.to_json() for r in rules])
+        shadows = policy.shadowed(rules)
+        emit_json([{**r.to_json(), "shadowed_by": None if by is None else by + 1}
+                   for r, by in zip(rules, shadows, strict=True)])  # fmt: skip
         return
-    table(_rows(rules), ["#", "action", "vid:pid", "class", "interfaces", "serial"])
+    table(_rows(rules), ["#", "action", "vid:pid", "class", "interfaces", "serial", "shadowed"])
 
 
 @usb.command("remove")
 @click.argument("vm")
-@click.argument("position", type=click.IntRange(min=1))
+@click.argument("rule", metavar="POSITION|VID:PID")
+@click.option(
+    "--action",
+    type=click.Choice([a.value for a in UsbAction]),
+    help="With VID:PID: only the rules with this action.",
+)
 @db_option
-def remove(vm: str, position: int, db: Path | None) -> None:
-    """Remove rule number POSITION (see `vmshield usb list VM`); later rules move up."""
-    rule = run(db, lambda r: r.remove_usb_rule(vm, position, actor=actor()))
-    click.echo(f"{vm}: removed rule {position}: {rule.describe()}")
+def remove(vm: str, rule: str, action: str | None, db: Path | None) -> None:
+    """Remove rule number POSITION, or every rule for exactly VID:PID; later rules move up.
+
+    \b
+    Examples:
+      vmshield usb remove web1 2               # rule 2 (see `vmshield usb list web1`)
+      vmshield usb remove web1 0781:5567       # every rule written for 0781:5567
+      vmshield usb remove web1 '0781:*' --action block
+    """
+    if rule.isdecimal() and rule.isascii():
+        if action is not None:
+            raise click.UsageError("--action goes with VID:PID, not with a position")
+        position = int(rule)
+        if position < 1:
+            raise click.BadParameter("positions start at 1", param_hint="POSITION")
+        removed = run(db, lambda r: r.remove_usb_rule(vm, position, actor=actor()))
+        click.echo(f"{vm}: removed rule {position}: {removed.describe()}")
+        return
+    vid, pid = _parse(rule, policy.parse_id_pair, "VID:PID")
+
+    async def remove_matching(repo: Repository) -> list[UsbRule]:
+        rules = await repo.list_usb_rules(vm)
+        hits = [r for r in rules if (r.vendor_id, r.product_id) == (vid, pid)
+                and (action is None or r.action.value == action)]  # fmt: skip
+        for r in sorted(hits, key=lambda r: r.position, reverse=True):
+            await repo.remove_usb_rule(vm, r.position, actor=actor())
+        return hits
+
+    removed_rules = run(db, remove_matching)
+    if not removed_rules:
+        what = f"{action} rule" if action else "rule"
+        raise CliError(f"VM {vm!r} has no {what} for {rule} (see `vmshield usb list {vm}`)")
+    for r in removed_rules:
+        click.echo(f"{vm}: removed rule {r.position}: {r.describe()}")
 
 
 @usb.command("qemu-filter")

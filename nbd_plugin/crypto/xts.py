@@ -1,4 +1,7 @@
-"""AES-XTS over whole requests: a handful of OpenSSL and numpy calls per request.
+"""AES-XTS over whole requests with numpy: the data path when numba is not there.
+
+With numba, ``xts_native.JitXts`` runs each request in one compiled call; this module stays
+the fallback (and the reference the numba cipher checks itself against at start).
 
 Small requests (up to ``NATIVE_SECTORS`` sectors) and 4096-byte sectors go to OpenSSL's own
 XTS one sector at a time through the system libcrypto (``nbd_plugin.crypto.libcrypto``), when it
@@ -152,6 +155,8 @@ class _Views:
 class XtsCipher:
     """AES-XTS with one data unit per sector; ``iv_step`` sector IVs per sector."""
 
+    data_path = "numpy"
+
     def __init__(
         self, key: bytes, sector_size: int = 512, iv_step: int = 1, *, native: bool = True
     ) -> None:
@@ -221,7 +226,7 @@ class XtsCipher:
     # ---- tweaks ----------------------------------------------------------------------------
     def _fill_tweaks(self, s: _Scratch, v: _Views, first_iv: int) -> None:
         """Tweaks of the request in data order, in ``s.tweaks`` (``v.tweaks`` used)."""
-        np.add(self._steps[: len(v.iv_column)], np.uint64(first_iv), out=v.iv_column)
+        np.add(self._steps[: len(v.iv_column)], np.uint64(first_iv % (1 << 64)), out=v.iv_column)
         s.tweak_enc.update_into(v.iv_bytes, s.first)
         lo, hi, plo, phi, over, red = v.lo, v.hi, v.plo, v.phi, v.over, v.red
         np.copyto(lo, v.first_lo)

@@ -100,11 +100,51 @@ def load(path: str) -> JournalState | None:
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise ImageError(f"erase journal {path} has an unknown format; remove it to start over")
     try:
-        return JournalState(**data)
+        state = JournalState(**data)
     except TypeError as e:
         raise ImageError(
             f"erase journal {path} is malformed ({e}); remove it to start over"
         ) from None
+    problem = _shape_problem(state)
+    if problem:
+        raise ImageError(f"erase journal {path} is malformed ({problem}); remove it to start over")
+    return state
+
+
+def _ints(value: object, width: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == width
+        and all(type(v) is int and v >= 0 for v in value)
+    )
+
+
+def _shape_problem(s: JournalState) -> str | None:
+    """What in a parsed journal has the wrong type or range, None if nothing."""
+    if not _ints(s.identity, 3):
+        return "identity"
+    if not isinstance(s.extents, list) or not all(_ints(e, 3) for e in s.extents):
+        return "extents"
+    if not isinstance(s.key_regions, list) or not all(_ints(r, 2) for r in s.key_regions):
+        return "key_regions"
+    if not isinstance(s.key, str) or len(s.key) != 64:
+        return "key"
+    try:
+        bytes.fromhex(s.key)
+    except ValueError:
+        return "key"
+    if s.phase not in Phase.ORDER or not isinstance(s.method, str):
+        return "phase"
+    if not _ints([s.pass_index, s.done, s.resumed, s.links], 4):
+        return "counters"
+    if not isinstance(s.passes, list) or not isinstance(s.target, str):
+        return "passes"
+    if not isinstance(s.started, int | float):
+        return "started"
+    for part in (s.crypto, s.verification, s.discard, s.storage, s.unlink):
+        if part is not None and not isinstance(part, dict):
+            return "record"
+    return None
 
 
 def save(path: str, state: JournalState) -> None:

@@ -26,11 +26,11 @@ HELLO = Hello("test peer", (int(ALL_CAPABILITIES),))
 def control_reply(asked: ControlPacket, status: int, data: bytes, **changes: int) -> ControlPacket:
     """The owner's answer to ``asked``, echoing its fields except ``changes``."""
     fields: dict[str, Any] = {
-        "endpoint": asked.endpoint, "request": asked.request,
-        "requesttype": asked.requesttype, "value": asked.value, "index": asked.index,
+        "endpoint": asked.endpoint, "request": asked.request, "requesttype": asked.requesttype,
+        "value": asked.value, "index": asked.index, "id": asked.id,
     }  # fmt: skip
     fields.update(changes)
-    return ControlPacket(status=status, length=len(data), data=data, id=asked.id, **fields)
+    return ControlPacket(status=status, length=len(data), data=data, **fields)
 
 
 def honest_answer(device: FakeDevice, request: ControlPacket) -> ControlPacket:

@@ -123,5 +123,7 @@ def test_keystore_audit_sink_appends_to_the_chain(keystore_db: Path) -> None:
     assert [(a, b, c) for a, b, c, _ in rows] == [
         ("usbgate", "usb.allowed", "web1"), ("usbgate", "usb.revoked", "web1"),
     ]  # fmt: skip
-    assert json.loads(rows[1][3]) == {"latency_ms": 1.5}
+    detail = json.loads(rows[1][3])
+    assert detail["latency_ms"] == 1.5  # the audit adds who ran it (os_uid, os_user)
+    assert set(detail) <= {"latency_ms", "os_uid", "os_user"}
     assert keystore_audit.verify(keystore_db).ok

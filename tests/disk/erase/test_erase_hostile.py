@@ -211,3 +211,26 @@ def test_a_journal_of_another_user_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="may be forged"):
         erase(str(img), "zero")
     assert opens(img)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"identity": "x"},
+        {"extents": [[0, -1, 0]]},
+        {"key": "zz" * 32},
+        {"phase": "done"},
+        {"pass_index": 1.5},
+        {"crypto": []},
+    ],
+)
+def test_a_malformed_journal_is_one_clear_error(tmp_path: Path, edit: dict[str, object]) -> None:
+    img = tmp_path / "disk.img"
+    make_luks(img)
+    jp = _forged(img)
+    data = json.loads(jp.read_text())
+    data.update(edit)
+    jp.write_text(json.dumps(data))
+    with pytest.raises(ImageError, match=r"malformed|another file"):
+        erase(str(img), "zero")
+    assert opens(img)

@@ -1,0 +1,134 @@
+"""Issue 12 finding 11: idle connections, one peer's many connections and audit floods are bounded.
+
+A silent connection must not hold a usb-redir slot (hello timeout), one peer cannot take every
+slot (per-peer limit), and refused connections and a slow audit store cannot grow memory or
+the audit trail without bound (aggregated refusal rows, a bounded audit queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from usbgate.addresses import parse_address
+from usbgate.auditing import QueuedAuditSink, Refusals
+from usbgate.gateway import Gateway
+from usbgate.policy import parse_rules
+from usbgate.qmp import QEMU, QemuWithRedir
+from usbgate.simulator import FakeDevice, FakeOwner
+from usbgate.sources import MemoryAuditSink, MemoryRuleSource
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
+]
+
+
+def one_slot_gateway(qemu: QemuWithRedir, audit: MemoryAuditSink, **kw: Any) -> Gateway:
+    return Gateway("vml", parse_address("tcp:127.0.0.1:0"),
+                   [parse_address("unix:" + qemu.chardev_path(1))],
+                   MemoryRuleSource({"vml": parse_rules("allow id 0781:5567")}), audit,
+                   **kw)  # fmt: skip
+
+
+async def idle_connection(gateway: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    address = gateway.bound_address
+    assert address.host is not None and address.port is not None
+    return await asyncio.open_connection(address.host, address.port)
+
+
+def test_a_silent_connection_holds_no_slot_and_is_closed(qemu: QemuWithRedir) -> None:
+    audit = MemoryAuditSink()
+    gateway = one_slot_gateway(qemu, audit, hello_timeout=0.5)
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            reader, writer = await idle_connection(gateway)  # says nothing
+            await asyncio.sleep(0.1)
+            owner = await FakeOwner.connect(str(gateway.bound_address), FakeDevice())
+            await asyncio.to_thread(qemu.wait_attached, True, 1, 10.0)  # the one slot is free
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # the idle one was hung up
+            writer.close()
+            await owner.close()
+            await asyncio.to_thread(qemu.wait_attached, False, 1)
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    denied = [d for a, _, d in audit.rows if a == "usb.denied"]
+    assert [d["reason"] for d in denied] == ["no usbredir hello within 0.5 s"]
+    assert denied[0]["peer"] == "127.0.0.1"
+
+
+def test_one_peer_cannot_take_every_slot_and_its_refusals_are_aggregated(
+    qemu: QemuWithRedir,
+) -> None:
+    audit = MemoryAuditSink()
+    gateway = Gateway("vmp", parse_address("tcp:127.0.0.1:0"),
+                      [parse_address("unix:" + qemu.chardev_path(n)) for n in (0, 1)],
+                      MemoryRuleSource({"vmp": parse_rules("allow id 0781:*")}), audit,
+                      max_per_peer=1, refusal_window=60)  # fmt: skip
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            owner = await FakeOwner.connect(str(gateway.bound_address), FakeDevice())
+            await asyncio.to_thread(qemu.wait_attached, True, 0, 10.0)
+            for _ in range(21):  # slot 1 is free, but this peer already has its one connection
+                with pytest.raises(ConnectionError):
+                    await FakeOwner.connect(str(gateway.bound_address),
+                                            FakeDevice(product_id=0x0002))  # fmt: skip
+            assert not qemu.attached(1)
+            await owner.close()
+            await asyncio.to_thread(qemu.wait_attached, False, 0)
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    denied = [d for a, _, d in audit.rows if a == "usb.denied"]
+    assert len(denied) == 2, denied  # 21 refusals: the first at once, then one row for 20
+    assert denied[0]["reason"] == "more than 1 connections at once from 127.0.0.1"
+    assert denied[1]["count"] == 20
+    assert denied[1]["summary"].startswith("20 connections from 127.0.0.1 refused in ")
+
+
+def test_refusal_rows_per_window() -> None:
+    audit, now = MemoryAuditSink(), [0.0]
+    refusals = Refusals(audit, "vm", window=10, clock=lambda: now[0])
+    for t in range(25):  # one refusal a second from one peer, and one from another
+        now[0] = float(t)
+        refusals.refused("usb.denied", "10.0.0.1", "every usb-redir slot is in use")
+    refusals.refused("usb.denied", "10.0.0.2", "every usb-redir slot is in use")
+    refusals.flush(everything=True)
+    rows = [(d["peer"], d.get("count")) for _, _, d in audit.rows]
+    assert rows == [("10.0.0.1", None), ("10.0.0.1", 9), ("10.0.0.1", None), ("10.0.0.1", 9),
+                    ("10.0.0.1", None), ("10.0.0.2", None), ("10.0.0.1", 4)]  # fmt: skip
+
+
+class GatedSink(QueuedAuditSink):
+    """A store that cannot write until ``gate`` opens."""
+
+    def __init__(self, max_queued: int) -> None:
+        self.gate, self.written = threading.Event(), []
+        super().__init__(max_queued=max_queued)
+
+    def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        self.gate.wait()
+        self.written.append((action, vm, detail))
+
+
+def test_a_slow_audit_store_cannot_grow_the_queue_without_bound() -> None:
+    sink = GatedSink(max_queued=5)
+    for n in range(1000):
+        sink.record("usb.denied", "vm", {"n": n})
+    assert sink._queue.qsize() <= 5
+    sink.gate.set()
+    sink.close()
+    actions = [a for a, _, _ in sink.written]
+    assert len(actions) <= 7 and actions.count("usb.audit.dropped") == 1
+    [dropped] = [d for a, _, d in sink.written if a == "usb.audit.dropped"]
+    assert dropped["count"] == 1000 - actions.count("usb.denied")  # every row accounted for

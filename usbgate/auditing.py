@@ -1,0 +1,120 @@
+"""Audit rows without letting a peer fill memory: a bounded writer queue and refusal aggregation.
+
+``QueuedAuditSink`` writes rows on one worker thread, in order, through a bounded queue: when
+the store cannot keep up, rows beyond ``max_queued`` are counted, not queued, and one
+``usb.audit.dropped`` row with the count follows as soon as the writer catches up. The keystore
+and PostgreSQL sinks are such a queue with their own ``_write``.
+
+``Refusals`` turns a flood of refused connections into a bounded number of rows: the first
+refusal of a kind from a peer is recorded at once; later ones within ``window`` seconds are
+counted and recorded as one row, "N connections from PEER refused in T s".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from usbgate.sources import AuditSink
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 10_000
+REFUSAL_WINDOW = 10.0
+# Distinct (action, peer, reason) kinds tracked at once; beyond, refusals count under peer "*".
+MAX_REFUSAL_KINDS = 1024
+
+Row = tuple[str, str, dict[str, Any]]
+
+
+class QueuedAuditSink:
+    """An AuditSink whose rows a subclass writes (``_write``) on one worker thread, in order."""
+
+    def __init__(self, *, max_queued: int = MAX_QUEUED, name: str = "usbgate-audit") -> None:
+        self._queue: queue.Queue[Row | None] = queue.Queue(maxsize=max_queued)
+        self._lock = threading.Lock()
+        self._dropped: dict[str, int] = {}  # by VM
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait((action, vm, detail))
+        except queue.Full:
+            with self._lock:
+                self._dropped[vm] = self._dropped.get(vm, 0) + 1
+
+    def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Called on the worker thread once the last row is written."""
+
+    def _write_logged(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        try:
+            self._write(action, vm, detail)
+        except Exception as exc:  # the worker must outlive a bad row or a store hiccup
+            log.error("audit %s for %s not written: %s", action, vm, exc)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._write_logged(*item)
+            with self._lock:
+                dropped, self._dropped = self._dropped, {}
+            for vm, count in dropped.items():
+                self._write_logged("usb.audit.dropped", vm, {"count": count,
+                                   "reason": "audit queue full: rows not recorded"})  # fmt: skip
+        self._finish()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            await asyncio.to_thread(self.close)
+
+
+class Refusals:
+    """Aggregates refused connections per (action, peer, reason) into bounded audit rows."""
+
+    def __init__(self, audit: AuditSink, vm: str, *, window: float = REFUSAL_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.audit, self.vm, self.window, self.clock = audit, vm, window, clock
+        self._open: dict[tuple[str, str, str], list[Any]] = {}  # key -> [start, count, detail]
+
+    def refused(self, action: str, peer: str, reason: str, **detail: Any) -> None:
+        """One refused connection from ``peer`` (a host, not host:port)."""
+        now = self.clock()
+        self.flush()
+        key = (action, peer, reason)
+        if key not in self._open and len(self._open) >= MAX_REFUSAL_KINDS:
+            key = (action, "*", "refused (too many kinds to tell apart)")
+        entry = self._open.get(key)
+        if entry is None:
+            self._open[key] = [now, 0, detail]
+            self.audit.record(action, self.vm, {"peer": key[1], "reason": key[2], **detail})
+        else:
+            entry[1] += 1
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Record the count of every window that has ended (all of them with ``everything``)."""
+        now = self.clock()
+        for key, (start, count, detail) in list(self._open.items()):
+            if not everything and now - start < self.window:
+                continue
+            del self._open[key]
+            if count:
+                action, peer, reason = key
+                seconds = round(now - start, 1)
+                self.audit.record(action, self.vm, {
+                    "peer": peer, "reason": reason, **detail, "count": count,
+                    "seconds": seconds,
+                    "summary": f"{count} connections from {peer} refused in {seconds:g} s",
+                })  # fmt: skip
