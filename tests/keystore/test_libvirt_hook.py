@@ -227,3 +227,17 @@ def test_disk_below_a_snapshot_overlay_is_found() -> None:
     dom = parse_domain(xml)
     assert dom.uuid == "abc"
     assert [d.socket for d in dom.disks] == [Path("/run/vmshield/web1-0.sock")]
+
+
+def test_usbgate_failure_stops_the_disks(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    xml = domain(ks, usb=1)
+    text = ks.config.read_text().replace(
+        "usb_listen = unix:{run_dir}/{vm}-usb.sock", "usb_listen = unix:/nonexistent/{vm}.sock"
+    )
+    ks.config.write_text(text)
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert code == 1 and err.startswith("vmshield: usbgate of VM web1 exited: ")
+    assert err.count("\n") == 1
+    assert processes(str(ks.base)) == []
+    assert [d["server"] for d in json.loads(ks.cli("disk", "list", "--json").stdout)] == [None]
