@@ -15,6 +15,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from keystore.auth import AuthPolicy
+from keystore.backends import Location, open_repository
+from keystore.postgres.url import PgUrl
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite.repository import SqliteRepository
 from tests.support import ROOT
@@ -26,12 +28,12 @@ GUESSER = f"""
 import asyncio, os, sys, time
 from argon2 import PasswordHasher
 from keystore.auth import AuthPolicy
-from keystore.sqlite.repository import SqliteRepository
+from keystore.backends import open_repository, parse_location
 
-path, go = sys.argv[1], sys.argv[2]
+where, go = sys.argv[1], sys.argv[2]
 
 async def main():
-    repo = await SqliteRepository.open(path, policy=AuthPolicy(hasher={RACE_POLICY}))
+    repo = await open_repository(parse_location(where), policy=AuthPolicy(hasher={RACE_POLICY}))
     while not os.path.exists(go):
         time.sleep(0.002)
     try:
@@ -45,18 +47,30 @@ asyncio.run(main())
 """
 
 
-def _make_keystore(path: Path, policy: AuthPolicy) -> None:
-    dbmod.initialise(path)
+def _make_keystore(where: Location, policy: AuthPolicy) -> None:
+    if isinstance(where, Path):
+        dbmod.initialise(where)
 
     async def setup() -> None:
-        async with await SqliteRepository.open(path, policy=policy) as r:
+        async with await open_repository(where, policy=policy) as r:
             await r.add_principal("alice", b"the-right-password", actor="t")
 
     asyncio.run(setup())
 
 
-def test_parallel_wrong_passwords_cannot_bypass_the_lockout(tmp_path: Path) -> None:
-    db = tmp_path / "ks.db"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def keystore_at(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """An empty keystore of each backend."""
+    if request.param == "sqlite":
+        return tmp_path / "ks.db"
+    cluster = request.getfixturevalue("pg_cluster")
+    return PgUrl(cluster.keystore())
+
+
+def test_parallel_wrong_passwords_cannot_bypass_the_lockout(
+    tmp_path: Path, keystore_at: Location
+) -> None:
+    db = keystore_at
     policy = AuthPolicy(hasher=PasswordHasher(time_cost=2, memory_cost=16384, parallelism=1))
     _make_keystore(db, policy)
     go = tmp_path / "go"
@@ -77,7 +91,7 @@ def test_parallel_wrong_passwords_cannot_bypass_the_lockout(tmp_path: Path) -> N
     assert outcomes.count("AccountLocked") == 24 - policy.max_failures, outcomes
 
     async def audit_and_state() -> tuple[list[str], int]:
-        async with await SqliteRepository.open(db, policy=policy) as r:
+        async with await open_repository(db, policy=policy) as r:
             rows = await r.list_audit()
             return [e.action for e in rows], (await r.get_principal("alice")).failed_attempts
 
