@@ -179,10 +179,11 @@ def test_every_audit_row_records_the_real_uid_whatever_sudo_user_says(
     listed = asyncio.run(entries())
     assert len(listed) == 2
     for e in listed:
-        assert {k: e.detail.get(k) for k in me} == me, e
+        assert {"os_uid": e.os_uid, "os_user": e.os_user} == me, e
+        assert "os_uid" in e.to_json() and "os_uid" not in e.detail
     # a caller cannot put another uid in the row either
     audit.append_audit(db, "x", "test.forge", None, {"os_uid": 4242})
-    assert asyncio.run(entries())[-1].detail["os_uid"] == os.getuid()
+    assert asyncio.run(entries())[-1].os_uid == os.getuid()
 
 
 RUNUSER = "vmshield-t2"
