@@ -87,7 +87,8 @@ class Libvirtd:
             if not dst.startswith("/etc/p") and not dst.startswith("/etc/g"):
                 lines.append(f"mkdir -p {dst}")
             lines.append(f"mount --bind {src} {dst}")
-        lines.append("exec libvirtd")
+        # its own pid file: the default /run/libvirtd.pid would let only one daemon run
+        lines.append(f"exec libvirtd --pid-file {self.base / 'libvirtd.pid'}")
         (self.base / "ns.sh").write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 60) -> None:
