@@ -26,10 +26,7 @@ class RangeLock:
         self._waiters = 0
 
     def _overlaps(self, start: int, end: int) -> bool:
-        for s, e in self._held:
-            if s < end and start < e:
-                return True
-        return False
+        return any(s < end and start < e for s, e in self._held)
 
     def acquire(self, start: int, end: int) -> tuple[int, int]:
         """Hold ``[start, end)``; give the returned token to ``release``."""
