@@ -114,8 +114,10 @@ def next_row(
 
 def entry_from_row(row: tuple[Any, ...] | sqlite3.Row) -> AuditEntry:
     seq, ts, actor, action, vm, detail, prev, h = tuple(row)
+    fields = json.loads(detail)
+    uid, user = fields.pop("os_uid", None), fields.pop("os_user", None)
     return AuditEntry(
-        int(seq), datetime.fromisoformat(ts), actor, action, vm, json.loads(detail), prev, h
+        int(seq), datetime.fromisoformat(ts), actor, action, vm, fields, prev, h, uid, user
     )
 
 

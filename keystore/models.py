@@ -68,6 +68,10 @@ class Disk(_Record):
     size: int  #: plaintext size in bytes
     state: DiskState
     created: datetime
+    #: what the image was when recorded (LUKS UUID, st_dev, st_ino): destroy compares them
+    luks_uuid: str | None = None
+    st_dev: int | None = None
+    st_ino: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +127,7 @@ class AuditEntry(_Record):
     detail: dict[str, Any]
     prev_hash: str
     hash: str
+    #: the real uid of the process that wrote the row, and its name (None in old rows);
+    #: stored in the chained detail text, shown apart from the caller's `detail`
+    os_uid: int | None = None
+    os_user: str | None = None

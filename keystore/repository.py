@@ -9,6 +9,7 @@ keystore.backends picks the backend from the form of `--db` (a file, or postgres
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Any, Protocol, Self
@@ -27,6 +28,12 @@ from keystore.models import (
 from keystore.sqlite.usbrules import Pattern, UsbRule
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def canonical_path(path: str) -> str:
+    """The one name of an image path: absolute, symlinks and `..` resolved (os.path.realpath),
+    so an alias cannot record the same image twice under UNIQUE(path)."""
+    return os.path.realpath(path)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -82,6 +89,9 @@ class Repository(Protocol):
         size: int,
         actor: str,
         state: DiskState = DiskState.CREATING,
+    ) -> Disk: ...
+    async def set_disk_identity(
+        self, name: str, *, luks_uuid: str, st_dev: int, st_ino: int, actor: str
     ) -> Disk: ...
     async def get_disk(self, name: str) -> Disk: ...
     async def list_disks(self, vm: str | None = None) -> list[Disk]: ...

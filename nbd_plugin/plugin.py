@@ -13,6 +13,10 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
                       unmap: trim may punch holes (leaks which sectors are in use);
                       ignore (default): never unmap. A zero always writes encrypted
                       zeros (a hole reads as zeros through vmshield only).
+    data_path=auto|numba|numpy
+                      how requests are en/decrypted: numba (one compiled call per request,
+                      requests in parallel), numpy (the fallback), auto (default: numba when
+                      it imports and compiles). nbdkit -v logs the path in use and why.
 
 This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.
@@ -32,6 +36,9 @@ for _path in (_REPO, _VENV_SITE):
 
 import nbdkit  # noqa: E402
 
+from nbd_plugin.crypto.jit import describe as describe_path  # noqa: E402
+from nbd_plugin.crypto.jit import expected as expected_path  # noqa: E402
+from nbd_plugin.crypto.jit import start_loading, when_decided  # noqa: E402
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
@@ -72,10 +79,21 @@ def config_complete():
         _fail(f"{_config.image}: {exc}")
     except (VmshieldError, ValueError) as exc:
         _fail(str(exc))
+    nbdkit.debug(f"vmshield: data path {expected_path()} ({describe_path()} at start)")
+    when_decided(lambda: nbdkit.debug(f"vmshield: data path {describe_path()}"))
+
+
+def after_fork():
+    # In the serving process (nbdkit forks unless -f): load the numba kernels on a thread.
+    start_loading()
 
 
 def thread_model():
-    # Python callbacks contend for the GIL: PARALLEL measured slower here (2 cores).
+    # The numba kernel and pread/pwrite run without the GIL, so requests overlap and use
+    # both cores: PARALLEL measured faster (docs/performance.md). The numpy path holds the
+    # GIL for most of a request; there PARALLEL measured slower than serializing.
+    if expected_path() == "numba":
+        return nbdkit.THREAD_MODEL_PARALLEL
     return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 
 
@@ -109,8 +127,8 @@ def can_fua(h):
 
 
 def can_multi_conn(h):
-    # All connections share one descriptor and requests are serialized server-wide, so a
-    # flush on any connection covers every write: multi-conn is safe.
+    # All connections share one descriptor: a flush (fdatasync) on any connection covers
+    # every write completed before it on every connection, so multi-conn is safe.
     return True
 
 

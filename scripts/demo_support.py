@@ -46,6 +46,7 @@ class Report:
     demo_dir: Path
     checks: list[tuple[str, bool]] = field(default_factory=list)
     steps: list[tuple[str, bool, float]] = field(default_factory=list)
+    total: int = STEPS  #: how many steps this run has (scripts/demo.py main)
 
     def shown(self, text: str) -> str:
         return text.replace(str(self.demo_dir), "$DEMO")
@@ -71,7 +72,7 @@ class Report:
 
     @contextmanager
     def step(self, number: int, title: str) -> Iterator[None]:
-        print(f"\n[{number}/{STEPS}] {title}", flush=True)
+        print(f"\n[{number}/{self.total}] {title}", flush=True)
         before, start = len(self.checks), time.monotonic()
         ok = False
         try:
@@ -79,7 +80,7 @@ class Report:
             ok = all(passed for _, passed in self.checks[before:])
         finally:
             seconds = time.monotonic() - start
-            self.steps.append((f"[{number}/{STEPS}] {title}", ok, seconds))
+            self.steps.append((f"[{number}/{self.total}] {title}", ok, seconds))
             print(f"  ({seconds:.1f} s)", flush=True)
 
 

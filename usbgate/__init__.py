@@ -11,5 +11,7 @@ Packages and modules, bottom up:
 - session (one gateway connection's state machine), gateway, addresses: the asyncio gateway;
 - sources, keystore_source: where rules come from and decisions go (keystore or a text file);
 - devices: local devices via pyusb; simulator: a simulated USB owner; qmp: a small QMP client;
-- cli: the ``usbgate`` command.
+- storage/: a USB stick's firmware, sans-IO (SCSI commands, Bulk-Only Transport), which the
+  simulator's ``MassStorageStick`` serves over usbredir from an image file;
+- cli: the ``usbgate`` command (stick_cli: its ``simulate-stick``).
 """

@@ -20,6 +20,7 @@ from keystore.cli.options import (
 )
 from keystore.services.disks import parse_size
 from nbd_plugin import luks
+from nbd_plugin.crypto import jit
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError
 
 
@@ -164,6 +165,7 @@ def _print_info(meta: dict[str, Any]) -> None:
         "sector_size",
         "payload_offset",
         "size",
+        "data_path",
     ):
         if key in meta:
             click.echo(f"{key + ':':16}{meta[key]}")
@@ -188,6 +190,7 @@ def _print_info(meta: dict[str, Any]) -> None:
 def info(path: Path, as_json: bool) -> None:
     """Show what the header of PATH says (no passphrase needed)."""
     meta = _guard(lambda: luks.info(str(path)))
+    meta["data_path"] = jit.data_path()  # how this host's servers en/decrypt: numba or numpy
     if as_json:
         click.echo(json.dumps(meta, indent=2))
     else:

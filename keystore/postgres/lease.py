@@ -4,8 +4,9 @@ A lease is a session-level advisory lock, `pg_try_advisory_lock(LEASE_CLASS, dis
 by one connection for as long as the server runs: if the host crashes or its connection is
 cut, PostgreSQL ends the session and the lock with it, so the next host can take over
 without anyone cleaning up. The `leases` table says who holds it (host, pid, socket, since)
-so a refused host can be told; the lock, not the row, is the truth (a row left by a crashed
-holder is overwritten by the next one).
+so a refused host can be told; the lock, not the row, is the truth (rows of sessions that
+no longer exist are ignored and removed). Read-only servers take the lock shared: any number
+of readers, or one writer.
 """
 
 from __future__ import annotations
@@ -25,26 +26,43 @@ class LeaseHeld(Conflict):
     """Another host (or process) holds the disk's lease."""
 
 
-def try_take(conn: psycopg.Connection[Any], disk_id: int, disk: str, holder: str) -> None:
-    """Take the lease on this session or raise LeaseHeld naming the holder."""
-    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LEASE_CLASS, disk_id)).fetchone()
+_LIVE = "backend IN (SELECT pid FROM pg_stat_activity)"
+
+
+def try_take(
+    conn: psycopg.Connection[Any], disk_id: int, disk: str, holder: str, *, readonly: bool
+) -> None:
+    """Take the lease on this session (shared when `readonly`) or raise LeaseHeld naming
+    the holders: one read-write server, or any number of read-only ones, never both."""
+    fn = "pg_try_advisory_lock_shared" if readonly else "pg_try_advisory_lock"
+    row = conn.execute(f"SELECT {fn}(%s, %s)".encode(), (LEASE_CLASS, disk_id)).fetchone()
     if not row or not row[0]:
         held = conn.execute(
-            "SELECT holder, since FROM leases WHERE disk_id = %s", (disk_id,)
-        ).fetchone()
-        who = f"{held[0]} since {held[1]}" if held else "another session"
+            f"SELECT holder, since, readonly FROM leases WHERE disk_id = %s AND {_LIVE} "
+            "ORDER BY since".encode(),
+            (disk_id,),
+        ).fetchall()
+        mode = "read-only" if held and all(r[2] for r in held) else "read-write"
+        who = "; ".join(f"{h} since {t}" for h, t, _ in held) or "another session"
         raise LeaseHeld(
-            f"disk {disk} is already served read-write by {who} (cluster-wide lease); "
+            f"disk {disk} is already served {mode} by {who} (cluster-wide lease); "
             f"stop it there first (`vmshield disk stop {disk}` on that host)"
         )
     conn.execute(
-        "INSERT INTO leases VALUES (%s, %s, pg_backend_pid(), %s) ON CONFLICT (disk_id) DO "
-        "UPDATE SET holder = EXCLUDED.holder, backend = EXCLUDED.backend, since = EXCLUDED.since",
-        (disk_id, holder, now().isoformat()),
+        f"DELETE FROM leases WHERE disk_id = %s AND NOT {_LIVE}".encode(), (disk_id,)
+    )  # rows of sessions that died
+    conn.execute(
+        "INSERT INTO leases (disk_id, holder, backend, since, readonly) "
+        "VALUES (%s, %s, pg_backend_pid(), %s, %s)",
+        (disk_id, holder, now().isoformat(), int(readonly)),
     )
 
 
 def release(conn: psycopg.Connection[Any], disk_id: int) -> None:
-    """Drop the lease row (if it is still ours) and the lock."""
-    conn.execute("DELETE FROM leases WHERE disk_id = %s AND backend = pg_backend_pid()", (disk_id,))
-    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LEASE_CLASS, disk_id))
+    """Drop our lease row and our lock (shared or exclusive)."""
+    row = conn.execute(
+        "DELETE FROM leases WHERE disk_id = %s AND backend = pg_backend_pid() RETURNING readonly",
+        (disk_id,),
+    ).fetchone()
+    fn = "pg_advisory_unlock_shared" if row and row[0] else "pg_advisory_unlock"
+    conn.execute(f"SELECT {fn}(%s, %s)".encode(), (LEASE_CLASS, disk_id))

@@ -167,8 +167,22 @@ GRANT INSERT ON audit TO {USBGATE_ROLE};
 GRANT SELECT, UPDATE ON audit_head TO {USBGATE_ROLE};
 """
 
+# version 2: read-only serves take a shared lease, so a disk can have several holders
+_V2 = """
+ALTER TABLE leases DROP CONSTRAINT leases_pkey;
+ALTER TABLE leases ADD COLUMN readonly INTEGER NOT NULL DEFAULT 0 CHECK (readonly IN (0, 1));
+ALTER TABLE leases ADD PRIMARY KEY (disk_id, backend);
+"""
+
+# as SQLite's version 2: what a disk's image was when it was recorded
+_V3 = """
+ALTER TABLE disks ADD COLUMN luks_uuid TEXT;
+ALTER TABLE disks ADD COLUMN st_dev BIGINT;
+ALTER TABLE disks ADD COLUMN st_ino BIGINT;
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES,)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -17,6 +17,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,17 @@ def _ensure_user() -> pwd.struct_passwd | None:
     """The unprivileged account to run the server as when we are root (None otherwise)."""
     if os.geteuid() != 0:
         return None
-    try:
-        return pwd.getpwnam(PG_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(PG_USER)
+    for _ in range(20):  # another session may be creating it at the same moment
+        try:
+            return pwd.getpwnam(PG_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                 PG_USER],
+                check=False, capture_output=True,
+            )  # fmt: skip
+            time.sleep(0.1)
+    return pwd.getpwnam(PG_USER)
 
 
 class Cluster:

@@ -29,7 +29,7 @@ from keystore.errors import (
 )
 from keystore.models import Disk, DiskState, ErasePermission
 from keystore.repository import Repository
-from keystore.services import jobs
+from keystore.services import disks, jobs
 from keystore.services.store import Keystore
 from nbd_plugin.erase import Certificate, EraseOptions, get_method
 from nbd_plugin.erase import erase as erase_image
@@ -94,20 +94,23 @@ async def claim(repo: Repository, name: str, method: str, who: str) -> Disk:
 
 
 def check_not_served(disk: Disk) -> None:
-    """Refuse (InUse) if a server holds the image; NotFound if the image is gone.
+    """Refuse (InUse) if a server holds the image; NotFound if the image is gone;
+    NotTheRecordedImage if the file at the path is not the recorded image.
 
     Cheap and race-tolerant: the erase itself takes the lock again.
     """
+    resuming = os.path.exists(journal_path(disk.path, block_device=False))
     try:
         fd = os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        if os.path.exists(journal_path(disk.path, block_device=False)):
+        if resuming:
             return  # unlinked by an interrupted destroy: the erase journal finishes it
         raise NotFound(
             f"disk {disk.name!r}: its image {disk.path} is missing; "
             f"`vmshield disk forget {disk.name}` removes the record"
         ) from None
     try:
+        disks.check_identity(disk, resuming=resuming)
         hold_image(fd, disk.path, exclusive=True)
     except ImageBusy:
         raise InUse(

@@ -9,11 +9,14 @@ never disagree).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from keystore.errors import KeystoreError
+from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
 from keystore.services.store import Keystore
@@ -25,6 +28,69 @@ SECTOR = 512
 
 class DiskOpError(KeystoreError):
     """An image operation failed; the message comes from the disk side (never a secret)."""
+
+
+class NotTheRecordedImage(Conflict):
+    """The file at a disk's path is not the image that was recorded: refused, untouched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What an image is: its LUKS UUID (None once crypto-erased) and its inode."""
+
+    luks_uuid: str | None
+    st_dev: int
+    st_ino: int
+
+
+def identity(path: str) -> Identity:
+    """The identity of the image at `path` (not through a symlink: the stored path is
+    canonical, so a symlink there now is not the recorded file)."""
+    from nbd_plugin import luks
+    from nbd_plugin.errors import VmshieldError
+
+    st = os.lstat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise NotTheRecordedImage(f"{path} is not a regular file or block device any more")
+    try:
+        uuid: str | None = str(luks.info(path)["uuid"])
+    except (VmshieldError, OSError, KeyError, ValueError):
+        uuid = None
+    return Identity(uuid, st.st_dev, st.st_ino)
+
+
+def record_identity(store: Keystore, name: str, path: str, *, who: str) -> None:
+    """Store what the image of disk `name` is now (after creating or importing it)."""
+    now = identity(path)
+    if now.luks_uuid is None:
+        raise DiskOpError(f"{path} has no readable LUKS header: not recorded as disk {name}")
+    store.run(
+        lambda r: r.set_disk_identity(
+            name, luks_uuid=str(now.luks_uuid), st_dev=now.st_dev, st_ino=now.st_ino, actor=who
+        )
+    )
+
+
+def check_identity(disk: Disk, *, resuming: bool) -> None:
+    """Refuse (NotTheRecordedImage) if the file at `disk.path` is another file than the one
+    recorded, or holds another LUKS volume. `resuming`: an interrupted erase already wiped
+    the header, so only the inode is compared. Records from before identities were kept
+    (schema 1) have none to compare."""
+    if disk.st_ino is None or disk.st_dev is None:
+        return
+    now = identity(disk.path)
+    hint = f"refusing to erase it; `vmshield disk forget {disk.name}` drops the record"
+    if (now.st_dev, now.st_ino) != (disk.st_dev, disk.st_ino):
+        raise NotTheRecordedImage(
+            f"disk {disk.name!r}: {disk.path} is another file than the recorded image "
+            f"(device {now.st_dev} inode {now.st_ino}, recorded {disk.st_dev}/{disk.st_ino}); "
+            + hint
+        )
+    if not resuming and disk.luks_uuid is not None and now.luks_uuid != disk.luks_uuid:
+        raise NotTheRecordedImage(
+            f"disk {disk.name!r}: {disk.path} holds LUKS volume {now.luks_uuid or 'none'}, "
+            f"recorded {disk.luks_uuid}; " + hint
+        )
 
 
 def parse_size(text: str) -> int:
@@ -110,6 +176,7 @@ def create_disk(
             iterations=iterations,
             iter_time_ms=iter_time_ms,
         )
+        record_identity(store, name, str(path), who=who)
     except DiskOpError as e:
         error = {"error": str(e)}
         store.run(lambda r: r.set_disk_state(name, DiskState.FAILED, actor=who, detail=error))

@@ -6,7 +6,8 @@ advisory lock) and answers `ok` or `held by ...` on its stdout; once nbdkit runs
 nbdkit's pid and stays, holding the connection, until nbdkit exits (then releases the lease)
 or the connection is lost (then it fences: SIGTERM to nbdkit, since another host may take the
 lease at once). A crashed host loses its connection, so its lease ends without clean-up.
-On an SQLite keystore there is no lease: the image's flock covers the one host.
+Read-only serves take the lease shared. On an SQLite keystore there is no lease: the image's
+flock covers the one host.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def holder_name(socket: Path) -> str:
     return f"host {socketmod.gethostname()} pid {os.getpid()} socket {socket}"
 
 
-def take(location: Location, disk: Disk, socket: Path, *, timeout: float = 30) -> Lease | None:
+def take(
+    location: Location, disk: Disk, socket: Path, *, readonly: bool, timeout: float = 30
+) -> Lease | None:
     """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken."""
     if not isinstance(location, PgUrl):
         return None
@@ -67,7 +70,7 @@ def take(location: Location, disk: Disk, socket: Path, *, timeout: float = 30) -
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keystore.services.lease", location, str(disk.id),
-             disk.name, holder, str(socket)],
+             disk.name, holder, str(socket), "ro" if readonly else "rw"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
         )  # fmt: skip
     finally:
@@ -87,7 +90,7 @@ def take(location: Location, disk: Disk, socket: Path, *, timeout: float = 30) -
 # -- the holder process -------------------------------------------------------------------
 
 
-def _hold(url: str, disk_id: int, disk: str, holder: str, sock: Path) -> int:
+def _hold(url: str, disk_id: int, disk: str, holder: str, sock: Path, readonly: bool) -> int:
     import psycopg
 
     from keystore.postgres import connection as pgconn
@@ -96,7 +99,7 @@ def _hold(url: str, disk_id: int, disk: str, holder: str, sock: Path) -> int:
 
     try:
         conn = pgconn.connect_sync(url, application_name=APPLICATION)
-        pglease.try_take(conn, disk_id, disk, holder)
+        pglease.try_take(conn, disk_id, disk, holder, readonly=readonly)
     except LeaseHeld as e:
         print(f"held {e}", flush=True)
         return 3
@@ -127,8 +130,8 @@ def _hold(url: str, disk_id: int, disk: str, holder: str, sock: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    url, disk_id, disk, holder, sock = argv
-    return _hold(url, int(disk_id), disk, holder, Path(sock))
+    url, disk_id, disk, holder, sock, mode = argv
+    return _hold(url, int(disk_id), disk, holder, Path(sock), mode == "ro")
 
 
 if __name__ == "__main__":

@@ -178,12 +178,6 @@ def _server(store: Keystore, disk: str) -> Server | None:
     return store.run(lambda r: r.get_server(disk))
 
 
-def _record(store: Keystore, disk: str, files: serve.ServerFiles, pid: int) -> None:
-    sock, pidfile = str(files.socket), str(files.pidfile)
-    store.run(lambda r: r.record_server(disk, socket=sock, pidfile=pidfile, pid=pid,
-                                        readonly=False, actor=ACTOR))  # fmt: skip
-
-
 def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     disks = wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name)
     slots = wanted_usb_slots(dom, cfg, vm.name)
@@ -210,12 +204,11 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
                 )
             files = serve.ServerFiles(cfg.run_dir / f"{d.name}.sock")
             try:
-                pid = serve.start(Path(d.path), bytes(secret), files, readonly=False,
-                                  timeout=cfg.timeout)  # fmt: skip
+                serve.serve_recorded(store, d, bytes(secret), files, readonly=False, who=ACTOR,
+                                     timeout=cfg.timeout)  # fmt: skip
             except serve.ServeError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
             started.append(d.name)
-            _record(store, d.name, files, pid)
         gate = start_usbgate(cfg, vm.name, slots) if slots else None
     except BaseException:
         for name in reversed(started):
@@ -228,8 +221,6 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
                 buf[:] = b"\0" * len(buf)
     if "unlock" in how.values():
         unlock.consume(vm.uuid)
-    if disks:
-        store.run(lambda r: r.record_access(vm.name))
     detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots)}
     if gate is not None:
         detail["usbgate_pid"] = gate

@@ -67,18 +67,20 @@ def parse_domain(data: bytes) -> Domain:
     uuid = (root.findtext("uuid") or "").strip().lower() or None
     disks = []
     for d in root.iterfind("devices/disk"):
-        src = d.find("source")
-        host = src.find("host") if src is not None else None
-        if src is None or host is None or src.get("protocol") != "nbd":
-            continue
-        if host.get("transport") != "unix" or not host.get("socket"):
-            continue
-        disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None))
+        # the disk's own source, and those of its <backingStore> chain: after an external
+        # snapshot the NBD export sits below a qcow2 overlay
+        for src in d.iter("source"):
+            host = src.find("host")
+            if host is None or src.get("protocol") != "nbd":
+                continue
+            if host.get("transport") != "unix" or not host.get("socket"):
+                continue
+            disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None))
     redirs = []
     for r in root.iterfind("devices/redirdev"):
-        src = r.find("source")
-        if r.get("type") == "unix" and src is not None and src.get("path"):
-            redirs.append(Path(src.get("path", "")))
+        rsrc = r.find("source")
+        if r.get("type") == "unix" and rsrc is not None and rsrc.get("path"):
+            redirs.append(Path(rsrc.get("path", "")))
     return Domain(name, uuid, tuple(disks), tuple(redirs))
 
 

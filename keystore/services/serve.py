@@ -246,10 +246,26 @@ def serve_disk(
     stopped again, so no server runs that `vmshield disk stop` does not know of.
     """
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    return serve_recorded(store, disk, password, files, readonly=readonly, who=who)
+
+
+def serve_recorded(
+    store: Keystore,
+    disk: Disk,
+    passphrase: bytes,
+    files: ServerFiles,
+    *,
+    readonly: bool,
+    who: str,
+    timeout: float = 60.0,
+) -> int:
+    """Start nbdkit with a passphrase already vouched for (the owner's verified password, or
+    the host key of an enrolled disk: the libvirt hook), take the lease, record the server
+    and the access; its pid."""
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
-    held = None if readonly else lease.take(store.location, disk, files.socket)
+    held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:
-        pid = start(Path(disk.path), password, files, readonly=readonly)
+        pid = start(Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout)
     except ServeError as e:
         if held is not None:
             held.abort()

@@ -27,7 +27,7 @@ from keystore.models import (
     UsbAction,
     Vm,
 )
-from keystore.repository import check_name
+from keystore.repository import canonical_path, check_name
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite import usbrules
 from keystore.sqlite.base import Clock, dt
@@ -36,8 +36,8 @@ from keystore.sqlite.usbrules import Pattern, UsbRule
 
 _VM_COLS = "uuid, name, owner, pool_uuid, domain_uuid, created, last_access, access_count"
 _DISK_SQL = (
-    "SELECT d.id, d.name, v.name, d.path, d.format, d.cipher, d.size, d.state, d.created "
-    "FROM disks d JOIN vms v ON v.uuid = d.vm_uuid"
+    "SELECT d.id, d.name, v.name, d.path, d.format, d.cipher, d.size, d.state, d.created, "
+    "d.luks_uuid, d.st_dev, d.st_ino FROM disks d JOIN vms v ON v.uuid = d.vm_uuid"
 )
 _SERVER_SQL = (
     "SELECT d.name, s.socket, s.pidfile, s.pid, s.readonly, s.started "
@@ -51,10 +51,11 @@ def _vm(row: sqlite3.Row) -> Vm:
 
 
 def _disk(row: sqlite3.Row) -> Disk:
-    did, name, vm, path, fmt, cipher, size, state, created = tuple(row)
+    did, name, vm, path, fmt, cipher, size, state, created, uuid, dev, ino = tuple(row)
     return Disk(
-        did, name, vm, path, fmt, cipher, size, DiskState(state), datetime.fromisoformat(created)
-    )
+        did, name, vm, path, fmt, cipher, size, DiskState(state), datetime.fromisoformat(created),
+        uuid, None if dev is None else int(dev), None if ino is None else int(ino),
+    )  # fmt: skip
 
 
 def _server(row: sqlite3.Row) -> Server:
@@ -177,7 +178,7 @@ class SqliteRepository(PrincipalStore):
         if size <= 0:
             raise ValueError("disk size must be positive")
         vm_uuid = await self._vm_uuid(vm)
-        path = str(Path(path).absolute())
+        path = canonical_path(path)
         async with self._write() as db:
             if await self._exists("SELECT 1 FROM disks WHERE name = ? OR path = ?", name, path):
                 raise AlreadyExists(f"a disk named {name!r} or with path {path} already exists")
@@ -202,11 +203,27 @@ class SqliteRepository(PrincipalStore):
             )
         return await self.get_disk(name)
 
+    async def set_disk_identity(
+        self, name: str, *, luks_uuid: str, st_dev: int, st_ino: int, actor: str
+    ) -> Disk:
+        """Record what the disk's image is (after creating or importing it)."""
+        async with self._write() as db:
+            cur = await db.execute(
+                "UPDATE disks SET luks_uuid = ?, st_dev = ?, st_ino = ? WHERE name = ?",
+                (luks_uuid, st_dev, st_ino, name),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no disk named {name!r} (see `vmshield disk list`)")
+            disk = await self._one(_DISK_SQL + " WHERE d.name = ?", (name,))
+            detail = {"disk": name, "luks_uuid": luks_uuid, "st_dev": st_dev, "st_ino": st_ino}
+            await self._audit(db, actor, "disk.identity", _disk(disk).vm if disk else None, detail)
+        return await self.get_disk(name)
+
     async def get_disk(self, name: str) -> Disk:
         """By disk name, or by image path."""
         row = await self._one(
             _DISK_SQL + " WHERE d.name = ? OR d.path = ?",
-            (name, str(Path(name).absolute()) if "/" in name else name),
+            (name, canonical_path(name) if "/" in name else name),
         )
         if row is None:
             raise NotFound(f"no disk named {name!r} (see `vmshield disk list`)")

@@ -99,7 +99,14 @@ CREATE TABLE meta (
 );
 """
 
+# what a disk's image was when it was recorded: `disk destroy` erases only that image
+_V2 = """
+ALTER TABLE disks ADD COLUMN luks_uuid TEXT;
+ALTER TABLE disks ADD COLUMN st_dev INTEGER;
+ALTER TABLE disks ADD COLUMN st_ino INTEGER;
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1,)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -26,6 +26,10 @@ from nbd_plugin.bench.report import Report, Row, size_label
 from nbd_plugin.bench.servers import SERVERS, Paths, Server
 
 MIB = 1 << 20
+SETTLE = 1.5
+"""Seconds between a server's first answer and its timed runs, for every server: vmshield
+answers on its numpy path while its numba kernels load (~0.3-1 s), and the runs measure the
+steady state; start-to-first-answer is its own column."""
 REQUEST_SIZES = (4096, 64 << 10, 1 << 20)
 FILL_WITH = {"plain": "file", "luks": "luks", "luks2": "vmshield-luks2"}
 """Which server fills each image kind before timing (a neutral C server; no C server here
@@ -52,8 +56,11 @@ def machine() -> dict[str, Any]:
         out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
         return out.splitlines()[0] if out else "?"
 
+    from nbd_plugin.crypto import jit
+
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "data_path": jit.reason(),
         "host": platform.node(),
         "cpu": model,
         "cores": os.cpu_count(),
@@ -62,6 +69,7 @@ def machine() -> dict[str, Any]:
         "nbdkit": version(["nbdkit", "--version"]),
         "qemu-nbd": version(["qemu-nbd", "--version"]),
         "nbdcopy": version(["nbdcopy", "--version"]),
+        "qemu-img": version(["qemu-img", "--version"]),
     }
 
 
@@ -131,9 +139,17 @@ def measure_unlock(ws: Workspace, rows: list[Row]) -> None:
         say(f"  {row.server.key}: {row.unlock_s:.2f} s, reconnect {row.reconnect_s:.2f} s")
 
 
-def run(servers: list[Server], size: int, request_sizes: list[int], runs: int, root: str) -> Report:
+def run(
+    servers: list[Server],
+    size: int,
+    request_sizes: list[int],
+    runs: int,
+    root: str,
+    qemu_sizes: list[int] | None = None,
+) -> Report:
     rows = [Row(s) for s in servers]
-    report = Report(size, request_sizes, runs, rows, machine())
+    qemu_sizes = list(qemu_sizes or [])
+    report = Report(size, request_sizes, runs, rows, machine(), qemu_sizes, size)
     ws = Workspace(root, size, {s.image for s in servers})
     try:
         fill(ws, servers)
@@ -143,10 +159,15 @@ def run(servers: list[Server], size: int, request_sizes: list[int], runs: int, r
                 with Running(row.server, ws.paths(row.server), ws.log(row.server)) as r:
                     started = r.ready_after
                     row.startup_s = min(row.startup_s or started, started)
+                    time.sleep(SETTLE)  # vmshield's kernels load in the background
                     for rs in request_sizes:
                         row.add("write", rs, r.write(ws.source, rs))
                         row.add("read", rs, r.read(rs))
+                    for rs in qemu_sizes:
+                        row.add("qemu write", rs, r.qemu_bench(rs, size, write=True))
+                        row.add("qemu read", rs, r.qemu_bench(rs, size, write=False))
                     row.peak_rss_kib = max(row.peak_rss_kib, r.peak_rss_kib())
+                    row.add_memory(r.memory_kib())
         measure_unlock(ws, rows)
     finally:
         ws.remove()
@@ -177,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(s.key for s in SERVERS),
         help=f"rows to run ({','.join(s.key for s in SERVERS)})",
     )
+    parser.add_argument(
+        "--qemu-sizes",
+        default="64k,1m",
+        help="qemu-img bench -d 16 request sizes, through QEMU's NBD client ('' for none)",
+    )
     parser.add_argument("--dir", default="/dev/shm", help="where the images live (/dev/shm)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     opts = parser.parse_args(args)
@@ -189,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown servers {', '.join(sorted(unknown))}")
     servers = [s for s in SERVERS if s.key in wanted]
     sizes = [parse_size(x) for x in opts.request_sizes.split(",")]
+    qemu_sizes = [parse_size(x) for x in opts.qemu_sizes.split(",") if x.strip()]
     started = time.monotonic()
-    report = run(servers, size, sizes, opts.runs, opts.dir)
+    report = run(servers, size, sizes, opts.runs, opts.dir, qemu_sizes)
     m = report.machine
     print(f"{m['date']}, {m['cpu']}, {m['cores']} cores, {m['kernel']}, {m['nbdkit']}")
+    print(f"vmshield data path: {m['data_path']}")
     print(report.markdown())
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")
     if opts.json:

@@ -1,4 +1,8 @@
-"""Start a server, time nbdcopy against it, read its CPU time and peak RSS from /proc."""
+"""Start a server, time nbdcopy and qemu-img bench against it, read its CPU and memory.
+
+Every time is an outside clock (``time.perf_counter`` around the client process); CPU time
+and memory come from the server's /proc files.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,34 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def memory_kib(pid: int) -> dict[str, int]:
+    """Rss, Pss and private (Private_Clean + Private_Dirty) KiB from /proc/PID/smaps_rollup.
+
+    Private memory is what one more such server costs; Pss also charges a share of the
+    libraries all the servers map (numba's LLVM, Python, numpy)."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0), "private": private}
+
+
+def first_byte(socket: str) -> None:
+    """Connect and read the first 4 KiB: the server is up, unlocked and decrypting."""
+    import nbd  # Debian's python3-libnbd
+
+    h = nbd.NBD()
+    try:
+        h.connect_uri(uri(socket))
+        h.pread(4096, 0)
+        h.shutdown()
+    except nbd.Error as exc:
+        raise BenchError(f"first read from {socket} failed: {exc}") from None
+
+
 def connect_once(socket: str) -> None:
     """Open one NBD connection and ask the size (the luks filter derives its key here)."""
     result = subprocess.run(
@@ -73,7 +105,7 @@ class Running:
             raise
 
     def _wait_ready(self) -> float:
-        """Seconds from start to the first answered NBD connection (key derivation included)."""
+        """Seconds from start to the first 4 KiB read back (key derivation included)."""
         deadline = self.started + START_TIMEOUT
         while not os.path.exists(self.paths.socket):
             if self.proc.poll() is not None:
@@ -81,8 +113,16 @@ class Running:
             if time.perf_counter() > deadline:
                 raise BenchError(f"{self.server.key}: no socket after {START_TIMEOUT:.0f} s")
             time.sleep(0.005)
-        connect_once(self.paths.socket)
-        return time.perf_counter() - self.started
+        while True:  # the socket exists from bind(); connecting before listen() is refused
+            try:
+                first_byte(self.paths.socket)
+                return time.perf_counter() - self.started
+            except BenchError:
+                if self.proc.poll() is not None:
+                    raise BenchError(self._died()) from None
+                if time.perf_counter() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _died(self) -> str:
         with open(self._log_path, errors="replace") as f:
@@ -120,8 +160,32 @@ class Running:
     def write(self, source_file: str, request_size: int) -> Sample:
         return self.copy(source_file, uri(self.paths.socket), request_size)
 
+    def qemu_bench(self, request_size: int, total: int, write: bool) -> Sample:
+        """``qemu-img bench -d 16`` through QEMU's NBD client: ``total`` bytes in requests of
+        ``request_size``. The fixed cost of starting qemu-img and connecting (a 1-request run,
+        best of 3) is taken off, so the sample is the requests' time."""
+        count = max(1, total // request_size)
+        fixed = min(self._qemu_img(request_size, 1, write).seconds for _ in range(3))
+        run = self._qemu_img(request_size, count, write)
+        return Sample(max(run.seconds - fixed, 1e-6), run.cpu)
+
+    def _qemu_img(self, request_size: int, count: int, write: bool) -> Sample:
+        argv = ["qemu-img", "bench", "-f", "raw", "-d", "16", "-c", str(count)]
+        argv += ["-s", str(request_size), *(["-w"] if write else []), uri(self.paths.socket)]
+        cpu0 = cpu_seconds(self.proc.pid)
+        start = time.perf_counter()
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        cpu = cpu_seconds(self.proc.pid) - cpu0
+        if result.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+        return Sample(seconds, cpu)
+
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.proc.pid)
+
+    def memory_kib(self) -> dict[str, int]:
+        return memory_kib(self.proc.pid)
 
     def __enter__(self) -> Running:
         return self

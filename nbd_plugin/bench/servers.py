@@ -74,6 +74,10 @@ def _vmshield(p: Paths) -> list[str]:
     return _nbdkit("python", PLUGIN, f"image={p.image}", f"passphrase=+{p.passphrase_file}")(p)
 
 
+def _vmshield_numpy(p: Paths) -> list[str]:
+    return [*_vmshield(p), "data_path=numpy"]
+
+
 SERVERS: list[Server] = [
     Server("file", "nbdkit file (plaintext, C ceiling)", "plain", _file),
     Server("floor", "nbdkit python plaintext (Python floor)", "plain", _floor),
@@ -81,6 +85,7 @@ SERVERS: list[Server] = [
     Server("qemu", "qemu-nbd luks driver (QEMU peer)", "luks", _qemu_nbd),
     Server("vmshield", "vmshield plugin", "luks", _vmshield),
     Server("vmshield-luks2", "vmshield plugin, LUKS2 4096-byte sectors", "luks2", _vmshield),
+    Server("vmshield-numpy", "vmshield plugin, numpy path (no numba)", "luks", _vmshield_numpy),
 ]
 
 SUBJECT = "vmshield"

@@ -1,4 +1,6 @@
-"""OpenSSL's own AES-XTS, one call per sector, through ctypes and the system libcrypto.
+"""The system libcrypto through ctypes: OpenSSL's XTS per sector, and keyed AES-ECB contexts.
+
+``NativeXts`` (the fallback data path, used when numba is missing):
 
 For small requests this beats the vectorised numpy path (``nbd_plugin.crypto.xts``): a 4 KiB
 request is 8 sectors, i.e. 16 cheap foreign calls, where numpy pays ~20 calls of fixed
@@ -9,6 +11,10 @@ This uses libcrypto's C API (``EVP_CipherInit_ex`` to set each sector's IV, ``EV
 to run it), not cryptography's public API. ``NativeXts.create`` returns None when the
 library, a symbol or the self-check is missing or wrong; callers then use numpy for every
 size. Contexts are kept in a pool: an EVP_CIPHER_CTX must not be used by two threads at once.
+
+``EcbContext`` and ``update_address`` serve the numba kernels (``nbd_plugin.crypto.kernels``):
+an AES-ECB context keyed once (padding off), and the address of ``EVP_CipherUpdate``, which
+the compiled kernel calls directly, without Python and without the GIL.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ def _library() -> Any:
                     lib.EVP_CipherInit_ex.argtypes = [vp, vp, vp, ctypes.c_char_p, vp, i]
                     lib.EVP_Cipher.restype = i
                     lib.EVP_Cipher.argtypes = [vp, vp, vp, ctypes.c_uint]
+                    for bits in (128, 192, 256):
+                        getattr(lib, f"EVP_aes_{bits}_ecb").restype = vp
+                    lib.EVP_CIPHER_CTX_set_padding.restype = i
+                    lib.EVP_CIPHER_CTX_set_padding.argtypes = [vp, i]
+                    lib.EVP_CipherUpdate.restype = i
                     _LIB = lib
                 except (OSError, AttributeError):
                     _LIB = False
@@ -59,6 +70,39 @@ def address(buf: Any) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # writable: 0.3 us
     except TypeError:  # read-only (bytes, nbdkit's write buffer): 2 us
         return int(np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0])
+
+
+def update_address() -> int | None:
+    """Address of ``EVP_CipherUpdate(ctx, out, &outl, in, inl)``, or None without libcrypto."""
+    lib = _library()
+    if lib is None:
+        return None
+    address: int | None = ctypes.cast(lib.EVP_CipherUpdate, ctypes.c_void_p).value
+    return address
+
+
+class EcbContext:
+    """An AES-ECB context keyed once, padding off; ``address`` is the EVP_CIPHER_CTX *.
+
+    Freed when the object goes; whoever holds ``address`` must hold the object too.
+    """
+
+    def __init__(self, key: bytes, encrypt: bool) -> None:
+        lib = _library()
+        if lib is None:
+            raise OSError("the system libcrypto was not found")
+        if len(key) not in (16, 24, 32):
+            raise ValueError("AES needs a 128-, 192- or 256-bit key")
+        cipher = getattr(lib, f"EVP_aes_{len(key) * 8}_ecb")()
+        ctx = lib.EVP_CIPHER_CTX_new()
+        if not ctx:
+            raise MemoryError("EVP_CIPHER_CTX_new failed")
+        self._finalizer = weakref.finalize(self, _free, lib, ctx)
+        if lib.EVP_CipherInit_ex(ctx, cipher, None, bytes(key), None, int(encrypt)) != 1:
+            raise ValueError("libcrypto refused the AES-ECB key")
+        if lib.EVP_CIPHER_CTX_set_padding(ctx, 0) != 1:
+            raise ValueError("libcrypto cannot turn ECB padding off")
+        self.address: int = ctx
 
 
 class _Contexts:
@@ -124,7 +168,7 @@ class NativeXts:
         c = self._take()
         try:
             column = c.ivs[:sectors, 0]
-            np.add(self._steps[:sectors], np.uint64(first_iv), out=column)
+            np.add(self._steps[:sectors], np.uint64(first_iv % (1 << 64)), out=column)
             ctx = c.enc if encrypt else c.dec
             init, run = self._lib.EVP_CipherInit_ex, self._lib.EVP_Cipher
             size = self.sector_size

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from nbd_plugin.crypto.cbc import CbcCipher
+from nbd_plugin.crypto.jit_cipher import JitCipher, jitted
 from nbd_plugin.crypto.xts import XtsCipher
 from nbd_plugin.errors import UnsupportedError
 
@@ -54,15 +55,33 @@ def _aes_xts(key: bytes, iv_mode: str, sector_size: int, iv_step: int) -> Sector
         raise UnsupportedError(f"aes-xts with IV mode {iv_mode!r} is not supported")
     if iv_mode == "plain":
         raise UnsupportedError("aes-xts-plain (32-bit IVs) is not supported; use xts-plain64")
-    return XtsCipher(key, sector_size, iv_step)
+    return jitted(  # type: ignore[no-any-return]
+        lambda: _numba_xts(key, sector_size, iv_step),
+        lambda: XtsCipher(key, sector_size, iv_step),
+    )
+
+
+def _numba_xts(key: bytes, sector_size: int, iv_step: int) -> JitCipher:
+    from nbd_plugin.crypto.xts_native import JitXts  # imports numba: only on that data path
+
+    return JitXts(key, sector_size, iv_step)
 
 
 @register("aes", "cbc", (16, 24, 32))
 def _aes_cbc(key: bytes, iv_mode: str, sector_size: int, iv_step: int) -> SectorCipher:
     try:
-        return CbcCipher(key, iv_mode, sector_size, iv_step)
+        return jitted(  # type: ignore[no-any-return]
+            lambda: _numba_cbc(key, iv_mode, sector_size, iv_step),
+            lambda: CbcCipher(key, iv_mode, sector_size, iv_step),
+        )
     except ValueError as exc:
         raise UnsupportedError(f"aes-cbc: {exc}") from None
+
+
+def _numba_cbc(key: bytes, iv_mode: str, sector_size: int, iv_step: int) -> JitCipher:
+    from nbd_plugin.crypto.cbc_native import JitCbc  # imports numba: only on that data path
+
+    return JitCbc(key, iv_mode, sector_size, iv_step)
 
 
 def split_mode(mode: str) -> tuple[str, str]:

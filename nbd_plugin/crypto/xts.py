@@ -1,4 +1,7 @@
-"""AES-XTS over whole requests: a handful of OpenSSL and numpy calls per request.
+"""AES-XTS over whole requests with numpy: the data path when numba is not there.
+
+With numba, ``xts_native.JitXts`` runs each request in one compiled call; this module stays
+the fallback (and the reference the numba cipher checks itself against at start).
 
 Small requests (up to ``NATIVE_SECTORS`` sectors) and 4096-byte sectors go to OpenSSL's own
 XTS one sector at a time through the system libcrypto (``nbd_plugin.crypto.libcrypto``), when it
@@ -53,6 +56,8 @@ NATIVE_SECTORS = 32
 """Requests of up to this many 512-byte sectors go to OpenSSL's XTS one sector at a time
 (``xts_libcrypto``) when the system libcrypto allows it: below ~36 sectors that beats numpy's
 fixed cost. Sectors of 4096 bytes or more always do (one call per 4 KiB is cheap)."""
+IV_MASK = (1 << 64) - 1
+"""plain64 IVs are 64-bit: they wrap mod 2^64, as in dm-crypt."""
 
 U64 = npt.NDArray[np.uint64]
 
@@ -150,6 +155,8 @@ class _Views:
 class XtsCipher:
     """AES-XTS with one data unit per sector; ``iv_step`` sector IVs per sector."""
 
+    data_path = "numpy"
+
     def __init__(
         self, key: bytes, sector_size: int = 512, iv_step: int = 1, *, native: bool = True
     ) -> None:
@@ -219,7 +226,7 @@ class XtsCipher:
     # ---- tweaks ----------------------------------------------------------------------------
     def _fill_tweaks(self, s: _Scratch, v: _Views, first_iv: int) -> None:
         """Tweaks of the request in data order, in ``s.tweaks`` (``v.tweaks`` used)."""
-        np.add(self._steps[: len(v.iv_column)], np.uint64(first_iv), out=v.iv_column)
+        np.add(self._steps[: len(v.iv_column)], np.uint64(first_iv % (1 << 64)), out=v.iv_column)
         s.tweak_enc.update_into(v.iv_bytes, s.first)
         lo, hi, plo, phi, over, red = v.lo, v.hi, v.plo, v.phi, v.over, v.red
         np.copyto(lo, v.first_lo)
@@ -272,7 +279,7 @@ class XtsCipher:
             for done in range(0, sectors, piece):
                 n = min(piece, sectors - done)
                 a, b = done * self.sector_size, (done + n) * self.sector_size
-                iv = first_iv + done * self.iv_step
+                iv = (first_iv + done * self.iv_step) & IV_MASK  # plain64 wraps mod 2^64
                 self._apply_numpy(encrypt, _slice(src, a, b), _slice(dst, a, b), n, iv)
 
     def _apply_native(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:
@@ -284,7 +291,7 @@ class XtsCipher:
         for done in range(0, sectors, step):
             n = min(step, sectors - done)
             a, b = done * self.sector_size, (done + n) * self.sector_size
-            iv = first_iv + done * self.iv_step
+            iv = (first_iv + done * self.iv_step) & IV_MASK  # plain64 wraps mod 2^64
             self._native.apply(encrypt, _slice(src, a, b), _slice(dst, a, b), n, iv)
 
     def _apply_numpy(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from nbd_plugin.crypto import jit
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.luks import open_volume
 from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
@@ -16,6 +17,7 @@ from nbd_plugin.serve.exclusive import claim
 from nbd_plugin.serve.hardening import lock_secret
 from nbd_plugin.serve.passphrase import PassphraseError, read_passphrase
 
+DATA_PATHS = ("auto", *jit.PATHS)
 READONLY_LONG = ("--readonly", "--read-only")
 # nbdkit short options that take an argument (so a following word is not the plugin name).
 SHORT_WITH_ARG = set("DeGgiPptuUx")
@@ -103,14 +105,21 @@ class ServerConfig:
             if value not in DISCARD_POLICIES:
                 raise ConfigError(f"discard={value}: use one of {', '.join(DISCARD_POLICIES)}")
             self.discard = value
+        elif key == "data_path":
+            if value not in DATA_PATHS:
+                raise ConfigError(f"data_path={value}: use one of {', '.join(DATA_PATHS)}")
+            jit.select(None if value == "auto" else value)
         else:
-            raise ConfigError(f"unknown parameter {key}= (known: image, passphrase, discard)")
+            raise ConfigError(
+                f"unknown parameter {key}= (known: image, passphrase, discard, data_path)"
+            )
 
     def open_disk(self, readonly: bool) -> EncryptedDisk:
         if self.image is None:
             raise ConfigError("image=PATH is required")
         if self.passphrase is None:
             raise ConfigError("passphrase= is required (+FILE, -FD or - to prompt)")
+        jit.defer()  # the kernels load after nbdkit forks; until then, the numpy path
         try:
             volume = open_volume(self.image, bytes(self.passphrase), readonly=readonly)
         finally:

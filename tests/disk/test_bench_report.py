@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nbd_plugin.bench.cli import parse_size
-from nbd_plugin.bench.measure import Sample, cpu_seconds, peak_rss_kib
+from nbd_plugin.bench.measure import Sample, cpu_seconds, memory_kib, peak_rss_kib
 from nbd_plugin.bench.report import Report, Row
 from nbd_plugin.bench.servers import SERVERS
 
@@ -30,7 +30,13 @@ def make_report() -> Report:
     rows["vmshield"].add("read", MIB, Sample(1.0, 0.5))
     rows["luks"].add("read", MIB, Sample(2.0, 1.0))
     rows["floor"].add("read", MIB, Sample(0.5, 0.1))
-    return Report(size, [MIB], 2, list(rows.values()), {"date": "test"})
+    # Through QEMU (50 MiB per run): vmshield 0.5 s, nbdkit file 0.4 s.
+    rows["vmshield"].add("qemu read", MIB, Sample(0.5, 0.2))
+    rows["file"].add("qemu read", MIB, Sample(0.4, 0.1))
+    rows["vmshield"].startup_s = 0.8
+    rows["vmshield"].add_memory({"rss": 200 << 10, "pss": 90 << 10, "private": 40 << 10})
+    rows["vmshield"].add_memory({"rss": 100 << 10, "pss": 95 << 10, "private": 30 << 10})
+    return Report(size, [MIB], 2, list(rows.values()), {"date": "test"}, [MIB], 50 * MIB)
 
 
 def test_best_of_n_ratios_and_cpu() -> None:
@@ -43,19 +49,36 @@ def test_best_of_n_ratios_and_cpu() -> None:
     assert report.ratio("luks", "read", MIB, cpu=True) == pytest.approx(2.0)
     assert report.ratio("floor", "read", MIB) == pytest.approx(0.5)
     assert report.ratio("qemu", "read", MIB) is None  # qemu has no sample
+    assert report.mbps(vm, "qemu read", MIB) == pytest.approx(100 * MIB / 1e6)  # 50 MiB/0.5 s
+    assert report.ratio("file", "qemu read", MIB) == pytest.approx(0.8)
+    assert vm.memory_kib == {"rss": 200 << 10, "pss": 95 << 10, "private": 40 << 10}
 
 
 def test_targets_and_json() -> None:
     report = make_report()
     met = {t.label(): ok for t, _, ok in report.targets()}
-    assert met["1 MiB read, MB/s vs luks"] is True  # 2.0 >= 1.5
-    assert met["1 MiB read, MB per CPU-s vs luks"] is True  # 2.0 >= 2.0
+    assert met["1 MiB read, MB/s vs luks"] is True  # 2.0 >= 2.0
     assert met["1 MiB write, MB/s vs luks"] is False  # not measured
+    assert met["1 MiB qemu read, MB/s vs file"] is True  # 0.8 >= 0.8
+    assert met["1 MiB qemu write, MB/s vs file"] is False
+    assert "4 KiB read, MB/s vs floor" not in met  # 4 KiB was not run
+    assert report.startup_met() is True
     doc = json.loads(json.dumps(report.to_json()))
     assert doc["ratios"]["vmshield/luks"]["1 MiB read"] == pytest.approx(2.0)
+    assert doc["ratios"]["vmshield/file"]["1 MiB qemu read"] == pytest.approx(0.8)
     assert doc["rows"]["vmshield"]["seconds"]["1 MiB read"] == [2.0, 1.0]
+    assert doc["rows"]["vmshield"]["memory_kib"]["pss"] == 95 << 10
+    assert doc["targets"][-1] == {
+        "target": "vmshield start to first byte, s",
+        "at_most": 1.5,
+        "measured": 0.8,
+        "met": True,
+    }
     text = report.markdown()
-    assert "| 1 MiB read, MB/s vs luks | 1.50 | 2.00 | yes |" in text
+    assert "| 1 MiB read, MB/s vs luks | 2.00 | 2.00 | yes |" in text
+    assert "| 1 MiB qemu read, MB/s vs file | 0.80 | 0.80 | yes |" in text
+    assert "| start to first byte, s | at most 1.50 | 0.80 | yes |" in text
+    assert "| vmshield plugin | 0.80 | — | — | 200 | 95 | 40 |" in text
 
 
 def test_proc_readers_on_this_process() -> None:
@@ -63,3 +86,5 @@ def test_proc_readers_on_this_process() -> None:
 
     assert cpu_seconds(os.getpid()) > 0
     assert peak_rss_kib(os.getpid()) > 1000
+    mem = memory_kib(os.getpid())
+    assert 0 < mem["private"] <= mem["pss"] <= mem["rss"]

@@ -1,8 +1,10 @@
-"""XtsCipher against IEEE Std 1619-2007 Annex B and a per-sector reference, on every path.
+"""The XTS ciphers against IEEE Std 1619-2007 Annex B and a per-sector reference, every path.
 
-Paths: libcrypto one sector at a time (requests of <= 32 sectors, and 4096-byte sectors),
-numpy's vectorised tweaks (larger requests, or ``native=False``), numpy's chunked planes
-(more than xts.CHUNK sectors, padded), and the alpha^32 chain of 4096-byte sectors.
+Paths: the numba kernel (``JitXts``: one native call per request, in chunks of
+``jit_cipher.CHUNK_BYTES``), and the numpy fallback (``XtsCipher``): libcrypto one sector at a
+time (requests of <= 32 sectors, and 4096-byte sectors), numpy's vectorised tweaks (larger
+requests, or ``native=False``), numpy's chunked planes (more than xts.CHUNK sectors, padded),
+and the alpha^32 chain of 4096-byte sectors.
 """
 
 from __future__ import annotations
@@ -14,8 +16,19 @@ import threading
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from nbd_plugin.crypto import xts
+from nbd_plugin.crypto import jit_cipher, xts
 from nbd_plugin.crypto.xts import XtsCipher
+from nbd_plugin.crypto.xts_native import JitXts
+
+PATHS = ["numba", "libcrypto", "numpy"]
+Sector = XtsCipher | JitXts
+
+
+def make(key: bytes, path: str, sector_size: int = 512, step: int = 1) -> Sector:
+    if path == "numba":
+        return JitXts(key, sector_size, step)
+    return XtsCipher(key, sector_size, step, native=path == "libcrypto")
+
 
 COUNTING = bytes(i % 256 for i in range(512))
 KEY_128 = "27182818284590452353602874713526" + "31415926535897932384626433832795"
@@ -135,7 +148,7 @@ def reference(key: bytes, data: bytes, first: int, size: int = 512, step: int = 
     )
 
 
-def both_ways(cipher: XtsCipher, plain: bytes, first: int, expected: bytes) -> None:
+def both_ways(cipher: Sector, plain: bytes, first: int, expected: bytes) -> None:
     """Out of place and in place, encrypt and decrypt, must all agree with ``expected``."""
     out = bytearray(len(plain))
     cipher.encrypt(plain, out, first)
@@ -150,13 +163,13 @@ def both_ways(cipher: XtsCipher, plain: bytes, first: int, expected: bytes) -> N
     assert bytes(buf) == plain
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("number", "key", "unit", "plain", "cipher"), SHORT_VECTORS)
 def test_ieee1619_short_vectors(
-    native: bool, number: int, key: str, unit: int, plain: str, cipher: str
+    path: str, number: int, key: str, unit: int, plain: str, cipher: str
 ) -> None:
     k, p, c = bytes.fromhex(key), bytes.fromhex(plain), bytes.fromhex(cipher)
-    both_ways(XtsCipher(k, sector_size=32, native=native), p, unit, c)
+    both_ways(make(k, path, sector_size=32), p, unit, c)
     if k[:16] == k[16:]:  # vector 1: equal halves, which cryptography (and OpenSSL) refuse
         with pytest.raises(ValueError):
             openssl_xts(k, unit, p)
@@ -165,10 +178,10 @@ def test_ieee1619_short_vectors(
         assert openssl_xts(k, unit, p) == c
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("number", "key", "unit", "head", "tail", "digest"), LONG_VECTORS)
 def test_ieee1619_512_byte_vectors(
-    native: bool, number: int, key: str, unit: int, head: str, tail: str, digest: str
+    path: str, number: int, key: str, unit: int, head: str, tail: str, digest: str
 ) -> None:
     k = bytes.fromhex(key)
     plain = COUNTING
@@ -180,56 +193,60 @@ def test_ieee1619_512_byte_vectors(
     assert expected[:32].hex() == head
     assert expected[-16:].hex() == tail
     assert hashlib.sha256(expected).hexdigest() == digest
-    cipher = XtsCipher(k, native=native)
-    assert cipher.uses_libcrypto == native
+    cipher = make(k, path)
+    if isinstance(cipher, XtsCipher):
+        assert cipher.uses_libcrypto == (path == "libcrypto")
     both_ways(cipher, plain, unit, expected)
-    # The same unit inside a 41-sector request (the numpy planes compute its tweaks).
+    # The same unit inside a 41-sector request (numpy's planes, or the kernel's chunk loop).
     at = min(unit, 3)
     rest = os.urandom(512 * 40)
     data = rest[: 512 * at] + plain + rest[512 * at :]
     out = bytearray(len(data))
-    XtsCipher(k, native=False).encrypt(data, out, unit - at)
+    make(k, "numpy" if path == "libcrypto" else path).encrypt(data, out, unit - at)
     assert bytes(out[512 * at : 512 * (at + 1)]) == expected
 
 
-SIZES_512 = [1, 3, 7, 8, 31, 32, 33, 127, 128, 129, 257, 2048]
+CHUNK = jit_cipher.CHUNK_BYTES // 512  # sectors per kernel chunk
+SIZES_512 = sorted({1, 3, 7, 8, 31, 32, 33, 127, 128, 129, 257, 2048, CHUNK - 1, CHUNK, CHUNK + 1})
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("key_bytes", [32, 64])
 @pytest.mark.parametrize("sectors", SIZES_512)
-def test_matches_per_sector_reference(native: bool, key_bytes: int, sectors: int) -> None:
+def test_matches_per_sector_reference(path: str, key_bytes: int, sectors: int) -> None:
     key = os.urandom(key_bytes)
     data = os.urandom(512 * sectors)
     first = int.from_bytes(os.urandom(5), "little")
-    both_ways(XtsCipher(key, native=native), data, first, reference(key, data, first))
+    both_ways(make(key, path), data, first, reference(key, data, first))
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("sectors", "step"), [(1, 8), (3, 8), (16, 8), (256, 8), (5, 1)])
-def test_4096_byte_sectors(native: bool, sectors: int, step: int) -> None:
+def test_4096_byte_sectors(path: str, sectors: int, step: int) -> None:
     key = os.urandom(64)
     data = os.urandom(4096 * sectors)
     first = 8 * 12345
-    cipher = XtsCipher(key, sector_size=4096, iv_step=step, native=native)
+    cipher = make(key, path, 4096, step)
     both_ways(cipher, data, first, reference(key, data, first, 4096, step))
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["libcrypto", "numpy"])
-def test_plain64_wraps_at_2_64(native: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("size", "step"), [(512, 1), (4096, 8), (4096, 1)])
+def test_plain64_wraps_at_2_64(path: str, size: int, step: int) -> None:
     key = os.urandom(64)
     for sectors in (7, 300):
-        data = os.urandom(512 * sectors)
-        first = (1 << 64) - 3
+        data = os.urandom(size * sectors)
+        first = (1 << 64) - 3 * step
         out = bytearray(len(data))
-        XtsCipher(key, native=native).encrypt(data, out, first)
-        assert bytes(out) == reference(key, data, first)
+        make(key, path, size, step).encrypt(data, out, first)
+        assert bytes(out) == reference(key, data, first, size, step)
 
 
-def test_sizes_after_each_other_reuse_scratch_correctly() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_sizes_after_each_other_reuse_scratch_correctly(path: str) -> None:
     """Pooled scratch of a large request must not leak into a smaller one, nor back."""
     key = os.urandom(64)
-    cipher = XtsCipher(key)
+    cipher = make(key, path)
     for sectors in (2048, 8, 129, 1, 2048, 64):
         data = os.urandom(512 * sectors)
         out = bytearray(len(data))
@@ -237,9 +254,10 @@ def test_sizes_after_each_other_reuse_scratch_correctly() -> None:
         assert bytes(out) == reference(key, data, sectors)
 
 
-def test_threads_share_one_cipher() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_threads_share_one_cipher(path: str) -> None:
     key = os.urandom(64)
-    cipher = XtsCipher(key)
+    cipher = make(key, path)
     cases = [(os.urandom(512 * n), n * 7) for n in (8, 128, 129, 8, 64, 2048)]
     expected = [reference(key, d, f) for d, f in cases]
     errors: list[str] = []
@@ -260,34 +278,37 @@ def test_threads_share_one_cipher() -> None:
     assert errors == []
 
 
-def test_refuses_bad_arguments() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_refuses_bad_arguments(path: str) -> None:
     with pytest.raises(ValueError, match="256- or 512-bit"):
-        XtsCipher(os.urandom(48))
+        make(os.urandom(48), path)
     with pytest.raises(ValueError, match="sector size"):
-        XtsCipher(os.urandom(64), sector_size=520)
-    cipher = XtsCipher(os.urandom(64))
+        make(os.urandom(64), path, sector_size=520)
+    cipher = make(os.urandom(64), path)
     with pytest.raises(ValueError, match="multiple of 512"):
         cipher.encrypt(bytes(700), bytearray(700), 0)
     cipher.encrypt(b"", bytearray(), 0)  # nothing to do, no error
 
 
+@pytest.mark.parametrize("path", ["numba", "numpy"])
 @pytest.mark.parametrize("sector_size", [512, 4096])
-def test_requests_larger_than_one_piece(sector_size: int) -> None:
+def test_requests_larger_than_one_piece(path: str, sector_size: int) -> None:
     key = os.urandom(64)
     sectors = xts.MAX_BYTES // sector_size + 3
     data = os.urandom(sector_size * sectors)
     step = sector_size // 512
     expected = reference(key, data, 40, sector_size, step)
-    both_ways(XtsCipher(key, sector_size, step, native=False), data, 40, expected)
+    both_ways(make(key, path, sector_size, step), data, 40, expected)
 
 
-def test_chunk_padding_is_not_written() -> None:
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_chunk_padding_is_not_written(path: str) -> None:
     """A request padded up to whole chunks writes only its own bytes."""
     key = os.urandom(64)
     sectors = xts.CHUNK + 5
     data = os.urandom(512 * sectors)
-    out = bytearray(512 * (sectors + 4))
+    out = bytearray(os.urandom(512 * (sectors + 4)))
     guard = bytes(out[512 * sectors :])
-    XtsCipher(key, native=False).encrypt(data, memoryview(out)[: len(data)], 0)
+    make(key, path).encrypt(data, memoryview(out)[: len(data)], 0)
     assert bytes(out[: len(data)]) == reference(key, data, 0)
     assert bytes(out[len(data) :]) == guard

@@ -160,3 +160,20 @@ def test_admin_role_runs_the_cli_operations(pg_cluster: Cluster) -> None:
     asyncio.run(more())
     with psycopg.connect(admin_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("DELETE FROM audit")
+
+
+def test_an_older_schema_is_upgraded_by_init(pg_cluster: Cluster) -> None:
+    from keystore.postgres.schema import MIGRATIONS
+
+    url = pg_cluster.url(pg_cluster.create_database(template="template1"))
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute(MIGRATIONS[0].encode())
+    with pytest.raises(DatabaseUnavailable, match="schema version 1, expected"):
+        pgconn.connect_sync(url)
+    assert pgconn.initialise(url) == (False, 1)
+    with pgconn.connect_sync(url) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (
+            SCHEMA_VERSION,
+        )

@@ -121,7 +121,9 @@ def test_failed_migration_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
     bad = "ALTER TABLE vms ADD COLUMN note TEXT;\nCREATE TABLE vms (x);\n"
     monkeypatch.setattr(dbmod, "MIGRATIONS", (*dbmod.MIGRATIONS, bad))
     monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-    with pytest.raises(DatabaseUnavailable, match="migration to schema 2 failed"):
+    with pytest.raises(
+        DatabaseUnavailable, match=f"migration to schema {SCHEMA_VERSION + 1} failed"
+    ):
         dbmod.initialise(path)
     with sqlite3.connect(path) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

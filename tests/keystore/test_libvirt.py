@@ -114,7 +114,11 @@ def test_start_without_unlock_fails_with_the_hooks_reason(domain: Env) -> None:
     # libvirt runs `release end` after a failed prepare: nothing was there to stop
     last = domain.ks.audit(2)
     assert [r["action"] for r in last] == ["libvirt.prepare.refused", "libvirt.release"]
-    assert last[1]["detail"] == {"domain": "web1", "disks": [], "usbgate": False}
+    assert {k: last[1]["detail"][k] for k in ("domain", "disks", "usbgate")} == {  # type: ignore[index]
+        "domain": "web1",
+        "disks": [],
+        "usbgate": False,
+    }
 
 
 def test_unlock_expires(domain: Env) -> None:
@@ -233,6 +237,8 @@ def test_libvirtd_restart_keeps_disks_and_gate(domain: Env) -> None:
     assert lv.state(ks.vm) == "running"
     assert sorted(domain.left_behind()) == before
     rec = next(r for r in reversed(ks.audit(5)) if r["action"] == "libvirt.reconnect")
-    assert rec["detail"] == {"domain": "web1", "up": ["web1-0", "usbgate"], "missing": []}
+    detail = rec["detail"]
+    assert isinstance(detail, dict)
+    assert (detail["up"], detail["missing"]) == (["web1-0", "usbgate"], [])
     lv.virsh("destroy", ks.vm)
     assert domain.left_behind() == []

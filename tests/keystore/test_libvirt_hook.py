@@ -214,3 +214,16 @@ def test_config_without_db(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> 
         code == 1
         and err == f"vmshield: {ks.config}: db = PATH is required (the keystore database)\n"
     )
+
+
+def test_disk_below_a_snapshot_overlay_is_found() -> None:
+    from keystore.services.libvirt_xml import parse_domain
+
+    xml = b"""<domain><name>web1</name><uuid>ABC</uuid><devices><disk type='file'>
+      <source file='/var/lib/ov.qcow2'/>
+      <backingStore type='network'><format type='raw'/>
+        <source protocol='nbd'><host transport='unix' socket='/run/vmshield/web1-0.sock'/></source>
+      </backingStore><target dev='vda'/></disk></devices></domain>"""
+    dom = parse_domain(xml)
+    assert dom.uuid == "abc"
+    assert [d.socket for d in dom.disks] == [Path("/run/vmshield/web1-0.sock")]

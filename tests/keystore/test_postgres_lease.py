@@ -20,6 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from keystore.cli import main
+from keystore.postgres import connection as pgconn
+from keystore.postgres import lease as pglease
 from keystore.postgres import repository as pg_repo
 from keystore.services import serve
 from tests.keystore.test_cli_keystore import FAST
@@ -29,9 +31,9 @@ VMSHIELD = str(Path(sys.executable).parent / "vmshield")
 PW = b"disk-password-4711"
 
 
-def _serve(url: str, sock: Path) -> subprocess.Popen[str]:
+def _serve(url: str, sock: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [VMSHIELD, "disk", "serve", "web1-0", "--socket", str(sock), "--json"],
+        [VMSHIELD, "disk", "serve", "web1-0", "--socket", str(sock), "--json", *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "VMSHIELD_DB": url},
     )  # fmt: skip
@@ -90,11 +92,38 @@ def test_two_hosts_serve_one_image_exactly_one_wins_then_takeover(
     [(holder, _)] = _lease_rows(keystore)
     assert str(socks[loser]) in holder
 
-    # a clean stop releases the lease (and the lock: a new serve could take it)
+    # a clean stop releases the lease (and the lock: a new serve can take it)
+    _stop(keystore)
+
+
+def _stop(url: str) -> None:
     r = subprocess.run([VMSHIELD, "disk", "stop", "web1-0"], capture_output=True, text=True,
-                       env={**os.environ, "VMSHIELD_DB": keystore}, timeout=60)  # fmt: skip
+                       env={**os.environ, "VMSHIELD_DB": url}, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     deadline = time.monotonic() + 10
-    while _lease_rows(keystore):
+    while _lease_rows(url):
         assert time.monotonic() < deadline, "the lease outlived its server"
         time.sleep(0.05)
+
+
+def test_readers_share_the_lease_and_exclude_a_writer(keystore: str) -> None:
+    """The lease itself, on three sessions (on one machine `disk serve` would already be
+    refused by the local server record, before the lease is asked)."""
+    conns = [pgconn.connect_sync(keystore) for _ in range(3)]
+    try:
+        disk_id = int(conns[0].execute("SELECT id FROM disks").fetchone()[0])
+        pglease.try_take(conns[0], disk_id, "web1-0", "host A reader", readonly=True)
+        pglease.try_take(conns[1], disk_id, "web1-0", "host B reader", readonly=True)
+        with pytest.raises(pglease.LeaseHeld, match="served read-only by host A reader"):
+            pglease.try_take(conns[2], disk_id, "web1-0", "host C writer", readonly=False)
+        pglease.release(conns[0], disk_id)
+        pglease.release(conns[1], disk_id)
+        pglease.try_take(conns[2], disk_id, "web1-0", "host C writer", readonly=False)
+        with pytest.raises(pglease.LeaseHeld, match="served read-write by host C writer"):
+            pglease.try_take(conns[0], disk_id, "web1-0", "host A reader", readonly=True)
+        conns[2].close()  # the writer's session ends: so does its lease, row or not
+        pglease.try_take(conns[0], disk_id, "web1-0", "host A reader", readonly=True)
+        assert [h for h, _ in _lease_rows(keystore)] == ["host A reader"]
+    finally:
+        for c in conns:
+            c.close()

@@ -1,0 +1,142 @@
+"""Choosing the data path once per process, and numba's on-disk cache of the kernels.
+
+The ciphers themselves are checked on both paths in test_xts.py and test_ciphers.py; here:
+the numba path is what the registry hands out when numba works, the numpy path when numba
+cannot be imported (checked in a fresh process that cannot import it), the cache lives in a
+private directory of the user and a second process loads the kernels from it instead of
+compiling them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nbd_plugin.crypto import jit
+from nbd_plugin.crypto.registry import make_cipher
+from tests.support.nbd import ROOT
+
+PROBE = """
+import json, sys
+{prelude}
+from nbd_plugin.crypto import jit
+from nbd_plugin.crypto.registry import make_cipher
+c = make_cipher("aes", "xts-plain64", bytes(range(64)))
+out = {{"path": jit.data_path(), "reason": jit.reason(), "cipher": c.data_path}}
+if out["path"] == "numba":
+    from nbd_plugin.crypto import kernels
+    stats = kernels.xts_kernel().stats
+    out.update(hits=sum(stats.cache_hits.values()), misses=sum(stats.cache_misses.values()))
+    out["cache"] = stats.cache_path
+print(json.dumps(out))
+"""
+
+
+def probe(cache_home: Path, prelude: str = "") -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["XDG_CACHE_HOME"] = str(cache_home)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE.format(prelude=prelude)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    result: dict[str, object] = json.loads(r.stdout)
+    return result
+
+
+def test_registry_hands_out_the_numba_path_here() -> None:
+    assert jit.data_path() == "numba", jit.reason()
+    for mode, key in (("xts-plain64", 64), ("cbc-essiv:sha256", 32), ("cbc-plain64", 16)):
+        assert make_cipher("aes", mode, os.urandom(key)).data_path == "numba"
+
+
+def test_without_numba_the_numpy_path_is_chosen(tmp_path: Path) -> None:
+    got = probe(tmp_path, prelude="sys.modules['numba'] = None  # import numba fails")
+    assert got["path"] == "numpy"
+    assert got["cipher"] == "numpy"
+    assert "numba is not importable" in str(got["reason"])
+
+
+def test_a_second_process_loads_the_kernels_from_a_private_cache(tmp_path: Path) -> None:
+    first = probe(tmp_path)
+    assert first["path"] == "numba"
+    cache = tmp_path / "vmshield" / "numba"
+    assert str(first["cache"]).startswith(str(cache))
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    assert any(cache.rglob("*.nbi")), "numba wrote no cache index"
+    second = probe(tmp_path)
+    assert (second["hits"], second["misses"]) == (2, 0)  # both signatures, none compiled
+
+
+def test_a_cache_directory_others_can_write_is_not_used(tmp_path: Path) -> None:
+    shared = tmp_path / "vmshield"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # mkdir's mode is cut by the umask
+    got = probe(tmp_path)
+    assert got["path"] == "numba"
+    assert "compiled at start" in str(got["reason"])
+    assert not (shared / "numba").exists()
+
+
+def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from keystore.cli import main
+    from nbd_plugin import luks
+
+    image = tmp_path / "d.img"
+    luks.create_image(str(image), 1 << 20, b"pw", iterations=1000)
+    r = CliRunner().invoke(main, ["image", "info", "--json", str(image)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["data_path"] == jit.data_path()
+
+
+def serve_once(tmp_path: Path, *extra: str, until: str) -> str:
+    """nbdkit -v with the plugin, one copy through it; its log once ``until`` is in it."""
+    import tempfile
+    import time
+
+    from nbd_plugin import luks
+    from tests.support.nbd import PLUGIN, write_secret
+
+    tmp_path.mkdir()
+    image, key, log = tmp_path / "s.img", tmp_path / "key", tmp_path / "log"
+    write_secret(key, b"pw")
+    luks.create_image(str(image), 1 << 20, b"pw", iterations=1000)
+    sock = Path(tempfile.mkdtemp(dir="/tmp", prefix="vmj")) / "s.sock"
+    argv = ["nbdkit", "-f", "-v", "-U", str(sock), "python", PLUGIN, f"image={image}"]
+    with log.open("wb") as err:
+        proc = subprocess.Popen([*argv, f"passphrase=+{key}", *extra], stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"], check=True)
+        while until not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        sock.unlink(missing_ok=True)
+        sock.parent.rmdir()
+    return log.read_text(errors="replace")
+
+
+def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
+    log = serve_once(tmp_path / "auto", until="ready in")  # logged once the kernels load
+    assert "vmshield: data path numba (loading at start)" in log
+    assert "using thread model: parallel" in log
+    assert "vmshield: data path numba 0." in log
+    log = serve_once(tmp_path / "numpy", "data_path=numpy", until="vmshield: data path numpy")
+    assert "vmshield: data path numpy" in log
+    assert "using thread model: serialize_all_requests" in log
