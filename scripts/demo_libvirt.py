@@ -16,7 +16,7 @@ from pathlib import Path
 
 from demo_support import Host, Report, StepFailed
 
-from nbd_plugin.luks.volume import payload_region
+from nbd_plugin.luks import payload_region
 from scripts.guestlib import DONE, MARKER, RAW_OFFSET, Guest, read_export
 from scripts.libvirtlib import Libvirtd, available, domain_xml
 

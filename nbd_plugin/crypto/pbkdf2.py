@@ -12,6 +12,8 @@ from nbd_plugin.errors import UnsupportedError
 
 PBKDF2_HASHES = ("sha1", "sha256", "sha512", "sha384", "sha224", "ripemd160")
 MIN_ITERATIONS = 1000
+MAX_ITERATIONS = (1 << 32) - 1
+"""cryptsetup's limit (a uint32); a header asking for more is refused, never run."""
 
 
 def check_hash(hash_name: str) -> str:
@@ -38,14 +40,28 @@ _FAST_HASHES: dict[str, hashes.HashAlgorithm] = {
 }
 
 
+def check_iterations(iterations: int) -> None:
+    """ValueError unless 1 <= ``iterations`` <= MAX_ITERATIONS (checked before any work)."""
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise ValueError(
+            f"PBKDF2 iteration count {iterations} is out of range (1-{MAX_ITERATIONS})"
+        )
+
+
 def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    """PBKDF2-HMAC as LUKS uses it."""
+    """PBKDF2-HMAC as LUKS uses it. ValueError for a count or length out of range."""
     name = check_hash(hash_name)
+    check_iterations(iterations)
+    if length < 1:
+        raise ValueError(f"PBKDF2 output length {length} is out of range")
     algorithm = _FAST_HASHES.get(name)
-    if algorithm is None:
-        return hashlib.pbkdf2_hmac(name, passphrase, salt, iterations, length)
-    kdf = PBKDF2HMAC(algorithm=algorithm, length=length, salt=salt, iterations=iterations)
-    return kdf.derive(passphrase)
+    try:
+        if algorithm is None:
+            return hashlib.pbkdf2_hmac(name, passphrase, salt, iterations, length)
+        kdf = PBKDF2HMAC(algorithm=algorithm, length=length, salt=salt, iterations=iterations)
+        return kdf.derive(passphrase)
+    except OverflowError:  # a bound of the C library below MAX_ITERATIONS (hashlib: INT_MAX)
+        raise ValueError(f"PBKDF2 iteration count {iterations} is too large here") from None
 
 
 def iterations_for(hash_name: str, milliseconds: int, length: int = 32) -> int:

@@ -56,6 +56,8 @@ NATIVE_SECTORS = 32
 """Requests of up to this many 512-byte sectors go to OpenSSL's XTS one sector at a time
 (``xts_libcrypto``) when the system libcrypto allows it: below ~36 sectors that beats numpy's
 fixed cost. Sectors of 4096 bytes or more always do (one call per 4 KiB is cheap)."""
+IV_MASK = (1 << 64) - 1
+"""plain64 IVs are 64-bit: they wrap mod 2^64, as in dm-crypt."""
 
 U64 = npt.NDArray[np.uint64]
 
@@ -277,7 +279,7 @@ class XtsCipher:
             for done in range(0, sectors, piece):
                 n = min(piece, sectors - done)
                 a, b = done * self.sector_size, (done + n) * self.sector_size
-                iv = first_iv + done * self.iv_step
+                iv = (first_iv + done * self.iv_step) & IV_MASK  # plain64 wraps mod 2^64
                 self._apply_numpy(encrypt, _slice(src, a, b), _slice(dst, a, b), n, iv)
 
     def _apply_native(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:
@@ -289,7 +291,7 @@ class XtsCipher:
         for done in range(0, sectors, step):
             n = min(step, sectors - done)
             a, b = done * self.sector_size, (done + n) * self.sector_size
-            iv = first_iv + done * self.iv_step
+            iv = (first_iv + done * self.iv_step) & IV_MASK  # plain64 wraps mod 2^64
             self._native.apply(encrypt, _slice(src, a, b), _slice(dst, a, b), n, iv)
 
     def _apply_numpy(self, encrypt: bool, src: Any, dst: Any, sectors: int, first_iv: int) -> None:

@@ -12,6 +12,9 @@ from typing import Any
 
 from nbd_plugin.crypto.registry import SectorCipher
 
+IV_MASK = (1 << 64) - 1
+"""plain64 IVs are 64-bit sector numbers: dm-crypt wraps them (an iv_tweak near 2^64)."""
+
 
 @dataclass
 class Volume:
@@ -32,8 +35,8 @@ class Volume:
     info: dict[str, Any] = field(default_factory=dict)
 
     def first_iv(self, sector: int) -> int:
-        """IV of payload sector ``sector`` (counted in ``sector_size`` units)."""
-        return self.iv_base + sector * self.iv_step
+        """IV of payload sector ``sector`` (counted in ``sector_size`` units), mod 2^64."""
+        return (self.iv_base + sector * self.iv_step) & IV_MASK
 
     def close(self) -> None:
         if self.fd >= 0:

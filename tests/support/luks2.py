@@ -76,11 +76,11 @@ def metadata(image: Path) -> dict[str, Any]:
 def xts_decrypt(
     key: bytes, data: bytes, sector: int, first_sector: int, iv_tweak: int = 0
 ) -> bytes:
-    """Per-sector AES-XTS, IV = iv_tweak + (sector number in 512-byte units), plain64."""
+    """Per-sector AES-XTS, IV = iv_tweak + (sector number in 512-byte units) mod 2^64."""
     out = bytearray()
     per = sector // 512
     for i in range(len(data) // sector):
-        iv = iv_tweak + (first_sector + i) * per
+        iv = (iv_tweak + (first_sector + i) * per) % (1 << 64)  # plain64 wraps, as in dm-crypt
         dec = Cipher(algorithms.AES(key), modes.XTS(iv.to_bytes(16, "little"))).decryptor()
         out += dec.update(data[i * sector : (i + 1) * sector]) + dec.finalize()
     return bytes(out)
@@ -98,14 +98,23 @@ def digest(image: Path) -> str:
 
 def rewrite_json(image: Path, edit: Any, copies: tuple[int, ...] = (0, 16384)) -> None:
     """Edit the JSON of the header copies at ``copies`` and fix their checksums (sha256)."""
+
+    def as_doc(text: str) -> str:
+        doc = json.loads(text)
+        edit(doc)
+        return json.dumps(doc)
+
+    rewrite_json_text(image, as_doc, copies)
+
+
+def rewrite_json_text(image: Path, edit: Any, copies: tuple[int, ...] = (0, 16384)) -> None:
+    """Replace the JSON text of the header copies by ``edit(text)``; fix their checksums."""
     with image.open("r+b") as f:
         for offset in copies:
             f.seek(offset)
             raw = bytearray(f.read(16384))
-            doc = json.loads(raw[4096:].split(b"\0", 1)[0])
-            edit(doc)
-            text = json.dumps(doc).encode()
-            raw[4096:] = text.ljust(16384 - 4096, b"\0")
+            text = edit(raw[4096:].split(b"\0", 1)[0].decode()).encode()
+            raw[4096:] = text.ljust(16384 - 4096, b"\0")[: 16384 - 4096]
             raw[448:512] = bytes(64)
             raw[448:480] = hashlib.sha256(raw).digest()
             f.seek(offset)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import itertools
 import os
 import struct
 import uuid as uuid_mod
@@ -175,10 +176,11 @@ class Luks1Header:
             )
         check_hash(self.hash_spec)
         check_supported(self.cipher_name, self.cipher_mode, self.key_bytes)
+        # As cryptsetup's LUKS_check_keyslots: every slot, active or not, has 4000 stripes and
+        # an area between the phdr and the payload that overlaps no other slot's.
+        areas = []
         for i, slot in enumerate(self.keyslots):
-            if not slot.active:
-                continue
-            if slot.iterations < 1 or not 1 <= slot.stripes <= 65536:
+            if slot.stripes != STRIPES or (slot.active and slot.iterations < 1):
                 raise ImageError(
                     f"keyslot {i}: iterations {slot.iterations} / stripes "
                     f"{slot.stripes} are invalid: header corrupt"
@@ -190,6 +192,11 @@ class Luks1Header:
                     f"keyslot {i}: key material at bytes {start}-{end} lies "
                     f"outside the header area: header corrupt"
                 )
+            areas.append((start, end, i))
+        areas.sort()
+        for (_, end, first), (start, _, second) in itertools.pairwise(areas):
+            if start < end:
+                raise ImageError(f"keyslots {first} and {second} overlap: header corrupt")
 
     @property
     def payload_bytes(self) -> int:

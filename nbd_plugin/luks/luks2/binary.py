@@ -32,21 +32,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbd_plugin.errors import ImageError, UnsupportedError
+from nbd_plugin.luks.luks2.jsonfields import dump
 from nbd_plugin.luks.luks2.metadata import (
+    AREA_ALIGN,
     BIN_SIZE,
     KEYSLOT_SECTOR,
+    MAX_OBJECTS,
     SECTOR_SIZES,
     Digest,
     Kdf,
     Keyslot,
     Metadata,
     Segment,
-    dump,
     split_spec,
 )
 from nbd_plugin.luks.textfields import display_text, pack_text
 
 __all__ = [
+    "AREA_ALIGN",
     "BIN_SIZE",
     "KEYSLOT_SECTOR",
     "SECTOR_SIZES",
@@ -73,8 +76,7 @@ CSUM_SIZE = 64
 # The metadata sizes cryptsetup allows (binary header + JSON area).
 HDR_SIZES = tuple(1 << n for n in range(14, 23))  # 16 KiB ... 4 MiB
 CSUM_ALGS = ("sha256", "sha512", "sha1")
-MAX_KEYSLOTS = 32
-AREA_ALIGN = 4096
+MAX_KEYSLOTS = MAX_OBJECTS
 STRIPES = 4000
 
 ReadAt = Callable[[int, int], bytes]

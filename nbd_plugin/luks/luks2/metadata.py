@@ -9,71 +9,37 @@ ImageError naming the field, never KeyError or TypeError.
 
 from __future__ import annotations
 
-import base64
-import copy
 import hashlib
 import hmac
-import json
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nbd_plugin.crypto import argon2 as argon
-from nbd_plugin.crypto.pbkdf2 import check_hash, pbkdf2
+from nbd_plugin.crypto.pbkdf2 import check_hash, check_iterations, pbkdf2
 from nbd_plugin.crypto.registry import check_supported, make_cipher
 from nbd_plugin.errors import ImageError, UnsupportedError
 from nbd_plugin.luks import af
+from nbd_plugin.luks.luks2 import jsonfields as jf
 
 BIN_SIZE = 4096  # the binary header before each JSON area
 KEYSLOT_SECTOR = 512  # keyslot areas are always encrypted in 512-byte sectors from IV 0
 SECTOR_SIZES = (512, 1024, 2048, 4096)
+SALT_SIZE = 32  # keyslot KDF and digest salts (cryptsetup's LUKS_SALTSIZE)
+MIN_DIGEST_SIZE = 20  # LUKS_DIGESTSIZE: a digest is this long (LUKS1-converted) or its hash's
+MAX_DIGEST_SIZE = 64
+MAX_OBJECTS = 32  # keyslots, tokens, segments (LUKS2_OBJECTS_MAX)
+MAX_KEYSLOTS_SIZE = 128 << 20  # LUKS2_MAX_KEYSLOTS_SIZE
+AREA_ALIGN = 4096
+MAX_STRIPES = 65536
 
 
-# ---- JSON helpers: hostile input becomes ImageError naming the field ---------------------
-def _obj(parent: Any, key: str, where: str) -> dict[str, Any]:
-    value = parent.get(key) if isinstance(parent, dict) else None
-    if not isinstance(value, dict):
-        raise ImageError(f"LUKS2 JSON: {where}.{key} is missing or not an object")
-    return value
-
-
-def _int(parent: dict[str, Any], key: str, where: str) -> int:
-    value = parent.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ImageError(f"LUKS2 JSON: {where}.{key} is missing or not a number")
-    return value
-
-
-def _u64(parent: dict[str, Any], key: str, where: str) -> int:
-    value = parent.get(key)
-    if not isinstance(value, str) or not value.isdigit() or int(value) >= 1 << 64:
-        raise ImageError(f"LUKS2 JSON: {where}.{key} is missing or not a uint64 string")
-    return int(value)
-
-
-def _str(parent: dict[str, Any], key: str, where: str) -> str:
-    value = parent.get(key)
-    if not isinstance(value, str):
-        raise ImageError(f"LUKS2 JSON: {where}.{key} is missing or not a string")
-    return value
-
-
-def _b64(parent: dict[str, Any], key: str, where: str) -> bytes:
-    try:
-        return base64.b64decode(_str(parent, key, where), validate=True)
-    except ValueError:
-        raise ImageError(f"LUKS2 JSON: {where}.{key} is not base64") from None
-
-
-def _ids(parent: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
-    value = parent.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.isdigit() for v in value):
-        raise ImageError(f"LUKS2 JSON: {where}.{key} is not a list of ids")
-    return tuple(int(v) for v in value)
-
-
-def _b64s(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _refers(ids: tuple[int, ...], section: dict[int, Any], where: str) -> None:
+    """Every id must name an entry of ``section`` (cryptsetup: validate_*_array)."""
+    missing = [i for i in ids if i not in section]
+    if missing:
+        raise ImageError(f"LUKS2 JSON: {where} refers to missing entries {missing}")
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -96,19 +62,24 @@ class Kdf:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> Kdf:
-        kind = _str(obj, "type", where)
-        salt = _b64(obj, "salt", where)
+        kind = jf.text(obj, "type", where)
+        salt = jf.b64(obj, "salt", where)
+        if kind in ("pbkdf2", *argon.TYPES) and len(salt) != SALT_SIZE:
+            raise ImageError(f"LUKS2 JSON: {where}.salt is {len(salt)} bytes, not {SALT_SIZE}")
         if kind == "pbkdf2":
             return cls(
-                kind, salt, hash=_str(obj, "hash", where), iterations=_int(obj, "iterations", where)
+                kind,
+                salt,
+                hash=jf.text(obj, "hash", where),
+                iterations=jf.u32(obj, "iterations", where),
             )
         if kind in argon.TYPES:
             return cls(
                 kind,
                 salt,
-                time=_int(obj, "time", where),
-                memory=_int(obj, "memory", where),
-                cpus=_int(obj, "cpus", where),
+                time=jf.u32(obj, "time", where),
+                memory=jf.u32(obj, "memory", where),
+                cpus=jf.u32(obj, "cpus", where),
             )
         return cls(kind, salt)  # unknown: kept, refused by check()
 
@@ -118,25 +89,24 @@ class Kdf:
                 "type": "pbkdf2",
                 "hash": self.hash,
                 "iterations": self.iterations,
-                "salt": _b64s(self.salt),
+                "salt": jf.b64s(self.salt),
             }
         return {
             "type": self.type,
             "time": self.time,
             "memory": self.memory,
             "cpus": self.cpus,
-            "salt": _b64s(self.salt),
+            "salt": jf.b64s(self.salt),
         }
 
     def check(self) -> None:
         """UnsupportedError / ImageError before any expensive work."""
-        if self.type == "pbkdf2":
-            check_hash(self.hash)
-            if self.iterations < 1:
-                raise ImageError("pbkdf2 with 0 iterations: header corrupt")
-            return
         try:
-            argon.check_costs(self.type, self.time, self.memory, self.cpus)
+            if self.type == "pbkdf2":
+                check_hash(self.hash)
+                check_iterations(self.iterations)
+            else:
+                argon.check_costs(self.type, self.time, self.memory, self.cpus)
         except ValueError as exc:
             raise ImageError(f"{exc}: header corrupt") from None
 
@@ -168,8 +138,8 @@ class Keyslot:
     @classmethod
     def from_json(cls, ks_id: int, obj: dict[str, Any]) -> Keyslot:
         where = f"keyslots.{ks_id}"
-        kind = _str(obj, "type", where)
-        area = _obj(obj, "area", where)
+        kind = jf.text(obj, "type", where)
+        area = jf.obj(obj, "area", where)
         if kind != "luks2":  # e.g. "reencrypt": keep its area, never try to open it
             return cls(
                 ks_id,
@@ -177,30 +147,30 @@ class Keyslot:
                 0,
                 0,
                 "",
-                _u64(area, "offset", where),
-                _u64(area, "size", where),
+                jf.u64(area, "offset", where),
+                jf.u64(area, "size", where),
                 "",
                 0,
                 Kdf("none", b""),
                 0,
             )
-        afo = _obj(obj, "af", where)
-        if _str(afo, "type", f"{where}.af") != "luks1":
+        afo = jf.obj(obj, "af", where)
+        if jf.text(afo, "type", f"{where}.af") != "luks1":
             raise UnsupportedError(f"keyslot {ks_id}: AF type {afo.get('type')!r} not supported")
-        if _str(area, "type", f"{where}.area") != "raw":
+        if jf.text(area, "type", f"{where}.area") != "raw":
             raise UnsupportedError(f"keyslot {ks_id}: area type {area.get('type')!r} unsupported")
         priority = obj.get("priority", 1)
         return cls(
             ks_id,
             kind,
-            _int(obj, "key_size", where),
-            _int(afo, "stripes", f"{where}.af"),
-            _str(afo, "hash", f"{where}.af"),
-            _u64(area, "offset", f"{where}.area"),
-            _u64(area, "size", f"{where}.area"),
-            _str(area, "encryption", f"{where}.area"),
-            _int(area, "key_size", f"{where}.area"),
-            Kdf.from_json(_obj(obj, "kdf", where), f"{where}.kdf"),
+            jf.u32(obj, "key_size", where),
+            jf.u32(afo, "stripes", f"{where}.af"),
+            jf.text(afo, "hash", f"{where}.af"),
+            jf.u64(area, "offset", f"{where}.area"),
+            jf.u64(area, "size", f"{where}.area"),
+            jf.text(area, "encryption", f"{where}.area"),
+            jf.u32(area, "key_size", f"{where}.area"),
+            Kdf.from_json(jf.obj(obj, "kdf", where), f"{where}.kdf"),
             priority if isinstance(priority, int) else 1,
         )
 
@@ -262,23 +232,20 @@ class Segment:
     @classmethod
     def from_json(cls, seg_id: int, obj: dict[str, Any]) -> Segment:
         where = f"segments.{seg_id}"
-        kind = _str(obj, "type", where)
+        kind = jf.text(obj, "type", where)
         if kind != "crypt":
             raise UnsupportedError(f"LUKS2 segment type {kind!r} is not supported")
         if "integrity" in obj:
             raise UnsupportedError("LUKS2 with authenticated encryption (integrity) unsupported")
-        size = None if obj.get("size") == "dynamic" else _u64(obj, "size", where)
-        sector = _int(obj, "sector_size", where)
+        size = None if obj.get("size") == "dynamic" else jf.u64(obj, "size", where)
+        sector = jf.u32(obj, "sector_size", where)
         if sector not in SECTOR_SIZES:
             raise ImageError(f"LUKS2 segment sector size {sector} is invalid")
-        return cls(
-            seg_id,
-            _u64(obj, "offset", where),
-            size,
-            _u64(obj, "iv_tweak", where),
-            _str(obj, "encryption", where),
-            sector,
-        )
+        offset = jf.u64(obj, "offset", where)
+        if offset % 512 or (size is not None and (size == 0 or size % sector)):
+            raise ImageError(f"LUKS2 {where}: offset {offset} / size {size} are not aligned")
+        iv_tweak = jf.u64(obj, "iv_tweak", where)
+        return cls(seg_id, offset, size, iv_tweak, jf.text(obj, "encryption", where), sector)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -306,17 +273,22 @@ class Digest:
     @classmethod
     def from_json(cls, dg_id: int, obj: dict[str, Any]) -> Digest:
         where = f"digests.{dg_id}"
-        kind = _str(obj, "type", where)
+        kind = jf.text(obj, "type", where)
         if kind != "pbkdf2":
             raise UnsupportedError(f"LUKS2 digest type {kind!r} is not supported")
+        salt, value = jf.b64(obj, "salt", where), jf.b64(obj, "digest", where)
+        if len(salt) != SALT_SIZE or not MIN_DIGEST_SIZE <= len(value) <= MAX_DIGEST_SIZE:
+            raise ImageError(
+                f"LUKS2 {where}: salt of {len(salt)} / digest of {len(value)} bytes: header corrupt"
+            )
         return cls(
             dg_id,
-            _ids(obj, "keyslots", where),
-            _ids(obj, "segments", where),
-            _str(obj, "hash", where),
-            _int(obj, "iterations", where),
-            _b64(obj, "salt", where),
-            _b64(obj, "digest", where),
+            jf.ids(obj, "keyslots", where),
+            jf.ids(obj, "segments", where),
+            jf.text(obj, "hash", where),
+            jf.u32(obj, "iterations", where),
+            salt,
+            value,
         )
 
     @classmethod
@@ -341,23 +313,30 @@ class Digest:
             "segments": [str(s) for s in self.segments],
             "hash": self.hash,
             "iterations": self.iterations,
-            "salt": _b64s(self.salt),
-            "digest": _b64s(self.digest),
+            "salt": jf.b64s(self.salt),
+            "digest": jf.b64s(self.digest),
         }
 
+    def check(self) -> None:
+        """The stored digest is as long as its hash (or LUKS1's 20 bytes), as cryptsetup asks.
+
+        A shorter one would compare only a prefix: "digest": "" matched every key.
+        """
+        size = hashlib.new(check_hash(self.hash)).digest_size
+        if len(self.digest) not in (MIN_DIGEST_SIZE, size):
+            raise ImageError(
+                f"LUKS2 digest {self.id} is {len(self.digest)} bytes, its hash {self.hash} "
+                f"gives {size}: header corrupt"
+            )
+        try:
+            check_iterations(self.iterations)
+        except ValueError as exc:
+            raise ImageError(f"LUKS2 digest {self.id}: {exc}: header corrupt") from None
+
     def matches(self, key: bytes | bytearray) -> bool:
-        check_hash(self.hash)
+        self.check()
         value = pbkdf2(self.hash, bytes(key), self.salt, self.iterations, len(self.digest))
         return hmac.compare_digest(value, self.digest)
-
-
-def _id_map(obj: dict[str, Any], where: str) -> dict[int, dict[str, Any]]:
-    out = {}
-    for key, value in obj.items():
-        if not key.isdigit() or not isinstance(value, dict):
-            raise ImageError(f"LUKS2 JSON: {where} entry {key!r} is invalid")
-        out[int(key)] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -374,63 +353,79 @@ class Metadata:
 
     @classmethod
     def parse(cls, text: str, hdr_size: int) -> Metadata:
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise ImageError(f"LUKS2 JSON metadata is not valid JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise ImageError("LUKS2 JSON metadata is not an object")
-        config = _obj(doc, "config", "")
-        json_size = _u64(config, "json_size", "config")
+        """Parse and check everything the passphrase does not change; ImageError if wrong."""
+        doc = jf.load(text)
+        config = jf.obj(doc, "config", "")
+        json_size = jf.u64(config, "json_size", "config")
         if json_size != hdr_size - BIN_SIZE:
             raise ImageError(f"LUKS2 config.json_size {json_size} disagrees with hdr_size")
-        _obj(doc, "tokens", "")
+        keyslots_size = jf.u64(config, "keyslots_size", "config")
+        if keyslots_size % AREA_ALIGN or keyslots_size > MAX_KEYSLOTS_SIZE:
+            raise ImageError(f"LUKS2 config.keyslots_size {keyslots_size} is invalid")
         required = config.get("requirements", {})
         mandatory = required.get("mandatory", []) if isinstance(required, dict) else []
-        segments = _id_map(_obj(doc, "segments", ""), "segments")
+        segments = jf.id_map(doc, "segments", MAX_OBJECTS)
         if len(segments) != 1:
             raise UnsupportedError(
                 f"LUKS2 with {len(segments)} data segments (an interrupted reencryption?) "
                 "is not supported; finish it with cryptsetup first"
             )
         ((seg_id, seg_obj),) = segments.items()
-        return cls(
+        keyslots = jf.id_map(doc, "keyslots", MAX_OBJECTS)
+        tokens = jf.id_map(doc, "tokens", MAX_OBJECTS)
+        for tk_id, token in tokens.items():
+            _refers(jf.ids(token, "keyslots", f"tokens.{tk_id}"), keyslots, f"tokens.{tk_id}")
+        digests = tuple(
+            Digest.from_json(k, v) for k, v in sorted(jf.id_map(doc, "digests", jf.MAX_ID).items())
+        )
+        for dg in digests:
+            _refers(dg.keyslots, keyslots, f"digests.{dg.id}")
+            _refers(dg.segments, segments, f"digests.{dg.id}")
+        meta = cls(
             text,
             json_size,
-            _u64(config, "keyslots_size", "config"),
-            tuple(
-                Keyslot.from_json(k, v)
-                for k, v in sorted(_id_map(_obj(doc, "keyslots", ""), "keyslots").items())
-            ),
+            keyslots_size,
+            tuple(Keyslot.from_json(k, v) for k, v in sorted(keyslots.items())),
             Segment.from_json(seg_id, seg_obj),
-            tuple(
-                Digest.from_json(k, v)
-                for k, v in sorted(_id_map(_obj(doc, "digests", ""), "digests").items())
-            ),
+            digests,
             tuple(str(m) for m in mandatory) if isinstance(mandatory, list) else ("?",),
         )
+        meta._check_areas(hdr_size)
+        return meta
+
+    def _check_areas(self, hdr_size: int) -> None:
+        """Keyslot areas inside the keyslots area, not overlapping; data after it."""
+        start, end = 2 * hdr_size, 2 * hdr_size + self.keyslots_size
+        areas = sorted(
+            (ks.area_offset, ks.area_offset + ks.area_size, ks.id) for ks in self.keyslots
+        )
+        for a, b, ks_id in areas:
+            if a < start or b > end:
+                raise ImageError(f"keyslot {ks_id}: area lies outside the keyslots area")
+        for (_, b, first), (a, _, second) in itertools.pairwise(areas):
+            if a < b:
+                raise ImageError(f"keyslots {first} and {second}: areas overlap: header corrupt")
+        seg = self.segment
+        if seg.offset and (seg.offset < end or seg.offset % seg.sector_size):
+            raise ImageError(
+                f"LUKS2 data offset {seg.offset} overlaps the keyslots area "
+                "or is not sector aligned: header corrupt"
+            )
 
     def validate(self, hdr_size: int) -> None:
-        """Structural checks that need no passphrase."""
+        """What must hold before a passphrase is tried (parse already checked the layout)."""
         if self.requirements:
             raise UnsupportedError(
                 f"LUKS2 requirements {', '.join(self.requirements)} are not supported"
             )
-        start, end = 2 * hdr_size, 2 * hdr_size + self.keyslots_size
         if self.segment.offset == 0:
             raise UnsupportedError("LUKS2 with a detached header (data offset 0) unsupported")
-        if self.segment.offset < end or self.segment.offset % self.segment.sector_size:
-            raise ImageError(
-                f"LUKS2 data offset {self.segment.offset} overlaps the keyslots area "
-                "or is not sector aligned: header corrupt"
-            )
-        for ks in self.keyslots:
-            if ks.area_offset < start or ks.area_offset + ks.area_size > end:
-                raise ImageError(f"keyslot {ks.id}: area lies outside the keyslots area")
         if split_spec(self.segment.encryption)[0] == "cipher_null":
             raise UnsupportedError("LUKS2 with cipher_null (no encryption) is not supported")
-        if not self.digest_for_segment():
+        digest = self.digest_for_segment()
+        if not digest:
             raise ImageError("LUKS2: no digest covers the data segment: header corrupt")
+        digest.check()
 
     def cipher_spec(self, key_size: int) -> tuple[str, str]:
         name, mode = split_spec(self.segment.encryption)
@@ -460,9 +455,9 @@ class Metadata:
         raise KeyError(ks_id)
 
     def _edited(self, edit: Callable[[dict[str, Any]], None], hdr_size: int) -> Metadata:
-        doc = copy.deepcopy(json.loads(self.text))
+        doc = jf.load(self.text)  # a fresh copy, nesting already bounded
         edit(doc)
-        return Metadata.parse(dump(doc), hdr_size)
+        return Metadata.parse(jf.dump(doc), hdr_size)
 
     def with_keyslot(self, ks: Keyslot, digest_id: int, hdr_size: int) -> Metadata:
         """A copy with ``ks`` added and bound to digest ``digest_id``."""
@@ -491,8 +486,3 @@ class Metadata:
         if len(raw) >= self.json_size:
             raise ImageError(f"LUKS2 JSON metadata ({len(raw)} bytes) no longer fits its area")
         return raw.ljust(self.json_size, b"\0")
-
-
-def dump(doc: dict[str, Any]) -> str:
-    """JSON text as cryptsetup writes it (json-c, plain: no whitespace)."""
-    return json.dumps(doc, separators=(",", ":"))
