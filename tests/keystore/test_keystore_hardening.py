@@ -59,7 +59,7 @@ def _make_keystore(where: Location, policy: AuthPolicy) -> None:
     asyncio.run(setup())
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def keystore_at(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
     """An empty keystore of each backend."""
     if request.param == "sqlite":
