@@ -236,7 +236,13 @@ def test_libvirtd_restart_keeps_disks_and_gate(domain: Env) -> None:
     lv.restart()
     assert lv.state(ks.vm) == "running"
     assert sorted(domain.left_behind()) == before
-    rec = next(r for r in reversed(ks.audit(5)) if r["action"] == "libvirt.reconnect")
+    # libvirtd reconnects to its domains in a thread of their own: the hook may run after
+    # the daemon already answers virsh
+    deadline = time.monotonic() + 30
+    while not (recs := [r for r in ks.audit(5) if r["action"] == "libvirt.reconnect"]):
+        assert time.monotonic() < deadline, "the hook never reported the reconnect"
+        time.sleep(0.1)
+    rec = recs[-1]
     detail = rec["detail"]
     assert isinstance(detail, dict)
     assert (detail["up"], detail["missing"]) == (["web1-0", "usbgate"], [])

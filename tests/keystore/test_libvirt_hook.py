@@ -245,3 +245,13 @@ def test_usbgate_failure_stops_the_disks(ks: Keystore, capsys: pytest.CaptureFix
     assert err.count("\n") == 1
     assert processes(str(ks.base)) == []
     assert [d["server"] for d in json.loads(ks.cli("disk", "list", "--json").stdout)] == [None]
+
+
+def test_unlock_cancel_and_bad_duration(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    ks.cli("vm", "unlock", ks.vm, "--for", "10m", "--password-file", str(ks.pwfile))
+    assert "unlock withdrawn" in ks.cli("vm", "unlock", ks.vm, "--cancel").stdout
+    code, err = hook(ks, "prepare", "begin", domain(ks), capsys)
+    assert code == 1 and "unlock VM web1 first" in err
+    assert "no pending unlock" in ks.cli("vm", "unlock", ks.vm, "--cancel").stdout
+    bad = ks.cli("vm", "unlock", ks.vm, "--for", "25h", "--password-file", str(ks.pwfile), code=2)
+    assert "must be between 1 s and 24 h" in bad.stderr
