@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.registry import make_cipher
 from tests.support.nbd import ROOT
@@ -140,3 +142,20 @@ def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
     log = serve_once(tmp_path / "numpy", "data_path=numpy", until="vmshield: data path numpy")
     assert "vmshield: data path numpy" in log
     assert "using thread model: serialize_all_requests" in log
+
+
+def test_cache_dir_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert jit.cache_dir() == str(tmp_path / "xdg" / "vmshield" / "numba")
+    service = tmp_path / "systemd"
+    service.mkdir(mode=0o755)
+    monkeypatch.setenv("CACHE_DIRECTORY", str(service))  # systemd's CacheDirectory=
+    assert jit.cache_dir() == str(service / "numba")
+    assert (service / "numba").stat().st_mode & 0o777 == 0o700
+    service.chmod(0o777)  # a service cache others can write is not used; XDG's then is
+    assert jit.cache_dir() == str(tmp_path / "xdg" / "vmshield" / "numba")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # not absolute: ignored, like ~ unset
+    monkeypatch.setenv("HOME", "relative")
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    assert jit.cache_dir() is None
