@@ -41,6 +41,7 @@ EXPECTED_LIBVIRT = [
     "✔ marker absent from the ciphertext, present in the decrypted view",
     "✔ after unenroll-host the start fails again (unlock VM first)",
     "  virsh start -> first disk read, median of 3: with the hook ",
+    "the hook itself took ",
 ]
 
 

@@ -2,14 +2,19 @@
 
 Packages and modules, bottom up:
 
-- usbredir/: the usbredir 0.7 protocol, sans-IO: wire (header, enums), control and data
-  (one frozen dataclass per packet type), packets (the type registry), codec (the
-  ``Connection``: receive_data/next_event/send), descriptors (USB descriptor parsing);
-- policy: the one USBGuard-like rule model, its grammar and the decision; qemu_filter: QEMU
-  ``filter=`` and libvirt ``<redirfilter>`` from the same rules;
+- usbredir/: the usbredir 0.7 protocol, sans-IO: wire (header, enums), structs (what packet
+  classes share), control, streams and data (one frozen dataclass per packet type), packets
+  (the type registry), codec (the ``Connection``: receive_data/next_event/send), descriptors
+  (USB descriptor parsing);
+- policy: the one USBGuard-like rule model, its grammar, the decision and shadowing (the
+  keystore stores these rules); qemu_filter: QEMU ``filter=`` and libvirt ``<redirfilter>``
+  from the same rules, for both qemu-filter commands;
 - probe: reading a held device's descriptors and checking them against its announcement;
-- session (one gateway connection's state machine), gateway, addresses: the asyncio gateway;
-- sources, keystore_source: where rules come from and decisions go (keystore or a text file);
+- state (a session's transition table), replies (what a control reply to QEMU must be),
+  relay (one gateway connection, sans-IO), session (its asyncio I/O), gateway, addresses:
+  the gateway; auditing: the bounded audit queue and per-peer refusal rows;
+- sources, keystore_source, pg_source: where rules come from and decisions go (keystore,
+  PostgreSQL or a text file);
 - devices: local devices via pyusb; simulator: a simulated USB owner; qmp: a small QMP client;
 - storage/: a USB stick's firmware, sans-IO (SCSI commands, Bulk-Only Transport), which the
   simulator's ``MassStorageStick`` serves over usbredir from an image file;

@@ -183,7 +183,7 @@ class Gateway:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer, host = _peer_name(writer), _peer_host(writer)
         if self._per_peer.get(host, 0) >= self.max_per_peer:
-            self._refuse(writer, "usb.denied", host, f"more than {self.max_per_peer} connections "
+            self._refuse(writer, "usb.denied", host, f"more than {self.max_per_peer} connection(s) "
                          f"at once from {host}")  # fmt: skip
             return
         self._per_peer[host] = self._per_peer.get(host, 0) + 1

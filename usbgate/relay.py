@@ -39,15 +39,13 @@ from usbgate.probe import (
     probe_steps,
     reconcile,
 )
+from usbgate.replies import reply_problem
 from usbgate.sources import AuditSink
 from usbgate.state import Event, SessionState, State
 from usbgate.usbredir.codec import Connection, Sentinel
 from usbgate.usbredir.descriptors import (
     REQUEST_GET_DESCRIPTOR,
     REQUESTTYPE_IN_STANDARD_DEVICE,
-    DescriptorError,
-    DescriptorType,
-    interface_triples_in,
 )
 from usbgate.usbredir.packets import (
     ControlPacket,
@@ -226,29 +224,11 @@ class Relay:
         self._send_qemu(packet)
 
     def _check_reply(self, reply: ControlPacket, result: ProbeResult) -> str | None:
-        """Why the owner's control reply must not reach QEMU, or None if it answers QEMU's
-        request with what the probe read."""
+        """Why the owner's control reply must not reach QEMU (None: it may)."""
         request = self._qemu_requests.pop(reply.id, None)
         if request is None:
             return f"control reply with id {reply.id} answers no request of QEMU"
-        echoed = (reply.endpoint, reply.request, reply.requesttype, reply.value, reply.index)
-        asked = (request.endpoint, request.request, request.requesttype, request.value,
-                 request.index)  # fmt: skip
-        if echoed != asked:
-            return (
-                f"control reply {reply.id} does not match its request (endpoint, request, "
-                f"type, value, index {_hex(echoed)}; asked {_hex(asked)})"
-            )
-        if reply.status != Status.SUCCESS or not reply.endpoint & 0x80:
-            return None
-        if reply.length > request.length:
-            return f"control reply {reply.id}: {reply.length} bytes for {request.length} asked"
-        if (request.request, request.requesttype) != (
-            REQUEST_GET_DESCRIPTOR,
-            REQUESTTYPE_IN_STANDARD_DEVICE,
-        ):
-            return None
-        return _descriptor_problem(request, reply.data, result)
+        return reply_problem(request, reply, result)
 
     def _unplugged_before_qemu(self) -> None:
         """The owner unplugged a device QEMU never saw: acknowledge it ourselves."""
@@ -456,32 +436,3 @@ class Relay:
 def _announced(connect: DeviceConnect) -> Device:
     return Device(connect.vendor_id, connect.product_id, connect.device_class,
                   bcd_device=connect.device_version_bcd)  # fmt: skip
-
-
-def _hex(fields: tuple[int, ...]) -> str:
-    return " ".join(f"{v:#x}" for v in fields)
-
-
-def _descriptor_problem(request: ControlPacket, data: bytes, result: ProbeResult) -> str | None:
-    """A standard GET_DESCRIPTOR answer must be (a prefix of) what the probe read and judged."""
-    dtype = request.value >> 8
-    if dtype in (DescriptorType.DEVICE, DescriptorType.CONFIGURATION):
-        probed = result.raw.get((request.value, 0))  # wIndex is 0 for these (USB 2.0 9.4.3)
-    elif dtype == DescriptorType.STRING:
-        probed = result.raw.get((request.value, request.index))
-        if probed is None:
-            return None  # a string the policy never read (not the serial): nothing to compare
-    elif dtype == DescriptorType.OTHER_SPEED_CONFIGURATION:
-        judged = set(result.interface_triples())
-        try:
-            extra = set(interface_triples_in(data)) - judged
-        except DescriptorError as exc:
-            return f"other-speed configuration: {exc}"
-        if extra:
-            return "other-speed configuration describes interfaces that were not judged"
-        return None
-    else:
-        return None
-    if probed is None or not probed.startswith(data):
-        return f"descriptor {request.value:#06x} differs from the probed one"
-    return None

@@ -16,6 +16,7 @@ import click
 
 from usbgate.addresses import Address, parse_address
 from usbgate.simulator import FakeOwner, MassStorageStick
+from usbgate.storage.scsi import Op
 
 
 def _hex16(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -76,13 +77,22 @@ def simulate_stick(image: Path, vid: int, pid: int, serial: str, connect: Addres
         raise click.ClickException(f"{connect} closed the connection: {exc}") from exc
     finally:
         assert stick.transport is not None
-        store = stick.transport.disk.store
-        close = getattr(store, "close", None)
+        disk = stick.transport.disk
+        click.echo(f"simulate-stick: SCSI commands served: {_command_counts(disk.commands)}",
+                   err=True)  # fmt: skip
+        close = getattr(disk.store, "close", None)
         if close is not None:
             close()
     if rejected:
         raise click.ClickException(f"{vid:04x}:{pid:04x} was rejected or revoked by {connect}")
     click.echo(f"simulate-stick: {connect} closed the connection", err=True)
+
+
+def _command_counts(commands: dict[int, int]) -> str:
+    """ "READ_10 x120, INQUIRY x1, unknown 0xa1 x1" (unknown ones got ILLEGAL REQUEST)."""
+    names = {int(op): op.name for op in Op}
+    parts = [f"{names.get(op, f'unknown {op:#04x}')} x{n}" for op, n in sorted(commands.items())]
+    return ", ".join(parts) or "none"
 
 
 async def _offer(stick: MassStorageStick, address: Address) -> bool:

@@ -33,7 +33,8 @@ def audit(
     Every change made through vmshield (users, VMs, disks, permissions, USB rules, logins,
     failed logins, lockouts, disk serving, erase, USB attach/detach by usbgate) appends
     one row carrying the hash of the previous row. No password or passphrase is ever
-    recorded.
+    recorded. ACTOR is who the command says it runs for ($SUDO_USER under sudo); OS USER
+    is the real uid of the process that wrote the row, which the caller cannot choose.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -47,13 +48,14 @@ def audit(
                 str(e.seq),
                 when(e.ts),
                 e.actor,
+                "-" if e.os_uid is None else f"{e.os_user or '?'}({e.os_uid})",
                 e.action,
                 e.vm or "-",
                 " ".join(f"{k}={v}" for k, v in sorted(e.detail.items())),
             ]
             for e in rows
         ],
-        ["seq", "time (utc)", "actor", "action", "vm", "detail"],
+        ["seq", "time (utc)", "actor", "os user", "action", "vm", "detail"],
     )
 
 

@@ -17,13 +17,9 @@ import click
 from nbd_plugin.erase import METHODS, Certificate, EraseOptions
 from nbd_plugin.erase import erase as erase_image
 from nbd_plugin.erase.progress import JsonLinesReporter, Reporter, RichReporter
-from nbd_plugin.errors import ImageBusy, VmshieldError
+from nbd_plugin.errors import ExitStatus, ImageBusy, VmshieldError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: sysexits.h: the image is busy (try again later), verification failed (I/O error)
-EX_TEMPFAIL = 75
-EX_IOERR = 74
 
 
 def methods_help() -> str:
@@ -53,19 +49,19 @@ class EraseFailed(click.ClickException):
 class EraseBusy(EraseFailed):
     """The image is held by a server or another erase."""
 
-    exit_code = EX_TEMPFAIL
+    exit_code = ExitStatus.TEMPFAIL
 
 
 class Interrupted(EraseFailed):
     """Ctrl-C: the journal keeps the position (exit status 130, as a shell reports SIGINT)."""
 
-    exit_code = 130
+    exit_code = ExitStatus.INTERRUPTED
 
 
 class VerifyFailed(EraseFailed):
     """The last pass did not read back as written."""
 
-    exit_code = EX_IOERR
+    exit_code = ExitStatus.IOERR
 
 
 def run_erase(

@@ -179,6 +179,7 @@ def _server(store: Keystore, disk: str) -> Server | None:
 
 
 def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    began = time.monotonic()
     disks = wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name)
     slots = wanted_usb_slots(dom, cfg, vm.name)
     for d in disks:
@@ -221,12 +222,14 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
                 buf[:] = b"\0" * len(buf)
     if "unlock" in how.values():
         unlock.consume(vm.uuid)
-    detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots)}
+    took = round(time.monotonic() - began, 3)
+    detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots),
+                              "seconds": took}  # fmt: skip
     if gate is not None:
         detail["usbgate_pid"] = gate
     store.run(lambda r: r.append_audit(ACTOR, "libvirt.prepare", vm.name, detail))
     gate_text = f", usbgate with {len(slots)} slot(s)" if slots else ""
-    return f"VM {vm.name}: served {', '.join(how) or 'no disks'}{gate_text}"
+    return f"VM {vm.name}: served {', '.join(how) or 'no disks'}{gate_text} in {took:.2f} s"
 
 
 def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:

@@ -1,8 +1,10 @@
 """`scripts/bench`: every server of ``servers.SERVERS`` in one run, one table, optional JSON.
 
-Per repetition, each server is started, connected to once (so key derivation is outside the
-timed window), then nbdcopy writes the random source file through it and reads the export
-back into ``null:`` at each request size (``--no-extents --connections=1 --requests=16``).
+Per repetition, each server is started and read from once (start to first byte; key
+derivation is outside the timed window), left to settle, then nbdcopy writes the random source
+file through it and reads the export back into ``null:`` at each request size
+(``--no-extents --connections=1 --requests=16``), and ``qemu-img bench -d 16`` writes and
+reads through QEMU's NBD client; memory is read from /proc after the runs.
 The throughput images use a cheap PBKDF2 cost because nbdkit's luks filter derives the key on
 every connection; unlock time at cryptsetup's default cost is measured on a separate image.
 """
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size",
         default="256M",
-        help="bytes per run and image size (256M: ~5 minutes here; 1G is steadier, ~15)",
+        help="bytes per run and image size (256M: ~10 minutes here; 1G is steadier, ~40)",
     )
     parser.add_argument("--runs", type=int, default=3, help="repetitions, best kept (3)")
     parser.add_argument(

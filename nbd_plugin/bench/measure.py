@@ -145,6 +145,10 @@ class Running:
             source,
             dest,
         ]
+        return self._timed(argv)
+
+    def _timed(self, argv: list[str]) -> Sample:
+        """Run a client to its end: wall seconds, and the server's CPU seconds meanwhile."""
         cpu0 = cpu_seconds(self.proc.pid)
         start = time.perf_counter()
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -172,14 +176,7 @@ class Running:
     def _qemu_img(self, request_size: int, count: int, write: bool) -> Sample:
         argv = ["qemu-img", "bench", "-f", "raw", "-d", "16", "-c", str(count)]
         argv += ["-s", str(request_size), *(["-w"] if write else []), uri(self.paths.socket)]
-        cpu0 = cpu_seconds(self.proc.pid)
-        start = time.perf_counter()
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        seconds = time.perf_counter() - start
-        cpu = cpu_seconds(self.proc.pid) - cpu0
-        if result.returncode != 0:
-            raise BenchError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
-        return Sample(seconds, cpu)
+        return self._timed(argv)
 
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.proc.pid)

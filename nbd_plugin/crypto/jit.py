@@ -58,15 +58,26 @@ def _private_dir(path: str) -> bool:
 
 
 def cache_dir() -> str | None:
-    """This user's private numba cache directory, made if needed; None if there is none."""
+    """This user's private numba cache directory, made if needed; None if there is none.
+
+    Under systemd with ``CacheDirectory=`` (the unit's home is hidden by ProtectHome), the
+    directory systemd made for the service; else ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    systemd = (os.environ.get("CACHE_DIRECTORY") or "").split(":")[0]
+    if os.path.isabs(systemd) and _private_dir(systemd):
+        return _private_subdirs(systemd, ("numba",))
     base = os.environ.get("XDG_CACHE_HOME") or ""
     if not os.path.isabs(base):
         home = os.path.expanduser("~")
         if not os.path.isabs(home):
             return None
         base = os.path.join(home, ".cache")
+    return _private_subdirs(base, ("vmshield", "numba"))
+
+
+def _private_subdirs(base: str, parts: tuple[str, ...]) -> str | None:
+    """base/parts..., each made 0700 if missing and refused unless private; None if not."""
     path = base
-    for part in ("vmshield", "numba"):
+    for part in parts:
         path = os.path.join(path, part)
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)

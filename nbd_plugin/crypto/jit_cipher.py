@@ -62,7 +62,8 @@ class JitCipher:
         self._update = np.uint64(address)
         self._words = sector_size // 8
         self._step = np.uint64(iv_step & MASK64)
-        self._tail: tuple[Any, ...] = ()
+        self._tails: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
+        """Kernel arguments after iv_step, for (decrypt, encrypt)."""
         self._kernels = kernels
         sectors = max(1, CHUNK_BYTES // sector_size)
         self._scratch_words = 2 + sectors * (self._words + 2)
@@ -96,7 +97,7 @@ class JitCipher:
                 self._words,
                 np.uint64(first_iv & MASK64),
                 self._step,
-                *self._tail,
+                *self._tails[encrypt],
                 c.scratch,
             )
         finally:

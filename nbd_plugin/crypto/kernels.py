@@ -13,7 +13,7 @@ sector, so it runs block column by block column, one ECB call for block b of eve
 Everything is in place in ``dst`` (which may be ``src``); addresses travel as integers, the
 function pointer as an argument (so numba can cache the machine code on disk). Arrays are
 1-D uint64, whole sectors. A kernel returns 0, or -1 if libcrypto reported a failure.
-Compiled with explicit signatures on first use (``xts_kernel()``, ``cbc_kernels()``), i.e.
+Compiled with explicit signatures on first use (``xts_kernel()``, ``cbc_kernel()``), i.e.
 when the first cipher is made at server start, never during a request.
 """
 
@@ -144,7 +144,7 @@ def _cbc_sector_ivs(
 _cbc_ivs: Any = njit(_cbc_sector_ivs)
 
 
-def _cbc_decrypt(
+def _cbc(
     update: np.uint64,
     iv_ctx: np.uint64,
     data_ctx: np.uint64,
@@ -154,11 +154,13 @@ def _cbc_decrypt(
     first_iv: np.uint64,
     iv_step: np.uint64,
     iv_mask: np.uint64,
+    encrypt: int,
     scratch: U64,
 ) -> int:
     cap = capacity(scratch, words)
     outl = np.uint64(scratch.ctypes.data)
-    ivs = scratch[HEAD : HEAD + 2 * cap]
+    ivs = scratch[HEAD : HEAD + 2 * cap]  # encrypt: the IVs, then each column's ciphertext
+    ivs_at = np.uint64(ivs.ctypes.data)
     plain = scratch[HEAD + 2 * cap :]
     plain_at = np.uint64(plain.ctypes.data)
     src_at = np.uint64(src.ctypes.data)
@@ -170,56 +172,29 @@ def _cbc_decrypt(
         if not _cbc_ivs(update, iv_ctx, outl, ivs, m, first, iv_step, iv_mask):
             return -1
         base = done * words
-        n = m * words
-        at = src_at + np.uint64(8 * base)
-        if _update(update, data_ctx, plain_at, outl, at, 8 * n) != 1:
-            return -1
-        for j in range(m):
-            o = base + j * words
-            for b in range(words - 2, 0, -2):  # backwards: src may be dst
-                dst[o + b] = plain[j * words + b] ^ src[o + b - 2]
-                dst[o + b + 1] = plain[j * words + b + 1] ^ src[o + b - 1]
-            dst[o] = plain[j * words] ^ ivs[2 * j]
-            dst[o + 1] = plain[j * words + 1] ^ ivs[2 * j + 1]
-        done += m
-    return 0
-
-
-def _cbc_encrypt(
-    update: np.uint64,
-    iv_ctx: np.uint64,
-    data_ctx: np.uint64,
-    src: U64,
-    dst: U64,
-    words: int,
-    first_iv: np.uint64,
-    iv_step: np.uint64,
-    iv_mask: np.uint64,
-    scratch: U64,
-) -> int:
-    cap = capacity(scratch, words)
-    outl = np.uint64(scratch.ctypes.data)
-    chain = scratch[HEAD : HEAD + 2 * cap]  # the IVs, then each column's ciphertext
-    chain_at = np.uint64(chain.ctypes.data)
-    sectors = src.size // words
-    done = 0
-    while done < sectors:
-        m = min(cap, sectors - done)
-        first = first_iv + np.uint64(done) * iv_step
-        if not _cbc_ivs(update, iv_ctx, outl, chain, m, first, iv_step, iv_mask):
-            return -1
-        base = done * words
-        for b in range(0, words, 2):
-            for j in range(m):
-                o = base + j * words + b
-                chain[2 * j] ^= src[o]
-                chain[2 * j + 1] ^= src[o + 1]
-            if _update(update, data_ctx, chain_at, outl, chain_at, 16 * m) != 1:
+        if encrypt:  # block column b of every sector in one ECB call
+            for b in range(0, words, 2):
+                for j in range(m):
+                    o = base + j * words + b
+                    ivs[2 * j] ^= src[o]
+                    ivs[2 * j + 1] ^= src[o + 1]
+                if _update(update, data_ctx, ivs_at, outl, ivs_at, 16 * m) != 1:
+                    return -1
+                for j in range(m):
+                    o = base + j * words + b
+                    dst[o] = ivs[2 * j]
+                    dst[o + 1] = ivs[2 * j + 1]
+        else:
+            at = src_at + np.uint64(8 * base)
+            if _update(update, data_ctx, plain_at, outl, at, 8 * m * words) != 1:
                 return -1
             for j in range(m):
-                o = base + j * words + b
-                dst[o] = chain[2 * j]
-                dst[o + 1] = chain[2 * j + 1]
+                o = base + j * words
+                for b in range(words - 2, 0, -2):  # backwards: src may be dst
+                    dst[o + b] = plain[j * words + b] ^ src[o + b - 2]
+                    dst[o + b + 1] = plain[j * words + b + 1] ^ src[o + b - 1]
+                dst[o] = plain[j * words] ^ ivs[2 * j]
+                dst[o + 1] = plain[j * words + 1] ^ ivs[2 * j + 1]
         done += m
     return 0
 
@@ -259,14 +234,11 @@ def xts_kernel() -> Any:
     return _compiled_kernel("xts", _xts, sigs)
 
 
-def cbc_kernels() -> tuple[Any, Any]:
-    """(encrypt, decrypt), each ``(update, iv_ctx, data_ctx, src, dst, words, first_iv,
-    iv_step, iv_mask, scratch)``; ``iv_ctx`` 0 means no ESSIV."""
-    sigs = _signatures(_U, _U, _U, tail=(_U, _U, _U, _ARRAY))
-    return (
-        _compiled_kernel("cbc_encrypt", _cbc_encrypt, sigs),
-        _compiled_kernel("cbc_decrypt", _cbc_decrypt, sigs),
-    )
+def cbc_kernel() -> Any:
+    """``cbc(update, iv_ctx, data_ctx, src, dst, words, first_iv, iv_step, iv_mask, encrypt,
+    scratch)``; ``iv_ctx`` 0 means no ESSIV, ``encrypt`` 1 or 0."""
+    sigs = _signatures(_U, _U, _U, tail=(_U, _U, _U, types.int64, _ARRAY))
+    return _compiled_kernel("cbc", _cbc, sigs)
 
 
-__all__ = ["capacity", "cbc_kernels", "set_cache", "update_address", "xts_kernel"]
+__all__ = ["capacity", "cbc_kernel", "set_cache", "update_address", "xts_kernel"]

@@ -102,10 +102,10 @@ def run(size: int, rounds: int, directory: str) -> dict[str, Any]:
                 cert = erase(target, m.name, KEEP)
                 os.unlink(cert.path)
                 passes = cert.data["passes"]
-                rate = sum(p["bytes"] for p in passes) / sum(p["seconds"] for p in passes)
+                rate = sum(p["written_bytes"] for p in passes) / sum(p["seconds"] for p in passes)
                 ratios[m.name].append(rate / dd)
                 for i, p in enumerate(passes):
-                    best[m.name][i] = max(best[m.name][i], p["bytes"] / p["seconds"])
+                    best[m.name][i] = max(best[m.name][i], p["written_bytes"] / p["seconds"])
         crypto = _crypto_seconds(tmp, size)
     per_method: dict[str, Any] = {}
     for m in methods:

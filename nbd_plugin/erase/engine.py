@@ -146,17 +146,25 @@ class _Eraser:
             start = self.state.done
             label = f"pass {number}/{len(method.passes)} ({pattern.value})"
             self.rep.start(f"pass{number}", label, total, start)
-            t0 = time.monotonic()
+            # The pass's clock: from before its first write to after its last fdatasync,
+            # as wall-clock times too, so an outside observer can check them (issue 13).
+            started_at, t0 = time.time(), time.monotonic()
             via = self.engine.run_pass(pattern, number, extents, start, self._checkpointer(total))
-            seconds = time.monotonic() - t0
             sync_s = sync(self.target)
+            seconds = time.monotonic() - t0
+            finished_at = time.time()
             self.rep.end()
+            written = total - start  # a resumed pass writes only what the last run had not
             self.state.passes.append(
                 {
                     "number": number,
                     "pattern": pattern.value,
                     "bytes": total,
-                    "seconds": round(seconds + sync_s, 4),
+                    "written_bytes": written,
+                    "seconds": round(seconds, 4),
+                    "bytes_per_second": round(written / seconds) if seconds > 0 else None,
+                    "started_unix": round(started_at, 3),
+                    "finished_unix": round(finished_at, 3),
                     "fdatasync_seconds": round(sync_s, 4),
                     "via": via,
                     "resumed_at": start or None,

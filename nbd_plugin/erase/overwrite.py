@@ -220,8 +220,15 @@ def open_target(path: str, *, use_zeroout: bool = True) -> Target:
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
-        real = os.path.realpath(path)
-        if os.path.exists(real) and stat.S_ISBLK(os.stat(real).st_mode):
+        try:
+            real = os.path.realpath(path)
+            is_device = os.path.exists(real) and stat.S_ISBLK(os.stat(real).st_mode)
+        except OSError:  # the name changed between the open and the look at the link
+            raise ImageError(
+                f"{path} changed while erase was opening it (a symbolic link came and went); "
+                "nothing was written: name the image itself, in a directory only you can write"
+            ) from None
+        if is_device:
             target = open_target(real, use_zeroout=use_zeroout)
             target.path = path
             return target

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.registry import make_cipher
 from tests.support.nbd import ROOT
@@ -99,43 +101,61 @@ def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
     assert json.loads(r.output)["data_path"] == jit.data_path()
 
 
-def serve_once(tmp_path: Path, *extra: str) -> str:
-    """nbdkit -v with the plugin, one read through it; its log."""
+def serve_once(tmp_path: Path, *extra: str, until: str) -> str:
+    """nbdkit -v with the plugin, one copy through it; its log once ``until`` is in it."""
+    import tempfile
+    import time
+
     from nbd_plugin import luks
     from tests.support.nbd import PLUGIN, write_secret
 
     tmp_path.mkdir()
-    image, key = tmp_path / "s.img", tmp_path / "key"
+    image, key, log = tmp_path / "s.img", tmp_path / "key", tmp_path / "log"
     write_secret(key, b"pw")
     luks.create_image(str(image), 1 << 20, b"pw", iterations=1000)
-    r = subprocess.run(
-        [
-            "nbdkit",
-            "-v",
-            "-U",
-            "-",
-            "python",
-            PLUGIN,
-            f"image={image}",
-            f"passphrase=+{key}",
-            *extra,
-            "--run",
-            'nbdcopy "$uri" null: && sleep 1.5',
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stderr
+    sock = Path(tempfile.mkdtemp(dir="/tmp", prefix="vmj")) / "s.sock"
+    argv = ["nbdkit", "-f", "-v", "-U", str(sock), "python", PLUGIN, f"image={image}"]
+    with log.open("wb") as err:
+        proc = subprocess.Popen([*argv, f"passphrase=+{key}", *extra], stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"], check=True)
+        while until not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        sock.unlink(missing_ok=True)
+        sock.parent.rmdir()
+    return log.read_text(errors="replace")
 
 
 def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
-    log = serve_once(tmp_path / "auto")
+    log = serve_once(tmp_path / "auto", until="ready in")  # logged once the kernels load
     assert "vmshield: data path numba (loading at start)" in log
     assert "using thread model: parallel" in log
-    assert "vmshield: data path numba 0." in log and "ready in" in log  # after the load
-    log = serve_once(tmp_path / "numpy", "data_path=numpy")
+    assert "vmshield: data path numba 0." in log
+    log = serve_once(tmp_path / "numpy", "data_path=numpy", until="vmshield: data path numpy")
     assert "vmshield: data path numpy" in log
     assert "using thread model: serialize_all_requests" in log
+
+
+def test_cache_dir_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert jit.cache_dir() == str(tmp_path / "xdg" / "vmshield" / "numba")
+    service = tmp_path / "systemd"
+    service.mkdir(mode=0o755)
+    monkeypatch.setenv("CACHE_DIRECTORY", str(service))  # systemd's CacheDirectory=
+    assert jit.cache_dir() == str(service / "numba")
+    assert (service / "numba").stat().st_mode & 0o777 == 0o700
+    service.chmod(0o777)  # a service cache others can write is not used; XDG's then is
+    assert jit.cache_dir() == str(tmp_path / "xdg" / "vmshield" / "numba")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # not absolute: ignored, like ~ unset
+    monkeypatch.setenv("HOME", "relative")
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    assert jit.cache_dir() is None

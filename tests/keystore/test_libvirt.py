@@ -236,9 +236,31 @@ def test_libvirtd_restart_keeps_disks_and_gate(domain: Env) -> None:
     lv.restart()
     assert lv.state(ks.vm) == "running"
     assert sorted(domain.left_behind()) == before
-    rec = next(r for r in reversed(ks.audit(5)) if r["action"] == "libvirt.reconnect")
+    # libvirtd reconnects to its domains in a thread of their own: the hook may run after
+    # the daemon already answers virsh
+    deadline = time.monotonic() + 30
+    while not (recs := [r for r in ks.audit(5) if r["action"] == "libvirt.reconnect"]):
+        assert time.monotonic() < deadline, "the hook never reported the reconnect"
+        time.sleep(0.1)
+    rec = recs[-1]
     detail = rec["detail"]
     assert isinstance(detail, dict)
     assert (detail["up"], detail["missing"]) == (["web1-0", "usbgate"], [])
     lv.virsh("destroy", ks.vm)
     assert domain.left_behind() == []
+
+
+def test_disk_snapshot_overlay_still_stops_the_server(domain: Env) -> None:
+    """An external snapshot puts a (plaintext) qcow2 overlay above the NBD disk; the release
+    must still find the disk below it (<backingStore>) and stop its server."""
+    ks, lv = domain.ks, domain.lv
+    domain.define("shell")
+    domain.unlock()
+    lv.virsh("start", ks.vm)
+    overlay = ks.base / "overlay.qcow2"
+    lv.virsh("snapshot-create-as", ks.vm, "s1", "--disk-only", "--no-metadata",
+             "--diskspec", f"vda,file={overlay}")  # fmt: skip
+    assert overlay.exists()
+    lv.virsh("destroy", ks.vm)
+    assert domain.left_behind() == []
+    overlay.unlink()

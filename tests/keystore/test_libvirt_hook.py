@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
@@ -114,7 +115,10 @@ def test_prepare_release_reconnect(ks: Keystore, capsys: pytest.CaptureFixture[s
     ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
     xml = domain(ks, usb=1)
     code, err = hook(ks, "prepare", "begin", xml, capsys)
-    assert (code, err) == (0, "vmshield: VM web1: served web1-0, usbgate with 1 slot(s)\n")
+    assert code == 0
+    assert re.fullmatch(
+        r"vmshield: VM web1: served web1-0, usbgate with 1 slot\(s\) in \d+\.\d\d s\n", err
+    )
     sock = ks.run_dir / "web1-0.sock"
     assert serve.probe(sock)
     assert (ks.run_dir / "web1-usb.sock").is_socket()  # usbgate listens for owners
@@ -227,3 +231,27 @@ def test_disk_below_a_snapshot_overlay_is_found() -> None:
     dom = parse_domain(xml)
     assert dom.uuid == "abc"
     assert [d.socket for d in dom.disks] == [Path("/run/vmshield/web1-0.sock")]
+
+
+def test_usbgate_failure_stops_the_disks(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    xml = domain(ks, usb=1)
+    text = ks.config.read_text().replace(
+        "usb_listen = unix:{run_dir}/{vm}-usb.sock", "usb_listen = unix:/nonexistent/{vm}.sock"
+    )
+    ks.config.write_text(text)
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert code == 1 and err.startswith("vmshield: usbgate of VM web1 exited: ")
+    assert err.count("\n") == 1
+    assert processes(str(ks.base)) == []
+    assert [d["server"] for d in json.loads(ks.cli("disk", "list", "--json").stdout)] == [None]
+
+
+def test_unlock_cancel_and_bad_duration(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:
+    ks.cli("vm", "unlock", ks.vm, "--for", "10m", "--password-file", str(ks.pwfile))
+    assert "unlock withdrawn" in ks.cli("vm", "unlock", ks.vm, "--cancel").stdout
+    code, err = hook(ks, "prepare", "begin", domain(ks), capsys)
+    assert code == 1 and "unlock VM web1 first" in err
+    assert "no pending unlock" in ks.cli("vm", "unlock", ks.vm, "--cancel").stdout
+    bad = ks.cli("vm", "unlock", ks.vm, "--for", "25h", "--password-file", str(ks.pwfile), code=2)
+    assert "must be between 1 s and 24 h" in bad.stderr

@@ -45,10 +45,11 @@ def seed() -> int:
     return int(os.environ.get("VMSHIELD_FUZZ_SEED", "20261201"))
 
 
-def cases(default: int, salt: int) -> Iterator[tuple[int, random.Random]]:
-    """(case number, its own Random) for each case; one Random per case keeps replays exact."""
+def cases(default: int, salt: int, *, fixed: bool = False) -> Iterator[tuple[int, random.Random]]:
+    """(case number, its own Random) for each case; one Random per case keeps replays exact.
+    ``fixed``: always ``default`` cases (a property check, not a fuzz target of the long run)."""
     base = seed() * 1_000_003 + salt
-    for n in range(case_count(default)):
+    for n in range(default if fixed else case_count(default)):
         yield n, random.Random(base * 10_000_019 + n)
 
 

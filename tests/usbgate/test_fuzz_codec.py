@@ -108,7 +108,7 @@ def test_fuzz_codec_every_packet_type() -> None:
 
 def test_every_packet_type_round_trips_whole_and_byte_by_byte() -> None:
     """h11 test_io style on generated streams: same events whole, byte by byte, in chunks."""
-    for n, rng in cases(500, salt=2):
+    for n, rng in cases(500, salt=2, fixed=True):
         stream_seed = rng.getrandbits(64)
         _, sent, wire = peer_stream(random.Random(stream_seed))
         results = []

@@ -78,6 +78,21 @@ def test_qemu_filter_from_the_keystore(tmp_path: Path) -> None:
     assert "filter=-1:0x046d:-1:-1:1|-1:-1:-1:-1:0" in result.output
     missing = CliRunner().invoke(main, ["qemu-filter", "nosuchvm", "--db", str(db)])
     assert missing.exit_code != 0 and "nosuchvm" in missing.output
+    # `vmshield usb qemu-filter` is the same translation, in its own (unchanged) shapes
+    from keystore.cli import main as vmshield
+
+    ours = json.loads(CliRunner().invoke(main, ["qemu-filter", "web1", "--db", str(db),
+                                                "--json"]).output)  # fmt: skip
+    theirs = CliRunner().invoke(vmshield, ["usb", "qemu-filter", "web1", "--db", str(db),
+                                           "--json"])  # fmt: skip
+    assert theirs.exit_code == 0, theirs.output
+    other = json.loads(theirs.output)
+    assert sorted(other) == ["filter", "libvirt_xml", "notes", "qemu_device", "vm"]
+    assert other["filter"] == ours["qemu_filter"]
+    assert other["libvirt_xml"] == ours["libvirt_redirfilter"]
+    assert other["qemu_device"] == f"-device usb-redir,chardev=usbredir0,filter={other['filter']}"
+    text = CliRunner().invoke(vmshield, ["usb", "qemu-filter", "web1", "--db", str(db)]).output
+    assert text.startswith("QEMU:\n  '-device usb-redir,chardev=usbredir0,filter=-1:0x046d:")
 
 
 def test_run_rejects_bad_addresses_and_sources(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def test_one_peer_cannot_take_every_slot_and_its_refusals_are_aggregated(
     asyncio.run(scenario())
     denied = [d for a, _, d in audit.rows if a == "usb.denied"]
     assert len(denied) == 2, denied  # 21 refusals: the first at once, then one row for 20
-    assert denied[0]["reason"] == "more than 1 connections at once from 127.0.0.1"
+    assert denied[0]["reason"] == "more than 1 connection(s) at once from 127.0.0.1"
     assert denied[1]["count"] == 20
     assert denied[1]["summary"].startswith("20 connections from 127.0.0.1 refused in ")
 

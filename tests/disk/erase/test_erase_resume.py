@@ -79,6 +79,9 @@ def test_sigkill_mid_pass_then_resume_ends_identical(tmp_path: Path) -> None:
     cert = erase(str(b), "dod3", EraseOptions(discard=False, unlink=False))
     assert cert.data["resumed"] == 1
     assert cert.data["passes"][2]["resumed_at"] == killed_at["done"]
+    # the resumed pass's rate counts only the bytes this run wrote
+    resumed = cert.data["passes"][2]
+    assert resumed["written_bytes"] == resumed["bytes"] - killed_at["done"]
     assert cert.data["verification"]["result"] == "passed"
     assert a.read_bytes() == b.read_bytes()
     # the same holes (st_blocks also counts extent-tree blocks, which depend on fragmentation)
