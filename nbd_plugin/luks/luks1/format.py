@@ -175,10 +175,10 @@ class Luks1Header:
         if not 16 <= self.key_bytes <= 128 or self.key_bytes % 8:
             raise ImageError(f"LUKS1 header: key-bytes {self.key_bytes} is invalid: header corrupt")
         try:
-            check_iterations(self.mk_digest_iter)
+            check_iterations(self.mk_digest_iter, self.hash_spec)
             for slot in self.keyslots:
                 if slot.active:
-                    check_iterations(slot.iterations)
+                    check_iterations(slot.iterations, self.hash_spec)
         except ValueError as exc:
             raise ImageError(f"LUKS1 header: {exc}: header corrupt") from None
         if self.payload_offset == 0:

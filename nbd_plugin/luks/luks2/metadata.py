@@ -104,7 +104,7 @@ class Kdf:
         try:
             if self.type == "pbkdf2":
                 check_hash(self.hash)
-                check_iterations(self.iterations)
+                check_iterations(self.iterations, self.hash)
             else:
                 argon.check_costs(self.type, self.time, self.memory, self.cpus)
         except ValueError as exc:
@@ -325,7 +325,7 @@ class Digest:
                 f"gives {size}: header corrupt"
             )
         try:
-            check_iterations(self.iterations)
+            check_iterations(self.iterations, self.hash)
         except ValueError as exc:
             raise ImageError(f"LUKS2 digest {self.id}: {exc}: header corrupt") from None
 
