@@ -22,8 +22,8 @@ from usbgate.policy import Action, Decision, Device
 from usbgate.relay import Relay
 from usbgate.simulator import BULK_IN, BULK_OUT, FakeDevice
 from usbgate.sources import MemoryAuditSink
-from usbgate.usbredir.codec import Connection, Sentinel
-from usbgate.usbredir.packets import BulkPacket, ControlPacket, Hello, Packet
+from usbgate.usbredir.codec import Connection
+from usbgate.usbredir.packets import BulkPacket, ControlPacket, Hello
 from usbgate.usbredir.wire import ALL_CAPABILITIES, Role, Status
 
 DATA = 240 * 512  # usb-storage's largest READ(10) on a high-speed device
@@ -33,15 +33,6 @@ def _allow(_device: Device) -> Decision:
     return Decision(Action.ALLOW, "bench")
 
 
-def _events(conn: Connection, data: bytes) -> list[Packet]:
-    if data:
-        conn.receive_data(data)
-    out: list[Packet] = []
-    while not isinstance(event := conn.next_event(), Sentinel):
-        out.append(event)
-    return out
-
-
 def attached_relay() -> tuple[Relay, Connection, Connection]:
     """A relay whose stick has been probed and allowed, with its two peers' connections."""
     relay = Relay(vm="bench", slot=0, peer="bench", decide=_allow, audit=MemoryAuditSink())
@@ -49,13 +40,13 @@ def attached_relay() -> tuple[Relay, Connection, Connection]:
     hello = Hello("bench", (int(ALL_CAPABILITIES),))
     relay.receive_owner(owner.send(hello))
     relay.receive_qemu(qemu.send(hello))
-    _events(owner, relay.take_owner_bytes())
-    _events(qemu, relay.take_qemu_bytes())
+    owner.receive_packets(relay.take_owner_bytes())
+    qemu.receive_packets(relay.take_qemu_bytes())
     device = FakeDevice()
-    pending = _events(owner, b"")
+    pending = owner.receive_packets(b"")
     relay.receive_owner(b"".join(owner.send(p) for p in (device.interface_info(),
                                  device.ep_info(), device.device_connect())))  # fmt: skip
-    pending += _events(owner, relay.take_owner_bytes())
+    pending += owner.receive_packets(relay.take_owner_bytes())
     while pending:
         request = pending.pop(0)
         if isinstance(request, ControlPacket):
@@ -63,8 +54,8 @@ def attached_relay() -> tuple[Relay, Connection, Connection]:
             relay.receive_owner(owner.send(ControlPacket(
                 request.endpoint, request.request, request.requesttype, Status.SUCCESS,
                 request.value, request.index, len(data), data, id=request.id)))  # fmt: skip
-            pending += _events(owner, relay.take_owner_bytes())
-    _events(qemu, relay.take_qemu_bytes())
+            pending += owner.receive_packets(relay.take_owner_bytes())
+    qemu.receive_packets(relay.take_qemu_bytes())
     return relay, owner, qemu
 
 

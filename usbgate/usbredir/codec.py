@@ -156,6 +156,16 @@ class Connection:
         if len(self._buffer) > self.max_body + 16 + _READ_SLACK:
             self._fail("peer sent more than one maximal packet without a break")
 
+    def receive_packets(self, data: bytes) -> list[Packet]:
+        """Feed ``data`` (unless empty) and return every complete packet buffered (a peer's
+        side in tests and benchmarks: whatever is incomplete stays buffered)."""
+        if data:
+            self.receive_data(data)
+        out: list[Packet] = []
+        while not isinstance(event := self.next_event(), Sentinel):
+            out.append(event)
+        return out
+
     def next_event(self) -> Event:
         """The next complete packet, NEED_DATA, or CLOSED; ProtocolError if the stream is bad."""
         event = self.next_frame(frames=False)
