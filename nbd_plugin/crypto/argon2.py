@@ -25,8 +25,20 @@ MAX_PARALLEL = 4
 MAX_TIME = 1 << 24
 
 
+SLOW_WORK = 64 * DEFAULT_MEMORY_KIB
+"""time x memory (KiB passes) up to this runs without a second thought: 64 passes of 1 GiB."""
+MAX_SECONDS = 120.0
+"""More work is first timed here: more than this many seconds is refused."""
+_PER_KIB_PASS: dict[str, float] = {}
+
+
 def check_costs(kind: str, time_cost: int, memory_kib: int, parallel: int) -> None:
-    """UnsupportedError for an unknown Argon2 variant, ValueError for out-of-range costs."""
+    """UnsupportedError for an unknown Argon2 variant, ValueError for out-of-range costs.
+
+    Costs within the limits but above SLOW_WORK are timed first (one small derivation, once
+    per variant): more than MAX_SECONDS of work is refused, since the C code cannot be
+    interrupted once it runs.
+    """
     if kind not in TYPES:
         raise UnsupportedError(f"PBKDF {kind!r} is not supported (argon2i, argon2id, pbkdf2)")
     if not 1 <= time_cost <= MAX_TIME:
@@ -36,6 +48,18 @@ def check_costs(kind: str, time_cost: int, memory_kib: int, parallel: int) -> No
     if not max(MIN_MEMORY_KIB, 8 * parallel) <= memory_kib <= MAX_MEMORY_KIB:
         raise ValueError(
             f"argon2 memory {memory_kib} KiB is out of range ({MIN_MEMORY_KIB}-{MAX_MEMORY_KIB})"
+        )
+    work = time_cost * memory_kib
+    if work <= SLOW_WORK:
+        return
+    if kind not in _PER_KIB_PASS:
+        probe = 16 * 1024
+        _PER_KIB_PASS[kind] = _seconds(kind, 1, probe, 1) / probe
+    seconds = work * _PER_KIB_PASS[kind] / max(1, min(parallel, os.cpu_count() or 1))
+    if seconds > MAX_SECONDS:
+        raise ValueError(
+            f"argon2 with time {time_cost} and {memory_kib} KiB would take ~{seconds / 60:.0f} "
+            f"minutes here (more than {MAX_SECONDS / 60:.0f})"
         )
 
 

@@ -12,8 +12,9 @@ from nbd_plugin.errors import UnsupportedError
 
 PBKDF2_HASHES = ("sha1", "sha256", "sha512", "sha384", "sha224", "ripemd160")
 MIN_ITERATIONS = 1000
-MAX_ITERATIONS = (1 << 32) - 1
-"""cryptsetup's limit (a uint32); a header asking for more is refused, never run."""
+MAX_ITERATIONS = (1 << 31) - 1
+"""OpenSSL's PKCS5_PBKDF2_HMAC takes an int (cryptography panics above it, cryptsetup's
+uint32 cannot reach OpenSSL either): a header asking for more is refused, never run."""
 
 
 def check_hash(hash_name: str) -> str:
@@ -40,11 +41,37 @@ _FAST_HASHES: dict[str, hashes.HashAlgorithm] = {
 }
 
 
-def check_iterations(iterations: int) -> None:
-    """ValueError unless 1 <= ``iterations`` <= MAX_ITERATIONS (checked before any work)."""
+SLOW_ITERATIONS = 10_000_000
+"""Counts up to this are run without a second thought (iter-time calibrations stay below)."""
+MAX_SECONDS = 120.0
+"""A larger count is first timed here: more than this many seconds of work is refused."""
+_RATES: dict[str, float] = {}
+
+
+def check_iterations(iterations: int, hash_name: str | None = None) -> None:
+    """ValueError unless 1 <= ``iterations`` <= MAX_ITERATIONS, checked before any work.
+
+    With ``hash_name``, also ValueError when the count would take more than MAX_SECONDS on
+    this machine (measured once per hash, only for counts above SLOW_ITERATIONS): OpenSSL
+    cannot be interrupted once it runs, so a crafted header must not get that far.
+    """
     if not 1 <= iterations <= MAX_ITERATIONS:
         raise ValueError(
             f"PBKDF2 iteration count {iterations} is out of range (1-{MAX_ITERATIONS})"
+        )
+    if hash_name is None or iterations <= SLOW_ITERATIONS:
+        return
+    name = check_hash(hash_name)
+    if name not in _RATES:
+        probe = 200_000
+        start = time.perf_counter()
+        pbkdf2(name, b"calibration", bytes(32), probe, 32)
+        _RATES[name] = probe / max(time.perf_counter() - start, 1e-6)
+    seconds = iterations / _RATES[name]
+    if seconds > MAX_SECONDS:
+        raise ValueError(
+            f"PBKDF2 with {iterations} iterations would take ~{seconds / 60:.0f} minutes here "
+            f"(more than {MAX_SECONDS / 60:.0f})"
         )
 
 

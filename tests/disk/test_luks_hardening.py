@@ -216,7 +216,7 @@ def test_iv_wrap_in_requests_split_into_pieces() -> None:
 @pytest.mark.parametrize(
     "kdf",
     [
-        {"type": "pbkdf2", "hash": "sha256", "iterations": 1 << 32},
+        {"type": "pbkdf2", "hash": "sha256", "iterations": 1 << 31},
         {"type": "argon2id", "time": 4, "memory": 8 << 20, "cpus": 1},  # 8 GiB
         {"type": "argon2id", "time": 1 << 31, "memory": 32, "cpus": 1},
         {"type": "argon2i", "time": 4, "memory": 1024, "cpus": 1 << 20},
@@ -251,6 +251,8 @@ def _patch_luks1(image: Path, offset: int, value: int) -> None:
         (208 + 48 + 40, 8),  # keyslot 1's area on top of keyslot 0's
         (208 + 40, 1),  # keyslot 0's area inside the phdr
         (108, 1 << 31),  # key-bytes
+        (208 + 4, 1 << 31),  # keyslot 0's iterations: past OpenSSL's int (cryptography panicked)
+        (164, (1 << 32) - 1),  # mk-digest-iter
     ],
 )
 def test_luks1_lengths_beyond_cryptsetup_limits_are_refused(
@@ -268,3 +270,34 @@ def test_luks1_digest_is_compared_over_its_full_20_bytes(luks1_image: Path) -> N
         f.write(bytes([last[0] ^ 1]))
     with pytest.raises(InvalidPassphrase):
         luks.open_volume(str(luks1_image), PW, readonly=True)
+
+
+@pytest.mark.parametrize(
+    "kdf",
+    [
+        # within cryptsetup's limits, but hours of uninterruptible work on any machine
+        {"type": "pbkdf2", "hash": "sha256", "iterations": (1 << 31) - 1},
+        {"type": "argon2id", "time": 1 << 24, "memory": 1024, "cpus": 1},
+    ],
+)
+def test_kdf_work_beyond_minutes_is_refused_before_it_starts(
+    luks2_image: Path, kdf: dict[str, Any]
+) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        kdf["salt"] = doc["keyslots"]["0"]["kdf"]["salt"]
+        doc["keyslots"]["0"]["kdf"] = kdf
+
+    rewrite_json(luks2_image, edit)
+    luks.info(str(luks2_image))  # describing it costs nothing
+    start = time.monotonic()
+    with pytest.raises(ImageError, match="would take"):
+        luks.open_volume(str(luks2_image), WRONG, readonly=True)
+    assert time.monotonic() - start < 20
+
+
+def test_luks1_work_beyond_minutes_is_refused_before_it_starts(luks1_image: Path) -> None:
+    _patch_luks1(luks1_image, 208 + 4, (1 << 31) - 1)  # keyslot 0's iterations
+    start = time.monotonic()
+    with pytest.raises(ImageError, match="would take"):
+        luks.open_volume(str(luks1_image), WRONG, readonly=True)
+    assert time.monotonic() - start < 20

@@ -248,3 +248,19 @@ def test_libvirtd_restart_keeps_disks_and_gate(domain: Env) -> None:
     assert (detail["up"], detail["missing"]) == (["web1-0", "usbgate"], [])
     lv.virsh("destroy", ks.vm)
     assert domain.left_behind() == []
+
+
+def test_disk_snapshot_overlay_still_stops_the_server(domain: Env) -> None:
+    """An external snapshot puts a (plaintext) qcow2 overlay above the NBD disk; the release
+    must still find the disk below it (<backingStore>) and stop its server."""
+    ks, lv = domain.ks, domain.lv
+    domain.define("shell")
+    domain.unlock()
+    lv.virsh("start", ks.vm)
+    overlay = ks.base / "overlay.qcow2"
+    lv.virsh("snapshot-create-as", ks.vm, "s1", "--disk-only", "--no-metadata",
+             "--diskspec", f"vda,file={overlay}")  # fmt: skip
+    assert overlay.exists()
+    lv.virsh("destroy", ks.vm)
+    assert domain.left_behind() == []
+    overlay.unlink()

@@ -31,7 +31,13 @@ import uuid as uuid_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nbd_plugin.crypto.pbkdf2 import MIN_ITERATIONS, check_hash, iterations_for, pbkdf2
+from nbd_plugin.crypto.pbkdf2 import (
+    MIN_ITERATIONS,
+    check_hash,
+    check_iterations,
+    iterations_for,
+    pbkdf2,
+)
 from nbd_plugin.crypto.registry import check_supported, make_cipher
 from nbd_plugin.errors import ImageError, InvalidPassphrase, UnsupportedError
 from nbd_plugin.luks import af
@@ -168,8 +174,13 @@ class Luks1Header:
         """Reject headers whose numbers cannot be right (before any PBKDF2 work)."""
         if not 16 <= self.key_bytes <= 128 or self.key_bytes % 8:
             raise ImageError(f"LUKS1 header: key-bytes {self.key_bytes} is invalid: header corrupt")
-        if self.mk_digest_iter < 1:
-            raise ImageError("LUKS1 header: mk-digest-iter is 0: header corrupt")
+        try:
+            check_iterations(self.mk_digest_iter, self.hash_spec)
+            for slot in self.keyslots:
+                if slot.active:
+                    check_iterations(slot.iterations, self.hash_spec)
+        except ValueError as exc:
+            raise ImageError(f"LUKS1 header: {exc}: header corrupt") from None
         if self.payload_offset == 0:
             raise UnsupportedError(
                 "LUKS1 with a detached header (payload offset 0) is not supported"

@@ -12,7 +12,7 @@ import base64
 import json
 from typing import Any
 
-from nbd_plugin.errors import ImageError
+from nbd_plugin.errors import ImageError, UnsupportedError
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -87,6 +87,13 @@ def text(parent: dict[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ImageError(f"LUKS2 JSON: {where}.{key} is missing or not a string")
     return value
+
+
+def require_type(parent: dict[str, Any], where: str, wanted: str) -> None:
+    """UnsupportedError unless the object's ``type`` is ``wanted`` (the only one implemented)."""
+    kind = text(parent, "type", where)
+    if kind != wanted:
+        raise UnsupportedError(f"LUKS2 {where}: type {kind!r} is not supported (only {wanted!r})")
 
 
 def b64(parent: dict[str, Any], key: str, where: str) -> bytes:

@@ -104,7 +104,7 @@ class Kdf:
         try:
             if self.type == "pbkdf2":
                 check_hash(self.hash)
-                check_iterations(self.iterations)
+                check_iterations(self.iterations, self.hash)
             else:
                 argon.check_costs(self.type, self.time, self.memory, self.cpus)
         except ValueError as exc:
@@ -232,9 +232,7 @@ class Segment:
     @classmethod
     def from_json(cls, seg_id: int, obj: dict[str, Any]) -> Segment:
         where = f"segments.{seg_id}"
-        kind = jf.text(obj, "type", where)
-        if kind != "crypt":
-            raise UnsupportedError(f"LUKS2 segment type {kind!r} is not supported")
+        jf.require_type(obj, where, "crypt")
         if "integrity" in obj:
             raise UnsupportedError("LUKS2 with authenticated encryption (integrity) unsupported")
         size = None if obj.get("size") == "dynamic" else jf.u64(obj, "size", where)
@@ -273,9 +271,7 @@ class Digest:
     @classmethod
     def from_json(cls, dg_id: int, obj: dict[str, Any]) -> Digest:
         where = f"digests.{dg_id}"
-        kind = jf.text(obj, "type", where)
-        if kind != "pbkdf2":
-            raise UnsupportedError(f"LUKS2 digest type {kind!r} is not supported")
+        jf.require_type(obj, where, "pbkdf2")
         salt, value = jf.b64(obj, "salt", where), jf.b64(obj, "digest", where)
         if len(salt) != SALT_SIZE or not MIN_DIGEST_SIZE <= len(value) <= MAX_DIGEST_SIZE:
             raise ImageError(
@@ -329,7 +325,7 @@ class Digest:
                 f"gives {size}: header corrupt"
             )
         try:
-            check_iterations(self.iterations)
+            check_iterations(self.iterations, self.hash)
         except ValueError as exc:
             raise ImageError(f"LUKS2 digest {self.id}: {exc}: header corrupt") from None
 
