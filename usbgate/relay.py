@@ -1,7 +1,10 @@
 """One gateway session without I/O: bytes from the owner and from QEMU in, bytes for each out.
 
 usbgate plays the usb-guest towards the owner and the usb-host towards QEMU, with one sans-IO
-``Connection`` per side; every packet is decoded and re-encoded, never copied blindly.
+``Connection`` per side; every packet is decoded and re-encoded, never copied blindly, except
+bulk packets: both sides' capabilities are the same (the hellos relay unchanged), so a bulk
+packet is checked as decoding would check it and, once its device is attached, its bytes are
+forwarded as they came (``Frame``); bulk data is what a stick's copy is made of.
 
     owner --hello--> usbgate --hello--> QEMU     (hellos relay unchanged, both ways)
     owner --interface_info, ep_info, device_connect--> usbgate     (held)
@@ -42,7 +45,7 @@ from usbgate.probe import (
 from usbgate.replies import reply_problem
 from usbgate.sources import AuditSink
 from usbgate.state import Event, SessionState, State
-from usbgate.usbredir.codec import Connection, Sentinel
+from usbgate.usbredir.codec import Connection, Frame, Sentinel
 from usbgate.usbredir.descriptors import (
     REQUEST_GET_DESCRIPTOR,
     REQUESTTYPE_IN_STANDARD_DEVICE,
@@ -105,8 +108,10 @@ class Relay:
         self._probe_count = 0
         self._qemu_requests: dict[int, ControlPacket] = {}
         self._qemu_refused = False
-        self._to_owner = bytearray()
-        self._to_qemu = bytearray()
+        self._frames = False
+        """Bulk packets are forwarded as their checked bytes (``Frame``s), not re-encoded."""
+        self._to_owner: list[bytes] = []
+        self._to_qemu: list[bytes] = []
 
     @property
     def state(self) -> State:
@@ -128,12 +133,12 @@ class Relay:
         self.close(hung_up=True)
 
     def take_owner_bytes(self) -> bytes:
-        out, self._to_owner = bytes(self._to_owner), bytearray()
-        return out
+        out, self._to_owner = self._to_owner, []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def take_qemu_bytes(self) -> bytes:
-        out, self._to_qemu = bytes(self._to_qemu), bytearray()
-        return out
+        out, self._to_qemu = self._to_qemu, []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     @property
     def closed(self) -> bool:
@@ -154,18 +159,22 @@ class Relay:
         conn = self.owner_conn if side == "owner" else self.qemu_conn
         handle = self._from_owner if side == "owner" else self._from_qemu
         while not self.closed:
-            event = conn.next_event()
+            event = conn.next_frame(frames=self._frames)
             if event is Sentinel.NEED_DATA:
                 return
             if event is Sentinel.CLOSED:
                 self.close(hung_up=True)
                 return
             assert not isinstance(event, Sentinel)
+            if type(event) is Frame and self.machine.state is State.ATTACHED:
+                # The hot path of a copy: checked bulk bytes, forwarded as they came.
+                (self._to_qemu if side == "owner" else self._to_owner).append(event.raw)
+                continue
             handle(event)
 
     # -- owner -> QEMU -----------------------------------------------------------------------
 
-    def _from_owner(self, packet: Packet) -> None:
+    def _from_owner(self, packet: Packet | Frame) -> None:
         if isinstance(packet, Hello):
             self._send_qemu(packet)
             self._hellos_relayed("qemu")
@@ -190,7 +199,7 @@ class Relay:
             case _:
                 raise ProtocolError(f"{packet.TYPE.name} before the hellos")
 
-    def _hold(self, packet: Packet) -> None:
+    def _hold(self, packet: Packet | Frame) -> None:
         if isinstance(packet, InterfaceInfo):
             self.interface_info = packet
         elif isinstance(packet, EpInfo):
@@ -204,7 +213,7 @@ class Relay:
         else:
             raise ProtocolError(f"{packet.TYPE.name} before any device was announced")
 
-    def _relay_attached(self, packet: Packet) -> None:
+    def _relay_attached(self, packet: Packet | Frame) -> None:
         result = self.probe_result
         assert result is not None
         if isinstance(packet, InterfaceInfo) and not interfaces_within(packet, result):
@@ -247,7 +256,7 @@ class Relay:
 
     # -- QEMU -> owner -----------------------------------------------------------------------
 
-    def _from_qemu(self, packet: Packet) -> None:
+    def _from_qemu(self, packet: Packet | Frame) -> None:
         if isinstance(packet, Hello):
             self._send_owner(packet)
             self._hellos_relayed("owner")
@@ -277,6 +286,9 @@ class Relay:
         if self.qemu_conn.caps is None:
             return
         self.machine.handle(Event.HELLOS)
+        # Same capabilities on both sides (always, as the hellos relay unchanged): a bulk
+        # packet's bytes are valid on the other side as they are.
+        self._frames = self.owner_conn.caps == self.qemu_conn.caps
         try:
             self._drain(other)
         except ProtocolError as exc:
@@ -415,13 +427,13 @@ class Relay:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _send_owner(self, packet: Packet) -> None:
+    def _send_owner(self, packet: Packet | Frame) -> None:
         if not self.closed:
-            self._to_owner += self.owner_conn.send(packet)
+            self._to_owner.append(_wire(self.owner_conn, packet))
 
-    def _send_qemu(self, packet: Packet) -> None:
+    def _send_qemu(self, packet: Packet | Frame) -> None:
         if not self.closed:
-            self._to_qemu += self.qemu_conn.send(packet)
+            self._to_qemu.append(_wire(self.qemu_conn, packet))
 
     def _audit(self, event: str, **detail: Any) -> None:
         row: dict[str, Any] = {"slot": self.slot, "peer": self.peer, **detail}
@@ -436,3 +448,8 @@ class Relay:
 def _announced(connect: DeviceConnect) -> Device:
     return Device(connect.vendor_id, connect.product_id, connect.device_class,
                   bcd_device=connect.device_version_bcd)  # fmt: skip
+
+
+def _wire(conn: Connection, packet: Packet | Frame) -> bytes:
+    """``packet``'s bytes for ``conn``'s peer (a Frame's own: both sides' capabilities match)."""
+    return packet.raw if isinstance(packet, Frame) else conn.send(packet)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -55,6 +56,8 @@ TEXTS = (b"aes", b"twofish", b"xts-plain64", b"cbc-essiv:sha256", b"cbc-plain", 
 @pytest.fixture(autouse=True)
 def _cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     """Costs above these ceilings are refused (a header can ask for days of KDF work)."""
+    # every fuzzed copy the reader falls back from is logged: a long run would hoard them
+    monkeypatch.setattr(logging.getLogger("vmshield.luks2"), "disabled", True)
     monkeypatch.setattr(pbkdf2, "MAX_ITERATIONS", 20_000)
     monkeypatch.setattr(argon2, "MAX_TIME", 4)
     monkeypatch.setattr(argon2, "MAX_MEMORY_KIB", 1024)
@@ -101,6 +104,10 @@ def _count(what: str) -> None:
 def check(path: str, n: int, *, open_wrong: bool = True, right: bool = False) -> None:
     """info and open_volume: only the product's errors, and no wrong passphrase opens."""
     _count("cases")
+    if n and n % 100_000 == 0:  # progress of a long run (shown with -s)
+        print(
+            f"\n{n} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(STATS.items())), flush=True
+        )
     try:
         luks.info(path)
         _count("info described it")

@@ -107,10 +107,13 @@ def _data_for(rng: random.Random, endpoint: int, sender: Role) -> bytes:
     return rng.randbytes(rng.choice((0, 1, 8, 18, 64, 300))) if carries else b""
 
 
-def random_packet(rng: random.Random, sender: Role, caps: Capability) -> Packet:
-    """A valid packet that ``sender`` may send under ``caps`` (of any type it may send)."""
+def random_packet(rng: random.Random, sender: Role, caps: Capability, *,
+                  often: type | None = None) -> Packet:  # fmt: skip
+    """A valid packet that ``sender`` may send under ``caps`` (of any type it may send; every
+    other one an ``often`` if given)."""
     while True:
-        cls = rng.choice(list(PACKET_CLASSES.values()))
+        cls = often if often is not None and rng.random() < 0.5 else None
+        cls = cls or rng.choice(list(PACKET_CLASSES.values()))
         if sender in cls.SENDERS and cls is not Hello:
             break
     ep = rng.choice((0x00, 0x80, 0x81, 0x02, 0x83, 0x04)) if rng.random() < 0.8 else _u(rng, 8)

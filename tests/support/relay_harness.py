@@ -16,7 +16,7 @@ from usbgate.policy import Decision, Device, Rule, decide
 from usbgate.relay import Relay
 from usbgate.simulator import FakeDevice
 from usbgate.sources import MemoryAuditSink
-from usbgate.usbredir.codec import Connection, Sentinel
+from usbgate.usbredir.codec import Connection
 from usbgate.usbredir.packets import ControlPacket, Hello, Packet
 from usbgate.usbredir.wire import ALL_CAPABILITIES, Role, Status
 
@@ -80,8 +80,8 @@ class Harness:
 
     def pump(self) -> list[Packet]:
         """Move what the relay wrote to each peer; returns the new packets for the owner."""
-        new_owner = _decode(self.owner, self.relay.take_owner_bytes())
-        self.to_qemu += _decode(self.qemu, self.relay.take_qemu_bytes())
+        new_owner = self.owner.receive_packets(self.relay.take_owner_bytes())
+        self.to_qemu += self.qemu.receive_packets(self.relay.take_qemu_bytes())
         self.to_owner += new_owner
         return new_owner
 
@@ -102,12 +102,3 @@ class Harness:
 
     def forwarded(self, kind: type[Any]) -> list[Any]:
         return [p for p in self.to_qemu if isinstance(p, kind)]
-
-
-def _decode(conn: Connection, data: bytes) -> list[Packet]:
-    if data:
-        conn.receive_data(data)
-    out: list[Packet] = []
-    while not isinstance(event := conn.next_event(), Sentinel):
-        out.append(event)
-    return out

@@ -14,18 +14,20 @@ import random
 
 from tests.support.fuzzing import cases, chunks, mutate, random_packet, where
 from usbgate.errors import ProtocolError
-from usbgate.usbredir.codec import Connection, Event, Sentinel, encode
-from usbgate.usbredir.packets import Hello, Packet
+from usbgate.usbredir.codec import Connection, Event, Frame, Sentinel, encode
+from usbgate.usbredir.packets import BulkPacket, Hello, Packet
 from usbgate.usbredir.wire import Capability, Role
 
 CASES = 20_000
+FRAME_CASES = 5_000
 
 
 def random_caps(rng: random.Random) -> Capability:
     return Capability(rng.choice((0xFF, 0xFF, 0x00, 0xDF, 0x7F, rng.getrandbits(8))))
 
 
-def peer_stream(rng: random.Random) -> tuple[Connection, list[Packet], bytes]:
+def peer_stream(rng: random.Random, often: type | None = None
+                ) -> tuple[Connection, list[Packet], bytes]:  # fmt: skip
     ours = rng.choice((Role.HOST, Role.GUEST))
     conn = Connection(ours, max_body=rng.choice((4 * 1024 * 1024, 1024)))
     our_caps, peer_caps = random_caps(rng), random_caps(rng)
@@ -33,7 +35,7 @@ def peer_stream(rng: random.Random) -> tuple[Connection, list[Packet], bytes]:
     caps, peer = our_caps & peer_caps, ours.other
     ids64 = bool(caps & Capability.IDS_64BIT)
     hello = Hello("peer " + "x" * rng.randint(0, 58), (int(peer_caps),) * rng.randint(1, 3))
-    packets = [random_packet(rng, peer, caps) for _ in range(rng.randint(0, 6))]
+    packets = [random_packet(rng, peer, caps, often=often) for _ in range(rng.randint(0, 6))]
     wire = encode(hello, caps=Capability(0), sender=peer, ids_64bit=False)
     wire += b"".join(encode(p, caps=caps, sender=peer, ids_64bit=ids64) for p in packets)
     return conn, [hello, *packets], wire
@@ -122,3 +124,47 @@ def test_every_packet_type_round_trips_whole_and_byte_by_byte() -> None:
         assert results[0] == results[1] == results[2], where(n)
         assert reencoded(conn, [e for e in results[0] if not isinstance(e, Sentinel)]) == wire
         assert len(sent) == len(results[0]) - 1, where(n)
+
+
+def frames_or_error(conn: Connection, wire: bytes, *, frames: bool) -> list[object]:
+    """Every event of ``wire`` fed whole (bulk packets as Frames if ``frames``), ending with
+    the ProtocolError's message if the stream was refused."""
+    out: list[object] = []
+    try:
+        conn.receive_data(wire)
+        conn.receive_data(b"")
+        while (event := conn.next_frame(frames=frames)) not in (Sentinel.NEED_DATA,
+                                                                  Sentinel.CLOSED):  # fmt: skip
+            out.append(event)
+    except ProtocolError as exc:
+        out.append(str(exc))
+    return out
+
+
+def test_fuzz_frames_are_checked_as_decoded_bulk_packets_are() -> None:
+    """What usbgate forwards without decoding (a Frame) is what decoding would have let through,
+    byte for byte, and a stream decoding refuses is refused at the same packet, same reason."""
+    frames = 0
+    for n, rng in cases(FRAME_CASES, salt=3):
+        stream_seed = rng.getrandbits(64)
+        conn, _, wire = peer_stream(random.Random(stream_seed), BulkPacket)
+        if rng.random() < 0.7:
+            wire = mutate(rng, wire)
+        decoded = frames_or_error(conn, wire, frames=False)
+        conn, _, _ = peer_stream(random.Random(stream_seed), BulkPacket)
+        framed = frames_or_error(conn, wire, frames=True)
+        assert len(decoded) == len(framed), where(n)
+        for packet, frame in zip(decoded, framed, strict=True):
+            if not isinstance(frame, Frame):
+                assert frame == packet, where(n)
+                continue
+            frames += 1
+            assert isinstance(packet, BulkPacket) and frame.id == packet.id, where(n)
+            assert frame.raw == encode(
+                packet,
+                caps=conn.caps or Capability(0),
+                sender=conn.peer_role,
+                ids_64bit=conn.ids_64bit,
+            ), where(n)
+    print(f"\nframe fuzz: {frames} bulk packets forwarded as frames")
+    assert frames

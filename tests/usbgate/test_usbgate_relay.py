@@ -12,6 +12,7 @@ from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, FakeDevice
 from usbgate.state import State
 from usbgate.usbredir.descriptors import DescriptorType
 from usbgate.usbredir.packets import (
+    BulkPacket,
     ControlPacket,
     DeviceConnect,
     DeviceDisconnect,
@@ -177,3 +178,24 @@ def test_string_descriptors_the_policy_judged_must_not_change() -> None:
     other = "OTHERSER".encode("utf-16-le")
     h.owner_send(control_reply(request, Status.SUCCESS, struct.pack("<BB", 18, 3) + other))
     revoked(h, "differs from the probed one")
+
+
+def test_bulk_packets_pass_byte_for_byte_and_a_bad_one_revokes() -> None:
+    """Bulk packets are forwarded as received (not re-encoded), but only once checked."""
+    h = attached()
+    request = h.qemu.send(BulkPacket(0x81, 0, 512, id=21))
+    h.relay.receive_qemu(request)
+    assert h.relay.take_owner_bytes() == request
+    reply = h.owner.send(BulkPacket(0x81, 0, 512, data=bytes(range(256)) * 2, id=21))
+    out = h.owner.send(BulkPacket(0x02, 0, 3, id=22))  # an OUT transfer's status: no data
+    h.relay.receive_owner(reply[:100])
+    assert h.relay.take_qemu_bytes() == b""  # nothing of an incomplete packet
+    h.relay.receive_owner(reply[100:] + out)
+    assert h.relay.take_qemu_bytes() == reply + out
+    # Data on the OUT endpoint from the owner: the wrong direction, never forwarded.
+    bad = bytearray(h.owner.send(BulkPacket(0x82, 0, 4, data=b"evil", id=23)))
+    bad[16] = 0x02  # the endpoint, after the header (16 bytes: both sides have 64-bit ids)
+    h.owner_bytes(bytes(bad))
+    assert h.relay.closed and isinstance(h.to_qemu[-1], DeviceDisconnect)
+    assert not any(isinstance(p, BulkPacket) and p.id == 23 for p in h.to_qemu)
+    assert h.audit.actions()[-1] == "usb.malformed"

@@ -13,16 +13,31 @@ announce the 64bits_ids capability. Until our own hello is sent, packets that fo
 hello stay buffered (``next_event`` says NEED_DATA). The receive buffer is bounded: a peer that
 announces or sends more than ``max_body`` bytes in one packet is a ``ProtocolError``, as is any
 malformed packet. A ``ProtocolError`` is final: the connection is dead.
+
+A relay that only forwards bulk data can ask for ``Frame``s instead (``next_frame``): a bulk
+packet is then checked exactly as decoding it would check it and handed out as its raw bytes,
+header included, ready to be written to a peer whose capabilities are the same; its data is
+never copied into a packet object.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Final
+from dataclasses import dataclass
+from typing import ClassVar, Final
 
 from usbgate.errors import ProtocolError
+from usbgate.usbredir.data import BulkPacket
 from usbgate.usbredir.packets import PACKET_CLASSES, Hello, Packet
-from usbgate.usbredir.wire import DEFAULT_MAX_BODY, Capability, Header, PacketType, Role
+from usbgate.usbredir.wire import (
+    DEFAULT_MAX_BODY,
+    HEADER_32,
+    HEADER_64,
+    Capability,
+    Header,
+    PacketType,
+    Role,
+)
 
 
 class Sentinel(enum.Enum):
@@ -34,9 +49,21 @@ class Sentinel(enum.Enum):
     """The peer closed the stream cleanly, between packets."""
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A bulk packet checked as ``BulkPacket.unpack`` would, kept as its bytes on the wire."""
+
+    TYPE: ClassVar[PacketType] = PacketType.BULK_PACKET
+    id: int
+    raw: bytes
+    """Header and body, exactly as received."""
+
+
 NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
 Event = Packet | Sentinel
+_BULK: Final = int(PacketType.BULK_PACKET)
+_HELLO: Final = int(PacketType.HELLO)
 
 _KNOWN_TYPES = frozenset(int(t) for t in PacketType)
 
@@ -129,44 +156,67 @@ class Connection:
         if len(self._buffer) > self.max_body + 16 + _READ_SLACK:
             self._fail("peer sent more than one maximal packet without a break")
 
+    def receive_packets(self, data: bytes) -> list[Packet]:
+        """Feed ``data`` (unless empty) and return every complete packet buffered (a peer's
+        side in tests and benchmarks: whatever is incomplete stays buffered)."""
+        if data:
+            self.receive_data(data)
+        out: list[Packet] = []
+        while not isinstance(event := self.next_event(), Sentinel):
+            out.append(event)
+        return out
+
     def next_event(self) -> Event:
         """The next complete packet, NEED_DATA, or CLOSED; ProtocolError if the stream is bad."""
+        event = self.next_frame(frames=False)
+        assert not isinstance(event, Frame)
+        return event
+
+    def next_frame(self, *, frames: bool = True) -> Event | Frame:
+        """Like ``next_event``, but a bulk packet comes as a checked ``Frame`` (if ``frames``)."""
         if self._dead:
             raise ProtocolError("connection already failed")
         try:
-            event = self._next_event()
+            event = self._next_event(frames)
         except ProtocolError:
             self._dead = True
             raise
         return event
 
-    def _next_event(self) -> Event:
+    def _next_event(self, frames: bool) -> Event | Frame:
         if self.peer_hello is None:
             ids_64bit = False
         elif self.our_hello is None:
             return self._need_data_or_eof(waiting_for_us=True)
         else:
             ids_64bit = self.ids_64bit
-        header_size = Header.size(ids_64bit)
-        if len(self._buffer) < header_size:
+        wire = HEADER_64 if ids_64bit else HEADER_32
+        buffer = self._buffer
+        if len(buffer) < wire.size:
             return self._need_data_or_eof()
-        header = Header.unpack(bytes(self._buffer[:header_size]), ids_64bit)
-        if header.type not in _KNOWN_TYPES:
-            raise ProtocolError(f"unknown packet type {header.type}")
-        if header.length > self.max_body:
-            raise ProtocolError(f"packet length {header.length} exceeds limit {self.max_body}")
-        if self.peer_hello is None and header.type != PacketType.HELLO:
-            raise ProtocolError(f"first packet is type {header.type}, not hello")
-        if self.peer_hello is not None and header.type == PacketType.HELLO:
+        type_, length, id_ = wire.unpack_from(buffer)
+        if type_ not in _KNOWN_TYPES:
+            raise ProtocolError(f"unknown packet type {type_}")
+        if length > self.max_body:
+            raise ProtocolError(f"packet length {length} exceeds limit {self.max_body}")
+        if self.peer_hello is None and type_ != _HELLO:
+            raise ProtocolError(f"first packet is type {type_}, not hello")
+        if self.peer_hello is not None and type_ == _HELLO:
             raise ProtocolError("second hello")
-        end = header_size + header.length
-        if len(self._buffer) < end:
+        end = wire.size + length
+        if len(buffer) < end:
             return self._need_data_or_eof()
-        with memoryview(self._buffer) as view:  # one copy, not two (bulk data is large)
-            body = bytes(view[header_size:end])
         caps = self.caps if self.caps is not None else Capability(0)
-        packet = decode_body(header, body, caps=caps, sender=self.peer_role)
-        del self._buffer[:end]
+        if type_ == _BULK and frames:
+            BulkPacket.check_frame(buffer, wire.size, end, caps=caps, sender=self.peer_role)
+            with memoryview(buffer) as view:
+                frame = Frame(id_, bytes(view[:end]))
+            del buffer[:end]
+            return frame
+        with memoryview(buffer) as view:  # one copy, not two (bulk data is large)
+            body = bytes(view[wire.size : end])
+        packet = decode_body(Header(type_, length, id_), body, caps=caps, sender=self.peer_role)
+        del buffer[:end]
         if isinstance(packet, Hello):
             self.peer_hello = packet
         return packet

@@ -25,11 +25,11 @@ def _data_expected(endpoint: int, sender: Role) -> bool:
     return is_in if sender is Role.HOST else not is_in
 
 
-def _check_data(name: str, endpoint: int, length: int, data: bytes, sender: Role) -> None:
+def _check_data(name: str, endpoint: int, length: int, data_length: int, sender: Role) -> None:
     if _data_expected(endpoint, sender):
-        if len(data) != length:
-            raise ProtocolError(f"{name}: {len(data)} data bytes but length field says {length}")
-    elif data:
+        if data_length != length:
+            raise ProtocolError(f"{name}: {data_length} data bytes but length field says {length}")
+    elif data_length:
         raise ProtocolError(f"{name}: data in the wrong direction (endpoint {endpoint:#04x})")
 
 
@@ -59,7 +59,7 @@ class ControlPacket:
     id: int = 0
 
     def check(self, sender: Role) -> None:
-        _check_data("CONTROL_PACKET", self.endpoint, self.length, self.data, sender)
+        _check_data("CONTROL_PACKET", self.endpoint, self.length, len(self.data), sender)
 
     def pack(self, caps: Capability) -> bytes:
         head = (self.endpoint, self.request, self.requesttype, self.status)
@@ -94,7 +94,7 @@ class BulkPacket:
     id: int = 0
 
     def check(self, sender: Role) -> None:
-        _check_data("BULK_PACKET", self.endpoint, self.length, self.data, sender)
+        _check_data("BULK_PACKET", self.endpoint, self.length, len(self.data), sender)
 
     def pack(self, caps: Capability) -> bytes:
         low, high = self.length & 0xFFFF, self.length >> 16
@@ -118,6 +118,20 @@ class BulkPacket:
         packet.check(sender)
         return packet
 
+    @classmethod
+    def check_frame(cls, frame: bytes | bytearray, start: int, end: int, *, caps: Capability,
+                    sender: Role) -> None:  # fmt: skip
+        """Make the checks ``unpack`` makes on the body ``frame[start:end]``, without decoding
+        it (usbgate forwards such a bulk packet's bytes unchanged); ProtocolError if bad."""
+        wire = cls.WIRE_32 if caps & Capability.BULK_LENGTH_32BIT else cls.WIRE
+        if end - start < wire.size:
+            raise ProtocolError(
+                f"BULK_PACKET: body is {end - start} bytes, header needs {wire.size}"
+            )
+        fields = wire.unpack_from(frame, start)
+        length = fields[2] | (fields[4] << 16 if len(fields) == 5 else 0)
+        _check_data("BULK_PACKET", fields[0], length, end - start - wire.size, sender)
+
 
 @dataclass(frozen=True)
 class _ShortDataPacket:
@@ -135,7 +149,7 @@ class _ShortDataPacket:
     id: int = 0
 
     def check(self, sender: Role) -> None:
-        _check_data(self.TYPE.name, self.endpoint, self.length, self.data, sender)
+        _check_data(self.TYPE.name, self.endpoint, self.length, len(self.data), sender)
 
     def pack(self, caps: Capability) -> bytes:
         return pack_struct(self.WIRE, self.endpoint, self.status, self.length) + self.data
