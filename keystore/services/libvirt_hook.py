@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from keystore import paths
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
@@ -126,10 +127,13 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
     if usbgate_pid(cfg, vm) is not None:
         raise HookError(f"usbgate of VM {vm} is already running")
     pidfile, logfile = usbgate_files(cfg.run_dir, vm)
-    cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.private_dir(cfg.run_dir)  # as for the disks: no one else may plant files there
+    for stale in (pidfile, logfile):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     argv = [_usbgate_exe(), "run", "--vm", vm, "--listen", cfg.usb_listen_for(vm), "--db",
             str(cfg.db)] + [a for s in slots for a in ("--qemu", f"unix:{s}")]  # fmt: skip
-    log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    log_fd = os.open(logfile, serve.NEW_FILE, 0o600)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
@@ -137,7 +141,9 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
         )  # fmt: skip
     finally:
         os.close(log_fd)
-    pidfile.write_text(f"{proc.pid}\n")
+    pid_fd = os.open(pidfile, serve.NEW_FILE, 0o600)
+    with os.fdopen(pid_fd, "w") as f:
+        f.write(f"{proc.pid}\n")
     deadline = time.monotonic() + cfg.timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -38,7 +38,7 @@ from nbd_plugin.errors import VmshieldError
 NBD_MAGIC = b"NBDMAGIC"
 
 #: a file this process creates and no one else had: never follows a link, never reuses
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _read_own(path: Path, limit: int) -> bytes:
@@ -125,7 +125,7 @@ def start(
     for stale in (sock, files.pidfile, files.logfile):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()  # in a directory only we can write: a planted symlink goes too
-    log_fd = os.open(files.logfile, _NEW_FILE, 0o600)
+    log_fd = os.open(files.logfile, NEW_FILE, 0o600)
     r, w = os.pipe()
     try:
         os.write(w, passphrase)  # far below the pipe's capacity: never blocks

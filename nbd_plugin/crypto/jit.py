@@ -31,6 +31,7 @@ from typing import Any
 
 from nbd_plugin.crypto.libcrypto import update_address
 from nbd_plugin.errors import UnsupportedError
+from nbd_plugin.trust import trusted_path
 
 PATHS = ("numba", "numpy")
 CACHE_ENV = "NUMBA_CACHE_DIR"
@@ -57,32 +58,6 @@ def _private_dir(path: str) -> bool:
     )
 
 
-def _trusted_ancestors(path: str) -> str | None:
-    """``path`` resolved, if it and every directory above it belong to root or to us and
-    nobody else can write to them (a sticky directory like /tmp excepted); else None.
-
-    A private leaf is not enough: whoever can write to an ancestor (a user's ~/.cache when
-    root runs with that user's HOME) can rename the checked directory away after the check
-    and put their own, with their machine code in it, in its place."""
-    real = os.path.realpath(path)
-    here = real
-    while True:
-        try:
-            st = os.stat(here)
-        except FileNotFoundError:  # made below, 0700, in the checked directory above
-            here = os.path.dirname(here)
-            continue
-        except OSError:
-            return None
-        others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if st.st_uid not in (0, os.geteuid()) or (others_write and not st.st_mode & stat.S_ISVTX):
-            return None
-        parent = os.path.dirname(here)
-        if parent == here:
-            return real
-        here = parent
-
-
 def cache_dir() -> str | None:
     """This user's private numba cache directory, made if needed; None if there is none.
 
@@ -102,7 +77,7 @@ def cache_dir() -> str | None:
 
 def _private_subdirs(base: str, parts: tuple[str, ...]) -> str | None:
     """base/parts..., each made 0700 if missing and refused unless private; None if not."""
-    trusted = _trusted_ancestors(base)
+    trusted = trusted_path(base)
     if trusted is None:
         return None
     path = trusted

@@ -1,0 +1,88 @@
+"""The qemu hook attacked by another local user: it runs as root on hook.conf and the run
+directory, so neither may be something that user could have written or planted files in."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keystore.services import unlock
+from keystore.services.libvirt_hook import main
+from tests.support.libvirt import Keystore, processes
+
+NOBODY = 65534
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("keyctl") is None, reason="keyutils missing"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the hook runs as root; the attacker is not"),
+]
+
+
+@pytest.fixture
+def ks() -> Iterator[Keystore]:
+    base = Path(tempfile.mkdtemp(prefix="vha", dir="/tmp"))
+    k = Keystore(base)
+    uuid = k.create()
+    k.install_hook(base / "hooks")
+    try:
+        yield k
+    finally:
+        unlock.consume(uuid)
+        for pid in processes(str(base)):
+            os.kill(pid, 15)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def usb_only_domain(ks: Keystore) -> bytes:
+    dev = ks.cli("libvirt", "devices", ks.vm, "--usb-slots", "1").stdout
+    dev = dev[dev.index("<controller") :]  # no disks: only the usbgate is started
+    return f"<domain type='qemu'><name>{ks.vm}</name><devices>{dev}</devices></domain>".encode()
+
+
+def run_hook(ks: Keystore, xml: bytes, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main([ks.vm, "prepare", "begin", "-"], config=ks.config, stdin=io.BytesIO(xml))
+    return code, capsys.readouterr().err
+
+
+def test_hook_conf_another_user_could_write_is_refused(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With hook.conf in their hands, a user picks root's run directory, keystore and
+    usbgate address; the hook refuses such a file, and one in a directory they can write."""
+    xml = usb_only_domain(ks)
+    os.chown(ks.config, NOBODY, NOBODY)
+    code, err = run_hook(ks, xml, capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "others could have written it" in err and str(ks.config) in err
+    os.chown(ks.config, 0, 0)
+    os.chmod(ks.config, 0o666)
+    code, err = run_hook(ks, xml, capsys)
+    assert code == 1 and "others could have written it" in err
+    os.chmod(ks.config, 0o644)
+    os.chmod(ks.base, 0o777)  # the file is root's, but whoever can write its directory swaps it
+    code, err = run_hook(ks, xml, capsys)
+    assert code == 1 and "others could have written it" in err
+    assert processes(str(ks.base)) == []
+
+
+def test_usbgate_files_are_not_opened_through_a_planted_symlink(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run directory another user made first (or can write): the hook truncated whatever
+    their `VM-usbgate.log` symlink pointed at, as root. It must refuse that directory."""
+    victim = ks.base / "victim"
+    victim.write_text("root's precious file\n")
+    ks.run_dir.mkdir(mode=0o777)
+    os.chown(ks.run_dir, NOBODY, NOBODY)
+    (ks.run_dir / f"{ks.vm}-usbgate.log").symlink_to(victim)
+    code, err = run_hook(ks, usb_only_domain(ks), capsys)
+    assert victim.read_text() == "root's precious file\n"
+    assert code == 1 and err.count("\n") == 1
+    assert f"belongs to uid {NOBODY}" in err
+    assert processes(str(ks.base)) == []
