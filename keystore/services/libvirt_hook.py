@@ -177,6 +177,35 @@ def stop_usbgate(cfg: HookConfig, vm: str, timeout: float = 10.0) -> bool:
     return pid is not None
 
 
+# -- which domain started them ------------------------------------------------------------
+# libvirt runs `release end` after a failed start too: a second domain that maps to the same
+# VM (one by name, the other by uuid) fails its prepare ("already served") and would then stop
+# the servers under the running guest. Prepare records the domain; release acts only for it.
+
+
+def _identity(dom: Domain) -> str:
+    return f"{dom.uuid or '-'} {dom.name}\n"
+
+
+def _starter_file(cfg: HookConfig, vm: str) -> Path:
+    return cfg.run_dir / f"{vm}.domain"
+
+
+def _record_starter(cfg: HookConfig, vm: str, dom: Domain) -> None:
+    path = _starter_file(cfg, vm)
+    paths.private_dir(cfg.run_dir)
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, serve.NEW_FILE, 0o600), "w") as f:
+        f.write(_identity(dom))
+
+
+def _started_by(cfg: HookConfig, vm: str, dom: Domain) -> bool:
+    try:
+        return serve.read_own(_starter_file(cfg, vm), 4096).decode() == _identity(dom)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 # -- the operations -----------------------------------------------------------------------
 
 
@@ -226,6 +255,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
         for buf in (owner_pw, host_key):
             if buf is not None:
                 buf[:] = b"\0" * len(buf)
+    _record_starter(cfg, vm.name, dom)
     if "unlock" in how.values():
         unlock.consume(vm.uuid)
     took = round(time.monotonic() - began, 3)
@@ -239,6 +269,10 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
 
 
 def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    if not _started_by(cfg, vm.name, dom):
+        skipped = {"domain": dom.name, "skipped": "not started by this domain"}
+        store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, skipped))
+        return f"VM {vm.name}: nothing to stop (its servers were not started by domain {dom.name})"
     sockets = {x.socket for x in dom.disks}
     stopped = []
     for d in store.run(lambda r: r.list_disks(vm.name)):
@@ -249,6 +283,7 @@ def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     gate = stop_usbgate(cfg, vm.name)
     for n in range(len(dom.redirdevs)):
         usb_socket(cfg.run_dir, vm.name, n).unlink(missing_ok=True)
+    _starter_file(cfg, vm.name).unlink(missing_ok=True)
     detail = {"domain": dom.name, "disks": stopped, "usbgate": gate}
     store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, detail))
     return f"VM {vm.name}: stopped {', '.join(stopped) or 'no disks'}" + (

@@ -41,7 +41,7 @@ NBD_MAGIC = b"NBDMAGIC"
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _read_own(path: Path, limit: int) -> bytes:
+def read_own(path: Path, limit: int) -> bytes:
     """The last `limit` bytes of a file, never through a symlink."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -79,7 +79,7 @@ class ServerFiles:
 
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
-        return _read_own(path, limit).decode(errors="replace").strip()
+        return read_own(path, limit).decode(errors="replace").strip()
     except OSError:
         return ""
 
@@ -180,7 +180,7 @@ def _clean_env() -> dict[str, str]:
 
 def read_pid(pidfile: Path) -> int | None:
     try:
-        return int(_read_own(pidfile, 64).decode().strip())
+        return int(read_own(pidfile, 64).decode().strip())
     except (OSError, ValueError):
         return None
 

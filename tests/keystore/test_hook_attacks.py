@@ -86,3 +86,33 @@ def test_usbgate_files_are_not_opened_through_a_planted_symlink(
     assert code == 1 and err.count("\n") == 1
     assert f"belongs to uid {NOBODY}" in err
     assert processes(str(ks.base)) == []
+
+
+def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """web1 runs as domain `web1` (found by name). A second domain `intruder` carrying the
+    VM's uuid references the same sockets: its start fails ("already served"), and libvirt
+    then runs `release end` for it, which stopped web1's disk server and usbgate under the
+    running guest. Release stops only what that domain's own prepare started."""
+    from keystore.services import serve
+
+    uuid = ks.cli("vm", "show", ks.vm, "--json").stdout.split('"uuid": "')[1].split('"')[0]
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    dev = ks.cli("libvirt", "devices", ks.vm, "--usb-slots", "1").stdout
+    web1 = f"<domain><name>{ks.vm}</name><devices>{dev}</devices></domain>".encode()
+    intruder = (
+        f"<domain><name>intruder</name><uuid>{uuid}</uuid><devices>{dev}</devices></domain>"
+    ).encode()
+    assert run_hook(ks, web1, capsys)[0] == 0
+    sock = ks.run_dir / f"{ks.disk}.sock"
+    pids = processes(str(ks.base))
+    code, err = run_hook(ks, intruder, capsys)
+    assert code == 1 and "already served" in err
+    code = main(["intruder", "release", "end", "-"], config=ks.config, stdin=io.BytesIO(intruder))
+    err = capsys.readouterr().err
+    assert code == 0 and "not started by domain intruder" in err
+    assert serve.probe(sock) and processes(str(ks.base)) == pids
+    code = main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(web1))
+    assert code == 0 and capsys.readouterr().err.startswith(f"vmshield: VM {ks.vm}: stopped ")
+    assert processes(str(ks.base)) == []
