@@ -116,3 +116,16 @@ def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
     code = main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(web1))
     assert code == 0 and capsys.readouterr().err.startswith(f"vmshield: VM {ks.vm}: stopped ")
     assert processes(str(ks.base)) == []
+
+
+def test_host_key_in_a_directory_another_user_owns_is_refused(ks: Keystore) -> None:
+    """enroll-host made the key inside another user's directory: they can remove or rename it
+    at will (and a key they swapped in is refused only by its owner). Refused from the start."""
+    theirs = ks.base / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(unlock.UnlockError, match="belongs to another user"):
+        unlock.ensure_host_key(theirs / "host.key")
+    assert not (theirs / "host.key").exists()
+    with pytest.raises(unlock.UnlockError, match="belongs to another user"):
+        unlock.read_host_key(theirs / "sub" / "host.key")
