@@ -270,7 +270,8 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
 
 def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     if not _started_by(cfg, vm.name, dom):
-        skipped = {"domain": dom.name, "skipped": "not started by this domain"}
+        skipped: dict[str, Any] = {"domain": dom.name, "disks": [], "usbgate": False,
+                                   "skipped": "not started by this domain"}  # fmt: skip
         store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, skipped))
         return f"VM {vm.name}: nothing to stop (its servers were not started by domain {dom.name})"
     sockets = {x.socket for x in dom.disks}
