@@ -40,7 +40,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,10 +50,13 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
     STEPS,
     Console,
     Host,
+    RedirDevice,
     Report,
     SimulatedStick,
     StepFailed,
     prepare,
+    wait_audit,
+    wait_for_line,
 )
 from demo_usb_guest import step_usb_guest  # noqa: E402
 
@@ -264,7 +266,7 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     committed, detached, took = block_and_time(host, r, usb0)
     r.check(detached is not None, "`vmshield usb block` detached it (QMP attached=false)",
             fatal=True)  # fmt: skip
-    rows = _wait_audit(host, "usb.revoked", 5)
+    rows = wait_audit(host, "usb.revoked", 5)
     revoked = next((x for x in rows if x["action"] == "usb.revoked"), None)
     gate_ms = revoked["detail"].get("latency_ms") if revoked else None
     print(f"  latency: usbgate, from seeing the new rule to device_disconnect: {gate_ms} ms "
@@ -289,26 +291,6 @@ def step4_usb(host: Host, r: Report, guest: Guest, disk_sock: Path) -> None:
     console.wait_for(rf"^{DONE} mode=shell", 30)
     r.check(console.finish(30) == 0, "the guest powered off; QEMU exited")
     host.stop(usbgate)
-
-
-class RedirDevice:
-    """A usb-redir device of the running QEMU, watched over QMP (`attached` is reliable;
-    `info usb` lists a usb-redir device whether a USB device is attached or not)."""
-
-    def __init__(self, qmp: Qmp, device_id: str) -> None:
-        self.qmp, self.path = qmp, f"/machine/peripheral/{device_id}"
-
-    def attached(self) -> bool:
-        return bool(self.qmp.execute("qom-get", path=self.path, property="attached"))
-
-    def wait(self, *, attached: bool, timeout: float) -> float | None:
-        """Poll until `attached` has the wanted value; when it was seen (monotonic), or None."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.attached() == attached:
-                return time.monotonic()
-            time.sleep(0.001)
-        return None
 
 
 def block_and_time(
@@ -339,27 +321,6 @@ def block_and_time(
         r.output(out)
         raise StepFailed(f"vmshield usb block exited {block.returncode}")
     return committed, detached, took
-
-
-def wait_for_line(log: Path, needle: str, timeout: float) -> str:
-    """The first line of `log` containing `needle` (the last line so far on timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = log.read_text(errors="replace").splitlines()
-        found = [line for line in lines if needle in line]
-        if found or time.monotonic() > deadline:
-            return (found or lines or [""])[0 if found else -1].strip()
-        time.sleep(0.05)
-
-
-def _wait_audit(host: Host, action: str, timeout: float) -> list[dict[str, Any]]:
-    """usbgate writes its audit rows from a queue: wait until `action` shows up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = host.audit(10)
-        if any(x["action"] == action for x in rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
 
 
 def step5_destroy(host: Host, r: Report, image: Path) -> None:

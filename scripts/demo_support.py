@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from usbgate.qmp import Qmp
 from usbgate.simulator import FakeDevice, FakeOwner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,3 +297,44 @@ def prepare(demo_dir: Path, disk: str) -> None:
             f"demo: {demo_dir} is too long for unix socket paths "
             f"({SOCKET_MAX} bytes); choose a shorter --dir"
         )
+
+
+class RedirDevice:
+    """A usb-redir device of the running QEMU, watched over QMP (`attached` is reliable;
+    `info usb` lists a usb-redir device whether a USB device is attached or not)."""
+
+    def __init__(self, qmp: Qmp, device_id: str) -> None:
+        self.qmp, self.path = qmp, f"/machine/peripheral/{device_id}"
+
+    def attached(self) -> bool:
+        return bool(self.qmp.execute("qom-get", path=self.path, property="attached"))
+
+    def wait(self, *, attached: bool, timeout: float) -> float | None:
+        """Poll until `attached` has the wanted value; when it was seen (monotonic), or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.attached() == attached:
+                return time.monotonic()
+            time.sleep(0.001)
+        return None
+
+
+def wait_for_line(log: Path, needle: str, timeout: float) -> str:
+    """The first line of `log` containing `needle` (the last line so far on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = log.read_text(errors="replace").splitlines()
+        found = [line for line in lines if needle in line]
+        if found or time.monotonic() > deadline:
+            return (found or lines or [""])[0 if found else -1].strip()
+        time.sleep(0.05)
+
+
+def wait_audit(host: Host, action: str, timeout: float) -> list[dict[str, Any]]:
+    """usbgate writes its audit rows from a queue: wait until `action` shows up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = host.audit(10)
+        if any(x["action"] == action for x in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
