@@ -3,7 +3,9 @@
 1. Copy: the guest copies the same file (--size MiB) from two identical sticks plugged at once,
    one through usbgate (sda), one with QEMU's usb-redir connected straight to the stick (sdb),
    alternating, --runs times each, page cache dropped before each copy. Reported: median copy
-   time each way and usbgate's cost in % of the direct copy time (the thesis: 3.2 %).
+   time each way and usbgate's cost in % of the direct copy time (the thesis: 3.2 %), the CPU
+   time the usbgate process spent on each copy (load-independent, unlike the times) and the
+   host's load average.
 2. Transfers: GET_DESCRIPTOR round trips from a usb-guest peer (QEMU's role) to the
    simulated device, straight and through an in-process usbgate: the added microseconds; the
    same for whole 120 KiB READ(10) commands (CBW, data, CSW: what the copy is made of).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import struct
@@ -59,6 +62,8 @@ def bench_copy(rig: UsbRig, size_mib: int, runs: int) -> dict[str, Any]:
     shutil.copyfile(gated, direct)
     rig.set_rules("allow id 0781:5567")
     times: dict[str, list[float]] = {"usbgate": [], "direct": []}
+    cpu: list[float] = []
+    assert rig.gateway is not None
     with rig.plug(gated, serial="GATE0001"):
         assert rig.guest.run("wait_stick 30").rc == 0
         with rig.plug(direct, direct=True, serial="DIRECT01"):
@@ -72,10 +77,12 @@ def bench_copy(rig: UsbRig, size_mib: int, runs: int) -> dict[str, Any]:
                 for path in order:
                     src = "/mnt/g" if path == "usbgate" else "/mnt/d"
                     rig.guest.run("sync; echo 3 > /proc/sys/vm/drop_caches")
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), _cpu_seconds(rig.gateway.pid)
                     res = rig.guest.run(f"cp {src}/big.bin /tmp/copy && rm /tmp/copy",
                                         timeout=300)  # fmt: skip
                     times[path].append(time.perf_counter() - start)
+                    if path == "usbgate":
+                        cpu.append(_cpu_seconds(rig.gateway.pid) - cpu_start)
                     assert res.rc == 0, res.output
             rig.guest.run("umount /mnt/g; umount /mnt/d")
     rig.wait_gone()
@@ -84,7 +91,15 @@ def bench_copy(rig: UsbRig, size_mib: int, runs: int) -> dict[str, Any]:
             "direct_s": summary(times["direct"], 1),
             "usbgate_mb_s": round(size_mib * MIB / g / 1e6, 1),
             "direct_mb_s": round(size_mib * MIB / d / 1e6, 1),
-            "cost_percent": round((g - d) / d * 100, 2)}  # fmt: skip
+            "cost_percent": round((g - d) / d * 100, 2),
+            "usbgate_cpu_s": summary(cpu, 1),
+            "load_average": [round(x, 1) for x in os.getloadavg()]}  # fmt: skip
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- 2. control transfers ----------------------------------------------------------------------
