@@ -6,15 +6,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from keystore.services import unlock
 from keystore.services.libvirt_hook import main
-from tests.support.libvirt import Keystore, processes
+from tests.support.libvirt import Keystore, hook_keystore, processes
 
 NOBODY = 65534
 
@@ -26,17 +24,8 @@ pytestmark = [
 
 @pytest.fixture
 def ks() -> Iterator[Keystore]:
-    base = Path(tempfile.mkdtemp(prefix="vha", dir="/tmp"))
-    k = Keystore(base)
-    uuid = k.create()
-    k.install_hook(base / "hooks")
-    try:
+    with hook_keystore("vha") as k:
         yield k
-    finally:
-        unlock.consume(uuid)
-        for pid in processes(str(base)):
-            os.kill(pid, 15)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def usb_only_domain(ks: Keystore) -> bytes:
