@@ -133,7 +133,7 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
             stale.unlink()
     argv = [_usbgate_exe(), "run", "--vm", vm, "--listen", cfg.usb_listen_for(vm), "--db",
             str(cfg.db)] + [a for s in slots for a in ("--qemu", f"unix:{s}")]  # fmt: skip
-    log_fd = os.open(logfile, serve.NEW_FILE, 0o600)
+    log_fd = os.open(logfile, paths.NEW_FILE, 0o600)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
@@ -141,7 +141,7 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
         )  # fmt: skip
     finally:
         os.close(log_fd)
-    pid_fd = os.open(pidfile, serve.NEW_FILE, 0o600)
+    pid_fd = os.open(pidfile, paths.NEW_FILE, 0o600)
     with os.fdopen(pid_fd, "w") as f:
         f.write(f"{proc.pid}\n")
     deadline = time.monotonic() + cfg.timeout
@@ -195,7 +195,7 @@ def _record_starter(cfg: HookConfig, vm: str, dom: Domain) -> None:
     path = _starter_file(cfg, vm)
     paths.private_dir(cfg.run_dir)
     path.unlink(missing_ok=True)
-    with os.fdopen(os.open(path, serve.NEW_FILE, 0o600), "w") as f:
+    with os.fdopen(os.open(path, paths.NEW_FILE, 0o600), "w") as f:
         f.write(_identity(dom))
 
 

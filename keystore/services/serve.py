@@ -37,9 +37,6 @@ from nbd_plugin.errors import VmshieldError
 
 NBD_MAGIC = b"NBDMAGIC"
 
-#: a file this process creates and no one else had: never follows a link, never reuses
-NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
 
 def read_own(path: Path, limit: int) -> bytes:
     """The last `limit` bytes of a file, never through a symlink."""
@@ -125,7 +122,7 @@ def start(
     for stale in (sock, files.pidfile, files.logfile):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()  # in a directory only we can write: a planted symlink goes too
-    log_fd = os.open(files.logfile, NEW_FILE, 0o600)
+    log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
     r, w = os.pipe()
     try:
         os.write(w, passphrase)  # far below the pipe's capacity: never blocks
