@@ -20,7 +20,7 @@ from keystore.cli.options import (
     run,
 )
 from keystore.models import Disk, DiskState, Vm
-from keystore.postgres.url import PgUrl
+from keystore.postgres.url import PgUrl, refuse_password
 from keystore.repository import Repository
 from keystore.services import hookconf, libvirt_xml
 from keystore.services.hookconf import HookConfig
@@ -168,6 +168,11 @@ def install_hook(
     starts: restart it afterwards (an update of an existing hook applies at once).
     """
     base = hookconf.defaults()
+    if isinstance(location := resolve_location(db), PgUrl):
+        try:  # hook.conf is readable by all: a password in it would be everyone's
+            refuse_password(location)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     cfg = HookConfig(
         db=location if isinstance(location := resolve_location(db), PgUrl) else location.absolute(),
         run_dir=(run_dir or base.run_dir).absolute(),

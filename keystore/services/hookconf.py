@@ -22,6 +22,7 @@ from pathlib import Path
 from keystore import paths
 from keystore.backends import Location, parse_location
 from keystore.errors import KeystoreError
+from keystore.postgres.url import PgUrl, refuse_password
 from keystore.services.unlock import DEFAULT_HOST_KEY
 from nbd_plugin.trust import trusted_by_us, trusted_path
 
@@ -104,8 +105,14 @@ def load(path: Path) -> HookConfig:
         raise HookConfigError(f"{path}: timeout must be a number of seconds") from e
     if "db" not in sec:
         raise HookConfigError(f"{path}: db = PATH is required (the keystore database)")
+    db = parse_location(sec["db"])
+    if isinstance(db, PgUrl):
+        try:
+            refuse_password(db)
+        except ValueError as e:
+            raise HookConfigError(f"{path}: {e}") from None
     return HookConfig(
-        db=parse_location(sec["db"]),
+        db=db,
         run_dir=Path(sec.get("run_dir", str(base.run_dir))),
         host_key=Path(sec.get("host_key", str(base.host_key))),
         usb_listen=sec.get("usb_listen", DEFAULT_USB_LISTEN),

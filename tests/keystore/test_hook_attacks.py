@@ -118,3 +118,23 @@ def test_host_key_in_a_directory_another_user_owns_is_refused(ks: Keystore) -> N
     assert not (theirs / "host.key").exists()
     with pytest.raises(unlock.UnlockError, match="belongs to another user"):
         unlock.read_host_key(theirs / "sub" / "host.key")
+
+
+def test_a_database_password_never_lands_in_hook_conf(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """install-hook wrote `db = postgresql://u:PASSWORD@...` into hook.conf, mode 0644, and
+    echoed it: every local user could read the keystore's database password. Refused (with the
+    password masked), and a hook.conf that holds one is refused too."""
+    url = "postgresql://vmshield:hunter2secret@db.example/keystore"
+    conf = ks.base / "other.conf"
+    p = ks.cli("libvirt", "install-hook", "--db", url, "--config", str(conf),
+               "--hooks-dir", str(ks.base / "hooks2"), code=1)  # fmt: skip
+    assert "do not put the database password in the URL" in p.stderr
+    assert "hunter2secret" not in p.stdout + p.stderr
+    assert not conf.exists() and not (ks.base / "hooks2").exists()
+    xml = usb_only_domain(ks)
+    ks.config.write_text(ks.config.read_text().replace(f"db = {ks.db}", f"db = {url}"))
+    code, err = run_hook(ks, xml, capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "do not put the database password" in err and "hunter2secret" not in err
