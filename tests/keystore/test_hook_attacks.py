@@ -138,3 +138,29 @@ def test_a_database_password_never_lands_in_hook_conf(
     code, err = run_hook(ks, xml, capsys)
     assert code == 1 and err.count("\n") == 1
     assert "do not put the database password" in err and "hunter2secret" not in err
+
+
+def test_install_hook_refuses_a_python_another_user_can_replace(ks: Keystore) -> None:
+    """`sudo ~alice/venv/bin/vmshield libvirt install-hook` wrote `#!~alice/venv/bin/python`
+    into root's hook: alice swaps that interpreter and libvirtd runs her code as root."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from tests.support.nbd import ROOT
+
+    theirs = ks.base / "alice-venv" / "bin"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, NOBODY, NOBODY)
+    (theirs / "python").symlink_to(os.path.realpath(sys.executable))
+    hooks = ks.base / "hooks3"
+    path = f"{ROOT}:{sysconfig.get_paths()['purelib']}"  # what its venv would have given
+    r = subprocess.run(
+        [str(theirs / "python"), "-c", "from keystore.cli import main; main()", "libvirt",
+         "install-hook", "--hooks-dir", str(hooks), "--config", str(ks.base / "h3.conf")],
+        env={**ks.env(), "PYTHONPATH": path}, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "another user owns or can write it" in r.stderr and r.stderr.count("\n") == 1
+    assert not (hooks / "vmshield").exists()
