@@ -181,8 +181,25 @@ ALTER TABLE disks ADD COLUMN st_dev BIGINT;
 ALTER TABLE disks ADD COLUMN st_ino BIGINT;
 """
 
+# version 4: the usbgate role appends only its own rows. It computes the hash chain itself, so
+# with a plain INSERT grant it could write a valid row saying "alice destroyed disk web1-0".
+_V4 = f"""
+CREATE FUNCTION vmshield_audit_usbgate_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_has_role(current_user, '{USBGATE_ROLE}', 'MEMBER')
+       AND NOT pg_has_role(current_user, '{ADMIN_ROLE}', 'MEMBER')
+       AND (NEW.actor <> 'usbgate' OR NEW.action NOT LIKE 'usb.%') THEN
+        RAISE EXCEPTION 'the usbgate role appends only usb.* rows as actor usbgate'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_usbgate_rows BEFORE INSERT ON audit
+    FOR EACH ROW EXECUTE FUNCTION vmshield_audit_usbgate_rows();
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

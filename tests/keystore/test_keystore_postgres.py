@@ -80,6 +80,29 @@ def test_usbgate_role_reads_rules_appends_audit_but_cannot_change_rules_or_users
     assert pgaudit.verify_sync(url).ok
 
 
+def test_usbgate_role_cannot_forge_audit_rows_of_others(pg_cluster: Cluster) -> None:
+    """The usbgate role computes the hash chain itself and had INSERT on audit: a usbgate host
+    wrote a valid row "alice: disk.destroy web1-0" (or any actor's) that verify accepted."""
+    url = pg_cluster.keystore()
+    _seed(url)
+    _login_role(pg_cluster, "host_c_usbgate", USBGATE_ROLE)
+    gate_url = url.replace("postgres@", "host_c_usbgate@")
+    with pgconn.connect_sync(gate_url) as conn:
+        for actor, action in (("alice", "disk.destroy"), ("usbgate", "disk.destroy"),
+                              ("alice", "usb.allowed")):  # fmt: skip
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only usb"):
+                pgaudit.append_sync(conn, actor, action, "web1", {"disk": "web1-0"})
+        pgaudit.append_sync(conn, "usbgate", "usb.revoked", "web1", {"vid_pid": "0781:5567"})
+    rows = asyncio.run(_actions(url))
+    assert ("alice", "disk.destroy") not in rows and ("usbgate", "usb.revoked") in rows
+    assert pgaudit.verify_sync(url).ok
+
+
+async def _actions(url: str) -> list[tuple[str, str]]:
+    async with await PostgresRepository.open(url, policy=FAST) as repo:
+        return [(e.actor, e.action) for e in await repo.list_audit(limit=50)]
+
+
 def test_audit_rows_cannot_be_changed_even_by_the_owner(pg_cluster: Cluster) -> None:
     url = pg_cluster.keystore()
     _seed(url)
