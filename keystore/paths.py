@@ -53,6 +53,10 @@ class NoRunDir(KeystoreError):
     """A non-root user has no private runtime directory for the server's socket."""
 
 
+#: a file this process creates and no one else had: never follows a link, never reuses
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def private_dir(path: Path) -> Path:
     """`path` as a directory of this user's own that no one else can write, made 0700 if
     missing. Refuses (UnsafeDirectory) a symlink, another owner, or group/other write

@@ -2,8 +2,11 @@
 
 ``QueuedAuditSink`` writes rows on one worker thread, in order, through a bounded queue: when
 the store cannot keep up, rows beyond ``max_queued`` are counted, not queued, and one
-``usb.audit.dropped`` row with the count follows as soon as the writer catches up. The keystore
-and PostgreSQL sinks are such a queue with their own ``_write``.
+``usb.audit.dropped`` row with the count follows as soon as the writer catches up. Rows that
+say which device reached the guest or was taken from it (``NEVER_DROPPED``) are never
+counted away: their ``record`` waits for room, so a peer who floods the queue with denials
+first cannot hide the attach that follows (the flood is slowed to the store's pace instead).
+The keystore and PostgreSQL sinks are such a queue with their own ``_write``.
 
 ``Refusals`` turns a flood of refused connections into a bounded number of rows: the first
 refusal of a kind from a peer is recorded at once; later ones within ``window`` seconds are
@@ -29,6 +32,8 @@ MAX_QUEUED = 10_000
 REFUSAL_WINDOW = 10.0
 # Distinct (action, peer, reason) kinds tracked at once; beyond, refusals count under peer "*".
 MAX_REFUSAL_KINDS = 1024
+#: rows ``record`` waits for room for rather than drop: what reached the guest and why it left
+NEVER_DROPPED = frozenset({"usb.allowed", "usb.revoked", "usb.rules.unreadable"})
 
 Row = tuple[str, str, dict[str, Any]]
 
@@ -44,6 +49,9 @@ class QueuedAuditSink:
         self._thread.start()
 
     def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        if action in NEVER_DROPPED:
+            self._queue.put((action, vm, detail))
+            return
         try:
             self._queue.put_nowait((action, vm, detail))
         except queue.Full:

@@ -20,11 +20,12 @@ from keystore.cli.options import (
     run,
 )
 from keystore.models import Disk, DiskState, Vm
-from keystore.postgres.url import PgUrl
+from keystore.postgres.url import PgUrl, refuse_password
 from keystore.repository import Repository
 from keystore.services import hookconf, libvirt_xml
 from keystore.services.hookconf import HookConfig
 from keystore.sqlite.usbrules import UsbRule
+from nbd_plugin.trust import trusted_path
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
 HOOK_NAME = "vmshield"
@@ -135,6 +136,21 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         raise
 
 
+def _refuse_untrusted_code() -> None:
+    """The hook runs this Python and this package as root: refuse to install it if another
+    user could replace either (a venv in someone's home, a checkout others can write)."""
+    import keystore
+
+    for what, where in (("Python", os.path.dirname(os.path.abspath(sys.executable))),
+                        ("vmshield package", os.path.dirname(keystore.__file__))):  # fmt: skip
+        if trusted_path(where) is None:
+            raise click.ClickException(
+                f"the hook would run the {what} in {where} as root, but another user owns or "
+                "can write it or a directory above it; install vmshield where only root can "
+                "write (e.g. a venv under /opt) and run install-hook from there"
+            )
+
+
 @click.command("install-hook")
 @click.option("--hooks-dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_HOOKS_DIR, show_default=True,
@@ -167,7 +183,13 @@ def install_hook(
     hook file names this Python and that file. libvirtd reads new hook files only when it
     starts: restart it afterwards (an update of an existing hook applies at once).
     """
+    _refuse_untrusted_code()
     base = hookconf.defaults()
+    if isinstance(location := resolve_location(db), PgUrl):
+        try:  # hook.conf is readable by all: a password in it would be everyone's
+            refuse_password(location)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     cfg = HookConfig(
         db=location if isinstance(location := resolve_location(db), PgUrl) else location.absolute(),
         run_dir=(run_dir or base.run_dir).absolute(),

@@ -16,12 +16,15 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 from keystore import paths
 from keystore.backends import Location, parse_location
 from keystore.errors import KeystoreError
+from keystore.postgres.url import PgUrl, refuse_password
 from keystore.services.unlock import DEFAULT_HOST_KEY
+from nbd_plugin.trust import trusted_by_us, trusted_path
 
 DEFAULT_CONFIG = Path("/etc/vmshield/hook.conf")
 CONFIG_ENV = "VMSHIELD_HOOK_CONF"
@@ -68,11 +71,22 @@ def defaults() -> HookConfig:
     return HookConfig(paths.default_db_path(), paths.default_run_dir(), DEFAULT_HOST_KEY)
 
 
+def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
+    """The hook runs as root on what this file says (keystore, run directory, usbgate's
+    address): refuse it unless only root (or we) could have written it and its directories."""
+    if not stat.S_ISREG(st.st_mode) or not trusted_by_us(st) or trusted_path(str(path)) is None:
+        raise HookConfigError(
+            f"{path}: others could have written it (it and every directory above it must "
+            f"belong to root or uid {os.geteuid()} and be writable by no one else); refusing it"
+        )
+
+
 def load(path: Path) -> HookConfig:
     """Read hook.conf; HookConfigError with the file and key on anything wrong."""
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
     try:
         with path.open(encoding="utf-8") as f:
+            _refuse_untrusted(path, os.fstat(f.fileno()))
             parser.read_file(f)
     except OSError as e:
         raise HookConfigError(f"cannot read hook configuration {path}: {e.strerror}") from e
@@ -91,8 +105,14 @@ def load(path: Path) -> HookConfig:
         raise HookConfigError(f"{path}: timeout must be a number of seconds") from e
     if "db" not in sec:
         raise HookConfigError(f"{path}: db = PATH is required (the keystore database)")
+    db = parse_location(sec["db"])
+    if isinstance(db, PgUrl):
+        try:
+            refuse_password(db)
+        except ValueError as e:
+            raise HookConfigError(f"{path}: {e}") from None
     return HookConfig(
-        db=parse_location(sec["db"]),
+        db=db,
         run_dir=Path(sec.get("run_dir", str(base.run_dir))),
         host_key=Path(sec.get("host_key", str(base.host_key))),
         usb_listen=sec.get("usb_listen", DEFAULT_USB_LISTEN),

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from keystore import paths
 from keystore.backends import Location
 from keystore.errors import KeystoreError
 from keystore.models import Disk
@@ -62,11 +63,10 @@ def take(
     if not isinstance(location, PgUrl):
         return None
     holder = holder_name(socket)
-    socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log = os.open(
-        socket.with_suffix(".lease.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-        0o600,
-    )  # fmt: skip
+    paths.private_dir(socket.parent)  # before any file in it: no one else's, no planted link
+    logfile = socket.with_suffix(".lease.log")
+    logfile.unlink(missing_ok=True)
+    log = os.open(logfile, paths.NEW_FILE, 0o600)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keystore.services.lease", location, str(disk.id),

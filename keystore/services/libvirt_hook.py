@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from keystore import paths
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
@@ -126,10 +127,13 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
     if usbgate_pid(cfg, vm) is not None:
         raise HookError(f"usbgate of VM {vm} is already running")
     pidfile, logfile = usbgate_files(cfg.run_dir, vm)
-    cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.private_dir(cfg.run_dir)  # as for the disks: no one else may plant files there
+    for stale in (pidfile, logfile):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     argv = [_usbgate_exe(), "run", "--vm", vm, "--listen", cfg.usb_listen_for(vm), "--db",
             str(cfg.db)] + [a for s in slots for a in ("--qemu", f"unix:{s}")]  # fmt: skip
-    log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    log_fd = os.open(logfile, paths.NEW_FILE, 0o600)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
@@ -137,7 +141,9 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
         )  # fmt: skip
     finally:
         os.close(log_fd)
-    pidfile.write_text(f"{proc.pid}\n")
+    pid_fd = os.open(pidfile, paths.NEW_FILE, 0o600)
+    with os.fdopen(pid_fd, "w") as f:
+        f.write(f"{proc.pid}\n")
     deadline = time.monotonic() + cfg.timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -169,6 +175,35 @@ def stop_usbgate(cfg: HookConfig, vm: str, timeout: float = 10.0) -> bool:
     if listen.startswith("unix:") and _under(Path(listen[5:]), cfg.run_dir):
         Path(listen[5:]).unlink(missing_ok=True)  # usbgate leaves its listening socket
     return pid is not None
+
+
+# -- which domain started them ------------------------------------------------------------
+# libvirt runs `release end` after a failed start too: a second domain that maps to the same
+# VM (one by name, the other by uuid) fails its prepare ("already served") and would then stop
+# the servers under the running guest. Prepare records the domain; release acts only for it.
+
+
+def _identity(dom: Domain) -> str:
+    return f"{dom.uuid or '-'} {dom.name}\n"
+
+
+def _starter_file(cfg: HookConfig, vm: str) -> Path:
+    return cfg.run_dir / f"{vm}.domain"
+
+
+def _record_starter(cfg: HookConfig, vm: str, dom: Domain) -> None:
+    path = _starter_file(cfg, vm)
+    paths.private_dir(cfg.run_dir)
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, paths.NEW_FILE, 0o600), "w") as f:
+        f.write(_identity(dom))
+
+
+def _started_by(cfg: HookConfig, vm: str, dom: Domain) -> bool:
+    try:
+        return serve.read_own(_starter_file(cfg, vm), 4096).decode() == _identity(dom)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 # -- the operations -----------------------------------------------------------------------
@@ -220,6 +255,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
         for buf in (owner_pw, host_key):
             if buf is not None:
                 buf[:] = b"\0" * len(buf)
+    _record_starter(cfg, vm.name, dom)
     if "unlock" in how.values():
         unlock.consume(vm.uuid)
     took = round(time.monotonic() - began, 3)
@@ -233,6 +269,11 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
 
 
 def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
+    if not _started_by(cfg, vm.name, dom):
+        skipped: dict[str, Any] = {"domain": dom.name, "disks": [], "usbgate": False,
+                                   "skipped": "not started by this domain"}  # fmt: skip
+        store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, skipped))
+        return f"VM {vm.name}: nothing to stop (its servers were not started by domain {dom.name})"
     sockets = {x.socket for x in dom.disks}
     stopped = []
     for d in store.run(lambda r: r.list_disks(vm.name)):
@@ -243,6 +284,7 @@ def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     gate = stop_usbgate(cfg, vm.name)
     for n in range(len(dom.redirdevs)):
         usb_socket(cfg.run_dir, vm.name, n).unlink(missing_ok=True)
+    _starter_file(cfg, vm.name).unlink(missing_ok=True)
     detail = {"domain": dom.name, "disks": stopped, "usbgate": gate}
     store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, detail))
     return f"VM {vm.name}: stopped {', '.join(stopped) or 'no disks'}" + (

@@ -6,6 +6,7 @@ Where things live under the run directory RUN (default /run/vmshield, 0700, root
     RUN/VM-usbN.sock       usb-redir slot N of VM: QEMU listens (`<source mode='bind'>`),
                            usbgate connects when an owner plugs a device in
     RUN/VM-usbgate.pid     the VM's usbgate (and .log)
+    RUN/VM.domain          the domain whose prepare started them (release acts only for it)
 
 QEMU listens on the usb-redir sockets (mode='bind') because usbgate opens its QEMU side per
 owner connection; a `<reconnect>` element applies only to mode='connect' (QEMU as client)

@@ -37,11 +37,8 @@ from nbd_plugin.errors import VmshieldError
 
 NBD_MAGIC = b"NBDMAGIC"
 
-#: a file this process creates and no one else had: never follows a link, never reuses
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-
-def _read_own(path: Path, limit: int) -> bytes:
+def read_own(path: Path, limit: int) -> bytes:
     """The last `limit` bytes of a file, never through a symlink."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -79,7 +76,7 @@ class ServerFiles:
 
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
-        return _read_own(path, limit).decode(errors="replace").strip()
+        return read_own(path, limit).decode(errors="replace").strip()
     except OSError:
         return ""
 
@@ -125,7 +122,7 @@ def start(
     for stale in (sock, files.pidfile, files.logfile):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()  # in a directory only we can write: a planted symlink goes too
-    log_fd = os.open(files.logfile, _NEW_FILE, 0o600)
+    log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
     r, w = os.pipe()
     try:
         os.write(w, passphrase)  # far below the pipe's capacity: never blocks
@@ -180,7 +177,7 @@ def _clean_env() -> dict[str, str]:
 
 def read_pid(pidfile: Path) -> int | None:
     try:
-        return int(_read_own(pidfile, 64).decode().strip())
+        return int(read_own(pidfile, 64).decode().strip())
     except (OSError, ValueError):
         return None
 

@@ -25,6 +25,7 @@ import subprocess
 from pathlib import Path
 
 from keystore.errors import KeystoreError
+from nbd_plugin.trust import trusted_path
 
 KEYRING = "@u"  #: root's user keyring: shared by every uid-0 process, closed to other users
 #: possessor and user (uid 0): view, read, write, search, link, setattr; nobody else anything
@@ -118,8 +119,18 @@ def remaining(vm_uuid: str) -> bool:
 # -- the host key ------------------------------------------------------------------------
 
 
+def _refuse_untrusted_dir(path: Path) -> None:
+    """Whoever can write a directory above the key can remove or swap it: refuse that."""
+    if trusted_path(str(path.parent)) is None:
+        raise UnlockError(
+            f"host key {path}: a directory above it belongs to another user or others can "
+            "write to it; refusing to use it"
+        )
+
+
 def read_host_key(path: Path) -> bytearray | None:
     """The host key, or None if there is none; refuses a file others could read or replace."""
+    _refuse_untrusted_dir(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -147,6 +158,7 @@ def ensure_host_key(path: Path) -> bytearray:
     if existing is not None:
         return existing
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _refuse_untrusted_dir(path)  # again: the directories made just now
     key = bytearray(secrets.token_hex(HOST_KEY_BYTES).encode())
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -31,6 +31,7 @@ from typing import Any
 
 from nbd_plugin.crypto.libcrypto import update_address
 from nbd_plugin.errors import UnsupportedError
+from nbd_plugin.trust import trusted_path
 
 PATHS = ("numba", "numpy")
 CACHE_ENV = "NUMBA_CACHE_DIR"
@@ -76,7 +77,10 @@ def cache_dir() -> str | None:
 
 def _private_subdirs(base: str, parts: tuple[str, ...]) -> str | None:
     """base/parts..., each made 0700 if missing and refused unless private; None if not."""
-    path = base
+    trusted = trusted_path(base)
+    if trusted is None:
+        return None
+    path = trusted
     for part in parts:
         path = os.path.join(path, part)
         try:

@@ -6,7 +6,7 @@
   and the extents an overwrite must cover (``Extent``, ``allocated_extents``).
 - ``blockdev``: block-device ioctls and sizes (``device_size``, ``logical_block_size``,
   ``blk_range_ioctl`` with ``BLKDISCARD``/``BLKSECDISCARD``/``BLKZEROOUT``,
-  ``loop_device_of``).
+  ``loop_device_of``, ``loop_backing_file``).
 - ``locking``: one writer per image (``hold_image``, ``release_image``).
 
 OSError propagates as the kernel reported it; ``locking`` raises ``ImageBusy``.
@@ -20,6 +20,7 @@ from nbd_plugin.osutil.blockdev import (
     device_size,
     is_block_device,
     logical_block_size,
+    loop_backing_file,
     loop_device_of,
 )
 from nbd_plugin.osutil.extents import (
@@ -47,6 +48,7 @@ __all__ = [
     "hold_image",
     "is_block_device",
     "logical_block_size",
+    "loop_backing_file",
     "loop_device_of",
     "pread_all",
     "preadinto_all",

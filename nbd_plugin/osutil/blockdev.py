@@ -54,6 +54,20 @@ def blk_range_ioctl(fd: int, request: int, offset: int, length: int) -> None:
     fcntl.ioctl(fd, request, _U64_PAIR.pack(offset, length))
 
 
+def _backing_file(sysfs_block_dir: str) -> str | None:
+    """What a loop device's sysfs directory names as its backing file (None: not a loop)."""
+    try:
+        with open(f"{sysfs_block_dir}/loop/backing_file") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def loop_backing_file(rdev: int) -> str | None:
+    """The backing file of the block device ``rdev``, None if it is not a loop device."""
+    return _backing_file(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+
+
 def loop_device_of(path: str) -> str | None:
     """The /dev/loopN whose backing file is ``path``, if one is attached."""
     st = os.stat(path)
@@ -61,6 +75,17 @@ def loop_device_of(path: str) -> str | None:
         names = os.listdir("/sys/block")
     except OSError:
         return None
+    for name in names:
+        backing = _backing_file(f"/sys/block/{name}")
+        if backing is None:
+            continue
+        try:
+            bst = os.stat(backing)
+        except OSError:
+            continue  # "(deleted)" or elsewhere in another mount namespace
+        if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
+            return f"/dev/{name}"
+    return None
     for name in names:
         try:
             with open(f"/sys/block/{name}/loop/backing_file") as f:

@@ -19,21 +19,12 @@ import os
 import stat
 
 from nbd_plugin.errors import ImageBusy
-from nbd_plugin.osutil.blockdev import loop_device_of
+from nbd_plugin.osutil.blockdev import loop_backing_file, loop_device_of
 from nbd_plugin.osutil.locking import hold_image
 
 
 def _fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
-
-
-def _loop_backing_file(rdev: int) -> str | None:
-    """The backing file of the loop device `rdev`, None if it is not a loop device."""
-    try:
-        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
 
 
 def claim(fd: int, path: str, *, readonly: bool) -> list[int]:
@@ -66,7 +57,7 @@ def claim(fd: int, path: str, *, readonly: bool) -> list[int]:
                 f"{path} is in use: mounted, mapped (device-mapper, md, swap) or opened "
                 "exclusively by another program; release it before serving it read-write"
             ) from None
-        backing = _loop_backing_file(st.st_rdev)
+        backing = loop_backing_file(st.st_rdev)
         if backing is not None:
             try:
                 bfd = os.open(backing, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -159,3 +159,29 @@ def test_cache_dir_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HOME", "relative")
     monkeypatch.delenv("CACHE_DIRECTORY")
     assert jit.cache_dir() is None
+
+
+def test_a_cache_below_a_directory_another_user_owns_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root with another user's HOME (sudo -E): ~/.cache is theirs, so the private vmshield/numba
+    made in it can be renamed away after the check and replaced by theirs, with their machine
+    code; a cache whose ancestors someone else controls is never used."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the attack is root using a directory another user owns")
+    theirs = tmp_path / "home-of-another-user" / ".cache"
+    theirs.mkdir(parents=True, mode=0o755)
+    os.chown(theirs, 65534, 65534)  # nobody's ~/.cache
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(theirs))
+    assert jit.cache_dir() is None
+    assert not (theirs / "vmshield").exists()
+    service = theirs / "svc"  # systemd's CacheDirectory= is checked the same way
+    service.mkdir(mode=0o700)
+    monkeypatch.setenv("CACHE_DIRECTORY", str(service))
+    assert jit.cache_dir() is None
+    link = tmp_path / "link"  # a symlink to it does not hide whose the directory is
+    link.symlink_to(theirs)
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(link))
+    assert jit.cache_dir() is None

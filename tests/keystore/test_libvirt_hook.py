@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,24 +16,15 @@ import pytest
 
 from keystore.services import serve, unlock
 from keystore.services.libvirt_hook import main
-from tests.support.libvirt import Keystore, processes
+from tests.support.libvirt import Keystore, hook_keystore, processes
 
 pytestmark = pytest.mark.skipif(shutil.which("keyctl") is None, reason="keyutils missing")
 
 
 @pytest.fixture
 def ks() -> Iterator[Keystore]:
-    base = Path(tempfile.mkdtemp(prefix="vlh", dir="/tmp"))
-    k = Keystore(base)
-    uuid = k.create()
-    k.install_hook(base / "hooks")
-    try:
+    with hook_keystore("vlh") as k:
         yield k
-    finally:
-        unlock.consume(uuid)
-        for pid in processes(str(base)):
-            os.kill(pid, 15)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def domain(ks: Keystore, *, disks: list[str] | None = None, usb: int = 0, name: str = "") -> bytes:

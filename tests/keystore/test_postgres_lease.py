@@ -127,3 +127,22 @@ def test_readers_share_the_lease_and_exclude_a_writer(keystore: str) -> None:
     finally:
         for c in conns:
             c.close()
+
+
+def test_lease_log_is_not_opened_through_a_planted_symlink(keystore: str, sockdir: Path) -> None:
+    """A socket directory another user made: the lease holder's log `DISK.lease.log` was
+    opened with O_TRUNC through their symlink, as root, before the directory was checked."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the attack is root using a directory another user owns")
+    victim = sockdir / "victim"
+    victim.write_text("root's precious file\n")
+    shared = sockdir / "shared"
+    shared.mkdir(mode=0o777)
+    os.chown(shared, 65534, 65534)
+    (shared / "web1-0.lease.log").symlink_to(victim)
+    p = _serve(keystore, shared / "web1-0.sock")
+    _, err = p.communicate(PW.decode(), timeout=120)
+    assert victim.read_text() == "root's precious file\n"
+    assert p.returncode != 0 and "belongs to uid 65534" in err
+    assert err.strip().count("\n") == 0, err
+    assert _lease_rows(keystore) == []

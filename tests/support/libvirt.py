@@ -5,8 +5,12 @@ The private libvirtd itself is scripts/libvirtlib.py (the demo uses it too).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +110,22 @@ class Keystore:
             self.cli("audit", "--json", "--limit", str(limit)).stdout
         )
         return rows
+
+
+@contextlib.contextmanager
+def hook_keystore(prefix: str) -> Iterator[Keystore]:
+    """A `Keystore` under a new /tmp directory with the hook installed (no libvirtd); on exit
+    its unlock is withdrawn, what it started is stopped and the directory removed."""
+    from keystore.services import unlock
+
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    k = Keystore(base)
+    uuid = k.create()
+    k.install_hook(base / "hooks")
+    try:
+        yield k
+    finally:
+        unlock.consume(uuid)
+        for pid in processes(str(base)):
+            os.kill(pid, 15)
+        shutil.rmtree(base, ignore_errors=True)

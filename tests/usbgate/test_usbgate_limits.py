@@ -132,3 +132,21 @@ def test_a_slow_audit_store_cannot_grow_the_queue_without_bound() -> None:
     assert len(actions) <= 7 and actions.count("usb.audit.dropped") == 1
     [dropped] = [d for a, _, d in sink.written if a == "usb.audit.dropped"]
     assert dropped["count"] == 1000 - actions.count("usb.denied")  # every row accounted for
+
+
+def test_a_flood_of_denials_cannot_push_out_the_attach_that_follows() -> None:
+    """An owner plugs a blocked device in and out until the audit queue is full, then attaches
+    the allowed one and is revoked: the usb.allowed and usb.revoked rows, which say what reached
+    the guest, were counted away as "dropped". They wait for room instead."""
+    sink = GatedSink(max_queued=5)
+    for n in range(100):
+        sink.record("usb.denied", "vm", {"n": n})
+    threading.Timer(0.3, sink.gate.set).start()  # the store catches up while record waits
+    sink.record("usb.allowed", "vm", {"device": "0781:5567"})
+    sink.record("usb.revoked", "vm", {"device": "0781:5567"})
+    sink.close()
+    actions = [a for a, _, _ in sink.written]
+    assert "usb.allowed" in actions and "usb.revoked" in actions
+    assert actions.index("usb.allowed") < actions.index("usb.revoked")
+    [dropped] = [d for a, _, d in sink.written if a == "usb.audit.dropped"]
+    assert dropped["count"] == 100 - actions.count("usb.denied")
