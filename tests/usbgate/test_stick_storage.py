@@ -177,3 +177,24 @@ def test_simulate_stick_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     vid = runner.invoke(usbgate_main, ["simulate-stick", str(tiny), "--vid", "12345",
                                        "--connect", "tcp:127.0.0.1:1"])  # fmt: skip
     assert vid.exit_code == 2 and "4-digit hex" in vid.output
+
+
+def test_a_guest_cannot_make_the_stick_hold_its_image_in_memory() -> None:
+    """READ(10) of 65535 blocks made the stick read 32 MiB into memory at once (READ(16):
+    the whole image), and a WRITE's data-out was kept up to the 4 GiB the CBW announced: a
+    malicious guest sized the owner's process. One command moves at most 16 MiB."""
+    big = BulkOnlyTransport(ScsiDisk(MemoryStore(40 * 1024 * 1024)))
+    length = 65535 * 512
+    assert big.bulk_out(cbw(5, length, read10(0, 65535), data_in=True)) is Transfer.OK
+    assert big.bulk_in(length)[0] is Transfer.STALL
+    big.clear_halt(endpoint_in=True)
+    assert csw(big)[2] == CswStatus.FAILED
+    sense = command_in(big, bytes([0x03, 0, 0, 0, 18, 0]), 18)
+    assert (sense[2] & 0x0F, sense[12]) == (0x5, 0x24)  # ILLEGAL REQUEST, INVALID FIELD IN CDB
+    from usbgate.storage.scsi import MAX_TRANSFER
+
+    assert big.bulk_out(cbw(6, 0xFFFFFFFF, write10(0, 65535), data_in=False)) is Transfer.OK
+    chunk = bytes(1024 * 1024)
+    for _ in range(20):
+        assert big.bulk_out(chunk) is Transfer.OK
+    assert big._cmd is not None and len(big._cmd.data) <= MAX_TRANSFER

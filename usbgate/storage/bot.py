@@ -18,7 +18,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from usbgate.storage.scsi import CHECK_CONDITION, GOOD, ScsiDisk, ScsiReply
+from usbgate.storage.scsi import CHECK_CONDITION, GOOD, MAX_TRANSFER, ScsiDisk, ScsiReply
 
 # struct CBW { u32 dCBWSignature "USBC"; u32 dCBWTag; u32 dCBWDataTransferLength;
 #              u8 bmCBWFlags (bit 7: data-in); u8 bCBWLUN; u8 bCBWCBLength; u8 CBWCB[16]; }
@@ -111,7 +111,8 @@ class BulkOnlyTransport:
         cmd = self._cmd
         if self.stage is Stage.DATA_OUT and cmd is not None:
             take = min(len(data), cmd.length - cmd.moved)
-            cmd.data += data[:take]
+            keep = max(0, min(take, MAX_TRANSFER - len(cmd.data)))  # beyond: refused anyway
+            cmd.data += data[:keep]
             cmd.moved += take
             if cmd.moved >= cmd.length:
                 self._finish_data_out(cmd)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 BLOCK_SIZE = 512
+#: the most one READ or WRITE may move (16 MiB; Linux asks for at most 1 MiB of a USB stick):
+#: the guest chooses the length, and a command's data sits in this process's memory whole
+MAX_TRANSFER_BLOCKS = 32768
+MAX_TRANSFER = MAX_TRANSFER_BLOCKS * BLOCK_SIZE
 
 
 class Op(enum.IntEnum):
@@ -291,6 +295,8 @@ class ScsiDisk:
         return ScsiReply(GOOD, (head + caching)[:alloc])
 
     def _check_range(self, lba: int, count: int) -> ScsiReply | None:
+        if count > MAX_TRANSFER_BLOCKS:
+            return ScsiReply(CHECK_CONDITION, sense=INVALID_FIELD_IN_CDB)
         if lba + count > self.blocks:
             return ScsiReply(CHECK_CONDITION, sense=LBA_OUT_OF_RANGE)
         return None
