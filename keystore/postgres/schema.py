@@ -198,8 +198,27 @@ CREATE TRIGGER audit_usbgate_rows BEFORE INSERT ON audit
     FOR EACH ROW EXECUTE FUNCTION vmshield_audit_usbgate_rows();
 """
 
+# version 5: and it moves the chain's head only onto the row it has just appended (it could
+# set any seq/hash: the next verify then failed for everyone)
+_V5 = f"""
+CREATE FUNCTION vmshield_audit_head_usbgate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_has_role(current_user, '{USBGATE_ROLE}', 'MEMBER')
+       AND NOT pg_has_role(current_user, '{ADMIN_ROLE}', 'MEMBER')
+       AND (NEW.seq <> OLD.seq + 1 OR NOT EXISTS (
+            SELECT 1 FROM audit WHERE seq = NEW.seq AND hash = NEW.hash
+                AND prev_hash = OLD.hash)) THEN
+        RAISE EXCEPTION 'the usbgate role moves the audit head only onto the row it appended'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_head_usbgate BEFORE UPDATE ON audit_head
+    FOR EACH ROW EXECUTE FUNCTION vmshield_audit_head_usbgate();
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4, _V5)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

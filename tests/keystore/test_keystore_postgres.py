@@ -93,6 +93,11 @@ def test_usbgate_role_cannot_forge_audit_rows_of_others(pg_cluster: Cluster) -> 
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only usb"):
                 pgaudit.append_sync(conn, actor, action, "web1", {"disk": "web1-0"})
         pgaudit.append_sync(conn, "usbgate", "usb.revoked", "web1", {"vid_pid": "0781:5567"})
+        for sql in ("UPDATE audit_head SET seq = seq + 5",  # a head past the rows: verify fails
+                    "UPDATE audit_head SET hash = repeat('f', 64)"):  # fmt: skip
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="audit head"):
+                conn.execute(sql.encode())
+            conn.rollback()
     rows = asyncio.run(_actions(url))
     assert ("alice", "disk.destroy") not in rows and ("usbgate", "usb.revoked") in rows
     assert pgaudit.verify_sync(url).ok
