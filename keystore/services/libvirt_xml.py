@@ -101,6 +101,12 @@ def usbgate_files(run_dir: Path, vm: str) -> tuple[Path, Path]:
     return run_dir / f"{vm}-usbgate.pid", run_dir / f"{vm}-usbgate.log"
 
 
+def _comment(text: str) -> str:
+    """An XML comment that says `text`: "--" may not occur in one (a path holding "-->"
+    would end it and put the rest of the path into the domain as elements)."""
+    return f"<!-- {text.replace('--', '- -')} -->"
+
+
 def _indent(text: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
@@ -120,7 +126,7 @@ def devices_xml(
     parts = [f"<!-- vmshield: VM {vm}; served by the vmshield qemu hook -->"]
     for n, d in enumerate(disks):
         sock = str(disk_socket(run_dir, d.name))
-        parts.append(f"<!-- disk {d.name}: {d.path} (ciphertext, {d.format} {d.cipher}) -->")
+        parts.append(_comment(f"disk {d.name}: {d.path} (ciphertext, {d.format} {d.cipher})"))
         parts.append(snippets.libvirt_disk_xml(sock, target=f"vd{TARGETS[n]}", readonly=readonly))
     if usb_slots:
         parts.append('<controller type="usb" model="qemu-xhci"/>')

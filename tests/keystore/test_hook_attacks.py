@@ -164,3 +164,19 @@ def test_install_hook_refuses_a_python_another_user_can_replace(ks: Keystore) ->
     assert r.returncode == 1, r.stdout + r.stderr
     assert "another user owns or can write it" in r.stderr and r.stderr.count("\n") == 1
     assert not (hooks / "vmshield").exists()
+
+
+def test_a_disk_path_cannot_add_elements_to_the_domain(ks: Keystore) -> None:
+    """`libvirt devices` put the image path into an XML comment as it is: a path holding
+    `-->` ended the comment and the rest became elements of the admin's domain (here a
+    <hostdev>), and any path with `--` made the XML invalid."""
+    import xml.etree.ElementTree as ET
+
+    evil = ks.base / "x--><hostdev mode='subsystem' type='pci'><"  # + "/hostdev><!--.img"
+    evil.mkdir()
+    ks.cli("disk", "create", ks.vm, "--size", "8M", "--pbkdf-iterations", "1000",
+           "--password-file", str(ks.pwfile), "--path", str(evil / "hostdev><!--.img"))  # fmt: skip
+    dev = ks.cli("libvirt", "devices", ks.vm).stdout
+    root = ET.fromstring(f"<devices>{dev}</devices>")
+    assert root.find("hostdev") is None and len(root.findall("disk")) == 2
+    assert "hostdev" in dev  # the path is still shown, inside its comment
