@@ -86,16 +86,3 @@ def loop_device_of(path: str) -> str | None:
         if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
             return f"/dev/{name}"
     return None
-    for name in names:
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        try:
-            bst = os.stat(backing)
-        except OSError:
-            continue  # "(deleted)" or elsewhere in another mount namespace
-        if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
-            return f"/dev/{name}"
-    return None
