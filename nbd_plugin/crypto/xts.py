@@ -106,7 +106,10 @@ class _Scratch:
         self.over = np.empty(capacity * SPAN, dtype=np.uint64)
         self.red = np.empty(capacity * SPAN, dtype=np.uint64)
         self.tweaks = np.empty(capacity * blocks * 2, dtype=np.uint64)
-        self.mixed = bytearray(capacity * blocks * BLOCK + BLOCK)
+        self.mixed = bytearray(capacity * blocks * BLOCK)
+        # ECB's output: cryptography >= 51 refuses an update_into whose destination overlaps
+        # its source, so the ciphertext of ``mixed`` lands here, not back in ``mixed``.
+        self.ecb = bytearray(capacity * blocks * BLOCK + BLOCK)
         self.views: dict[tuple[int, int, int], _Views] = {}
 
     def views_for(self, chunks: int, chunk: int, sectors: int, blocks: int, span: int) -> _Views:
@@ -150,6 +153,7 @@ class _Views:
         self.tweaks = s.tweaks[:words]
         self.mixed = np.frombuffer(s.mixed, dtype=np.uint64, count=words)
         self.mixed_bytes = memoryview(s.mixed)[: words * 8]
+        self.ecb = np.frombuffer(s.ecb, dtype=np.uint64, count=words)
 
 
 class XtsCipher:
@@ -302,9 +306,9 @@ class XtsCipher:
             self._fill_tweaks(s, v, first_iv)
             words = v.words
             np.bitwise_xor(np.frombuffer(src, dtype=np.uint64, count=words), v.tweaks, out=v.mixed)
-            (s.enc if encrypt else s.dec).update_into(v.mixed_bytes, s.mixed)
+            (s.enc if encrypt else s.dec).update_into(v.mixed_bytes, s.ecb)
             out = np.frombuffer(dst, dtype=np.uint64, count=words)
-            np.bitwise_xor(v.mixed, v.tweaks, out=out)
+            np.bitwise_xor(v.ecb, v.tweaks, out=out)
         finally:
             self._release(s)
 
