@@ -1,0 +1,125 @@
+"""Day-to-day operation through the real `vmshield` command (issue 26): lockout messages,
+non-root refusals, audit browsing, job status."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from argon2 import PasswordHasher
+from click.testing import CliRunner, Result
+
+from keystore.auth import AuthPolicy
+from keystore.cli import main
+from keystore.sqlite import repository as sqlite_repo
+
+PW = "s3cret-horse-battery"
+FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+VMSHIELD = str(Path(sys.executable).parent / "vmshield")
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "ks.db"
+    monkeypatch.setenv("VMSHIELD_DB", str(path))
+    monkeypatch.setattr(sqlite_repo, "AuthPolicy", lambda: FAST)
+    return path
+
+
+def vms(*args: str, input: str | None = None, code: int = 0) -> Result:
+    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def js(*args: str) -> Any:
+    return json.loads(vms(*args, "--json").output)
+
+
+@pytest.fixture
+def ready(db: Path) -> Path:
+    vms("init")
+    vms("user", "add", "alice", input=PW + "\n")
+    vms("vm", "add", "web1", "--owner", "alice")
+    return db
+
+
+def as_nobody(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command as uid 65534 (what a non-root admin runs)."""
+    base = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "HOME": "/nonexistent"}
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", VMSHIELD, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=base,
+        input=input,
+        check=False,
+    )
+
+
+# -- 11: lockout -------------------------------------------------------------------------
+
+
+def test_lockout_counts_down_names_the_lock_time_and_the_unlock_command(ready: Path) -> None:
+    said = []
+    for _ in range(5):
+        r = vms("user", "passwd", "alice", input="wrong-password\nnew-password-1\n", code=77)
+        said.append(r.output.strip().splitlines()[-1])
+    for left, line in zip((4, 3, 2, 1), said, strict=False):
+        s = "s" if left > 1 else ""
+        assert f"{left} attempt{s} left before a 15 min lock" in line, line
+    assert "the account is now locked for 15 min" in said[4], said[4]
+    assert "`vmshield user unlock alice`" in said[4], said[4]
+    r = vms("user", "passwd", "alice", input=f"{PW}\nnew-password-1\n", code=77)
+    line = r.output.strip().splitlines()[-1]
+    assert re.search(r"locked until 20\S+ [\d:]+ UTC \(another 1[45] min( \d+ s)?\)", line), line
+    assert ") after 5 failed attempts" in line and "vmshield user unlock alice" in line, line
+    assert "Traceback" not in r.output
+
+
+# -- 12: non-root ------------------------------------------------------------------------
+
+
+def test_install_hook_as_non_root_names_its_own_option(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    hooks = tmp_path / "hooks"
+    r = as_nobody("libvirt", "install-hook", "--hooks-dir", str(hooks),
+                  "--config", str(tmp_path / "h.conf"), "--db", str(tmp_path / "k.db"))  # fmt: skip
+    assert r.returncode == 1, r
+    assert "--socket" not in r.stderr and "--run-dir DIR" in r.stderr, r.stderr
+    assert "sudo vmshield libvirt install-hook" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not hooks.exists()
+
+
+def test_vm_unlock_as_non_root_refuses_and_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a keystore uid 65534 may use: before the fix the unlock "succeeded" into its keyring
+    base = Path(tempfile.mkdtemp(prefix="vmshield-nobody-"))
+    try:
+        os.chown(base, 65534, 65534)
+        db = base / "ks.db"
+        monkeypatch.setenv("VMSHIELD_DB", str(db))
+        monkeypatch.setattr(sqlite_repo, "AuthPolicy", lambda: FAST)
+        vms("init")
+        vms("user", "add", "alice", input=PW + "\n")
+        vms("vm", "add", "web1", "--owner", "alice")
+        for p in base.iterdir():
+            os.chown(p, 65534, 65534)
+        r = as_nobody("vm", "unlock", "web1", "--db", str(db), input=PW + "\n")
+        assert r.returncode == 1, r
+        assert "must run as root" in r.stderr and "sudo vmshield vm unlock web1" in r.stderr
+        assert "enroll-host" in r.stderr and "Traceback" not in r.stderr
+        assert "vm.unlock" not in [a["action"] for a in js("audit")]  # refused before anything
+    finally:
+        shutil.rmtree(base)
