@@ -67,8 +67,9 @@ def config_path(given: Path | None = None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
-def defaults() -> HookConfig:
-    return HookConfig(paths.default_db_path(), paths.default_run_dir(), DEFAULT_HOST_KEY)
+def defaults(run_dir: Path | None = None) -> HookConfig:
+    """The settings the hook uses where hook.conf says nothing (`run_dir`: one already known)."""
+    return HookConfig(paths.default_db_path(), run_dir or paths.default_run_dir(), DEFAULT_HOST_KEY)
 
 
 def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
