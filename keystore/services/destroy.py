@@ -29,7 +29,7 @@ from keystore.errors import (
 )
 from keystore.models import Disk, DiskState, ErasePermission
 from keystore.repository import Repository
-from keystore.services import disks, jobs
+from keystore.services import disks, jobs, serve
 from keystore.services.store import Keystore
 from nbd_plugin.erase import Certificate, EraseOptions, get_method
 from nbd_plugin.erase import erase as erase_image
@@ -113,12 +113,22 @@ def check_not_served(disk: Disk) -> None:
         disks.check_identity(disk, resuming=resuming)
         hold_image(fd, disk.path, exclusive=True)
     except ImageBusy:
+        held = serve.held_by(disk)
         raise InUse(
-            f"disk {disk.name!r} is being served (or erased): "
-            f"`vmshield disk stop {disk.name}` first, then run destroy again"
+            f"disk {disk.name!r} is being served (or erased)"
+            + (f": its image is {held}" if held else "")
+            + f"; `vmshield disk stop {disk.name}` (or stop that process) first, "
+            "then run destroy again"
         ) from None
     finally:
         os.close(fd)
+
+
+def check_idle(disk: Disk, run_dirs: Sequence[Path]) -> None:
+    """Refuse (InUse) while the libvirt domain the qemu hook served `disk` for still runs
+    (its QEMU would be writing to a disk being erased); `--force` skips this check."""
+    serve.refuse_in_use(disk, f"`vmshield disk destroy {disk.name}`",
+                        serve.users(disk, None, run_dirs))  # fmt: skip
 
 
 def eraser(reporter: Reporter | None = None) -> Eraser:

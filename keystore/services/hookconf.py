@@ -14,6 +14,7 @@ everything it needs is in this file, written by `vmshield libvirt install-hook`:
 from __future__ import annotations
 
 import configparser
+import contextlib
 import dataclasses
 import os
 import stat
@@ -125,3 +126,14 @@ def load_or_defaults(path: Path | None = None) -> HookConfig:
     """hook.conf if it exists (for the CLI: the same run_dir and host_key as the hook)."""
     p = config_path(path)
     return load(p) if p.exists() else defaults()
+
+
+def run_dirs() -> list[Path]:
+    """Where servers may live: the hook's run directory (hook.conf) and this user's default;
+    whichever cannot be known (no hook.conf one may trust, no runtime directory) is left out."""
+    found: list[Path] = []
+    with contextlib.suppress(KeystoreError):
+        found.append(load_or_defaults().run_dir)
+    with contextlib.suppress(KeystoreError):
+        found.append(paths.default_run_dir())
+    return list(dict.fromkeys(found))
