@@ -91,14 +91,21 @@ def _fd_links(pid: int) -> Iterator[tuple[str, str]]:
 # -- an image's holders -------------------------------------------------------------------
 
 
-def _locked(dev: int, ino: int) -> bool:
-    """Does /proc/locks list a lock (flock, POSIX or OFD) on this inode?"""
+def _lockers(dev: int, ino: int) -> list[int] | None:
+    """The pids /proc/locks gives for locks (flock, POSIX, OFD) on this inode; None if
+    there is no lock. (A pid there may be the parent that took the lock before forking.)"""
     want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
     try:
         text = Path("/proc/locks").read_text()
     except OSError:
-        return False
-    return any(want in line.split() for line in text.splitlines())
+        return None
+    pids = []
+    for line in text.splitlines():
+        fields = line.split()
+        if want in fields:
+            i = fields.index(want)
+            pids.append(int(fields[i - 1]) if fields[i - 1].isdigit() else 0)
+    return pids or None
 
 
 def holders(path: str | Path) -> list[Process]:
@@ -108,7 +115,8 @@ def holders(path: str | Path) -> list[Process]:
         st = os.stat(path)
     except OSError:
         return []
-    if not _locked(st.st_dev, st.st_ino):
+    lockers = _lockers(st.st_dev, st.st_ino)
+    if lockers is None:
         return []
     found: list[Process] = []
     me = os.getpid()
@@ -127,6 +135,8 @@ def holders(path: str | Path) -> list[Process]:
                 if p is not None:
                     found.append(p)
                 break
+    if not found:  # a server of ours is not dumpable: its fds are root's to read
+        found = [p for p in map(process, sorted(set(lockers) - {0, me})) if p is not None]
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -51,6 +52,18 @@ def test_stop_and_destroy_refuse_a_disk_a_guest_uses_and_name_it(
     qemu: tuple[Path, Path, subprocess.Popen[bytes]],
 ) -> None:
     db, sock, proc = qemu
+    [st] = json.loads(cli(db, "status", "--json").stdout)["disks"]
+    assert st["disk"] == "web1-0" and st["vm"] == "web1" and st["readonly"] is False
+    assert st["started_by"].startswith("CLI (") and st["socket"] == str(sock)
+    assert [c["pid"] for c in st["clients"]] == [proc.pid], st
+    assert st["clients"][0]["command"].startswith("qemu-system-x86_64 -accel tcg")
+    # the plugin's log: one timestamped line per connect and disconnect
+    subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"], check=True, timeout=30)
+    log = sock.with_suffix(".log").read_text()
+    both = r"Z vmshield: client #2 connected \(read-write\); 2 open\n.*Z vmshield: a client disc"
+    assert re.search(both + r"onnected; 1 open$", log, re.M | re.S), log
+    assert re.search(r"^20\d\d-\d\d-\d\dT[\d:.]+Z vmshield: client #1 connected \(read-write\); "
+                     r"1 open$", log, re.M), log  # fmt: skip
     r = cli(db, "disk", "stop", "web1-0", code=75)
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line, line
@@ -68,6 +81,7 @@ def test_stop_and_destroy_refuse_a_disk_a_guest_uses_and_name_it(
     assert json.loads(cli(db, "disk", "list", "--json").stdout)[0]["server"] is None
 
 
+@pytest.mark.slow
 def test_a_server_started_by_hand_is_named_and_listed(
     env: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -101,6 +115,9 @@ def test_a_server_started_by_hand_is_named_and_listed(
         assert outside["pid"] == pid and outside["command"].startswith(f"nbdkit -U {sock} "), (
             outside
         )
+        [st] = json.loads(cli(db, "status", "--json").stdout)["disks"]
+        assert (st["pid"], st["socket"], st["started_by"]) == (
+            pid, str(sock), "outside vmshield (by hand)"), st  # fmt: skip
         table = cli(db, "disk", "list").stdout
         assert f"outside vmshield (pid {pid})" in table, table
     finally:
