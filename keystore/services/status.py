@@ -3,7 +3,7 @@
 - every served disk: VM, nbdkit pid, since, read-only or not, who started it (the CLI and
   its user, the libvirt hook, or outside vmshield: by hand or a systemd unit), the clients
   connected to its socket (keystore.services.usage);
-- every usbgate process (started by the hook or by hand) with the VM it guards;
+- every usbgate process of this keystore (started by the hook or by hand) with its VM;
 - pending unlocks (`vmshield vm unlock`) with their expiry, from root's kernel keyring;
 - the disks that start unattended (an enrolled host key), from the audit trail.
 """
@@ -174,7 +174,18 @@ def _start_time(pid: int | None) -> datetime | None:
     return datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
-def _gates(run_dirs: Sequence[Path]) -> list[Gate]:
+def _same_keystore(args: Sequence[str], store: Keystore, vms: set[str], vm: str) -> bool:
+    """Does this usbgate read our keystore? (its --db, else the VM names decide)"""
+    if "--db" not in args[:-1]:
+        return vm in vms
+    given = args[args.index("--db") + 1]
+    ours = store.location
+    if isinstance(ours, Path):
+        return os.path.abspath(given) == os.path.abspath(ours)
+    return given == str(ours)
+
+
+def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gate]:
     hook_pids: dict[int, str] = {}
     for run_dir in run_dirs:
         for pidfile in run_dir.glob("*-usbgate.pid"):
@@ -189,6 +200,8 @@ def _gates(run_dirs: Sequence[Path]) -> list[Gate]:
         if "run" not in args or "--vm" not in args[:-1]:
             continue
         vm = args[args.index("--vm") + 1]
+        if not _same_keystore(args, store, vms, vm):
+            continue
         pid = int(name)
         how = "libvirt hook" if hook_pids.get(pid) == vm else "outside the hook"
         out.append(Gate(vm, pid, how, usage.redact(args)))
@@ -245,4 +258,5 @@ def _unattended(records: _Records) -> list[Unattended]:
 def collect(store: Keystore, run_dirs: Sequence[Path]) -> Status:
     """What runs now: the keystore's records checked against the kernel."""
     records = store.run(_records)
-    return Status(_served(records), _gates(run_dirs), _unlocks(records), _unattended(records))
+    gates = _gates(store, {v.name for v in records.vms}, run_dirs)
+    return Status(_served(records), gates, _unlocks(records), _unattended(records))

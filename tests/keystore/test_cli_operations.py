@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,34 @@ def test_vm_unlock_as_non_root_refuses_and_says_what_to_do(
         assert "vm.unlock" not in [a["action"] for a in js("audit")]  # refused before anything
     finally:
         shutil.rmtree(base)
+
+
+# -- 6: status: pending unlocks, unattended disks ---------------------------------------
+
+
+def test_status_shows_a_pending_unlock_with_its_expiry_and_an_enrolled_disk(
+    ready: Path, tmp_path: Path
+) -> None:
+    vms("disk", "create", "web1", "--size", "4M", "--pbkdf-iterations", "1000", input=PW + "\n")
+    vms("disk", "enroll-host", "web1-0", "--host-key", str(tmp_path / "hk" / "host.key"),
+        input=PW + "\n")  # fmt: skip
+    before = datetime.now(UTC)
+    vms("vm", "unlock", "web1", "--for", "7m", input=PW + "\n")
+    try:
+        st = js("status")
+        [pending] = st["pending_unlocks"]
+        expires = datetime.fromisoformat(pending["expires"])
+        assert pending["vm"] == "web1"
+        assert before + timedelta(minutes=7) <= expires <= datetime.now(UTC) + timedelta(minutes=7)
+        [enrolled] = st["unattended"]
+        assert (enrolled["disk"], enrolled["vm"]) == ("web1-0", "web1")
+        assert enrolled["host_key"] == str(tmp_path / "hk" / "host.key")
+        assert st["disks"] == [] and st["usbgates"] == []
+        text = vms("status").output
+        assert re.search(r"^web1 +20\d\d-\d\d-\d\d [\d:]+ +[67] min( \d+ s)?$", text, re.M), text
+        assert re.search(r"^web1-0 +web1 +20", text, re.M), text
+    finally:
+        vms("vm", "unlock", "web1", "--cancel")
+    assert js("status")["pending_unlocks"] == []
+    vms("disk", "unenroll-host", "web1-0", "--host-key", str(tmp_path / "hk" / "host.key"))
+    assert js("status")["unattended"] == []
