@@ -51,7 +51,7 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
     (usb.usb, (usb.qemu_filter,)),
     (audit.audit, (audit.verify,)),
     (libvirt.libvirt, (libvirt.devices, libvirt.install_hook)),
-    (job.job, (job.status,)),
+    (job.job, (job.status, job.cancel)),
     (keystore_cmd.keystore_group, (keystore_cmd.migrate,)),
     (
         image.image,

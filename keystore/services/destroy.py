@@ -11,6 +11,7 @@ file shows.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -245,8 +246,18 @@ def spawn(store: Keystore, disk: Disk, method: str, verify: bool) -> dict[str, A
     return job
 
 
+class Cancelled(BaseException):
+    """`vmshield job cancel` sent SIGTERM: stop where the erase is; its journal resumes it."""
+
+
+def _cancel(signum: int, frame: object) -> None:
+    raise Cancelled
+
+
 def worker(db: Path, job_path: Path, who: str) -> int:
-    """The detached side of `spawn`: run the destroy, keep the job file current."""
+    """The detached side of `spawn`: run the destroy, keep the job file current. SIGTERM
+    (`vmshield job cancel`) stops it; the disk is left failed, with how to resume."""
+    signal.signal(signal.SIGTERM, _cancel)
     job = jobs.read(job_path)
     job.update(pid=os.getpid(), state=jobs.RUNNING)
     jobs.write(job_path, job)
@@ -254,15 +265,23 @@ def worker(db: Path, job_path: Path, who: str) -> int:
     options = EraseOptions(verify=job["verify"])
     try:
         disk = store.run(lambda r: r.get_disk(job["disk"]))
-        run = eraser(jobs.JobReporter(job_path, job))
+        passes = len(get_method(job["method"]).passes)
+        run = eraser(jobs.JobReporter(job_path, job, passes=passes, verify=job["verify"]))
         cert = execute(store, disk, job["method"], options, erase=run, who=who)
+    except Cancelled:
+        resume = f"vmshield disk destroy {job['disk']} --method {job['method']}"
+        job.update(state=jobs.CANCELLED, finished=time.time(), eta_seconds=None,
+                   error=f"cancelled; `{resume}` continues it from the erase journal")  # fmt: skip
+        jobs.write(job_path, job)
+        return 1
     except (VmshieldError, ValueError) as e:
-        job.update(state=jobs.FAILED, error=str(e), finished=time.time())
+        job.update(state=jobs.FAILED, error=str(e), finished=time.time(), eta_seconds=None)
         jobs.write(job_path, job)
         return 1
     job.update(
         state=jobs.DONE,
         finished=time.time(),
+        eta_seconds=0,
         certificate=cert.path,
         sha256=cert.sha256,
         nist_sp800_88_rev2=cert.data["nist_sp800_88_rev2"]["category"],

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -155,3 +157,65 @@ def test_status_shows_a_pending_unlock_with_its_expiry_and_an_enrolled_disk(
     assert js("status")["pending_unlocks"] == []
     vms("disk", "unenroll-host", "web1-0", "--host-key", str(tmp_path / "hk" / "host.key"))
     assert js("status")["unattended"] == []
+
+
+# -- 9: job status: ISO times, overall ETA, --watch, cancel ------------------------------
+
+ISO = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """Images in memory: an erase of hundreds of MiB without loading the shared disk."""
+    path = Path(tempfile.mkdtemp(prefix="vmshield-job-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _disk_with_data(where: Path, name: str, mib: int) -> Path:
+    image = where / f"{name}.img"
+    vms("disk", "create", "web1", "--name", name, "--size", f"{mib + 8}M", "--path", str(image),
+        "--pbkdf-iterations", "1000", input=PW + "\n")  # fmt: skip
+    with image.open("r+b") as f:  # allocated extents, as a used disk has: what passes overwrite
+        f.seek(16 << 20)
+        chunk = b"\x5a" * (1 << 20)
+        for _ in range(mib):
+            f.write(chunk)
+    return image
+
+
+def test_job_status_shows_iso_times_and_an_overall_eta_and_a_job_can_be_cancelled(
+    ready: Path, shm: Path
+) -> None:
+    _disk_with_data(shm, "big", 512)
+    job = js("disk", "destroy", "big", "-m", "dod7", "--yes", "--background")
+    deadline = time.monotonic() + 120
+    while True:
+        st = js("job", "status", job["id"])
+        if st["state"] != "running" or (st.get("overall_done") and st.get("eta_seconds")):
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    assert st["state"] == "running", st
+    assert re.fullmatch(ISO, st["started"]) and st["finished"] is None, st
+    assert st["overall_total"] == 8 * st["total"]  # 7 passes and the read-back
+    assert 0 < st["overall_done"] < st["overall_total"] and st["eta_seconds"] > 0
+    row = vms("job", "status").output.splitlines()[1]
+    want = rf"{job['id']} +big +dod7 +running +pass \d/7 \(\w+\) \d+% +\d+% +\d.* +{ISO} +-"
+    assert re.fullmatch(want, row), row
+    r = vms("job", "cancel", job["id"])
+    assert f"job {job['id']} cancelled" in r.output and "vmshield disk destroy big" in r.output
+    st = js("job", "status", job["id"])
+    assert st["state"] == "cancelled" and re.fullmatch(ISO, st["finished"]), st
+    assert js("disk", "list")[-1]["state"] == "failed"
+    r = vms("job", "cancel", job["id"], code=1)
+    assert "is cancelled: nothing to cancel" in r.output
+
+    _disk_with_data(shm, "small", 1)
+    job = js("disk", "destroy", "small", "-m", "zero", "--yes", "--background")
+    r = vms("job", "status", job["id"], "--watch", "--interval", "0.2")
+    last = [line for line in r.output.splitlines() if line.startswith(job["id"])][-1]
+    assert re.search(rf" done +- +100% +- +{ISO} +{ISO}$", last), r.output
+    assert "certificate: " in r.output
