@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -219,3 +220,49 @@ def test_job_status_shows_iso_times_and_an_overall_eta_and_a_job_can_be_cancelle
     last = [line for line in r.output.splitlines() if line.startswith(job["id"])][-1]
     assert re.search(rf" done +- +100% +- +{ISO} +{ISO}$", last), r.output
     assert "certificate: " in r.output
+
+
+# -- 10: audit browsing ------------------------------------------------------------------
+
+
+def test_audit_filters_by_action_actor_and_time(ready: Path) -> None:
+    vms("user", "passwd", "alice", input="wrong-password\nnew-password-1\n", code=77)
+    every = js("audit")
+    assert {r["action"] for r in js("audit", "--action", "auth.*")} == {"auth.fail"}
+    both = js("audit", "--action", "vm.add", "--action", "user.add")
+    assert [r["action"] for r in both] == ["user.add", "vm.add"]
+    me = every[-1]["actor"]
+    assert len(js("audit", "--actor", me)) == len(every)
+    assert js("audit", "--actor", "mallory") == []
+    assert js("audit", "--since", "1h") == every
+    assert js("audit", "--until", "2000-01-01") == []
+    middle = every[len(every) // 2]
+    since = js("audit", "--since", middle["ts"][:19])  # to the second, UTC, no zone
+    assert since[0]["seq"] <= middle["seq"] and since[-1] == every[-1]
+    assert [r["seq"] for r in js("audit", "--action", "*", "--limit", "2")] == [
+        every[-2]["seq"], every[-1]["seq"]]  # fmt: skip
+    r = vms("audit", "--since", "yesterday", code=2)
+    assert "use ISO 8601 in UTC" in r.output and "Traceback" not in r.output
+
+
+def test_audit_follow_prints_new_matching_rows_until_interrupted(ready: Path) -> None:
+    p = subprocess.Popen(
+        [VMSHIELD, "audit", "--follow", "--json", "--action", "vm.*"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VMSHIELD_DB": str(ready)},
+    )  # fmt: skip
+    try:
+        assert p.stdout is not None
+        first = json.loads(p.stdout.readline())  # the existing row, then it waits
+        assert (first["action"], first["vm"]) == ("vm.add", "web1")
+        vms("user", "add", "bob", input=PW + "\n")  # not a vm.* row: not shown
+        vms("vm", "add", "db1", "--owner", "bob")
+        new = json.loads(p.stdout.readline())
+        assert (new["action"], new["vm"]) == ("vm.add", "db1")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0 and out == "" and "Traceback" not in err, (out, err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
