@@ -128,7 +128,7 @@ def check_not_served(disk: Disk) -> None:
 def check_idle(disk: Disk, run_dirs: Sequence[Path]) -> None:
     """Refuse (InUse) while the libvirt domain the qemu hook served `disk` for still runs
     (its QEMU would be writing to a disk being erased); `--force` skips this check."""
-    serve.refuse_in_use(disk, f"`vmshield disk destroy {disk.name}`",
+    serve.refuse_in_use(disk, f"vmshield disk destroy {disk.name}",
                         serve.users(disk, None, run_dirs))  # fmt: skip
 
 

@@ -316,12 +316,12 @@ def users(disk: Disk, sock: Path | None, run_dirs: Sequence[Path]) -> list[str]:
     return found
 
 
-def refuse_in_use(disk: Disk, what: str, found: Sequence[str]) -> None:
+def refuse_in_use(disk: Disk, command: str, found: Sequence[str]) -> None:
     """InUse naming every user, as `cryptsetup close` says "still in use"."""
     if found:
         raise InUse(
             f"disk {disk.name} is still in use by {'; '.join(found)}: shut the guest down "
-            f"(or disconnect the client) first, or {what} --force to do it anyway"
+            f"(or disconnect the client) first, or run `{command} --force` to do it anyway"
         )
 
 
@@ -346,7 +346,7 @@ def stop_disk(
     files = ServerFiles(Path(s.socket))
     if not force and is_our_server(s.pid, files.socket):
         d = store.run(lambda r: r.get_disk(disk_name))
-        refuse_in_use(d, f"`vmshield disk stop {disk_name}`", users(d, files.socket,
+        refuse_in_use(d, f"vmshield disk stop {disk_name}", users(d, files.socket,
                       [files.socket.parent]))  # fmt: skip
     was_running = stop(s.pid, files)
     store.run(lambda r: r.remove_server(disk_name, actor=who))
