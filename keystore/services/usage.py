@@ -15,14 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-#: the plugin's passphrase forms that are not the secret itself (+FILE, -FD, -)
-_SAFE_PASSPHRASE = re.compile(r"passphrase=([+-].*)?")
 _MAX_ARGV = 160
 
 
@@ -46,9 +43,9 @@ def redact(args: Iterable[str]) -> str:
     for a in args:
         if not shown:
             a = os.path.basename(a)  # `nbdkit`, not `/usr/bin/nbdkit`
-        key, eq, _ = a.partition("=")
-        if eq and key.endswith("passphrase") and not _SAFE_PASSPHRASE.fullmatch(a[len(key) :]):
-            a = f"{key}=(hidden)"
+        key, eq, value = a.partition("=")
+        if eq and key.endswith("passphrase") and not value.startswith(("+", "-")):
+            a = f"{key}=(hidden)"  # +FILE, -FD and - name where it is, not what
         shown.append(a)
     text = " ".join(shown)
     return text if len(text) <= _MAX_ARGV else text[: _MAX_ARGV - 3] + "..."
@@ -135,9 +132,21 @@ def holders(path: str | Path) -> list[Process]:
                 if p is not None:
                     found.append(p)
                 break
-    if not found:  # a server of ours is not dumpable: its fds are root's to read
+    if not found:  # a server is not dumpable: its fds are root's to read, its argv is not
         found = [p for p in map(process, sorted(set(lockers) - {0, me})) if p is not None]
+        found = found or _serving_by_argv(str(path))
     return found
+
+
+def _serving_by_argv(path: str) -> list[Process]:
+    """Processes whose command line names the image (`image=PATH` of an nbdkit)."""
+    wanted = {f"image={path}", f"image={os.path.realpath(path)}"}
+    out = []
+    for pid in _pids():
+        args = argv_of(pid)
+        if args and pid != os.getpid() and wanted.intersection(args):
+            out.append(Process(pid, redact(args)))
+    return out
 
 
 # -- a socket's clients -------------------------------------------------------------------

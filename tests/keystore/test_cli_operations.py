@@ -266,3 +266,13 @@ def test_audit_follow_prints_new_matching_rows_until_interrupted(ready: Path) ->
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_a_named_process_never_shows_a_literal_passphrase() -> None:
+    from keystore.services.usage import redact
+
+    argv = ["/usr/bin/nbdkit", "-U", "/run/s.sock", "python", "plugin.py", "image=/d.img"]
+    assert redact([*argv, "passphrase=+/root/web.key"]).endswith("passphrase=+/root/web.key")
+    assert redact([*argv, "passphrase=-3"]).startswith("nbdkit -U /run/s.sock python ")
+    shown = redact([*argv, "passphrase=my long secret"])
+    assert "secret" not in shown and shown.endswith("passphrase=(hidden)"), shown
