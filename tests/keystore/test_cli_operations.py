@@ -276,3 +276,24 @@ def test_a_named_process_never_shows_a_literal_passphrase() -> None:
     assert redact([*argv, "passphrase=-3"]).startswith("nbdkit -U /run/s.sock python ")
     shown = redact([*argv, "passphrase=my long secret"])
     assert "secret" not in shown and shown.endswith("passphrase=(hidden)"), shown
+
+
+def test_status_lists_this_keystores_usbgate(ready: Path, shm: Path) -> None:
+    sock = shm / "owners.sock"
+    gate = subprocess.Popen(
+        [str(Path(sys.executable).parent / "usbgate"), "run", "--vm", "web1", "--listen",
+         f"unix:{sock}", "--qemu", f"unix:{shm / 'qemu.sock'}", "--db", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert gate.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        [shown] = js("status")["usbgates"]
+        assert (shown["vm"], shown["pid"], shown["started_by"]) == (
+            "web1", gate.pid, "outside the hook"), shown  # fmt: skip
+        assert f"--vm web1 --listen unix:{sock}" in shown["command"]
+    finally:
+        gate.terminate()
+        gate.wait(timeout=30)
