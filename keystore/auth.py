@@ -57,6 +57,24 @@ class AuthPolicy:
         self.verify(dummy_verifier(self.hasher), password)
 
 
+def human_duration(seconds: float) -> str:
+    """`15 min`, `14 min 32 s`, `2 h 5 min`, `40 s`: a lock time a person reads at once."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours} h"] if hours else []
+    if minutes:
+        parts.append(f"{minutes} min")
+    if secs and not hours:
+        parts.append(f"{secs} s")
+    return " ".join(parts) or "0 s"
+
+
+def unlock_hint(name: str) -> str:
+    """What a locked-out user (or their administrator) can do."""
+    return f"wait, or have an administrator run `vmshield user unlock {name}`"
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode().rstrip("=")
 

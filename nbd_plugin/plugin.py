@@ -41,6 +41,7 @@ from nbd_plugin.crypto.jit import expected as expected_path  # noqa: E402
 from nbd_plugin.crypto.jit import start_loading, when_decided  # noqa: E402
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
+from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
 from nbd_plugin.serve.hardening import harden_process  # noqa: E402
 
@@ -51,6 +52,7 @@ for _problem in harden_process():
     print(f"nbdkit: vmshield: warning: {_problem}", file=sys.stderr, flush=True)
 
 _config = ServerConfig()
+_connections = ConnectionLog()
 _disk = None
 
 
@@ -79,6 +81,7 @@ def config_complete():
         _fail(f"{_config.image}: {exc}")
     except (VmshieldError, ValueError) as exc:
         _fail(str(exc))
+    _connections.keep()  # nbdkit sends stderr to /dev/null when it forks
     nbdkit.debug(f"vmshield: data path {expected_path()} ({describe_path()} at start)")
     when_decided(lambda: nbdkit.debug(f"vmshield: data path {describe_path()}"))
 
@@ -98,7 +101,17 @@ def thread_model():
 
 
 def open(readonly):
+    _log(_connections.connected(readonly or _disk.volume.readonly))
     return _disk
+
+
+def close(h):
+    # the handle is the one shared disk: it closes in cleanup(), after the last connection
+    _log(_connections.disconnected())
+
+
+def _log(line):
+    _connections.write(line)
 
 
 def get_size(h):

@@ -20,6 +20,7 @@ from keystore.cli import (
     keystore_cmd,
     libvirt,
     perm,
+    status,
     unlock,
     usb,
     user,
@@ -29,6 +30,7 @@ from keystore.cli import (
 #: (group, its subcommands), or a lone command
 TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] = (
     initcmd.init,
+    status.status,
     (user.user, (user.add, user.passwd, user.unlock, user.list_)),
     (vm.vm, (vm.add, vm.list_, vm.show, vm.remove, unlock.unlock_vm)),
     (
@@ -49,7 +51,7 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
     (usb.usb, (usb.qemu_filter,)),
     (audit.audit, (audit.verify,)),
     (libvirt.libvirt, (libvirt.devices, libvirt.install_hook)),
-    (job.job, (job.status,)),
+    (job.job, (job.status, job.cancel)),
     (keystore_cmd.keystore_group, (keystore_cmd.migrate,)),
     (
         image.image,

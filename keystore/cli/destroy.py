@@ -9,6 +9,7 @@ import click
 from keystore.cli.erase import confirm, done_event, method_option, methods_help, run_erase, summary
 from keystore.cli.options import actor, db_option, emit_json, handle_errors, resolve_db, run
 from keystore.services import destroy as destroying
+from keystore.services import hookconf
 from keystore.services.store import Keystore
 from nbd_plugin.erase import Certificate, EraseOptions
 
@@ -30,7 +31,9 @@ METHODS
 \b
 --background returns at once with a job id; `vmshield job status ID` follows it.
 An interrupted destroy (state destroying or failed) continues where it stopped when
-run again with the same method. A served disk is refused: `vmshield disk stop` first.
+run again with the same method. A served disk is refused (the server is named):
+`vmshield disk stop` first. So is a disk whose libvirt domain, started through the
+qemu hook, still runs (--force erases anyway).
 
 \b
 Exit status: 0 destroyed (or job started); 1 error; 74 verification failed;
@@ -50,6 +53,11 @@ Exit status: 0 destroyed (or job started); 1 error; 74 verification failed;
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (progress, result) on stdout.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Erase even while the libvirt domain the qemu hook served DISK for still runs.",
+)
 @db_option
 @handle_errors
 def destroy(
@@ -59,11 +67,14 @@ def destroy(
     verify: bool,
     as_json: bool,
     yes: bool,
+    force: bool,
     db: Path | None,
 ) -> None:
     store = Keystore(db)
     disk = run(db, lambda r: destroying.claim(r, disk_name, method, actor()))
     destroying.check_not_served(disk)  # before asking; execute() checks again
+    if not force:
+        destroying.check_idle(disk, hookconf.run_dirs())
     confirm(f"disk {disk.name} ({disk.path})", yes)
     if background:
         job = destroying.spawn(Keystore(resolve_db(db)), disk, method, verify)

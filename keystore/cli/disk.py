@@ -31,7 +31,7 @@ from keystore.cli.options import (
 from keystore.models import Disk, Server
 from keystore.repository import Repository
 from keystore.services import disks as diskops
-from keystore.services import serve, snippets
+from keystore.services import serve, snippets, usage
 from keystore.services.store import Keystore
 
 
@@ -177,7 +177,7 @@ def serve_(
     can connect reads the plaintext.
     """
     store = Keystore(db)
-    d, v, files = serve.prepare(store, disk_name, socket)
+    d, v, files = serve.prepare(store, disk_name, socket, readonly=readonly)
     pw = SecretReader(password_file).read(f"Password of {v.owner}")
     try:
         pid = serve.serve_disk(store, d, v, bytes(pw), files, readonly=readonly, who=actor())
@@ -188,11 +188,22 @@ def serve_(
 
 @click.command("stop")
 @click.argument("disk_name", metavar="DISK")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Stop it even while an NBD client is connected or its libvirt domain runs "
+    "(the guest loses its disk).",
+)
 @db_option
 @handle_errors
-def stop(disk_name: str, db: Path | None) -> None:
-    """Stop the nbdkit server of DISK (shut QEMU's use of it down first)."""
-    s, was_running = serve.stop_disk(Keystore(db), disk_name, who=actor())
+def stop(disk_name: str, force: bool, db: Path | None) -> None:
+    """Stop the nbdkit server of DISK.
+
+    Refused while a client (QEMU, qemu-io, nbdinfo...) is connected to its socket or the
+    libvirt domain the qemu hook served it for is running: each is named (exit 75). Shut
+    the guest down first, or give --force.
+    """
+    s, was_running = serve.stop_disk(Keystore(db), disk_name, who=actor(), force=force)
     click.echo(
         f"stopped server of {disk_name} (pid {s.pid})"
         if was_running
@@ -206,11 +217,13 @@ async def _listing(r: Repository, vm: str | None) -> list[tuple[Disk, Server | N
     return [(d, servers.get(d.name)) for d in disks]
 
 
-def _serving(s: Server | None) -> tuple[str, bool]:
-    if s is None:
-        return "-", False
-    alive = serve.is_our_server(s.pid, Path(s.socket))
-    return (s.socket if alive else f"stale (pid {s.pid} gone)"), alive
+def _serving(d: Disk, s: Server | None) -> tuple[str, bool]:
+    if s is not None and serve.is_our_server(s.pid, Path(s.socket)):
+        return s.socket, True
+    outside = usage.holders(d.path)
+    if outside:
+        return f"outside vmshield (pid {', '.join(str(p.pid) for p in outside)})", False
+    return ("-" if s is None else f"stale (pid {s.pid} gone)"), False
 
 
 @click.command("list")
@@ -218,19 +231,26 @@ def _serving(s: Server | None) -> tuple[str, bool]:
 @json_option
 @db_option
 def list_(vm: str | None, as_json: bool, db: Path | None) -> None:
-    """List disks with their state, size and the socket they are served on."""
+    """List disks with their state, size and the socket they are served on.
+
+    A disk whose image a server vmshield did not start holds (nbdkit by hand, a systemd
+    unit) shows as served outside vmshield, with that process's pid.
+    """
     rows = run(db, lambda r: _listing(r, vm))
     if as_json:
         out: list[dict[str, Any]] = []
         for d, s in rows:
             item = d.to_json()
-            item["server"] = None if s is None else {**s.to_json(), "alive": _serving(s)[1]}
+            alive = _serving(d, s)[1]
+            item["server"] = None if s is None else {**s.to_json(), "alive": alive}
+            # a server vmshield did not start (by hand, a systemd unit) holding the image
+            item["outside"] = [] if alive else [p.to_json() for p in usage.holders(d.path)]
             out.append(item)
         emit_json(out)
         return
     table(
         [
-            [d.name, d.vm, d.state.value, str(d.size), d.format, _serving(s)[0], d.path]
+            [d.name, d.vm, d.state.value, str(d.size), d.format, _serving(d, s)[0], d.path]
             for d, s in rows
         ],
         ["name", "vm", "state", "size", "format", "served on", "path"],

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from keystore import paths
 from keystore.cli.options import (
     db_option,
     emit_json,
@@ -151,6 +152,19 @@ def _refuse_untrusted_code() -> None:
             )
 
 
+def _default_run_dir() -> Path:
+    """/run/vmshield for root; a non-root user's private runtime directory, or a clear
+    refusal naming this command's own option (not `disk serve`'s --socket)."""
+    try:
+        return paths.default_run_dir()
+    except paths.NoRunDir:
+        raise click.ClickException(
+            "no $XDG_RUNTIME_DIR (it is set by a login session) for the hook's sockets: give "
+            "--run-dir DIR, a directory only you can write; the system libvirtd's hook is "
+            "installed by root (`sudo vmshield libvirt install-hook`), with /run/vmshield"
+        ) from None
+
+
 @click.command("install-hook")
 @click.option("--hooks-dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_HOOKS_DIR, show_default=True,
@@ -184,7 +198,9 @@ def install_hook(
     starts: restart it afterwards (an update of an existing hook applies at once).
     """
     _refuse_untrusted_code()
-    base = hookconf.defaults()
+    if run_dir is None:
+        run_dir = _default_run_dir()
+    base = hookconf.defaults(run_dir)
     if isinstance(location := resolve_location(db), PgUrl):
         try:  # hook.conf is readable by all: a password in it would be everyone's
             refuse_password(location)

@@ -7,6 +7,7 @@ a keyslot for a root-only host key. See docs/libvirt.md for what each protects a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +42,19 @@ def _host_key_path(given: Path | None) -> Path:
     return given or hookconf.load_or_defaults().host_key
 
 
+def _refuse_non_root(vm: str) -> None:
+    """The unlock lives in the caller's kernel keyring; the hook reads root's."""
+    uid = os.geteuid()
+    if uid != 0:
+        raise click.ClickException(
+            f"vm unlock must run as root: the qemu hook runs as root under libvirtd and reads "
+            f"root's kernel keyring, so as uid {uid} the password would wait in your own "
+            f"keyring, where the hook never looks. Run `sudo vmshield vm unlock {vm}` (with the "
+            "same --db), or have root enroll a host key for unattended starts "
+            "(`sudo vmshield disk enroll-host DISK`)"
+        )
+
+
 @click.command("unlock")
 @click.argument("vm_name", metavar="VM")
 @click.option(
@@ -65,6 +79,7 @@ def unlock_vm(
     libvirtd) can read it. The hook takes it at the next start and removes it: one unlock,
     one start. After DURATION the kernel drops it and a start fails with "unlock VM first".
     """
+    _refuse_non_root(vm_name)
     v = run(db, lambda r: r.get_vm(vm_name))
     if cancel:
         had = unlock.consume(v.uuid)

@@ -11,6 +11,7 @@ file shows.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from keystore.errors import (
 )
 from keystore.models import Disk, DiskState, ErasePermission
 from keystore.repository import Repository
-from keystore.services import disks, jobs
+from keystore.services import disks, jobs, serve
 from keystore.services.store import Keystore
 from nbd_plugin.erase import Certificate, EraseOptions, get_method
 from nbd_plugin.erase import erase as erase_image
@@ -113,12 +114,22 @@ def check_not_served(disk: Disk) -> None:
         disks.check_identity(disk, resuming=resuming)
         hold_image(fd, disk.path, exclusive=True)
     except ImageBusy:
+        held = serve.held_by(disk)
         raise InUse(
-            f"disk {disk.name!r} is being served (or erased): "
-            f"`vmshield disk stop {disk.name}` first, then run destroy again"
+            f"disk {disk.name!r} is being served (or erased)"
+            + (f": its image is {held}" if held else "")
+            + f"; `vmshield disk stop {disk.name}` (or stop that process) first, "
+            "then run destroy again"
         ) from None
     finally:
         os.close(fd)
+
+
+def check_idle(disk: Disk, run_dirs: Sequence[Path]) -> None:
+    """Refuse (InUse) while the libvirt domain the qemu hook served `disk` for still runs
+    (its QEMU would be writing to a disk being erased); `--force` skips this check."""
+    serve.refuse_in_use(disk, f"vmshield disk destroy {disk.name}",
+                        serve.users(disk, None, run_dirs))  # fmt: skip
 
 
 def eraser(reporter: Reporter | None = None) -> Eraser:
@@ -235,8 +246,18 @@ def spawn(store: Keystore, disk: Disk, method: str, verify: bool) -> dict[str, A
     return job
 
 
+class Cancelled(BaseException):
+    """`vmshield job cancel` sent SIGTERM: stop where the erase is; its journal resumes it."""
+
+
+def _cancel(signum: int, frame: object) -> None:
+    raise Cancelled
+
+
 def worker(db: Path, job_path: Path, who: str) -> int:
-    """The detached side of `spawn`: run the destroy, keep the job file current."""
+    """The detached side of `spawn`: run the destroy, keep the job file current. SIGTERM
+    (`vmshield job cancel`) stops it; the disk is left failed, with how to resume."""
+    signal.signal(signal.SIGTERM, _cancel)
     job = jobs.read(job_path)
     job.update(pid=os.getpid(), state=jobs.RUNNING)
     jobs.write(job_path, job)
@@ -244,15 +265,23 @@ def worker(db: Path, job_path: Path, who: str) -> int:
     options = EraseOptions(verify=job["verify"])
     try:
         disk = store.run(lambda r: r.get_disk(job["disk"]))
-        run = eraser(jobs.JobReporter(job_path, job))
+        passes = len(get_method(job["method"]).passes)
+        run = eraser(jobs.JobReporter(job_path, job, passes=passes, verify=job["verify"]))
         cert = execute(store, disk, job["method"], options, erase=run, who=who)
+    except Cancelled:
+        resume = f"vmshield disk destroy {job['disk']} --method {job['method']}"
+        job.update(state=jobs.CANCELLED, finished=time.time(), eta_seconds=None,
+                   error=f"cancelled; `{resume}` continues it from the erase journal")  # fmt: skip
+        jobs.write(job_path, job)
+        return 1
     except (VmshieldError, ValueError) as e:
-        job.update(state=jobs.FAILED, error=str(e), finished=time.time())
+        job.update(state=jobs.FAILED, error=str(e), finished=time.time(), eta_seconds=None)
         jobs.write(job_path, job)
         return 1
     job.update(
         state=jobs.DONE,
         finished=time.time(),
+        eta_seconds=0,
         certificate=cert.path,
         sha256=cert.sha256,
         nist_sp800_88_rev2=cert.data["nist_sp800_88_rev2"]["category"],

@@ -14,6 +14,7 @@ everything it needs is in this file, written by `vmshield libvirt install-hook`:
 from __future__ import annotations
 
 import configparser
+import contextlib
 import dataclasses
 import os
 import stat
@@ -67,8 +68,9 @@ def config_path(given: Path | None = None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
-def defaults() -> HookConfig:
-    return HookConfig(paths.default_db_path(), paths.default_run_dir(), DEFAULT_HOST_KEY)
+def defaults(run_dir: Path | None = None) -> HookConfig:
+    """The settings the hook uses where hook.conf says nothing (`run_dir`: one already known)."""
+    return HookConfig(paths.default_db_path(), run_dir or paths.default_run_dir(), DEFAULT_HOST_KEY)
 
 
 def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
@@ -124,3 +126,14 @@ def load_or_defaults(path: Path | None = None) -> HookConfig:
     """hook.conf if it exists (for the CLI: the same run_dir and host_key as the hook)."""
     p = config_path(path)
     return load(p) if p.exists() else defaults()
+
+
+def run_dirs() -> list[Path]:
+    """Where servers may live: the hook's run directory (hook.conf) and this user's default;
+    whichever cannot be known (no hook.conf one may trust, no runtime directory) is left out."""
+    found: list[Path] = []
+    with contextlib.suppress(KeystoreError):
+        found.append(load_or_defaults().run_dir)
+    with contextlib.suppress(KeystoreError):
+        found.append(paths.default_run_dir())
+    return list(dict.fromkeys(found))

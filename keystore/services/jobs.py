@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from keystore.errors import Conflict, NotFound
 from nbd_plugin.erase.progress import Reporter
 
 RUNNING = "running"
 DONE = "done"
 FAILED = "failed"
 INTERRUPTED = "interrupted"
+CANCELLED = "cancelled"
 
 
 def jobs_dir(db: Path) -> Path:
@@ -74,14 +77,35 @@ def list_jobs(db: Path) -> list[dict[str, Any]]:
     return sorted((read(p) for p in d.glob("*.json")), key=lambda j: str(j.get("started")))
 
 
-class JobReporter(Reporter):
-    """Erase progress into the job file, at most every `interval` seconds."""
+def iso(epoch: float | None) -> str | None:
+    """An epoch time as ISO 8601 UTC (2026-12-07T01:45:00Z)."""
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
-    def __init__(self, path: Path, job: dict[str, Any], interval: float = 0.5) -> None:
+
+class JobReporter(Reporter):
+    """Erase progress into the job file, at most every `interval` seconds.
+
+    Besides the current phase, the whole job's bytes (`overall_done` of `overall_total`:
+    every overwrite pass, then the read-back) and `eta_seconds` for all that remains, at
+    the current phase's rate. `passes` and `verify` say how much there is to do."""
+
+    def __init__(
+        self,
+        path: Path,
+        job: dict[str, Any],
+        interval: float = 0.5,
+        *,
+        passes: int = 0,
+        verify: bool = False,
+    ) -> None:
         self.path, self.job, self.interval = path, job, interval
+        self.passes, self.verify = passes, verify
         self._last = 0.0
         self._t0 = time.monotonic()
         self._base = 0
+        self._offset: int | None = None  # bytes of the whole job before this phase
 
     def _flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -91,14 +115,61 @@ class JobReporter(Reporter):
 
     def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
         self._t0, self._base = time.monotonic(), done
+        self._offset = None
+        if phase.startswith("pass") and phase[4:].isdigit():
+            self._offset = (int(phase[4:]) - 1) * total
+        elif phase == "verify":
+            self._offset = self.passes * total
+        if self._offset is not None:
+            self.job["overall_total"] = (self.passes + int(self.verify)) * total
         self.job.update(phase=label, done=done, total=total, bytes_per_second=None)
+        self._overall(done, 0.0)
         self._flush(force=True)
 
     def update(self, done: int) -> None:
         rate = (done - self._base) / max(time.monotonic() - self._t0, 1e-9)
         self.job.update(done=done, bytes_per_second=round(rate))
+        self._overall(done, rate)
         self._flush()
+
+    def _overall(self, done: int, rate: float) -> None:
+        if self._offset is None:
+            return
+        self.job["overall_done"] = overall = self._offset + done
+        left = int(self.job["overall_total"]) - overall
+        self.job["eta_seconds"] = round(left / rate, 1) if rate > 0 else None
 
     def end(self) -> None:
         self.job["done"] = self.job.get("total", 0)
         self._flush(force=True)
+
+
+def find(db: Path, job_id: str) -> tuple[Path, dict[str, Any]]:
+    """The file and contents of job `job_id` (NotFound names the listing command)."""
+    path = jobs_dir(db) / f"{job_id}.json"
+    if "/" in job_id or not path.is_file():
+        raise NotFound(f"no job {job_id!r}; `vmshield job status` lists them")
+    return path, read(path)
+
+
+def _is_worker(pid: int, path: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"keystore.services.destroy" in argv and os.fsencode(path) in argv
+
+
+def cancel(db: Path, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Stop a running job's worker (SIGTERM) and wait until it has recorded that; the job.
+
+    The erase stops where it is; its journal lets the same destroy command continue."""
+    path, job = find(db, job_id)
+    pid = int(job.get("pid") or 0)
+    if job["state"] != RUNNING or not _is_worker(pid, path):
+        raise Conflict(f"job {job_id} is {job['state']}: nothing to cancel")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return read(path)

@@ -249,7 +249,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     except BaseException:
         for name in reversed(started):
             with contextlib.suppress(VmshieldError, OSError):
-                serve.stop_disk(store, name, who=ACTOR)
+                serve.stop_disk(store, name, who=ACTOR, force=True)
         raise
     finally:
         for buf in (owner_pw, host_key):
@@ -279,7 +279,7 @@ def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     for d in store.run(lambda r: r.list_disks(vm.name)):
         s = _server(store, d.name)
         if s is not None and Path(s.socket) in sockets:
-            serve.stop_disk(store, d.name, who=ACTOR)
+            serve.stop_disk(store, d.name, who=ACTOR, force=True)
             stopped.append(d.name)
     gate = stop_usbgate(cfg, vm.name)
     for n in range(len(dom.redirdevs)):

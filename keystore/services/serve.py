@@ -26,12 +26,13 @@ import signal
 import socket as socketmod
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from keystore import paths
-from keystore.errors import Conflict, KeystoreError, NotFound
+from keystore.errors import Conflict, InUse, KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
-from keystore.services import lease
+from keystore.services import lease, usage
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -211,8 +212,11 @@ def stop(pid: int, files: ServerFiles, *, timeout: float = 10.0) -> bool:
 # -- the keystore workflow ---------------------------------------------------------------
 
 
-def prepare(store: Keystore, disk_name: str, socket: Path | None) -> tuple[Disk, Vm, ServerFiles]:
-    """The disk, its VM and its server files, if the disk is ready and not already served."""
+def prepare(
+    store: Keystore, disk_name: str, socket: Path | None, *, readonly: bool = False
+) -> tuple[Disk, Vm, ServerFiles]:
+    """The disk, its VM and its server files, if the disk is ready and not already served
+    (by vmshield, or read-write by a server started outside it: that one is named)."""
     d = store.run(lambda r: r.get_disk(disk_name))
     if d.state is not DiskState.READY:
         raise Conflict(f"disk {d.name} is {d.state.value}, not ready")
@@ -223,6 +227,12 @@ def prepare(store: Keystore, disk_name: str, socket: Path | None) -> tuple[Disk,
         raise Conflict(
             f"disk {d.name} is already served on {old.socket} "
             f"(pid {old.pid}); `vmshield disk stop {d.name}` first"
+        )
+    held = "" if readonly else held_by(d)
+    if held:
+        raise InUse(
+            f"disk {d.name} is served outside vmshield: its image is {held} "
+            "(started by hand or by a systemd unit: stop that process first)"
         )
     return d, v, files
 
@@ -289,11 +299,55 @@ def serve_recorded(
     return pid
 
 
-def stop_disk(store: Keystore, disk_name: str, *, who: str) -> tuple[Server, bool]:
-    """Stop the server of `disk_name` and forget it; (its record, whether it was running)."""
+def held_by(disk: Disk) -> str:
+    """`held by pid N: nbdkit -U ...` for each process locking the image, or ""."""
+    return "; ".join(f"held by {p}" for p in usage.holders(disk.path))
+
+
+def users(disk: Disk, sock: Path | None, run_dirs: Sequence[Path]) -> list[str]:
+    """What is using the disk now: NBD clients on `sock`, a running libvirt domain that the
+    qemu hook started the disk for (its record lives in one of `run_dirs`)."""
+    found = [f"NBD client {c}" for c in usage.clients(sock)] if sock is not None else []
+    for run_dir in dict.fromkeys(run_dirs):
+        dom = usage.running_domain(run_dir, disk.vm)
+        if dom is not None:
+            found.append(f"libvirt domain {dom[0]} ({dom[1]}) started through the qemu hook")
+            break
+    return found
+
+
+def refuse_in_use(disk: Disk, command: str, found: Sequence[str]) -> None:
+    """InUse naming every user, as `cryptsetup close` says "still in use"."""
+    if found:
+        raise InUse(
+            f"disk {disk.name} is still in use by {'; '.join(found)}: shut the guest down "
+            f"(or disconnect the client) first, or run `{command} --force` to do it anyway"
+        )
+
+
+def stop_disk(
+    store: Keystore, disk_name: str, *, who: str, force: bool = False
+) -> tuple[Server, bool]:
+    """Stop the server of `disk_name` and forget it; (its record, whether it was running).
+
+    Without `force`, refuses (InUse) while an NBD client is connected or the domain the
+    hook started the disk for is running, naming them. A disk locked by a server vmshield
+    did not start is named too (NotFound: there is nothing of ours to stop)."""
     s = store.run(lambda r: r.get_server(disk_name))
     if s is None:
-        raise NotFound(f"disk {disk_name} is not being served")
-    was_running = stop(s.pid, ServerFiles(Path(s.socket)))
+        d = store.run(lambda r: r.get_disk(disk_name))
+        held = held_by(d)
+        raise NotFound(
+            f"disk {disk_name} is not served by vmshield, but its image is {held} "
+            "(started by hand or by a systemd unit: stop that process)"
+            if held
+            else f"disk {disk_name} is not being served"
+        )
+    files = ServerFiles(Path(s.socket))
+    if not force and is_our_server(s.pid, files.socket):
+        d = store.run(lambda r: r.get_disk(disk_name))
+        refuse_in_use(d, f"vmshield disk stop {disk_name}", users(d, files.socket,
+                      [files.socket.parent]))  # fmt: skip
+    was_running = stop(s.pid, files)
     store.run(lambda r: r.remove_server(disk_name, actor=who))
     return s, was_running

@@ -7,6 +7,7 @@ import sqlite3
 from datetime import datetime
 from typing import Any
 
+from keystore.auth import human_duration, unlock_hint
 from keystore.errors import AccountLocked, AlreadyExists, AuthenticationFailed, NotFound
 from keystore.models import Principal
 from keystore.repository import check_name
@@ -92,10 +93,12 @@ class PrincipalStore(SqliteBase):
             elif row is not None:
                 reserved = await self._reserve_attempt(db, name, now)
         if locked_until is not None:
+            until = datetime.fromisoformat(locked_until)
             raise AccountLocked(
-                f"user {name!r} is locked until {locked_until} after "
-                f"{self.policy.max_failures} failed attempts; wait, or ask an administrator "
-                "to run `vmshield user unlock`"
+                f"user {name!r} is locked until "
+                f"{until.strftime('%Y-%m-%d %H:%M:%S %Z').strip()} (another "
+                f"{human_duration((until - now).total_seconds())}) after "
+                f"{self.policy.max_failures} failed attempts; {unlock_hint(name)}"
             )
         if row is None:
             await asyncio.to_thread(self.policy.burn, password)
@@ -123,8 +126,20 @@ class PrincipalStore(SqliteBase):
                     detail["locked_until"] = (now + self.policy.lockout).isoformat()
                 await self._audit(db, actor, "auth.fail", None, detail)
         if not ok:
-            raise AuthenticationFailed(f"authentication failed for user {name!r}")
+            raise AuthenticationFailed(self._failure_message(name, reserved if row else None))
         return await self.get_principal(name)
+
+    def _failure_message(self, name: str, failures: int | None) -> str:
+        """What a failed login says: the attempts left, or the lock it caused."""
+        said = f"authentication failed for user {name!r}"
+        lock = human_duration(self.policy.lockout.total_seconds())
+        if failures is None:  # unknown user: no count to give
+            limit = self.policy.max_failures
+            return f"{said}; {limit} failures in a row lock an account for {lock}"
+        left = self.policy.max_failures - failures
+        if left > 0:
+            return f"{said}: {left} attempt{'s' if left != 1 else ''} left before a {lock} lock"
+        return f"{said}: the account is now locked for {lock}; {unlock_hint(name)}"
 
     async def _reserve_attempt(self, db: Any, name: str, now: datetime) -> int:
         """Count one attempt as failed (inside the caller's write transaction); the one that

@@ -264,3 +264,27 @@ def test_disk_snapshot_overlay_still_stops_the_server(domain: Env) -> None:
     lv.virsh("destroy", ks.vm)
     assert domain.left_behind() == []
     overlay.unlink()
+
+
+@pytest.mark.slow
+def test_a_running_domains_disk_is_shown_and_cannot_be_stopped_or_destroyed(domain: Env) -> None:
+    """Issue 26 item 2: `disk stop` and `disk destroy` acted on a running guest's disk."""
+    ks, lv = domain.ks, domain.lv
+    domain.define("shell")
+    domain.unlock()
+    lv.virsh("start", ks.vm)
+    assert lv.state(ks.vm) == "running"
+    [served] = json.loads(ks.cli("status", "--json").stdout)["disks"]
+    assert served["disk"] == ks.disk and served["started_by"] == "libvirt hook", served
+    [client] = served["clients"]
+    assert client["command"].startswith("qemu-system-x86_64 "), client
+    said = ks.cli("disk", "stop", ks.disk, code=75).stderr
+    assert f"NBD client pid {client['pid']}: qemu-system-x86_64" in said, said
+    assert f"libvirt domain web1 (pid {client['pid']}: " in said, said
+    assert "started through the qemu hook" in said and "--force" in said, said
+    ks.cli("disk", "stop", ks.disk, "--force")  # the guest keeps running, without its disk
+    said = ks.cli("disk", "destroy", ks.disk, "-m", "zero", "--yes", code=75).stderr
+    assert "still in use by libvirt domain web1" in said, said
+    assert json.loads(ks.cli("disk", "list", "--json").stdout)[0]["state"] == "ready"
+    lv.virsh("destroy", ks.vm)
+    assert domain.left_behind() == []
