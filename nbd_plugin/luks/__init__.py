@@ -20,11 +20,14 @@ opens: wrong passphrase or a damaged keyslot, indistinguishable), ``ImageBusy`` 
 
 from nbd_plugin.luks.formats import FORMATS
 from nbd_plugin.luks.images import (
+    add_clevis_key,
     add_key,
     change_key,
+    clevis_tokens,
     create_image,
     info,
     key_material_regions,
+    kill_slot,
     open_volume,
     payload_region,
     probe,
@@ -36,11 +39,14 @@ from nbd_plugin.luks.volume import Volume
 __all__ = [
     "FORMATS",
     "Volume",
+    "add_clevis_key",
     "add_key",
     "change_key",
+    "clevis_tokens",
     "create_image",
     "info",
     "key_material_regions",
+    "kill_slot",
     "luks_version",
     "open_volume",
     "payload_region",
