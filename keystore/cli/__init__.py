@@ -11,6 +11,7 @@ import click
 
 from keystore.cli import (
     audit,
+    bind,
     destroy,
     disk,
     erase,
@@ -42,6 +43,8 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
             destroy.destroy,
             unlock.enroll_host,
             unlock.unenroll_host,
+            bind.bind,
+            bind.unbind,
         ),
     ),
     (perm.perm, (perm.set_, perm.show)),
