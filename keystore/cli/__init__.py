@@ -31,7 +31,7 @@ from keystore.cli import (
 TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] = (
     initcmd.init,
     (user.user, (user.add, user.passwd, user.unlock, user.list_)),
-    (vm.vm, (vm.add, vm.list_, vm.show, vm.remove, unlock.unlock_vm)),
+    (vm.vm, (vm.add, vm.list_, vm.show, vm.set_, vm.remove, unlock.unlock_vm)),
     (
         disk.disk,
         (

@@ -206,7 +206,7 @@ def _serve_unattended(
     owner_pw = unlock.peek(v.uuid)
     host = None if owner_pw is not None else unlock.read_host_key(_host_key_path(key))
     try:
-        way = opening.open_disk(d, v.name, owner_pw, host)
+        way = opening.open_disk(d, v, owner_pw, host)
         try:
             pid = serve.serve_recorded(store, d, bytes(way.secret), files, readonly=readonly,
                                        who=actor(), keyslot=way.keyslot, how=way.how)  # fmt: skip

@@ -230,7 +230,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     how: dict[str, str] = {}
     try:
         for d in disks:
-            way = opening.open_disk(d, vm.name, owner_pw, host_key)  # unlock, network, host key
+            way = opening.open_disk(d, vm, owner_pw, host_key)  # unlock, network, host key
             how[d.name] = way.how
             files = serve.ServerFiles(cfg.run_dir / f"{d.name}.sock")
             try:

@@ -9,7 +9,9 @@
 
 The first that works opens the disk; its name is what the start records. A token that does
 not answer (Tang down) falls through to the host key; if nothing is left, the error names
-the pins that failed and says what still works (the owner's unlock).
+the pins that failed and says what still works (the owner's unlock). The VM's unlock policy
+(`vmshield vm set VM --unlock`) says which of 2 and 3 may be tried at all: an admin can
+require network binding and forbid host keys; the owner's unlock is always allowed.
 """
 
 from __future__ import annotations
@@ -17,14 +19,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from keystore.errors import KeystoreError
-from keystore.models import Disk
+from keystore.models import Disk, Vm
 from keystore.services import clevis, unlock
+from nbd_plugin.errors import ExitStatus
 
 WAYS = ("unlock", "network", "host-key")
+#: the unattended ways each policy allows (besides the owner's unlock)
+ALLOWED = {"owner": (), "network": ("network",), "host-key": ("host-key",),
+           "any": ("network", "host-key")}  # fmt: skip
 
 
 class NoUnattendedKey(KeystoreError):
     """No way to open the disk without its owner; the message says what to do."""
+
+
+class PolicyForbids(NoUnattendedKey):
+    """The VM's unlock policy forbids every way that could have opened the disk."""
+
+    exit_code = ExitStatus.NOPERM
 
 
 @dataclass
@@ -41,20 +53,38 @@ class Opening:
 
 
 def open_disk(
-    disk: Disk, vm_name: str, owner_pw: bytearray | None, host_key: bytearray | None
+    disk: Disk, vm: Vm, owner_pw: bytearray | None, host_key: bytearray | None
 ) -> Opening:
-    """The first way of WAYS that opens `disk`; NoUnattendedKey (or ClevisError) if none."""
+    """The first way of WAYS the VM's policy allows that opens `disk`; NoUnattendedKey if
+    none (naming the pins that did not answer)."""
+    vm_name = vm.name
     if owner_pw is not None:
         return Opening("unlock", bytearray(owner_pw))
+    allowed = ALLOWED.get(vm.unlock, ())
     token_error: clevis.ClevisError | None = None
-    try:
-        got = clevis.unlock_with_token(disk.path)
-    except clevis.ClevisError as e:
-        got, token_error = None, e
+    got = None
+    if "network" in allowed:
+        try:
+            got = clevis.unlock_with_token(disk.path)
+        except clevis.ClevisError as e:
+            token_error = e
     if got is not None:
         return Opening("network", got.passphrase, got.keyslot, got.pins)
-    if host_key is not None and unlock.host_key_opens(disk.path, bytes(host_key)):
+    if (
+        "host-key" in allowed
+        and host_key is not None
+        and unlock.host_key_opens(disk.path, bytes(host_key))
+    ):
         return Opening("host-key", bytearray(host_key))
+    if vm.unlock != "any":
+        way = {"owner": "only its owner's `vmshield vm unlock`",
+               "network": "a bound clevis token (`vmshield disk bind`) or its owner's unlock",
+               "host-key": "the enrolled host key or its owner's unlock"}[vm.unlock]  # fmt: skip
+        why = f": {token_error}" if token_error is not None else ""
+        raise PolicyForbids(
+            f"disk {disk.name}: VM {vm_name}'s unlock policy is {vm.unlock}, so {way} may "
+            f"open it{why}: `vmshield vm unlock {vm_name}`"
+        )
     if token_error is not None:
         raise NoUnattendedKey(
             f"disk {disk.name}: {token_error}: bring the server back, or start it with its "

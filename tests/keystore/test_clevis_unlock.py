@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,26 @@ def test_hook_serves_a_tang_bound_disk_and_refuses_with_tang_down(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and tang.url in err[0], err
     assert not processes(image(ks))
+
+
+def test_unlock_policy_chooses_the_ways(ks: Keystore, tang: Tang) -> None:
+    pw = ("--password-file", str(ks.pwfile))
+    ks.cli("disk", "enroll-host", ks.disk, "--host-key", str(ks.host_key), *pw)
+    ks.cli("disk", "bind", ks.disk, "tang", "--url", tang.url, *pw)
+    for policy, how in (("any", "network"), ("host-key", "host-key"), ("network", "network")):
+        ks.cli("vm", "set", ks.vm, "--unlock", policy)
+        assert f"opened by {how}" in serve_unattended(ks).stderr
+        ks.cli("disk", "stop", ks.disk)
+    tang.stop()  # network only: the host key is not used, the start fails naming the URL
+    err = serve_unattended(ks, code=77).stderr.strip().splitlines()
+    assert len(err) == 1 and "unlock policy is network" in err[0] and tang.url in err[0], err
+    assert nothing_served(ks)
+    ks.cli("vm", "set", ks.vm, "--unlock", "owner")
+    tang.start()
+    err = serve_unattended(ks, code=77).stderr.strip().splitlines()
+    assert len(err) == 1 and "unlock policy is owner" in err[0], err
+    assert nothing_served(ks)
+    assert re.search(r"^unlock: +owner$", ks.cli("vm", "show", ks.vm).stdout, re.M)
+    sets = [r["detail"] for r in ks.audit(50) if r["action"] == "vm.set"]
+    assert sets == [{"unlock": p} for p in ("any", "host-key", "network", "owner")]
+
