@@ -45,6 +45,7 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
             unlock.unenroll_host,
             bind.bind,
             bind.unbind,
+            bind.rebind,
         ),
     ),
     (perm.perm, (perm.set_, perm.show)),

@@ -82,6 +82,29 @@ def bind(
         click.echo(f"  trusted Tang signing key {thp}")
 
 
+@click.command("rebind")
+@click.argument("disk_name", metavar="DISK")
+@click.option("--slot", type=click.IntRange(0, 31), required=True, help="The bound keyslot.")
+@click.option("--thumbprint", help="Trust only the Tang signing key with this thumbprint.")
+@db_option
+@handle_errors
+def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Path | None) -> None:
+    """Bind DISK's keyslot SLOT to its Tang server's current keys (after a key rotation).
+
+    Like `clevis luks regen`: the passphrase is recovered with the old binding (the server
+    keeps rotated keys until they are deleted) and encrypted to the keys the server now
+    advertises; the keyslot stays. Run it for each bound disk before deleting the old keys.
+    """
+    d = _ready(db, disk_name)
+    bound = binding.rebind(d.path, slot, thumbprint)
+    detail = {"disk": d.name, "keyslot": slot, "pins": bound.pins,
+              "thumbprints": list(bound.thumbprints)}  # fmt: skip
+    run(db, lambda r: r.append_audit(actor(), "disk.rebind", d.vm, detail))
+    click.echo(f"disk {d.name}: keyslot {slot} rebound to {bound.pins}")
+    for thp in bound.thumbprints:
+        click.echo(f"  trusted Tang signing key {thp}")
+
+
 @click.command("unbind")
 @click.argument("disk_name", metavar="DISK")
 @click.option("--slot", type=click.IntRange(0, 31), required=True, help="The bound keyslot.")

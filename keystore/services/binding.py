@@ -115,6 +115,37 @@ def unbind(path: str, owner_password: bytes, slot: int) -> str:
     return pins
 
 
+def rebind(path: str, slot: int, thumbprint: str | None) -> Bound:
+    """Re-encrypt the passphrase of tang-bound keyslot ``slot`` to the server's current keys
+    (after `tangd-rotate-keys`), as `clevis luks regen`: the old binding must still decrypt
+    (the server keeps rotated keys until they are deleted); the keyslot does not change."""
+    from nbd_plugin import luks
+    from nbd_plugin.errors import VmshieldError
+    from nbd_plugin.luks.luks2.tokens import protected_header, split_compact
+
+    try:
+        bound = [t for t in luks.clevis_tokens(path) if slot in t.keyslots]
+        if not bound:
+            raise BindError(f"keyslot {slot} of {path} is not bound by a clevis token")
+        token = bound[0]
+        clevis_hdr = protected_header(token.jwe["protected"]).get("clevis", {})
+        url = clevis_hdr.get("tang", {}).get("url") if clevis_hdr.get("pin") == "tang" else None
+        if not isinstance(url, str):
+            raise BindError(f"keyslot {slot} is bound to {token.pins()}: rebind handles tang only")
+        secret = clevis.decrypt(token.compact(), f"clevis token {token.id} ({token.pins()})")
+        try:
+            config = tang_config(url, thumbprint)
+            compact = clevis.encrypt("tang", config, bytes(secret), trust=thumbprint is None)
+        finally:
+            secret[:] = bytes(len(secret))
+        luks.set_clevis_jwe(path, token.id, split_compact(compact))
+    except (VmshieldError, OSError, ValueError) as e:
+        if isinstance(e, KeystoreError):
+            raise
+        raise _disk_error(e, path) from e
+    return Bound(slot, f"tang {url}", tuple(signing_thumbprints(compact)))
+
+
 def bindings(path: str) -> list[dict[str, Any]]:
     """Every clevis token of the image: its id, keyslots and pins (for `disk bindings`)."""
     from nbd_plugin import luks

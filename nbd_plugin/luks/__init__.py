@@ -32,6 +32,7 @@ from nbd_plugin.luks.images import (
     payload_region,
     probe,
     remove_key,
+    set_clevis_jwe,
 )
 from nbd_plugin.luks.regions import luks_version, wipe_regions
 from nbd_plugin.luks.volume import Volume
@@ -52,5 +53,6 @@ __all__ = [
     "payload_region",
     "probe",
     "remove_key",
+    "set_clevis_jwe",
     "wipe_regions",
 ]

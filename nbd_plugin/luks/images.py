@@ -131,6 +131,14 @@ def add_clevis_key(
         return luks2_image.add_key(fd, passphrase, new_passphrase, clevis_jwe=jwe, **opts)
 
 
+def set_clevis_jwe(path: str, token_id: int, jwe: dict[str, str]) -> None:
+    """Replace the JWE of a LUKS2 image's clevis token (``clevis luks regen``)."""
+    with _for_change(path) as (fd, module):
+        if module is not luks2_image:
+            raise UnsupportedError(f"{path}: clevis tokens need a LUKS2 image")
+        luks2_image.set_clevis_jwe(fd, token_id, jwe)
+
+
 def kill_slot(path: str, passphrase: bytes, slot: int) -> int:
     """Remove keyslot ``slot`` of a LUKS2 image (and its clevis token), authorised by the
     passphrase of another keyslot."""

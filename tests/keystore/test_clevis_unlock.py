@@ -190,3 +190,28 @@ def test_unlock_policy_chooses_the_ways(ks: Keystore, tang: Tang) -> None:
     sets = [r["detail"] for r in ks.audit(50) if r["action"] == "vm.set"]
     assert sets == [{"unlock": p} for p in ("any", "host-key", "network", "owner")]
 
+
+def test_rebind_after_tang_key_rotation(ks: Keystore, tang: Tang) -> None:
+    write_marker(ks)
+    out = ks.cli("disk", "bind", ks.disk, "tang", "--url", tang.url, "--json",
+                 "--password-file", str(ks.pwfile)).stdout  # fmt: skip
+    slot = json.loads(out)["keyslot"]
+    old_keys = tang.rotate()
+    aside = ks.base / "aside"
+    aside.mkdir()
+    for key in old_keys:  # without the old keys the old binding is dead
+        key.rename(aside / key.name)
+    assert tang.url in serve_unattended(ks, code=1).stderr
+    for key in old_keys:
+        (aside / key.name).rename(key)
+    p = ks.cli("disk", "rebind", ks.disk, "--slot", str(slot))
+    trusted = {line.split()[-1] for line in p.stdout.splitlines()[1:]}
+    assert trusted and trusted <= tang.signing_thumbprints()  # the new signing key
+    for key in old_keys:  # the server forgets the old keys: the new binding opens the disk
+        key.unlink()
+    assert "opened by network" in serve_unattended(ks).stderr
+    assert read_at(str(sock(ks)), len(MARKER), 1 << 20) == MARKER
+    ks.cli("disk", "stop", ks.disk)
+    listed = subprocess.run(["clevis", "luks", "list", "-d", image(ks)], capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    assert listed.startswith(f"{slot}: tang")

@@ -36,8 +36,15 @@ class Tang:
         return f"http://127.0.0.1:{self.port}"
 
     def signing_thumbprints(self) -> set[str]:
-        """tangd-keygen names each key file by its SHA-256 thumbprint."""
-        return {p.stem for p in self.keys.glob("*.jwk")}
+        """tangd-keygen names each key file by its SHA-256 thumbprint (rotated keys: hidden)."""
+        return {p.stem for p in self.keys.glob("*.jwk") if not p.name.startswith(".")}
+
+    def rotate(self) -> list[Path]:
+        """tangd-rotate-keys: new keys advertised; the old ones (returned) still decrypt."""
+        before = {p for p in self.keys.glob("*.jwk") if not p.name.startswith(".")}
+        subprocess.run(["/usr/libexec/tangd-rotate-keys", "-d", str(self.keys)],
+                       check=True, capture_output=True)  # fmt: skip
+        return [self.keys / f".{p.name}" for p in before]
 
     def start(self) -> None:
         listen = f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork"

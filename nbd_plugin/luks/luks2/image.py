@@ -278,6 +278,12 @@ def kill_slot(fd: int, passphrase: bytes, ks_id: int) -> int:
     return ks_id
 
 
+def set_clevis_jwe(fd: int, token_id: int, jwe: dict[str, str]) -> None:
+    """Replace the JWE of clevis token ``token_id`` (its keyslot and passphrase stay)."""
+    header = read_header(fd, "")
+    write_header(fd, header, tokens.with_jwe(header.meta, token_id, jwe, header.hdr_size))
+
+
 def clevis_tokens(fd: int, path: str) -> list[tokens.ClevisToken]:
     """The clevis tokens in the header (no passphrase needed)."""
     return tokens.clevis_tokens(read_header(fd, path).meta)

@@ -139,6 +139,16 @@ def free_token_id(meta: Metadata) -> int:
     raise ImageError(f"all {MAX_OBJECTS} LUKS2 tokens are in use")
 
 
+def with_jwe(meta: Metadata, token_id: int, jwe: dict[str, str], hdr_size: int) -> Metadata:
+    """A copy of ``meta`` whose clevis token ``token_id`` holds ``jwe`` (`clevis luks regen`)."""
+    doc = jf.load(meta.text)
+    token = doc.get("tokens", {}).get(str(token_id))
+    if not isinstance(token, dict) or token.get("type") != TOKEN_TYPE:
+        raise ImageError(f"token {token_id} is not a clevis token")
+    token["jwe"] = dict(jwe)
+    return Metadata.parse(jf.dump(doc), hdr_size)
+
+
 def with_token(meta: Metadata, token: dict[str, Any], hdr_size: int) -> Metadata:
     """A copy of ``meta`` with ``token`` added under the lowest free token id."""
     doc = jf.load(meta.text)
