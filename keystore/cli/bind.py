@@ -34,13 +34,23 @@ def _ready(db: Path | None, disk_name: str) -> Disk:
 
 @click.command("bind")
 @click.argument("disk_name", metavar="DISK")
-@click.argument("pin", type=click.Choice(["tang"]))
-@click.option("--url", required=True, help="The Tang server, e.g. http://tang.example:7500.")
+@click.argument("pin", type=click.Choice(["tang", "tpm2", "sss"]))
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="A Tang server, e.g. http://tang.example:7500 (tang: one; sss: one per server).",
+)
 @click.option(
     "--thumbprint",
-    help="Trust only the Tang signing key with this thumbprint (`tang-show-keys` on the "
+    help="tang: trust only the signing key with this thumbprint (`tang-show-keys` on the "
     "server). Without it the server's keys are trusted as they are now, and printed.",
 )
+@click.option("--pcr-ids", help="tpm2: seal to these PCRs too, e.g. 7 or 0,7.")
+@click.option(
+    "--threshold", type=click.IntRange(1, 16), help="sss: how many of the pins must answer."
+)
+@click.option("--tpm2", "with_tpm2", is_flag=True, help="sss: this host's TPM2 is one pin.")
 @password_file_option
 @json_option
 @db_option
@@ -48,23 +58,36 @@ def _ready(db: Path | None, disk_name: str) -> Disk:
 def bind(
     disk_name: str,
     pin: str,
-    url: str,
+    urls: tuple[str, ...],
     thumbprint: str | None,
+    pcr_ids: str | None,
+    threshold: int | None,
+    with_tpm2: bool,
     password_file: Path | None,
     as_json: bool,
     db: Path | None,
 ) -> None:
-    """Let DISK open unattended while the Tang server at URL answers (network-bound unlock).
+    """Let DISK open unattended while its pins answer (network-bound unlock).
 
-    Asks for the owner's password once and adds a keyslot with a random passphrase that
-    only the Tang server can recover (a clevis token in the LUKS2 header, as `clevis luks
-    bind` writes: `clevis luks list -d IMAGE` shows it). `disk serve --unattended` and the
-    libvirt hook use it; off that network the disk needs its owner again. Undo with
-    `vmshield disk unbind DISK --slot N`.
+    PIN is tang (a Tang server: the disk opens only on the network that reaches it), tpm2
+    (this host's TPM: the image opens on this machine only) or sss (THRESHOLD of several
+    Tang servers and/or the TPM, e.g. 1 of 2 Tang servers so one down is no outage).
+
+    Asks for the owner's password once and adds a keyslot with a random passphrase that only
+    the pins can recover (a clevis token in the LUKS2 header, as `clevis luks bind` writes:
+    `clevis luks list -d IMAGE` shows it). `disk serve --unattended` and the libvirt hook use
+    it. Undo with `vmshield disk unbind DISK --slot N`.
+
+    \b
+      vmshield disk bind web-0 tang --url http://tang.example:7500
+      vmshield disk bind web-0 tpm2 --pcr-ids 7
+      vmshield disk bind web-0 sss --threshold 1 --url http://t1:7500 --url http://t2:7500
     """
     d = _ready(db, disk_name)
     v = run(db, lambda r: r.get_vm(d.vm))
-    config = binding.tang_config(url, thumbprint)
+    config = binding.pin_config(
+        pin, urls, thumbprint=thumbprint, pcr_ids=pcr_ids, threshold=threshold, tpm2=with_tpm2
+    )
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
     try:
         run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))

@@ -35,12 +35,17 @@ def jwk_thumbprint(jwk: dict[str, Any]) -> str:
     return _b64url(hashlib.sha256(canon.encode()).digest())
 
 
-def signing_thumbprints(jwe_compact: bytes) -> list[str]:
-    """Thumbprints of the Tang signing keys a tang JWE was made with (to show the admin)."""
+def signing_thumbprints(jwe_compact: bytes, depth: int = 0) -> list[str]:
+    """Thumbprints of the Tang signing keys a clevis JWE was made with, sss pins included
+    (to show the admin what was trusted)."""
     from nbd_plugin.luks.luks2.tokens import protected_header
 
     header = protected_header(jwe_compact.split(b".")[0].decode("ascii"))
-    keys = header.get("clevis", {}).get("tang", {}).get("adv", {}).get("keys", [])
+    clevis_hdr = header.get("clevis", {})
+    if clevis_hdr.get("pin") == "sss" and depth < 4:
+        inner = clevis_hdr.get("sss", {}).get("jwe", [])
+        return [t for jwe in inner for t in signing_thumbprints(str(jwe).encode(), depth + 1)]
+    keys = clevis_hdr.get("tang", {}).get("adv", {}).get("keys", [])
     return [jwk_thumbprint(k) for k in keys if "verify" in k.get("key_ops", [])]
 
 
@@ -70,6 +75,44 @@ def tang_config(url: str, thumbprint: str | None) -> dict[str, Any]:
     return config
 
 
+def pin_config(
+    pin: str,
+    urls: tuple[str, ...],
+    *,
+    thumbprint: str | None = None,
+    pcr_ids: str | None = None,
+    threshold: int | None = None,
+    tpm2: bool = False,
+) -> dict[str, Any]:
+    """The `clevis encrypt PIN CONFIG` config of a `vmshield disk bind` command line."""
+    # sha256: every TPM 2.0 has that bank (clevis' default sha1 may be disabled or empty)
+    tpm_config: dict[str, Any] = {"pcr_bank": "sha256", "pcr_ids": pcr_ids} if pcr_ids else {}
+    if pin == "tang":
+        if len(urls) != 1 or threshold is not None or tpm2:
+            raise BindError("tang takes one --url (and --thumbprint); use sss for several")
+        return tang_config(urls[0], thumbprint)
+    if pin == "tpm2":
+        if urls or thumbprint or threshold is not None or tpm2:
+            raise BindError("tpm2 takes only --pcr-ids; use sss to combine it with Tang")
+        return tpm_config
+    if pin != "sss":
+        raise BindError(f"unknown pin {pin!r}: use tang, tpm2 or sss")
+    if thumbprint:
+        raise BindError("sss: --thumbprint is for a single tang binding")
+    pins: dict[str, Any] = {}
+    if urls:
+        pins["tang"] = [tang_config(u, None) for u in urls]
+    if tpm2:
+        pins["tpm2"] = tpm_config
+    count = len(urls) + int(tpm2)
+    if threshold is None or not 1 <= threshold <= count:
+        raise BindError(
+            f"sss: --threshold must be between 1 and the number of pins ({count}: each --url, "
+            "and --tpm2)"
+        )
+    return {"t": threshold, "pins": pins}
+
+
 def bind(path: str, owner_password: bytes, pin: str, config: dict[str, Any]) -> Bound:
     """Add a keyslot for a random passphrase and its clevis token for ``pin``/``config``."""
     from nbd_plugin import luks
@@ -78,7 +121,9 @@ def bind(path: str, owner_password: bytes, pin: str, config: dict[str, Any]) -> 
 
     secret = clevis.new_passphrase()
     try:
-        compact = clevis.encrypt(pin, config, bytes(secret), trust="thp" not in config)
+        compact = clevis.encrypt(
+            pin, config, bytes(secret), trust=pin != "tpm2" and "thp" not in config
+        )
         try:
             jwe = split_compact(compact)
             slot = luks.add_clevis_key(
@@ -93,7 +138,7 @@ def bind(path: str, owner_password: bytes, pin: str, config: dict[str, Any]) -> 
     finally:
         secret[:] = bytes(len(secret))
     pins = ClevisToken(-1, (slot,), jwe).pins()
-    thps = tuple(signing_thumbprints(compact)) if pin == "tang" else ()
+    thps = tuple(signing_thumbprints(compact))
     return Bound(slot, pins, thps)
 
 
