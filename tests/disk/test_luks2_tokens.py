@@ -99,3 +99,18 @@ def test_hostile_clevis_tokens_are_one_error(image: str, token: dict[str, object
 def test_other_token_types_are_ignored(image: str) -> None:
     edit_tokens(image, {"3": {"type": "systemd-fido2", "keyslots": ["0"], "x": 1}})
     assert luks.clevis_tokens(image) == []
+
+
+def test_crypto_erase_regions_cover_every_copy_of_a_token(image: str) -> None:
+    """Erase and destroy wipe luks.key_material_regions first: the clevis tokens (in both
+    JSON copies) go with the keyslots, so no JWE of a destroyed disk survives."""
+    luks.add_clevis_key(image, SECRET, BOUND, tokens.split_compact(COMPACT), iterations=1000)
+    data = Path(image).read_bytes()
+    needle = tokens.split_compact(COMPACT)["protected"].encode()
+    hits, at = [], data.find(needle)
+    while at >= 0:
+        hits.append(at)
+        at = data.find(needle, at + 1)
+    assert len(hits) == 2  # primary and secondary JSON area
+    regions = luks.key_material_regions(image)
+    assert all(any(o <= i and i + len(needle) <= o + n for o, n in regions) for i in hits)
