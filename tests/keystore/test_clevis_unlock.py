@@ -215,3 +215,17 @@ def test_rebind_after_tang_key_rotation(ks: Keystore, tang: Tang) -> None:
     listed = subprocess.run(["clevis", "luks", "list", "-d", image(ks)], capture_output=True,
                             text=True, check=True).stdout  # fmt: skip
     assert listed.startswith(f"{slot}: tang")
+
+
+def test_bind_with_a_thumbprint_trusts_only_that_key(ks: Keystore, tang: Tang) -> None:
+    pw = ("--password-file", str(ks.pwfile))
+    before = subprocess.run(["cryptsetup", "luksDump", image(ks)], capture_output=True).stdout
+    p = ks.cli("disk", "bind", ks.disk, "tang", "--url", tang.url, "--thumbprint", "x" * 43,
+               *pw, code=1)  # fmt: skip
+    assert len(p.stderr.strip().splitlines()) == 1 and "clevis encrypt tang failed" in p.stderr
+    assert (
+        subprocess.run(["cryptsetup", "luksDump", image(ks)], capture_output=True).stdout == before
+    )
+    thp = sorted(tang.signing_thumbprints())[0]
+    ks.cli("disk", "bind", ks.disk, "tang", "--url", tang.url, "--thumbprint", thp, *pw)
+    assert token(ks)["keyslots"] == ["1"]
