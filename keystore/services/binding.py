@@ -189,13 +189,3 @@ def rebind(path: str, slot: int, thumbprint: str | None) -> Bound:
             raise
         raise _disk_error(e, path) from e
     return Bound(slot, f"tang {url}", tuple(signing_thumbprints(compact)))
-
-
-def bindings(path: str) -> list[dict[str, Any]]:
-    """Every clevis token of the image: its id, keyslots and pins (for `disk bindings`)."""
-    from nbd_plugin import luks
-
-    return [
-        {"token": t.id, "keyslots": list(t.keyslots), "pins": t.pins()}
-        for t in luks.clevis_tokens(path)
-    ]

@@ -97,12 +97,6 @@ class TokenKey:
         self.passphrase[:] = bytes(len(self.passphrase))
 
 
-def has_tokens(path: str) -> bool:
-    from nbd_plugin import luks
-
-    return bool(luks.clevis_tokens(path))
-
-
 def unlock_with_token(path: str, *, timeout: float = TIMEOUT) -> TokenKey | None:
     """The passphrase of the first clevis-bound keyslot whose pins answer; None if the image
     has no clevis token; ClevisError naming every pin that did not answer."""
