@@ -53,6 +53,14 @@ class Vm(_Record):
     created: datetime
     last_access: datetime | None
     access_count: int
+    #: how its disks may open without a password typed: one of UNLOCK_POLICIES
+    unlock: str = "any"
+
+
+#: `vmshield vm set VM --unlock`: which unattended ways may open the VM's disks (an owner's
+#: `vm unlock` always may): owner = none, network = a clevis token (Tang/TPM), host-key = the
+#: enrolled host key, any = both
+UNLOCK_POLICIES = ("owner", "network", "host-key", "any")
 
 
 @dataclasses.dataclass(frozen=True)

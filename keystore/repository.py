@@ -125,6 +125,10 @@ class Repository(Protocol):
         normal_delete: bool | None = None,
     ) -> ErasePermission: ...
 
+    async def set_unlock_policy(self, vm: str, policy: str, *, actor: str) -> Vm:
+        """Which unattended ways may open VM's disks (models.UNLOCK_POLICIES); audited."""
+        ...
+
     # USB rules (thesis table 5-3)
     async def add_usb_rule(
         self,

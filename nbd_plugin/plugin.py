@@ -9,6 +9,8 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
     passphrase=-FD    read it from inherited file descriptor FD
     passphrase=-      prompt on the terminal
     passphrase=TEXT   literal passphrase (visible in ps and nbdkit -v: tests only)
+    keyslot=N         try only LUKS2 keyslot N (what a clevis token's passphrase opens:
+                      no other keyslot's KDF runs)
     discard=ignore|unmap
                       unmap: trim may punch holes (leaks which sectors are in use);
                       ignore (default): never unmap. A zero always writes encrypted

@@ -11,6 +11,7 @@ import click
 
 from keystore.cli import (
     audit,
+    bind,
     destroy,
     disk,
     erase,
@@ -32,7 +33,7 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
     initcmd.init,
     status.status,
     (user.user, (user.add, user.passwd, user.unlock, user.list_)),
-    (vm.vm, (vm.add, vm.list_, vm.show, vm.remove, unlock.unlock_vm)),
+    (vm.vm, (vm.add, vm.list_, vm.show, vm.set_, vm.remove, unlock.unlock_vm)),
     (
         disk.disk,
         (
@@ -44,6 +45,9 @@ TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] 
             destroy.destroy,
             unlock.enroll_host,
             unlock.unenroll_host,
+            bind.bind,
+            bind.unbind,
+            bind.rebind,
         ),
     ),
     (perm.perm, (perm.set_, perm.show)),

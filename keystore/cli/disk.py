@@ -28,10 +28,11 @@ from keystore.cli.options import (
     table,
     wipe,
 )
-from keystore.models import Disk, Server
+from keystore.cli.unlock import _host_key_path, host_key_option
+from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
 from keystore.services import disks as diskops
-from keystore.services import serve, snippets, usage
+from keystore.services import opening, serve, snippets, unlock, usage
 from keystore.services.store import Keystore
 
 
@@ -155,6 +156,13 @@ def _print_attach(d: Disk, sock: str, readonly: bool, as_json: bool, pid: int) -
     "$XDG_RUNTIME_DIR/vmshield/DISK.sock otherwise). At most 107 bytes.",
 )
 @click.option("--readonly", is_flag=True, help="Serve read-only (several readers may share).")
+@click.option(
+    "--unattended",
+    is_flag=True,
+    help="Ask nobody: open DISK with a pending `vm unlock`, else a bound clevis token "
+    "(`disk bind`), else the enrolled host key, in that order.",
+)
+@host_key_option
 @password_file_option
 @json_option
 @db_option
@@ -163,6 +171,8 @@ def serve_(
     disk_name: str,
     socket: Path | None,
     readonly: bool,
+    unattended: bool,
+    host_key: Path | None,
     password_file: Path | None,
     as_json: bool,
     db: Path | None,
@@ -178,12 +188,38 @@ def serve_(
     """
     store = Keystore(db)
     d, v, files = serve.prepare(store, disk_name, socket, readonly=readonly)
+    if unattended:
+        pid = _serve_unattended(store, d, v, files, readonly, host_key)
+        _print_attach(d, str(files.socket), readonly, as_json, pid)
+        return
     pw = SecretReader(password_file).read(f"Password of {v.owner}")
     try:
         pid = serve.serve_disk(store, d, v, bytes(pw), files, readonly=readonly, who=actor())
     finally:
         wipe(pw)
     _print_attach(d, str(files.socket), readonly, as_json, pid)
+
+
+def _serve_unattended(
+    store: Keystore, d: Disk, v: Vm, files: serve.ServerFiles, readonly: bool, key: Path | None
+) -> int:
+    owner_pw = unlock.peek(v.uuid)
+    host = None if owner_pw is not None else unlock.read_host_key(_host_key_path(key))
+    try:
+        way = opening.open_disk(d, v, owner_pw, host)
+        try:
+            pid = serve.serve_recorded(store, d, bytes(way.secret), files, readonly=readonly,
+                                       who=actor(), keyslot=way.keyslot, how=way.how)  # fmt: skip
+        finally:
+            way.wipe()
+    finally:
+        wipe(owner_pw or bytearray())
+        wipe(host or bytearray())
+    if way.how == "unlock":
+        unlock.consume(v.uuid)
+    click.echo(f"disk {d.name} opened by {way.how}" + (f" ({way.pins})" if way.pins else ""),
+               err=True)  # fmt: skip
+    return pid
 
 
 @click.command("stop")

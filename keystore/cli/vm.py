@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from keystore.cli.options import actor, db_option, emit_json, json_option, run, table, when
-from keystore.models import Vm
+from keystore.models import UNLOCK_POLICIES, Vm
 from keystore.repository import Repository
 
 
@@ -97,6 +97,7 @@ def show(name: str, as_json: bool, db: Path | None) -> None:
         "created",
         "last_access",
         "access_count",
+        "unlock",
     ):
         click.echo(f"{key.replace('_', ' ') + ':':14} {v[key] if v[key] is not None else '-'}")
     p = info["erase_permission"]
@@ -111,6 +112,24 @@ def show(name: str, as_json: bool, db: Path | None) -> None:
     click.echo("usb rules:" + ("" if info["usb_rules"] else " none (nothing is forwarded)"))
     for u in info["usb_rules"]:
         click.echo(f"  {u['position']}. {u['action']} {u['vendor_id']}:{u['product_id']}")
+
+
+@click.command("set")
+@click.argument("name")
+@click.option(
+    "--unlock",
+    "policy",
+    type=click.Choice(UNLOCK_POLICIES),
+    required=True,
+    help="Which unattended ways may open the VM's disks at `disk serve --unattended` and "
+    "`virsh start`: owner (only a pending `vm unlock`), network (also a clevis token: Tang "
+    "or TPM, `disk bind`), host-key (also the enrolled host key), any (both; the default).",
+)
+@db_option
+def set_(name: str, policy: str, db: Path | None) -> None:
+    """Set how VM NAME's disks may open without their owner typing a password."""
+    v = run(db, lambda r: r.set_unlock_policy(name, policy, actor=actor()))
+    click.echo(f"VM {v.name}: unlock {v.unlock}")
 
 
 @click.command("remove")

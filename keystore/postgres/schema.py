@@ -217,8 +217,14 @@ CREATE TRIGGER audit_head_usbgate BEFORE UPDATE ON audit_head
     FOR EACH ROW EXECUTE FUNCTION vmshield_audit_head_usbgate();
 """
 
+# version 6, as SQLite's version 3: which unattended ways may open a VM's disks (issue 24)
+_V6 = """
+ALTER TABLE vms ADD COLUMN unlock_policy TEXT NOT NULL DEFAULT 'any'
+    CHECK (unlock_policy IN ('owner', 'network', 'host-key', 'any'));
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4, _V5, _V6)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -10,8 +10,9 @@ domain XML on stdin (the thin script `vmshield libvirt install-hook` writes call
 - `release end`: stop them. `reconnect begin` (libvirtd restarted): check they are still
   there and say so. `migrate begin`: refused (one host serves an image read-write).
 
-Disk passphrases come from an unlock in the kernel keyring (`vmshield vm unlock`) or a host
-key keyslot (`vmshield disk enroll-host`); see keystore.services.unlock. The hook never
+Disk passphrases come, in this order, from an unlock in the kernel keyring (`vmshield vm
+unlock`), a clevis token whose Tang server or TPM answers (`vmshield disk bind`), or a host
+key keyslot (`vmshield disk enroll-host`); see keystore.services.opening. The hook never
 calls back into libvirt (that would deadlock the daemon). Every action is audited with actor
 "libvirt-hook". Domains that use nothing of vmshield pass through untouched.
 """
@@ -33,7 +34,7 @@ from keystore import paths
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
-from keystore.services import hookconf, serve, unlock
+from keystore.services import hookconf, opening, serve, unlock
 from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
 from keystore.services.store import Keystore
@@ -229,21 +230,17 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     how: dict[str, str] = {}
     try:
         for d in disks:
-            if owner_pw is not None:
-                secret, how[d.name] = owner_pw, "unlock"
-            elif host_key is not None and unlock.host_key_opens(d.path, bytes(host_key)):
-                secret, how[d.name] = host_key, "host-key"
-            else:
-                raise HookError(
-                    f"unlock VM {vm.name} first: `vmshield vm unlock {vm.name}` "
-                    f"(or `vmshield disk enroll-host {d.name}` for unattended starts)"
-                )
+            way = opening.open_disk(d, vm, owner_pw, host_key)  # unlock, network, host key
+            how[d.name] = way.how
             files = serve.ServerFiles(cfg.run_dir / f"{d.name}.sock")
             try:
-                serve.serve_recorded(store, d, bytes(secret), files, readonly=False, who=ACTOR,
-                                     timeout=cfg.timeout)  # fmt: skip
+                serve.serve_recorded(store, d, bytes(way.secret), files, readonly=False,
+                                     who=ACTOR, timeout=cfg.timeout, keyslot=way.keyslot,
+                                     how=way.how)  # fmt: skip
             except serve.ServeError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
+            finally:
+                way.wipe()
             started.append(d.name)
         gate = start_usbgate(cfg, vm.name, slots) if slots else None
     except BaseException:

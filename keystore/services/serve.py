@@ -109,8 +109,10 @@ def start(
     readonly: bool,
     timeout: float = 60.0,
     nbdkit: str = "nbdkit",
+    keyslot: int | None = None,
 ) -> int:
-    """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers."""
+    """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers.
+    `keyslot`: the passphrase is for that keyslot only (a clevis token's)."""
     exe = shutil.which(nbdkit)
     if exe is None:
         raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
@@ -133,6 +135,8 @@ def start(
         if readonly:
             cmd.append("-r")
         cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}"]
+        if keyslot is not None:
+            cmd.append(f"keyslot={keyslot}")
         proc = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -265,14 +269,19 @@ def serve_recorded(
     readonly: bool,
     who: str,
     timeout: float = 60.0,
+    keyslot: int | None = None,
+    how: str | None = None,
 ) -> int:
-    """Start nbdkit with a passphrase already vouched for (the owner's verified password, or
-    the host key of an enrolled disk: the libvirt hook), take the lease, record the server
-    and the access; its pid."""
+    """Start nbdkit with a passphrase already vouched for (the owner's verified password, the
+    host key of an enrolled disk, a clevis token's: keystore.services.opening), take the
+    lease, record the server and the access, and (with `how`) which way the disk was
+    opened; its pid."""
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
     held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:
-        pid = start(Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout)
+        pid = start(
+            Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout, keyslot=keyslot
+        )
     except ServeError as e:
         if held is not None:
             held.abort()
@@ -293,6 +302,9 @@ def serve_recorded(
             )
         )
         store.run(lambda r: r.record_access(disk.vm))
+        if how is not None:
+            opened = {"disk": disk.name, "how": how, "keyslot": keyslot}
+            store.run(lambda r: r.append_audit(who, "disk.opened", disk.vm, opened))
     except VmshieldError:
         stop(pid, files)
         raise

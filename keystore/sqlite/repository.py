@@ -19,6 +19,7 @@ from keystore.auth import AuthPolicy
 from keystore.errors import AlreadyExists, Conflict, KeystoreError, NotFound
 from keystore.models import (
     DEFAULT_ERASE_PERMISSION,
+    UNLOCK_POLICIES,
     AuditEntry,
     Disk,
     DiskState,
@@ -34,7 +35,9 @@ from keystore.sqlite.base import Clock, dt
 from keystore.sqlite.principals import PrincipalStore
 from keystore.sqlite.usbrules import Pattern, UsbRule
 
-_VM_COLS = "uuid, name, owner, pool_uuid, domain_uuid, created, last_access, access_count"
+_VM_COLS = (
+    "uuid, name, owner, pool_uuid, domain_uuid, created, last_access, access_count, unlock_policy"
+)
 _DISK_SQL = (
     "SELECT d.id, d.name, v.name, d.path, d.format, d.cipher, d.size, d.state, d.created, "
     "d.luks_uuid, d.st_dev, d.st_ino FROM disks d JOIN vms v ON v.uuid = d.vm_uuid"
@@ -46,8 +49,10 @@ _SERVER_SQL = (
 
 
 def _vm(row: sqlite3.Row) -> Vm:
-    uuid, name, owner, pool, dom, created, last, count = tuple(row)
-    return Vm(uuid, name, owner, pool, dom, datetime.fromisoformat(created), dt(last), count)
+    uuid, name, owner, pool, dom, created, last, count, policy = tuple(row)
+    return Vm(
+        uuid, name, owner, pool, dom, datetime.fromisoformat(created), dt(last), count, policy
+    )
 
 
 def _disk(row: sqlite3.Row) -> Disk:
@@ -97,7 +102,7 @@ class SqliteRepository(PrincipalStore):
             if await self._exists("SELECT 1 FROM vms WHERE name = ? OR uuid = ?", name, vm_uuid):
                 raise AlreadyExists(f"a VM named {name!r} or with uuid {vm_uuid} already exists")
             await db.execute(
-                f"INSERT INTO vms ({_VM_COLS}) VALUES (?, ?, ?, ?, ?, ?, NULL, 0)",
+                f"INSERT INTO vms ({_VM_COLS}) VALUES (?, ?, ?, ?, ?, ?, NULL, 0, 'any')",
                 (vm_uuid, name, owner, pool, dom, self._now()),
             )
             deep, normal = DEFAULT_ERASE_PERMISSION
@@ -366,6 +371,15 @@ class SqliteRepository(PrincipalStore):
                 db, actor, "perm.set", v.name, {"deep_erase": deep, "normal_delete": normal}
             )
         return ErasePermission(v.name, deep, normal)
+
+    async def set_unlock_policy(self, vm: str, policy: str, *, actor: str) -> Vm:
+        if policy not in UNLOCK_POLICIES:
+            raise ValueError(f"unlock policy {policy!r}: use one of {', '.join(UNLOCK_POLICIES)}")
+        v = await self.get_vm(vm)
+        async with self._write() as db:
+            await db.execute("UPDATE vms SET unlock_policy = ? WHERE uuid = ?", (policy, v.uuid))
+            await self._audit(db, actor, "vm.set", v.name, {"unlock": policy})
+        return await self.get_vm(v.uuid)
 
     # -- USB rules --------------------------------------------------------------------------
 

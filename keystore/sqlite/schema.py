@@ -106,7 +106,13 @@ ALTER TABLE disks ADD COLUMN st_dev INTEGER;
 ALTER TABLE disks ADD COLUMN st_ino INTEGER;
 """
 
+# which unattended ways may open a VM's disks (issue 24: `vmshield vm set VM --unlock`)
+_V3 = """
+ALTER TABLE vms ADD COLUMN unlock_policy TEXT NOT NULL DEFAULT 'any'
+    CHECK (unlock_policy IN ('owner', 'network', 'host-key', 'any'));
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,15 +20,19 @@ opens: wrong passphrase or a damaged keyslot, indistinguishable), ``ImageBusy`` 
 
 from nbd_plugin.luks.formats import FORMATS
 from nbd_plugin.luks.images import (
+    add_clevis_key,
     add_key,
     change_key,
+    clevis_tokens,
     create_image,
     info,
     key_material_regions,
+    kill_slot,
     open_volume,
     payload_region,
     probe,
     remove_key,
+    set_clevis_jwe,
 )
 from nbd_plugin.luks.regions import luks_version, wipe_regions
 from nbd_plugin.luks.volume import Volume
@@ -36,15 +40,19 @@ from nbd_plugin.luks.volume import Volume
 __all__ = [
     "FORMATS",
     "Volume",
+    "add_clevis_key",
     "add_key",
     "change_key",
+    "clevis_tokens",
     "create_image",
     "info",
     "key_material_regions",
+    "kill_slot",
     "luks_version",
     "open_volume",
     "payload_region",
     "probe",
     "remove_key",
+    "set_clevis_jwe",
     "wipe_regions",
 ]

@@ -27,8 +27,11 @@ _MAGIC_VERSION = struct.Struct(">6sH")
 class Format(Protocol):
     """What every format module provides, on a descriptor the caller opened and locked."""
 
-    def open_volume(self, fd: int, path: str, passphrase: bytes, readonly: bool) -> Volume:
-        """Unlock the image and describe its payload; InvalidPassphrase if no keyslot opens."""
+    def open_volume(
+        self, fd: int, path: str, passphrase: bytes, readonly: bool, keyslot: int | None = None
+    ) -> Volume:
+        """Unlock the image (only ``keyslot`` if given) and describe its payload;
+        InvalidPassphrase if no keyslot opens."""
         ...
 
     def create(self, fd: int, size: int, passphrase: bytes, new: NewImage, **opts: Any) -> object:

@@ -14,6 +14,8 @@ from typing import Any
 
 from nbd_plugin.errors import ImageError, UnsupportedError
 from nbd_plugin.luks.formats import MODULES, Format, Region, probe_fd
+from nbd_plugin.luks.luks2 import image as luks2_image
+from nbd_plugin.luks.luks2.tokens import ClevisToken
 from nbd_plugin.luks.policy import NewImage
 from nbd_plugin.luks.volume import Volume
 from nbd_plugin.osutil.locking import hold_image
@@ -42,12 +44,15 @@ def probe(path: str) -> str:
         os.close(fd)
 
 
-def open_volume(path: str, passphrase: bytes, *, readonly: bool) -> Volume:
-    """Open, lock and unlock an image. Nothing is written; a failure leaves no lock behind."""
+def open_volume(
+    path: str, passphrase: bytes, *, readonly: bool, keyslot: int | None = None
+) -> Volume:
+    """Open, lock and unlock an image (with ``keyslot`` only, if given). Nothing is written;
+    a failure leaves no lock behind."""
     fd = open_fd(path, readonly)
     try:
         hold_image(fd, path, exclusive=not readonly)
-        return MODULES[probe_fd(fd, path)].open_volume(fd, path, passphrase, readonly)
+        return MODULES[probe_fd(fd, path)].open_volume(fd, path, passphrase, readonly, keyslot)
     except BaseException:
         os.close(fd)
         raise
@@ -103,6 +108,44 @@ def add_key(path: str, passphrase: bytes, new_passphrase: bytes, **opts: Any) ->
     """Add a passphrase; returns the keyslot used."""
     with _for_change(path) as (fd, module):
         return module.add_key(fd, passphrase, new_passphrase, **opts)
+
+
+def clevis_tokens(path: str) -> list[ClevisToken]:
+    """The clevis tokens of a LUKS2 image (LUKS1 has none vmshield reads)."""
+    fd = open_fd(path, True)
+    try:
+        if probe_fd(fd, path) != "luks2":
+            return []
+        return luks2_image.clevis_tokens(fd, path)
+    finally:
+        os.close(fd)
+
+
+def add_clevis_key(
+    path: str, passphrase: bytes, new_passphrase: bytes, jwe: dict[str, str], **opts: Any
+) -> int:
+    """Add ``new_passphrase`` and its clevis token (LUKS2 only); returns the keyslot used."""
+    with _for_change(path) as (fd, module):
+        if module is not luks2_image:
+            raise UnsupportedError(f"{path}: clevis tokens need a LUKS2 image")
+        return luks2_image.add_key(fd, passphrase, new_passphrase, clevis_jwe=jwe, **opts)
+
+
+def set_clevis_jwe(path: str, token_id: int, jwe: dict[str, str]) -> None:
+    """Replace the JWE of a LUKS2 image's clevis token (``clevis luks regen``)."""
+    with _for_change(path) as (fd, module):
+        if module is not luks2_image:
+            raise UnsupportedError(f"{path}: clevis tokens need a LUKS2 image")
+        luks2_image.set_clevis_jwe(fd, token_id, jwe)
+
+
+def kill_slot(path: str, passphrase: bytes, slot: int) -> int:
+    """Remove keyslot ``slot`` of a LUKS2 image (and its clevis token), authorised by the
+    passphrase of another keyslot."""
+    with _for_change(path) as (fd, module):
+        if module is not luks2_image:
+            raise UnsupportedError(f"{path}: removing a keyslot by number needs LUKS2")
+        return luks2_image.kill_slot(fd, passphrase, slot)
 
 
 def remove_key(path: str, passphrase: bytes, *, allow_last: bool = False) -> int:

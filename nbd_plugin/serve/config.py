@@ -87,6 +87,7 @@ class ServerConfig:
     image: str | None = None
     passphrase: bytearray | None = None
     discard: str = "ignore"
+    keyslot: int | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -105,13 +106,17 @@ class ServerConfig:
             if value not in DISCARD_POLICIES:
                 raise ConfigError(f"discard={value}: use one of {', '.join(DISCARD_POLICIES)}")
             self.discard = value
+        elif key == "keyslot":
+            if not value.isascii() or not value.isdigit() or int(value) > 31:
+                raise ConfigError(f"keyslot={value}: use a keyslot number, 0 to 31")
+            self.keyslot = int(value)
         elif key == "data_path":
             if value not in DATA_PATHS:
                 raise ConfigError(f"data_path={value}: use one of {', '.join(DATA_PATHS)}")
             jit.select(None if value == "auto" else value)
         else:
             raise ConfigError(
-                f"unknown parameter {key}= (known: image, passphrase, discard, data_path)"
+                f"unknown parameter {key}= (known: image, passphrase, keyslot, discard, data_path)"
             )
 
     def open_disk(self, readonly: bool) -> EncryptedDisk:
@@ -121,7 +126,9 @@ class ServerConfig:
             raise ConfigError("passphrase= is required (+FILE, -FD or - to prompt)")
         jit.defer()  # the kernels load after nbdkit forks; until then, the numpy path
         try:
-            volume = open_volume(self.image, bytes(self.passphrase), readonly=readonly)
+            volume = open_volume(
+                self.image, bytes(self.passphrase), readonly=readonly, keyslot=self.keyslot
+            )
         finally:
             self.passphrase[:] = bytes(len(self.passphrase))
             self.passphrase = None

@@ -237,6 +237,16 @@ class RepositoryContract:
         with pytest.raises(NotFound):
             repo.get_erase_permission("nope")
 
+    def test_unlock_policy_default_and_set(self, repo: Sync, vm: str) -> None:
+        assert repo.get_vm(vm).unlock == "any"
+        assert repo.set_unlock_policy(vm, "network", actor=ACTOR).unlock == "network"
+        assert repo.get_vm(vm).unlock == "network" and repo.list_vms()[0].unlock == "network"
+        with pytest.raises(ValueError, match="unlock policy"):
+            repo.set_unlock_policy(vm, "nobody", actor=ACTOR)
+        with pytest.raises(NotFound):
+            repo.set_unlock_policy("nope", "owner", actor=ACTOR)
+        assert repo.list_audit(vm=vm)[-1].detail == {"unlock": "network"}
+
     # -- USB rules ----------------------------------------------------------------------
 
     def test_usb_rules_order_and_first_match(self, repo: Sync, vm: str) -> None:

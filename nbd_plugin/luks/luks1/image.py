@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from nbd_plugin.crypto.registry import make_cipher
-from nbd_plugin.errors import ImageError
+from nbd_plugin.errors import ImageError, UnsupportedError
 from nbd_plugin.luks.luks1 import format as luks1
 from nbd_plugin.luks.luks1.format import SECTOR, Keyslot, Luks1Header
 from nbd_plugin.luks.policy import NewImage, check_removable
@@ -169,8 +169,12 @@ def _no_options(opts: dict[str, Any]) -> None:
         raise ValueError(f"LUKS1 keyslots take no options {sorted(opts)}")
 
 
-def open_volume(fd: int, path: str, passphrase: bytes, readonly: bool) -> Volume:
+def open_volume(
+    fd: int, path: str, passphrase: bytes, readonly: bool, keyslot: int | None = None
+) -> Volume:
     """Unlock ``fd`` (already locked by the caller) and describe its payload."""
+    if keyslot is not None:
+        raise UnsupportedError(f"{path}: LUKS1 has no tokens; open it with its passphrase")
     header = read_header(fd)
     total = device_size(fd)
     if total < header.payload_bytes:

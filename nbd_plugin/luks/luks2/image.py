@@ -17,6 +17,7 @@ from nbd_plugin.crypto.pbkdf2 import check_hash
 from nbd_plugin.crypto.registry import check_supported, make_cipher
 from nbd_plugin.errors import ImageError, InvalidPassphrase, UnsupportedError
 from nbd_plugin.luks.luks2 import binary as luks2
+from nbd_plugin.luks.luks2 import tokens
 from nbd_plugin.luks.luks2.binary import (
     BIN_SIZE,
     BinaryHeader,
@@ -52,9 +53,16 @@ def _check_openable(header: Header, path: str) -> list[Keyslot]:
     return slots
 
 
-def unlock(fd: int, header: Header, passphrase: bytes, path: str = "") -> tuple[int, bytearray]:
-    """(keyslot id, volume key) for the first keyslot ``passphrase`` opens."""
+def unlock(
+    fd: int, header: Header, passphrase: bytes, path: str = "", keyslot: int | None = None
+) -> tuple[int, bytearray]:
+    """(keyslot id, volume key) for the first keyslot ``passphrase`` opens (only ``keyslot``
+    if given: a clevis token's passphrase is for its keyslot, no other KDF need run)."""
     slots = _check_openable(header, path)
+    if keyslot is not None:
+        slots = [ks for ks in slots if ks.id == keyslot]
+        if not slots:
+            raise ImageError(f"{at(path)}keyslot {keyslot} is not an active keyslot of the disk")
     skipped: list[str] = []
     tried = 0
     for ks in slots:
@@ -90,7 +98,9 @@ def _payload(header: Header, fd: int, path: str) -> tuple[int, int]:
     return seg.offset, (end - seg.offset) // seg.sector_size * seg.sector_size
 
 
-def open_volume(fd: int, path: str, passphrase: bytes, readonly: bool) -> Volume:
+def open_volume(
+    fd: int, path: str, passphrase: bytes, readonly: bool, keyslot: int | None = None
+) -> Volume:
     """Unlock ``fd`` (already locked by the caller) and describe its payload."""
     header = read_header(fd, path)
     meta = header.meta
@@ -98,7 +108,7 @@ def open_volume(fd: int, path: str, passphrase: bytes, readonly: bool) -> Volume
     slots = _check_openable(header, path)
     name, mode = meta.cipher_spec(slots[0].key_size)
     offset, size = _payload(header, fd, path)
-    index, key = unlock(fd, header, passphrase, path)
+    index, key = unlock(fd, header, passphrase, path, keyslot)
     try:
         cipher = make_cipher(name, mode, bytes(key), seg.sector_size, seg.sector_size // 512)
     finally:
@@ -120,13 +130,23 @@ def open_volume(fd: int, path: str, passphrase: bytes, readonly: bool) -> Volume
     )
 
 
-def _install(fd: int, header: Header, ks: Keyslot, key: bytearray, passphrase: bytes) -> Header:
+def _install(
+    fd: int,
+    header: Header,
+    ks: Keyslot,
+    key: bytearray,
+    passphrase: bytes,
+    token: dict[str, Any] | None = None,
+) -> Header:
+    """Write keyslot ``ks`` (and ``token`` with it, in the same header write)."""
     ks.check()
     derived = ks.kdf.derive(passphrase, ks.area_key_size)
     material = ks.wrap(derived, key)
     digest = header.meta.digest_for_segment()
     assert digest is not None
     meta = header.meta.with_keyslot(ks, digest.id, header.hdr_size)
+    if token is not None:
+        meta = tokens.with_token(meta, token, header.hdr_size)
     meta.json_area()  # refuse before writing anything if the metadata no longer fits
     pwrite_all(fd, material, ks.area_offset)
     os.fsync(fd)
@@ -212,16 +232,19 @@ def add_key(
     new_passphrase: bytes,
     *,
     slot: int | None = None,
+    clevis_jwe: dict[str, str] | None = None,
     **kdf_opts: Any,
 ) -> int:
-    """Add ``new_passphrase`` in a free keyslot, authorised by an existing passphrase."""
+    """Add ``new_passphrase`` in a free keyslot, authorised by an existing passphrase;
+    with ``clevis_jwe`` (the passphrase encrypted by clevis), its clevis token too."""
     header = read_header(fd, "")
     _, key = unlock(fd, header, passphrase)
     try:
         ks_id = free_id(header.meta, slot)
         kdf = kdf_from_options(_digest_hash(header), kdf_opts)
         ks = new_keyslot(header.meta, header.hdr_size, ks_id, len(key), kdf)
-        _install(fd, header, ks, key, new_passphrase)
+        token = None if clevis_jwe is None else tokens.token_object(ks_id, clevis_jwe)
+        _install(fd, header, ks, key, new_passphrase, token)
     finally:
         key[:] = bytes(len(key))
     return ks_id
@@ -239,6 +262,31 @@ def wipe_slot(fd: int, header: Header, ks_id: int) -> Header:
     pwrite_all(fd, os.urandom(ks.area_size), ks.area_offset)
     os.fsync(fd)
     return write_header(fd, header, header.meta.without_keyslot(ks_id, header.hdr_size))
+
+
+def kill_slot(fd: int, passphrase: bytes, ks_id: int) -> int:
+    """Remove keyslot ``ks_id`` (and the clevis tokens of only it), authorised by the
+    passphrase of another keyslot (``cryptsetup luksKillSlot``); never the last one."""
+    header = read_header(fd, "")
+    if ks_id not in {ks.id for ks in header.meta.keyslots}:
+        raise ImageError(f"keyslot {ks_id} is not in use")
+    index, key = unlock(fd, header, passphrase)
+    key[:] = bytes(len(key))
+    if index == ks_id:
+        raise ImageError(f"keyslot {ks_id} is the one the given passphrase opens; keeping it")
+    wipe_slot(fd, header, ks_id)
+    return ks_id
+
+
+def set_clevis_jwe(fd: int, token_id: int, jwe: dict[str, str]) -> None:
+    """Replace the JWE of clevis token ``token_id`` (its keyslot and passphrase stay)."""
+    header = read_header(fd, "")
+    write_header(fd, header, tokens.with_jwe(header.meta, token_id, jwe, header.hdr_size))
+
+
+def clevis_tokens(fd: int, path: str) -> list[tokens.ClevisToken]:
+    """The clevis tokens in the header (no passphrase needed)."""
+    return tokens.clevis_tokens(read_header(fd, path).meta)
 
 
 def remove_key(fd: int, passphrase: bytes, *, allow_last: bool = False) -> int:

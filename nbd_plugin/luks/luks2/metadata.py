@@ -465,7 +465,8 @@ class Metadata:
         return self._edited(edit, hdr_size)
 
     def without_keyslot(self, ks_id: int, hdr_size: int) -> Metadata:
-        """A copy without keyslot ``ks_id``; digests and tokens stop referring to it."""
+        """A copy without keyslot ``ks_id``; digests and tokens stop referring to it, and a
+        clevis token left with no keyslot goes with it (its JWE opened only this one)."""
         key = str(ks_id)
 
         def edit(doc: dict[str, Any]) -> None:
@@ -474,6 +475,14 @@ class Metadata:
                 for obj in doc[section].values():
                     if isinstance(obj, dict) and isinstance(obj.get("keyslots"), list):
                         obj["keyslots"] = [k for k in obj["keyslots"] if k != key]
+            tokens = doc["tokens"]
+            for tk_id, obj in list(tokens.items()):
+                if (
+                    isinstance(obj, dict)
+                    and obj.get("type") == "clevis"
+                    and obj.get("keyslots") == []
+                ):
+                    del tokens[tk_id]
 
         return self._edited(edit, hdr_size)
 
