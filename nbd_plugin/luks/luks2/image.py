@@ -45,7 +45,10 @@ DATA_OFFSET = 16 << 20  # and data offset
 
 def _check_openable(header: Header, path: str) -> list[Keyslot]:
     meta = header.meta
-    meta.validate(header.hdr_size)
+    try:
+        meta.validate(header.hdr_size)
+    except ImageError as exc:
+        raise type(exc)(f"{at(path)}{exc}") from None
     slots = meta.openable()
     if not slots:
         raise ImageError(f"{at(path)}no keyslot is bound to the data segment")
