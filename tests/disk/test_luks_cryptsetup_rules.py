@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
+import subprocess
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,6 +200,44 @@ def test_anything_else_after_the_document_is_refused(
     _rewrite_area(image, _text_edit(lambda t: t + tail), (0, HDR))
     _cryptsetup_refuses(image)
     _vmshield_refuses(image, keyfile, ImageError)
+
+
+# ---- the binary headers: a foreign signature over the primary ------------------------------
+def _lvm_label(device_size: int) -> bytes:
+    """An LVM2 physical volume label (sector 1): what pvcreate leaves at the image start."""
+    pv_header = b"A" * 32 + struct.pack("<Q", device_size) + bytes(64)
+    body = (struct.pack("<I", 32) + b"LVM2 001" + pv_header).ljust(512 - 20, b"\0")
+    crc = zlib.crc32(body, 0xF597A6CF ^ 0xFFFFFFFF) ^ 0xFFFFFFFF  # LVM's CRC: no final xor
+    return b"LABELONE" + struct.pack("<QI", 1, crc) + body
+
+
+@pytest.mark.parametrize("wipe_magic", [True, False], ids=["magic-wiped", "magic-kept"])
+def test_an_lvm_label_over_the_primary_is_ambiguous_not_recovered(
+    image: Path, keyfile: Path, wipe_magic: bool
+) -> None:
+    with image.open("r+b") as f:
+        if wipe_magic:
+            f.write(bytes(512))
+        f.seek(512)
+        f.write(_lvm_label(image.stat().st_size))
+    blkid = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", str(image)], capture_output=True, text=True
+    )
+    assert blkid.stdout.strip() == "LVM2_member"  # the real libblkid sees the PV
+    assert "ambiguous signatures" in _cryptsetup_refuses(image)
+    message = _vmshield_refuses(image, keyfile, ImageError)
+    assert "LVM2_member" in message and "ambiguous" in message
+    r = run_nbdkit_expect_failure(["python", PLUGIN, f"image={image}", f"passphrase=+{keyfile}"])
+    assert r.returncode == 1 and "LVM2_member" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_zeroed_primary_still_recovers_from_the_secondary(image: Path, keyfile: Path) -> None:
+    """Nothing else on the image: cryptsetup uses the secondary, and so does vmshield."""
+    with image.open("r+b") as f:
+        f.write(bytes(4096))
+    _cryptsetup_accepts(image)
+    assert luks.info(str(image))["header_copy"] == "secondary"
+    luks.open_volume(str(image), keyfile.read_bytes(), readonly=True).close()
 
 
 # ---- the other way: valid headers vmshield does not implement ---------------------------------

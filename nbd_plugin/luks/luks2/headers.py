@@ -2,9 +2,11 @@
 
 Reading follows cryptsetup's ``LUKS2_disk_hdr_read``: a copy is valid when its binary header,
 checksum and JSON pass every rule of ``validate``; the valid copy with the highest seqid wins.
-A damaged copy is reported (a log warning and ``warnings`` in ``info``) and repaired by the
-next write, which writes both copies: primary first, then secondary, syncing after each, so a
-crash leaves a valid copy with either the old or the new metadata.
+Using one copy without the other (damaged, or older) is cryptsetup's recovery case: refused
+when libblkid finds another signature on the image (``signatures``). A damaged copy is
+reported (a log warning and ``warnings`` in ``info``) and repaired by the next write, which
+writes both copies: primary first, then secondary, syncing after each, so a crash leaves a
+valid copy with either the old or the new metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, replace
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks.luks2 import binary as luks2
 from nbd_plugin.luks.luks2.binary import BIN_SIZE, BinaryHeader, Metadata
+from nbd_plugin.luks.luks2.signatures import foreign_signature
 from nbd_plugin.osutil.io import pread_all, pwrite_all
 
 log = logging.getLogger("vmshield.luks2")
@@ -85,7 +88,8 @@ def _both_copies(fd: int) -> tuple[_Copy, _Copy]:
 def read_header(fd: int, path: str) -> Header:
     """Both copies read and checked as cryptsetup reads them; the newest valid one wins.
 
-    ImageError if neither copy is valid; UnsupportedError ("not supported by vmshield") for a
+    ImageError if neither copy is valid, or if the valid one would need a recovery while
+    another signature sits on the image; UnsupportedError ("not supported by vmshield") for a
     valid header vmshield cannot serve.
     """
     primary, secondary = _both_copies(fd)
@@ -112,6 +116,8 @@ def read_header(fd: int, path: str) -> Header:
         stale = "primary" if other is primary else "secondary"
         errors.append(f"{stale} header: older than the other copy (interrupted update)")
     assert used.binary is not None and used.text is not None
+    if errors:
+        _refuse_foreign_signature(fd, path)
     try:
         meta = Metadata.parse(used.text, used.binary.hdr_size)
     except ImageError as exc:  # UnsupportedError too: the header is valid, never "restore"
@@ -124,6 +130,17 @@ def read_header(fd: int, path: str) -> Header:
         log.warning("%s", warning)
     salt = secondary.binary.salt if secondary.ok and secondary.binary else None
     return Header(used.binary, meta, salt, warnings)
+
+
+def _refuse_foreign_signature(fd: int, path: str) -> None:
+    """cryptsetup recovers a copy only when nothing but LUKS is on the image (libblkid)."""
+    found = foreign_signature(fd)
+    if found is not None:
+        raise ImageError(
+            f"{at(path)}one LUKS2 header copy is invalid and the image also holds {found}: "
+            "ambiguous signatures, refusing to use the other copy (as cryptsetup does); "
+            "find out who owns the image before anything else"
+        )
 
 
 def write_header(fd: int, header: Header, meta: Metadata) -> Header:
