@@ -25,7 +25,7 @@ import pytest
 from nbd_plugin import luks
 from nbd_plugin.errors import ImageError, UnsupportedError
 from tests.support.luks2 import PBKDF2, cs, digest, luks2_format
-from tests.support.nbd import PLUGIN, run_nbdkit_expect_failure
+from tests.support.nbd import PLUGIN, cryptsetup_format, run_nbdkit_expect_failure
 
 SIZE = 1 << 20
 HDR = 16384
@@ -238,6 +238,41 @@ def test_a_zeroed_primary_still_recovers_from_the_secondary(image: Path, keyfile
     _cryptsetup_accepts(image)
     assert luks.info(str(image))["header_copy"] == "secondary"
     luks.open_volume(str(image), keyfile.read_bytes(), readonly=True).close()
+
+
+# ---- images shorter than their metadata -------------------------------------------------------
+def test_luks2_image_shorter_than_its_keyslots_area_is_refused(image: Path, keyfile: Path) -> None:
+    with image.open("r+b") as f:
+        f.truncate(1 << 20)  # both header copies intact, the keyslots area cut
+    assert "too small" in _cryptsetup_refuses(image)
+    assert "truncated" in _vmshield_refuses(image, keyfile, ImageError)
+
+
+@pytest.fixture
+def luks1_image(tmp_path: Path, keyfile: Path) -> Path:
+    path = tmp_path / "l1.img"
+    cryptsetup_format(path, keyfile, SIZE, "--key-size", "512")
+    return path
+
+
+def test_luks1_image_shorter_than_its_keyslots_is_refused(luks1_image: Path, keyfile: Path) -> None:
+    with luks1_image.open("r+b") as f:
+        f.truncate(1 << 20)
+    assert "too small" in _cryptsetup_refuses(luks1_image)
+    assert "truncated" in _vmshield_refuses(luks1_image, keyfile, ImageError)
+
+
+def test_luks1_image_shorter_than_its_payload_offset_is_no_0_byte_disk(
+    luks1_image: Path, keyfile: Path
+) -> None:
+    """The keyslots fit, the payload does not start: cryptsetup's luksDump shows the header,
+    its activation refuses the device ("offset is beyond real size", device-mapper: not
+    runnable here); vmshield used to describe it as a 0-byte disk."""
+    keyslots_end = 8 + 7 * 504 + 500  # sectors: 8 slots of 4000 x 64 bytes, 4 KiB aligned
+    with luks1_image.open("r+b") as f:
+        f.truncate(keyslots_end * 512 + 4096)
+    _cryptsetup_accepts(luks1_image)
+    assert "payload at byte" in _vmshield_refuses(luks1_image, keyfile, ImageError)
 
 
 # ---- the other way: valid headers vmshield does not implement ---------------------------------

@@ -19,6 +19,7 @@ from nbd_plugin.errors import ImageError
 from nbd_plugin.luks.luks2 import binary as luks2
 from nbd_plugin.luks.luks2.binary import BIN_SIZE, BinaryHeader, Metadata
 from nbd_plugin.luks.luks2.signatures import foreign_signature
+from nbd_plugin.osutil.blockdev import device_size
 from nbd_plugin.osutil.io import pread_all, pwrite_all
 
 log = logging.getLogger("vmshield.luks2")
@@ -88,9 +89,9 @@ def _both_copies(fd: int) -> tuple[_Copy, _Copy]:
 def read_header(fd: int, path: str) -> Header:
     """Both copies read and checked as cryptsetup reads them; the newest valid one wins.
 
-    ImageError if neither copy is valid, or if the valid one would need a recovery while
-    another signature sits on the image; UnsupportedError ("not supported by vmshield") for a
-    valid header vmshield cannot serve.
+    ImageError if neither copy is valid, if the valid one would need a recovery while another
+    signature sits on the image, or if the image is shorter than its header and keyslots;
+    UnsupportedError ("not supported by vmshield") for a valid header vmshield cannot serve.
     """
     primary, secondary = _both_copies(fd)
     if not primary.ok and not secondary.ok:
@@ -122,6 +123,7 @@ def read_header(fd: int, path: str) -> Header:
         meta = Metadata.parse(used.text, used.binary.hdr_size)
     except ImageError as exc:  # UnsupportedError too: the header is valid, never "restore"
         raise type(exc)(f"{at(path)}{exc}") from None
+    _check_size(fd, path, used.binary.hdr_size, meta)
     warnings = tuple(
         f"{at(path)}{e}; using the {'secondary' if used.binary.secondary else 'primary'} copy"
         for e in errors
@@ -140,6 +142,17 @@ def _refuse_foreign_signature(fd: int, path: str) -> None:
             f"{at(path)}one LUKS2 header copy is invalid and the image also holds {found}: "
             "ambiguous signatures, refusing to use the other copy (as cryptsetup does); "
             "find out who owns the image before anything else"
+        )
+
+
+def _check_size(fd: int, path: str, hdr_size: int, meta: Metadata) -> None:
+    """device_check_size: the image holds both copies and the whole keyslots area."""
+    need = 2 * hdr_size + meta.keyslots_size
+    total = device_size(fd)
+    if total < need:
+        raise ImageError(
+            f"{at(path)}truncated: the image is {total} bytes, its LUKS2 header and keyslots "
+            f"area need {need}"
         )
 
 

@@ -289,8 +289,7 @@ def info(fd: int, path: str) -> dict[str, Any]:
     header = read_header(fd, path)
     meta = header.meta
     seg = meta.segment
-    total = device_size(fd)
-    size = seg.size if seg.size is not None else max(0, total - seg.offset)
+    _, size = _payload(header, fd, path)  # a payload past the end is refused, not "0 bytes"
     keyslots = [
         {
             "slot": ks.id,
@@ -315,7 +314,7 @@ def info(fd: int, path: str) -> dict[str, Any]:
         "sector_size": seg.sector_size,
         "iv_tweak": seg.iv_tweak,
         "payload_offset": seg.offset,
-        "size": size // seg.sector_size * seg.sector_size,
+        "size": size,
         "header_size": header.hdr_size,
         "seqid": header.binary.seqid,
         "header_copy": "secondary" if header.binary.secondary else "primary",
