@@ -286,6 +286,11 @@ def _two_segments(doc: dict[str, Any]) -> None:
 UNSUPPORTED: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("two-segments", _doc_edit(_two_segments), "reencryption"),
     ("linear-segment", _doc_edit(_set("segments.0.type", "linear")), "'linear'"),
+    (
+        "reencrypt-requirement",
+        _doc_edit(_set("config.requirements", {"mandatory": ["offline-reencrypt"]})),
+        "offline-reencrypt",
+    ),
 ]
 
 
