@@ -423,7 +423,7 @@ def test_fuzz_luks2_what_cryptsetup_refuses_vmshield_refuses(tmp_path: Path) -> 
     target = Target(base, tmp_path / "work3.img", 2 * HDR)
     outcomes: dict[tuple[bool, bool], int] = {}
     try:
-        for n, rng in cases(300, salt=3):
+        for n, rng in cases(200, salt=3):
             os.pwrite(target.fd, _luks2_copies(rng, target.base), 0)
             try:
                 try:
