@@ -8,7 +8,9 @@ passes these rules but uses a feature vmshield lacks (a reencryption, a segment 
 than ``crypt``) is refused later, by ``metadata``, as "not supported by vmshield".
 
 The order is cryptsetup's ``LUKS2_hdr_validate``: requirements, tokens, digests, segments,
-keyslots, config, keyslot areas, the JSON size, then the keyslot implementations.
+keyslots, config, keyslot areas, the JSON size, then the keyslot implementations. As in
+cryptsetup, each check relies on the ones before it (``header`` runs them all): call them
+in that order only.
 """
 
 from __future__ import annotations
