@@ -23,6 +23,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -271,15 +273,84 @@ def _edit_doc(rng: random.Random, doc: dict[str, Any]) -> None:
         parent[last] = _value(rng, doc)
 
 
+def _rule_edit(rng: random.Random, doc: dict[str, Any]) -> None:
+    """Shapes cryptsetup's rules (issue 20) are about: keyslot-digest bindings, flags,
+    requirements, segment ids and types, reencrypt keyslots."""
+    kind = rng.randrange(7)
+    digests, keyslots = doc.get("digests", {}), doc.get("keyslots", {})
+    if kind == 0 and digests:  # a keyslot in two digests, or in none
+        if rng.random() < 0.5:
+            digests[str(len(digests))] = json.loads(json.dumps(next(iter(digests.values()))))
+        else:
+            rng.choice(list(digests.values()))["keyslots"] = []
+    elif kind == 1:
+        where = rng.choice((doc.get("segments", {}).get("0", {}), doc.get("config", {})))
+        where["flags"] = rng.choice(([], ["x"], [1], "x", [None], ["backup-final"], {}))
+    elif kind == 2:
+        doc.setdefault("config", {})["requirements"] = rng.choice(
+            ("x", {}, {"mandatory": []}, {"mandatory": [1]}, {"mandatory": "x"},
+             {"mandatory": ["online-reencrypt-v2"]}, {"mandatory": ["offline-reencrypt"]},
+             {"mandatory": ["online-reencrypt", "online-reencrypt-v9"]}, {"mandatory": ["x"]})
+        )  # fmt: skip
+    elif kind == 3 and "0" in doc.get("segments", {}):  # another id, type or a second segment
+        segments = doc["segments"]
+        choice = rng.randrange(3)
+        if choice == 0:
+            segments[rng.choice(("1", "2", "00"))] = segments.pop("0")
+        elif choice == 1:
+            segments["0"]["type"] = rng.choice(("linear", "crypt ", "", "reencrypt"))
+        else:
+            segments["1"] = dict(segments["0"], flags=rng.choice((["backup-final"], [])))
+    elif kind == 4:
+        keyslots[rng.choice(("2", "3"))] = {
+            "type": "reencrypt",
+            "key_size": rng.choice((1, 2)),
+            "mode": rng.choice(("reencrypt", "encrypt", "x")),
+            "direction": rng.choice(("forward", "backward", "x")),
+            "area": {"type": "none", "offset": rng.choice(("600000", "32768")), "size": "4096"},
+        }
+    elif kind == 5 and keyslots:  # an area of another size, or of none
+        area = rng.choice(list(keyslots.values())).get("area", {})
+        area["size"] = rng.choice(("0", "4096", "512", "16777216"))
+    else:
+        doc.setdefault("tokens", {})["0"] = rng.choice(
+            ({"keyslots": []}, {"type": "", "keyslots": []}, {"type": "t", "keyslots": [0]},
+             {"type": "t", "keyslots": ["0"]}, {"type": "t", "keyslots": ["9"]})
+        )  # fmt: skip
+
+
+def _area_shape(rng: random.Random, text: bytes, size: int) -> bytes:
+    """The JSON area's bytes around the text: what json-c consumes, what it does not."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        text = rng.choice((b" ", b"\n", b"\t", b"\r\n", b"\x0b", b"\x0c", b"\xef\xbb\xbf")) + text
+    elif kind == 1:
+        text += rng.choice((b" ", b"\n", b" \t\r\n", b"\x0b", b"\x0c", b" x", b"}", b"\x00x"))
+    area = bytearray(text[:size].ljust(size, b"\0"))
+    if kind >= 2 and len(text) < size - 1:  # a byte after the terminating NUL
+        pos = rng.randrange(len(text) + 1, size)
+        area[pos] = rng.choice((0, 1, 0x20, 0x7B, 0xFF))
+    return bytes(area)
+
+
+def _lvm_label(device_size: int) -> bytes:
+    """An LVM2 physical volume label (sector 1), as tests/disk/test_luks_cryptsetup_rules."""
+    pv_header = b"A" * 32 + struct.pack("<Q", device_size) + bytes(64)
+    body = (struct.pack("<I", 32) + b"LVM2 001" + pv_header).ljust(512 - 20, b"\0")
+    crc = zlib.crc32(body, 0xF597A6CF ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return b"LABELONE" + struct.pack("<QI", 1, crc) + body
+
+
 def _luks2_copies(rng: random.Random, base: bytes) -> bytes:
     """Both header copies (32 KiB) with one kind of mutation, written back as one buffer."""
     copies = [bytearray(base[:HDR]), bytearray(base[HDR : 2 * HDR])]
-    kind = rng.randrange(10)
+    kind = rng.randrange(12)
     text = copies[0][4096:].split(b"\0", 1)[0]
-    if kind < 5:  # the JSON as a document
+    area: bytes | None = None
+    if kind < 5 or kind == 10:  # the JSON as a document
         doc = json.loads(text)
         for _ in range(rng.randint(1, 3)):
-            _edit_doc(rng, doc)
+            (_rule_edit if kind == 10 else _edit_doc)(rng, doc)
         new = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
     elif kind < 8:  # the JSON as text
         new = mutate(rng, text)
@@ -289,18 +360,24 @@ def _luks2_copies(rng: random.Random, base: bytes) -> bytes:
             new = text.replace(b'"tokens":{}', b'"tokens":' + deep)
     else:
         new = text
+        if kind == 11:
+            area = _area_shape(rng, text, HDR - 4096)
     for i, copy in enumerate(copies):
-        copy[4096:] = new[: HDR - 4096].ljust(HDR - 4096, b"\0")
-        if kind >= 8:  # the binary header: a field edit, or a flip the checksum catches
+        copy[4096:] = area or new[: HDR - 4096].ljust(HDR - 4096, b"\0")
+        if kind in (8, 9):  # the binary header: a field edit, or a flip the checksum catches
             off = rng.choice((6, 8, 16, 24, 72, 168, 256, 448, rng.randrange(4096)))
             copy[off : off + 8] = struct.pack(">Q", rng.choice(INTS) & ((1 << 64) - 1))
-        if kind < 9 or rng.random() < 0.5:
+        if kind != 9 or rng.random() < 0.5:
             size = int.from_bytes(copy[8:16], "big")
             _csum(copy, size if size in (HDR,) else HDR)
         if i == 1 and rng.random() < 0.9:
             copy[:] = copies[0][:8].replace(b"LUKS", b"SKUL") + copy[8:]
     if rng.random() < 0.15:  # only the primary changed: the reader must fall back, or refuse
         copies[1] = bytearray(base[HDR : 2 * HDR])
+    if rng.random() < 0.03:  # another owner's label over the primary: ambiguous, refused
+        if rng.random() < 0.5:
+            copies[0][:512] = bytes(512)
+        copies[0][512:1024] = _lvm_label(SIZE + (16 << 20))
     return bytes(copies[0] + copies[1])
 
 
@@ -322,3 +399,44 @@ def test_fuzz_luks2_headers(tmp_path: Path) -> None:
     finally:
         target.close()
         _report("LUKS2")
+
+
+def _cryptsetup_loads(path: str) -> bool:
+    """cryptsetup luksDump (no locks: it then never writes a recovered copy back)."""
+    dump = subprocess.run(
+        ["cryptsetup", "luksDump", "--disable-locks", path], capture_output=True, timeout=60
+    )
+    return dump.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="needs cryptsetup")
+def test_fuzz_luks2_what_cryptsetup_refuses_vmshield_refuses(tmp_path: Path) -> None:
+    """Differential: a mutated header cryptsetup 2.6 refuses is never described by vmshield.
+
+    (vmshield may refuse more: a header it cannot serve is "not supported", or stricter.)
+    """
+    base = tmp_path / "base3.img"
+    luks.create_image(
+        str(base), SIZE, PW, fmt="luks2", key_bytes=32, pbkdf="pbkdf2", iterations=1000
+    )
+    luks.add_key(str(base), PW, b"second", pbkdf="pbkdf2", iterations=1000)
+    target = Target(base, tmp_path / "work3.img", 2 * HDR)
+    outcomes: dict[tuple[bool, bool], int] = {}
+    try:
+        for n, rng in cases(200, salt=3):
+            os.pwrite(target.fd, _luks2_copies(rng, target.base), 0)
+            try:
+                try:
+                    luks.info(target.path)
+                    ours = True
+                except VmshieldError:
+                    ours = False
+                theirs = _cryptsetup_loads(target.path)
+                outcomes[ours, theirs] = outcomes.get((ours, theirs), 0) + 1
+                assert theirs or not ours, f"cryptsetup refuses, vmshield accepts: {where(n)}"
+            finally:
+                os.pwrite(target.fd, target.base, 0)
+    finally:
+        target.close()
+        print(f"\n(vmshield, cryptsetup) accepts: {outcomes}")
+    assert outcomes.get((True, True), 0) > 0 and outcomes.get((False, False), 0) > 0

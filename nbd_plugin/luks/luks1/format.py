@@ -209,6 +209,10 @@ class Luks1Header:
             if start < end:
                 raise ImageError(f"keyslots {first} and {second} overlap: header corrupt")
 
+    def keyslots_end(self) -> int:
+        """Where the last keyslot area ends, in bytes (cryptsetup's LUKS_device_sectors)."""
+        return max(s.key_offset * SECTOR + s.area_bytes(self.key_bytes) for s in self.keyslots)
+
     @property
     def payload_bytes(self) -> int:
         return self.payload_offset * SECTOR

@@ -21,8 +21,30 @@ from nbd_plugin.osutil.blockdev import device_size
 from nbd_plugin.osutil.io import pread_all, pwrite_all
 
 
-def read_header(fd: int) -> Luks1Header:
-    return Luks1Header.unpack(pread_all(fd, luks1.HEADER_SIZE, 0))
+def read_header(fd: int, path: str = "") -> Luks1Header:
+    """The header, refused (as cryptsetup's LUKS_check_device_size refuses it) when the image
+    ends before the last keyslot area does."""
+    header = Luks1Header.unpack(pread_all(fd, luks1.HEADER_SIZE, 0))
+    need = header.keyslots_end()
+    total = device_size(fd)
+    if total < need:
+        where = f"{path}: " if path else ""
+        raise ImageError(
+            f"{where}truncated: the image is {total} bytes, its LUKS1 header and keyslots "
+            f"need {need}"
+        )
+    return header
+
+
+def _payload_size(fd: int, header: Luks1Header, path: str) -> int:
+    """Payload bytes; ImageError when the image ends before the payload starts."""
+    total = device_size(fd)
+    if total < header.payload_bytes:
+        raise ImageError(
+            f"{path}: truncated: the header puts the payload at byte "
+            f"{header.payload_bytes} but the image is {total} bytes"
+        )
+    return (total - header.payload_bytes) // SECTOR * SECTOR
 
 
 def unlock(fd: int, header: Luks1Header, passphrase: bytes) -> tuple[int, bytearray]:
@@ -175,19 +197,13 @@ def open_volume(
     """Unlock ``fd`` (already locked by the caller) and describe its payload."""
     if keyslot is not None:
         raise UnsupportedError(f"{path}: LUKS1 has no tokens; open it with its passphrase")
-    header = read_header(fd)
-    total = device_size(fd)
-    if total < header.payload_bytes:
-        raise ImageError(
-            f"{path}: truncated: the header puts the payload at byte "
-            f"{header.payload_bytes} but the image is {total} bytes"
-        )
+    header = read_header(fd, path)
+    size = _payload_size(fd, header, path)
     index, key = unlock(fd, header, passphrase)
     try:
         cipher = make_cipher(header.cipher_name, header.cipher_mode, bytes(key))
     finally:
         key[:] = bytes(len(key))
-    size = (total - header.payload_bytes) // SECTOR * SECTOR
     return Volume(
         path,
         fd,
@@ -207,8 +223,8 @@ def open_volume(
 
 def info(fd: int, path: str) -> dict[str, Any]:
     """What the header says (no passphrase needed), as plain data for --json."""
-    h = read_header(fd)
-    total = device_size(fd)
+    h = read_header(fd, path)
+    size = _payload_size(fd, h, path)  # shorter than its payload offset: refused, not "0 bytes"
     return {
         "path": path,
         "format": "luks1",
@@ -218,7 +234,7 @@ def info(fd: int, path: str) -> dict[str, Any]:
         "hash": h.hash_spec,
         "sector_size": SECTOR,
         "payload_offset": h.payload_bytes,
-        "size": max(0, (total - h.payload_bytes) // SECTOR * SECTOR),
+        "size": size,
         "mk_digest_iterations": h.mk_digest_iter,
         "keyslots": [
             {
@@ -235,4 +251,4 @@ def info(fd: int, path: str) -> dict[str, Any]:
 
 def key_material_regions(fd: int, path: str) -> list[tuple[int, int]]:
     """The header and every keyslot area (active or not: a disabled one may hold old keys)."""
-    return read_header(fd).key_material_regions()
+    return read_header(fd, path).key_material_regions()

@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbd_plugin.errors import ImageError, UnsupportedError
-from nbd_plugin.luks.luks2.jsonfields import dump
+from nbd_plugin.luks.luks2 import validate
+from nbd_plugin.luks.luks2.jsonfields import dump, load
 from nbd_plugin.luks.luks2.metadata import (
     AREA_ALIGN,
     BIN_SIZE,
@@ -160,24 +161,32 @@ class BinaryHeader:
         return hmac.compare_digest(stored, digest.ljust(CSUM_SIZE, b"\0"))
 
 
-def parse_copy(raw: bytes, expected_offset: int) -> tuple[BinaryHeader, Metadata]:
-    """Parse and verify one header copy (``raw`` holds at least its hdr_size bytes)."""
-    head = BinaryHeader.unpack(raw)
-    if head.hdr_offset != expected_offset:
-        raise ImageError(f"hdr_offset {head.hdr_offset} but found at {expected_offset}")
+def check_binary(head: BinaryHeader, raw: bytes, offset: int) -> None:
+    """What cryptsetup checks before the JSON (hdr_disk_sanity_check_pre, hdr_checksum_check):
+    the copy says where it is, a secondary copy sits at its own hdr_size, the checksum holds.
+    """
+    if head.hdr_offset != offset:
+        raise ImageError(f"hdr_offset {head.hdr_offset} but found at {offset}")
+    if head.secondary and head.hdr_size != offset:
+        raise ImageError(f"a secondary header of size {head.hdr_size} found at {offset}")
     if len(raw) < head.hdr_size:
         raise ImageError("truncated header")
     if not head.verify(raw):
         raise ImageError("checksum mismatch")
-    area = raw[BIN_SIZE : head.hdr_size]
-    end = area.find(b"\0")
-    if end < 0:
-        raise ImageError("JSON area is not NUL terminated")
-    try:
-        text = area[:end].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ImageError("JSON area is not UTF-8") from None
-    return head, Metadata.parse(text, head.hdr_size)
+
+
+def checked_json(head: BinaryHeader, raw: bytes) -> str:
+    """The copy's JSON text once it passes every rule cryptsetup checks (``validate``)."""
+    text = validate.json_area(raw[BIN_SIZE : head.hdr_size])
+    validate.header(load(text), head.hdr_size - BIN_SIZE)
+    return text
+
+
+def parse_copy(raw: bytes, expected_offset: int) -> tuple[BinaryHeader, Metadata]:
+    """Parse and verify one header copy (``raw`` holds at least its hdr_size bytes)."""
+    head = BinaryHeader.unpack(raw)
+    check_binary(head, raw, expected_offset)
+    return head, Metadata.parse(checked_json(head, raw), head.hdr_size)
 
 
 def raw_payload_offset(raw: bytes) -> int:

@@ -46,7 +46,10 @@ DATA_OFFSET = 16 << 20  # and data offset
 
 def _check_openable(header: Header, path: str) -> list[Keyslot]:
     meta = header.meta
-    meta.validate(header.hdr_size)
+    try:
+        meta.validate(header.hdr_size)
+    except ImageError as exc:
+        raise type(exc)(f"{at(path)}{exc}") from None
     slots = meta.openable()
     if not slots:
         raise ImageError(f"{at(path)}no keyslot is bound to the data segment")
@@ -334,8 +337,7 @@ def info(fd: int, path: str) -> dict[str, Any]:
     header = read_header(fd, path)
     meta = header.meta
     seg = meta.segment
-    total = device_size(fd)
-    size = seg.size if seg.size is not None else max(0, total - seg.offset)
+    _, size = _payload(header, fd, path)  # a payload past the end is refused, not "0 bytes"
     keyslots = [
         {
             "slot": ks.id,
@@ -360,7 +362,7 @@ def info(fd: int, path: str) -> dict[str, Any]:
         "sector_size": seg.sector_size,
         "iv_tweak": seg.iv_tweak,
         "payload_offset": seg.offset,
-        "size": size // seg.sector_size * seg.sector_size,
+        "size": size,
         "header_size": header.hdr_size,
         "seqid": header.binary.seqid,
         "header_copy": "secondary" if header.binary.secondary else "primary",

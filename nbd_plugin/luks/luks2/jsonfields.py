@@ -89,11 +89,19 @@ def text(parent: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def unsupported(what: str) -> UnsupportedError:
+    """The error for a header cryptsetup accepts but that uses something vmshield lacks.
+
+    Distinct from damage: the header is fine, so it never advises restoring a backup.
+    """
+    return UnsupportedError(f"not supported by vmshield: {what}")
+
+
 def require_type(parent: dict[str, Any], where: str, wanted: str) -> None:
     """UnsupportedError unless the object's ``type`` is ``wanted`` (the only one implemented)."""
     kind = text(parent, "type", where)
     if kind != wanted:
-        raise UnsupportedError(f"LUKS2 {where}: type {kind!r} is not supported (only {wanted!r})")
+        raise unsupported(f"LUKS2 {where} of type {kind!r} (only {wanted!r})")
 
 
 def b64(parent: dict[str, Any], key: str, where: str) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +18,10 @@ from typing import Any
 from nbd_plugin.crypto import argon2 as argon
 from nbd_plugin.crypto.pbkdf2 import check_hash, check_iterations, pbkdf2
 from nbd_plugin.crypto.registry import check_supported, make_cipher
-from nbd_plugin.errors import ImageError, UnsupportedError
+from nbd_plugin.errors import ImageError
 from nbd_plugin.luks import af
 from nbd_plugin.luks.luks2 import jsonfields as jf
+from nbd_plugin.luks.luks2 import validate
 
 BIN_SIZE = 4096  # the binary header before each JSON area
 KEYSLOT_SECTOR = 512  # keyslot areas are always encrypted in 512-byte sectors from IV 0
@@ -33,13 +33,6 @@ MAX_OBJECTS = 32  # keyslots, tokens, segments (LUKS2_OBJECTS_MAX)
 MAX_KEYSLOTS_SIZE = 128 << 20  # LUKS2_MAX_KEYSLOTS_SIZE
 AREA_ALIGN = 4096
 MAX_STRIPES = 65536
-
-
-def _refers(ids: tuple[int, ...], section: dict[int, Any], where: str) -> None:
-    """Every id must name an entry of ``section`` (cryptsetup: validate_*_array)."""
-    missing = [i for i in ids if i not in section]
-    if missing:
-        raise ImageError(f"LUKS2 JSON: {where} refers to missing entries {missing}")
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -154,11 +147,7 @@ class Keyslot:
                 Kdf("none", b""),
                 0,
             )
-        afo = jf.obj(obj, "af", where)
-        if jf.text(afo, "type", f"{where}.af") != "luks1":
-            raise UnsupportedError(f"keyslot {ks_id}: AF type {afo.get('type')!r} not supported")
-        if jf.text(area, "type", f"{where}.area") != "raw":
-            raise UnsupportedError(f"keyslot {ks_id}: area type {area.get('type')!r} unsupported")
+        afo = jf.obj(obj, "af", where)  # af type luks1, area type raw: see validate
         priority = obj.get("priority", 1)
         return cls(
             ks_id,
@@ -234,7 +223,7 @@ class Segment:
         where = f"segments.{seg_id}"
         jf.require_type(obj, where, "crypt")
         if "integrity" in obj:
-            raise UnsupportedError("LUKS2 with authenticated encryption (integrity) unsupported")
+            raise jf.unsupported("LUKS2 with authenticated encryption (integrity)")
         size = None if obj.get("size") == "dynamic" else jf.u64(obj, "size", where)
         sector = jf.u32(obj, "sector_size", where)
         if sector not in SECTOR_SIZES:
@@ -349,75 +338,46 @@ class Metadata:
 
     @classmethod
     def parse(cls, text: str, hdr_size: int) -> Metadata:
-        """Parse and check everything the passphrase does not change; ImageError if wrong."""
+        """Check ``text`` against cryptsetup's rules (``validate``: ImageError when it refuses
+        them), then take the parts vmshield implements (UnsupportedError for the others)."""
         doc = jf.load(text)
-        config = jf.obj(doc, "config", "")
-        json_size = jf.u64(config, "json_size", "config")
-        if json_size != hdr_size - BIN_SIZE:
-            raise ImageError(f"LUKS2 config.json_size {json_size} disagrees with hdr_size")
-        keyslots_size = jf.u64(config, "keyslots_size", "config")
-        if keyslots_size % AREA_ALIGN or keyslots_size > MAX_KEYSLOTS_SIZE:
-            raise ImageError(f"LUKS2 config.keyslots_size {keyslots_size} is invalid")
-        required = config.get("requirements", {})
-        mandatory = required.get("mandatory", []) if isinstance(required, dict) else []
+        validate.header(doc, hdr_size - BIN_SIZE)
+        config = doc["config"]
+        mandatory = validate.requirements(doc)
         segments = jf.id_map(doc, "segments", MAX_OBJECTS)
-        if len(segments) != 1:
-            raise UnsupportedError(
-                f"LUKS2 with {len(segments)} data segments (an interrupted reencryption?) "
-                "is not supported; finish it with cryptsetup first"
+        reencrypt = [m for m in mandatory if "reencrypt" in m]
+        if len(segments) != 1 or reencrypt:
+            raise jf.unsupported(
+                f"a LUKS2 reencryption in progress or interrupted ({len(segments)} segments"
+                f"{', requirement ' + ', '.join(reencrypt) if reencrypt else ''}); "
+                "finish it with cryptsetup reencrypt first"
             )
         ((seg_id, seg_obj),) = segments.items()
         keyslots = jf.id_map(doc, "keyslots", MAX_OBJECTS)
-        tokens = jf.id_map(doc, "tokens", MAX_OBJECTS)
-        for tk_id, token in tokens.items():
-            _refers(jf.ids(token, "keyslots", f"tokens.{tk_id}"), keyslots, f"tokens.{tk_id}")
-        digests = tuple(
-            Digest.from_json(k, v) for k, v in sorted(jf.id_map(doc, "digests", jf.MAX_ID).items())
-        )
-        for dg in digests:
-            _refers(dg.keyslots, keyslots, f"digests.{dg.id}")
-            _refers(dg.segments, segments, f"digests.{dg.id}")
+        jf.id_map(doc, "tokens", MAX_OBJECTS)
+        digests = jf.id_map(doc, "digests", jf.MAX_ID)
         meta = cls(
             text,
-            json_size,
-            keyslots_size,
+            int(config["json_size"]),
+            int(config["keyslots_size"]),
             tuple(Keyslot.from_json(k, v) for k, v in sorted(keyslots.items())),
             Segment.from_json(seg_id, seg_obj),
-            digests,
-            tuple(str(m) for m in mandatory) if isinstance(mandatory, list) else ("?",),
+            tuple(Digest.from_json(k, v) for k, v in sorted(digests.items())),
+            tuple(mandatory),
         )
-        meta._check_areas(hdr_size)
+        seg = meta.segment
+        if seg.offset % seg.sector_size:
+            raise ImageError(f"LUKS2 data offset {seg.offset} is not sector aligned")
         return meta
-
-    def _check_areas(self, hdr_size: int) -> None:
-        """Keyslot areas inside the keyslots area, not overlapping; data after it."""
-        start, end = 2 * hdr_size, 2 * hdr_size + self.keyslots_size
-        areas = sorted(
-            (ks.area_offset, ks.area_offset + ks.area_size, ks.id) for ks in self.keyslots
-        )
-        for a, b, ks_id in areas:
-            if a < start or b > end:
-                raise ImageError(f"keyslot {ks_id}: area lies outside the keyslots area")
-        for (_, b, first), (a, _, second) in itertools.pairwise(areas):
-            if a < b:
-                raise ImageError(f"keyslots {first} and {second}: areas overlap: header corrupt")
-        seg = self.segment
-        if seg.offset and (seg.offset < end or seg.offset % seg.sector_size):
-            raise ImageError(
-                f"LUKS2 data offset {seg.offset} overlaps the keyslots area "
-                "or is not sector aligned: header corrupt"
-            )
 
     def validate(self, hdr_size: int) -> None:
         """What must hold before a passphrase is tried (parse already checked the layout)."""
         if self.requirements:
-            raise UnsupportedError(
-                f"LUKS2 requirements {', '.join(self.requirements)} are not supported"
-            )
+            raise jf.unsupported(f"LUKS2 requirements {', '.join(self.requirements)}")
         if self.segment.offset == 0:
-            raise UnsupportedError("LUKS2 with a detached header (data offset 0) unsupported")
+            raise jf.unsupported("a detached LUKS2 header (data offset 0)")
         if split_spec(self.segment.encryption)[0] == "cipher_null":
-            raise UnsupportedError("LUKS2 with cipher_null (no encryption) is not supported")
+            raise jf.unsupported("LUKS2 with cipher_null (no encryption)")
         digest = self.digest_for_segment()
         if not digest:
             raise ImageError("LUKS2: no digest covers the data segment: header corrupt")
