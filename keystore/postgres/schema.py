@@ -217,8 +217,110 @@ CREATE TRIGGER audit_head_usbgate BEFORE UPDATE ON audit_head
     FOR EACH ROW EXECUTE FUNCTION vmshield_audit_head_usbgate();
 """
 
+# version 6 (issue #20 B10, C): the usbgate role loses every direct write and most reads.
+# It appended with INSERT on audit (a usb.* row at a future seq stopped every later write,
+# for good) and read the whole audit. Now it appends only through vmshield_usbgate_audit(),
+# which computes seq, timestamp and hash itself under the head lock, and it reads the rules
+# and the VMs' names. The function runs with a fixed search_path (pg_temp last), so the V5
+# guard it fires names its table in full.
+_V6 = rf"""
+CREATE OR REPLACE FUNCTION public.vmshield_audit_head_usbgate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_has_role(current_user, '{USBGATE_ROLE}', 'MEMBER')
+       AND NOT pg_has_role(current_user, '{ADMIN_ROLE}', 'MEMBER')
+       AND (NEW.seq <> OLD.seq + 1 OR NOT EXISTS (
+            SELECT 1 FROM public.audit a WHERE a.seq = NEW.seq AND a.hash = NEW.hash
+                AND a.prev_hash = OLD.hash)) THEN
+        RAISE EXCEPTION 'the usbgate role moves the audit head only onto the row it appended'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+
+-- Python's json.dumps(s) (ensure_ascii): keystore.audit.row_hash hashes that text
+CREATE FUNCTION public.vmshield_json_text(s TEXT) RETURNS TEXT
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    out TEXT := '"';
+    c TEXT;
+    n INTEGER;
+BEGIN
+    IF s IS NULL THEN
+        RETURN 'null';
+    END IF;
+    FOR i IN 1 .. length(s) LOOP
+        c := substr(s, i, 1);
+        n := ascii(c);
+        IF c = '"' THEN out := out || '\"';
+        ELSIF c = '\' THEN out := out || '\\';
+        ELSIF n = 10 THEN out := out || '\n';
+        ELSIF n = 13 THEN out := out || '\r';
+        ELSIF n = 9 THEN out := out || '\t';
+        ELSIF n = 8 THEN out := out || '\b';
+        ELSIF n = 12 THEN out := out || '\f';
+        ELSIF n BETWEEN 32 AND 126 THEN out := out || c;
+        ELSIF n < 65536 THEN out := out || '\u' || lpad(to_hex(n), 4, '0');
+        ELSE
+            n := n - 65536;
+            out := out || '\u' || to_hex(55296 + (n >> 10)) || '\u' || to_hex(56320 + (n & 1023));
+        END IF;
+    END LOOP;
+    RETURN out || '"';
+END $$;
+
+-- usbgate's one way to write: a usb.* row as actor usbgate, chained here under the head lock
+CREATE FUNCTION public.vmshield_usbgate_audit(action TEXT, vm TEXT, detail TEXT)
+RETURNS TABLE (seq BIGINT, ts TEXT, actor TEXT, action_ TEXT, vm_ TEXT, detail_ TEXT,
+               prev_hash TEXT, hash TEXT)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    head_seq BIGINT;
+    head_hash TEXT;
+    body TEXT;
+BEGIN
+    IF action IS NULL OR action !~ '^usb\.[a-z0-9_.-]{{1,64}}$' THEN
+        RAISE EXCEPTION 'the usbgate role appends only usb.* rows as actor usbgate'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF length(vm) > 256 OR detail IS NULL OR length(detail) > 4096
+       OR jsonb_typeof(detail::jsonb) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'a usbgate audit row needs a vm name of at most 256 characters and a '
+            'JSON object of at most 4096 characters as detail'
+            USING ERRCODE = 'data_exception';
+    END IF;
+    SELECT h.seq, h.hash INTO head_seq, head_hash FROM public.audit_head h FOR UPDATE;
+    seq := head_seq + 1;
+    ts := to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"');
+    actor := 'usbgate';
+    body := '[' || seq || ',' || public.vmshield_json_text(ts) || ','
+        || public.vmshield_json_text(actor) || ',' || public.vmshield_json_text(action) || ','
+        || public.vmshield_json_text(vm) || ',' || public.vmshield_json_text(detail) || ']';
+    prev_hash := CASE WHEN head_seq = 0 THEN repeat('0', 64) ELSE head_hash END;
+    hash := encode(sha256(convert_to(prev_hash || E'\n' || body, 'UTF8')), 'hex');
+    INSERT INTO public.audit (seq, ts, actor, action, vm, detail, prev_hash, hash)
+        VALUES (seq, ts, actor, action, vm, detail, prev_hash, hash);
+    UPDATE public.audit_head SET seq = vmshield_usbgate_audit.seq,
+        hash = vmshield_usbgate_audit.hash;
+    action_ := action;
+    vm_ := vm;
+    detail_ := detail;
+    RETURN NEXT;
+END $$;
+
+REVOKE ALL ON FUNCTION public.vmshield_json_text(TEXT),
+    public.vmshield_usbgate_audit(TEXT, TEXT, TEXT) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.vmshield_usbgate_audit(TEXT, TEXT, TEXT)
+    TO {USBGATE_ROLE}, {ADMIN_ROLE};
+
+REVOKE ALL ON public.audit, public.audit_head, public.vms, public.usb_rules FROM {USBGATE_ROLE};
+GRANT SELECT (uuid, name) ON public.vms TO {USBGATE_ROLE};
+GRANT SELECT (id, vm_uuid, position, action, vendor_id, product_id, device_class, interfaces,
+    serial) ON public.usb_rules TO {USBGATE_ROLE};
+"""
+
 #: MIGRATIONS[i] brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[str, ...] = (_V1 + _V1_TRIGGERS + _V1_ROLES, _V2, _V3, _V4, _V5, _V6)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,145 @@
+"""The usbgate role as the attacker (issue #20 B10, C): a host's usbgate credential must not be
+able to stop writes or read the audit.
+
+Real PostgreSQL; each test logs in as a role that is only a member of vmshield_usbgate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+from argon2 import PasswordHasher
+
+from keystore import audit as auditmod
+from keystore.auth import AuthPolicy
+from keystore.models import UsbAction
+from keystore.postgres import audit as pgaudit
+from keystore.postgres import connection as pgconn
+from keystore.postgres.repository import PostgresRepository
+from keystore.postgres.schema import MIGRATIONS, USBGATE_ROLE
+from keystore.sqlite import usbrules
+from tests.support.postgres import Cluster
+
+FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+DENIED = psycopg.errors.InsufficientPrivilege
+
+
+def _keystore(cluster: Cluster) -> tuple[str, str]:
+    """A seeded keystore's URL, as the superuser and as a login in the usbgate role."""
+    url = cluster.keystore()
+
+    async def seed() -> None:
+        async with await PostgresRepository.open(url, policy=FAST) as repo:
+            await repo.add_principal("alice", b"alice-password", actor="test")
+            await repo.add_vm("web1", "alice", actor="test")
+            await repo.add_usb_rule("web1", UsbAction.ALLOW, 0x0781, 0x5567, actor="test")
+
+    asyncio.run(seed())
+    with cluster.admin() as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'mallory_gate'").fetchone():
+            conn.execute(f"CREATE ROLE mallory_gate LOGIN IN ROLE {USBGATE_ROLE}".encode())
+    return url, url.replace("postgres@", "mallory_gate@")
+
+
+def _head(url: str) -> tuple[int, str]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT seq, hash FROM audit_head").fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def _admin_write(url: str, n: int = 1) -> None:
+    async def go() -> None:
+        async with await PostgresRepository.open(url, policy=FAST) as repo:
+            for _ in range(n):
+                await repo.add_usb_rule("web1", UsbAction.BLOCK, 0x1234, 0x5678, actor="test")
+
+    asyncio.run(go())
+
+
+def test_usbgate_cannot_insert_a_row_at_a_future_seq(pg_cluster: Cluster) -> None:
+    """B10: with INSERT on audit, a usb.* row at seq head+3 passed the trigger; when the chain
+    reached that seq every write of every host failed (duplicate key), for good."""
+    url, gate = _keystore(pg_cluster)
+    seq, _ = _head(url)
+    params = auditmod.next_row((seq + 2, "f" * 64), "usbgate", "usb.allowed", "web1", {})
+    with psycopg.connect(gate, autocommit=True) as conn:
+        with pytest.raises(DENIED):
+            conn.execute(pgaudit.INSERT_SQL, params)
+        with pytest.raises(DENIED):
+            conn.execute("UPDATE audit_head SET seq = seq + 1")
+        # its one way in: the server computes seq and hash under the head lock
+        entry = pgaudit.append_usbgate_sync(conn, "usb.allowed", "web1", {"vid_pid": "0781:5567"})
+        assert (entry.seq, entry.actor) == (seq + 1, "usbgate")
+    _admin_write(url, 4)  # past the seq the forged row would have taken
+    checked = pgaudit.verify_sync(url)
+    assert checked.ok, checked.problems
+    assert checked.rows == seq + 5
+
+
+def test_usbgate_rows_are_chained_by_the_server_exactly_as_python_verifies(
+    pg_cluster: Cluster,
+) -> None:
+    """The server's JSON and SHA-256 must be Python's byte for byte (quotes, backslashes,
+    control characters, non-ASCII, a character outside the BMP, a NULL vm)."""
+    url, gate = _keystore(pg_cluster)
+    awkward = {"product": 'Ünïcödé "stick" \\ \n\t\x01\x7f \u2603 \U0001f600', "n": 3}
+    with psycopg.connect(gate, autocommit=True) as conn:
+        a = pgaudit.append_usbgate_sync(conn, "usb.denied", "web1", awkward)
+        b = pgaudit.append_usbgate_sync(conn, "usb.gateway.start", None, {})
+        with pytest.raises(DENIED, match=r"only usb\.\* rows"):
+            pgaudit.append_usbgate_sync(conn, "disk.destroy", "web1", {"disk": "web1-0"})
+        with pytest.raises(psycopg.errors.DataError, match="JSON object"):
+            conn.execute("SELECT * FROM vmshield_usbgate_audit('usb.x', NULL, '[1]')")
+    assert a.detail == awkward and b.vm is None and b.seq == a.seq + 1
+    checked = pgaudit.verify_sync(url)
+    assert checked.ok, checked.problems
+
+
+def test_usbgate_role_reads_its_rules_not_the_audit(pg_cluster: Cluster) -> None:
+    """C: the usbgate role could SELECT the whole audit table (every user's actions) and the
+    VMs' owners; it needs the rules and the VMs' names only."""
+    _url, gate = _keystore(pg_cluster)
+    with psycopg.connect(gate, autocommit=True) as conn:
+        for sql in ("SELECT * FROM audit", "SELECT * FROM audit_head", "SELECT owner FROM vms",
+                    "SELECT * FROM leases", "SELECT created FROM usb_rules"):  # fmt: skip
+            with pytest.raises(DENIED):
+                conn.execute(sql.encode())
+        rows = conn.execute(
+            usbrules.RULES_SQL.replace("?", "%s"), ("web1",)
+        ).fetchall()  # what the listener reads
+    assert [usbrules.rule_from_row(r).vendor_id for r in rows] == [0x0781]
+
+
+def _at_schema_5(cluster: Cluster) -> str:
+    """A database migrated to schema 5 only, with a chain of three rows written then."""
+    url = cluster.url(cluster.create_database(template="template1"))
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (5)")
+        for migration in MIGRATIONS[:5]:
+            conn.execute(migration.encode())
+        last: Any = None
+        for i in range(3):
+            params = auditmod.next_row(last, "alice@cli", "vm.add", f"vm{i}", {"i": i})
+            conn.execute(pgaudit.INSERT_SQL, params)
+            conn.execute("UPDATE audit_head SET seq = %s, hash = %s", (params[0], params[7]))
+            last = (params[0], params[7])
+    return url
+
+
+def test_a_schema_5_keystore_is_upgraded_in_place(pg_cluster: Cluster) -> None:
+    url = _at_schema_5(pg_cluster)
+    assert pgconn.initialise(url)[1] == 5
+    with pg_cluster.admin() as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'mallory_gate'").fetchone():
+            conn.execute(f"CREATE ROLE mallory_gate LOGIN IN ROLE {USBGATE_ROLE}".encode())
+    with psycopg.connect(url.replace("postgres@", "mallory_gate@"), autocommit=True) as conn:
+        assert pgaudit.append_usbgate_sync(conn, "usb.allowed", "vm1", {}).seq == 4
+        with pytest.raises(DENIED):
+            conn.execute("SELECT * FROM audit")
+    checked = pgaudit.verify_sync(url)
+    assert checked.ok and checked.rows == 4, checked.problems
