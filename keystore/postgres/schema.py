@@ -217,13 +217,20 @@ CREATE TRIGGER audit_head_usbgate BEFORE UPDATE ON audit_head
     FOR EACH ROW EXECUTE FUNCTION vmshield_audit_head_usbgate();
 """
 
-# version 6 (issue #20 B10, C): the usbgate role loses every direct write and most reads.
+# version 6 (issue #20 B10, B11, C): the usbgate role loses every direct write and most reads.
 # It appended with INSERT on audit (a usb.* row at a future seq stopped every later write,
 # for good) and read the whole audit. Now it appends only through vmshield_usbgate_audit(),
 # which computes seq, timestamp and hash itself under the head lock, and it reads the rules
-# and the VMs' names. The function runs with a fixed search_path (pg_temp last), so the V5
-# guard it fires names its table in full.
+# and the VMs' names. Every function gets a fixed search_path (pg_temp last) and qualified
+# relations: the V5 guard read `audit` with the caller's path, where a TEMP table named audit
+# came first (issue #20 B11). TEMP itself is taken in connection.initialise (database
+# privileges are not copied by CREATE DATABASE ... TEMPLATE, so they are re-applied on every
+# init).
 _V6 = rf"""
+ALTER FUNCTION public.vmshield_audit_append_only() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION public.vmshield_usb_rules_notify() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION public.vmshield_vms_notify() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION public.vmshield_audit_usbgate_rows() SET search_path = pg_catalog, pg_temp;
 CREATE OR REPLACE FUNCTION public.vmshield_audit_head_usbgate() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -317,6 +324,7 @@ REVOKE ALL ON public.audit, public.audit_head, public.vms, public.usb_rules FROM
 GRANT SELECT (uuid, name) ON public.vms TO {USBGATE_ROLE};
 GRANT SELECT (id, vm_uuid, position, action, vendor_id, product_id, device_class, interfaces,
     serial) ON public.usb_rules TO {USBGATE_ROLE};
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 """
 
 #: MIGRATIONS[i] brings the schema from version i to i + 1.

@@ -1,5 +1,5 @@
-"""The usbgate role as the attacker (issue #20 B10, C): a host's usbgate credential must not be
-able to stop writes or read the audit.
+"""The usbgate role as the attacker (issue #20 B10, B11, C): a host's usbgate credential must
+not be able to stop writes, fool the head guard or read the audit.
 
 Real PostgreSQL; each test logs in as a role that is only a member of vmshield_usbgate.
 """
@@ -7,6 +7,7 @@ Real PostgreSQL; each test logs in as a role that is only a member of vmshield_u
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from typing import Any
 
 import psycopg
@@ -99,6 +100,43 @@ def test_usbgate_rows_are_chained_by_the_server_exactly_as_python_verifies(
     assert checked.ok, checked.problems
 
 
+def test_temp_table_named_audit_does_not_fool_the_head_guard(pg_cluster: Cluster) -> None:
+    """B11: the head guard looked up `audit` unqualified with the caller's search_path, where
+    pg_temp comes first: a TEMP table named audit holding a made-up row let the usbgate role
+    move the head onto a row that does not exist (every later verify failed)."""
+    url, gate = _keystore(pg_cluster)
+    seq, head = _head(url)
+    attack = (
+        ("CREATE TEMP TABLE audit (seq BIGINT, hash TEXT, prev_hash TEXT)", ()),
+        ("INSERT INTO audit VALUES (%s, %s, %s)", (seq + 1, "e" * 64, head)),
+        ("UPDATE audit_head SET seq = %s, hash = %s", (seq + 1, "e" * 64)),
+    )
+    with psycopg.connect(gate, autocommit=True) as conn:
+        with pytest.raises(DENIED, match="temporary"):
+            conn.execute(attack[0][0])
+        with pytest.raises(DENIED):
+            conn.execute(attack[2][0], attack[2][1])
+    # and were TEMP and the head's UPDATE given back (schema 5's grants), the guard holds
+    db = urllib.parse.urlsplit(url).path.lstrip("/")
+    with pg_cluster.admin(db) as conn:
+        conn.execute(f'GRANT TEMPORARY ON DATABASE "{db}" TO mallory_gate'.encode())
+        conn.execute("GRANT SELECT, UPDATE ON audit_head TO mallory_gate")
+        conn.execute("GRANT SELECT ON audit TO mallory_gate")
+    with psycopg.connect(gate, autocommit=True) as conn:
+        conn.execute(attack[0][0])
+        conn.execute(attack[1][0], attack[1][1])
+        with pytest.raises(DENIED, match="only onto the row it appended"):
+            conn.execute(attack[2][0], attack[2][1])
+    assert pgaudit.verify_sync(url).ok
+    with psycopg.connect(url) as conn:  # and every function runs with a fixed search_path
+        loose = conn.execute(
+            "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace "
+            "AND NOT coalesce(p.proconfig::text LIKE '%search_path=pg_catalog, pg_temp%', "
+            "false)"
+        ).fetchall()
+    assert loose == []
+
+
 def test_usbgate_role_reads_its_rules_not_the_audit(pg_cluster: Cluster) -> None:
     """C: the usbgate role could SELECT the whole audit table (every user's actions) and the
     VMs' owners; it needs the rules and the VMs' names only."""
@@ -139,7 +177,8 @@ def test_a_schema_5_keystore_is_upgraded_in_place(pg_cluster: Cluster) -> None:
             conn.execute(f"CREATE ROLE mallory_gate LOGIN IN ROLE {USBGATE_ROLE}".encode())
     with psycopg.connect(url.replace("postgres@", "mallory_gate@"), autocommit=True) as conn:
         assert pgaudit.append_usbgate_sync(conn, "usb.allowed", "vm1", {}).seq == 4
-        with pytest.raises(DENIED):
-            conn.execute("SELECT * FROM audit")
+        for sql in ("SELECT * FROM audit", "CREATE TEMP TABLE t (x INT)"):
+            with pytest.raises(DENIED):
+                conn.execute(sql.encode())
     checked = pgaudit.verify_sync(url)
     assert checked.ok and checked.rows == 4, checked.problems
