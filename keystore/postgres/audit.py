@@ -1,12 +1,13 @@
 """The audit chain on PostgreSQL: the head row lock that serializes appends, and sync helpers.
 
 Every write transaction (the repository's, usbgate's appends) first takes the head's row lock
-(`SELECT ... FROM audit_head FOR UPDATE`): the one-row head is the chain's tip, so appends
-from any number of hosts queue on that row lock and each sees the previous append's (seq,
-hash). That keeps ONE verifiable chain (`vmshield audit verify` unchanged) at the price of
-serialized writers; docs/keystore.md has the measured rate and why not per-VM chains. The
-usbgate role writes nothing itself: `vmshield_usbgate_audit()` (schema 6) chains its row on
-the server (`append_usbgate_sync`).
+(`vmshield_lock_audit_head()`: `SELECT ... FROM audit_head FOR UPDATE`, waited for in steps,
+ending a usbgate session that stalls while holding it): the one-row head is the chain's tip,
+so appends from any number of hosts queue on that row lock and each sees the previous
+append's (seq, hash). That keeps ONE verifiable chain (`vmshield audit verify` unchanged) at
+the price of serialized writers; docs/keystore.md has the measured rate and why not per-VM
+chains. The usbgate role writes nothing itself: `vmshield_usbgate_audit()` (schema 6)
+chains its row on the server (`append_usbgate_sync`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from keystore import audit as auditmod
 from keystore.models import AuditEntry
 from keystore.postgres import connection as pgconn
 
-LOCK_HEAD_SQL = "SELECT seq, hash FROM audit_head FOR UPDATE"
+LOCK_HEAD_SQL = "SELECT seq, hash FROM public.vmshield_lock_audit_head()"
 USBGATE_APPEND_SQL = "SELECT * FROM public.vmshield_usbgate_audit(%s, %s, %s)"
 INSERT_SQL = auditmod.INSERT_SQL.replace("?", "%s")
 SET_HEAD_SQL = "UPDATE audit_head SET seq = %s, hash = %s"

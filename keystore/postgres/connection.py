@@ -116,7 +116,11 @@ BEGIN
 END $$
 """
 # REVOKE by a role without the grant option only warns: check what the usbgate role can do
-_LOOSE_SQL = "SELECT has_database_privilege('vmshield_usbgate', current_database(), 'TEMPORARY')"
+_LOOSE_SQL = (
+    "SELECT has_database_privilege('vmshield_usbgate', current_database(), 'TEMPORARY'), "
+    "has_function_privilege('vmshield_usbgate', 'pg_try_advisory_lock(bigint)', "
+    "'EXECUTE')"
+)
 
 
 def initialise(url: str) -> tuple[bool, int]:
@@ -150,7 +154,7 @@ def initialise(url: str) -> tuple[bool, int]:
             loose = conn.execute(_LOOSE_SQL).fetchone()
             if loose and any(loose):
                 raise DatabaseUnavailable(
-                    f"cannot take TEMP from PUBLIC on {redact(url)}: "
+                    f"cannot take TEMP and the advisory locks from PUBLIC on {redact(url)}: "
                     "run `vmshield init` as a superuser (or the database's owner after a "
                     "superuser did it once)"
                 )

@@ -217,15 +217,16 @@ CREATE TRIGGER audit_head_usbgate BEFORE UPDATE ON audit_head
     FOR EACH ROW EXECUTE FUNCTION vmshield_audit_head_usbgate();
 """
 
-# version 6 (issue #20 B10, B11, C): the usbgate role loses every direct write and most reads.
+# version 6 (issue #20 B10-B12, C): the usbgate role loses every direct write and most reads.
 # It appended with INSERT on audit (a usb.* row at a future seq stopped every later write,
-# for good) and read the whole audit. Now it appends only through vmshield_usbgate_audit(),
-# which computes seq, timestamp and hash itself under the head lock, and it reads the rules
-# and the VMs' names. Every function gets a fixed search_path (pg_temp last) and qualified
-# relations: the V5 guard read `audit` with the caller's path, where a TEMP table named audit
-# came first (issue #20 B11). TEMP itself is taken in connection.initialise (database
-# privileges are not copied by CREATE DATABASE ... TEMPLATE, so they are re-applied on every
-# init).
+# for good) and locked audit_head FOR UPDATE (an open transaction stopped every writer); it
+# read the whole audit. Now it appends only through vmshield_usbgate_audit(), which computes
+# seq, timestamp and hash itself under the head lock, and it reads the rules and the VMs'
+# names. Every function gets a fixed search_path (pg_temp last) and qualified relations: the
+# V5 guard read `audit` with the caller's path, where a TEMP table named audit came first.
+# The advisory lock functions are taken from PUBLIC (a usbgate login held every disk's
+# lease); TEMP is taken in connection.initialise (database privileges are not copied by
+# CREATE DATABASE ... TEMPLATE, so they are re-applied on every init).
 _V6 = rf"""
 ALTER FUNCTION public.vmshield_audit_append_only() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION public.vmshield_usb_rules_notify() SET search_path = pg_catalog, pg_temp;
@@ -276,6 +277,55 @@ BEGIN
     RETURN out || '"';
 END $$;
 
+-- End every usbgate-only session whose transaction has a transaction id, is older than 2 s and
+-- is not itself waiting for a lock. After this migration such a role can get a transaction id
+-- only through vmshield_usbgate_audit() (or by asking for one): an honest usbgate appends in
+-- one autocommit call, done milliseconds after it has the head; a session still in that
+-- transaction 2 s later, idle or busy with something else, is keeping the head from everyone.
+CREATE FUNCTION public.vmshield_end_stalled_usbgate() RETURNS INTEGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r RECORD;
+    ended INTEGER := 0;
+BEGIN
+    FOR r IN
+        SELECT a.pid, a.usename, a.xact_start FROM pg_catalog.pg_stat_activity a
+            JOIN pg_catalog.pg_roles u ON u.oid = a.usesysid
+        WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
+            AND a.datname = current_database()
+            AND a.xact_start < clock_timestamp() - interval '2 seconds'
+            AND a.wait_event_type IS DISTINCT FROM 'Lock'
+            AND NOT u.rolsuper
+            AND pg_has_role(u.oid, '{USBGATE_ROLE}', 'MEMBER')
+            AND NOT pg_has_role(u.oid, '{ADMIN_ROLE}', 'MEMBER')
+    LOOP
+        RAISE LOG 'vmshield: ending session % of role % (in a writing transaction since %)',
+            r.pid, r.usename, r.xact_start;
+        PERFORM pg_terminate_backend(r.pid, 5000);
+        ended := ended + 1;
+    END LOOP;
+    RETURN ended;
+END $$;
+
+-- Every writer's first statement: the head's row lock, waited for in 0.5 s steps (10 s in
+-- all, then lock_not_available: KeystoreBusy), ending a stalled usbgate holder between steps.
+CREATE FUNCTION public.vmshield_lock_audit_head(OUT seq BIGINT, OUT hash TEXT)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '500ms' AS $$
+BEGIN
+    FOR attempt IN 1 .. 20 LOOP
+        BEGIN
+            SELECT h.seq, h.hash INTO seq, hash FROM public.audit_head h FOR UPDATE;
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            IF attempt = 20 THEN
+                RAISE;
+            END IF;
+        END;
+        PERFORM public.vmshield_end_stalled_usbgate();
+    END LOOP;
+END $$;
+
 -- usbgate's one way to write: a usb.* row as actor usbgate, chained here under the head lock
 CREATE FUNCTION public.vmshield_usbgate_audit(action TEXT, vm TEXT, detail TEXT)
 RETURNS TABLE (seq BIGINT, ts TEXT, actor TEXT, action_ TEXT, vm_ TEXT, detail_ TEXT,
@@ -296,7 +346,7 @@ BEGIN
             'JSON object of at most 4096 characters as detail'
             USING ERRCODE = 'data_exception';
     END IF;
-    SELECT h.seq, h.hash INTO head_seq, head_hash FROM public.audit_head h FOR UPDATE;
+    SELECT l.seq, l.hash INTO head_seq, head_hash FROM public.vmshield_lock_audit_head() l;
     seq := head_seq + 1;
     ts := to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"');
     actor := 'usbgate';
@@ -315,8 +365,10 @@ BEGIN
     RETURN NEXT;
 END $$;
 
-REVOKE ALL ON FUNCTION public.vmshield_json_text(TEXT),
-    public.vmshield_usbgate_audit(TEXT, TEXT, TEXT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.vmshield_json_text(TEXT), public.vmshield_end_stalled_usbgate(),
+    public.vmshield_lock_audit_head(), public.vmshield_usbgate_audit(TEXT, TEXT, TEXT)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.vmshield_lock_audit_head() TO {ADMIN_ROLE};
 GRANT EXECUTE ON FUNCTION public.vmshield_usbgate_audit(TEXT, TEXT, TEXT)
     TO {USBGATE_ROLE}, {ADMIN_ROLE};
 
@@ -325,6 +377,19 @@ GRANT SELECT (uuid, name) ON public.vms TO {USBGATE_ROLE};
 GRANT SELECT (id, vm_uuid, position, action, vendor_id, product_id, device_class, interfaces,
     serial) ON public.usb_rules TO {USBGATE_ROLE};
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'pg_catalog'::regnamespace
+            AND p.proname LIKE 'pg\_%advisory%lock%' AND p.proname NOT LIKE '%unlock%'
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO {ADMIN_ROLE}', f);
+    END LOOP;
+END $$;
 """
 
 #: MIGRATIONS[i] brings the schema from version i to i + 1.

@@ -1,5 +1,5 @@
-"""The usbgate role as the attacker (issue #20 B10, B11, C): a host's usbgate credential must
-not be able to stop writes, fool the head guard or read the audit.
+"""The usbgate role as the attacker (issue #20 B10, B11, B12, C): a host's usbgate credential
+must not be able to stop writes, fool the head guard, take disk leases or read the audit.
 
 Real PostgreSQL; each test logs in as a role that is only a member of vmshield_usbgate.
 """
@@ -7,6 +7,8 @@ Real PostgreSQL; each test logs in as a role that is only a member of vmshield_u
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -19,6 +21,7 @@ from keystore.auth import AuthPolicy
 from keystore.models import UsbAction
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
+from keystore.postgres.lease import LEASE_CLASS
 from keystore.postgres.repository import PostgresRepository
 from keystore.postgres.schema import MIGRATIONS, USBGATE_ROLE
 from keystore.sqlite import usbrules
@@ -137,6 +140,63 @@ def test_temp_table_named_audit_does_not_fool_the_head_guard(pg_cluster: Cluster
     assert loose == []
 
 
+_ADVISORY = (
+    "pg_try_advisory_lock(%s, %s)",
+    "pg_advisory_lock(%s, %s)",
+    "pg_try_advisory_lock_shared(%s, %s)",
+    "pg_advisory_xact_lock(%s, %s)",
+    "pg_try_advisory_xact_lock_shared(%s, %s)",
+)
+
+
+def test_usbgate_role_cannot_take_lease_locks(pg_cluster: Cluster) -> None:
+    """B12: pg_try_advisory_lock is PUBLIC: a usbgate login took the lease of every disk id
+    (or the migration lock) and no host could serve."""
+    url, gate = _keystore(pg_cluster)
+    with psycopg.connect(gate, autocommit=True) as conn:
+        for call in _ADVISORY:
+            with pytest.raises(DENIED):
+                conn.execute(f"SELECT {call}".encode(), (LEASE_CLASS, 1))
+        with pytest.raises(DENIED):
+            conn.execute("SELECT pg_try_advisory_lock(%s)", (0x766D7368,))
+    with psycopg.connect(url, autocommit=True) as conn:  # the disk side still can
+        assert conn.execute("SELECT pg_try_advisory_lock(%s, 1)", (LEASE_CLASS,)).fetchone() == (
+            True,
+        )
+
+
+def test_usbgate_session_cannot_hold_the_audit_head(pg_cluster: Cluster) -> None:
+    """B12: `SELECT ... FROM audit_head FOR UPDATE` in a transaction left open (timeouts off)
+    stopped every write on every host. Now the head is out of the role's reach, and a session
+    that stalls inside its own append is ended so that writers go on."""
+    url, gate = _keystore(pg_cluster)
+    attacker = psycopg.connect(gate)  # not autocommit: the attacker keeps the transaction
+    try:
+        attacker.execute("SET lock_timeout = 0")
+        attacker.execute("SET idle_in_transaction_session_timeout = 0")
+        with pytest.raises(DENIED):
+            attacker.execute("SELECT seq FROM audit_head FOR UPDATE")
+        attacker.rollback()
+        attacker.execute("SET idle_in_transaction_session_timeout = 0")
+        attacker.execute(pgaudit.USBGATE_APPEND_SQL, ("usb.allowed", "web1", "{}"))
+        # the attacker now holds the head's row lock, idle in transaction
+        done: list[float] = []
+        start = time.monotonic()
+        writer = threading.Thread(target=lambda: (_admin_write(url), done.append(time.monotonic())))
+        writer.start()
+        writer.join(60)
+        assert done, "an admin write waited 60 s behind a usbgate session"
+        waited = done[0] - start
+        print(f"\nadmin write behind a stalled usbgate session: {waited:.2f} s")
+        assert waited < 15
+        with pytest.raises(psycopg.OperationalError):
+            attacker.execute("SELECT 1")
+    finally:
+        attacker.close()
+    checked = pgaudit.verify_sync(url)
+    assert checked.ok, checked.problems
+
+
 def test_usbgate_role_reads_its_rules_not_the_audit(pg_cluster: Cluster) -> None:
     """C: the usbgate role could SELECT the whole audit table (every user's actions) and the
     VMs' owners; it needs the rules and the VMs' names only."""
@@ -177,7 +237,8 @@ def test_a_schema_5_keystore_is_upgraded_in_place(pg_cluster: Cluster) -> None:
             conn.execute(f"CREATE ROLE mallory_gate LOGIN IN ROLE {USBGATE_ROLE}".encode())
     with psycopg.connect(url.replace("postgres@", "mallory_gate@"), autocommit=True) as conn:
         assert pgaudit.append_usbgate_sync(conn, "usb.allowed", "vm1", {}).seq == 4
-        for sql in ("SELECT * FROM audit", "CREATE TEMP TABLE t (x INT)"):
+        for sql in ("SELECT * FROM audit", "CREATE TEMP TABLE t (x INT)",
+                    "SELECT pg_try_advisory_lock(1)"):  # fmt: skip
             with pytest.raises(DENIED):
                 conn.execute(sql.encode())
     checked = pgaudit.verify_sync(url)
