@@ -108,8 +108,11 @@ def start(
     readonly: bool,
     timeout: float = 60.0,
     nbdkit: str = "nbdkit",
+    fence_fd: int | None = None,
 ) -> int:
-    """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers."""
+    """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers.
+
+    `fence_fd`: the read end of the lease holder's pipe (nbd_plugin/serve/fence.py)."""
     exe = shutil.which(nbdkit)
     if exe is None:
         raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
@@ -132,12 +135,14 @@ def start(
         if readonly:
             cmd.append("-r")
         cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}"]
+        if fence_fd is not None:
+            cmd.append(f"fence=-{fence_fd}")
         proc = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            pass_fds=(r,),
+            pass_fds=(r,) if fence_fd is None else (r, fence_fd),
             start_new_session=True,
             umask=0o077,
             timeout=timeout,
@@ -262,7 +267,10 @@ def serve_recorded(
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
     held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:
-        pid = start(Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout)
+        pid = start(
+            Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout,
+            fence_fd=None if held is None else held.fence_fd,
+        )  # fmt: skip
     except ServeError as e:
         if held is not None:
             held.abort()
