@@ -8,6 +8,7 @@ other is told who holds the lease. Killing the winner's database session ends it
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -22,9 +23,11 @@ import pytest
 from click.testing import CliRunner
 
 from keystore.cli import main
+from keystore.models import Disk
 from keystore.postgres import connection as pgconn
 from keystore.postgres import lease as pglease
 from keystore.postgres import repository as pg_repo
+from keystore.postgres.url import PgUrl
 from keystore.services import lease, serve
 from tests.keystore.test_cli_keystore import FAST
 from tests.support.postgres import Cluster
@@ -162,6 +165,11 @@ def test_lease_log_is_not_opened_through_a_planted_symlink(keystore: str, sockdi
     assert _lease_rows(keystore) == []
 
 
+async def _disk(url: str) -> Disk:
+    async with await pg_repo.PostgresRepository.open(url, policy=FAST) as repo:
+        return await repo.get_disk("web1-0")
+
+
 def _holder_pid(sock: Path) -> int:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -238,6 +246,12 @@ def test_a_lost_lease_stops_its_server_before_the_lease_is_served_elsewhere(
         pid = serve.read_pid(files.pidfile)
         if pid:
             serve.stop(pid, files)
+    # the next host's holder finds the row left behind and waits out the grace period
+    disk = asyncio.run(_disk(keystore))
+    taking = time.monotonic()
+    held = lease.take(PgUrl(keystore), disk, sockdir / "hostB" / "web1-0.sock", readonly=False)
+    assert held is not None and time.monotonic() - taking >= lease.GRACE
+    held.abort()
     last = max(acks)
     ms = {k: round((t - killed) * 1000, 1) for k, t in
           (("lease free", free), ("last ack", last), ("first refused", refused[0]))}  # fmt: skip
