@@ -257,3 +257,33 @@ def test_a_lost_lease_stops_its_server_before_the_lease_is_served_elsewhere(
           (("lease free", free), ("last ack", last), ("first refused", refused[0]))}  # fmt: skip
     print(f"\n{how}, ms after: {ms}; {len(acks)} writes acknowledged")
     assert last < free + lease.GRACE
+
+
+def test_a_holder_whose_database_stops_answering_fences_after_the_deadline(
+    keystore: str, sockdir: Path
+) -> None:
+    """B13: a holder cut off from the database (here its server process is stopped: the
+    connection stays open, nothing answers) waited on it for ever while its nbdkit served; the
+    server would free the lock once its keepalives gave up. Now the holder fences after
+    lease.DEADLINE s without an answer, well before the server's keepalives end the session."""
+    sock = sockdir / "hostA" / "web1-0.sock"
+    _out, err = _serve(keystore, sock).communicate(PW.decode(), timeout=120)
+    assert serve.probe(sock), err
+    db = urllib.parse.urlsplit(keystore).path.lstrip("/")
+    with psycopg.connect(keystore, autocommit=True) as conn:
+        [(backend,)] = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
+            (lease.APPLICATION, db),
+        ).fetchall()
+    os.kill(backend, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        while serve.probe(sock):
+            assert time.monotonic() - stopped < lease.DEADLINE + 10, "the server still answers"
+            time.sleep(0.05)
+        fenced = time.monotonic() - stopped
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    print(f"\ndatabase silent: nbdkit stopped after {fenced:.2f} s (deadline {lease.DEADLINE} s)")
+    assert lease.DEADLINE - 2 * lease.PING <= fenced < lease.DEADLINE + 5
+    assert "no answer from the database" in sock.with_suffix(".lease.log").read_text()
