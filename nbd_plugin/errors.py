@@ -51,3 +51,7 @@ class ImageBusy(VmshieldError):
     """Another process holds the image (a read-write server, or an erase in progress)."""
 
     exit_code = ExitStatus.TEMPFAIL
+
+
+class Fenced(VmshieldError):
+    """The server's cluster-wide lease is gone: it must not touch the image any more."""

@@ -19,6 +19,9 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
                       how requests are en/decrypted: numba (one compiled call per request,
                       requests in parallel), numpy (the fallback), auto (default: numba when
                       it imports and compiles). nbdkit -v logs the path in use and why.
+    fence=-FD         the read end of the lease holder's pipe (vmshield disk serve on a
+                      PostgreSQL keystore): once it closes, every request fails with EIO
+                      and nbdkit shuts down (nbd_plugin/serve/fence.py).
 
 This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.
@@ -41,7 +44,7 @@ import nbdkit  # noqa: E402
 from nbd_plugin.crypto.jit import describe as describe_path  # noqa: E402
 from nbd_plugin.crypto.jit import expected as expected_path  # noqa: E402
 from nbd_plugin.crypto.jit import start_loading, when_decided  # noqa: E402
-from nbd_plugin.errors import InvalidPassphrase, VmshieldError  # noqa: E402
+from nbd_plugin.errors import Fenced, InvalidPassphrase, VmshieldError  # noqa: E402
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
@@ -167,6 +170,22 @@ def can_cache(h):
     return nbdkit.CACHE_NONE
 
 
+def _fenced():
+    """Refuse the request if the lease is gone (and shut nbdkit down, once)."""
+    if _config.fence is None:
+        return
+    first = not _config.fence.fenced
+    try:
+        _config.fence.check()
+    except Fenced as exc:
+        if first:
+            nbdkit.debug(f"vmshield: {exc}; shutting down")
+            print(f"nbdkit: vmshield: error: {exc}; shutting down", file=sys.stderr, flush=True)
+            nbdkit.shutdown()
+        nbdkit.set_error(errno.EIO)
+        raise
+
+
 def _io_error(exc):
     if isinstance(exc, ValueError):
         nbdkit.set_error(errno.EINVAL)
@@ -177,6 +196,7 @@ def _io_error(exc):
 
 
 def pread(h, buf, offset, flags):
+    _fenced()
     try:
         h.pread(buf, offset)
     except Exception as exc:
@@ -185,6 +205,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    _fenced()
     try:
         h.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -193,6 +214,7 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    _fenced()
     try:
         h.flush()
     except Exception as exc:
@@ -201,6 +223,7 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
+    _fenced()
     try:
         h.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -209,6 +232,7 @@ def trim(h, count, offset, flags):
 
 
 def zero(h, count, offset, flags):
+    _fenced()
     try:
         h.zero(
             offset,

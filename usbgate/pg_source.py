@@ -8,7 +8,8 @@ attached (it cannot know what was revoked meanwhile), until the listener reconne
 hands the fresh rules out again.
 
 Audit rows go to the same database through a worker thread and its own connection
-(reconnected when lost), chained under the audit head's row lock like every other writer.
+(reconnected when lost): the server chains them under the audit head's row lock
+(`vmshield_usbgate_audit()`, the usbgate role's only write; the actor is always usbgate).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from keystore.postgres import connection as pgconn
 from keystore.postgres.notify import RulesListener
 from usbgate.auditing import QueuedAuditSink
 from usbgate.errors import RuleSourceError
-from usbgate.keystore_source import AUDIT_ACTOR
 from usbgate.policy import Rule
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class PgAuditSink(QueuedAuditSink):
             try:
                 if self._conn is None:
                     self._conn = pgconn.connect_sync(self.url)
-                pgaudit.append_sync(self._conn, AUDIT_ACTOR, action, vm, detail)
+                pgaudit.append_usbgate_sync(self._conn, action, vm, detail)
                 return
             except psycopg.OperationalError:
                 if self._conn is not None:

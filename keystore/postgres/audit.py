@@ -1,10 +1,13 @@
 """The audit chain on PostgreSQL: the head row lock that serializes appends, and sync helpers.
 
-Every write transaction (the repository's, usbgate's appends) first takes
-`SELECT ... FROM audit_head FOR UPDATE`: the one-row head is the chain's tip, so appends from
-any number of hosts queue on that row lock and each sees the previous append's (seq, hash).
-That keeps ONE verifiable chain (`vmshield audit verify` unchanged) at the price of
-serialized writers; docs/keystore.md has the measured rate and why not per-VM chains.
+Every write transaction (the repository's, usbgate's appends) first takes the head's row lock
+(`vmshield_lock_audit_head()`: `SELECT ... FROM audit_head FOR UPDATE`, waited for in steps,
+ending a usbgate session that stalls while holding it): the one-row head is the chain's tip,
+so appends from any number of hosts queue on that row lock and each sees the previous
+append's (seq, hash). That keeps ONE verifiable chain (`vmshield audit verify` unchanged) at
+the price of serialized writers; docs/keystore.md has the measured rate and why not per-VM
+chains. The usbgate role writes nothing itself: `vmshield_usbgate_audit()` (schema 6)
+chains its row on the server (`append_usbgate_sync`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from keystore import audit as auditmod
 from keystore.models import AuditEntry
 from keystore.postgres import connection as pgconn
 
-LOCK_HEAD_SQL = "SELECT seq, hash FROM audit_head FOR UPDATE"
+LOCK_HEAD_SQL = "SELECT seq, hash FROM public.vmshield_lock_audit_head()"
+USBGATE_APPEND_SQL = "SELECT * FROM public.vmshield_usbgate_audit(%s, %s, %s)"
 INSERT_SQL = auditmod.INSERT_SQL.replace("?", "%s")
 SET_HEAD_SQL = "UPDATE audit_head SET seq = %s, hash = %s"
 HEAD_SQL = "SELECT seq, hash FROM audit_head"
@@ -49,6 +53,21 @@ def append_sync(
         conn.execute(INSERT_SQL, params)
         conn.execute(SET_HEAD_SQL, (params[0], params[7]))
     return auditmod.entry_from_row(params)
+
+
+def append_usbgate_sync(
+    conn: psycopg.Connection[Any],
+    action: str,
+    vm: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Append a `usb.*` row as actor usbgate, chained by the server (the usbgate role's only
+    write): one autocommit statement, so the head is held only while the server appends."""
+    text = auditmod.canonical_detail({**(detail or {}), **auditmod.os_identity()})
+    with conn.transaction():
+        row = conn.execute(USBGATE_APPEND_SQL, (action, vm, text)).fetchone()
+    assert row is not None
+    return auditmod.entry_from_row(tuple(row))
 
 
 def verify_sync(url: str, anchor: str | None = None) -> auditmod.VerifyResult:

@@ -105,6 +105,24 @@ async def connect_async(url: str) -> psycopg.AsyncConnection[Any]:
     return conn
 
 
+# Database privileges live in pg_database, which CREATE DATABASE ... TEMPLATE does not copy:
+# applied on every init, not in a migration. TEMP: a restricted role's TEMP table shadows a
+# table of the same name for every unqualified lookup in its session (issue #20 B11).
+_DATABASE_SQL = """
+DO $$
+BEGIN
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+    EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO vmshield_admin', current_database());
+END $$
+"""
+# REVOKE by a role without the grant option only warns: check what the usbgate role can do
+_LOOSE_SQL = (
+    "SELECT has_database_privilege('vmshield_usbgate', current_database(), 'TEMPORARY'), "
+    "has_function_privilege('vmshield_usbgate', 'pg_try_advisory_lock(bigint)', "
+    "'EXECUTE')"
+)
+
+
 def initialise(url: str) -> tuple[bool, int]:
     """Create or upgrade the schema (needs a role that may create tables and roles).
 
@@ -132,6 +150,14 @@ def initialise(url: str) -> tuple[bool, int]:
                 conn.execute(MIGRATIONS[n].encode())
             conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
             conn.execute("GRANT SELECT ON schema_version TO vmshield_admin, vmshield_usbgate")
+            conn.execute(_DATABASE_SQL)
+            loose = conn.execute(_LOOSE_SQL).fetchone()
+            if loose and any(loose):
+                raise DatabaseUnavailable(
+                    f"cannot take TEMP and the advisory locks from PUBLIC on {redact(url)}: "
+                    "run `vmshield init` as a superuser (or the database's owner after a "
+                    "superuser did it once)"
+                )
     except psycopg.Error as e:
         raise translate(e, url) from e
     return version == 0, version

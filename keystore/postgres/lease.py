@@ -31,9 +31,12 @@ _LIVE = "backend IN (SELECT pid FROM pg_stat_activity)"
 
 def try_take(
     conn: psycopg.Connection[Any], disk_id: int, disk: str, holder: str, *, readonly: bool
-) -> None:
+) -> bool:
     """Take the lease on this session (shared when `readonly`) or raise LeaseHeld naming
-    the holders: one read-write server, or any number of read-only ones, never both."""
+    the holders: one read-write server, or any number of read-only ones, never both.
+
+    True when a holder this one excludes never released it (its row is still there: it died
+    or lost its session); its server may still finish a request, so wait before serving."""
     fn = "pg_try_advisory_lock_shared" if readonly else "pg_try_advisory_lock"
     row = conn.execute(f"SELECT {fn}(%s, %s)".encode(), (LEASE_CLASS, disk_id)).fetchone()
     if not row or not row[0]:
@@ -48,6 +51,11 @@ def try_take(
             f"disk {disk} is already served {mode} by {who} (cluster-wide lease); "
             f"stop it there first (`vmshield disk stop {disk}` on that host)"
         )
+    left = conn.execute(
+        "SELECT count(*) FROM leases WHERE disk_id = %s AND (readonly = 0 OR NOT %s) "
+        "AND backend <> pg_backend_pid()",
+        (disk_id, readonly),
+    ).fetchone()
     conn.execute(
         f"DELETE FROM leases WHERE disk_id = %s AND NOT {_LIVE}".encode(), (disk_id,)
     )  # rows of sessions that died
@@ -56,6 +64,7 @@ def try_take(
         "VALUES (%s, %s, pg_backend_pid(), %s, %s)",
         (disk_id, holder, now().isoformat(), int(readonly)),
     )
+    return bool(left and left[0])
 
 
 def release(conn: psycopg.Connection[Any], disk_id: int) -> None:

@@ -109,8 +109,11 @@ class Cluster:
         return name
 
     def keystore(self, user: str = SUPERUSER) -> str:
-        """The URL of a fresh, empty, migrated keystore database."""
-        return self.url(self.create_database(), user)
+        """The URL of a fresh, empty, migrated keystore database (its database privileges,
+        which a template does not pass on, applied by `initialise`)."""
+        name = self.create_database()
+        pgconn.initialise(self.url(name))
+        return self.url(name, user)
 
     def terminate(self, db: str, application_name: str | None = None) -> int:
         """pg_terminate_backend every other session on `db` (optionally one application's)."""

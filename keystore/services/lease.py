@@ -8,6 +8,16 @@ or the connection is lost (then it fences: SIGTERM to nbdkit, since another host
 lease at once). A crashed host loses its connection, so its lease ends without clean-up.
 Read-only serves take the lease shared. On an SQLite keystore there is no lease: the image's
 flock covers the one host.
+
+nbdkit's I/O is tied to the holder (issue #20 B13): the holder keeps the write end of a pipe
+whose read end nbdkit checks before every request (`fence=-FD`, nbd_plugin/serve/fence.py).
+The holder closes it first when it fences, and the kernel closes it when the holder dies
+(SIGKILL, OOM), so nbdkit refuses I/O and shuts down at its next request. The holder pings
+its session every PING s and fences itself after DEADLINE s without an answer (a partitioned
+host), while the server is told to end the session only after ~16 s of TCP silence (its
+keepalives): the holder stops writing well before the lock can move. A taker that finds the
+previous holder's row (it never released) waits GRACE s before serving: a request already
+past the fence check may still complete on the old server. docs/keystore.md has the window.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import os
 import socket as socketmod
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from keystore import paths
@@ -27,24 +39,42 @@ from keystore.postgres.lease import LeaseHeld
 from keystore.postgres.url import PgUrl
 
 APPLICATION = "vmshield-lease"
-_POLL = 0.2
+#: A taker waits this long (s) when the previous holder never released the lease.
+GRACE = 1.0
+#: The holder pings its session every PING s and fences after DEADLINE s without an answer.
+PING = 0.2
+DEADLINE = 5.0
+#: The server ends a silent TCP session after 10 + 3 x 2 s: long after DEADLINE.
+_SERVER_KEEPALIVE = (
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 2",
+    "SET tcp_keepalives_count = 3",
+)
 
 
 class Lease:
     """The parent's handle on a running lease holder."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], holder: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], holder: str, fence_fd: int) -> None:
         self.proc = proc
         self.holder = holder
+        self.fence_fd = fence_fd  # the read end of the holder's pipe, for nbdkit
+
+    def _close_fence(self) -> None:
+        if self.fence_fd >= 0:
+            os.close(self.fence_fd)
+            self.fence_fd = -1
 
     def attach(self, pid: int) -> None:
-        """nbdkit runs as `pid`: the holder watches it from now on."""
+        """nbdkit runs as `pid` (with its own copy of the fence): the holder watches it."""
+        self._close_fence()
         assert self.proc.stdin is not None
         self.proc.stdin.write(f"{pid}\n".encode())
         self.proc.stdin.close()
 
     def abort(self) -> None:
         """nbdkit did not start: the holder releases the lease and exits."""
+        self._close_fence()
         assert self.proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):
             self.proc.stdin.close()
@@ -67,19 +97,26 @@ def take(
     logfile = socket.with_suffix(".lease.log")
     logfile.unlink(missing_ok=True)
     log = os.open(logfile, paths.NEW_FILE, 0o600)
+    fence_r, fence_w = os.pipe()  # only the holder keeps the write end
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keystore.services.lease", location, str(disk.id),
-             disk.name, holder, str(socket), "ro" if readonly else "rw"],
+             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            pass_fds=(fence_w,),
         )  # fmt: skip
+    except BaseException:
+        os.close(fence_r)
+        raise
     finally:
         os.close(log)
+        os.close(fence_w)
     assert proc.stdout is not None
     answer = proc.stdout.readline().decode(errors="replace").strip()
     proc.stdout.close()
     if answer == "ok":
-        return Lease(proc, holder)
+        return Lease(proc, holder, fence_r)
+    os.close(fence_r)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
     if answer.startswith("held "):
@@ -90,48 +127,92 @@ def take(
 # -- the holder process -------------------------------------------------------------------
 
 
-def _hold(url: str, disk_id: int, disk: str, holder: str, sock: Path, readonly: bool) -> int:
+class _Fence:
+    """The holder's end of the fence: closed once, by whichever thread fences first."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def close(self) -> bool:
+        with self._lock:
+            if self.fd < 0:
+                return False
+            os.close(self.fd)
+            self.fd = -1
+            return True
+
+
+def _hold(
+    url: str, disk_id: int, disk: str, holder: str, sock: Path, readonly: bool, fence_fd: int
+) -> int:
     import psycopg
 
     from keystore.postgres import connection as pgconn
     from keystore.postgres import lease as pglease
     from keystore.services import serve
 
+    fence = _Fence(fence_fd)
     try:
         conn = pgconn.connect_sync(url, application_name=APPLICATION)
-        pglease.try_take(conn, disk_id, disk, holder, readonly=readonly)
+        for sql in _SERVER_KEEPALIVE:
+            conn.execute(sql)
+        left_behind = pglease.try_take(conn, disk_id, disk, holder, readonly=readonly)
     except LeaseHeld as e:
         print(f"held {e}", flush=True)
         return 3
     except (KeystoreError, psycopg.Error) as e:
         print(f"error {str(e).strip().splitlines()[0] if str(e).strip() else e!r}", flush=True)
         return 1
+    if left_behind:  # the previous server may still be finishing a request
+        time.sleep(GRACE)
     print("ok", flush=True)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the parent stops reading now
     line = sys.stdin.readline()
     if not line.strip():
+        fence.close()
         pglease.release(conn, disk_id)
         return 0
     pid = int(line)
     files = serve.ServerFiles(sock)
+
+    def fence_off(why: str) -> None:
+        if fence.close():  # nbdkit refuses I/O from its next request on
+            print(f"{why}; stopping nbdkit pid {pid}", file=sys.stderr, flush=True)
+            serve.stop(pid, files)
+
+    answered = [time.monotonic()]
+    done = threading.Event()
+
+    def watchdog() -> None:
+        while not done.wait(PING):
+            if time.monotonic() - answered[0] > DEADLINE:
+                fence_off(f"lease of {disk}: no answer from the database for {DEADLINE:g} s")
+                os._exit(2)
+
+    threading.Thread(target=watchdog, name="lease-deadline", daemon=True).start()
     try:
         while serve.is_our_server(pid, sock):
             # returns at once if the server ends our session: no polling delay to fence
-            for _ in conn.notifies(timeout=_POLL, stop_after=1):
+            for _ in conn.notifies(timeout=PING, stop_after=1):
                 pass
+            conn.execute("SELECT 1")
+            answered[0] = time.monotonic()
+        done.set()
+        fence.close()
         pglease.release(conn, disk_id)
         return 0
     except psycopg.Error as e:
-        print(f"lease of {disk} lost ({e}); stopping nbdkit pid {pid}", file=sys.stderr)
-        serve.stop(pid, files)
+        done.set()
+        fence_off(f"lease of {disk} lost ({e})")
         return 2
     finally:
         conn.close()
 
 
 def main(argv: list[str]) -> int:
-    url, disk_id, disk, holder, sock, mode = argv
-    return _hold(url, int(disk_id), disk, holder, Path(sock), mode == "ro")
+    url, disk_id, disk, holder, sock, mode, fence_fd = argv
+    return _hold(url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd))
 
 
 if __name__ == "__main__":

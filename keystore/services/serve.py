@@ -110,9 +110,12 @@ def start(
     timeout: float = 60.0,
     nbdkit: str = "nbdkit",
     keyslot: int | None = None,
+    fence_fd: int | None = None,
 ) -> int:
     """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers.
-    `keyslot`: the passphrase is for that keyslot only (a clevis token's)."""
+
+    `keyslot`: the passphrase is for that keyslot only (a clevis token's).
+    `fence_fd`: the read end of the lease holder's pipe (nbd_plugin/serve/fence.py)."""
     exe = shutil.which(nbdkit)
     if exe is None:
         raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
@@ -137,12 +140,14 @@ def start(
         cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}"]
         if keyslot is not None:
             cmd.append(f"keyslot={keyslot}")
+        if fence_fd is not None:
+            cmd.append(f"fence=-{fence_fd}")
         proc = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            pass_fds=(r,),
+            pass_fds=(r,) if fence_fd is None else (r, fence_fd),
             start_new_session=True,
             umask=0o077,
             timeout=timeout,
@@ -280,8 +285,9 @@ def serve_recorded(
     held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:
         pid = start(
-            Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout, keyslot=keyslot
-        )
+            Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout,
+            keyslot=keyslot, fence_fd=None if held is None else held.fence_fd,
+        )  # fmt: skip
     except ServeError as e:
         if held is not None:
             held.abort()

@@ -14,6 +14,7 @@ from nbd_plugin.errors import VmshieldError
 from nbd_plugin.luks import open_volume
 from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
 from nbd_plugin.serve.exclusive import claim
+from nbd_plugin.serve.fence import Fence, parse_fd
 from nbd_plugin.serve.hardening import lock_secret
 from nbd_plugin.serve.passphrase import PassphraseError, read_passphrase
 
@@ -88,6 +89,7 @@ class ServerConfig:
     passphrase: bytearray | None = None
     discard: str = "ignore"
     keyslot: int | None = None
+    fence: Fence | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -114,9 +116,15 @@ class ServerConfig:
             if value not in DATA_PATHS:
                 raise ConfigError(f"data_path={value}: use one of {', '.join(DATA_PATHS)}")
             jit.select(None if value == "auto" else value)
+        elif key == "fence":
+            try:
+                self.fence = Fence(parse_fd(value))
+            except (ValueError, OSError) as exc:
+                raise ConfigError(str(exc)) from None
         else:
             raise ConfigError(
-                f"unknown parameter {key}= (known: image, passphrase, keyslot, discard, data_path)"
+                f"unknown parameter {key}= (known: image, passphrase, keyslot, discard, "
+                "data_path, fence)"
             )
 
     def open_disk(self, readonly: bool) -> EncryptedDisk:

@@ -63,7 +63,7 @@ def test_usbgate_role_reads_rules_appends_audit_but_cannot_change_rules_or_users
     gate_url = url.replace("postgres@", "host_b_usbgate@")
     with pgconn.connect_sync(gate_url) as conn:
         assert conn.execute("SELECT count(*) FROM usb_rules").fetchone() == (1,)
-        pgaudit.append_sync(conn, "usbgate", "usb.allowed", "web1", {"vid_pid": "0781:5567"})
+        pgaudit.append_usbgate_sync(conn, "usb.allowed", "web1", {"vid_pid": "0781:5567"})
         refused = [
             "UPDATE usb_rules SET action = 'block'",
             "DELETE FROM usb_rules",
@@ -81,8 +81,9 @@ def test_usbgate_role_reads_rules_appends_audit_but_cannot_change_rules_or_users
 
 
 def test_usbgate_role_cannot_forge_audit_rows_of_others(pg_cluster: Cluster) -> None:
-    """The usbgate role computes the hash chain itself and had INSERT on audit: a usbgate host
-    wrote a valid row "alice: disk.destroy web1-0" (or any actor's) that verify accepted."""
+    """The usbgate role computed the hash chain itself and had INSERT on audit: a usbgate host
+    wrote a valid row "alice: disk.destroy web1-0" (or any actor's) that verify accepted.
+    Since schema 6 the server writes its rows, always as actor usbgate, only usb.* actions."""
     url = pg_cluster.keystore()
     _seed(url)
     _login_role(pg_cluster, "host_c_usbgate", USBGATE_ROLE)
@@ -90,12 +91,14 @@ def test_usbgate_role_cannot_forge_audit_rows_of_others(pg_cluster: Cluster) -> 
     with pgconn.connect_sync(gate_url) as conn:
         for actor, action in (("alice", "disk.destroy"), ("usbgate", "disk.destroy"),
                               ("alice", "usb.allowed")):  # fmt: skip
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only usb"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 pgaudit.append_sync(conn, actor, action, "web1", {"disk": "web1-0"})
-        pgaudit.append_sync(conn, "usbgate", "usb.revoked", "web1", {"vid_pid": "0781:5567"})
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only usb"):
+            pgaudit.append_usbgate_sync(conn, "disk.destroy", "web1", {"disk": "web1-0"})
+        pgaudit.append_usbgate_sync(conn, "usb.revoked", "web1", {"vid_pid": "0781:5567"})
         for sql in ("UPDATE audit_head SET seq = seq + 5",  # a head past the rows: verify fails
                     "UPDATE audit_head SET hash = repeat('f', 64)"):  # fmt: skip
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="audit head"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="audit_head"):
                 conn.execute(sql.encode())
             conn.rollback()
     rows = asyncio.run(_actions(url))
