@@ -3,7 +3,9 @@
 Runs the installed `vmshield` script as a user would (a fresh process each time, its own
 keystore in a temporary directory) and reports min / median / max wall time per command:
 `vmshield --version` and `vmshield usb block` (a rule commit, the live-USB path whose point
-is real time). Issue 26 asks for <= 150 ms for both on this machine kind.
+is real time). Bytecode is cached as on an installed host (the warm-up run writes
+`__pycache__`, even when PYTHONDONTWRITEBYTECODE is set here). Issue 26 asks for <= 150 ms
+for both on this machine kind.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VMSHIELD_DB": str(Path(tmp) / "ks.db")}
+        # an installed vmshield has its bytecode compiled: let the warm-up runs write it
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         _run(["init"], env)
         _run(["user", "add", "alice"], env, stdin="bench-password-1\n")
         _run(["vm", "add", "web", "--owner", "alice"], env)

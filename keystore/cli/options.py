@@ -26,7 +26,6 @@ from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.services.store import Keystore
 from nbd_plugin.errors import ExitStatus, VmshieldError
-from nbd_plugin.luks import FORMATS
 from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
 
 T = TypeVar("T")
@@ -190,6 +189,8 @@ def new_passphrase_file_option(f: F) -> F:
 
 def format_option(default: str) -> Callable[[F], F]:
     """`--format luks1|luks2` of a new image, defaulting to `default`."""
+    from nbd_plugin.luks import FORMATS  # the LUKS library only for commands that write one
+
     return click.option(
         "--format",
         "fmt",

@@ -18,7 +18,6 @@ from keystore.models import UsbAction
 from keystore.repository import Repository
 from keystore.sqlite.usbrules import UsbRule
 from usbgate import policy
-from usbgate import qemu_filter as qf
 
 P = TypeVar("P")
 
@@ -246,6 +245,8 @@ def qemu_filter(vm: str, chardev: str, as_json: bool, db: Path | None) -> None:
     or left out (block/reject): it never refuses what the gateway would forward. Regenerate
     it after changing rules; the gateway applies changes live.
     """
+    from usbgate import qemu_filter as qf  # urllib, xml: not for the live rule commands
+
     result = qf.report(vm, run(db, lambda r: r.list_usb_rules(vm)))
     if as_json:
         emit_json(result.device_json(chardev))

@@ -56,7 +56,10 @@ def test_every_command_has_help() -> None:
     def walk(cmd: click.Command, path: list[str]) -> list[list[str]]:
         out = [path]
         if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
+            ctx = click.Context(cmd)
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None, name
                 out += walk(sub, [*path, name])
         return out
 
@@ -64,9 +67,11 @@ def test_every_command_has_help() -> None:
     assert ["disk", "serve"] in paths and ["usb", "allow"] in paths and ["audit", "verify"] in paths
     for path in paths:
         text = vms(*path, "--help").output
-        cmd: click.Command = main
+        cmd: click.Command | None = main
         for p in path:
-            cmd = cmd.commands[p]  # type: ignore[attr-defined]
+            assert isinstance(cmd, click.Group)
+            cmd = cmd.get_command(click.Context(cmd), p)
+        assert cmd is not None
         assert len(text) > 150, path
         assert cmd.help and len(cmd.help) > 30, f"{path} needs a real description"
 

@@ -12,7 +12,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from keystore.auth import AuthPolicy
-from keystore.cli import TREE, main
+from keystore.cli import TREE, load, main
 from keystore.errors import AuthenticationFailed, Conflict, InUse, PermissionDenied
 from keystore.models import DiskState
 from keystore.services import destroy, disks
@@ -135,9 +135,12 @@ def test_disk_create_compensation_marks_a_failed_image(store: Keystore) -> None:
 
 
 def test_the_tree_lists_every_group_and_command() -> None:
-    listed = {e.name if isinstance(e, click.Command) else e[0].name for e in TREE}
-    assert listed == set(main.commands)
-    for entry in TREE:
-        if isinstance(entry, tuple):
-            group, commands = entry
-            assert {c.name for c in commands} <= set(group.commands)
+    ctx = click.Context(main)
+    assert main.list_commands(ctx) == sorted(name for name, _, _ in TREE)
+    for name, ref, subcommands in TREE:
+        group = main.get_command(ctx, name)
+        assert group is not None and group.name == name, ref
+        if subcommands:
+            assert isinstance(group, click.Group)
+            assert {load(s).name for s in subcommands} <= set(group.commands)
+    assert main.get_command(ctx, "no-such-command") is None
