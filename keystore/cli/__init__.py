@@ -96,9 +96,19 @@ class _Tree(click.Group):
 
 @click.group(cls=_Tree, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vmshield")
-def main() -> None:
+@click.option(
+    "--db",
+    "db",
+    default=None,
+    metavar="PATH|URL",
+    help="Keystore (SQLite file or postgresql:// URL) for the command that follows, as its "
+    "own --db (see the command's --help); given both ways, they must agree.",
+)
+def main(db: str | None) -> None:
     """vmshield: encrypted VM disks served over NBD, deep erase, live USB whitelisting.
 
     Start with `vmshield init`, then `vmshield user add`, `vmshield vm add` and
     `vmshield disk create`. `vmshield image ...` works on LUKS images without a keystore.
+    The keystore is chosen with `--db` before the command (`vmshield --db URL disk list`,
+    as `virsh -c`) or after it, or with VMSHIELD_DB.
     """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from keystore import paths
 from keystore.audit import cli_actor
@@ -118,8 +119,35 @@ class DbLocation(click.ParamType):  # type: ignore[type-arg]
         return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
 
 
+DB_HELP = (
+    "Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
+    "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
+    "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL)."
+)
+
+
+def _group_db(ctx: click.Context, param: click.Parameter, value: Location | None) -> Any:
+    """A command's `--db`: its own if given on the command line, else the one given to
+    `vmshield --db ...` before the command (as `virsh -c`), else VMSHIELD_DB, else None."""
+    root = ctx.find_root()
+    text = root.params.get("db") if root is not ctx else None
+    if text is None:
+        return value
+    given = DbLocation().convert(text, param, ctx)  # the root keeps it as text: no imports
+    source = ctx.get_parameter_source(param.name or "db")
+    if source in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT):
+        return given
+    if value != given:
+        raise click.UsageError(
+            "--db given twice with different keystores; give it once (before or after the command)",
+            ctx=ctx,
+        )
+    return value
+
+
 def db_option(f: F) -> F:
-    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL."""
+    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL; also taken
+    from `vmshield --db ...` before the command."""
     return click.option(
         "--db",
         "db",
@@ -127,9 +155,8 @@ def db_option(f: F) -> F:
         envvar=paths.DB_ENV,
         default=None,
         show_envvar=True,
-        help="Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
-        "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
-        "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL).",
+        callback=_group_db,
+        help=DB_HELP,
     )(f)
 
 

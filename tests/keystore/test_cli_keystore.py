@@ -89,6 +89,32 @@ def test_db_option_overrides_env(db: Path, tmp_path: Path) -> None:
     assert other.exists() and not db.exists()
 
 
+def test_db_before_the_command_as_virsh_c(db: Path, tmp_path: Path) -> None:
+    """`vmshield --db X COMMAND` (issue 26 item 13): it wins over VMSHIELD_DB, agrees with
+    the command's own --db, and a second, different --db is refused, not silently chosen."""
+    other = tmp_path / "other.db"
+    vms("--db", str(other), "init")
+    assert other.exists() and not db.exists()
+    vms("--db", str(other), "user", "add", "bob", input=PW + "\n")
+    assert [u["name"] for u in js("--db", str(other), "user", "list")] == ["bob"]
+    assert [u["name"] for u in js("--db", str(other), "user", "list", "--db", str(other))] == [
+        "bob"
+    ]
+    r = vms("--db", str(other), "user", "list", "--db", str(db), code=2)
+    assert "--db given twice" in r.output
+    vms("user", "list", code=1)  # VMSHIELD_DB still names the keystore that does not exist
+    installed = Path(sys.executable).parent / "vmshield"
+    p = subprocess.run(
+        [str(installed), "--db", str(other), "vm", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VMSHIELD_DB": str(db)},
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0 and json.loads(p.stdout) == [], p.stderr
+
+
 def test_missing_db_message_names_path(db: Path) -> None:
     r = vms("vm", "list", code=1)
     assert str(db) in r.output and "does not exist" in r.output and "vmshield init" in r.output
