@@ -18,7 +18,7 @@ from keystore.cli.options import (
     new_passphrase_file_option,
     passphrase_file_option,
 )
-from keystore.services.disks import parse_size
+from keystore.sizes import human, image_size
 from nbd_plugin import luks
 from nbd_plugin.crypto import jit
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError
@@ -51,7 +51,12 @@ def image() -> None:
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--size", required=True, help="Virtual disk size: 10G, 512M, 1T or bytes.")
+@click.option(
+    "--size",
+    required=True,
+    help="Virtual disk size as qemu-img reads it: bytes, or with a suffix K, M, G, T, P, E "
+    "(powers of 1024), e.g. 10G or 1.5G; rounded up to whole sectors.",
+)
 @format_option("luks1")
 @cipher_option
 @click.option(
@@ -119,7 +124,6 @@ def create(
       vmshield image create /var/lib/vmshield/disks/web.img --size 20G \\
           --passphrase-file /run/keys/web.key
     """
-    size_bytes = _guard(lambda: parse_size(size))
     opts: dict[str, Any] = {}
     if fmt == "luks2":
         if sector_size:
@@ -133,6 +137,12 @@ def create(
     elif sector_size or pbkdf or pbkdf_memory or pbkdf_parallel:
         raise click.UsageError("--sector-size and --pbkdf* apply to --format luks2 only")
     check_pbkdf2_iterations(iterations, pbkdf)
+    sector = 512 if fmt == "luks1" else int(sector_size or 4096)
+    try:
+        size_bytes, taken = image_size(size, sector)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--size") from e
+    click.echo(f"size: {taken}", err=True)
     secret = _reader().read("New passphrase", confirm=True, file=passphrase_file)
     _guard(
         lambda: luks.create_image(
@@ -151,7 +161,7 @@ def create(
     if as_json:
         click.echo(json.dumps(_guard(lambda: luks.info(str(path))), indent=2))
     else:
-        click.echo(f"created {path}: {fmt}, {cipher}, {size_bytes} bytes")
+        click.echo(f"created {path}: {fmt}, {cipher}, {human(size_bytes)} = {size_bytes} bytes")
 
 
 def _print_info(meta: dict[str, Any]) -> None:

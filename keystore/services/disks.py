@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +19,6 @@ from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
 from keystore.services.store import Keystore
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-SECTOR = 512
 
 
 class DiskOpError(KeystoreError):
@@ -91,17 +86,6 @@ def check_identity(disk: Disk, *, resuming: bool) -> None:
             f"disk {disk.name!r}: {disk.path} holds LUKS volume {now.luks_uuid or 'none'}, "
             f"recorded {disk.luks_uuid}; " + hint
         )
-
-
-def parse_size(text: str) -> int:
-    """`20G`, `512M`, `1T`, `1048576` -> bytes (binary units, like qemu-img)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"size {text!r}: use a number with an optional K, M, G, T suffix")
-    size = int(m.group(1)) * _UNITS[m.group(2).upper()]
-    if size <= 0 or size % SECTOR:
-        raise ValueError(f"size {text!r} must be a positive multiple of {SECTOR} bytes")
-    return size
 
 
 def create(
