@@ -79,8 +79,20 @@ def build(name: str) -> click.Command | None:
     return None
 
 
+class _Interrupted(click.ClickException):
+    """Ctrl-C that no command turned into its own message: exit 130, as a shell reports it."""
+
+    exit_code = 130
+
+
 class _Tree(click.Group):
     """The root group: its commands come from TREE, each module imported on first use."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted("interrupted (Ctrl-C)") from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name, _, _ in TREE)

@@ -18,6 +18,7 @@ from keystore.cli.options import (
     new_passphrase_file_option,
     passphrase_file_option,
 )
+from keystore.services.disks import creation_error
 from keystore.sizes import human, image_size
 from nbd_plugin import luks
 from nbd_plugin.crypto import jit
@@ -33,7 +34,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except (VmshieldError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}") from None
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
 def _reader() -> SecretReader:
@@ -144,20 +146,25 @@ def create(
         raise click.BadParameter(str(e), param_hint="--size") from e
     click.echo(f"size: {taken}", err=True)
     secret = _reader().read("New passphrase", confirm=True, file=passphrase_file)
-    _guard(
-        lambda: luks.create_image(
-            str(path),
-            size_bytes,
-            bytes(secret),
-            fmt=fmt,
-            cipher=cipher,
-            key_bytes=int(key_size) // 8,
-            hash=hash_name,
-            iterations=iterations,
-            iter_time_ms=iter_time_ms,
-            **opts,
-        )
-    )
+
+    def make() -> None:
+        try:
+            luks.create_image(
+                str(path),
+                size_bytes,
+                bytes(secret),
+                fmt=fmt,
+                cipher=cipher,
+                key_bytes=int(key_size) // 8,
+                hash=hash_name,
+                iterations=iterations,
+                iter_time_ms=iter_time_ms,
+                **opts,
+            )
+        except OSError as e:  # the library removed its partial file
+            raise click.ClickException(creation_error(path, size_bytes, e)) from None
+
+    _guard(make)
     if as_json:
         click.echo(json.dumps(_guard(lambda: luks.info(str(path))), indent=2))
     else:
