@@ -3,8 +3,8 @@
 The user's password is the passphrase of their LUKS keyslot: `create_disk` checks it,
 records the disk and makes the image with it (a failed or interrupted create removes the
 partial image and the record again: never a `ready` disk without an image, never a stuck
-`creating` one); `rekey` moves every disk of a user from the old to the new password
-(undoing the ones already done if one fails, so password and keyslots never disagree).
+`creating` one); `change_key` moves one image's keyslot (keystore.services.passwd moves
+every disk of a user).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from keystore import sizes
@@ -267,41 +266,3 @@ def change_key(
         raise DiskOpError("no keyslot opens with the current password") from e
     except (VmshieldError, OSError, ValueError) as e:
         raise DiskOpError(str(e)) from e
-
-
-def rekey(
-    disks: Sequence[Disk],
-    old: bytes,
-    new: bytes,
-    *,
-    iterations: int | None = None,
-    iter_time_ms: int = 2000,
-) -> list[tuple[str, str]]:
-    """Change the keyslot passphrase of every live disk from `old` to `new`, all or none.
-
-    Returns the failures as (disk, reason); when there are any, the disks already changed
-    have been changed back. Only READY disks are changed (others have no usable image).
-    """
-    done: list[Disk] = []
-    failures: list[tuple[str, str]] = []
-    for d in disks:
-        if d.state is not DiskState.READY:
-            continue
-        try:
-            change_key(d.path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
-            done.append(d)
-        except DiskOpError as e:
-            failures.append((d.name, str(e)))
-    if failures:
-        for d in done:
-            try:
-                change_key(d.path, new, old, iterations=iterations, iter_time_ms=iter_time_ms)
-            except DiskOpError as e:
-                failures.append(
-                    (
-                        d.name,
-                        f"could not restore the old passphrase: {e}; "
-                        "this disk now opens with the NEW password",
-                    )
-                )
-    return failures
