@@ -61,7 +61,7 @@ def disk() -> None:
     help="Plaintext size as qemu-img reads it: bytes, or with a suffix K, M, G, T, P, E "
     "(powers of 1024), e.g. 20G or 1.5G; rounded up to whole sectors.",
 )
-@format_option("luks2")
+@format_option()
 @cipher_option
 @click.option(
     "--path",

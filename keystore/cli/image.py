@@ -59,7 +59,7 @@ def image() -> None:
     help="Virtual disk size as qemu-img reads it: bytes, or with a suffix K, M, G, T, P, E "
     "(powers of 1024), e.g. 10G or 1.5G; rounded up to whole sectors.",
 )
-@format_option("luks1")
+@format_option()
 @cipher_option
 @click.option(
     "--key-size",
@@ -145,7 +145,7 @@ def create(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
     click.echo(f"size: {taken}", err=True)
-    secret = _reader().read("New passphrase", confirm=True, file=passphrase_file)
+    secret = _reader().read_new("New passphrase", file=passphrase_file)
 
     def make() -> None:
         try:

@@ -21,10 +21,10 @@ from click.core import ParameterSource
 
 from keystore import paths
 from keystore.audit import cli_actor
-from keystore.auth import check_password_quality
 from keystore.backends import Location, parse_location
 from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
+from keystore.secretpolicy import FORMAT_HELP, NEW_IMAGE_FORMAT, check_new_secret
 from keystore.services.store import Keystore
 from nbd_plugin.errors import ExitStatus, VmshieldError
 from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
@@ -214,8 +214,8 @@ def new_passphrase_file_option(f: F) -> F:
     )(f)
 
 
-def format_option(default: str) -> Callable[[F], F]:
-    """`--format luks1|luks2` of a new image, defaulting to `default`."""
+def format_option(default: str = NEW_IMAGE_FORMAT) -> Callable[[F], F]:
+    """`--format luks1|luks2` of a new image (the policy's default: luks2)."""
     from nbd_plugin.luks import FORMATS  # the LUKS library only for commands that write one
 
     return click.option(
@@ -224,8 +224,7 @@ def format_option(default: str) -> Callable[[F], F]:
         type=click.Choice(FORMATS),
         default=default,
         show_default=True,
-        help="Container format: luks2 (argon2id keyslot, 4096-byte sectors; --pbkdf-iterations "
-        "makes it a PBKDF2 keyslot) or luks1 (also opens in QEMU and nbdkit's luks filter).",
+        help=FORMAT_HELP,
     )
 
 
@@ -307,10 +306,11 @@ class SecretReader:
         return bytearray(str(text).encode())
 
     def read_new(self, prompt: str, *, file: Path | None = None) -> bytearray:
-        """A new password: confirmed when prompted, checked for length."""
+        """A new password or passphrase: confirmed when prompted, checked by the one policy
+        (keystore.secretpolicy)."""
         pw = self.read(prompt, confirm=True, file=file)
         try:
-            check_password_quality(bytes(pw))
+            check_new_secret(bytes(pw), self.noun)
         except ValueError as e:
             hint = ""
             if (file or self.default_file) and pw.endswith(b"\n"):
