@@ -99,7 +99,10 @@ class Journal:
         from nbd_plugin.erase.safefile import replace_file
 
         blob = json.dumps(self.state, sort_keys=True).encode()
-        replace_file(str(self.path), blob, 0o600, create_dir=0o700)
+        try:
+            replace_file(str(self.path), blob, 0o600, create_dir=0o700)
+        except OSError as e:
+            raise KeystoreError(f"cannot write the journal {self.path}: {e.strerror}") from None
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -135,8 +138,14 @@ def load_journal(store: Keystore, user: str) -> Journal | None:
 @contextlib.contextmanager
 def _one_at_a_time(store: Keystore, user: str) -> Iterator[None]:
     directory = journal_dir(store)
-    paths.private_dir(directory)
-    fd = os.open(directory / f"{user}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        paths.private_dir(directory)
+        fd = os.open(directory / f"{user}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise KeystoreError(
+            f"cannot keep the password-change journal in {directory} ({e.strerror}): "
+            "nothing was changed"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -286,17 +295,21 @@ def _forward(
         if stop.signum is not None:
             break
         step = journal.steps.get(d.name, PENDING)
-        journal.set(d.name, MOVING)
         try:
-            how = run.move(d, step)
-        except DiskOpError as e:
-            journal.set(d.name, FOREIGN if isinstance(e, Foreign) else FAILED)
-            run.audit("user.passwd.disk", {"disk": d.name, "step": "failed", "why": str(e)})
-            run.report(f"disk {d.name}: not re-keyed: {e}")
+            journal.set(d.name, MOVING)
+            try:
+                how = run.move(d, step)
+            except DiskOpError as e:
+                failures.append((d.name, str(e)))
+                run.report(f"disk {d.name}: not re-keyed: {e}")
+                journal.set(d.name, FOREIGN if isinstance(e, Foreign) else FAILED)
+                run.audit("user.passwd.disk", {"disk": d.name, "step": "failed", "why": str(e)})
+                break
+            journal.set(d.name, MOVED)
+            run.audit("user.passwd.disk", {"disk": d.name, "step": how})
+        except KeystoreError as e:  # the journal or the audit trail cannot be written
             failures.append((d.name, str(e)))
             break
-        journal.set(d.name, MOVED)
-        run.audit("user.passwd.disk", {"disk": d.name, "step": how})
         said = "re-keyed" if how == "rekeyed" else "already opens with the new password"
         run.report(f"disk {d.name}: {said} ({i}/{len(disks)})")
     return failures
@@ -316,11 +329,12 @@ def _backward(
     for d in reversed(moved):
         why = run.restore(d)
         if why is None:
-            journal.set(d.name, RESTORED)
-            run.audit("user.passwd.disk", {"disk": d.name, "step": "restored"})
+            _quietly(journal.set, d.name, RESTORED)
+            _quietly(run.audit, "user.passwd.disk", {"disk": d.name, "step": "restored"})
             run.report(f"disk {d.name}: back on the current password")
         else:
-            run.audit("user.passwd.disk", {"disk": d.name, "step": "restore-failed", "why": why})
+            detail = {"disk": d.name, "step": "restore-failed", "why": why}
+            _quietly(run.audit, "user.passwd.disk", detail)
             stuck.append(f"disk {d.name} still opens with the NEW password only ({why})")
     foreign = [n for n, step in journal.steps.items() if step == FOREIGN]
     if not stuck and not foreign:
@@ -332,7 +346,9 @@ def _backward(
         else "every disk and the keystore still take the current password"
     )
     if stop.signum is not None:
-        run.audit("user.passwd.interrupted", {"signal": stop.name, "restored": len(moved)})
+        _quietly(
+            run.audit, "user.passwd.interrupted", {"signal": stop.name, "restored": len(moved)}
+        )
         raise interrupts.Interrupted(
             f"password change of {run.user} interrupted by {stop.name}: {tail}", stop.signum
         )
@@ -341,3 +357,10 @@ def _backward(
         f"password not changed ({named}): {tail}; fix the disk and run "
         f"`vmshield user passwd {run.user}` again"
     )
+
+
+def _quietly(step: Callable[..., None], *args: Any) -> None:
+    """Bookkeeping while moving disks back: a journal or audit write that fails must not
+    stop the disks from being restored (the restore itself is what matters)."""
+    with contextlib.suppress(KeystoreError):
+        step(*args)
