@@ -144,7 +144,8 @@ def create(
         size_bytes, taken = image_size(size, sector)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
-    click.echo(f"size: {taken}", err=True)
+    if not as_json:  # the JSON gives the size
+        click.echo(f"size: {taken}", err=True)
     secret = _reader().read_new("New passphrase", file=passphrase_file)
 
     def make() -> None:
