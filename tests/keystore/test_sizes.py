@@ -89,6 +89,8 @@ def test_disk_create_takes_qemu_sizes_and_lists_them_human(ready: Path) -> None:
     assert "1.5 MiB" in listing and "1572864" not in listing
     assert "1572864" in vms("disk", "list", "--bytes").output
     assert json.loads(vms("disk", "list", "--json").output)[0]["size"] == 1572864
+    assert "web1-0  ready  1.5 MiB  luks2" in vms("vm", "show", "web1").output
+    assert "1572864 bytes" in vms("vm", "show", "web1", "--bytes").output
 
 
 def test_image_create_rounds_up_to_whole_sectors_and_says_so(tmp_path: Path) -> None:
