@@ -18,9 +18,6 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 #: RFC 9106 second recommended option (argon2id, t=3, m=64 MiB, p=4).
 DEFAULT_HASHER = PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
 
-#: Shortest password accepted by `user add` / `user passwd`.
-MIN_PASSWORD_LENGTH = 8
-
 
 @dataclasses.dataclass(frozen=True)
 class AuthPolicy:
@@ -91,11 +88,3 @@ def dummy_verifier(hasher: PasswordHasher) -> str:
     salt = _b64(b"vmshield-no-user"[: hasher.salt_len].ljust(hasher.salt_len, b"\0"))
     digest = _b64(bytes(hasher.hash_len))
     return f"$argon2{kind}$v=19${params}${salt}${digest}"
-
-
-def check_password_quality(password: bytes) -> None:
-    """Refuse passwords that cannot work as a LUKS passphrase or are obviously weak."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise ValueError(f"password too short: use at least {MIN_PASSWORD_LENGTH} characters")
-    if b"\n" in password or b"\0" in password:
-        raise ValueError("password must not contain newlines or NUL bytes")

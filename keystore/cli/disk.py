@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from keystore import paths
+from keystore import paths, sizes
 from keystore.cli.options import (
     SecretReader,
     actor,
@@ -59,9 +59,10 @@ def disk() -> None:
     "--size",
     required=True,
     metavar="SIZE",
-    help="Plaintext size: bytes, or with K, M, G, T (binary units), e.g. 20G.",
+    help="Plaintext size as qemu-img reads it: bytes, or with a suffix K, M, G, T, P, E "
+    "(powers of 1024), e.g. 20G or 1.5G; rounded up to whole sectors.",
 )
-@format_option("luks2")
+@format_option()
 @cipher_option
 @click.option(
     "--path",
@@ -93,9 +94,10 @@ def create(
     """
     check_pbkdf2_iterations(iterations)
     try:
-        nbytes = diskops.parse_size(size)
+        nbytes, taken = sizes.image_size(size, 512 if fmt == "luks1" else 4096)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
+    click.echo(f"size: {taken}", err=True)
     store = Keystore(db)
     v = run(db, lambda r: r.get_vm(vm))
     disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
@@ -119,7 +121,10 @@ def create(
         )
     finally:
         wipe(pw)
-    click.echo(f"disk {disk_name} created: {path} ({nbytes} bytes, {fmt}, {cipher})")
+    click.echo(
+        f"disk {disk_name} created: {path} ({sizes.human(nbytes)} = {nbytes} bytes, {fmt}, "
+        f"{cipher})"
+    )
     click.echo(f"serve it with: vmshield disk serve {disk_name}")
 
 
@@ -264,10 +269,12 @@ def _serving(d: Disk, s: Server | None) -> tuple[str, bool]:
 
 @click.command("list")
 @click.option("--vm", help="Only disks of this VM.")
+@click.option("--bytes", "raw", is_flag=True, help="Sizes in bytes (default: 20 GiB, 1.5 GiB).")
 @json_option
 @db_option
-def list_(vm: str | None, as_json: bool, db: Path | None) -> None:
-    """List disks with their state, size and the socket they are served on.
+def list_(vm: str | None, raw: bool, as_json: bool, db: Path | None) -> None:
+    """List disks with their state, size and the socket they are served on (--json: sizes
+    in bytes).
 
     A disk whose image a server vmshield did not start holds (nbdkit by hand, a systemd
     unit) shows as served outside vmshield, with that process's pid.
@@ -286,7 +293,15 @@ def list_(vm: str | None, as_json: bool, db: Path | None) -> None:
         return
     table(
         [
-            [d.name, d.vm, d.state.value, str(d.size), d.format, _serving(d, s)[0], d.path]
+            [
+                d.name,
+                d.vm,
+                d.state.value,
+                str(d.size) if raw else sizes.human(d.size),
+                d.format,
+                _serving(d, s)[0],
+                d.path,
+            ]
             for d, s in rows
         ],
         ["name", "vm", "state", "size", "format", "served on", "path"],

@@ -18,7 +18,8 @@ from keystore.cli.options import (
     new_passphrase_file_option,
     passphrase_file_option,
 )
-from keystore.services.disks import parse_size
+from keystore.services.disks import creation_error
+from keystore.sizes import human, image_size
 from nbd_plugin import luks
 from nbd_plugin.crypto import jit
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError
@@ -33,7 +34,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except (VmshieldError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}") from None
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
 def _reader() -> SecretReader:
@@ -51,8 +53,13 @@ def image() -> None:
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--size", required=True, help="Virtual disk size: 10G, 512M, 1T or bytes.")
-@format_option("luks1")
+@click.option(
+    "--size",
+    required=True,
+    help="Virtual disk size as qemu-img reads it: bytes, or with a suffix K, M, G, T, P, E "
+    "(powers of 1024), e.g. 10G or 1.5G; rounded up to whole sectors.",
+)
+@format_option()
 @cipher_option
 @click.option(
     "--key-size",
@@ -119,7 +126,6 @@ def create(
       vmshield image create /var/lib/vmshield/disks/web.img --size 20G \\
           --passphrase-file /run/keys/web.key
     """
-    size_bytes = _guard(lambda: parse_size(size))
     opts: dict[str, Any] = {}
     if fmt == "luks2":
         if sector_size:
@@ -133,25 +139,37 @@ def create(
     elif sector_size or pbkdf or pbkdf_memory or pbkdf_parallel:
         raise click.UsageError("--sector-size and --pbkdf* apply to --format luks2 only")
     check_pbkdf2_iterations(iterations, pbkdf)
-    secret = _reader().read("New passphrase", confirm=True, file=passphrase_file)
-    _guard(
-        lambda: luks.create_image(
-            str(path),
-            size_bytes,
-            bytes(secret),
-            fmt=fmt,
-            cipher=cipher,
-            key_bytes=int(key_size) // 8,
-            hash=hash_name,
-            iterations=iterations,
-            iter_time_ms=iter_time_ms,
-            **opts,
-        )
-    )
+    sector = 512 if fmt == "luks1" else int(sector_size or 4096)
+    try:
+        size_bytes, taken = image_size(size, sector)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--size") from e
+    if not as_json:  # the JSON gives the size
+        click.echo(f"size: {taken}", err=True)
+    secret = _reader().read_new("New passphrase", file=passphrase_file)
+
+    def make() -> None:
+        try:
+            luks.create_image(
+                str(path),
+                size_bytes,
+                bytes(secret),
+                fmt=fmt,
+                cipher=cipher,
+                key_bytes=int(key_size) // 8,
+                hash=hash_name,
+                iterations=iterations,
+                iter_time_ms=iter_time_ms,
+                **opts,
+            )
+        except OSError as e:  # the library removed its partial file
+            raise click.ClickException(creation_error(path, size_bytes, e)) from None
+
+    _guard(make)
     if as_json:
         click.echo(json.dumps(_guard(lambda: luks.info(str(path))), indent=2))
     else:
-        click.echo(f"created {path}: {fmt}, {cipher}, {size_bytes} bytes")
+        click.echo(f"created {path}: {fmt}, {cipher}, {human(size_bytes)} = {size_bytes} bytes")
 
 
 def _print_info(meta: dict[str, Any]) -> None:

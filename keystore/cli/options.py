@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from keystore import paths
 from keystore.audit import cli_actor
-from keystore.auth import check_password_quality
 from keystore.backends import Location, parse_location
 from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
+from keystore.secretpolicy import FORMAT_HELP, NEW_IMAGE_FORMAT, check_new_secret
 from keystore.services.store import Keystore
 from nbd_plugin.errors import ExitStatus, VmshieldError
-from nbd_plugin.luks import FORMATS
 from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
 
 T = TypeVar("T")
@@ -119,8 +119,35 @@ class DbLocation(click.ParamType):  # type: ignore[type-arg]
         return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
 
 
+DB_HELP = (
+    "Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
+    "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
+    "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL)."
+)
+
+
+def _group_db(ctx: click.Context, param: click.Parameter, value: Location | None) -> Any:
+    """A command's `--db`: its own if given on the command line, else the one given to
+    `vmshield --db ...` before the command (as `virsh -c`), else VMSHIELD_DB, else None."""
+    root = ctx.find_root()
+    text = root.params.get("db") if root is not ctx else None
+    if text is None:
+        return value
+    given = DbLocation().convert(text, param, ctx)  # the root keeps it as text: no imports
+    source = ctx.get_parameter_source(param.name or "db")
+    if source in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT):
+        return given
+    if value != given:
+        raise click.UsageError(
+            "--db given twice with different keystores; give it once (before or after the command)",
+            ctx=ctx,
+        )
+    return value
+
+
 def db_option(f: F) -> F:
-    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL."""
+    """`--db PATH|URL` (env VMSHIELD_DB): an SQLite file, or a postgresql:// URL; also taken
+    from `vmshield --db ...` before the command."""
     return click.option(
         "--db",
         "db",
@@ -128,9 +155,8 @@ def db_option(f: F) -> F:
         envvar=paths.DB_ENV,
         default=None,
         show_envvar=True,
-        help="Keystore database: an SQLite file (default: /var/lib/vmshield/keystore.db for "
-        "root, ~/.local/share/vmshield/keystore.db otherwise), or a PostgreSQL URL shared by "
-        "several hosts (postgresql://USER@HOST/DB; password in ~/.pgpass, never in the URL).",
+        callback=_group_db,
+        help=DB_HELP,
     )(f)
 
 
@@ -188,16 +214,17 @@ def new_passphrase_file_option(f: F) -> F:
     )(f)
 
 
-def format_option(default: str) -> Callable[[F], F]:
-    """`--format luks1|luks2` of a new image, defaulting to `default`."""
+def format_option(default: str = NEW_IMAGE_FORMAT) -> Callable[[F], F]:
+    """`--format luks1|luks2` of a new image (the policy's default: luks2)."""
+    from nbd_plugin.luks import FORMATS  # the LUKS library only for commands that write one
+
     return click.option(
         "--format",
         "fmt",
         type=click.Choice(FORMATS),
         default=default,
         show_default=True,
-        help="Container format: luks2 (argon2id keyslot, 4096-byte sectors; --pbkdf-iterations "
-        "makes it a PBKDF2 keyslot) or luks1 (also opens in QEMU and nbdkit's luks filter).",
+        help=FORMAT_HELP,
     )
 
 
@@ -279,10 +306,11 @@ class SecretReader:
         return bytearray(str(text).encode())
 
     def read_new(self, prompt: str, *, file: Path | None = None) -> bytearray:
-        """A new password: confirmed when prompted, checked for length."""
+        """A new password or passphrase: confirmed when prompted, checked by the one policy
+        (keystore.secretpolicy)."""
         pw = self.read(prompt, confirm=True, file=file)
         try:
-            check_password_quality(bytes(pw))
+            check_new_secret(bytes(pw), self.noun)
         except ValueError as e:
             hint = ""
             if (file or self.default_file) and pw.endswith(b"\n"):

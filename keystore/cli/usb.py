@@ -12,13 +12,11 @@ from typing import TypeVar
 
 import click
 
-from keystore.backends import Location
 from keystore.cli.options import CliError, actor, db_option, emit_json, json_option, run, table
 from keystore.models import UsbAction
 from keystore.repository import Repository
 from keystore.sqlite.usbrules import UsbRule
 from usbgate import policy
-from usbgate import qemu_filter as qf
 
 P = TypeVar("P")
 
@@ -92,16 +90,18 @@ def _make(action: UsbAction) -> click.Command:
         pats = [_parse(i, policy.parse_pattern, "--interface") for i in interfaces]
         wanted = policy.Rule(action, vid, pid, dclass, tuple(pats) or None, serial)
 
-        async def add(repo: Repository) -> tuple[UsbRule | None, policy.Placement]:
+        async def add(
+            repo: Repository,
+        ) -> tuple[UsbRule | None, policy.Placement, list[UsbRule]]:
             where = policy.place(await repo.list_usb_rules(vm), wanted, position)
             if where.index is None:
-                return None, where
+                return None, where, []
             rule = await repo.add_usb_rule(vm, action, vid, pid, actor=actor(),
                                            device_class=dclass, interfaces=pats or None,
                                            serial=serial, position=where.index + 1)  # fmt: skip
-            return rule, where
+            return rule, where, await repo.list_usb_rules(vm)  # one keystore opening, not two
 
-        rule, where = run(db, add)
+        rule, where, after = run(db, add)
         if as_json:
             emit_json({**(rule.to_json() if rule else {}), "added": rule is not None,
                        "note": where.note or None})  # fmt: skip
@@ -112,7 +112,7 @@ def _make(action: UsbAction) -> click.Command:
             if where.note:
                 click.echo(f"note: {where.note}", err=True)
         if rule is not None and not as_json:
-            _warn_newly_shadowed(vm, db, rule)
+            _warn_newly_shadowed(after, rule)
 
     verb = {
         UsbAction.ALLOW: "Forward",
@@ -154,9 +154,8 @@ def _rows(rules: list[UsbRule]) -> list[list[str]]:
     ]
 
 
-def _warn_newly_shadowed(vm: str, db: Location | None, rule: UsbRule) -> None:
+def _warn_newly_shadowed(rules: list[UsbRule], rule: UsbRule) -> None:
     """After an insert, say which later rules the new one now decides for."""
-    rules = run(db, lambda r: r.list_usb_rules(vm))
     hidden = [str(i + 1) for i, by in enumerate(policy.shadowed(rules)) if by == rule.position - 1]
     if hidden:
         click.echo(f"note: rule {rule.position} now shadows rule(s) {', '.join(hidden)}: they "
@@ -246,6 +245,8 @@ def qemu_filter(vm: str, chardev: str, as_json: bool, db: Path | None) -> None:
     or left out (block/reject): it never refuses what the gateway would forward. Regenerate
     it after changing rules; the gateway applies changes live.
     """
+    from usbgate import qemu_filter as qf  # urllib, xml: not for the live rule commands
+
     result = qf.report(vm, run(db, lambda r: r.list_usb_rules(vm)))
     if as_json:
         emit_json(result.device_json(chardev))

@@ -12,6 +12,7 @@ from keystore.cli.options import (
     check_pbkdf2_iterations,
     db_option,
     emit_json,
+    handle_errors,
     json_option,
     kdf_options,
     password_file_option,
@@ -20,9 +21,9 @@ from keystore.cli.options import (
     when,
     wipe,
 )
-from keystore.models import Disk, Principal
-from keystore.repository import Repository
-from keystore.services import disks as diskops
+from keystore.models import Principal
+from keystore.services.passwd import Kdf, change_password
+from keystore.services.store import Keystore
 
 
 @click.group()
@@ -64,6 +65,7 @@ def add(name: str, password_file: Path | None, db: Path | None) -> None:
 )
 @kdf_options
 @db_option
+@handle_errors
 def passwd(
     name: str,
     password_file: Path | None,
@@ -75,9 +77,13 @@ def passwd(
     """Change NAME's password, and the keyslot passphrase on every disk NAME owns.
 
     Asks for the current password (it is verified and counts toward the lockout), then the
-    new one twice. Each disk's keyslot is changed from the old to the new passphrase; a
-    disk that cannot be changed (being served read-write, missing) is reported and keeps
-    the old passphrase, and the verifier is only changed when every disk was re-keyed.
+    new one twice. Each disk's keyslot is moved from the old to the new passphrase, one
+    disk at a time and each step audited; the keystore's verifier changes last. All or
+    none: if a disk cannot be changed (served read-write, missing) it is named and the
+    disks already moved are moved back. Ctrl-C (or SIGTERM) is acted on between disks:
+    the moved disks are moved back and it exits 130. After a crash or SIGKILL, its journal
+    (next to the keystore, in passwd/) lets the same command, run again with the same new
+    password, complete the change.
     """
     check_pbkdf2_iterations(iterations)
     src = SecretReader(password_file)
@@ -86,25 +92,19 @@ def passwd(
     try:
         run(db, lambda r: r.authenticate(name, bytes(old), actor=actor()))
         new = src.read_new(f"New password for {name}", file=new_password_file)
-        disks = run(db, lambda r: _owned_disks(r, name))
-        failures = diskops.rekey(
-            disks, bytes(old), bytes(new), iterations=iterations, iter_time_ms=iter_time_ms
+        count = change_password(
+            Keystore(db),
+            name,
+            bytes(old),
+            bytes(new),
+            kdf=Kdf(iterations, iter_time_ms),
+            who=actor(),
+            report=lambda line: click.echo(line, err=True),
         )
-        if failures:
-            for disk, why in failures:
-                click.echo(f"disk {disk}: not re-keyed: {why}", err=True)
-            raise click.ClickException(
-                "password not changed: fix the disks above and run `vmshield user passwd` again"
-            )
-        run(db, lambda r: r.set_password(name, bytes(new), actor=actor()))
     finally:
         wipe(old)
         wipe(new)
-    click.echo(f"password of {name} changed")
-
-
-async def _owned_disks(r: Repository, owner: str) -> list[Disk]:
-    return [d for v in await r.list_vms(owner) for d in await r.list_disks(v.name)]
+    click.echo(f"password of {name} changed ({count} disk(s) re-keyed)")
 
 
 @click.command("unlock")

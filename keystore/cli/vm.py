@@ -10,6 +10,7 @@ import click
 from keystore.cli.options import actor, db_option, emit_json, json_option, run, table, when
 from keystore.models import UNLOCK_POLICIES, Vm
 from keystore.repository import Repository
+from keystore.sizes import human
 
 
 @click.group()
@@ -79,9 +80,10 @@ async def _show(r: Repository, name: str) -> dict[str, Any]:
 
 @click.command("show")
 @click.argument("name")
+@click.option("--bytes", "raw", is_flag=True, help="Disk sizes in bytes (default: 20 GiB).")
 @json_option
 @db_option
-def show(name: str, as_json: bool, db: Path | None) -> None:
+def show(name: str, raw: bool, as_json: bool, db: Path | None) -> None:
     """Show VM NAME (name or uuid): its record, disks, erase permission and USB rules."""
     info = run(db, lambda r: _show(r, name))
     if as_json:
@@ -106,7 +108,8 @@ def show(name: str, as_json: bool, db: Path | None) -> None:
     click.echo("disks:" + ("" if info["disks"] else " none"))
     for d in info["disks"]:
         click.echo(
-            f"  {d['name']}  {d['state']}  {d['size']} bytes  {d['format']} "
+            f"  {d['name']}  {d['state']}  {d['size'] if raw else human(d['size'])}"
+            f"{' bytes' if raw else ''}  {d['format']} "
             f"{d['cipher']}  {d['path']}"
         )
     click.echo("usb rules:" + ("" if info["usb_rules"] else " none (nothing is forwarded)"))

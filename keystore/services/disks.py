@@ -1,29 +1,28 @@
 """Disk workflows of the keystore, through nbd_plugin.luks (no click).
 
 The user's password is the passphrase of their LUKS keyslot: `create_disk` checks it,
-records the disk and makes the image with it (a failed image leaves the record `failed`,
-never a `ready` disk without an image); `rekey` moves every disk of a user from the old to
-the new password (undoing the ones already done if one fails, so password and keyslots
-never disagree).
+records the disk and makes the image with it (a failed or interrupted create removes the
+partial image and the record again: never a `ready` disk without an image, never a stuck
+`creating` one); `change_key` moves one image's keyslot (keystore.services.passwd moves
+every disk of a user).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
-import re
 import stat
-from collections.abc import Sequence
+import tempfile
 from pathlib import Path
 
+from keystore import sizes
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
+from keystore.services import interrupts
 from keystore.services.store import Keystore
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-SECTOR = 512
+from nbd_plugin.errors import VmshieldError
 
 
 class DiskOpError(KeystoreError):
@@ -93,17 +92,6 @@ def check_identity(disk: Disk, *, resuming: bool) -> None:
         )
 
 
-def parse_size(text: str) -> int:
-    """`20G`, `512M`, `1T`, `1048576` -> bytes (binary units, like qemu-img)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"size {text!r}: use a number with an optional K, M, G, T suffix")
-    size = int(m.group(1)) * _UNITS[m.group(2).upper()]
-    if size <= 0 or size % SECTOR:
-        raise ValueError(f"size {text!r} must be a positive multiple of {SECTOR} bytes")
-    return size
-
-
 def create(
     path: Path,
     size: int,
@@ -131,6 +119,45 @@ def create(
         )
     except (VmshieldError, ValueError) as e:
         raise DiskOpError(f"cannot create {path}: {e}") from e
+    except OSError as e:
+        raise DiskOpError(creation_error(path, size, e)) from e
+
+
+def creation_error(path: Path, size: int, exc: OSError) -> str:
+    """One line for an OSError that stopped creating the image `path` of `size` bytes:
+    the path, and for EFBIG the largest file the filesystem there allows."""
+    if exc.errno == errno.EFBIG:
+        limit = max_file_size(path.parent)
+        most = "" if limit is None else f" (at most {sizes.human(limit)} = {limit} bytes)"
+        return (
+            f"cannot create {path}: {sizes.human(size)} is more than the filesystem of "
+            f"{path.parent} allows for one file{most}; choose a smaller --size, or a --path "
+            "on another filesystem"
+        )
+    return f"cannot create {path}: {exc.strerror or exc}"
+
+
+def max_file_size(directory: Path) -> int | None:
+    """The largest size a file in `directory` may have (the filesystem's limit, or a lower
+    `ulimit -f`), found by resizing an unlinked sparse file: no data is written and nothing
+    is left behind. None if no file can be made there."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".vmshield-size-", dir=directory)
+    except OSError:
+        return None
+    try:
+        os.unlink(tmp)
+        low, high = 0, sizes.MAX_SIZE  # low always fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            try:
+                os.ftruncate(fd, mid)
+                low = mid
+            except OSError:
+                high = mid - 1
+        return low
+    finally:
+        os.close(fd)
 
 
 async def next_name(repo: Repository, vm: str) -> str:
@@ -159,29 +186,70 @@ def create_disk(
 ) -> None:
     """Authenticate `vm`'s owner with `password`, record the disk, create its image.
 
-    The record is `creating` while the image is written, then `ready`; if the image cannot
-    be created it stays recorded as `failed` with the reason (DiskOpError is raised).
+    The record is `creating` while the image is written, then `ready`. If anything stops
+    it (the image cannot be made, the keystore fails, SIGINT/SIGTERM/SIGHUP), what was made
+    is removed again, the partial image and the record, with an audit row saying why. A
+    signal is acted on between steps (a step is not cut in half: the KDF runs to its end)
+    and ends it with `Interrupted` (exit 130 for Ctrl-C). SIGKILL leaves the `creating`
+    record (`vmshield disk forget NAME` drops it).
     """
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
-    store.run(
-        lambda r: r.add_disk(vm.name, name, str(path), fmt=fmt, cipher=cipher, size=size, actor=who)
-    )
-    try:
-        create(
-            path,
-            size,
-            password,
-            fmt=fmt,
-            cipher=cipher,
-            iterations=iterations,
-            iter_time_ms=iter_time_ms,
+    with interrupts.deferred_signals() as stop:
+        store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+        _stop_if(stop, name)
+        store.run(
+            lambda r: r.add_disk(
+                vm.name, name, str(path), fmt=fmt, cipher=cipher, size=size, actor=who
+            )
         )
-        record_identity(store, name, str(path), who=who)
-    except DiskOpError as e:
-        error = {"error": str(e)}
-        store.run(lambda r: r.set_disk_state(name, DiskState.FAILED, actor=who, detail=error))
-        raise
-    store.run(lambda r: r.set_disk_state(name, DiskState.READY, actor=who))
+        made = False
+        try:
+            _stop_if(stop, name)
+            create(
+                path,
+                size,
+                password,
+                fmt=fmt,
+                cipher=cipher,
+                iterations=iterations,
+                iter_time_ms=iter_time_ms,
+            )
+            made = True
+            _stop_if(stop, name)
+            record_identity(store, name, str(path), who=who)
+            _stop_if(stop, name)
+            store.run(lambda r: r.set_disk_state(name, DiskState.READY, actor=who))
+        except BaseException as e:
+            _undo_create(store, vm, name, path, made, e, who=who)
+            raise
+
+
+def _stop_if(stop: interrupts.Pending, name: str) -> None:
+    if stop.signum is not None:
+        raise interrupts.Interrupted(f"disk create {name} interrupted by {stop.name}", stop.signum)
+
+
+def _undo_create(
+    store: Keystore, vm: Vm, name: str, path: Path, made: bool, cause: BaseException, *, who: str
+) -> None:
+    """Remove what an unfinished `create_disk` made (signals are already deferred); the
+    message of `cause` then says what is left, if anything."""
+    left: list[str] = []
+    if made:  # a failed create_image removes its own partial file
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            left.append(f"{path} could not be removed ({e.strerror})")
+    detail = {"disk": name, "path": str(path), "error": str(cause) or type(cause).__name__}
+    try:
+        store.run(lambda r: r.append_audit(who, "disk.create.undone", vm.name, detail))
+        store.run(lambda r: r.forget_disk(name, actor=who))
+    except (KeystoreError, OSError) as e:
+        left.append(f"its record could not be removed ({e}): `vmshield disk forget {name}`")
+    if isinstance(cause, VmshieldError) and cause.args:
+        undone = "; ".join(left) if left else "nothing was left behind"
+        cause.args = (f"{cause.args[0]} ({undone})", *cause.args[1:])
 
 
 def change_key(
@@ -198,41 +266,3 @@ def change_key(
         raise DiskOpError("no keyslot opens with the current password") from e
     except (VmshieldError, OSError, ValueError) as e:
         raise DiskOpError(str(e)) from e
-
-
-def rekey(
-    disks: Sequence[Disk],
-    old: bytes,
-    new: bytes,
-    *,
-    iterations: int | None = None,
-    iter_time_ms: int = 2000,
-) -> list[tuple[str, str]]:
-    """Change the keyslot passphrase of every live disk from `old` to `new`, all or none.
-
-    Returns the failures as (disk, reason); when there are any, the disks already changed
-    have been changed back. Only READY disks are changed (others have no usable image).
-    """
-    done: list[Disk] = []
-    failures: list[tuple[str, str]] = []
-    for d in disks:
-        if d.state is not DiskState.READY:
-            continue
-        try:
-            change_key(d.path, old, new, iterations=iterations, iter_time_ms=iter_time_ms)
-            done.append(d)
-        except DiskOpError as e:
-            failures.append((d.name, str(e)))
-    if failures:
-        for d in done:
-            try:
-                change_key(d.path, new, old, iterations=iterations, iter_time_ms=iter_time_ms)
-            except DiskOpError as e:
-                failures.append(
-                    (
-                        d.name,
-                        f"could not restore the old passphrase: {e}; "
-                        "this disk now opens with the NEW password",
-                    )
-                )
-    return failures

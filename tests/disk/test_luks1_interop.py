@@ -46,6 +46,8 @@ def vmshield_create(image: Path, keyfile: Path, *opts: str) -> None:
         str(keyfile),
         "--pbkdf-iterations",
         "1000",
+        "--format",  # new images are LUKS2 by default; these must open in QEMU's driver
+        "luks1",
         *opts,
     )
     assert r.returncode == 0, r.stderr

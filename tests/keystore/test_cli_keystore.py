@@ -56,7 +56,10 @@ def test_every_command_has_help() -> None:
     def walk(cmd: click.Command, path: list[str]) -> list[list[str]]:
         out = [path]
         if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
+            ctx = click.Context(cmd)
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None, name
                 out += walk(sub, [*path, name])
         return out
 
@@ -64,9 +67,11 @@ def test_every_command_has_help() -> None:
     assert ["disk", "serve"] in paths and ["usb", "allow"] in paths and ["audit", "verify"] in paths
     for path in paths:
         text = vms(*path, "--help").output
-        cmd: click.Command = main
+        cmd: click.Command | None = main
         for p in path:
-            cmd = cmd.commands[p]  # type: ignore[attr-defined]
+            assert isinstance(cmd, click.Group)
+            cmd = cmd.get_command(click.Context(cmd), p)
+        assert cmd is not None
         assert len(text) > 150, path
         assert cmd.help and len(cmd.help) > 30, f"{path} needs a real description"
 
@@ -82,6 +87,32 @@ def test_db_option_overrides_env(db: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.db"
     vms("init", "--db", str(other))
     assert other.exists() and not db.exists()
+
+
+def test_db_before_the_command_as_virsh_c(db: Path, tmp_path: Path) -> None:
+    """`vmshield --db X COMMAND` (issue 26 item 13): it wins over VMSHIELD_DB, agrees with
+    the command's own --db, and a second, different --db is refused, not silently chosen."""
+    other = tmp_path / "other.db"
+    vms("--db", str(other), "init")
+    assert other.exists() and not db.exists()
+    vms("--db", str(other), "user", "add", "bob", input=PW + "\n")
+    assert [u["name"] for u in js("--db", str(other), "user", "list")] == ["bob"]
+    assert [u["name"] for u in js("--db", str(other), "user", "list", "--db", str(other))] == [
+        "bob"
+    ]
+    r = vms("--db", str(other), "user", "list", "--db", str(db), code=2)
+    assert "--db given twice" in r.output
+    vms("user", "list", code=1)  # VMSHIELD_DB still names the keystore that does not exist
+    installed = Path(sys.executable).parent / "vmshield"
+    p = subprocess.run(
+        [str(installed), "--db", str(other), "vm", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VMSHIELD_DB": str(db)},
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0 and json.loads(p.stdout) == [], p.stderr
 
 
 def test_missing_db_message_names_path(db: Path) -> None:

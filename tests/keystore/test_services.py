@@ -12,7 +12,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from keystore.auth import AuthPolicy
-from keystore.cli import TREE, main
+from keystore.cli import TREE, load, main
 from keystore.errors import AuthenticationFailed, Conflict, InUse, PermissionDenied
 from keystore.models import DiskState
 from keystore.services import destroy, disks
@@ -117,27 +117,32 @@ def test_the_background_worker_is_a_module_entry_point() -> None:
     assert r.returncode == 2 and "usage: python -m keystore.services.destroy" in r.stderr
 
 
-def test_disk_create_compensation_marks_a_failed_image(store: Keystore) -> None:
+def test_disk_create_compensation_removes_what_it_made(store: Keystore) -> None:
     vm = store.run(lambda r: r.get_vm("web1"))
     path = store.path.parent / "d.img"
-    with pytest.raises(disks.DiskOpError):
+    with pytest.raises(disks.DiskOpError, match="nothing was left behind"):
         disks.create_disk(
             store, vm, "web1-0", path, MIB, PW,
             fmt="luks1", cipher="no-such-cipher", iterations=1000, iter_time_ms=1, who="t",
         )  # fmt: skip
-    assert _state(store) is DiskState.FAILED and not path.exists()
+    assert store.run(lambda r: r.list_disks()) == [] and not path.exists()
+    undone = store.run(lambda r: r.list_audit(None, 2))[0]
+    assert undone.action == "disk.create.undone" and "no-such-cipher" in undone.detail["error"]
     with pytest.raises(AuthenticationFailed):
         disks.create_disk(
             store, vm, "web1-1", path, MIB, b"wrong-password",
             fmt="luks1", cipher="aes-xts-plain64", iterations=1000, iter_time_ms=1, who="t",
         )  # fmt: skip
-    assert [d.name for d in store.run(lambda r: r.list_disks())] == ["web1-0"]
+    assert store.run(lambda r: r.list_disks()) == []
 
 
 def test_the_tree_lists_every_group_and_command() -> None:
-    listed = {e.name if isinstance(e, click.Command) else e[0].name for e in TREE}
-    assert listed == set(main.commands)
-    for entry in TREE:
-        if isinstance(entry, tuple):
-            group, commands = entry
-            assert {c.name for c in commands} <= set(group.commands)
+    ctx = click.Context(main)
+    assert main.list_commands(ctx) == sorted(name for name, _, _ in TREE)
+    for name, ref, subcommands in TREE:
+        group = main.get_command(ctx, name)
+        assert group is not None and group.name == name, ref
+        if subcommands:
+            assert isinstance(group, click.Group)
+            assert {load(s).name for s in subcommands} <= set(group.commands)
+    assert main.get_command(ctx, "no-such-command") is None
