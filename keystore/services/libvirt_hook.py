@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -63,6 +64,34 @@ async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
         return await repo.get_vm(dom.name)
     except NotFound:
         return None
+
+
+def _same_file(a: Path, b: str) -> bool:
+    """Do `a` and `b` name the same file (one inode), whatever path reaches it?"""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+async def _refuse_images_as_files(repo: Repository, dom: Domain) -> None:
+    """HookError (audited against the disk's VM) if the domain names a vmshield image as a
+    file or block device: QEMU would open the ciphertext itself, beside or instead of the
+    server (the server's QEMU-style locks stop it only while it serves)."""
+    for d in await repo.list_disks():
+        for f in dom.files:
+            if _same_file(f, d.path):
+                detail = {"domain": dom.name, "file": str(f), "disk": d.name,
+                          "error": "vmshield image named as a file"}  # fmt: skip
+                await repo.append_audit(ACTOR, "libvirt.prepare.refused", d.vm, detail)
+                raise HookError(
+                    f"domain {dom.name} names {f}, the ciphertext of vmshield disk {d.name}, "
+                    "as a file: QEMU would open it beside the server; use its NBD socket "
+                    "(`vmshield libvirt devices`)"
+                )
 
 
 def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
@@ -316,9 +345,13 @@ OPERATIONS = {
 
 def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
     """Run the operation; the line to print (None: nothing of vmshield's was involved)."""
+    store = Keystore(cfg.db)
+    if dom.files and (op, sub) == ("prepare", "begin"):
+        # a vmshield image as a <disk type='file'|'block'>: refused whether or not it is
+        # served now (the keystore is read for every domain with such disks: fail closed)
+        store.run(lambda r: _refuse_images_as_files(r, dom))
     if not uses_vmshield(dom, cfg):
         return None
-    store = Keystore(cfg.db)
     vm = store.run(lambda r: find_vm(r, dom))
     if vm is None:
         raise HookError(f"domain {dom.name} uses vmshield sockets but no VM of that "
