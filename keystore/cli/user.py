@@ -12,6 +12,7 @@ from keystore.cli.options import (
     check_pbkdf2_iterations,
     db_option,
     emit_json,
+    fail,
     json_option,
     kdf_options,
     password_file_option,
@@ -20,9 +21,12 @@ from keystore.cli.options import (
     when,
     wipe,
 )
-from keystore.models import Disk, Principal
+from keystore.models import Disk, DiskState, Principal
 from keystore.repository import Repository
 from keystore.services import disks as diskops
+from keystore.services import verifier
+from keystore.services.store import Keystore
+from nbd_plugin.errors import VmshieldError
 
 
 @click.group()
@@ -96,7 +100,14 @@ def passwd(
             raise click.ClickException(
                 "password not changed: fix the disks above and run `vmshield user passwd` again"
             )
-        run(db, lambda r: r.set_password(name, bytes(new), actor=actor()))
+        # the verifier is made at least as costly as every re-keyed keyslot (issue 20 B5)
+        policy = verifier.covering_policy(d.path for d in disks if d.state is DiskState.READY)
+        try:
+            Keystore(db).run(
+                lambda r: r.set_password(name, bytes(new), actor=actor()), policy=policy
+            )
+        except (VmshieldError, ValueError) as e:
+            raise fail(e) from e
     finally:
         wipe(old)
         wipe(new)

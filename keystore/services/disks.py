@@ -19,6 +19,7 @@ from pathlib import Path
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
+from keystore.services import verifier
 from keystore.services.store import Keystore
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
@@ -182,6 +183,10 @@ def create_disk(
         store.run(lambda r: r.set_disk_state(name, DiskState.FAILED, actor=who, detail=error))
         raise
     store.run(lambda r: r.set_disk_state(name, DiskState.READY, actor=who))
+    # the new keyslot may cost more than the owner's verifier: raise the verifier to it (an
+    # authentication through the covering policy rehashes; issue 20 B5)
+    policy = verifier.covering_policy([str(path)])
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
 
 
 def change_key(

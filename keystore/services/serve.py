@@ -31,7 +31,7 @@ from pathlib import Path
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
-from keystore.services import lease
+from keystore.services import lease, verifier
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -242,7 +242,9 @@ def serve_disk(
     The password counts toward the owner's lockout. A server that cannot be recorded is
     stopped again, so no server runs that `vmshield disk stop` does not know of.
     """
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    # a verifier below this disk's keyslots is raised to them by this very check (B5)
+    policy = verifier.covering_policy([disk.path])
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
     return serve_recorded(store, disk, password, files, readonly=readonly, who=who)
 
 
