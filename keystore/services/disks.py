@@ -16,6 +16,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from keystore import paths
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
@@ -163,6 +164,7 @@ def create_disk(
     The record is `creating` while the image is written, then `ready`; if the image cannot
     be created it stays recorded as `failed` with the reason (DiskOpError is raised).
     """
+    paths.check_disk_name(name)
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
     store.run(
         lambda r: r.add_disk(vm.name, name, str(path), fmt=fmt, cipher=cipher, size=size, actor=who)

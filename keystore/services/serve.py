@@ -261,6 +261,8 @@ def serve_recorded(
     """Start nbdkit with a passphrase already vouched for (the owner's verified password, or
     the host key of an enrolled disk: the libvirt hook), take the lease, record the server
     and the access; its pid."""
+    # a disk recorded before such names were refused must not take a VM's usbgate files
+    paths.check_disk_name(disk.name)
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
     held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:
