@@ -252,7 +252,8 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
         old = _server(store, d.name)
         if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
             raise HookError(f"disk {d.name} is already served (pid {old.pid}): stop it first")
-    owner_pw = unlock.peek(vm.uuid) if disks else None
+    pending = unlock.peek_key(vm.uuid) if disks else None
+    owner_pw = pending[1] if pending is not None else None
     host_key = unlock.read_host_key(cfg.host_key) if disks and owner_pw is None else None
     started: list[str] = []
     how: dict[str, str] = {}
@@ -285,8 +286,8 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
             if buf is not None:
                 buf[:] = b"\0" * len(buf)
     _record_starter(cfg, vm.name, dom)
-    if "unlock" in how.values():
-        unlock.consume(vm.uuid)
+    if "unlock" in how.values() and pending is not None:
+        unlock.consume_key(pending[0])  # the key read above: never a newer unlock
     took = round(time.monotonic() - began, 3)
     detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots),
                               "seconds": took}  # fmt: skip
