@@ -64,6 +64,32 @@ def test_a_silent_connection_holds_no_slot_and_is_closed(qemu: QemuWithRedir) ->
     assert denied[0]["peer"] == "127.0.0.1"
 
 
+def test_a_hello_without_a_device_does_not_keep_the_slot(qemu: QemuWithRedir) -> None:
+    """Issue 20 C: an owner that says hello and announces nothing held its slot forever."""
+    audit = MemoryAuditSink()
+    gateway = one_slot_gateway(qemu, audit, idle_timeout=0.5)
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            idle = await FakeOwner.connect(str(gateway.bound_address), FakeDevice(),
+                                           announce=False)  # fmt: skip
+            await asyncio.wait_for(idle.closed.wait(), 5)  # hung up after the idle timeout
+            owner = await FakeOwner.connect(str(gateway.bound_address), FakeDevice())
+            await asyncio.to_thread(qemu.wait_attached, True, 1, 10.0)  # the slot is free
+            await asyncio.sleep(0.7)  # an attached device is not idle
+            assert qemu.attached(1) and not owner.closed.is_set()
+            await owner.close()
+            await idle.close()
+            await asyncio.to_thread(qemu.wait_attached, False, 1)
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    denied = [d for a, _, d in audit.rows if a == "usb.denied"]
+    assert [d["reason"] for d in denied] == ["no device announced within 0.5 s"]
+
+
 def test_one_peer_cannot_take_every_slot_and_its_refusals_are_aggregated(
     qemu: QemuWithRedir,
 ) -> None:
