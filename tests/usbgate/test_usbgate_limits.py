@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from usbgate import auditing
 from usbgate.addresses import parse_address
 from usbgate.auditing import QueuedAuditSink, Refusals
 from usbgate.gateway import Gateway
@@ -120,6 +121,38 @@ def test_one_peer_cannot_take_every_slot_and_its_refusals_are_aggregated(
     assert denied[0]["reason"] == "more than 1 connection(s) at once from 127.0.0.1"
     assert denied[1]["count"] == 20
     assert denied[1]["summary"].startswith("20 connections from 127.0.0.1 refused in ")
+
+
+def test_denials_of_a_replugged_device_are_aggregated(qemu: QemuWithRedir) -> None:
+    """Issue 20 C: every denial of a device was a row: an owner re-plugging a blocked stick
+    in a loop grew the keystore without bound. Past a burst, a window's denials are one row."""
+    audit = MemoryAuditSink()
+    gateway = one_slot_gateway(qemu, audit, refusal_window=60)
+    plugs = 40
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            blocked = FakeDevice(product_id=0x0002)
+            owner = await FakeOwner.connect(str(gateway.bound_address), blocked, announce=False)
+            for _ in range(plugs):
+                owner.filter_rejected.clear()
+                owner.announce()  # no rule matches: blocked, the owner is told
+                await asyncio.wait_for(owner.filter_rejected.wait(), 5)
+                owner.unplug()
+            await asyncio.sleep(0.2)
+            assert not qemu.attached(1)
+            await owner.close()
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    denied = [d for a, _, d in audit.rows if a == "usb.denied"]
+    burst = auditing.DENIAL_BURST
+    assert len(denied) == burst + 1, denied
+    assert all(d["device"] == denied[0]["device"] for d in denied)
+    assert denied[-1]["count"] == plugs - burst
+    assert denied[-1]["summary"].startswith(f"{plugs - burst} more denials of ")
 
 
 def test_refusal_rows_per_window() -> None:
