@@ -55,7 +55,9 @@ def _under(path: Path, directory: Path) -> bool:
 
 
 async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
-    """The keystore VM of the domain: by uuid (the VM's uuid is the domain's), else by name."""
+    """The keystore VM of the domain: by uuid (the VM's uuid is the domain's), else by name.
+
+    Which domain may *start* it is `check_bound`'s question."""
     if dom.uuid:
         for v in await repo.list_vms():
             if v.uuid.lower() == dom.uuid:
@@ -92,6 +94,18 @@ async def _refuse_images_as_files(repo: Repository, dom: Domain) -> None:
                     "as a file: QEMU would open it beside the server; use its NBD socket "
                     "(`vmshield libvirt devices`)"
                 )
+
+
+def check_bound(vm: Vm, dom: Domain) -> None:
+    """Each VM starts only as the domain named after it: a domain of another name that
+    carries the VM's uuid (libvirt lets any name have any uuid not defined on this host)
+    would get the VM's disks and use up its unlock."""
+    if dom.name != vm.name:
+        raise HookError(
+            f"domain {dom.name} carries the uuid of VM {vm.name} but not its name: a VM's "
+            f"disks go only to the domain named {vm.name} (rename the domain, or give it a "
+            "uuid of its own)"
+        )
 
 
 def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
@@ -358,6 +372,8 @@ def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
         raise HookError(f"domain {dom.name} uses vmshield sockets but no VM of that "
                         f"name or uuid is in the keystore {cfg.db}")  # fmt: skip
     try:
+        if (op, sub) == ("prepare", "begin"):
+            check_bound(vm, dom)
         if (op, sub) == ("migrate", "begin"):
             raise HookError(
                 f"live migration of VM {vm.name} refused: its disks are served by this "

@@ -1,4 +1,5 @@
-"""The qemu hook binds what a domain may reach: never a vmshield image as a file (issue 20 B4)."""
+"""The qemu hook binds what a domain may reach: never a vmshield image as a file (issue 20
+B4), and a VM's disks and unlock only to the domain named after it (issue 20 C)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,29 @@ def test_an_unrelated_file_disk_passes_untouched(
     other = tmp_path / "other.img"
     other.write_bytes(b"\0" * 4096)
     assert hook(ks, "prepare", file_domain("other", other), capsys) == (0, "")
+
+
+def test_a_domain_of_another_name_with_the_vms_uuid_gets_nothing(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A domain `evil` carrying VM web1's uuid was mapped to web1 by that uuid: it got
+    web1's disks served and used up the owner's unlock."""
+    import json
+
+    from keystore.services import unlock
+
+    uuid = json.loads(ks.cli("vm", "show", ks.vm, "--json").stdout)["vm"]["uuid"]
+    ks.cli("vm", "unlock", ks.vm, "--for", "1m", "--password-file", str(ks.pwfile))
+    dev = ks.cli("libvirt", "devices", ks.vm).stdout
+    evil = f"<domain><name>evil</name><uuid>{uuid}</uuid><devices>{dev}</devices></domain>"
+    code, err = hook(ks, "prepare", evil.encode(), capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "carries the uuid of VM web1 but not its name" in err
+    assert processes(str(ks.base)) == []  # nothing served
+    assert unlock.remaining(uuid)  # the owner's unlock is still there, for web1
+    row = ks.audit(1)[-1]
+    assert row["action"] == "libvirt.prepare.refused" and row["vm"] == ks.vm
+    # the domain named after the VM (its uuid too) still starts
+    web1 = f"<domain><name>web1</name><uuid>{uuid}</uuid><devices>{dev}</devices></domain>"
+    assert hook(ks, "prepare", web1.encode(), capsys)[0] == 0
+    assert hook(ks, "release", web1.encode(), capsys)[0] == 0
