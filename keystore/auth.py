@@ -12,7 +12,7 @@ import base64
 import dataclasses
 from datetime import timedelta
 
-from argon2 import PasswordHasher, profiles
+from argon2 import PasswordHasher, extract_parameters, profiles
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 #: RFC 9106 second recommended option (argon2id, t=3, m=64 MiB, p=4).
@@ -44,10 +44,21 @@ class AuthPolicy:
             return False
 
     def needs_rehash(self, verifier: str) -> bool:
+        """True for a verifier weaker than this policy's hasher, never for a stronger one: a
+        verifier raised to cover the owner's keyslots (keystore.services.verifier) must not
+        be lowered again by the next login through the default policy."""
         try:
-            return self.hasher.check_needs_rehash(verifier)
+            got = extract_parameters(verifier)
         except InvalidHashError:
             return True
+        h = self.hasher
+        return (
+            got.type is not h.type
+            or got.memory_cost < h.memory_cost
+            or got.time_cost < h.time_cost
+            or got.hash_len < h.hash_len
+            or got.salt_len < h.salt_len
+        )
 
     def burn(self, password: bytes) -> None:
         """Spend the time of one verification (unknown user: no timing oracle)."""

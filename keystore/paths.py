@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -87,3 +88,28 @@ class UnsafeDirectory(KeystoreError):
 def default_image_dir(db_path: Path) -> Path:
     """Images created by `vmshield disk create` go next to the database, in `disks/`."""
     return db_path.parent / "disks"
+
+
+#: Disk names whose run-directory files would be another's: a disk's files are DISK.sock,
+#: DISK.pid, DISK.log and DISK.lease.log; a VM's are VM-usb.sock (usbgate's listener),
+#: VM-usbN.sock (usb-redir slots), VM-usbgate.pid/.log and VM.domain. So a disk named
+#: `web-usb`, `web-usb0` or `web-usbgate` would take VM web's usbgate socket, slot or pid/log
+#: file, and one named `web-0.lease` disk web-0's lease log. Such names are refused (for any
+#: VM, existing or future: the rule needs no lookup and cannot race).
+_RESERVED_DISK_NAME = re.compile(r"(-usb(gate|[0-9]*)|\.lease)$")
+
+
+class ReservedName(KeystoreError):
+    """A disk name whose sockets or pid/log files would collide with a VM's or a disk's."""
+
+
+def check_disk_name(name: str) -> str:
+    """`name`, or ReservedName if its run-directory files could be another's."""
+    m = _RESERVED_DISK_NAME.search(name)
+    if m:
+        raise ReservedName(
+            f"disk name {name!r} is reserved: names ending in -usb, -usbN, -usbgate or .lease "
+            "would share the run directory's sockets and pid/log files of a VM's usbgate or of "
+            "another disk; choose another name"
+        )
+    return name

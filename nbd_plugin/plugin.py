@@ -48,7 +48,7 @@ from nbd_plugin.errors import Fenced, InvalidPassphrase, VmshieldError  # noqa: 
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
-from nbd_plugin.serve.hardening import harden_process  # noqa: E402
+from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: E402
 
 API_VERSION = 2
 
@@ -92,7 +92,11 @@ def config_complete():
 
 
 def after_fork():
-    # In the serving process (nbdkit forks unless -f): load the numba kernels on a thread.
+    # In the serving process (nbdkit forks unless -f; mlock does not survive the fork): keep
+    # every page holding the master key out of swap, then load the numba kernels on a thread.
+    problem = lock_all_memory()
+    if problem is not None:
+        print(f"nbdkit: vmshield: warning: {problem}", file=sys.stderr, flush=True)
     start_loading()
 
 

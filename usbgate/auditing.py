@@ -11,12 +11,21 @@ The keystore and PostgreSQL sinks are such a queue with their own ``_write``.
 ``Refusals`` turns a flood of refused connections into a bounded number of rows: the first
 refusal of a kind from a peer is recorded at once; later ones within ``window`` seconds are
 counted and recorded as one row, "N connections from PEER refused in T s".
+
+``DenialSink`` does the same for the sessions' own ``usb.denied`` rows (a device the rules
+deny, a probe that failed, a session without a device): an owner plugging a blocked device
+in and out, or reconnecting, wrote one row per attempt and grew the keystore without bound.
+The first ``DENIAL_BURST`` denials of a (peer host, device, reason) in a window are recorded
+at once (a person re-plugging a stick sees each), later ones within ``window`` seconds become
+one row "N more denials of DEVICE from PEER in T s". Every other
+row passes through unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import threading
@@ -29,6 +38,8 @@ from usbgate.sources import AuditSink
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 10_000
+#: denials of one kind recorded one by one per window before the rest are counted
+DENIAL_BURST = 5
 REFUSAL_WINDOW = 10.0
 # Distinct (action, peer, reason) kinds tracked at once; beyond, refusals count under peer "*".
 MAX_REFUSAL_KINDS = 1024
@@ -126,3 +137,54 @@ class Refusals:
                     "seconds": seconds,
                     "summary": f"{count} connections from {peer} refused in {seconds:g} s",
                 })  # fmt: skip
+
+
+class DenialSink:
+    """The AuditSink sessions write to: ``usb.denied`` aggregated, everything else passed on."""
+
+    def __init__(self, audit: AuditSink, *, window: float = REFUSAL_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.audit, self.window, self.clock = audit, window, clock
+        #: key -> [window start, rows recorded, denials counted, detail]
+        self._open: dict[tuple[str, str, str, str], list[Any]] = {}
+
+    def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        if action != "usb.denied":
+            self.audit.record(action, vm, detail)
+            return
+        now = self.clock()
+        self.flush()
+        peer = str(detail.get("peer", ""))
+        host = peer.rpartition(":")[0] or peer  # a reconnect changes the port, not the peer
+        device = json.dumps(detail.get("device"), sort_keys=True, default=str)
+        key = (vm, host, device, str(detail.get("reason", "")))
+        if key not in self._open and len(self._open) >= MAX_REFUSAL_KINDS:
+            key = (vm, "*", "*", "denied (too many kinds to tell apart)")
+        entry = self._open.setdefault(key, [now, 0, 0, detail])
+        if entry[1] < DENIAL_BURST:
+            entry[1] += 1
+            self.audit.record(action, vm, detail)
+        else:
+            entry[2] += 1
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Record the count of every window that has ended (all of them with ``everything``)."""
+        now = self.clock()
+        for key, (start, _, count, detail) in list(self._open.items()):
+            if not everything and now - start < self.window:
+                continue
+            del self._open[key]
+            if count:
+                vm, host, _, reason = key
+                seconds = round(now - start, 1)
+                dev = detail.get("device")
+                what = dev.get("vid_pid", "a device") if isinstance(dev, dict) else "a device"
+                self.audit.record("usb.denied", vm, {
+                    **detail, "peer": host, "reason": reason, "count": count,
+                    "seconds": seconds,
+                    "summary": f"{count} more denials of {what} from {host} in {seconds:g} s",
+                })  # fmt: skip
+
+    async def aclose(self) -> None:
+        self.flush(everything=True)
+        await self.audit.aclose()

@@ -18,7 +18,7 @@ from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
 from usbgate.gateway import HELLO_TIMEOUT, MAX_PER_PEER, POLL_INTERVAL, Gateway
 from usbgate.qemu_filter import report
-from usbgate.session import PROBE_TIMEOUT
+from usbgate.session import IDLE_TIMEOUT, PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -160,6 +160,14 @@ def main() -> None:
     "holds no usb-redir slot. Silent connections are closed and audited.",
 )
 @click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=IDLE_TIMEOUT,
+    show_default=True,
+    help="Seconds a connection may hold a usb-redir slot without a device announced (after "
+    "its hello, or after an unplug); then it is closed and audited, and the slot is free.",
+)
+@click.option(
     "--max-per-peer",
     type=click.IntRange(min=1),
     default=MAX_PER_PEER,
@@ -177,6 +185,7 @@ def run(
     poll_ms: float,
     probe_timeout: float,
     hello_timeout: float,
+    idle_timeout: float,
     max_per_peer: int,
     verbose: bool,
 ) -> None:
@@ -207,7 +216,7 @@ def run(
     audit = _audit_sink(db, rules_file)
     gateway = Gateway(vm, listen, qemu, rules, audit, poll_interval=poll_ms / 1000,
                       probe_timeout=probe_timeout, hello_timeout=hello_timeout,
-                      max_per_peer=max_per_peer)  # fmt: skip
+                      idle_timeout=idle_timeout, max_per_peer=max_per_peer)  # fmt: skip
     try:
         asyncio.run(_serve(gateway, audit))
     except RuleSourceError as exc:

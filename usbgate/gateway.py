@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from usbgate.addresses import READ_SIZE, Address, open_stream, start_server
-from usbgate.auditing import REFUSAL_WINDOW, Refusals
+from usbgate.auditing import REFUSAL_WINDOW, DenialSink, Refusals
 from usbgate.errors import ProtocolError, RuleSourceError
 from usbgate.policy import Action, Decision, Device, Rule, decide
-from usbgate.session import PROBE_TIMEOUT, Session, State
+from usbgate.session import IDLE_TIMEOUT, PROBE_TIMEOUT, Session, State
 from usbgate.sources import AuditSink, RuleSource
 from usbgate.usbredir.codec import Connection
 from usbgate.usbredir.packets import Hello
@@ -56,6 +56,7 @@ class Gateway:
         poll_interval: float = POLL_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
         hello_timeout: float = HELLO_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
         max_per_peer: int = MAX_PER_PEER,
         refusal_window: float = REFUSAL_WINDOW,
     ) -> None:
@@ -69,8 +70,10 @@ class Gateway:
         self.poll_interval = poll_interval
         self.probe_timeout = probe_timeout
         self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout
         self.max_per_peer = max_per_peer
         self.refusals = Refusals(audit, vm, window=refusal_window)
+        self.denials = DenialSink(audit, window=refusal_window)
         self._per_peer: dict[str, int] = {}
         self.rules: list[Rule] = []
         self.sessions: dict[int, Session] = {}
@@ -125,6 +128,7 @@ class Gateway:
                 await self._server.wait_closed()
         self.rule_source.close()
         self.refusals.flush(everything=True)
+        self.denials.flush(everything=True)
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -152,6 +156,7 @@ class Gateway:
             await asyncio.sleep(self.poll_interval)
             self._refresh()
             self.refusals.flush()
+            self.denials.flush()
 
     def _enforce(self, seen: float) -> None:
         """Revoke every attached device the current rules no longer allow; forward every
@@ -237,8 +242,9 @@ class Gateway:
                 self._refuse(writer, "usb.error", host, reason, slot=slot)
                 return
             session = Session(vm=self.vm, slot=slot, peer=peer, owner=(reader, writer), qemu=qemu,
-                              decide=self.decide, audit=self.audit,
-                              probe_timeout=self.probe_timeout, greeting=greeting)  # fmt: skip
+                              decide=self.decide, audit=self.denials,
+                              probe_timeout=self.probe_timeout, idle_timeout=self.idle_timeout,
+                              greeting=greeting)  # fmt: skip
             self.sessions[slot] = session
             await session.run()
         finally:

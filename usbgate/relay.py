@@ -20,8 +20,12 @@ Anything else revokes the device: the owner is the untrusted side.
 
 The state lives in usbgate.state's table; this module maps packets to its events. The caller
 (usbgate.session) feeds bytes with ``receive_owner`` / ``receive_qemu``, writes what
-``take_owner_bytes`` / ``take_qemu_bytes`` return, and calls ``probe_timed_out`` once
-``probe_deadline`` has passed. None of these raise for anything a peer sends.
+``take_owner_bytes`` / ``take_qemu_bytes`` return, and calls ``timed_out`` once ``deadline``
+has passed. None of these raise for anything a peer sends.
+
+A session without a device (before the hellos, or after an unplug) holds one of the VM's few
+usb-redir slots: after ``idle_timeout`` without a device announced it is closed (audited as
+``usb.denied``), so an owner that says hello and nothing more cannot keep a slot forever.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ from usbgate.usbredir.wire import Capability, Role, Status
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0
+# A session may sit without a device this long (usbredirect announces its device at once).
+IDLE_TIMEOUT = 30.0
+_DEVICELESS = (State.HELLO, State.WAITING)
 # Probe requests use ids far from QEMU's so a late answer can never be mistaken for QEMU's.
 PROBE_ID_BASE = 0xFFFF_0000
 # QEMU's control transfers waiting for the owner's reply (QEMU keeps far fewer in flight).
@@ -88,11 +95,12 @@ class Relay:
         decide: Decider,
         audit: AuditSink,
         probe_timeout: float = PROBE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
         clock: Clock = time.monotonic,
     ) -> None:
         self.vm, self.slot, self.peer = vm, slot, peer
         self.decide, self.audit = decide, audit
-        self.probe_timeout, self.clock = probe_timeout, clock
+        self.probe_timeout, self.idle_timeout, self.clock = probe_timeout, idle_timeout, clock
         self.owner_conn = Connection(Role.GUEST)
         self.qemu_conn = Connection(Role.HOST)
         self.machine = SessionState()
@@ -103,6 +111,8 @@ class Relay:
         self.probe_result: ProbeResult | None = None
         self.probe_deadline: float | None = None
         """Monotonic time by which the probe must be done; None when no probe is running."""
+        self.idle_deadline: float | None = self.clock() + idle_timeout
+        """Monotonic time by which a device must be announced; None while there is one."""
         self._probe: ProbeSteps | None = None
         self._probe_id: int | None = None
         self._probe_count = 0
@@ -144,6 +154,33 @@ class Relay:
     def closed(self) -> bool:
         return self.machine.closed
 
+    @property
+    def deadline(self) -> float | None:
+        """The earliest time at which ``timed_out`` has something to do (None: nothing)."""
+        times = [t for t in (self.probe_deadline, self.idle_deadline) if t is not None]
+        return min(times) if times and not self.closed else None
+
+    def timed_out(self) -> None:
+        """Called once ``deadline`` has passed: a probe without an answer denies its device,
+        a session still without a device is closed (its slot is free again)."""
+        now = self.clock() + 0.005  # asyncio may run a timer up to its clock resolution early
+        if self.probe_deadline is not None and now >= self.probe_deadline:
+            self.probe_timed_out()
+        if self.idle_deadline is not None and now >= self.idle_deadline:
+            if self.state in _DEVICELESS:
+                reason = f"no device announced within {self.idle_timeout:g} s"
+                self._audit("usb.denied", action="reject", reason=reason)
+                self.close()
+            self.idle_deadline = None
+
+    def _track_idle(self) -> None:
+        """Start the idle clock when the session is left without a device, stop it when one
+        is announced."""
+        if self.state not in _DEVICELESS or self.closed:
+            self.idle_deadline = None
+        elif self.idle_deadline is None:
+            self.idle_deadline = self.clock() + self.idle_timeout
+
     def _receive(self, side: str, data: bytes) -> None:
         if self.closed:
             return
@@ -153,6 +190,7 @@ class Relay:
             self._drain(side)
         except ProtocolError as exc:
             self._malformed(side, str(exc))
+        self._track_idle()
 
     def _drain(self, side: str) -> None:
         """Handle every complete packet buffered on ``side``."""

@@ -19,13 +19,13 @@ import contextlib
 import logging
 
 from usbgate.policy import Decision, Device
-from usbgate.relay import PROBE_TIMEOUT, Decider, Relay
+from usbgate.relay import IDLE_TIMEOUT, PROBE_TIMEOUT, Decider, Relay
 from usbgate.sources import AuditSink
 from usbgate.state import State
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROBE_TIMEOUT", "Session", "State"]
+__all__ = ["IDLE_TIMEOUT", "PROBE_TIMEOUT", "Session", "State"]
 
 
 class Session:
@@ -42,13 +42,14 @@ class Session:
         decide: Decider,
         audit: AuditSink,
         probe_timeout: float = PROBE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
         greeting: bytes = b"",
     ) -> None:
         self.vm, self.slot, self.peer = vm, slot, peer
         self.owner_reader, self.owner_writer = owner
         self.qemu_reader, self.qemu_writer = qemu
         self.relay = Relay(vm=vm, slot=slot, peer=peer, decide=decide, audit=audit,
-                           probe_timeout=probe_timeout)  # fmt: skip
+                           probe_timeout=probe_timeout, idle_timeout=idle_timeout)  # fmt: skip
         self._greeting = greeting
         self._timer: asyncio.TimerHandle | None = None
         self.closed = asyncio.Event()
@@ -100,12 +101,12 @@ class Session:
         self._after()
 
     def _after(self) -> None:
-        """Write what the relay produced, (re)arm the probe timer, close once it is closed."""
+        """Write what the relay produced, (re)arm the timer, close once it is closed."""
         for writer, out in ((self.qemu_writer, self.relay.take_qemu_bytes()),
                             (self.owner_writer, self.relay.take_owner_bytes())):  # fmt: skip
             if out and not writer.is_closing():
                 writer.write(out)
-        deadline = self.relay.probe_deadline
+        deadline = self.relay.deadline
         if self._timer is not None and (deadline is None or self._timer.when() != deadline):
             self._timer.cancel()
             self._timer = None
@@ -116,7 +117,7 @@ class Session:
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.relay.probe_timed_out()
+        self.relay.timed_out()
         self._after()
 
     # -- revocation and closing --------------------------------------------------------------

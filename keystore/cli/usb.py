@@ -15,6 +15,7 @@ import click
 from keystore.cli.options import CliError, actor, db_option, emit_json, json_option, run, table
 from keystore.models import UsbAction
 from keystore.repository import Repository
+from keystore.services import usb_rules
 from keystore.sqlite.usbrules import UsbRule
 from usbgate import policy
 
@@ -88,18 +89,16 @@ def _make(action: UsbAction) -> click.Command:
             None if device_class is None else _parse(device_class, policy.parse_class, "--class")
         )
         pats = [_parse(i, policy.parse_pattern, "--interface") for i in interfaces]
-        wanted = policy.Rule(action, vid, pid, dclass, tuple(pats) or None, serial)
 
         async def add(
             repo: Repository,
         ) -> tuple[UsbRule | None, policy.Placement, list[UsbRule]]:
-            where = policy.place(await repo.list_usb_rules(vm), wanted, position)
-            if where.index is None:
-                return None, where, []
-            rule = await repo.add_usb_rule(vm, action, vid, pid, actor=actor(),
-                                           device_class=dclass, interfaces=pats or None,
-                                           serial=serial, position=where.index + 1)  # fmt: skip
-            return rule, where, await repo.list_usb_rules(vm)  # one keystore opening, not two
+            # placed and inserted as one step: another admin's rule cannot slip in between
+            rule, where = await usb_rules.add_rule(repo, vm, action, vid, pid, actor=actor(),
+                                                   device_class=dclass, interfaces=pats or None,
+                                                   serial=serial, position=position)  # fmt: skip
+            after = [] if rule is None else await repo.list_usb_rules(vm)
+            return rule, where, after  # one keystore opening, not two
 
         rule, where, after = run(db, add)
         if as_json:

@@ -233,7 +233,7 @@ def spawn(store: Keystore, disk: Disk, method: str, verify: bool) -> dict[str, A
         "log": str(log),
     }
     jobs.write(path, job)
-    with open(log, "ab") as out:
+    with os.fdopen(jobs.new_file(log), "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", __name__, str(store.path), str(path)],
             stdin=subprocess.DEVNULL,

@@ -16,11 +16,11 @@ import stat
 import tempfile
 from pathlib import Path
 
-from keystore import sizes
+from keystore import paths, sizes
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
-from keystore.services import interrupts
+from keystore.services import interrupts, verifier
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -193,6 +193,7 @@ def create_disk(
     and ends it with `Interrupted` (exit 130 for Ctrl-C). SIGKILL leaves the `creating`
     record (`vmshield disk forget NAME` drops it).
     """
+    paths.check_disk_name(name)
     with interrupts.deferred_signals() as stop:
         store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
         _stop_if(stop, name)
@@ -221,6 +222,10 @@ def create_disk(
         except BaseException as e:
             _undo_create(store, vm, name, path, made, e, who=who)
             raise
+    # the new keyslot may cost more than the owner's verifier: raise the verifier to it (an
+    # authentication through the covering policy rehashes; issue 20 B5)
+    policy = verifier.covering_policy([str(path)])
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
 
 
 def _stop_if(stop: interrupts.Pending, name: str) -> None:

@@ -4,19 +4,28 @@ The keystore has no jobs table; a job is one file `<db dir>/jobs/<id>.json`, wri
 atomically by the worker process, read by `vmshield job status`. A job whose worker died
 (crash, kill, reboot) shows as "interrupted": the erase journal lets the same
 `vmshield disk destroy` command continue it.
+
+The worker runs as root. The jobs directory must therefore be the caller's own and writable
+by no one else (keystore.paths.private_dir: no symlink, no other owner, no group/other
+write), and a job file is replaced through a fresh temporary name (O_CREAT|O_EXCL|O_NOFOLLOW:
+never an existing file or a planted link) renamed over it: rename replaces a link, it does
+not follow it. Job files are read without following links, and at most MAX_JOB_BYTES.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
-from keystore.errors import Conflict, NotFound
+from keystore import paths
+from keystore.errors import Conflict, KeystoreError, NotFound
 from nbd_plugin.erase.progress import Reporter
 
 RUNNING = "running"
@@ -24,6 +33,13 @@ DONE = "done"
 FAILED = "failed"
 INTERRUPTED = "interrupted"
 CANCELLED = "cancelled"
+
+#: a job file is a few hundred bytes; anything bigger was not written by us
+MAX_JOB_BYTES = 1 << 16
+
+
+class JobFileError(KeystoreError):
+    """A job file is not a regular file of ours (a link, a device, too big, not JSON)."""
 
 
 def jobs_dir(db: Path) -> Path:
@@ -36,14 +52,30 @@ def new_id(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def private_jobs_dir(path: Path) -> Path:
+    """The directory of job file `path`, made 0700 if missing; refused if others control it."""
+    return paths.private_dir(path.parent)
+
+
+def new_file(path: Path) -> int:
+    """A descriptor of `path` created now (0600) in the checked jobs dir: never a link."""
+    private_jobs_dir(path)
+    return os.open(path, paths.NEW_FILE, 0o600)
+
+
 def write(path: Path, job: dict[str, Any]) -> None:
-    """Replace the job file atomically."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(job, f, sort_keys=True)
-    os.replace(tmp, path)
+    """Replace the job file atomically, never writing through a link."""
+    private_jobs_dir(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, paths.NEW_FILE, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(job, f, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _alive(pid: int) -> bool:
@@ -63,7 +95,26 @@ def _alive(pid: int) -> bool:
 
 def read(path: Path) -> dict[str, Any]:
     """A job, with state "interrupted" if it claims to run but its process is gone."""
-    job: dict[str, Any] = json.loads(path.read_text())
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise JobFileError(f"job file {path}: {e.strerror} (a link is refused)") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobFileError(f"job file {path} is not a regular file")
+        blob = os.read(fd, MAX_JOB_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(blob) > MAX_JOB_BYTES:
+        raise JobFileError(f"job file {path} is larger than {MAX_JOB_BYTES} bytes")
+    try:
+        job: dict[str, Any] = json.loads(blob)
+    except ValueError:
+        raise JobFileError(f"job file {path} is not a vmshield job (not JSON)") from None
+    if not isinstance(job, dict):
+        raise JobFileError(f"job file {path} is not a vmshield job")
     if job.get("state") == RUNNING and not _alive(int(job.get("pid") or 0)):
         job["state"] = INTERRUPTED
     return job

@@ -23,6 +23,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -55,7 +56,9 @@ def _under(path: Path, directory: Path) -> bool:
 
 
 async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
-    """The keystore VM of the domain: by uuid (the VM's uuid is the domain's), else by name."""
+    """The keystore VM of the domain: by uuid (the VM's uuid is the domain's), else by name.
+
+    Which domain may *start* it is `check_bound`'s question."""
     if dom.uuid:
         for v in await repo.list_vms():
             if v.uuid.lower() == dom.uuid:
@@ -64,6 +67,46 @@ async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
         return await repo.get_vm(dom.name)
     except NotFound:
         return None
+
+
+def _same_file(a: Path, b: str) -> bool:
+    """Do `a` and `b` name the same file (one inode), whatever path reaches it?"""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+async def _refuse_images_as_files(repo: Repository, dom: Domain) -> None:
+    """HookError (audited against the disk's VM) if the domain names a vmshield image as a
+    file or block device: QEMU would open the ciphertext itself, beside or instead of the
+    server (the server's QEMU-style locks stop it only while it serves)."""
+    for d in await repo.list_disks():
+        for f in dom.files:
+            if _same_file(f, d.path):
+                detail = {"domain": dom.name, "file": str(f), "disk": d.name,
+                          "error": "vmshield image named as a file"}  # fmt: skip
+                await repo.append_audit(ACTOR, "libvirt.prepare.refused", d.vm, detail)
+                raise HookError(
+                    f"domain {dom.name} names {f}, the ciphertext of vmshield disk {d.name}, "
+                    "as a file: QEMU would open it beside the server; use its NBD socket "
+                    "(`vmshield libvirt devices`)"
+                )
+
+
+def check_bound(vm: Vm, dom: Domain) -> None:
+    """Each VM starts only as the domain named after it: a domain of another name that
+    carries the VM's uuid (libvirt lets any name have any uuid not defined on this host)
+    would get the VM's disks and use up its unlock."""
+    if dom.name != vm.name:
+        raise HookError(
+            f"domain {dom.name} carries the uuid of VM {vm.name} but not its name: a VM's "
+            f"disks go only to the domain named {vm.name} (rename the domain, or give it a "
+            "uuid of its own)"
+        )
 
 
 def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
@@ -224,7 +267,8 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
         old = _server(store, d.name)
         if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
             raise HookError(f"disk {d.name} is already served (pid {old.pid}): stop it first")
-    owner_pw = unlock.peek(vm.uuid) if disks else None
+    pending = unlock.peek_key(vm.uuid) if disks else None
+    owner_pw = pending[1] if pending is not None else None
     host_key = unlock.read_host_key(cfg.host_key) if disks and owner_pw is None else None
     started: list[str] = []
     how: dict[str, str] = {}
@@ -253,8 +297,8 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
             if buf is not None:
                 buf[:] = b"\0" * len(buf)
     _record_starter(cfg, vm.name, dom)
-    if "unlock" in how.values():
-        unlock.consume(vm.uuid)
+    if "unlock" in how.values() and pending is not None:
+        unlock.consume_key(pending[0])  # the key read above: never a newer unlock
     took = round(time.monotonic() - began, 3)
     detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots),
                               "seconds": took}  # fmt: skip
@@ -313,14 +357,20 @@ OPERATIONS = {
 
 def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
     """Run the operation; the line to print (None: nothing of vmshield's was involved)."""
+    store = Keystore(cfg.db)
+    if dom.files and (op, sub) == ("prepare", "begin"):
+        # a vmshield image as a <disk type='file'|'block'>: refused whether or not it is
+        # served now (the keystore is read for every domain with such disks: fail closed)
+        store.run(lambda r: _refuse_images_as_files(r, dom))
     if not uses_vmshield(dom, cfg):
         return None
-    store = Keystore(cfg.db)
     vm = store.run(lambda r: find_vm(r, dom))
     if vm is None:
         raise HookError(f"domain {dom.name} uses vmshield sockets but no VM of that "
                         f"name or uuid is in the keystore {cfg.db}")  # fmt: skip
     try:
+        if (op, sub) == ("prepare", "begin"):
+            check_bound(vm, dom)
         if (op, sub) == ("migrate", "begin"):
             raise HookError(
                 f"live migration of VM {vm.name} refused: its disks are served by this "

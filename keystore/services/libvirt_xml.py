@@ -50,6 +50,9 @@ class Domain:
     uuid: str | None
     disks: tuple[DomainDisk, ...]
     redirdevs: tuple[Path, ...]  #: unix socket paths of `<redirdev type='unix'>`
+    #: paths QEMU would open itself: `<source file=...>` / `<source dev=...>` of every disk
+    #: (and of its `<backingStore>` chain)
+    files: tuple[Path, ...] = ()
 
 
 def parse_domain(data: bytes) -> Domain:
@@ -67,10 +70,12 @@ def parse_domain(data: bytes) -> Domain:
         raise DomainXmlError("domain XML has no <name>")
     uuid = (root.findtext("uuid") or "").strip().lower() or None
     disks = []
+    files = []
     for d in root.iterfind("devices/disk"):
         # the disk's own source, and those of its <backingStore> chain: after an external
         # snapshot the NBD export sits below a qcow2 overlay
         for src in d.iter("source"):
+            files += [Path(src.get(a, "")) for a in ("file", "dev") if src.get(a)]
             host = src.find("host")
             if host is None or src.get("protocol") != "nbd":
                 continue
@@ -82,7 +87,7 @@ def parse_domain(data: bytes) -> Domain:
         rsrc = r.find("source")
         if r.get("type") == "unix" and rsrc is not None and rsrc.get("path"):
             redirs.append(Path(rsrc.get("path", "")))
-    return Domain(name, uuid, tuple(disks), tuple(redirs))
+    return Domain(name, uuid, tuple(disks), tuple(redirs), tuple(files))
 
 
 # -- what `vmshield libvirt devices` prints ----------------------------------------------

@@ -36,7 +36,7 @@ from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState
 from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
-from keystore.services import interrupts
+from keystore.services import interrupts, verifier
 from keystore.services.disks import DiskOpError, change_key
 from keystore.services.store import Keystore
 
@@ -282,7 +282,9 @@ def change_password(
             _backward(run, journal, disks, failures, stop)
         journal.state["phase"] = "verifier"
         journal.save()
-        store.run(lambda r: r.set_password(user, new, actor=who))
+        # the verifier is made at least as costly as every re-keyed keyslot (issue 20 B5)
+        policy = verifier.covering_policy(d.path for d in disks)
+        store.run(lambda r: r.set_password(user, new, actor=who), policy=policy)
         journal.remove()
         return len(disks)
 

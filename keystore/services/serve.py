@@ -32,7 +32,7 @@ from pathlib import Path
 from keystore import paths
 from keystore.errors import Conflict, InUse, KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
-from keystore.services import lease, usage
+from keystore.services import lease, usage, verifier
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -261,7 +261,9 @@ def serve_disk(
     The password counts toward the owner's lockout. A server that cannot be recorded is
     stopped again, so no server runs that `vmshield disk stop` does not know of.
     """
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    # a verifier below this disk's keyslots is raised to them by this very check (B5)
+    policy = verifier.covering_policy([disk.path])
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
     return serve_recorded(store, disk, password, files, readonly=readonly, who=who)
 
 
@@ -281,6 +283,8 @@ def serve_recorded(
     host key of an enrolled disk, a clevis token's: keystore.services.opening), take the
     lease, record the server and the access, and (with `how`) which way the disk was
     opened; its pid."""
+    # a disk recorded before such names were refused must not take a VM's usbgate files
+    paths.check_disk_name(disk.name)
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
     held = lease.take(store.location, disk, files.socket, readonly=readonly)
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keystore import paths
+from keystore.auth import AuthPolicy
 from keystore.backends import Location, open_repository
 from keystore.errors import KeystoreError
 from keystore.postgres.url import PgUrl
@@ -36,11 +37,14 @@ class Keystore:
             raise KeystoreError(f"this needs a local keystore file, not {self.location.redacted()}")
         return self.location
 
-    def run(self, fn: Callable[[Repository], Awaitable[T]]) -> T:
-        """Open the keystore, await `fn(repo)`, close it; keystore errors propagate."""
+    def run(
+        self, fn: Callable[[Repository], Awaitable[T]], *, policy: AuthPolicy | None = None
+    ) -> T:
+        """Open the keystore (with `policy` for verifiers), await `fn(repo)`, close it;
+        keystore errors propagate."""
 
         async def go() -> T:
-            repo = await open_repository(self.location)
+            repo = await open_repository(self.location, policy=policy)
             try:
                 return await fn(repo)
             finally:

@@ -6,8 +6,15 @@ Two ways give the hook a disk's passphrase:
 - owner present: `vmshield vm unlock VM --for 10m` puts the owner's password (the disk
   passphrase) into root's kernel keyring as a `user` key named ``vmshield:vm:<uuid>`` with a
   timeout; the hook reads it at `prepare begin` and invalidates it once the disks are served
-  (one unlock, one start). Root's keyring is readable only by uid 0; the key never touches a
-  disk, and the kernel drops it when its timeout runs out.
+  (one unlock, one start). The key never touches a disk, and the kernel drops it when its
+  timeout runs out. Its permission mask (KEY_PERM) grants read, search and setattr to its
+  *possessor* only, never to uid 0 as such: a root process in another session keyring (a
+  container without a user namespace, a service with a private keyring) that finds the key
+  by its id cannot read it. vmshield itself reads, times and invalidates it from a child
+  running in a fresh session keyring that links root's user keyring (`_possessed`), so
+  libvirtd's own keyring is never changed and QEMU, libvirtd's child, never possesses it.
+  What this does not stop: a root process that deliberately links root's user keyring into
+  its own session (`keyctl link @u @s`), as vmshield does; root can also ptrace the hook.
 - unattended: `vmshield disk enroll-host DISK` adds a keyslot whose passphrase is a random
   host key kept in a root-only file (0600, default /etc/vmshield/host.key). The hook opens
   enrolled disks with it.
@@ -28,8 +35,11 @@ from keystore.errors import KeystoreError
 from nbd_plugin.trust import trusted_path
 
 KEYRING = "@u"  #: root's user keyring: shared by every uid-0 process, closed to other users
-#: possessor and user (uid 0): view, read, write, search, link, setattr; nobody else anything
-KEY_PERM = "0x3f3f0000"
+#: possessor: view, read, write, search, setattr (no link: it cannot be linked into another
+#: keyring); user (uid 0 without possession): view only (`keyctl show` lists it); no one else
+KEY_PERM = "0x2f010000"
+#: run `keyctl ARGS` in a new session keyring linked to root's user keyring: the possessor
+_POSSESSED = 'keyctl link @u @s >/dev/null && exec keyctl "$@"'
 DEFAULT_HOST_KEY = Path("/etc/vmshield/host.key")
 HOST_KEY_BYTES = 32
 MAX_TTL = 24 * 3600
@@ -73,42 +83,66 @@ def _keyctl(*args: str, data: bytes | None = None) -> subprocess.CompletedProces
     )
 
 
+def _possessed(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`keyctl ARGS` as the key's possessor (a child in a fresh session keyring that links
+    root's user keyring; ours and libvirtd's are left alone). Secrets go through stdin."""
+    return _keyctl("session", "-", "/bin/sh", "-c", _POSSESSED, "sh", *args, data=data)
+
+
 def _search(vm_uuid: str) -> str | None:
     found = _keyctl("search", KEYRING, "user", key_name(vm_uuid))
     return found.stdout.decode().strip() if found.returncode == 0 else None
 
 
-def put(vm_uuid: str, secret: bytes, ttl: int) -> None:
-    """Leave `secret` for the hook for `ttl` seconds (replaces an earlier unlock)."""
+def put(vm_uuid: str, secret: bytes, ttl: int) -> str:
+    """Leave `secret` for the hook for `ttl` seconds; the new key's id.
+
+    An earlier unlock of the VM is invalidated first and a new key made (never updated in
+    place), so the hook's `consume_key` of the key it read cannot remove a newer unlock."""
     if not 1 <= ttl <= MAX_TTL:
         raise ValueError(f"unlock time must be between 1 s and {MAX_TTL // 3600} h")
-    added = _keyctl("padd", "user", key_name(vm_uuid), KEYRING, data=secret)
+    while (old := _search(vm_uuid)) is not None:
+        if _possessed("invalidate", old).returncode != 0:
+            raise UnlockError(f"cannot withdraw the earlier unlock (key {old})")
+    added = _possessed("padd", "user", key_name(vm_uuid), KEYRING, data=secret)
     if added.returncode != 0:
         raise UnlockError(f"keyctl padd failed: {added.stderr.decode(errors='replace').strip()}")
     key = added.stdout.decode().strip()
-    for step in (("setperm", key, KEY_PERM), ("timeout", key, str(ttl))):
-        done = _keyctl(*step)
+    for step in (("timeout", key, str(ttl)), ("setperm", key, KEY_PERM)):
+        done = _possessed(*step)
         if done.returncode != 0:
-            _keyctl("invalidate", key)
-            why = done.stderr.decode(errors="replace").strip()
-            raise UnlockError(f"keyctl {step[0]} failed: {why}")
+            _possessed("invalidate", key)
+            why = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            raise UnlockError(f"keyctl {step[0]} failed: {' '.join(why)}")
+    return key
+
+
+def peek_key(vm_uuid: str) -> tuple[str, bytearray] | None:
+    """(key id, secret) of the unlock left by `put` if it is still there, else None."""
+    key = _search(vm_uuid)
+    if key is None:
+        return None
+    got = _possessed("pipe", key)
+    if got.returncode != 0:  # expired or invalidated between search and read
+        return None
+    return key, bytearray(got.stdout)
 
 
 def peek(vm_uuid: str) -> bytearray | None:
     """The secret left by `put` if it is still there (not expired), else None."""
-    key = _search(vm_uuid)
-    if key is None:
-        return None
-    got = _keyctl("pipe", key)
-    if got.returncode != 0:  # expired or invalidated between search and read
-        return None
-    return bytearray(got.stdout)
+    found = peek_key(vm_uuid)
+    return None if found is None else found[1]
+
+
+def consume_key(key: str) -> bool:
+    """Invalidate this very key (the one `peek_key` read); False if it is already gone."""
+    return _possessed("invalidate", key).returncode == 0
 
 
 def consume(vm_uuid: str) -> bool:
-    """Invalidate the unlock of `vm_uuid`; False if there was none."""
+    """Invalidate whatever unlock of `vm_uuid` is pending (`vm unlock --cancel`)."""
     key = _search(vm_uuid)
-    return key is not None and _keyctl("invalidate", key).returncode == 0
+    return key is not None and consume_key(key)
 
 
 def remaining(vm_uuid: str) -> bool:

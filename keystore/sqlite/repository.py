@@ -395,13 +395,26 @@ class SqliteRepository(PrincipalStore):
         interfaces: Sequence[Pattern] | None = None,
         serial: str | None = None,
         position: int | None = None,
+        expect: Sequence[int] | None = None,
     ) -> UsbRule:
-        """Insert a rule at 1-based `position` (default: last); later rules move down."""
+        """Insert a rule at 1-based `position` (default: last); later rules move down.
+
+        `expect`: the ids of the VM's rules, in order, that the caller chose `position`
+        against; if they are not the rules now (another admin changed them meanwhile),
+        Conflict, checked inside the write transaction (serialized: SQLite's write lock,
+        PostgreSQL's audit head lock), so the placement and the insert are one step."""
         for v, bits in ((vendor_id, 16), (product_id, 16), (device_class, 8)):
             if v is not None and not 0 <= v < (1 << bits):
                 raise ValueError(f"USB id {v} out of range")
         vm_uuid = await self._vm_uuid(vm)
         async with self._write() as db:
+            if expect is not None:
+                async with db.execute(
+                    "SELECT id FROM usb_rules WHERE vm_uuid = ? ORDER BY position", (vm_uuid,)
+                ) as cur:
+                    now = [int(r[0]) for r in await cur.fetchall()]
+                if now != list(expect):
+                    raise Conflict(f"the USB rules of VM {vm} changed while this rule was placed")
             async with db.execute(
                 "SELECT count(*) FROM usb_rules WHERE vm_uuid = ?", (vm_uuid,)
             ) as cur:

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from nbd_plugin.erase import journal as jn
-from nbd_plugin.erase import recheck, storage
+from nbd_plugin.erase import recheck, sharing, storage
 from nbd_plugin.erase.certificate import Certificate, build, default_path, write
 from nbd_plugin.erase.journal import JournalState, Phase
 from nbd_plugin.erase.methods import Method, Pattern, get_method
@@ -299,6 +299,18 @@ def _new_state(path: str, target: Target, method: Method, opts: EraseOptions) ->
     extents = allocated_extents(target.fd)
     regions = wipe_regions(target.fd_path, size) if luks else []
     shared = any(e.shared for e in extents)
+    if shared and not opts.force:
+        found = sharing.sharers(path, target.fd)
+        who = ", ".join(found) if found else (
+            f"another file (a reflink copy or a snapshot; none found in "
+            f"{os.path.dirname(os.path.abspath(path))})"
+        )  # fmt: skip
+        raise ImageError(
+            f"{path} shares blocks with {who}: that copy keeps the LUKS header and keyslots "
+            "and opens with the passphrase, and an overwrite here cannot reach the shared "
+            "blocks; erase the copy first, or add --force to erase this file anyway (its "
+            "certificate then says 'not assured', not Purge)"
+        )
     return JournalState(
         storage=storage.assess_path(target.fd_path, shared_extents=shared),
         target=path,

@@ -49,9 +49,14 @@ def replace_file(path: str, blob: bytes, mode: int, *, create_dir: int | None = 
         os.close(dfd)
 
 
-def read_own_file(path: str, what: str) -> bytes | None:
+#: the most read_own_file reads: a journal of a file in a million extents is ~40 MiB
+MAX_OWN_FILE = 64 << 20
+
+
+def read_own_file(path: str, what: str, limit: int = MAX_OWN_FILE) -> bytes | None:
     """The bytes of `path` if it is a regular file of this user that no one else may write;
-    None if it does not exist; ImageError (naming `what`) for a link or a foreign file."""
+    None if it does not exist; ImageError (naming `what`) for a link, a foreign file or one
+    larger than `limit` bytes (checked before reading, and the read stops there too)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -71,9 +76,18 @@ def read_own_file(path: str, what: str) -> bytes | None:
                 f"not to you (uid {os.geteuid()}) alone: it may be forged; inspect it and "
                 "remove it to start over"
             )
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        too_big = ImageError(
+            f"{what} {path} is larger than {limit} bytes: not one of ours; inspect it and "
+            "remove it to start over"
+        )
+        if st.st_size > limit:
+            raise too_big
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 16, limit + 1 - total)):
             chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # it grew while we read
+                raise too_big
         return b"".join(chunks)
     finally:
         os.close(fd)

@@ -197,7 +197,14 @@ def nist_category(
             techniques.append("overwrite of every allocated block in place (Clear)")
         else:
             techniques.append("overwrite through the filesystem, not assured to reach old blocks")
-    if crypto_erased:
+    if assessment.get("shared_extents"):
+        # a reflinked copy or a snapshot keeps the header and keyslots this erase wiped
+        category = "not assured"
+        caveats.append(
+            "extents were shared with another file (reflink or snapshot): that file keeps "
+            "the LUKS header and keyslots and opens with the passphrase; erase it too"
+        )
+    elif crypto_erased:
         category = "Purge"
         if in_place is not True:
             caveats.append(

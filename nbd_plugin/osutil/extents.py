@@ -93,9 +93,9 @@ class Extent:
     """Another file (reflink, snapshot) holds the same physical blocks."""
 
 
-def fiemap(fd: int, size: int) -> list[Extent] | None:
-    """Every extent of the file that has blocks, written or not; None if FIEMAP is unsupported."""
-    out: list[Extent] = []
+def _fiemap_raw(fd: int, size: int) -> list[tuple[int, int, int, int]] | None:
+    """(logical, physical, length, flags) of every extent up to `size`; None without FIEMAP."""
+    out: list[tuple[int, int, int, int]] = []
     start = 0
     flags = FIEMAP_FLAG_SYNC
     while start < size:
@@ -114,15 +114,30 @@ def fiemap(fd: int, size: int) -> list[Extent] | None:
         last = False
         for i in range(mapped):
             fields = FIEMAP_EXTENT.unpack_from(req, FIEMAP_HEAD.size + i * FIEMAP_EXTENT.size)
-            logical, length, fe_flags = fields[0], fields[2], fields[5]
+            logical, physical, length, fe_flags = fields[0], fields[1], fields[2], fields[5]
             end = min(logical + length, size)
             if end > logical:
-                out.append(Extent(logical, end - logical, bool(fe_flags & FIEMAP_EXTENT_SHARED)))
+                out.append((logical, physical, end - logical, fe_flags))
             start = logical + length
             last = last or bool(fe_flags & FIEMAP_EXTENT_LAST)
         if last:
             break
     return out
+
+
+def fiemap(fd: int, size: int) -> list[Extent] | None:
+    """Every extent of the file that has blocks, written or not; None if FIEMAP is unsupported."""
+    raw = _fiemap_raw(fd, size)
+    if raw is None:
+        return None
+    return [Extent(lo, n, bool(f & FIEMAP_EXTENT_SHARED)) for lo, _, n, f in raw]
+
+
+def physical_ranges(fd: int, *, shared_only: bool = False) -> list[tuple[int, int]]:
+    """(physical offset, length) of the file's extents on its filesystem's device (only those
+    FIEMAP flags shared, with `shared_only`); [] without FIEMAP."""
+    raw = _fiemap_raw(fd, os.fstat(fd).st_size) or []
+    return [(p, n) for _, p, n, f in raw if not shared_only or f & FIEMAP_EXTENT_SHARED]
 
 
 def seek_extents(fd: int, size: int) -> list[Extent]:

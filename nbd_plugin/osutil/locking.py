@@ -1,8 +1,11 @@
-"""One writer per image: advisory flock on the image file.
+"""One writer per image: advisory flock on the image file, and QEMU's own image locks.
 
 A read-write server holds LOCK_EX, a read-only server LOCK_SH, an erase or a keyslot change
-LOCK_EX. Locks belong to the open file description, so they survive nbdkit's fork into the
-background and vanish when the last process holding the descriptor exits (no stale locks).
+LOCK_EX. Each also takes the byte-range locks QEMU's file driver takes (osutil/qemulocks.py),
+so a QEMU opening the image as a file is refused, and a QEMU holding it refuses us: flock and
+QEMU's OFD locks do not see each other. Both kinds belong to the open file description, so
+they survive nbdkit's fork into the background and vanish when the last process holding the
+descriptor exits (no stale locks).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import errno
 import fcntl
 
 from nbd_plugin.errors import ImageBusy
+from nbd_plugin.osutil import qemulocks
 
 
 def hold_image(fd: int, path: str, *, exclusive: bool) -> None:
@@ -27,8 +31,22 @@ def hold_image(fd: int, path: str, *, exclusive: bool) -> None:
             f"change holds its lock), so it cannot be opened {what}; stop that process first, "
             f"or serve it read-only (nbdkit -r) alongside other read-only servers"
         ) from None
+    try:
+        conflict = qemulocks.take(fd, exclusive=exclusive)
+    except BaseException:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise
+    if conflict is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise ImageBusy(
+            f"{path} is open in QEMU or another program using QEMU's image locks "
+            f"({qemulocks.describe(conflict)}, lock byte {conflict}): shut that VM or "
+            f"qemu-img/qemu-io down first; vmshield serves an image only while nothing else "
+            f"has it open"
+        )
 
 
 def release_image(fd: int) -> None:
-    """Drop the lock early (closing the descriptor also does)."""
+    """Drop the locks early (closing the descriptor also does)."""
+    qemulocks.drop(fd)
     fcntl.flock(fd, fcntl.LOCK_UN)

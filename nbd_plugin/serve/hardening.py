@@ -7,11 +7,17 @@
 - RLIMIT_CORE 0 (soft and hard): a second line should something make the process dumpable.
 
 `lock_secret(buf)` mlocks the pages of a bytearray we own (so they are never swapped out)
-and marks them MADV_DONTDUMP. What Python cannot guarantee: the interpreter copies bytes
-objects freely (the passphrase as read, its encoding), the master key lives in the cipher
-objects of nbd_plugin.crypto and inside OpenSSL's key schedule, and freed memory is not
-cleared. Those copies are protected only by the process-wide settings above (no core, no
-ptrace) and by the systemd unit (LimitCORE=0, MemorySwapMax=0): not by mlock.
+and marks them MADV_DONTDUMP. But mlock is not inherited across fork, and nbdkit forks into
+the background after the plugin has read the passphrase and derived the master key; and the
+master key's copies (the cipher objects of nbd_plugin.crypto, OpenSSL's key schedule, bytes
+the interpreter made) cannot be found to mlock one by one. So `lock_all_memory()` runs in the
+serving process (the plugin's after_fork): mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
+keeps every page of the server that is or becomes resident out of swap (ONFAULT: reserved
+but untouched memory is not faulted in, so the locked size is the resident size, ~100-200
+MiB with the numba kernels). Without CAP_IPC_LOCK the RLIMIT_MEMLOCK limit (often 8 MiB)
+would make MCL_FUTURE fail later allocations, so an unprivileged server does not try and
+says so: run it from the systemd unit (MemorySwapMax=0) or as root. Freed memory is still
+not cleared.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import ctypes
 import mmap
 import resource
 
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+CAP_IPC_LOCK = 14
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 MADV_DONTDUMP = 16
@@ -28,6 +36,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mlockall.argtypes = [ctypes.c_int]
 
 
 def harden_process() -> list[str]:
@@ -60,3 +69,28 @@ def lock_secret(buf: bytearray) -> bool:
     locked = bool(_libc.mlock(start, length) == 0)
     _libc.madvise(start, length, MADV_DONTDUMP)
     return locked
+
+
+def _has_ipc_lock() -> bool:
+    """Is CAP_IPC_LOCK in our effective set (no RLIMIT_MEMLOCK for us)?"""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+
+
+def lock_all_memory() -> str | None:
+    """mlockall the serving process (current and future pages, on fault); None if done, else
+    the one line saying why not."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and not _has_ipc_lock():
+        return (
+            f"memory not locked: RLIMIT_MEMLOCK is {soft} bytes and no CAP_IPC_LOCK, so the "
+            "master key may be swapped out; run the server as root or from the systemd unit "
+            "(MemorySwapMax=0)"
+        )
+    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        return f"memory not locked: mlockall failed (errno {ctypes.get_errno()})"
+    return None

@@ -94,3 +94,34 @@ def test_running_server_is_not_dumpable_and_has_no_core_limit() -> None:
 def test_systemd_unit_forbids_core_dumps() -> None:
     unit = (ROOT / "scripts" / "systemd" / "vmshield-disk@.service").read_text()
     assert "\nLimitCORE=0\n" in unit
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_forked_server_keeps_its_memory_locked(tmp_path: Path, sockdir: Path) -> None:
+    """Issue 20 B7: mlock does not survive nbdkit's fork into the background; the serving
+    process itself must lock its pages (VmLck was 0: the master key could be swapped out)."""
+    image, key = tmp_path / "disk.img", tmp_path / "key"
+    luks.create_image(str(image), 4 << 20, SECRET, iterations=1000)
+    write_secret(key, SECRET)
+    sock, pidfile = sockdir / "s.sock", sockdir / "s.pid"
+    subprocess.run(  # no -f: nbdkit forks, the parent returns once it is ready
+        ["nbdkit", "-U", str(sock), "-P", str(pidfile), "python", PLUGIN, f"image={image}",
+         f"passphrase=+{key}"],
+        cwd=ROOT, check=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    pid = int(pidfile.read_text())
+    try:
+        assert read_at(str(sock), 4096) == bytes(4096)  # it serves
+        locked, resident = _status_kib(pid, "VmLck"), _status_kib(pid, "VmRSS")
+        assert locked >= resident > 0, (locked, resident)
+    finally:
+        os.kill(pid, 15)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -97,7 +97,7 @@ def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
     sock = ks.run_dir / f"{ks.disk}.sock"
     pids = processes(str(ks.base))
     code, err = run_hook(ks, intruder, capsys)
-    assert code == 1 and "already served" in err
+    assert code == 1 and "carries the uuid of VM web1 but not its name" in err
     code = main(["intruder", "release", "end", "-"], config=ks.config, stdin=io.BytesIO(intruder))
     err = capsys.readouterr().err
     assert code == 0 and "not started by domain intruder" in err

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from usbgate import auditing
 from usbgate.addresses import parse_address
 from usbgate.auditing import QueuedAuditSink, Refusals
 from usbgate.gateway import Gateway
@@ -64,6 +65,32 @@ def test_a_silent_connection_holds_no_slot_and_is_closed(qemu: QemuWithRedir) ->
     assert denied[0]["peer"] == "127.0.0.1"
 
 
+def test_a_hello_without_a_device_does_not_keep_the_slot(qemu: QemuWithRedir) -> None:
+    """Issue 20 C: an owner that says hello and announces nothing held its slot forever."""
+    audit = MemoryAuditSink()
+    gateway = one_slot_gateway(qemu, audit, idle_timeout=0.5)
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            idle = await FakeOwner.connect(str(gateway.bound_address), FakeDevice(),
+                                           announce=False)  # fmt: skip
+            await asyncio.wait_for(idle.closed.wait(), 5)  # hung up after the idle timeout
+            owner = await FakeOwner.connect(str(gateway.bound_address), FakeDevice())
+            await asyncio.to_thread(qemu.wait_attached, True, 1, 10.0)  # the slot is free
+            await asyncio.sleep(0.7)  # an attached device is not idle
+            assert qemu.attached(1) and not owner.closed.is_set()
+            await owner.close()
+            await idle.close()
+            await asyncio.to_thread(qemu.wait_attached, False, 1)
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    denied = [d for a, _, d in audit.rows if a == "usb.denied"]
+    assert [d["reason"] for d in denied] == ["no device announced within 0.5 s"]
+
+
 def test_one_peer_cannot_take_every_slot_and_its_refusals_are_aggregated(
     qemu: QemuWithRedir,
 ) -> None:
@@ -94,6 +121,38 @@ def test_one_peer_cannot_take_every_slot_and_its_refusals_are_aggregated(
     assert denied[0]["reason"] == "more than 1 connection(s) at once from 127.0.0.1"
     assert denied[1]["count"] == 20
     assert denied[1]["summary"].startswith("20 connections from 127.0.0.1 refused in ")
+
+
+def test_denials_of_a_replugged_device_are_aggregated(qemu: QemuWithRedir) -> None:
+    """Issue 20 C: every denial of a device was a row: an owner re-plugging a blocked stick
+    in a loop grew the keystore without bound. Past a burst, a window's denials are one row."""
+    audit = MemoryAuditSink()
+    gateway = one_slot_gateway(qemu, audit, refusal_window=60)
+    plugs = 40
+
+    async def scenario() -> None:
+        await gateway.start()
+        try:
+            blocked = FakeDevice(product_id=0x0002)
+            owner = await FakeOwner.connect(str(gateway.bound_address), blocked, announce=False)
+            for _ in range(plugs):
+                owner.filter_rejected.clear()
+                owner.announce()  # no rule matches: blocked, the owner is told
+                await asyncio.wait_for(owner.filter_rejected.wait(), 5)
+                owner.unplug()
+            await asyncio.sleep(0.2)
+            assert not qemu.attached(1)
+            await owner.close()
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    denied = [d for a, _, d in audit.rows if a == "usb.denied"]
+    burst = auditing.DENIAL_BURST
+    assert len(denied) == burst + 1, denied
+    assert all(d["device"] == denied[0]["device"] for d in denied)
+    assert denied[-1]["count"] == plugs - burst
+    assert denied[-1]["summary"].startswith(f"{plugs - burst} more denials of ")
 
 
 def test_refusal_rows_per_window() -> None:

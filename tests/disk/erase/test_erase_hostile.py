@@ -114,6 +114,21 @@ def test_planted_symlink_journal_is_refused(tmp_path: Path) -> None:
     assert opens(img)
 
 
+def test_a_huge_planted_journal_is_refused_unread(tmp_path: Path) -> None:
+    """Issue 20 C: read_own_file read a file of any size into memory (a sparse 100 GiB
+    journal would take the erase's memory); it refuses one larger than a journal can be."""
+    from nbd_plugin.erase import safefile
+
+    img = tmp_path / "disk.img"
+    make_luks(img)
+    jp = Path(journal_path(str(img), block_device=False))
+    with jp.open("wb") as f:
+        f.truncate(safefile.MAX_OWN_FILE + 1)  # sparse: costs no disk space
+    with pytest.raises(ImageError, match="larger than"):
+        erase(str(img), "zero", KEEP)
+    assert opens(img)
+
+
 def test_not_a_luks_image_is_refused_without_force(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("a text file that nobody meant to erase\n" * 200)
