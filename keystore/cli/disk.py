@@ -97,10 +97,11 @@ def create(
         nbytes, taken = sizes.image_size(size, 512 if fmt == "luks1" else 4096)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
-    click.echo(f"size: {taken}", err=True)
     store = Keystore(db)
     v = run(db, lambda r: r.get_vm(vm))
     disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
+    paths.check_disk_name(disk_name)  # refused before anything is said or made
+    click.echo(f"size: {taken}", err=True)
     path = (image_path or paths.default_image_dir(resolve_db(db)) / f"{disk_name}.img").absolute()
     if path.exists():
         raise click.ClickException(f"{path} already exists; choose another --path")

@@ -157,6 +157,10 @@ class JobReporter(Reporter):
         self._t0 = time.monotonic()
         self._base = 0
         self._offset: int | None = None  # bytes of the whole job before this phase
+        # the whole job's rate, for its ETA: a new pass starts with no rate of its own, and
+        # the ETA must not vanish (or jump) at every pass boundary
+        self._job_t0: float | None = None
+        self._job_base = 0
 
     def _flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -187,6 +191,11 @@ class JobReporter(Reporter):
         if self._offset is None:
             return
         self.job["overall_done"] = overall = self._offset + done
+        now = time.monotonic()
+        if self._job_t0 is None:
+            self._job_t0, self._job_base = now, overall
+        elif now > self._job_t0 and overall > self._job_base:
+            rate = (overall - self._job_base) / (now - self._job_t0)
         left = int(self.job["overall_total"]) - overall
         self.job["eta_seconds"] = round(left / rate, 1) if rate > 0 else None
 

@@ -220,7 +220,10 @@ def _keyring_unlocks() -> set[str]:
         fields = line.split(None, 8)
         # ID FLAGS USAGE TIMEOUT PERM UID GID TYPE DESCRIPTION: SIZE
         mine = len(fields) == 9 and fields[7] == "user" and fields[8].startswith(prefix)
-        if mine and fields[3] != "expd":
+        # FLAGS: I instantiated; R revoked, D dead, N negative, i invalidated (an unlock that
+        # was cancelled or consumed stays listed until the kernel's key GC runs)
+        live = mine and "I" in fields[1] and not set("RDNi") & set(fields[1])
+        if live and fields[3] != "expd":
             found.add(fields[8][len(prefix) :].split(":", 1)[0])
     return found
 
