@@ -88,7 +88,13 @@ def config_complete():
         _fail(str(exc))
     _connections.keep()  # nbdkit sends stderr to /dev/null when it forks
     nbdkit.debug(f"vmshield: data path {expected_path()} ({describe_path()} at start)")
-    when_decided(lambda: nbdkit.debug(f"vmshield: data path {describe_path()}"))
+    cipher = _disk.volume.cipher  # switched to the kernels before this runs (registered first)
+    when_decided(
+        lambda: nbdkit.debug(
+            f"vmshield: data path {describe_path()}; kernel {cipher.kernel_name} "
+            f"({_disk.sector}-byte sectors)"
+        )
+    )
 
 
 def after_fork():

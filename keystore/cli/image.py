@@ -22,6 +22,7 @@ from keystore.services.disks import creation_error
 from keystore.sizes import human, image_size
 from nbd_plugin import luks
 from nbd_plugin.crypto import jit
+from nbd_plugin.crypto.registry import kernel_for
 from nbd_plugin.errors import InvalidPassphrase, VmshieldError
 
 
@@ -184,6 +185,7 @@ def _print_info(meta: dict[str, Any]) -> None:
         "payload_offset",
         "size",
         "data_path",
+        "kernel",
     ):
         if key in meta:
             click.echo(f"{key + ':':16}{meta[key]}")
@@ -209,6 +211,8 @@ def info(path: Path, as_json: bool) -> None:
     """Show what the header of PATH says (no passphrase needed)."""
     meta = _guard(lambda: luks.info(str(path)))
     meta["data_path"] = jit.data_path()  # how this host's servers en/decrypt: numba or numpy
+    name, _, mode = str(meta.get("cipher", "")).partition("-")
+    meta["kernel"] = kernel_for(name, mode, int(meta.get("sector_size", 512)))
     if as_json:
         click.echo(json.dumps(meta, indent=2))
     else:

@@ -1,9 +1,12 @@
 """The Python floor: a plaintext nbdkit Python plugin that only preads and pwrites.
 
-    nbdkit python nbd_plugin/bench/floor_plugin.py file=IMAGE
+    nbdkit python nbd_plugin/bench/floor_plugin.py file=IMAGE [thread_model=MODEL]
 
-Same thread model as vmshield's plugin (PARALLEL, as on its numba data path), so the difference
-to it is the cryptography alone.
+MODEL is parallel (default), serialize_requests or serialize_all_requests. Which one is
+fastest depends on the request size and the machine (at small requests, nbdkit's threads
+mostly hand the GIL to each other), so `scripts/bench` runs all three and takes the fastest
+as the floor, column by column: the difference to it is what vmshield costs beyond the
+cheapest Python plugin, whatever thread model either uses.
 """
 
 import os
@@ -12,15 +15,27 @@ import nbdkit
 
 API_VERSION = 2
 
+MODELS = {
+    "parallel": "THREAD_MODEL_PARALLEL",
+    "serialize_requests": "THREAD_MODEL_SERIALIZE_REQUESTS",
+    "serialize_all_requests": "THREAD_MODEL_SERIALIZE_ALL_REQUESTS",
+}
+
 _path = ""
 _fd = -1
+_model = "parallel"
 
 
 def config(key: str, value: str) -> None:
-    global _path
-    if key != "file":
-        raise RuntimeError(f"unknown parameter {key}= (known: file)")
-    _path = value
+    global _path, _model
+    if key == "file":
+        _path = value
+    elif key == "thread_model" and value in MODELS:
+        _model = value
+    elif key == "thread_model":
+        raise RuntimeError(f"thread_model must be one of {', '.join(MODELS)}")
+    else:
+        raise RuntimeError(f"unknown parameter {key}= (known: file, thread_model)")
 
 
 def config_complete() -> None:
@@ -29,7 +44,7 @@ def config_complete() -> None:
 
 
 def thread_model() -> int:
-    return int(nbdkit.THREAD_MODEL_PARALLEL)
+    return int(getattr(nbdkit, MODELS[_model]))
 
 
 def open(readonly: bool) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbd_plugin.bench.measure import Sample
-from nbd_plugin.bench.servers import RATIO_TO, SUBJECT, Server
+from nbd_plugin.bench.servers import FLOOR, FLOORS, RATIO_TO, SUBJECT, Server
 
 GIB = 1 << 30
 DIRECTIONS = ("read", "write")
@@ -96,13 +96,33 @@ class Report:
         best = row.best(direction, rs)
         return self._bytes(direction) / 1e6 / best.cpu if best and best.cpu > 0 else None
 
+    def peer(self, other: str, direction: str, rs: int, *, cpu: bool = False) -> Row | None:
+        """The row to compare with: ``other``'s, or for the floor the fastest (most MB per
+        CPU-second with ``cpu``) of the floor's thread models in this column."""
+        if other != FLOOR:
+            return self.row(other)
+        measure = self.efficiency if cpu else self.mbps
+        scored = [
+            (v, r) for r in self.rows if r.server.key in FLOORS
+            if (v := measure(r, direction, rs)) is not None
+        ]  # fmt: skip
+        return max(scored, key=lambda vr: vr[0])[1] if scored else self.row(FLOOR)
+
     def ratio(self, other: str, direction: str, rs: int, *, cpu: bool = False) -> float | None:
-        subject, peer = self.row(SUBJECT), self.row(other)
+        subject, peer = self.row(SUBJECT), self.peer(other, direction, rs, cpu=cpu)
         if subject is None or peer is None:
             return None
         measure = self.efficiency if cpu else self.mbps
         a, b = measure(subject, direction, rs), measure(peer, direction, rs)
         return a / b if a is not None and b else None
+
+    def floor_models(self, cols: list[tuple[str, int]]) -> list[str]:
+        """Per column, the floor row the ratios use (its thread model)."""
+        out = []
+        for d, rs in cols:
+            row = self.peer(FLOOR, d, rs)
+            out.append(row.server.key if row is not None else "—")
+        return out
 
     def targets(self) -> list[tuple[Target, float | None, bool]]:
         """Each target whose request size was run: (target, measured ratio, met)."""
@@ -153,6 +173,9 @@ class Report:
             f"{SUBJECT}/{other}": per_column(lambda d, rs, o=other: self.ratio(o, d, rs))
             for other in (*RATIO_TO, "file")
         }
+        ratios["floor row"] = per_column(
+            lambda d, rs: p.server.key if (p := self.peer(FLOOR, d, rs)) else None
+        )
         ratios[f"{SUBJECT}/luks efficiency"] = per_column(
             lambda d, rs: self.ratio("luks", d, rs, cpu=True)
         )
@@ -197,6 +220,9 @@ class Report:
             if self.row(other) and self.row(SUBJECT):
                 vals = [self.ratio(other, d, rs) for d, rs in cols]
                 out.append(line(f"**{SUBJECT} / {other}**", vals, ".2f"))
+        if self.row(FLOOR):
+            models = " | ".join(self.floor_models(cols))
+            out.append(f"| floor = the fastest of | {models} |")
         out += ["", "Server CPU seconds per GiB (same runs)", "", *header(cols)]
         for r in self.rows:
             out.append(line(r.server.label, [self.cpu_per_gib(r, d, rs) for d, rs in cols], ".2f"))

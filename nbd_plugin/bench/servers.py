@@ -1,6 +1,7 @@
 """The servers measured by `scripts/bench`: one entry per table row.
 
 Adding a row is adding a ``Server`` to ``SERVERS`` (or passing extra ones to ``cli.run``).
+The Python floor runs in every thread model (``FLOORS``); the floor is the fastest of them.
 ``image`` names which image of the run the server serves: "plain" (raw file) or "luks" (a
 LUKS1 aes-xts-plain64 image); another format gets its own image kind in ``cli.IMAGES``.
 """
@@ -47,8 +48,8 @@ def _file(p: Paths) -> list[str]:
     return _nbdkit("file", f"file={p.image}")(p)
 
 
-def _floor(p: Paths) -> list[str]:
-    return _nbdkit("python", FLOOR_PLUGIN, f"file={p.image}")(p)
+def _floor(model: str) -> Argv:
+    return lambda p: _nbdkit("python", FLOOR_PLUGIN, f"file={p.image}", f"thread_model={model}")(p)
 
 
 def _luks_filter(p: Paths) -> list[str]:
@@ -80,7 +81,19 @@ def _vmshield_numpy(p: Paths) -> list[str]:
 
 SERVERS: list[Server] = [
     Server("file", "nbdkit file (plaintext, C ceiling)", "plain", _file),
-    Server("floor", "nbdkit python plaintext (Python floor)", "plain", _floor),
+    Server("floor", "nbdkit python plaintext, parallel", "plain", _floor("parallel")),
+    Server(
+        "floor-serialize",
+        "nbdkit python plaintext, serialize_requests",
+        "plain",
+        _floor("serialize_requests"),
+    ),
+    Server(
+        "floor-serialize-all",
+        "nbdkit python plaintext, serialize_all_requests",
+        "plain",
+        _floor("serialize_all_requests"),
+    ),
     Server("luks", "nbdkit luks filter (C peer)", "luks", _luks_filter, True),
     Server("qemu", "qemu-nbd luks driver (QEMU peer)", "luks", _qemu_nbd),
     Server("vmshield", "vmshield plugin", "luks", _vmshield),
@@ -93,3 +106,8 @@ SUBJECT = "vmshield"
 
 RATIO_TO = ("floor", "luks", "qemu")
 """The rows the subject is compared with."""
+
+FLOOR = "floor"
+FLOORS = ("floor", "floor-serialize", "floor-serialize-all")
+"""The Python floor in each thread model; ratios "vs floor" take the fastest of them per
+column (``report.Report.peer``)."""

@@ -38,6 +38,7 @@ class CbcCipher:
     """AES-CBC, one chain per sector. ``iv_mode`` is "plain64", "plain" or "essiv:<hash>"."""
 
     data_path = "numpy"
+    kernel_name = "numpy"
 
     def __init__(self, key: bytes, iv_mode: str, sector_size: int = 512, iv_step: int = 1) -> None:
         if len(key) not in (16, 24, 32):

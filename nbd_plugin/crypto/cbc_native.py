@@ -7,29 +7,31 @@ dm-crypt, as ``cbc.CbcCipher`` (the reference path) does.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
 from nbd_plugin.crypto import kernels
 from nbd_plugin.crypto.cbc import essiv_salt
-from nbd_plugin.crypto.jit_cipher import MASK64, ContextSet, JitCipher
+from nbd_plugin.crypto.jit_cipher import ContextSet, JitCipher
+from nbd_plugin.crypto.layout import CTX_A, CTX_B
 
 
 class JitCbc(JitCipher):
     """AES-CBC, one chain per sector. ``iv_mode`` is "plain64", "plain" or "essiv:<hash>"."""
 
+    kernel_name = "aes-ecb"
+
     def __init__(self, key: bytes, iv_mode: str, sector_size: int = 512, iv_step: int = 1) -> None:
         if len(key) not in (16, 24, 32):
             raise ValueError("AES-CBC needs a 128-, 192- or 256-bit key")
-        kernel = kernels.cbc_kernel()
-        super().__init__(sector_size, iv_step, (kernel, kernel))
+        super().__init__(
+            sector_size, iv_step, kernels.cbc_kernel(), self.chunk_scratch(sector_size)
+        )
+        if iv_mode == "plain":
+            self._iv_mask = 0xFFFFFFFF
         self._key = bytes(key)
         self._salt = essiv_salt(self._key, iv_mode)
-        mask = np.uint64(0xFFFFFFFF if iv_mode == "plain" else MASK64)
-        self._tails = ((mask, 0), (mask, 1))
-        self._pool.append(self._contexts())  # fail now, not on the first request
+        self._pool.append(ContextSet(self, self._scratch_words))  # fail now, not later
 
-    def _heads(self, c: ContextSet) -> tuple[Any, Any]:
-        iv = c.ecb(self._salt, True) if self._salt is not None else np.uint64(0)
-        return (iv, c.ecb(self._key, False)), (iv, c.ecb(self._key, True))
+    def keyed(self, c: ContextSet) -> None:
+        for encrypt, state in ((False, c.state[0]), (True, c.state[1])):
+            if self._salt is not None:
+                state[CTX_A] = c.ecb(self._salt, True)
+            state[CTX_B] = c.ecb(self._key, encrypt)

@@ -122,6 +122,7 @@ def _load() -> tuple[ModuleType | None, str]:
 
         kernels.set_cache(cache is not None)
         kernels.xts_kernel()
+        kernels.xts_sectors_kernel()
     except Exception as exc:  # numba or LLVM failing is a reason to fall back, not to stop
         return None, f"the numba kernels did not compile ({type(exc).__name__}: {exc})"
     where = f"cache {cache}" if cache else "no private cache directory: compiled at start"

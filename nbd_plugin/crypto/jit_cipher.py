@@ -1,8 +1,9 @@
 """Sector ciphers whose every request is one call of a numba kernel (``kernels``).
 
-A request costs a pool pop, one or two ``np.frombuffer`` views and the kernel call, which
+A request costs a pool pop, one store (the first IV into the prepared context) and the
+kernel call ``kernel(state, src, dst)`` on the buffers as they come (no numpy view), which
 holds no GIL while it runs: reads decrypt in place in nbdkit's buffer, other threads run
-meanwhile. Keyed ECB contexts and the kernel's scratch come in sets from a pool (an
+meanwhile. Keyed contexts and the kernel's scratch come in sets from a pool (an
 ``EVP_CIPHER_CTX`` must not be used by two threads at once); ``list.pop``/``append`` are
 atomic, so the pool needs no lock. Each cipher checks itself against the numpy/cryptography
 path when it is made; ``SelfCheckFailed`` then sends the caller to that path.
@@ -18,13 +19,26 @@ import numpy as np
 import numpy.typing as npt
 
 from nbd_plugin.crypto import jit
-from nbd_plugin.crypto.libcrypto import EcbContext, update_address
+from nbd_plugin.crypto.layout import ENCRYPT, HEAD, INIT, IV, MASK, STEP, UPDATE, WORDS
+from nbd_plugin.crypto.libcrypto import EcbContext, XtsContext, init_address, update_address
 
 U64 = npt.NDArray[np.uint64]
 MASK64 = (1 << 64) - 1
 CHUNK_BYTES = 32 << 10
 """Sectors per kernel chunk: their tweaks (or CBC output) stay in the L1/L2 cache."""
 POOL = 8
+XTS_KERNELS = ("openssl-xts", "aes-ecb")
+"""The numba path's two XTS kernels (``xts_native``)."""
+SECTOR_KERNEL_FROM = 512
+"""Sector size from which XTS runs on OpenSSL's XTS per sector rather than on tweaks + ECB.
+Measured in-process per 64 KiB: 4096-byte sectors 14 against 28-30 us, 1024 and 2048 ~19
+against ~28-37, 512 26-27 against 28-29 us (docs/performance.md)."""
+
+
+def xts_kernel_for(sector_size: int) -> str:
+    """The kernel an XTS image with this sector size runs on, on the numba path (a key whose
+    halves are equal, which only test vectors have, runs on "aes-ecb" whatever the size)."""
+    return XTS_KERNELS[0] if sector_size >= SECTOR_KERNEL_FROM else XTS_KERNELS[1]
 
 
 class SelfCheckFailed(Exception):
@@ -32,79 +46,98 @@ class SelfCheckFailed(Exception):
 
 
 class ContextSet:
-    """ECB contexts and scratch for one request at a time; ``heads`` are the kernel's first
-    arguments for (decrypt, encrypt)."""
+    """Keyed contexts and two prepared kernel states (decrypt, encrypt) for one request at a
+    time; the subclass's ``keyed`` puts the context addresses into ``state``."""
 
-    def __init__(self, scratch_words: int, heads: Callable[[ContextSet], tuple[Any, Any]]):
-        self.contexts: list[EcbContext] = []  # kept alive while the kernel may use them
-        self.scratch: U64 = np.zeros(scratch_words, dtype=np.uint64)
-        self.heads = heads(self)
+    def __init__(self, cipher: JitCipher, scratch_words: int) -> None:
+        self.contexts: list[EcbContext | XtsContext] = []  # kept alive while in use
+        self.state: tuple[U64, U64] = (
+            cipher.prepared(False, scratch_words),
+            cipher.prepared(True, scratch_words),
+        )
+        cipher.keyed(self)
 
-    def ecb(self, key: bytes, encrypt: bool) -> np.uint64:
+    def ecb(self, key: bytes, encrypt: bool) -> int:
         ctx = EcbContext(key, encrypt)
         self.contexts.append(ctx)
-        return np.uint64(ctx.address)
+        return ctx.address
+
+    def xts(self, key: bytes, encrypt: bool) -> int:
+        ctx = XtsContext(key, encrypt)
+        self.contexts.append(ctx)
+        return ctx.address
 
 
 class JitCipher:
-    """Whole sectors through ``kernels[encrypt]``; subclasses say how a ContextSet is keyed."""
+    """Whole sectors through ``kernel``; subclasses say how a ContextSet is keyed."""
 
     data_path = "numba"
+    kernel_name = "?"
+    """What runs the data, for ``nbdkit -v`` and ``image info`` (set by subclasses)."""
 
-    def __init__(self, sector_size: int, iv_step: int, kernels: tuple[Any, Any]) -> None:
+    def __init__(self, sector_size: int, iv_step: int, kernel: Any, scratch_words: int) -> None:
         if sector_size % 16 or sector_size < 32:
             raise ValueError(f"unsupported sector size {sector_size}")
-        address = update_address()
-        if address is None:
+        update, init = update_address(), init_address()
+        if update is None or init is None:
             raise OSError("the system libcrypto was not found")
         self.sector_size = sector_size
         self.iv_step = iv_step
-        self._update = np.uint64(address)
+        self._addresses = (update, init)
         self._words = sector_size // 8
-        self._step = np.uint64(iv_step & MASK64)
-        self._tails: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
-        """Kernel arguments after iv_step, for (decrypt, encrypt)."""
-        self._kernels = kernels
-        sectors = max(1, CHUNK_BYTES // sector_size)
-        self._scratch_words = 2 + sectors * (self._words + 2)
+        self._iv_mask = MASK64
+        self._kernel = kernel
+        self._scratch_words = scratch_words
         self._pool: list[ContextSet] = []
 
-    def _heads(self, c: ContextSet) -> tuple[Any, Any]:
+    @staticmethod
+    def chunk_scratch(sector_size: int) -> int:
+        """Scratch words of the chunked kernels: IVs and one word per data word."""
+        words = sector_size // 8
+        return max(1, CHUNK_BYTES // sector_size) * (words + 2)
+
+    def prepared(self, encrypt: bool, scratch_words: int) -> U64:
+        """A kernel state with everything but the contexts and the IV filled in."""
+        state = np.zeros(HEAD + scratch_words, dtype=np.uint64)
+        state[UPDATE], state[INIT] = self._addresses
+        state[WORDS] = self._words
+        state[STEP] = self.iv_step & MASK64
+        state[MASK] = self._iv_mask
+        state[ENCRYPT] = int(encrypt)
+        return state
+
+    def keyed(self, c: ContextSet) -> None:
         raise NotImplementedError
 
-    def _contexts(self) -> ContextSet:
-        return ContextSet(self._scratch_words, self._heads)
-
     def _run(self, encrypt: bool, src: Any, dst: Any, first_iv: int) -> None:
-        length = src.nbytes if isinstance(src, memoryview) else len(src)
-        if length % self.sector_size:
-            raise ValueError(f"length {length} is not a multiple of {self.sector_size}")
-        s = np.frombuffer(src, dtype=np.uint64)
-        d = s if dst is src else np.frombuffer(dst, dtype=np.uint64)
-        if d.size != s.size:
-            raise ValueError(f"dst holds {d.size * 8} bytes, src {length}")
+        s = src if type(src) is memoryview else memoryview(src)
+        if s.format != "B":
+            s = s.cast("B")
+        if dst is src:
+            d = s
+        else:
+            d = dst if type(dst) is memoryview else memoryview(dst)
+            if d.format != "B":
+                d = d.cast("B")
+        n = s.nbytes
+        if n % self.sector_size:
+            raise ValueError(f"length {n} is not a multiple of {self.sector_size}")
+        if d.nbytes != n:
+            raise ValueError(f"dst holds {d.nbytes} bytes, src {n}")
         pool = self._pool
         try:
             c = pool.pop()
         except IndexError:
-            c = self._contexts()
+            c = ContextSet(self, self._scratch_words)
         try:
-            status = self._kernels[encrypt](
-                self._update,
-                *c.heads[encrypt],
-                s,
-                d,
-                self._words,
-                np.uint64(first_iv & MASK64),
-                self._step,
-                *self._tails[encrypt],
-                c.scratch,
-            )
+            state = c.state[encrypt]
+            state[IV] = first_iv & MASK64
+            status = self._kernel(state, s, d)
         finally:
             if len(pool) < POOL:
                 pool.append(c)
         if status:
-            raise RuntimeError("libcrypto AES-ECB failed inside the numba kernel")
+            raise RuntimeError("libcrypto failed inside the numba kernel")
 
     def encrypt(self, src: Any, dst: Any, first_iv: int) -> None:
         """Encrypt ``src`` (whole sectors) into ``dst`` (may be the same writable buffer)."""
@@ -163,6 +196,10 @@ class Warming:
     @property
     def data_path(self) -> str:
         return str(self.cipher.data_path)
+
+    @property
+    def kernel_name(self) -> str:
+        return str(self.cipher.kernel_name)
 
 
 def jitted(make: Callable[[], JitCipher], reference: Callable[[], Any]) -> Any:

@@ -81,6 +81,15 @@ def update_address() -> int | None:
     return address
 
 
+def init_address() -> int | None:
+    """Address of ``EVP_CipherInit_ex(ctx, type, impl, key, iv, enc)``, or None."""
+    lib = _library()
+    if lib is None:
+        return None
+    address: int | None = ctypes.cast(lib.EVP_CipherInit_ex, ctypes.c_void_p).value
+    return address
+
+
 class EcbContext:
     """An AES-ECB context keyed once, padding off; ``address`` is the EVP_CIPHER_CTX *.
 
@@ -102,6 +111,31 @@ class EcbContext:
             raise ValueError("libcrypto refused the AES-ECB key")
         if lib.EVP_CIPHER_CTX_set_padding(ctx, 0) != 1:
             raise ValueError("libcrypto cannot turn ECB padding off")
+        self.address: int = ctx
+
+
+class XtsContext:
+    """An AES-XTS context keyed once for one direction; ``address`` is the EVP_CIPHER_CTX *.
+
+    Each use sets a sector's IV (``EVP_CipherInit_ex`` with only the IV) and runs one whole
+    sector (``EVP_CipherUpdate``). OpenSSL refuses to encrypt under a key whose two halves
+    are equal: ValueError then. Freed when the object goes, like ``EcbContext``.
+    """
+
+    def __init__(self, key: bytes, encrypt: bool) -> None:
+        lib = _library()
+        if lib is None:
+            raise OSError("the system libcrypto was not found")
+        if len(key) not in (32, 64):
+            raise ValueError("XTS needs a 256- or 512-bit key (two AES-128 or AES-256 keys)")
+        cipher = lib.EVP_aes_128_xts() if len(key) == 32 else lib.EVP_aes_256_xts()
+        ctx = lib.EVP_CIPHER_CTX_new()
+        if not ctx:
+            raise MemoryError("EVP_CIPHER_CTX_new failed")
+        self._finalizer = weakref.finalize(self, _free, lib, ctx)
+        iv = bytes(16)
+        if lib.EVP_CipherInit_ex(ctx, cipher, None, bytes(key), iv, int(encrypt)) != 1:
+            raise ValueError("libcrypto refused the AES-XTS key")
         self.address: int = ctx
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.cbc import CbcCipher
-from nbd_plugin.crypto.jit_cipher import JitCipher, jitted
+from nbd_plugin.crypto.jit_cipher import JitCipher, jitted, xts_kernel_for
 from nbd_plugin.crypto.xts import XtsCipher
 from nbd_plugin.errors import UnsupportedError
 
@@ -25,6 +26,11 @@ class SectorCipher(Protocol):
     """A cipher that encrypts and decrypts runs of whole sectors."""
 
     sector_size: int
+
+    @property
+    def kernel_name(self) -> str:
+        """What runs the data: "numpy", or the numba kernel ("openssl-xts", "aes-ecb")."""
+        ...
 
     def encrypt(self, src: Any, dst: Any, first_iv: int) -> None: ...
 
@@ -111,6 +117,18 @@ def make_cipher(
     check_supported(cipher, mode, len(key))
     chain, iv_mode = split_mode(mode)
     return _REGISTRY[(cipher, chain)](key, iv_mode, sector_size, iv_step)
+
+
+def kernel_for(cipher: str, mode: str, sector_size: int) -> str:
+    """What en/decrypts an image of this cipher and sector size in this process: "numpy" on
+    the numpy path; on the numba path "openssl-xts" (OpenSSL's XTS per sector) or "aes-ecb"
+    (tweaks or CBC chains around AES-ECB). Waits for the data path to be decided."""
+    if jit.data_path() != "numba":
+        return "numpy"
+    chain, _ = split_mode(mode)
+    if (cipher, chain) == ("aes", "xts"):
+        return xts_kernel_for(sector_size)
+    return "aes-ecb"
 
 
 def supported() -> list[str]:

@@ -160,6 +160,7 @@ class XtsCipher:
     """AES-XTS with one data unit per sector; ``iv_step`` sector IVs per sector."""
 
     data_path = "numpy"
+    kernel_name = "numpy"
 
     def __init__(
         self, key: bytes, sector_size: int = 512, iv_step: int = 1, *, native: bool = True

@@ -38,7 +38,15 @@ from nbd_plugin.serve.rangelock import RangeLock
 
 DISCARD_POLICIES = ("ignore", "unmap")
 ZERO_CHUNK = 1 << 20
+SCRATCH_POOL = 8
+IV_MASK = (1 << 64) - 1
 SMALL_HEADS = 32
+
+
+def _mask(unit: int) -> int:
+    """``x & _mask(unit)`` is 0 iff x is a multiple of ``unit`` (a power of two); for other
+    units -1, so that only 0 passes (the general path then handles the request)."""
+    return unit - 1 if unit & (unit - 1) == 0 else -1
 
 
 class NotFast(Exception):
@@ -74,7 +82,10 @@ class EncryptedDisk:
         self._write_unit = self._hole_align if self._regular else self.sector
         self._ranges = RangeLock()
         self._scratch: list[bytearray] = []
-        self._scratch_lock = threading.Lock()
+        self._cipher = volume.cipher
+        self._sector_mask = _mask(self.sector)
+        self._unit_mask = _mask(self._write_unit)
+        self._iv_base, self._iv_step = volume.iv_base, volume.iv_step
         self._broken: str | None = None
         self._flush_lock = threading.Lock()
         """Why the image can no longer be trusted to hold what was acknowledged, once it is."""
@@ -118,18 +129,20 @@ class EncryptedDisk:
             raise ValueError(f"request {offset}+{length} is beyond the disk size {self.size}")
 
     def _take(self, length: int) -> bytearray:
-        with self._scratch_lock:
-            for i, buf in enumerate(self._scratch):
-                if len(buf) >= length:
-                    return self._scratch.pop(i)
-        return bytearray(max(length, 1 << 16))
+        """A scratch buffer of at least ``length`` bytes (``list.pop`` is atomic: no lock)."""
+        try:
+            buf = self._scratch.pop()
+        except IndexError:
+            return bytearray(max(length, 1 << 16))
+        return buf if len(buf) >= length else bytearray(max(length, 1 << 16))
 
     def _give(self, buf: bytearray) -> None:
-        with self._scratch_lock:
-            if len(self._scratch) < 4:
-                self._scratch.append(buf)
+        if len(self._scratch) < SCRATCH_POOL:
+            self._scratch.append(buf)
 
     def _read_raw(self, view: memoryview, file_offset: int) -> None:
+        if os.preadv(self._fd, [view], file_offset) == len(view):
+            return
         done = preadinto_all(self._fd, view, file_offset)
         if done < len(view):
             raise ImageError(
@@ -138,7 +151,8 @@ class EncryptedDisk:
             )
 
     def _write_raw(self, view: memoryview, file_offset: int) -> None:
-        pwrite_all(self._fd, view, file_offset)
+        if os.pwrite(self._fd, view, file_offset) != len(view):
+            pwrite_all(self._fd, view, file_offset)  # rewrites the bytes a short write wrote
 
     def _may_hold_holes(self, view: memoryview) -> bool:
         """Whether some sector (file block) of fresh ciphertext starts with 8 zero bytes.
@@ -163,7 +177,8 @@ class EncryptedDisk:
         start = self._base + offset
         self._read_raw(view, start)
         holes = self._regular and self._may_hold_holes(view)
-        self.volume.cipher.decrypt(view, view, self.volume.first_iv(offset // self.sector))
+        iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+        self._cipher.decrypt(view, view, iv)
         if holes and first_hole(self._fd, start) < start + len(view):
             for off, length, is_data in data_segments(self._fd, start, start + len(view)):
                 if not is_data:
@@ -175,8 +190,11 @@ class EncryptedDisk:
         length = len(data)
         scratch = self._take(length)
         try:
-            out = memoryview(scratch)[:length]
-            self.volume.cipher.encrypt(data, out, self.volume.first_iv(offset // self.sector))
+            out = memoryview(scratch)
+            if len(scratch) != length:
+                out = out[:length]
+            iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+            self._cipher.encrypt(data, out, iv)
             self._write_raw(out, self._base + offset)
         finally:
             self._give(scratch)
@@ -194,10 +212,10 @@ class EncryptedDisk:
 
     # ---- the operations ------------------------------------------------------------------
     def pread(self, buf: Any, offset: int) -> None:
-        view = memoryview(buf).cast("B")
+        view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
         self._check(offset, len(view))
         try:
-            if offset % self.sector == 0 and len(view) % self.sector == 0:
+            if not (offset | len(view)) & self._sector_mask:
                 self._read_sectors(view, offset)
                 return
             first, last = self._span(offset, len(view), self.sector)
@@ -210,18 +228,35 @@ class EncryptedDisk:
             raise
 
     def pwrite(self, buf: Any, offset: int, *, fua: bool = False) -> None:
-        view = memoryview(buf).cast("B")
+        view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
         self._check(offset, len(view))
-        with self._writing("write"):
+        if self._broken is not None:
+            raise OSError(errno.EIO, self._broken)
+        try:
             self._pwrite(view, offset)
+        except OSError as exc:  # what _writing("write") does, without a generator per write
+            if exc.errno == errno.EIO:
+                self._break("write", exc)
+            raise
         if fua:
             self.flush()
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
+        end = offset + len(view)
+        at = self._base + offset
+        if not (at | len(view)) & self._unit_mask or (
+            end == self.size and not at & self._unit_mask and not len(view) & self._sector_mask
+        ):  # whole write units (or the disk's tail): nothing to read back
+            exclusive = self._ranges.enter(offset, end)
+            try:
+                self._write_sectors(view, offset)
+            finally:
+                self._ranges.leave(offset, end, exclusive)
+            return
         first, last = self._span(offset, len(view), self._write_unit)
         held = self._ranges.acquire(first, last)
         try:
-            if first == offset and last == offset + len(view):
+            if first == offset and last == end:
                 self._write_sectors(view, offset)
             else:
                 tmp = bytearray(last - first)

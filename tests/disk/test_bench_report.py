@@ -81,6 +81,30 @@ def test_targets_and_json() -> None:
     assert "| vmshield plugin | 0.80 | — | — | 200 | 95 | 40 |" in text
 
 
+def test_the_floor_is_the_fastest_thread_model_per_column() -> None:
+    rows = {s.key: Row(s) for s in SERVERS}
+    size = 100 * MIB
+    rows["vmshield"].add("read", 4096, Sample(1.0, 0.5))
+    rows["vmshield"].add("write", 4096, Sample(1.0, 0.5))
+    rows["floor"].add("read", 4096, Sample(2.0, 0.5))  # parallel: slowest at 4 KiB reads
+    rows["floor"].add("write", 4096, Sample(0.5, 0.5))  # ... fastest at 4 KiB writes
+    rows["floor-serialize"].add("read", 4096, Sample(0.8, 0.2))
+    rows["floor-serialize"].add("write", 4096, Sample(0.9, 0.2))
+    rows["floor-serialize-all"].add("read", 4096, Sample(0.5, 0.4))
+    rows["floor-serialize-all"].add("write", 4096, Sample(1.0, 0.1))
+    report = Report(size, [4096], 1, list(rows.values()), {"date": "test"})
+    assert report.ratio("floor", "read", 4096) == pytest.approx(0.5)  # vs serialize_all
+    assert report.ratio("floor", "write", 4096) == pytest.approx(0.5)  # vs parallel
+    # MB per CPU-second: the most efficient floor (serialize_requests reads: 0.2 CPU s).
+    assert report.ratio("floor", "read", 4096, cpu=True) == pytest.approx(0.4)
+    met = {t.label(): (m, ok) for t, m, ok in report.targets()}
+    assert met["4 KiB read, MB/s vs floor"] == (pytest.approx(0.5), False)
+    assert "| floor = the fastest of | floor-serialize-all | floor |" in report.markdown()
+    doc = report.to_json()
+    assert doc["ratios"]["floor row"]["4 KiB read"] == "floor-serialize-all"
+    assert doc["ratios"]["vmshield/floor"]["4 KiB write"] == pytest.approx(0.5)
+
+
 def test_proc_readers_on_this_process() -> None:
     import os
 

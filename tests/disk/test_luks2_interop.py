@@ -213,3 +213,36 @@ def test_larger_metadata_area_and_its_secondary(
     assert luks.info(str(image))["header_copy"] == "primary"
     assert opens(image, other_key) and opens(image, keyfile)
     assert metadata(image)["config"]["keyslots_size"] == "4194304"
+
+
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_both_xts_kernels_on_data_cryptsetup_encrypted(
+    tmp_path: Path, keyfile: Path, sector: int
+) -> None:
+    """cryptsetup's ciphertext, decrypted and made again by each numba kernel in-process."""
+    from nbd_plugin.crypto.xts_native import JitXts
+
+    size = 1 << 20
+    plain = os.urandom(size)
+    image = tmp_path / "k.img"
+    with image.open("wb") as f:
+        f.write(plain)
+        f.truncate(size + (32 << 20))
+    cs(
+        "reencrypt", "--encrypt", "--type", "luks2", "--force-offline-reencrypt",
+        "--reduce-device-size", "32M", "--sector-size", str(sector), *PBKDF2,
+        "--batch-mode", "--key-file", str(keyfile), str(image),
+    )  # fmt: skip
+    segment = metadata(image)["segments"]["0"]
+    with image.open("rb") as f:
+        f.seek(int(segment["offset"]))
+        ciphertext = f.read(size)
+    key = volume_key(image, keyfile)
+    for kernel in ("openssl-xts", "aes-ecb"):
+        cipher = JitXts(key, sector, sector // 512, kernel=kernel)
+        buf = bytearray(ciphertext)
+        cipher.decrypt(memoryview(buf), memoryview(buf), 0)
+        assert bytes(buf) == plain, kernel
+        out = bytearray(size)
+        cipher.encrypt(memoryview(plain), memoryview(out), 0)
+        assert bytes(out) == ciphertext, kernel

@@ -20,13 +20,19 @@ from nbd_plugin.crypto import jit_cipher, xts
 from nbd_plugin.crypto.xts import XtsCipher
 from nbd_plugin.crypto.xts_native import JitXts
 
-PATHS = ["numba", "libcrypto", "numpy"]
+PATHS = ["numba", "numba-ecb", "libcrypto", "numpy"]
+"""numba: the kernel chosen for the sector size (OpenSSL's XTS per sector for LUKS's sizes);
+numba-ecb: the kernel of tweaks and AES-ECB, forced."""
 Sector = XtsCipher | JitXts
 
 
 def make(key: bytes, path: str, sector_size: int = 512, step: int = 1) -> Sector:
     if path == "numba":
         return JitXts(key, sector_size, step)
+    if path.startswith("numba-"):
+        return JitXts(
+            key, sector_size, step, kernel={"ecb": "aes-ecb", "xts": "openssl-xts"}[path[6:]]
+        )
     return XtsCipher(key, sector_size, step, native=path == "libcrypto")
 
 
@@ -163,12 +169,16 @@ def both_ways(cipher: Sector, plain: bytes, first: int, expected: bytes) -> None
     assert bytes(buf) == plain
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, "numba-xts"])
 @pytest.mark.parametrize(("number", "key", "unit", "plain", "cipher"), SHORT_VECTORS)
 def test_ieee1619_short_vectors(
     path: str, number: int, key: str, unit: int, plain: str, cipher: str
 ) -> None:
     k, p, c = bytes.fromhex(key), bytes.fromhex(plain), bytes.fromhex(cipher)
+    if path == "numba-xts" and k[:16] == k[16:]:  # OpenSSL's XTS refuses equal halves
+        with pytest.raises(ValueError, match="refused"):
+            make(k, path, sector_size=32)
+        return
     both_ways(make(k, path, sector_size=32), p, unit, c)
     if k[:16] == k[16:]:  # vector 1: equal halves, which cryptography (and OpenSSL) refuse
         with pytest.raises(ValueError):
@@ -196,6 +206,8 @@ def test_ieee1619_512_byte_vectors(
     cipher = make(k, path)
     if isinstance(cipher, XtsCipher):
         assert cipher.uses_libcrypto == (path == "libcrypto")
+    else:
+        assert cipher.kernel_name == ("aes-ecb" if path == "numba-ecb" else "openssl-xts")
     both_ways(cipher, plain, unit, expected)
     # The same unit inside a 41-sector request (numpy's planes, or the kernel's chunk loop).
     at = min(unit, 3)
@@ -290,7 +302,7 @@ def test_refuses_bad_arguments(path: str) -> None:
     cipher.encrypt(b"", bytearray(), 0)  # nothing to do, no error
 
 
-@pytest.mark.parametrize("path", ["numba", "numpy"])
+@pytest.mark.parametrize("path", ["numba", "numba-ecb", "numpy"])
 @pytest.mark.parametrize("sector_size", [512, 4096])
 def test_requests_larger_than_one_piece(path: str, sector_size: int) -> None:
     key = os.urandom(64)
@@ -301,7 +313,7 @@ def test_requests_larger_than_one_piece(path: str, sector_size: int) -> None:
     both_ways(make(key, path, sector_size, step), data, 40, expected)
 
 
-@pytest.mark.parametrize("path", ["numba", "numpy"])
+@pytest.mark.parametrize("path", ["numba", "numba-ecb", "numpy"])
 def test_chunk_padding_is_not_written(path: str) -> None:
     """A request padded up to whole chunks writes only its own bytes."""
     key = os.urandom(64)
@@ -312,3 +324,46 @@ def test_chunk_padding_is_not_written(path: str) -> None:
     make(key, path).encrypt(data, memoryview(out)[: len(data)], 0)
     assert bytes(out[: len(data)]) == reference(key, data, 0)
     assert bytes(out[len(data) :]) == guard
+
+
+@pytest.mark.parametrize(("sector_size", "step"), [(512, 1), (1024, 2), (4096, 8), (8192, 16)])
+def test_luks_sector_sizes_run_on_openssl_xts_per_sector(sector_size: int, step: int) -> None:
+    key = os.urandom(64)
+    cipher = JitXts(key, sector_size, step)
+    assert cipher.kernel_name == "openssl-xts"
+    data = os.urandom(sector_size * 9)
+    both_ways(cipher, data, 77 * step, reference(key, data, 77 * step, sector_size, step))
+
+
+def test_keys_openssl_refuses_and_small_units_run_on_the_ecb_kernel() -> None:
+    equal = bytes(range(32)) * 2  # halves equal: OpenSSL's XTS will not encrypt with it
+    cipher = JitXts(equal, 4096, 8)
+    assert cipher.kernel_name == "aes-ecb"
+    data = os.urandom(4096 * 3)
+    out = bytearray(len(data))
+    cipher.encrypt(data, out, 8)
+    back = bytearray(len(data))
+    XtsCipher(equal, 4096, 8, native=False).decrypt(bytes(out), back, 8)
+    assert bytes(back) == data
+    assert JitXts(os.urandom(64), 256, 1).kernel_name == "aes-ecb"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        JitXts(os.urandom(64), 512, 1, kernel="fast")
+
+
+def test_nbdkit_buffers_as_they_come() -> None:
+    """nbdkit hands the plugin 1-D byte memoryviews (read-only for writes); a numpy array's
+    memoryview of another format works too, a read-only destination does not."""
+    key = os.urandom(64)
+    cipher = JitXts(key, 4096, 8)
+    data = os.urandom(4096 * 2)
+    want = reference(key, data, 16, 4096, 8)
+    out = bytearray(len(data))
+    cipher.encrypt(memoryview(data), memoryview(out), 16)
+    assert bytes(out) == want
+    words = bytearray(data)
+    cipher.encrypt(memoryview(words).cast("Q"), memoryview(words).cast("Q"), 16)
+    assert bytes(words) == want
+    with pytest.raises(TypeError):
+        cipher.encrypt(data, memoryview(want), 16)
+    with pytest.raises(ValueError, match="dst holds"):
+        cipher.encrypt(data, bytearray(4096), 16)

@@ -101,6 +101,35 @@ def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
     assert json.loads(r.output)["data_path"] == jit.data_path()
 
 
+@pytest.mark.parametrize(
+    ("fmt", "cipher", "opts", "kernel"),
+    [
+        ("luks2", "aes-xts-plain64", {"sector_size": 4096}, "openssl-xts"),
+        ("luks1", "aes-xts-plain64", {}, "openssl-xts"),
+        ("luks1", "aes-cbc-essiv:sha256", {}, "aes-ecb"),
+    ],
+)
+def test_image_info_reports_the_kernel_of_the_image(
+    tmp_path: Path, fmt: str, cipher: str, opts: dict[str, int], kernel: str
+) -> None:
+    from click.testing import CliRunner
+
+    from keystore.cli import main
+    from nbd_plugin import luks
+
+    image = tmp_path / "d.img"
+    key_bytes = 32 if "cbc" in cipher else 64
+    luks.create_image(
+        str(image), 1 << 20, b"pw", fmt=fmt, cipher=cipher, key_bytes=key_bytes,
+        iterations=1000, **opts,
+    )  # fmt: skip
+    r = CliRunner().invoke(main, ["image", "info", "--json", str(image)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["kernel"] == kernel
+    r = CliRunner().invoke(main, ["image", "info", str(image)])
+    assert f"kernel:         {kernel}" in r.output
+
+
 def serve_once(tmp_path: Path, *extra: str, until: str) -> str:
     """nbdkit -v with the plugin, one copy through it; its log once ``until`` is in it."""
     import tempfile
@@ -139,6 +168,7 @@ def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
     assert "vmshield: data path numba (loading at start)" in log
     assert "using thread model: parallel" in log
     assert "vmshield: data path numba 0." in log
+    assert "kernel openssl-xts (512-byte sectors)" in log
     log = serve_once(tmp_path / "numpy", "data_path=numpy", until="vmshield: data path numpy")
     assert "vmshield: data path numpy" in log
     assert "using thread model: serialize_all_requests" in log

@@ -1,0 +1,30 @@
+"""The prepared context of a numba kernel call: one uint64 array, word by word.
+
+``jit_cipher`` fills it once per keyed context set and direction (only ``IV`` changes per
+request); ``kernels`` reads it. Kept here, without numba, so both agree on one layout.
+"""
+
+OUTL = 0
+"""EVP's ``int *outl`` lands here."""
+UPDATE = 1
+"""Address of ``EVP_CipherUpdate``."""
+INIT = 2
+"""Address of ``EVP_CipherInit_ex`` (the per-sector XTS kernel)."""
+CTX_A = 3
+"""The XTS context (per-sector kernel), the tweak key's ECB context (XTS over ECB), ESSIV's
+ECB context or 0 (CBC)."""
+CTX_B = 4
+"""The data key's ECB context in this state's direction (XTS over ECB, CBC)."""
+WORDS = 5
+"""uint64 words per sector."""
+STEP = 6
+"""IV step per sector."""
+MASK = 7
+"""IV mask: 2^64-1, or 2^32-1 for CBC's "plain"."""
+ENCRYPT = 8
+"""1 to encrypt, 0 to decrypt."""
+IV = 9
+"""The IV of the request's first sector: the only word written per request."""
+HEAD = 16
+"""Scratch from here: 2 words of IV per sector of a chunk, then the chunk's tweaks (XTS) or
+cipher output (CBC), ``words`` per sector. The per-sector kernel uses 2 words (one IV)."""
