@@ -20,7 +20,11 @@ import click
 TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("init", "initcmd:init", ()),
     ("status", "status:status", ()),
-    ("user", "user:user", ("user:add", "user:passwd", "user:unlock", "user:list_")),
+    (
+        "user",
+        "user:user",
+        ("user:add", "user:passwd", "user:unlock", "user:list_", "user:remove"),
+    ),
     ("vm", "vm:vm", ("vm:add", "vm:list_", "vm:show", "vm:set_", "vm:remove", "unlock:unlock_vm")),
     (
         "disk",
@@ -31,6 +35,7 @@ TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "disk:stop",
             "disk:list_",
             "disk:forget",
+            "disk:import_",
             "destroy:destroy",
             "unlock:enroll_host",
             "unlock:unenroll_host",

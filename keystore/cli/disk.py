@@ -31,8 +31,8 @@ from keystore.cli.options import (
 from keystore.cli.unlock import _host_key_path, host_key_option
 from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
+from keystore.services import disk_import, opening, serve, snippets, unlock, usage
 from keystore.services import disks as diskops
-from keystore.services import opening, serve, snippets, unlock, usage
 from keystore.services.store import Keystore
 
 
@@ -323,3 +323,41 @@ def forget(disk_name: str, yes: bool, db: Path | None) -> None:
         click.confirm(f"Forget disk {disk_name} (the file is kept)?", abort=True, err=True)
     d = run(db, lambda r: r.forget_disk(disk_name, actor=actor()))
     click.echo(f"disk {d.name} forgotten; {d.path} was not touched")
+
+
+@click.command("import")
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--vm", "vm_name", required=True, help="VM the disk belongs to (see `vmshield vm add`)."
+)
+@click.option("--name", help="Disk name (default: VM-N, e.g. web1-0).")
+@password_file_option
+@db_option
+@handle_errors
+def import_(
+    image: Path, vm_name: str, name: str | None, password_file: Path | None, db: Path | None
+) -> None:
+    """Register an existing LUKS image IMAGE as a disk of VM, e.g. after the keystore was
+    lost, or for an image made with cryptsetup.
+
+    IMAGE must be LUKS1 or LUKS2, not recorded already (as itself or as a copy of the same
+    LUKS volume) and not held by a server. Asks for the password of VM's owner: the keystore
+    verifies it (failures count toward the lockout) and a keyslot of IMAGE must open with
+    it. Nothing is written to IMAGE; the disk is recorded with its format, cipher, size and
+    identity, as `disk create` records it, and the import is audited.
+    """
+    store = Keystore(db)
+    found = disk_import.inspect(image)
+    v = run(db, lambda r: r.get_vm(vm_name))
+    disk_name = name or run(db, lambda r: diskops.next_name(r, vm_name))
+    paths.check_disk_name(disk_name)
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disk)")
+    try:
+        d = disk_import.import_disk(store, v, disk_name, found, bytes(pw), who=actor())
+    finally:
+        wipe(pw)
+    click.echo(
+        f"disk {d.name} imported: {d.path} ({sizes.human(d.size)} = {d.size} bytes, "
+        f"{d.format}, {d.cipher})"
+    )
+    click.echo(f"serve it with: vmshield disk serve {d.name}")

@@ -116,6 +116,23 @@ def unlock(name: str, db: Path | None) -> None:
     click.echo(f"user {name} unlocked")
 
 
+@click.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@db_option
+def remove(name: str, yes: bool, db: Path | None) -> None:
+    """Remove user NAME and their password verifier.
+
+    Refused while NAME owns a VM (each is named): the VM's disks open with NAME's password,
+    so remove the VMs first (`vmshield vm remove`, after destroying or forgetting their
+    disks). The audit trail keeps NAME's history.
+    """
+    if not yes:
+        click.confirm(f"Remove user {name}?", abort=True, err=True)
+    p = run(db, lambda r: r.remove_principal(name, actor=actor()))
+    click.echo(f"user {p.name} removed")
+
+
 def _row(p: Principal) -> list[str]:
     return [
         p.name,

@@ -8,7 +8,13 @@ from datetime import datetime
 from typing import Any
 
 from keystore.auth import human_duration, unlock_hint
-from keystore.errors import AccountLocked, AlreadyExists, AuthenticationFailed, NotFound
+from keystore.errors import (
+    AccountLocked,
+    AlreadyExists,
+    AuthenticationFailed,
+    Conflict,
+    NotFound,
+)
 from keystore.models import Principal
 from keystore.repository import check_name
 from keystore.sqlite.base import SqliteBase, dt
@@ -165,3 +171,22 @@ class PrincipalStore(SqliteBase):
                 raise NotFound(f"no user named {name!r}")
             await self._audit(db, actor, "user.unlock", None, {"user": name})
         return await self.get_principal(name)
+
+    async def remove_principal(self, name: str, *, actor: str) -> Principal:
+        """Delete user `name` (the verifier goes with it; the audit trail keeps the history).
+        Conflict while they own a VM, naming every one: their disks open with their
+        password, so a VM is removed or given to another owner first."""
+        user = await self.get_principal(name)
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT name FROM vms WHERE owner = ? ORDER BY name", (name,)
+            ) as cur:
+                owned = [r[0] for r in await cur.fetchall()]
+            if owned:
+                raise Conflict(
+                    f"user {name!r} still owns VM(s) {', '.join(owned)}: remove them first "
+                    "(`vmshield vm remove`)"
+                )
+            await db.execute("DELETE FROM principals WHERE name = ?", (name,))
+            await self._audit(db, actor, "user.remove", None, {"user": name})
+        return user

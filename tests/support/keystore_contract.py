@@ -141,6 +141,21 @@ class RepositoryContract:
             repo.authenticate("alice", PW, actor=ACTOR)
         repo.authenticate("alice", b"another password", actor=ACTOR)
 
+    def test_remove_principal_refused_while_owning(self, repo: Sync, vm: str) -> None:
+        with pytest.raises(Conflict, match="web1"):
+            repo.remove_principal("alice", actor=ACTOR)
+        assert repo.get_principal("alice").name == "alice"
+        repo.remove_vm(vm, actor=ACTOR)
+        repo.remove_principal("alice", actor=ACTOR)
+        assert repo.list_audit()[-1].action == "user.remove"
+        with pytest.raises(NotFound):
+            repo.get_principal("alice")
+        with pytest.raises(AuthenticationFailed):
+            repo.authenticate("alice", PW, actor=ACTOR)
+        with pytest.raises(NotFound):
+            repo.remove_principal("alice", actor=ACTOR)
+        assert repo.verify_audit().ok
+
     # -- VMs ----------------------------------------------------------------------------
 
     def test_vm_roundtrip(self, repo: Sync, vm: str) -> None:
