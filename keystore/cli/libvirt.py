@@ -37,6 +37,8 @@ HOOK_TEMPLATE = """#!{python} -I
 import sys
 from pathlib import Path
 
+sys.path.insert(0, {libdir_repr})  # where this vmshield is (the package: /usr/lib/vmshield/lib)
+
 from keystore.services.libvirt_hook import main
 
 sys.exit(main(sys.argv[1:], config=Path({config_repr})))
@@ -136,6 +138,15 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         raise
 
 
+def hook_text(conf: Path) -> str:
+    """The hook file install-hook writes for this Python, this vmshield and `conf`."""
+    import keystore
+
+    libdir = os.path.dirname(os.path.dirname(os.path.abspath(keystore.__file__)))
+    return HOOK_TEMPLATE.format(python=sys.executable, mark=HOOK_MARK, config=conf,
+                                config_repr=repr(str(conf)), libdir_repr=repr(libdir))  # fmt: skip
+
+
 def _refuse_untrusted_code() -> None:
     """The hook runs this Python and this package as root: refuse to install it if another
     user could replace either (a venv in someone's home, a checkout others can write)."""
@@ -205,9 +216,7 @@ def install_hook(
         conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         hook.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         _write_atomic(conf, cfg.render(), 0o644)
-        text = HOOK_TEMPLATE.format(python=sys.executable, mark=HOOK_MARK, config=conf,
-                                    config_repr=repr(str(conf)))  # fmt: skip
-        _write_atomic(hook, text, 0o755)
+        _write_atomic(hook, hook_text(conf), 0o755)
     except OSError as e:
         raise click.ClickException(f"cannot install the hook: {e}") from e
     click.echo(f"wrote {conf} (keystore {cfg.db}, run dir {cfg.run_dir})")
