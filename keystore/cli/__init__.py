@@ -13,6 +13,7 @@ from keystore.cli import (
     audit,
     destroy,
     disk,
+    doctor,
     erase,
     image,
     initcmd,
@@ -29,6 +30,7 @@ from keystore.cli import (
 #: (group, its subcommands), or a lone command
 TREE: tuple[click.Command | tuple[click.Group, tuple[click.Command, ...]], ...] = (
     initcmd.init,
+    doctor.doctor,
     (user.user, (user.add, user.passwd, user.unlock, user.list_)),
     (vm.vm, (vm.add, vm.list_, vm.show, vm.remove, unlock.unlock_vm)),
     (
