@@ -34,10 +34,17 @@ HOOK_TEMPLATE = """#!{python} -I
 {mark} (written by `vmshield libvirt install-hook`; the logic is in
 # keystore.services.libvirt_hook). libvirtd runs it as `vmshield NAME OP SUBOP EXTRA` with the
 # domain XML on stdin; it reads its settings from {config}.
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, {libdir_repr})  # where this vmshield is (the package: /usr/lib/vmshield/lib)
+LIB = {libdir_repr}  # where this vmshield is (the package: /usr/lib/vmshield/lib)
+if not os.path.isdir(os.path.join(LIB, "keystore")):
+    # vmshield was removed: leave every domain alone (one that used its disks fails in QEMU)
+    print(f"vmshield hook: vmshield is no longer in {{LIB}}; remove {{sys.argv[0]}}",
+          file=sys.stderr)
+    sys.exit(0)
+sys.path.insert(0, LIB)
 
 from keystore.services.libvirt_hook import main
 
