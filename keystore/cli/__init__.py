@@ -20,6 +20,7 @@ import click
 TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("init", "initcmd:init", ()),
     ("status", "status:status", ()),
+    ("doctor", "doctor:doctor", ()),
     (
         "user",
         "user:user",

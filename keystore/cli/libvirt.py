@@ -35,8 +35,17 @@ HOOK_TEMPLATE = """#!{python} -I
 {mark} (written by `vmshield libvirt install-hook`; the logic is in
 # keystore.services.libvirt_hook). libvirtd runs it as `vmshield NAME OP SUBOP EXTRA` with the
 # domain XML on stdin; it reads its settings from {config}.
+import os
 import sys
 from pathlib import Path
+
+LIB = {libdir_repr}  # where this vmshield is (the package: /usr/lib/vmshield/lib)
+if not os.path.isdir(os.path.join(LIB, "keystore")):
+    # vmshield was removed: leave every domain alone (one that used its disks fails in QEMU)
+    print(f"vmshield hook: vmshield is no longer in {{LIB}}; remove {{sys.argv[0]}}",
+          file=sys.stderr)
+    sys.exit(0)
+sys.path.insert(0, LIB)
 
 from keystore.services.libvirt_hook import main
 
@@ -137,6 +146,15 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         raise
 
 
+def hook_text(conf: Path) -> str:
+    """The hook file install-hook writes for this Python, this vmshield and `conf`."""
+    import keystore
+
+    libdir = os.path.dirname(os.path.dirname(os.path.abspath(keystore.__file__)))
+    return HOOK_TEMPLATE.format(python=sys.executable, mark=HOOK_MARK, config=conf,
+                                config_repr=repr(str(conf)), libdir_repr=repr(libdir))  # fmt: skip
+
+
 def _refuse_untrusted_code() -> None:
     """The hook runs this Python and this package as root: refuse to install it if another
     user could replace either (a venv in someone's home, a checkout others can write)."""
@@ -221,9 +239,7 @@ def install_hook(
         conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         hook.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         _write_atomic(conf, cfg.render(), 0o644)
-        text = HOOK_TEMPLATE.format(python=sys.executable, mark=HOOK_MARK, config=conf,
-                                    config_repr=repr(str(conf)))  # fmt: skip
-        _write_atomic(hook, text, 0o755)
+        _write_atomic(hook, hook_text(conf), 0o755)
     except OSError as e:
         raise click.ClickException(f"cannot install the hook: {e}") from e
     click.echo(f"wrote {conf} (keystore {cfg.db}, run dir {cfg.run_dir})")
