@@ -57,6 +57,10 @@ class ConnectionLog:
         mode = "read-only" if readonly else "read-write"
         return f"{stamp(self._clock())} vmshield: client #{n} connected ({mode}); {now_open} open"
 
+    def refused(self, reason: str) -> str:
+        """A connection the server would not open (``bind=``: not the bound VM's QEMU)."""
+        return f"{stamp(self._clock())} vmshield: refused a client: {reason}"
+
     def disconnected(self) -> str:
         with self._lock:
             self._open = max(0, self._open - 1)
