@@ -7,6 +7,9 @@ domain XML on stdin (the thin script `vmshield libvirt install-hook` writes call
   each of its disks that the XML references (sockets under the run directory), start its
   usbgate if the XML has vmshield usb-redir slots, and wait until they answer. Any failure:
   stop what was started, print one line, exit 1: libvirt aborts the start and shows it.
+  Each server is bound to the domain (`domain_binding`): it opens connections of that
+  domain's QEMU only, so a hotplug (no hook runs) or an alias of the socket path (the hook
+  does not see it as vmshield's) reaches nothing.
 - `release end`: stop them. `reconnect begin` (libvirtd restarted): check they are still
   there and say so. `migrate begin`: refused (one host serves an image read-write).
 
@@ -40,6 +43,7 @@ from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
+from nbd_plugin.serve.peers import Binding, parse_uuid
 
 ACTOR = "libvirt-hook"
 
@@ -107,6 +111,14 @@ def check_bound(vm: Vm, dom: Domain) -> None:
             f"disks go only to the domain named {vm.name} (rename the domain, or give it a "
             "uuid of its own)"
         )
+
+
+def domain_binding(vm: Vm, dom: Domain) -> Binding:
+    """The servers the hook starts open only this domain's QEMU (#20 B2/B3): libvirt runs no
+    hook on hotplug nor for a socket named through an alias, so the server itself refuses
+    every other client. QEMU carries the domain's uuid (`-uuid`), and libvirt puts it in
+    the domain's machine scope (nbd_plugin/serve/peers.py)."""
+    return Binding(parse_uuid(dom.uuid or vm.uuid), dom.name)
 
 
 def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
@@ -280,7 +292,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
             try:
                 serve.serve_recorded(store, d, bytes(way.secret), files, readonly=False,
                                      who=ACTOR, timeout=cfg.timeout, keyslot=way.keyslot,
-                                     how=way.how)  # fmt: skip
+                                     how=way.how, bind=domain_binding(vm, dom))  # fmt: skip
             except serve.ServeError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
             finally:

@@ -6,7 +6,6 @@ runs no guest). The clients differ only in what /proc says about them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import time
@@ -17,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from nbd_plugin import luks
-from tests.support.nbd import SECRET, read_at, run_nbdkit_expect_failure, serve_plugin
+from tests.support.nbd import (
+    SECRET,
+    qemu_client,
+    read_at,
+    run_nbdkit_expect_failure,
+    serve_plugin,
+)
 
 SIZE = 1 << 20
 VM = str(uuid.UUID("5d1c4a52-8a43-4f0e-9a53-1c0ffee00001"))
@@ -42,34 +47,6 @@ def wait_for(pred: object, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-@contextlib.contextmanager
-def qemu(sock: str, vm_uuid: str, cgroup: Path | None = None) -> Iterator[subprocess.Popen[str]]:
-    """A QEMU of VM `vm_uuid` whose drive is the served disk (stopped before it runs code).
-
-    `cgroup`: a cgroup directory the process is moved into before it execs QEMU."""
-    argv = [
-        "qemu-system-x86_64", "-uuid", vm_uuid, "-name", "guest=t", "-S", "-accel", "tcg",
-        "-machine", "none", "-nodefaults", "-display", "none", "-monitor", "none",
-        "-blockdev", f"driver=nbd,server.type=unix,server.path={sock},node-name=d0",
-    ]  # fmt: skip
-    procs = None if cgroup is None else cgroup / "cgroup.procs"
-
-    def enter() -> None:
-        if procs is not None:
-            procs.write_text(str(os.getpid()))
-
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, preexec_fn=enter if procs is not None else None,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
 
 
 def refused_line(sock: str, pid: int) -> str:
@@ -113,11 +90,11 @@ def test_bound_server_refuses_another_vms_qemu_and_opens_its_own(
     image: Path, keyfile: Path, sockdir: Path
 ) -> None:
     with serve_plugin(image, keyfile, sockdir, f"bind={VM}") as sock:
-        with qemu(sock, OTHER) as other:
+        with qemu_client(sock, OTHER) as other:
             assert other.wait(timeout=60) != 0
             assert f"carries -uuid {OTHER}, not VM {VM}'s QEMU" in refused_line(sock, other.pid)
             assert "connected (" not in server_log(sock)
-        with qemu(sock, VM) as own:
+        with qemu_client(sock, VM) as own:
             assert wait_for(lambda: "client #1 connected (read-write)" in server_log(sock))
             time.sleep(0.3)
             assert own.poll() is None, own.stderr.read() if own.stderr else ""
@@ -164,11 +141,11 @@ def test_bound_domain_refuses_its_uuid_from_another_domains_scope(
     """A QEMU of another libvirt domain that forges the VM's -uuid is still in its own
     domain's machine scope: refused. The domain's own QEMU (its scope) is opened."""
     with serve_plugin(image, keyfile, sockdir, f"bind={VM}", "bind_domain=web.1") as sock:
-        with qemu(sock, VM, scope(scopes, "qemu-7-other")) as forged:
+        with qemu_client(sock, VM, scope(scopes, "qemu-7-other")) as forged:
             assert forged.wait(timeout=60) != 0
             line = refused_line(sock, forged.pid)
             assert "in libvirt machine qemu-7-other): another libvirt domain's process" in line
-        with qemu(sock, VM, scope(scopes, "qemu-8-web.1")) as own:
+        with qemu_client(sock, VM, scope(scopes, "qemu-8-web.1")) as own:
             assert wait_for(lambda: "client #1 connected (read-write)" in server_log(sock))
             assert own.poll() is None
             assert not refused_line(sock, own.pid)
