@@ -55,8 +55,15 @@ class HookError(KeystoreError):
 # -- finding what the domain asks for -----------------------------------------------------
 
 
+def _resolved(path: Path) -> Path:
+    """`path` with every symlink, "." and ".." resolved: the file QEMU will connect to."""
+    return Path(os.path.realpath(path))
+
+
 def _under(path: Path, directory: Path) -> bool:
-    return path.parent == directory
+    """Is `path` in `directory`, by whatever name (`/var/run/...`, `..`, a symlinked
+    directory: #20 B2)?"""
+    return _resolved(path).parent == _resolved(directory)
 
 
 async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
@@ -128,12 +135,12 @@ def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
 
 def wanted_disks(dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str) -> list[Disk]:
     """The VM's disks whose sockets the XML references; refuses sockets of other disks."""
-    by_socket = {cfg.run_dir / f"{d.name}.sock": d for d in disks}
+    by_socket = {f"{d.name}.sock": d for d in disks}
     out = []
     for dd in dom.disks:
         if not _under(dd.socket, cfg.run_dir):
             continue
-        d = by_socket.get(dd.socket)
+        d = by_socket.get(_resolved(dd.socket).name)
         if d is None:
             raise HookError(f"domain {dom.name} uses {dd.socket}, which is not a disk of VM {vm}")
         if dd.readonly:
@@ -143,14 +150,14 @@ def wanted_disks(dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str) -
 
 
 def wanted_usb_slots(dom: Domain, cfg: HookConfig, vm: str) -> list[Path]:
-    mine = [p for p in dom.redirdevs if _under(p, cfg.run_dir)]
+    mine = [_resolved(p) for p in dom.redirdevs if _under(p, cfg.run_dir)]
     expected = [usb_socket(cfg.run_dir, vm, n) for n in range(len(mine))]
-    if mine != expected:
+    if mine != [_resolved(p) for p in expected]:
         raise HookError(
             f"domain {dom.name}: usb-redir sockets must be {', '.join(map(str, expected))} "
             "(print them with `vmshield libvirt devices`)"
         )
-    return mine
+    return expected
 
 
 # -- usbgate ------------------------------------------------------------------------------

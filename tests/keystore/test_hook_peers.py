@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from keystore.services import serve
 from keystore.services.libvirt_hook import main
 from tests.support.libvirt import Keystore, hook_keystore
 from tests.support.nbd import qemu_client
@@ -48,6 +49,15 @@ def served(capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Keystore, Path,
             main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(xml))
 
 
+def nbd_domain(name: str, uuid: str, sock: Path) -> bytes:
+    return (
+        f"<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><devices>"
+        f"<disk type='network' device='disk'><source protocol='nbd'>"
+        f"<host transport='unix' socket='{sock}'/></source><target dev='vda'/></disk>"
+        "</devices></domain>"
+    ).encode()
+
+
 def log(sock: Path) -> str:
     return sock.with_suffix(".log").read_text(errors="replace")
 
@@ -69,18 +79,11 @@ def test_hook_started_server_refuses_any_other_client(
     assert r.returncode != 0 and "export-size" not in out
     assert f"(nbdinfo) carries no -uuid, not VM {uuid}'s QEMU" in refused(sock, r.pid)
 
-    # another VM's domain names the socket through a symlinked directory: the hook does not
-    # see a vmshield disk there and lets it pass (as a hotplug would), but its QEMU is refused
+    # another VM's QEMU reaching the socket through a symlinked directory, as a hotplug
+    # (`virsh attach-device`: no hook runs) would: refused by the server itself
     alias_dir = ks.base / "alias"
     alias_dir.symlink_to(ks.run_dir)
     alias = alias_dir / sock.name
-    xml = (
-        f"<domain type='qemu'><name>other</name><uuid>{OTHER}</uuid><devices>"
-        f"<disk type='network' device='disk'><source protocol='nbd'>"
-        f"<host transport='unix' socket='{alias}'/></source><target dev='vda'/></disk>"
-        "</devices></domain>"
-    ).encode()
-    assert main(["other", "prepare", "begin", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
     with qemu_client(str(alias), OTHER) as other:
         assert other.wait(timeout=60) != 0
         assert f"carries -uuid {OTHER}, not VM {uuid}'s QEMU" in refused(sock, other.pid)
@@ -114,3 +117,31 @@ def test_disk_serve_bind_vm_opens_only_the_vms_qemu() -> None:
                 assert own.poll() is None and "client #1 connected (read-write)" in log(sock)
         finally:
             ks.cli("disk", "stop", ks.disk, "--force")
+
+
+def test_hook_sees_a_socket_by_any_name(
+    served: tuple[Keystore, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A domain naming a served socket through `..` or a symlinked directory (as
+    `/var/run/vmshield` names `/run/vmshield`) is a vmshield domain for the hook: another
+    VM's is refused at start."""
+    ks, sock, _ = served
+    (ks.base / "alias").symlink_to(ks.run_dir)
+    for alias in (ks.run_dir / ".." / "run" / sock.name, ks.base / "alias" / sock.name):
+        xml = nbd_domain("other", OTHER, alias)
+        code = main(["other", "prepare", "begin", "-"], config=ks.config, stdin=io.BytesIO(xml))
+        err = capsys.readouterr().err
+        assert code == 1, alias
+        assert "domain other uses vmshield sockets but no VM" in err
+
+
+def test_own_domain_through_an_alias_is_served(capsys: pytest.CaptureFixture[str]) -> None:
+    with hook_keystore("vha") as ks:
+        ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+        uuid = json.loads(ks.cli("vm", "show", ks.vm, "--json").stdout)["vm"]["uuid"]
+        alias = ks.run_dir / ".." / "run" / f"{ks.disk}.sock"
+        xml = nbd_domain(ks.vm, uuid, alias)
+        assert main([ks.vm, "prepare", "begin", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
+        assert f"served {ks.disk}" in capsys.readouterr().err
+        assert serve.probe(ks.run_dir / f"{ks.disk}.sock")
+        assert main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
