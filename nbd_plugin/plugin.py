@@ -19,6 +19,12 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
                       how requests are en/decrypted: numba (one compiled call per request,
                       requests in parallel), numpy (the fallback), auto (default: numba when
                       it imports and compiles). nbdkit -v logs the path in use and why.
+    bind=UUID         only the QEMU of VM UUID may connect: in open() the client's pid
+                      (nbdkit_peer_pid) must be a process whose -uuid is UUID; any other
+                      client is refused with EACCES and one log line
+                      (nbd_plugin/serve/peers.py, docs/hardening.md)
+    bind_domain=NAME  with bind=: a client in a libvirt machine scope must be in domain
+                      NAME's (the libvirt hook sets both)
     fence=-FD         the read end of the lease holder's pipe (vmshield disk serve on a
                       PostgreSQL keystore): once it closes, every request fails with EIO
                       and nbdkit shuts down (nbd_plugin/serve/fence.py).
@@ -49,6 +55,7 @@ from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
 from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: E402
+from nbd_plugin.serve.peers import PeerRefused, nbdkit_peer, read_peer  # noqa: E402
 
 API_VERSION = 2
 
@@ -59,6 +66,7 @@ for _problem in harden_process():
 _config = ServerConfig()
 _connections = ConnectionLog()
 _disk = None
+_binding = None
 
 
 def _fail(message):
@@ -79,8 +87,9 @@ def config(key, value):
 
 
 def config_complete():
-    global _disk
+    global _disk, _binding
     try:
+        _binding = _config.binding()
         _disk = _config.open_disk(readonly=nbdkit_readonly())
     except InvalidPassphrase as exc:
         _fail(f"{_config.image}: {exc}")
@@ -116,6 +125,13 @@ def thread_model():
 
 
 def open(readonly):
+    if _binding is not None:
+        try:
+            _binding.check(read_peer(nbdkit_peer()))
+        except PeerRefused as exc:
+            _log(_connections.refused(str(exc)))
+            nbdkit.set_error(errno.EACCES)
+            raise
     _log(_connections.connected(readonly or _disk.volume.readonly))
     return _disk
 

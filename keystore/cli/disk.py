@@ -129,7 +129,9 @@ def create(
     click.echo(f"serve it with: vmshield disk serve {disk_name}")
 
 
-def _print_attach(d: Disk, sock: str, readonly: bool, as_json: bool, pid: int) -> None:
+def _print_attach(
+    d: Disk, sock: str, readonly: bool, as_json: bool, pid: int, bound: Vm | None = None
+) -> None:
     node = f"vmshield-{d.name}".replace(".", "-")
     info = {
         "disk": d.name,
@@ -141,11 +143,14 @@ def _print_attach(d: Disk, sock: str, readonly: bool, as_json: bool, pid: int) -
         "qemu_drive": snippets.qemu_drive(sock, readonly=readonly),
         "qemu_blockdev": snippets.qemu_blockdev(sock, node, readonly=readonly),
         "libvirt_xml": snippets.libvirt_disk_xml(sock, readonly=readonly),
+        "bound_to_vm": None if bound is None else bound.uuid,
     }
     if as_json:
         emit_json(info)
         return
     click.echo(f"serving disk {d.name} of VM {d.vm} on {sock} (nbdkit pid {pid})")
+    if bound is not None:
+        click.echo(f"bound: only a QEMU started with -uuid {bound.uuid} may connect")
     click.echo(f"\nNBD URI:\n  {info['uri']}")
     click.echo(f"\nQEMU (short form):\n  {info['qemu_drive']}")
     click.echo(f"\nQEMU (-blockdev form):\n  {info['qemu_blockdev']}")
@@ -168,6 +173,13 @@ def _print_attach(d: Disk, sock: str, readonly: bool, as_json: bool, pid: int) -
     help="Ask nobody: open DISK with a pending `vm unlock`, else a bound clevis token "
     "(`disk bind`), else the enrolled host key, in that order.",
 )
+@click.option(
+    "--bind-vm",
+    is_flag=True,
+    help="Open connections of the VM's own QEMU only (started with -uuid the VM's uuid; "
+    "under libvirt, the domain named after the VM): nbdinfo, nbdcopy or another VM's QEMU "
+    "is refused. The libvirt hook always binds.",
+)
 @host_key_option
 @password_file_option
 @json_option
@@ -178,6 +190,7 @@ def serve_(
     socket: Path | None,
     readonly: bool,
     unattended: bool,
+    bind_vm: bool,
     host_key: Path | None,
     password_file: Path | None,
     as_json: bool,
@@ -190,24 +203,33 @@ def serve_(
     prints the `-drive` / `-blockdev` arguments and the libvirt `<disk>` XML to use.
     The password reaches nbdkit through an inherited pipe: it is never in a command
     line, an environment or a file. Only the socket's owner can connect to it: whoever
-    can connect reads the plaintext.
+    can connect reads the plaintext, unless --bind-vm.
     """
     store = Keystore(db)
     d, v, files = serve.prepare(store, disk_name, socket, readonly=readonly)
     if unattended:
-        pid = _serve_unattended(store, d, v, files, readonly, host_key)
-        _print_attach(d, str(files.socket), readonly, as_json, pid)
+        pid = _serve_unattended(store, d, v, files, readonly, host_key, bind_vm)
+        _print_attach(d, str(files.socket), readonly, as_json, pid, v if bind_vm else None)
         return
     pw = SecretReader(password_file).read(f"Password of {v.owner}")
     try:
-        pid = serve.serve_disk(store, d, v, bytes(pw), files, readonly=readonly, who=actor())
+        pid = serve.serve_disk(
+            store, d, v, bytes(pw), files, readonly=readonly, who=actor(),
+            bind=serve.vm_binding(v) if bind_vm else None,
+        )  # fmt: skip
     finally:
         wipe(pw)
-    _print_attach(d, str(files.socket), readonly, as_json, pid)
+    _print_attach(d, str(files.socket), readonly, as_json, pid, v if bind_vm else None)
 
 
 def _serve_unattended(
-    store: Keystore, d: Disk, v: Vm, files: serve.ServerFiles, readonly: bool, key: Path | None
+    store: Keystore,
+    d: Disk,
+    v: Vm,
+    files: serve.ServerFiles,
+    readonly: bool,
+    key: Path | None,
+    bind_vm: bool,
 ) -> int:
     owner_pw = unlock.peek(v.uuid)
     host = None if owner_pw is not None else unlock.read_host_key(_host_key_path(key))
@@ -215,7 +237,8 @@ def _serve_unattended(
         way = opening.open_disk(d, v, owner_pw, host)
         try:
             pid = serve.serve_recorded(store, d, bytes(way.secret), files, readonly=readonly,
-                                       who=actor(), keyslot=way.keyslot, how=way.how)  # fmt: skip
+                                       who=actor(), keyslot=way.keyslot, how=way.how,
+                                       bind=serve.vm_binding(v) if bind_vm else None)  # fmt: skip
         finally:
             way.wipe()
     finally:

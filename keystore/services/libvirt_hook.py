@@ -7,6 +7,9 @@ domain XML on stdin (the thin script `vmshield libvirt install-hook` writes call
   each of its disks that the XML references (sockets under the run directory), start its
   usbgate if the XML has vmshield usb-redir slots, and wait until they answer. Any failure:
   stop what was started, print one line, exit 1: libvirt aborts the start and shows it.
+  Each server is bound to the domain (`domain_binding`): it opens connections of that
+  domain's QEMU only, so a hotplug (no hook runs) or an alias of the socket path (the hook
+  does not see it as vmshield's) reaches nothing.
 - `release end`: stop them. `reconnect begin` (libvirtd restarted): check they are still
   there and say so. `migrate begin`: refused (one host serves an image read-write).
 
@@ -40,6 +43,7 @@ from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
+from nbd_plugin.serve.peers import Binding, parse_uuid
 
 ACTOR = "libvirt-hook"
 
@@ -51,8 +55,15 @@ class HookError(KeystoreError):
 # -- finding what the domain asks for -----------------------------------------------------
 
 
+def _resolved(path: Path) -> Path:
+    """`path` with every symlink, "." and ".." resolved: the file QEMU will connect to."""
+    return Path(os.path.realpath(path))
+
+
 def _under(path: Path, directory: Path) -> bool:
-    return path.parent == directory
+    """Is `path` in `directory`, by whatever name (`/var/run/...`, `..`, a symlinked
+    directory: #20 B2)?"""
+    return _resolved(path).parent == _resolved(directory)
 
 
 async def find_vm(repo: Repository, dom: Domain) -> Vm | None:
@@ -109,6 +120,14 @@ def check_bound(vm: Vm, dom: Domain) -> None:
         )
 
 
+def domain_binding(vm: Vm, dom: Domain) -> Binding:
+    """The servers the hook starts open only this domain's QEMU (#20 B2/B3): libvirt runs no
+    hook on hotplug nor for a socket named through an alias, so the server itself refuses
+    every other client. QEMU carries the domain's uuid (`-uuid`), and libvirt puts it in
+    the domain's machine scope (nbd_plugin/serve/peers.py)."""
+    return Binding(parse_uuid(dom.uuid or vm.uuid), dom.name)
+
+
 def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
     paths = [d.socket for d in dom.disks] + list(dom.redirdevs)
     return any(_under(p, cfg.run_dir) for p in paths)
@@ -116,12 +135,12 @@ def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
 
 def wanted_disks(dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str) -> list[Disk]:
     """The VM's disks whose sockets the XML references; refuses sockets of other disks."""
-    by_socket = {cfg.run_dir / f"{d.name}.sock": d for d in disks}
+    by_socket = {f"{d.name}.sock": d for d in disks}
     out = []
     for dd in dom.disks:
         if not _under(dd.socket, cfg.run_dir):
             continue
-        d = by_socket.get(dd.socket)
+        d = by_socket.get(_resolved(dd.socket).name)
         if d is None:
             raise HookError(f"domain {dom.name} uses {dd.socket}, which is not a disk of VM {vm}")
         if dd.readonly:
@@ -131,14 +150,14 @@ def wanted_disks(dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str) -
 
 
 def wanted_usb_slots(dom: Domain, cfg: HookConfig, vm: str) -> list[Path]:
-    mine = [p for p in dom.redirdevs if _under(p, cfg.run_dir)]
+    mine = [_resolved(p) for p in dom.redirdevs if _under(p, cfg.run_dir)]
     expected = [usb_socket(cfg.run_dir, vm, n) for n in range(len(mine))]
-    if mine != expected:
+    if mine != [_resolved(p) for p in expected]:
         raise HookError(
             f"domain {dom.name}: usb-redir sockets must be {', '.join(map(str, expected))} "
             "(print them with `vmshield libvirt devices`)"
         )
-    return mine
+    return expected
 
 
 # -- usbgate ------------------------------------------------------------------------------
@@ -280,7 +299,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
             try:
                 serve.serve_recorded(store, d, bytes(way.secret), files, readonly=False,
                                      who=ACTOR, timeout=cfg.timeout, keyslot=way.keyslot,
-                                     how=way.how)  # fmt: skip
+                                     how=way.how, bind=domain_binding(vm, dom))  # fmt: skip
             except serve.ServeError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
             finally:

@@ -35,6 +35,7 @@ from keystore.models import Disk, DiskState, Server, Vm
 from keystore.services import lease, usage, verifier
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
+from nbd_plugin.serve.peers import Binding, parse_uuid
 
 NBD_MAGIC = b"NBDMAGIC"
 
@@ -111,11 +112,13 @@ def start(
     nbdkit: str = "nbdkit",
     keyslot: int | None = None,
     fence_fd: int | None = None,
+    bind: Binding | None = None,
 ) -> int:
     """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers.
 
     `keyslot`: the passphrase is for that keyslot only (a clevis token's).
-    `fence_fd`: the read end of the lease holder's pipe (nbd_plugin/serve/fence.py)."""
+    `fence_fd`: the read end of the lease holder's pipe (nbd_plugin/serve/fence.py).
+    `bind`: only that VM's QEMU may connect (nbd_plugin/serve/peers.py)."""
     exe = shutil.which(nbdkit)
     if exe is None:
         raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
@@ -142,6 +145,10 @@ def start(
             cmd.append(f"keyslot={keyslot}")
         if fence_fd is not None:
             cmd.append(f"fence=-{fence_fd}")
+        if bind is not None:
+            cmd.append(f"bind={bind.uuid}")
+            if bind.domain is not None:
+                cmd.append(f"bind_domain={bind.domain}")
         proc = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -173,6 +180,13 @@ def start(
             return pid
         time.sleep(0.05)
     raise ServeError(f"nbdkit started but {sock} does not answer: {_tail(files.logfile)}")
+
+
+def vm_binding(vm: Vm) -> Binding:
+    """Bind a server to `vm`: only a QEMU started with `-uuid` the VM's uuid may connect,
+    and, inside a libvirt machine scope, only the one of the domain named after the VM (the
+    hook starts a VM only as that domain)."""
+    return Binding(parse_uuid(vm.uuid), vm.name)
 
 
 def _clean_env() -> dict[str, str]:
@@ -255,6 +269,7 @@ def serve_disk(
     *,
     readonly: bool,
     who: str,
+    bind: Binding | None = None,
 ) -> int:
     """Authenticate the owner, start nbdkit, record the server and the access; its pid.
 
@@ -264,7 +279,7 @@ def serve_disk(
     # a verifier below this disk's keyslots is raised to them by this very check (B5)
     policy = verifier.covering_policy([disk.path])
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
-    return serve_recorded(store, disk, password, files, readonly=readonly, who=who)
+    return serve_recorded(store, disk, password, files, readonly=readonly, who=who, bind=bind)
 
 
 def serve_recorded(
@@ -278,11 +293,12 @@ def serve_recorded(
     timeout: float = 60.0,
     keyslot: int | None = None,
     how: str | None = None,
+    bind: Binding | None = None,
 ) -> int:
     """Start nbdkit with a passphrase already vouched for (the owner's verified password, the
     host key of an enrolled disk, a clevis token's: keystore.services.opening), take the
     lease, record the server and the access, and (with `how`) which way the disk was
-    opened; its pid."""
+    opened; its pid. `bind`: only that VM's QEMU may connect."""
     # a disk recorded before such names were refused must not take a VM's usbgate files
     paths.check_disk_name(disk.name)
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
@@ -290,7 +306,7 @@ def serve_recorded(
     try:
         pid = start(
             Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout,
-            keyslot=keyslot, fence_fd=None if held is None else held.fence_fd,
+            keyslot=keyslot, fence_fd=None if held is None else held.fence_fd, bind=bind,
         )  # fmt: skip
     except ServeError as e:
         if held is not None:

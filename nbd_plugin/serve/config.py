@@ -17,6 +17,7 @@ from nbd_plugin.serve.exclusive import claim
 from nbd_plugin.serve.fence import Fence, parse_fd
 from nbd_plugin.serve.hardening import lock_secret
 from nbd_plugin.serve.passphrase import PassphraseError, read_passphrase
+from nbd_plugin.serve.peers import Binding, parse_uuid
 
 DATA_PATHS = ("auto", *jit.PATHS)
 READONLY_LONG = ("--readonly", "--read-only")
@@ -90,6 +91,8 @@ class ServerConfig:
     discard: str = "ignore"
     keyslot: int | None = None
     fence: Fence | None = None
+    bind: str | None = None
+    bind_domain: str | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -121,11 +124,29 @@ class ServerConfig:
                 self.fence = Fence(parse_fd(value))
             except (ValueError, OSError) as exc:
                 raise ConfigError(str(exc)) from None
+        elif key == "bind":
+            try:
+                self.bind = parse_uuid(value)
+            except ValueError:
+                msg = f"bind={value}: use the uuid of the VM that may connect"
+                raise ConfigError(msg) from None
+        elif key == "bind_domain":
+            if not value or "\n" in value:
+                raise ConfigError("bind_domain=: use the name of the VM's libvirt domain")
+            self.bind_domain = value
         else:
             raise ConfigError(
                 f"unknown parameter {key}= (known: image, passphrase, keyslot, discard, "
-                "data_path, fence)"
+                "data_path, fence, bind, bind_domain)"
             )
+
+    def binding(self) -> Binding | None:
+        """Which VM may connect (None: any client that reaches the socket, as before)."""
+        if self.bind is None:
+            if self.bind_domain is not None:
+                raise ConfigError("bind_domain= needs bind=UUID (the VM's uuid)")
+            return None
+        return Binding(self.bind, self.bind_domain)
 
     def open_disk(self, readonly: bool) -> EncryptedDisk:
         if self.image is None:

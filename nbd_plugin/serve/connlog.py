@@ -1,9 +1,9 @@
 """The plugin's log of NBD connections: one timestamped line per connect and disconnect.
 
-nbdkit's own messages carry no time, and its Python plugin cannot see the client (no
-peer pid or address before nbdkit 1.34); what it can say is when a connection opened and
-closed, whether it may write, and how many are open. `vmshield status` names the clients
-themselves (from the kernel's socket table).
+nbdkit's own messages carry no time; what this log says is when a connection opened and
+closed, whether it may write, how many are open, and (with `bind=`) which client was refused
+and why (nbd_plugin/serve/peers.py). `vmshield status` names the clients themselves (from the
+kernel's socket table).
 
 nbdkit points stderr at /dev/null when it forks into the background (unless -v): `keep`
 duplicates the startup stderr before that if it is a file (`vmshield disk serve`'s log),
@@ -56,6 +56,10 @@ class ConnectionLog:
             n, now_open = self._seen, self._open
         mode = "read-only" if readonly else "read-write"
         return f"{stamp(self._clock())} vmshield: client #{n} connected ({mode}); {now_open} open"
+
+    def refused(self, reason: str) -> str:
+        """A connection the server would not open (``bind=``: not the bound VM's QEMU)."""
+        return f"{stamp(self._clock())} vmshield: refused a client: {reason}"
 
     def disconnected(self) -> str:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -169,3 +170,33 @@ def qemu_create_luks(image: Path, keyfile: Path, size: int, *opts: str) -> None:
         "create", "-f", "luks", "--object", qemu_secret(keyfile), "-o", o, str(image), str(size)
     )
     assert r.returncode == 0, r.stderr
+
+
+@contextmanager
+def qemu_client(
+    sock: str, vm_uuid: str, cgroup: Path | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """A QEMU of VM `vm_uuid` whose drive is the served disk (stopped before it runs code).
+
+    `cgroup`: a cgroup directory the process is moved into before it execs QEMU."""
+    argv = [
+        "qemu-system-x86_64", "-uuid", vm_uuid, "-name", "guest=t", "-S", "-accel", "tcg",
+        "-machine", "none", "-nodefaults", "-display", "none", "-monitor", "none",
+        "-blockdev", f"driver=nbd,server.type=unix,server.path={sock},node-name=d0",
+    ]  # fmt: skip
+    procs = None if cgroup is None else cgroup / "cgroup.procs"
+
+    def enter() -> None:
+        if procs is not None:
+            procs.write_text(str(os.getpid()))
+
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, preexec_fn=enter if procs is not None else None,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
