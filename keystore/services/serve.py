@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import signal
@@ -215,15 +216,27 @@ def is_our_server(pid: int, sock: Path) -> bool:
     return bool(argv) and os.path.basename(argv[0]) == b"nbdkit" and os.fsencode(sock) in argv
 
 
+def _exited(pid: int) -> bool:
+    """Has `pid` closed its files (gone, or a zombie)? Its command line empties when its memory
+    is released, before its descriptors (and the image's locks) are: an exiting server no
+    longer looks like ours while it still holds the image."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2 :][:1] in ("Z", "X")
+
+
 def stop(pid: int, files: ServerFiles, *, timeout: float = 10.0) -> bool:
     """SIGTERM the server if it is still ours; wait for it. False if it was not running."""
     running = is_our_server(pid, files.socket)
     if running:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while is_our_server(pid, files.socket):
+        while is_our_server(pid, files.socket) or not _exited(pid):
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
     for f in (files.socket, files.pidfile):
@@ -387,5 +400,25 @@ def stop_disk(
         refuse_in_use(d, f"vmshield disk stop {disk_name}", users(d, files.socket,
                       [files.socket.parent]))  # fmt: skip
     was_running = stop(s.pid, files)
+    if was_running:
+        _wait_released(store.run(lambda r: r.get_disk(disk_name)).path)
     store.run(lambda r: r.remove_server(disk_name, actor=who))
     return s, was_running
+
+
+def _wait_released(image: str, timeout: float = 5.0) -> None:
+    """Until the stopped server's lock on `image` is gone (or `timeout`): the next command
+    (destroy, serve) must not find it held by a server that is still exiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            os.close(fd)
