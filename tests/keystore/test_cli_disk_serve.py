@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from keystore.cli import main
 from keystore.sqlite import repository as sqlite_repo
-from tests.keystore.test_cli_keystore import FAST
+from tests.support.cli import FAST
 
 VMSHIELD = str(Path(sys.executable).parent / "vmshield")
 PW = b"disk-password-4711"

@@ -10,46 +10,15 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
-from argon2 import PasswordHasher
-from click.testing import CliRunner, Result
 
 from keystore.auth import AuthPolicy
 from keystore.cli import main
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite import repository as sqlite_repo
-
-PW = "s3cret-horse-battery"
-FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
-
-
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "ks.db"
-    monkeypatch.setenv("VMSHIELD_DB", str(path))
-    monkeypatch.setattr(sqlite_repo, "AuthPolicy", lambda: FAST)
-    return path
-
-
-def vms(*args: str, input: str | None = None, code: int = 0) -> Result:
-    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
-
-
-def js(*args: str) -> Any:
-    return json.loads(vms(*args, "--json").output)
-
-
-@pytest.fixture
-def ready(db: Path) -> Path:
-    vms("init")
-    vms("user", "add", "alice", input=PW + "\n")
-    vms("vm", "add", "web1", "--owner", "alice")
-    return db
+from tests.support.cli import PW, js, vms
 
 
 def test_every_command_has_help() -> None:

@@ -15,45 +15,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from argon2 import PasswordHasher
-from click.testing import CliRunner, Result
 
-from keystore.auth import AuthPolicy
-from keystore.cli import main
 from keystore.sqlite import repository as sqlite_repo
+from tests.support.cli import FAST, PW, js, vms
 
-PW = "s3cret-horse-battery"
-FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
 VMSHIELD = str(Path(sys.executable).parent / "vmshield")
-
-
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "ks.db"
-    monkeypatch.setenv("VMSHIELD_DB", str(path))
-    monkeypatch.setattr(sqlite_repo, "AuthPolicy", lambda: FAST)
-    return path
-
-
-def vms(*args: str, input: str | None = None, code: int = 0) -> Result:
-    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
-
-
-def js(*args: str) -> Any:
-    return json.loads(vms(*args, "--json").output)
-
-
-@pytest.fixture
-def ready(db: Path) -> Path:
-    vms("init")
-    vms("user", "add", "alice", input=PW + "\n")
-    vms("vm", "add", "web1", "--owner", "alice")
-    return db
 
 
 def as_nobody(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:

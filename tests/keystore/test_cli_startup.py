@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from keystore.cli import main
 from keystore.sqlite import repository as sqlite_repo
-from tests.keystore.test_cli_keystore import FAST
+from tests.support.cli import FAST
 
 #: what a command that touches no disk must not load
 HEAVY = ("numba", "numpy", "psycopg", "nbd_plugin.luks", "nbd_plugin.crypto", "nbd_plugin.erase")

@@ -20,7 +20,7 @@ import pytest
 
 from keystore.sqlite import repository as sqlite_repo
 from tests.keystore.test_cli_disk_serve import PW, inproc
-from tests.keystore.test_cli_keystore import FAST
+from tests.support.cli import FAST
 
 VMSHIELD = str(Path(sys.executable).parent / "vmshield")
 FASTKDF = ("--pbkdf-iterations", "1000")

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 from keystore.cli import main
 from keystore.sqlite import repository as sqlite_repo
 from tests.keystore.test_cli_disk_serve import PW, cli
-from tests.keystore.test_cli_keystore import FAST
+from tests.support.cli import FAST
 from tests.support.luks2 import PBKDF2, luks2_format, opens
 from tests.support.nbd import read_at, serve_plugin, sha256, write_at
 

@@ -29,7 +29,7 @@ from keystore.postgres import lease as pglease
 from keystore.postgres import repository as pg_repo
 from keystore.postgres.url import PgUrl
 from keystore.services import lease, serve
-from tests.keystore.test_cli_keystore import FAST
+from tests.support.cli import FAST
 from tests.support.postgres import Cluster
 
 VMSHIELD = str(Path(sys.executable).parent / "vmshield")

@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 from keystore.cli import main
 from keystore.secretpolicy import MIN_LENGTH
 from keystore.sqlite import repository as sqlite_repo
-from tests.keystore.test_cli_keystore import FAST, PW
+from tests.support.cli import FAST, PW
 
 #: a cheap argon2id keyslot (the default KDF) for a test image
 CHEAP_ARGON2 = ("--iter-time", "50")

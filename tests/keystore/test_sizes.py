@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from keystore.cli import main
 from keystore.sizes import human, parse_size
 from keystore.sqlite import repository as sqlite_repo
-from tests.keystore.test_cli_keystore import FAST, PW
+from tests.support.cli import FAST, PW
 
 SPELLINGS = [
     "20G", "1.5g", "512M", "1K", "1t", "1000", "1000b", "0.5k", "1.3k", "1.7k",

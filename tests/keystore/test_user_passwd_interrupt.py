@@ -24,7 +24,7 @@ from keystore.sqlite import repository as sqlite_repo
 from nbd_plugin import luks
 from nbd_plugin.errors import InvalidPassphrase
 from tests.keystore.test_cli_disk_serve import NEW_PW, PW, inproc
-from tests.keystore.test_cli_keystore import FAST
+from tests.support.cli import FAST
 
 VMSHIELD = str(Path(sys.executable).parent / "vmshield")
 DISKS = ("web1-0", "web1-1", "web1-2")
