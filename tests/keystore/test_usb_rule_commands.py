@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.keystore import test_cli_keystore as cli
+from tests.support.cli import vms
 from usbgate.policy import Action, Device, ShadowedRule, covers, decide, parse_rule, place
-
-db, ready, vms = cli.db, cli.ready, cli.vms  # the CLI tests' keystore fixtures and runner
 
 
 def js(*args: str, code: int = 0) -> Any:
