@@ -9,6 +9,7 @@ with tang_server(tmp_path / "tang") as tang:
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -36,8 +37,14 @@ class Tang:
         return f"http://127.0.0.1:{self.port}"
 
     def signing_thumbprints(self) -> set[str]:
-        """tangd-keygen names each key file by its SHA-256 thumbprint (rotated keys: hidden)."""
-        return {p.stem for p in self.keys.glob("*.jwk") if not p.name.startswith(".")}
+        """The advertised signing keys' thumbprints: tangd-keygen names each key file by its
+        SHA-256 thumbprint (rotated keys: hidden). Only a signing key's thumbprint selects an
+        advertisement (/adv/THP); the exchange key (ECMR, deriveKey) beside it does not."""
+        return {
+            p.stem
+            for p in self.keys.glob("*.jwk")
+            if not p.name.startswith(".") and "sign" in json.loads(p.read_text()).get("key_ops", [])
+        }
 
     def rotate(self) -> list[Path]:
         """tangd-rotate-keys: new keys advertised; the old ones (returned) still decrypt."""
