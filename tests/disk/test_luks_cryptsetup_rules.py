@@ -25,6 +25,7 @@ import pytest
 from nbd_plugin import luks
 from nbd_plugin.errors import ImageError, UnsupportedError
 from tests.support.luks2 import PBKDF2, cs, digest, luks2_format
+from tests.support.luks2 import set_json_path as _set
 from tests.support.nbd import PLUGIN, cryptsetup_format, run_nbdkit_expect_failure
 
 SIZE = 1 << 20
@@ -98,18 +99,6 @@ def _stray_reencrypt_keyslot(doc: dict[str, Any]) -> None:
 def _empty_area(doc: dict[str, Any]) -> None:
     area = {"type": "raw", "offset": "1048576", "size": "0"}
     doc["keyslots"]["1"] = {"type": "x", "key_size": 1, "area": area}
-
-
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    *parents, last = path.split(".")
-
-    def edit(doc: dict[str, Any]) -> None:
-        node = doc
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return edit
 
 
 # (rule, cryptsetup function, area edit): each accepted by vmshield before issue 20

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from nbd_plugin import luks
 from nbd_plugin.errors import ImageError, InvalidPassphrase, VmshieldError
 from nbd_plugin.serve.disk import EncryptedDisk
 from tests.support.luks2 import OUR_PBKDF2, rewrite_json, rewrite_json_text, volume_key, xts_decrypt
+from tests.support.luks2 import set_json_path as _set
 
 PW = b"right passphrase"
 WRONG = b"wrong passphrase"
@@ -60,19 +60,6 @@ def _erasable(image: Path) -> None:
     version = image.read_bytes()[7]
     assert regions[0][0] == 0
     assert regions[0][1] >= (16 << 20 if version == 2 else 4096 * 512)
-
-
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    """An edit setting the dotted ``path`` of the LUKS2 JSON to ``value``."""
-    *parents, last = path.split(".")
-
-    def edit(doc: dict[str, Any]) -> None:
-        node = doc
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return edit
 
 
 # ---- finding 1: a digest shorter than its hash matched every key ------------------------

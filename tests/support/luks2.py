@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,16 @@ def rewrite_json_text(image: Path, edit: Any, copies: tuple[int, ...] = (0, 1638
             raw[448:480] = hashlib.sha256(raw).digest()
             f.seek(offset)
             f.write(raw)
+
+
+def set_json_path(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """An edit setting the dotted ``path`` of the LUKS2 JSON to ``value``."""
+    *parents, last = path.split(".")
+
+    def edit(doc: dict[str, Any]) -> None:
+        node = doc
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit
