@@ -7,7 +7,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from usbgate.policy import Action
+from usbgate.rules.policy import Action
 
 
 class DiskState(enum.StrEnum):
@@ -20,7 +20,7 @@ class DiskState(enum.StrEnum):
     FAILED = "failed"  #: creation or erase failed; see the audit trail
 
 
-#: What a USB rule does with a matching device: usbgate.policy's one rule model.
+#: What a USB rule does with a matching device: usbgate.rules.policy's one rule model.
 UsbAction = Action
 
 

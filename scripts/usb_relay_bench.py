@@ -18,8 +18,8 @@ import sys
 import time
 
 from usbgate.addresses import READ_SIZE
-from usbgate.policy import Action, Decision, Device
 from usbgate.relay import Relay
+from usbgate.rules.policy import Action, Decision, Device
 from usbgate.simulator import BULK_IN, BULK_OUT, FakeDevice
 from usbgate.sources import MemoryAuditSink
 from usbgate.usbredir.codec import Connection

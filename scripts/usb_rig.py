@@ -33,8 +33,8 @@ from keystore.models import UsbAction
 from keystore.sqlite.connection import initialise
 from keystore.sqlite.repository import SqliteRepository
 from scripts.guestlib import UsbGuest, build_guest
-from usbgate.policy import parse_rule
 from usbgate.qmp import Qmp
+from usbgate.rules.policy import parse_rule
 
 VM = "usbvm"
 STICK = (0x0781, 0x5567)

@@ -17,7 +17,7 @@ from usbgate.addresses import Address, parse_address
 from usbgate.devices import NoUsbStack, list_devices
 from usbgate.errors import RuleSourceError
 from usbgate.gateway import HELLO_TIMEOUT, MAX_PER_PEER, POLL_INTERVAL, Gateway
-from usbgate.qemu_filter import report
+from usbgate.rules.qemu_filter import report
 from usbgate.session import IDLE_TIMEOUT, PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
 
@@ -62,10 +62,9 @@ def rules_options(f: F) -> F:
 
 
 def _keystore_path(db: str | None) -> Path | str:
-    from keystore import paths
-    from keystore.backends import parse_location
+    from usbgate.sources.keystore import keystore_location
 
-    return parse_location(db) if db is not None else paths.default_db_path()
+    return keystore_location(db)
 
 
 def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
@@ -73,11 +72,11 @@ def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
         if db is not None:
             raise click.UsageError("give --db or --rules-file, not both")
         return FileRuleSource(rules_file)
-    from usbgate.keystore_source import KeystoreRuleSource
+    from usbgate.sources.keystore import KeystoreRuleSource
 
     location = _keystore_path(db)
     if isinstance(location, str):
-        from usbgate.pg_source import PgRuleSource
+        from usbgate.sources.postgres import PgRuleSource
 
         return PgRuleSource(location)
     return KeystoreRuleSource(location)
@@ -86,11 +85,11 @@ def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
 def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
     if rules_file is not None:
         return _LogAuditSink()
-    from usbgate.keystore_source import KeystoreAuditSink
+    from usbgate.sources.keystore import KeystoreAuditSink
 
     location = _keystore_path(db)
     if isinstance(location, str):
-        from usbgate.pg_source import PgAuditSink
+        from usbgate.sources.postgres import PgAuditSink
 
         return PgAuditSink(location)
     return KeystoreAuditSink(location)
@@ -276,7 +275,7 @@ def qemu_filter(vm: str, db: str | None, rules_file: Path | None, as_json: bool)
     """Print QEMU's usb-redir `filter=` and libvirt's <redirfilter> for VM's rules.
 
     The same as `vmshield usb qemu-filter VM`, and it also reads --rules-file. The static
-    filter is broader than the live rules, never narrower (see usbgate.qemu_filter).
+    filter is broader than the live rules, never narrower (see usbgate.rules.qemu_filter).
     """
     source = _rule_source(db, rules_file)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from usbgate.errors import UsbgateError
-from usbgate.policy import format_pattern
+from usbgate.rules.policy import format_pattern
 
 SYSFS_USB = Path("/sys/bus/usb")
 

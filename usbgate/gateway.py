@@ -26,7 +26,7 @@ from typing import Any
 from usbgate.addresses import READ_SIZE, Address, open_stream, start_server
 from usbgate.auditing import REFUSAL_WINDOW, DenialSink, Refusals
 from usbgate.errors import ProtocolError, RuleSourceError
-from usbgate.policy import Action, Decision, Device, Rule, decide
+from usbgate.rules.policy import Action, Decision, Device, Rule, decide
 from usbgate.session import IDLE_TIMEOUT, PROBE_TIMEOUT, Session, State
 from usbgate.sources import AuditSink, RuleSource
 from usbgate.usbredir.codec import Connection

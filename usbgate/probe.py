@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 
 from usbgate.errors import UsbgateError
-from usbgate.policy import Device, InterfaceTriple
+from usbgate.rules.policy import Device, InterfaceTriple
 from usbgate.usbredir.descriptors import (
     ConfigDescriptor,
     DescriptorError,

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import Any
 
 from usbgate.errors import ProtocolError
-from usbgate.policy import Action, Decision, Device
 from usbgate.probe import (
     Contradiction,
     ProbeFailed,
@@ -47,6 +46,7 @@ from usbgate.probe import (
     reconcile,
 )
 from usbgate.replies import reply_problem
+from usbgate.rules.policy import Action, Decision, Device
 from usbgate.sources import AuditSink
 from usbgate.state import Event, SessionState, State
 from usbgate.usbredir.codec import Connection, Frame, Sentinel

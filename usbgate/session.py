@@ -18,8 +18,8 @@ import asyncio
 import contextlib
 import logging
 
-from usbgate.policy import Decision, Device
 from usbgate.relay import IDLE_TIMEOUT, PROBE_TIMEOUT, Decider, Relay
+from usbgate.rules.policy import Decision, Device
 from usbgate.sources import AuditSink
 from usbgate.state import State
 

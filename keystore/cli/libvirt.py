@@ -113,7 +113,7 @@ def devices(
     rules: QEMU itself refuses what the rules could never allow (a second line of defence;
     the filter is fixed at start, so regenerate it after changing the rules).
     """
-    from usbgate.qemu_filter import libvirt_redirfilter
+    from usbgate.rules.qemu_filter import libvirt_redirfilter
 
     cfg = hookconf.load_or_defaults(config)
     rdir = (run_dir or cfg.run_dir).absolute()

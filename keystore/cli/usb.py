@@ -1,7 +1,7 @@
 """`vmshield usb ...`: the per-VM USB whitelist (thesis table 5-3, extended).
 
-The rules, their grammar and their meaning are usbgate.policy's; `qemu-filter` prints
-usbgate.qemu_filter's translation (the same one `usbgate qemu-filter` prints).
+The rules, their grammar and their meaning are usbgate.rules.policy's; `qemu-filter` prints
+usbgate.rules.qemu_filter's translation (the same one `usbgate qemu-filter` prints).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from keystore.models import UsbAction
 from keystore.repository import Repository
 from keystore.services import usb_rules
 from keystore.sqlite.usbrules import UsbRule
-from usbgate import policy
+from usbgate.rules import policy
 
 P = TypeVar("P")
 
@@ -244,7 +244,7 @@ def qemu_filter(vm: str, chardev: str, as_json: bool, db: Path | None) -> None:
     or left out (block/reject): it never refuses what the gateway would forward. Regenerate
     it after changing rules; the gateway applies changes live.
     """
-    from usbgate import qemu_filter as qf  # urllib, xml: not for the live rule commands
+    from usbgate.rules import qemu_filter as qf  # urllib, xml: not for the live rule commands
 
     result = qf.report(vm, run(db, lambda r: r.list_usb_rules(vm)))
     if as_json:

@@ -1,7 +1,7 @@
 """Adding a USB rule where it takes effect, as one step against other admins (issue 20 C).
 
 The first matching rule decides, so where a new rule goes depends on the rules already there
-(usbgate.policy.place). Reading them and inserting were two transactions: a rule another
+(usbgate.rules.policy.place). Reading them and inserting were two transactions: a rule another
 admin added in between could land before the new one and shadow it. Now the insert carries
 the ids of the rules it was placed against and the repository refuses it (Conflict) inside
 its write transaction if they changed; the placement is then made again on the new rules.
@@ -15,7 +15,7 @@ from keystore.errors import Conflict
 from keystore.models import UsbAction
 from keystore.repository import Repository
 from keystore.sqlite.usbrules import Pattern, UsbRule
-from usbgate import policy
+from usbgate.rules import policy
 
 #: placements tried before giving up (each lost race means another admin's rule went in)
 ATTEMPTS = 5

@@ -1,6 +1,6 @@
-"""USB whitelist rules of a VM: how the keystore stores and loads usbgate.policy's rules.
+"""USB whitelist rules of a VM: how the keystore stores and loads usbgate.rules.policy's rules.
 
-The rule model, its grammar and its meaning are usbgate.policy's (one engine, so the CLI, the
+The rule model, its grammar and its meaning are usbgate.rules.policy's (one engine, so the CLI, the
 gateway and QEMU's static filter cannot disagree); a stored rule is a ``policy.Rule`` with its
 row id, VM and position. Rules are ordered; the first rule that matches decides.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from keystore.errors import NotFound
 from keystore.sqlite import connection as dbmod
-from usbgate.policy import Action, Pattern, Rule, format_pattern, parse_pattern
+from usbgate.rules.policy import Action, Pattern, Rule, format_pattern, parse_pattern
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

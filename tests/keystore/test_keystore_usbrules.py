@@ -14,7 +14,7 @@ from keystore.sqlite import connection as dbmod
 from keystore.sqlite.repository import SqliteRepository
 from keystore.sqlite.usbrules import RulesWatcher, UsbRule, load_rules
 from tests.keystore.test_keystore_sqlite import FAST
-from usbgate.policy import Action, Device, Rule, decide, parse_rule
+from usbgate.rules.policy import Action, Device, Rule, decide, parse_rule
 
 
 def write(path: Path, *calls: tuple[str, tuple[object, ...], dict[str, object]]) -> None:
@@ -58,7 +58,7 @@ def test_describe() -> None:
 
 
 def test_a_stored_rule_is_a_policy_rule() -> None:
-    """One model: what the keystore loads is judged and written by usbgate.policy as is."""
+    """One model: what the keystore loads is judged and written by usbgate.rules.policy as is."""
     stored = rule(vendor_id=0x0781, interfaces=((8, None, None),), serial='a "b"')
     assert isinstance(stored, Rule)
     assert parse_rule(stored.describe()) == Rule(

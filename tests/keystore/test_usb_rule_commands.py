@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support.cli import vms
-from usbgate.policy import Action, Device, ShadowedRule, covers, decide, parse_rule, place
+from usbgate.rules.policy import Action, Device, ShadowedRule, covers, decide, parse_rule, place
 
 
 def js(*args: str, code: int = 0) -> Any:

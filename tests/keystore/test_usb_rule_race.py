@@ -21,7 +21,7 @@ from keystore.cli import main
 from keystore.models import UsbAction
 from keystore.services import store as store_mod
 from keystore.sqlite import repository as sqlite_repo
-from usbgate import policy
+from usbgate.rules import policy
 
 FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
 

@@ -25,7 +25,7 @@ from keystore.errors import (
     NotFound,
 )
 from keystore.models import DiskState, UsbAction
-from usbgate.policy import Action, Device, decide
+from usbgate.rules.policy import Action, Device, decide
 
 PW = b"correct horse battery"
 ACTOR = "test"

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from usbgate.policy import Decision, Device, Rule, decide
 from usbgate.relay import Relay
+from usbgate.rules.policy import Decision, Device, Rule, decide
 from usbgate.simulator import FakeDevice
 from usbgate.sources import MemoryAuditSink
 from usbgate.usbredir.codec import Connection

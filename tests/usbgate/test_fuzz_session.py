@@ -27,8 +27,8 @@ import pytest
 
 from tests.support.fuzzing import cases, mutate, random_packet, where
 from tests.support.relay_harness import HELLO, Harness, control_reply, honest_answer
-from usbgate.policy import Device, decide, parse_rules
 from usbgate.relay import PROBE_ID_BASE
+from usbgate.rules.policy import Device, decide, parse_rules
 from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, VENDOR, FakeDevice
 from usbgate.state import State
 from usbgate.usbredir.descriptors import DescriptorError, DescriptorType, interface_triples_in

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
-from usbgate.policy import parse_rules
 from usbgate.qmp import short_tmpdir
+from usbgate.rules.policy import parse_rules
 from usbgate.simulator import BULK_IN, FakeOwner, MassStorageStick
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 from usbgate.state import State

@@ -25,9 +25,9 @@ from tests.support.usbgate_qemu import (
 )
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
-from usbgate.policy import Rule, parse_rule
-from usbgate.qemu_filter import qemu_filter_value, usbredir_filter_string
 from usbgate.qmp import QEMU, QemuWithRedir
+from usbgate.rules.policy import Rule, parse_rule
+from usbgate.rules.qemu_filter import qemu_filter_value, usbredir_filter_string
 from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 from usbgate.usbredir.packets import BulkPacket, DeviceDisconnectAck, FilterFilter

@@ -17,8 +17,8 @@ from usbgate import auditing
 from usbgate.addresses import parse_address
 from usbgate.auditing import QueuedAuditSink, Refusals
 from usbgate.gateway import Gateway
-from usbgate.policy import parse_rules
 from usbgate.qmp import QEMU, QemuWithRedir
+from usbgate.rules.policy import parse_rules
 from usbgate.simulator import FakeDevice, FakeOwner
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from usbgate.errors import RuleSyntaxError
-from usbgate.policy import (
+from usbgate.probe import Contradiction, ProbeFailed, probe, reconcile
+from usbgate.rules.policy import (
     Action,
     Device,
     Rule,
@@ -20,8 +21,7 @@ from usbgate.policy import (
     parse_rule,
     parse_rules,
 )
-from usbgate.probe import Contradiction, ProbeFailed, probe, reconcile
-from usbgate.qemu_filter import (
+from usbgate.rules.qemu_filter import (
     filter_allows,
     filter_rules,
     libvirt_redirfilter,

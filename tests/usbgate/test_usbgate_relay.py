@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from tests.support.relay_harness import Harness, control_reply, honest_answer
-from usbgate.policy import parse_rules
+from usbgate.rules.policy import parse_rules
 from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, FakeDevice
 from usbgate.state import State
 from usbgate.usbredir.descriptors import DescriptorType

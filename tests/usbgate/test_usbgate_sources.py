@@ -18,9 +18,9 @@ from keystore.models import UsbAction
 from keystore.sqlite.connection import initialise
 from keystore.sqlite.repository import SqliteRepository
 from usbgate.errors import RuleSourceError
-from usbgate.keystore_source import KeystoreAuditSink, KeystoreRuleSource
-from usbgate.policy import Action, Rule, parse_rule
+from usbgate.rules.policy import Action, Rule, parse_rule
 from usbgate.sources import FileRuleSource, MemoryRuleSource
+from usbgate.sources.keystore import KeystoreAuditSink, KeystoreRuleSource
 
 FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from usbgate.errors import RuleSyntaxError
+from usbgate.rules.errors import RuleSyntaxError
 
 Pattern = tuple[int | None, int | None, int | None]
 InterfaceTriple = tuple[int, int, int]

@@ -1,6 +1,6 @@
 """RuleSource and AuditSink backed by the vmshield keystore (its usbrules store and audit chain).
 
-The keystore's rules are usbgate.policy rules (``UsbRule`` is a ``Rule`` with a row id, VM and
+The keystore's rules are usbgate.rules.policy rules (``UsbRule`` is a ``Rule`` with a row id, VM and
 position), so they are used as loaded: there is nothing to convert.
 
 Change notification: one persistent read-only sqlite3 connection per VM
@@ -21,15 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from keystore import audit as keystore_audit
+from keystore import paths
+from keystore.backends import parse_location
 from keystore.errors import KeystoreError
 from keystore.sqlite import usbrules
 from usbgate.auditing import MAX_QUEUED, QueuedAuditSink
 from usbgate.errors import RuleSourceError
-from usbgate.policy import Rule
+from usbgate.rules.policy import Rule
 
 log = logging.getLogger(__name__)
 
 AUDIT_ACTOR = "usbgate"
+
+
+def keystore_location(db: str | None) -> Path | str:
+    """`--db` as the keystore reads it: a file path, or a postgresql:// URL (str); without
+    one, the keystore's default database."""
+    return parse_location(db) if db is not None else paths.default_db_path()
 
 
 class KeystoreRuleSource:

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
-from usbgate.policy import Action, Rule
+from usbgate.rules.policy import Action, Rule
 
 
 @dataclass(frozen=True)

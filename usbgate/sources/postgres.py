@@ -25,7 +25,7 @@ from keystore.postgres import connection as pgconn
 from keystore.postgres.notify import RulesListener
 from usbgate.auditing import QueuedAuditSink
 from usbgate.errors import RuleSourceError
-from usbgate.policy import Rule
+from usbgate.rules.policy import Rule
 
 log = logging.getLogger(__name__)
 

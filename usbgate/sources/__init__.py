@@ -5,7 +5,8 @@ when they changed. The gateway polls every 10 ms, so a change reaches every atta
 within one poll interval plus the time to act (the 50 ms target). ``AuditSink``: where every
 decision goes; ``record`` must not block the event loop.
 
-The keystore-backed implementations live in usbgate.keystore_source; the ones here need no
+The keystore-backed implementations live in usbgate.sources.keystore (SQLite) and
+usbgate.sources.postgres, the only usbgate modules that import the keystore; the ones here need no
 database (tests, and hosts that keep the whitelist in a text file).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from usbgate.errors import RuleSourceError, RuleSyntaxError
-from usbgate.policy import Rule, parse_rules
+from usbgate.rules.policy import Rule, parse_rules
 
 
 class RuleSource(Protocol):
