@@ -6,5 +6,5 @@
 - crypto/: the cipher registry, XTS (batched, with a native libcrypto path), CBC, PBKDF2, argon2;
 - serve/: nbdkit configuration, the plaintext disk view, passphrase sources;
 - osutil/: every syscall helper once (exact I/O, holes and extents, block devices, locking);
-- erase/: deep erase; bench/: the benchmark harness behind scripts/bench.
+- erase/: deep erase (the benchmarks are the lab's: scripts/lab/bench/).
 """

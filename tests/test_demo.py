@@ -34,7 +34,7 @@ EXPECTED = [
     "✔ the hash chain verifies",
     "✔ vmshield demo passed: all ",
 ]
-# The libvirt step runs where a private libvirtd can (scripts/libvirtlib.available).
+# The libvirt step runs where a private libvirtd can (scripts.lab.libvirtd.available).
 EXPECTED_LIBVIRT = [
     "✔ without an unlock `virsh start` fails with the hook's reason; nothing was started",
     "✔ the libvirt-started guest wrote the marker",
@@ -84,7 +84,7 @@ def test_demo_runs_green_and_leaves_nothing_running(demo_dir: Path) -> None:
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "✘" not in out, out
-    from scripts.libvirtlib import available
+    from scripts.lab.libvirtd import available
 
     for line in EXPECTED + (EXPECTED_LIBVIRT if available() is None else []):
         assert line in out, f"missing {line!r} in:\n{out}"
@@ -98,9 +98,9 @@ def test_demo_runs_green_and_leaves_nothing_running(demo_dir: Path) -> None:
 def test_demo_refuses_to_wipe_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("not the demo's\n")
     proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "scripts" / "demo.py"),
+        [str(ROOT / ".venv" / "bin" / "python"), "-m", "scripts.lab.demo",
          "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "not a demo directory" in proc.stderr

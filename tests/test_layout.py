@@ -1,14 +1,20 @@
-"""The package layout the import contracts rely on (pyproject.toml, [tool.importlinter]).
+"""The package layout: what the import contracts rely on, and what the wheel holds.
 
-import-linter cannot say "all of usbgate but the rule model", so two contracts list usbgate's
-other modules (and the leaf's one lists the disk side's): these tests fail when a new module
-is missing from a list, so the lists cannot rot into letting an import through.
+import-linter cannot say "all of usbgate but the rule model", so two contracts
+(pyproject.toml, [tool.importlinter]) list usbgate's other modules (and the leaf's one lists the
+disk side's): these tests fail when a new module is missing from a list, so the lists cannot
+rot into letting an import through. The lab (scripts/lab: rigs, demo, benchmarks) is no part
+of the product: the wheel built from the checkout holds none of it.
 """
 
 from __future__ import annotations
 
 import pkgutil
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +53,31 @@ def test_the_rules_leaf_contract_forbids_all_of_vmshield_but_the_error_hierarchy
     wanted = _children(usbgate, "rules") | _children(nbd_plugin, "errors") | {"keystore"}
     missing = wanted - forbidden
     assert not missing, f"add {sorted(missing)} to the rules-leaf contract"
+
+
+#: members of the wheel that are rigs or benchmarks, wherever they would sit
+LAB_MARKERS = ("scripts/", "lab/", "bench", "qmp", "tempcluster")
+
+
+def test_the_wheel_holds_the_product_and_nothing_of_the_lab(tmp_path: Path) -> None:
+    """pip wheel of a copy of the checkout (scripts/ included), with the venv's setuptools."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("nbd_plugin", "keystore", "usbgate", "scripts"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "wheel"), str(src)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "wheel").glob("vmshield-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    product = [n for n in names if ".dist-info/" not in n]
+    assert {n.split("/")[0] for n in product} == {"nbd_plugin", "keystore", "usbgate"}
+    lab = [n for n in product if any(marker in n for marker in LAB_MARKERS)]
+    assert not lab, f"the wheel holds lab code: {lab}"
+    for member in ("nbd_plugin/plugin.py", "keystore/cli/__init__.py", "usbgate/cli.py",
+                   "usbgate/rules/policy.py", "usbgate/sources/keystore.py"):  # fmt: skip
+        assert member in names, member

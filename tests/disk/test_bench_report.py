@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from nbd_plugin.bench.cli import parse_size
-from nbd_plugin.bench.measure import Sample, cpu_seconds, memory_kib, peak_rss_kib
-from nbd_plugin.bench.report import Report, Row
-from nbd_plugin.bench.servers import SERVERS
+from scripts.lab.bench.disk.cli import parse_size
+from scripts.lab.bench.disk.measure import Sample, cpu_seconds, memory_kib, peak_rss_kib
+from scripts.lab.bench.disk.report import Report, Row
+from scripts.lab.bench.disk.servers import SERVERS
 
 MIB = 1 << 20
 

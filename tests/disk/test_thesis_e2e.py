@@ -4,7 +4,8 @@ Served by nbdkit's plain file plugin, the marker lands in the clear in the image
 copies the file reads it (the vulnerability). Served by our plugin from a LUKS1 container (made
 by cryptsetup, and by our own create_image), the file holds only ciphertext, yet the plaintext is
 there for the key holder: decrypted by our plugin, independently by nbdkit's own luks filter
-(byte for byte the same), and read back by the guest itself. See scripts/guestlib.py for the layout.
+(byte for byte the same), and read back by the guest itself. See scripts/lab/guest.py for the
+layout.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.guestlib import (
+from scripts.lab.guest import (
     DISK_SIZE,
     FS_BYTES,
     MARKER,

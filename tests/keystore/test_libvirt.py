@@ -24,7 +24,7 @@ import pytest
 
 from keystore.services import unlock
 from nbd_plugin.luks import payload_region
-from scripts.guestlib import DONE, MARKER, RAW_OFFSET, Guest, build_guest, read_export
+from scripts.lab.guest import DONE, MARKER, RAW_OFFSET, Guest, build_guest, read_export
 from tests.support.libvirt import Keystore, Libvirtd, available, domain_xml, processes
 from usbgate.simulator import FakeDevice, FakeOwner
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from scripts.guestlib import DONE, MARKER, RAW_OFFSET, read_export
+from scripts.lab.guest import DONE, MARKER, RAW_OFFSET, read_export
 from tests.keystore.test_libvirt import Env, domain, env, refused
 from tests.support.libvirt import available
 from tests.support.tang import Tang, tang_server

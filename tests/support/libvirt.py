@@ -1,6 +1,6 @@
 """Test helpers for libvirt: the keystore a hook test needs, and finding leftover processes.
 
-The private libvirtd itself is scripts/libvirtlib.py (the demo uses it too).
+The private libvirtd itself is scripts/lab/libvirtd.py (the demo uses it too).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.libvirtlib import Libvirtd, available, domain_xml
+from scripts.lab.libvirtd import Libvirtd, available, domain_xml
 
 __all__ = ["Keystore", "Libvirtd", "available", "domain_xml", "processes"]
 
@@ -86,7 +86,7 @@ class Keystore:
 
     def create(self, *, disks: int = 1) -> str:
         """The keystore, user, VM (returns its uuid) and `disks` 64 MiB LUKS2 disks."""
-        from scripts.guestlib import write_secret
+        from scripts.lab.guest import write_secret
 
         write_secret(self.pwfile, self.password)
         pw = str(self.pwfile)

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.guestlib import ROOT, nbdkit, write_secret
+from scripts.lab import ROOT
+from scripts.lab.guest import nbdkit, write_secret
 
 PLUGIN = str(ROOT / "nbd_plugin" / "plugin.py")
 SECRET = b"correct horse battery staple"

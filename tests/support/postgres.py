@@ -1,5 +1,5 @@
-"""The tests' PostgreSQL cluster: keystore.postgres.tempcluster (also used by the benchmark)."""
+"""The tests' PostgreSQL cluster: scripts.lab.tempcluster (also used by the benchmark)."""
 
-from keystore.postgres.tempcluster import Cluster, running_cluster
+from scripts.lab.tempcluster import Cluster, running_cluster
 
 __all__ = ["Cluster", "running_cluster"]

@@ -23,7 +23,7 @@ from keystore.auth import AuthPolicy
 from keystore.models import UsbAction
 from keystore.sqlite.connection import initialise
 from keystore.sqlite.repository import SqliteRepository
-from usbgate.qmp import QemuWithRedir
+from scripts.lab.qmp import QemuWithRedir
 from usbgate.rules.policy import parse_rule
 from usbgate.simulator import FakeDevice, FakeOwner
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from scripts.lab.qmp import QemuWithRedir, short_tmpdir
 from tests.support.usbgate_qemu import USBGATE, VM, Keystore
-from usbgate.qmp import QemuWithRedir, short_tmpdir
 
 
 @pytest.fixture(scope="module")

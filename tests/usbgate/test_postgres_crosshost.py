@@ -30,9 +30,9 @@ from keystore.models import UsbAction
 from keystore.postgres import audit as pgaudit
 from keystore.postgres.repository import PostgresRepository
 from keystore.postgres.schema import USBGATE_ROLE
+from scripts.lab.qmp import QEMU, QemuWithRedir, short_tmpdir
 from tests.support.postgres import Cluster
 from tests.support.usbgate_qemu import AttachWatch
-from usbgate.qmp import QEMU, QemuWithRedir, short_tmpdir
 from usbgate.simulator import FakeDevice, FakeOwner
 
 pytestmark = [

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.usb_rig import UsbRig, make_stick_image, read_stick_file
-from usbgate.qmp import QEMU, short_tmpdir
+from scripts.lab.qmp import QEMU, short_tmpdir
+from scripts.lab.usb_rig import UsbRig, make_stick_image, read_stick_file
 
 pytestmark = [
     pytest.mark.slow,

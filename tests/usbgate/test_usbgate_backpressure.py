@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from scripts.lab.qmp import short_tmpdir
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
-from usbgate.qmp import short_tmpdir
 from usbgate.rules.policy import parse_rules
 from usbgate.simulator import BULK_IN, FakeOwner, MassStorageStick
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource

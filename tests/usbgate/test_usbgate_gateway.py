@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from keystore import audit as keystore_audit
+from scripts.lab.qmp import QEMU, QemuWithRedir
 from tests.support.usbgate_qemu import (
     AttachWatch,
     Keystore,
@@ -25,7 +26,6 @@ from tests.support.usbgate_qemu import (
 )
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
-from usbgate.qmp import QEMU, QemuWithRedir
 from usbgate.rules.policy import Rule, parse_rule
 from usbgate.rules.qemu_filter import qemu_filter_value, usbredir_filter_string
 from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner

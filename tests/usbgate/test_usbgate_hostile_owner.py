@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from scripts.lab.qmp import QEMU, QemuWithRedir, short_tmpdir
 from tests.support.relay_harness import control_reply
 from usbgate.addresses import parse_address
 from usbgate.errors import ProtocolError
 from usbgate.gateway import Gateway
-from usbgate.qmp import QEMU, QemuWithRedir, short_tmpdir
 from usbgate.relay import PROBE_ID_BASE
 from usbgate.rules.policy import parse_rules
 from usbgate.simulator import HID_KEYBOARD, FakeDevice, FakeOwner

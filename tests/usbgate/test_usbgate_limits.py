@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from scripts.lab.qmp import QEMU, QemuWithRedir
 from usbgate import auditing
 from usbgate.addresses import parse_address
 from usbgate.auditing import QueuedAuditSink, Refusals
 from usbgate.gateway import Gateway
-from usbgate.qmp import QEMU, QemuWithRedir
 from usbgate.rules.policy import parse_rules
 from usbgate.simulator import FakeDevice, FakeOwner
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource

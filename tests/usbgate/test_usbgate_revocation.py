@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from scripts.lab.qmp import QEMU, QemuWithRedir
 from tests.support.usbgate_qemu import (
     USBGATE,
     VM,
@@ -19,7 +20,6 @@ from tests.support.usbgate_qemu import (
     Keystore,
     offer,
 )
-from usbgate.qmp import QEMU, QemuWithRedir
 from usbgate.simulator import FakeDevice, FakeOwner
 
 pytestmark = [

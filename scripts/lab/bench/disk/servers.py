@@ -12,9 +12,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.lab import ROOT
+
+REPO = str(ROOT)
 PLUGIN = os.path.join(REPO, "nbd_plugin", "plugin.py")
-FLOOR_PLUGIN = os.path.join(REPO, "nbd_plugin", "bench", "floor_plugin.py")
+FLOOR_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_plugin.py")
 
 
 @dataclass(frozen=True)

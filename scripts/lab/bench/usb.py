@@ -30,10 +30,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from scripts.usb_rig import UsbRig, make_stick_image
+from scripts.lab.qmp import short_tmpdir
+from scripts.lab.usb_rig import UsbRig, make_stick_image
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
-from usbgate.qmp import short_tmpdir
 from usbgate.rules.policy import parse_rule
 from usbgate.simulator import BULK_IN, BULK_OUT, FakeDevice, FakeOwner, MassStorageStick
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource

@@ -1,8 +1,8 @@
 """Benchmark: how fast a USB rule change reaches a listening usbgate, as the keystore grows.
 
-    python -m keystore.postgres.bench [--db URL] [--vms 100,1000,10000] [--rules-per-vm 10]
+    python -m scripts.lab.bench.postgres [--db URL] [--vms 100,1000,10000] [--rules-per-vm 10]
 
-Without --db it starts a throwaway cluster (keystore.postgres.tempcluster; PostgreSQL 15
+Without --db it starts a throwaway cluster (scripts.lab.tempcluster; PostgreSQL 15
 from Debian). For each size it fills a fresh keystore with that many VMs and rules (bulk
 SQL: the data, not the write path, is what is being scaled), starts RulesListeners the way
 hosts would (--listeners connections, the VMs split between them), then commits --changes
@@ -113,14 +113,16 @@ def _databases(db: str | None) -> Iterator[Any]:
     if db is not None:
         yield lambda: db
         return
-    from keystore.postgres.tempcluster import running_cluster
+    from scripts.lab.tempcluster import running_cluster
 
     with running_cluster() as cluster:
         yield cluster.keystore
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench postgres", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--db", help="an EMPTY, initialised keystore URL (default: a temp cluster)")
     ap.add_argument("--vms", default="100,1000,10000", help="comma-separated sizes")
     ap.add_argument("--rules-per-vm", type=int, default=10)

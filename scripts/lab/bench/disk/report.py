@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbd_plugin.bench.measure import Sample
-from nbd_plugin.bench.servers import FLOOR, FLOORS, RATIO_TO, SUBJECT, Server
+from scripts.lab.bench.disk.measure import Sample
+from scripts.lab.bench.disk.servers import FLOOR, FLOORS, RATIO_TO, SUBJECT, Server
 
 GIB = 1 << 30
 DIRECTIONS = ("read", "write")

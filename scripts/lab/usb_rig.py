@@ -32,8 +32,8 @@ from keystore.auth import AuthPolicy
 from keystore.models import UsbAction
 from keystore.sqlite.connection import initialise
 from keystore.sqlite.repository import SqliteRepository
-from scripts.guestlib import UsbGuest, build_guest
-from usbgate.qmp import Qmp
+from scripts.lab.guest import UsbGuest, build_guest
+from scripts.lab.qmp import Qmp
 from usbgate.rules.policy import parse_rule
 
 VM = "usbvm"

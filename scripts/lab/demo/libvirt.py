@@ -1,6 +1,6 @@
 """The libvirt step of scripts/demo: `virsh start` serves the disk through the vmshield hook.
 
-A private libvirtd (scripts/libvirtlib.py: system mode in its own mount namespace, nothing of
+A private libvirtd (scripts/lab/libvirtd.py: system mode in its own mount namespace, nothing of
 the host's libvirt touched) runs the hook that `vmshield libvirt install-hook` installs. The
 step shows a start refused without an unlock, an owner unlock and a boot that writes the
 marker (ciphertext at rest again), an unattended start with an enrolled host key, and measures
@@ -14,11 +14,10 @@ import statistics
 import time
 from pathlib import Path
 
-from demo_support import Host, Report, StepFailed
-
 from nbd_plugin.luks import payload_region
-from scripts.guestlib import DONE, MARKER, RAW_OFFSET, Guest, read_export
-from scripts.libvirtlib import Libvirtd, available, domain_xml
+from scripts.lab.demo.support import Host, Report, StepFailed
+from scripts.lab.guest import DONE, MARKER, RAW_OFFSET, Guest, read_export
+from scripts.lab.libvirtd import Libvirtd, available, domain_xml
 
 VM, DISK = "demo-lv", "demo-lv-0"
 USER = "alice"
@@ -91,7 +90,11 @@ def step_libvirt(host: Host, r: Report, guest: Guest) -> None:
           "not touched)")  # fmt: skip
     lv.start()
     host.cleanups.append(lv.stop)
-    host.cleanups.append(lambda: lv.virsh("destroy", VM, check=False) and None)
+
+    def destroy() -> None:
+        lv.virsh("destroy", VM, check=False)
+
+    host.cleanups.append(destroy)
     v = Virsh(lv, r)
     devices = host.vmshield("libvirt", "devices", VM, "--config", str(conf), limit=12).stdout
 

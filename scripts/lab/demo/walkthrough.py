@@ -18,7 +18,7 @@ is printed as you would type it (`$DEMO` is the data directory).
   8. libvirt (when libvirtd is installed): a private libvirtd runs the vmshield qemu hook;
      `virsh start` is refused without an unlock, boots after `vmshield vm unlock`, starts
      unattended with `vmshield disk enroll-host`; start-to-first-disk-read is timed with the
-     hook and with the disk served by hand (scripts/demo_libvirt.py).
+     hook and with the disk served by hand (scripts/lab/demo/libvirt.py).
 
 Everything lives in one directory (var/demo, or --dir), wiped at the start. Every process
 started here (nbdkit servers, QEMU, usbgate, the simulated device) is stopped on the way out,
@@ -26,7 +26,7 @@ also after a failed check, an exception or Ctrl-C. Exit status 0 only if every c
 
 The simulated USB stick is usbgate's simulated device owner (usbgate/simulator.py):
 this host has no USB stack, so the owner's side (what `usbredirect` does for a real stick) is
-played in-process; QEMU's usb-redir side is real. The guest helpers come from scripts/guestlib.py.
+played in-process; QEMU's usb-redir side is real. The guest helpers come from scripts/lab/guest.py.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from demo_libvirt import libvirt_unavailable, step_libvirt  # noqa: E402
-from demo_support import (  # noqa: E402  (scripts/, this file's directory, is on sys.path)
+from keystore.sqlite.usbrules import RulesWatcher
+from nbd_plugin.luks import payload_region
+from scripts.lab import ROOT
+from scripts.lab.demo.libvirt import libvirt_unavailable, step_libvirt
+from scripts.lab.demo.support import (
     BIN,
     STEPS,
     Console,
@@ -58,11 +58,8 @@ from demo_support import (  # noqa: E402  (scripts/, this file's directory, is o
     wait_audit,
     wait_for_line,
 )
-from demo_usb_guest import step_usb_guest  # noqa: E402
-
-from keystore.sqlite.usbrules import RulesWatcher  # noqa: E402
-from nbd_plugin.luks import payload_region  # noqa: E402
-from scripts.guestlib import (  # noqa: E402  (after the sys.path line: run as a script)
+from scripts.lab.demo.usb_guest import step_usb_guest
+from scripts.lab.guest import (
     DONE,
     FAIL,
     FS_BYTES,
@@ -75,8 +72,8 @@ from scripts.guestlib import (  # noqa: E402  (after the sys.path line: run as a
     read_export,
     write_secret,
 )
-from usbgate.qmp import Qmp  # noqa: E402
-from usbgate.simulator import FakeDevice  # noqa: E402
+from scripts.lab.qmp import Qmp
+from usbgate.simulator import FakeDevice
 
 USER, VM, DISK = "alice", "demo", "demo-0"
 PASSWORD = b"correct horse battery staple"
@@ -129,7 +126,7 @@ def start_guest(
     extra: list[str] | None = None,
 ) -> Console:
     """QEMU running the test guest in `mode`, its disk the NBD export on `sock` (TCG)."""
-    argv = qemu_argv(guest, sock, mode)  # scripts/guestlib.py: the same command line the tests use
+    argv = qemu_argv(guest, sock, mode)  # scripts/lab/guest.py: the same command line the tests use
     if readonly:
         argv[argv.index("-drive") + 1] += ",readonly=on"  # for a read-only server (nbdkit -r)
     argv += extra or []
@@ -370,7 +367,7 @@ def step6_audit(host: Host, r: Report) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--dir",
         type=Path,

@@ -1,4 +1,4 @@
-"""`python -m scripts.usb_relay_bench`: usbgate's forwarding cost per packet, sans-IO.
+"""`python -m scripts.lab.bench.usb_relay`: usbgate's forwarding cost per packet, sans-IO.
 
 One Relay with an attached, judged mass-storage stick; no socket, no event loop, no guest.
 It pushes what a Linux guest's READ(10) of 120 KiB is made of through it: QEMU's CBW (bulk
@@ -100,7 +100,9 @@ def run(streams: list[tuple[bytes, bytes]], relay: Relay) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.lab.bench.usb_relay", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--commands", type=int, default=2000, help="READ(10) commands")
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best is reported")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 25")

@@ -22,10 +22,10 @@ import tempfile
 import time
 from typing import Any
 
-from nbd_plugin.bench import images
-from nbd_plugin.bench.measure import Running
-from nbd_plugin.bench.report import Report, Row, size_label
-from nbd_plugin.bench.servers import SERVERS, Paths, Server
+from scripts.lab.bench.disk import images
+from scripts.lab.bench.disk.measure import Running
+from scripts.lab.bench.disk.report import Report, Row, size_label
+from scripts.lab.bench.disk.servers import SERVERS, Paths, Server
 
 MIB = 1 << 20
 SETTLE = 1.5
@@ -178,13 +178,6 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "erase":
-        try:
-            from nbd_plugin.erase import bench as erase_bench
-        except ImportError:
-            print("bench erase: nbd_plugin.erase.bench is not there yet", file=sys.stderr)
-            return 2
-        return int(erase_bench.main(args[1:]))
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--size",
@@ -233,3 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["main", "run", "size_label"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ certificate (each pass timed including its fdatasync). The ratio method/dd is ta
 and its median reported. The crypto method is timed on a LUKS image of the same size (it
 writes only the key material, so its time is not a throughput).
 
-    python -m nbd_plugin.erase.bench [--size MIB] [--rounds N] [--dir DIR] [--json]
+    python -m scripts.lab.bench.erase [--size MIB] [--rounds N] [--dir DIR] [--json]
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.guestlib import ROOT, Guest
+from scripts.lab import ROOT
+from scripts.lab.guest import Guest
 
 MOUNTS = {
     "etc": "/etc/libvirt",

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from nbd_plugin.bench.servers import Paths, Server
+from scripts.lab.bench.disk.servers import Paths, Server
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 120.0

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD_GUEST = ROOT / "scripts" / "build-guest"
+from scripts.lab import ROOT
+
 PLUGIN = "nbd_plugin/plugin.py"  # relative: nbdkit runs from ROOT, as documented
 
 MARKER = b"This is a test for virtual machine disk encryption!"
@@ -53,10 +53,12 @@ def build_guest(guest_dir: str | None = None, variant: str = "virtio") -> Guest:
     """Run scripts/build-guest (a no-op when its cache is current) and return the images.
 
     variant "usb" is the generic kernel with xhci, usb-storage, sd and ext4 (see UsbGuest)."""
-    argv = [sys.executable, str(BUILD_GUEST), "--variant", variant]
+    argv = [sys.executable, "-m", "scripts.lab.build_guest", "--variant", variant]
     if guest_dir is not None:
-        argv += ["--dir", guest_dir]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
+        argv += ["--dir", str(Path(guest_dir).resolve())]
+    out = subprocess.run(
+        argv, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600
+    ).stdout
     values = dict(re.findall(r"^(VMLINUZ|INITRD)=(.*)$", out, re.M))
     return Guest(Path(values["VMLINUZ"]), Path(values["INITRD"]))
 

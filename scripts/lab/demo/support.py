@@ -1,4 +1,4 @@
-"""The machinery of scripts/demo.py, kept apart so the walkthrough reads as the story.
+"""The machinery of the walkthrough (walkthrough.py), kept apart so it reads as the story.
 
 `Report` prints each command and each check (✔/✘); `Host` runs commands in the demo directory
 and stops everything it started; `Console` drives a guest's serial console; `SimulatedStick`
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from usbgate.qmp import Qmp
+from scripts.lab import ROOT
+from scripts.lab.qmp import Qmp
 from usbgate.simulator import FakeDevice, FakeOwner
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 SAFE_TO_WIPE = ".vmshield-demo"  # only a directory holding this file (or empty) is wiped
 SOCKET_MAX = 107  # bytes in a unix socket path
-STEPS = 7  # the walkthrough's steps (scripts/demo.py main)
+STEPS = 7  # the walkthrough's steps (scripts/lab/demo/walkthrough.py main)
 
 
 class StepFailed(Exception):
@@ -47,7 +47,7 @@ class Report:
     demo_dir: Path
     checks: list[tuple[str, bool]] = field(default_factory=list)
     steps: list[tuple[str, bool, float]] = field(default_factory=list)
-    total: int = STEPS  #: how many steps this run has (scripts/demo.py main)
+    total: int = STEPS  #: how many steps this run has (scripts/lab/demo/walkthrough.py main)
 
     def shown(self, text: str) -> str:
         return text.replace(str(self.demo_dir), "$DEMO")

@@ -1,6 +1,6 @@
 """The Python floor: a plaintext nbdkit Python plugin that only preads and pwrites.
 
-    nbdkit python nbd_plugin/bench/floor_plugin.py file=IMAGE [thread_model=MODEL]
+    nbdkit python scripts/lab/bench/disk/floor_plugin.py file=IMAGE [thread_model=MODEL]
 
 MODEL is parallel (default), serialize_requests or serialize_all_requests. Which one is
 fastest depends on the request size and the machine (at small requests, nbdkit's threads

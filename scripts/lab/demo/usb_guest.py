@@ -15,9 +15,8 @@ import json
 import subprocess
 import time
 
-from demo_support import BIN, Host, Report, StepFailed
-
-from scripts.usb_rig import UsbRig, make_stick_image, read_stick_file
+from scripts.lab.demo.support import BIN, Host, Report, StepFailed
+from scripts.lab.usb_rig import UsbRig, make_stick_image, read_stick_file
 
 STICK_ID = "0781:5567"
 NOTE = b"This is a test for USB redirection through usbgate!\n" * 2000
