@@ -11,11 +11,14 @@ Requests::
 
     {"op":"add","name":NAME,"image":PATH,"passphrase_b64":B64,"readonly":bool,
      "keyslot":int|null,"bind":{"uuid":UUID,"domain":NAME|null}|null,
-     "discard":"ignore"|"unmap"}                       (discard optional, default ignore)
+     "discard":"ignore"|"unmap","fence":bool}         (discard, fence optional)
     {"op":"remove","name":NAME,"force":bool}
     {"op":"list"}
     {"op":"ping"}
     {"op":"events","after":int}                        (refusals logged after seq `after`)
+
+``fence: true``: the lease holder's pipe (read end) comes with the add line as an SCM_RIGHTS
+descriptor; once its write end closes, the export's I/O fails with EIO (``serve/fence.py``).
 
 Responses: ``{"ok":true,...}`` or ``{"ok":false,"error":"one line","code":CODE}`` with CODE one
 of `Code`. An export name is ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``.
@@ -105,6 +108,7 @@ class Add:
     keyslot: int | None = None
     bind: Bind | None = None
     discard: str = "ignore"
+    fence: bool = False  #: a pipe's read end comes with the request (SCM_RIGHTS)
 
     def wipe(self) -> None:
         """Overwrite the passphrase bytes (the server calls it once the key is derived)."""
@@ -120,6 +124,7 @@ class Add:
             "keyslot": self.keyslot,
             "bind": None if self.bind is None else self.bind.to_json(),
             "discard": self.discard,
+            "fence": self.fence,
         }
 
 
@@ -405,7 +410,7 @@ _KEYS: dict[str, tuple[set[str], set[str]]] = {
     # op: (required keys, optional keys), "op" itself not listed
     "add": (
         {"name", "image", "passphrase_b64"},
-        {"readonly", "keyslot", "bind", "discard"},
+        {"readonly", "keyslot", "bind", "discard", "fence"},
     ),
     "remove": ({"name"}, {"force"}),
     "list": (set(), set()),
@@ -463,6 +468,7 @@ def _parse_add(o: dict[str, Any]) -> Add:
     if discard not in DISCARD_POLICIES:
         raise RequestInvalid(f"add: discard must be one of {', '.join(DISCARD_POLICIES)}")
     bind = _bind(o.get("bind"))
+    fence = _bool(o, "fence", False)
     raw = o["passphrase_b64"]
     # checked last, so no error above runs while a decoded passphrase exists
     if not isinstance(raw, str):
@@ -475,7 +481,7 @@ def _parse_add(o: dict[str, Any]) -> Add:
         size = len(passphrase)
         passphrase[:] = bytes(size)
         raise RequestInvalid(f"add: the passphrase must be 1 to {MAX_PASSPHRASE} bytes")
-    return Add(name, image, passphrase, readonly, keyslot, bind, str(discard))
+    return Add(name, image, passphrase, readonly, keyslot, bind, str(discard), fence)
 
 
 def parse_response(line: bytes) -> Response:

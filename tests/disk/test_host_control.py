@@ -57,7 +57,7 @@ def add_line(**over: object) -> bytes:
 
 def test_requests_round_trip() -> None:
     reqs = [
-        Add("web-0", "/i.img", bytearray(SECRET), True, 3, Bind(UUID, "web"), "unmap"),
+        Add("web-0", "/i.img", bytearray(SECRET), True, 3, Bind(UUID, "web"), "unmap", True),
         Add("a", "/i.img", bytearray(b"x")),
         Remove("web-0", force=True),
         List(),
@@ -105,7 +105,7 @@ def test_add_parses_every_field_and_keeps_the_passphrase_out_of_repr() -> None:
         ({"passphrase_b64": ""}, "the passphrase must be 1 to 8192 bytes"),
         ({"passphrase_b64": 12}, "passphrase_b64 must be a base64 string"),
         ({"passphrase_b64": ...}, "add: passphrase_b64 is required"),
-        ({"extra": 1}, "add: an unknown key (known: bind, discard, image, keyslot, name, passph"),
+        ({"extra": 1}, "add: an unknown key (known: bind, discard, fence, image, keyslot, name,"),
     ],
 )
 def test_invalid_add_says_what_in_one_line_without_the_passphrase(
