@@ -216,6 +216,7 @@ class Exports:
     def add(self, req: Add, fence_fd: int | None = None) -> Response:
         """Unlock and serve ``req.image`` as ``req.name`` (the KDF runs in this thread)."""
         readonly = req.readonly or self.readonly
+        started = time.monotonic()
         fence: Fence | None = None
         with self._lock:
             if req.name in self._exports or req.name in self._adding:
@@ -246,8 +247,9 @@ class Exports:
                 self._exports[req.name] = export
             mode = "read-only" if readonly else "read-write"
             bound = f", bound to VM {req.bind.uuid}" if req.bind else ", unbound"
+            took = (time.monotonic() - started) * 1000
             self._log(f"{stamp(self._clock())} vmshield: export {req.name} added: {req.image} "
-                      f"({mode}{bound})")  # fmt: skip
+                      f"({mode}{bound}) in {took:.0f} ms")  # fmt: skip
             return Ok({"export": export.info().to_json()})
         finally:
             with self._lock:
