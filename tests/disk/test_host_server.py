@@ -399,3 +399,58 @@ def test_host_server_locks_its_memory_and_bad_parameters_are_one_line(
         )  # fmt: skip
         assert r.returncode == 1 and "another host server is running on it" in r.stderr
         assert host.call(Ping()).body["pid"] == host.pid()
+
+
+def _writer(
+    host: Host, export: str, acked: dict[int, bytes], pending: dict[int, bytes], stop: object
+) -> None:
+    """Writes 4 KiB blocks with FUA until the server dies; records what was acknowledged."""
+    import nbd
+
+    h = nbd_open(host, export)
+    gen = 0
+    try:
+        while not stop.is_set():  # type: ignore[attr-defined]
+            gen += 1
+            block = gen * 7919 % 256
+            data = f"{export}:{block}:{gen}:".encode().ljust(4096, b".")
+            pending[block] = data
+            h.pwrite(data, block * 4096, nbd.CMD_FLAG_FUA)  # type: ignore[attr-defined]
+            acked[block] = data
+            del pending[block]
+    except nbd.Error:
+        pass  # the server was killed under this write
+
+
+def test_sigkill_of_the_host_server_loses_no_acknowledged_write(
+    two: dict[str, tuple[Path, bytes]], sockdir: Path
+) -> None:
+    """Two exports written at once with FUA; SIGKILL; a new server, the disks added again:
+    every block holds its last acknowledged write, or the one in flight at the kill."""
+    import threading
+
+    state = {n: ({}, {}) for n in two}  # type: dict[str, tuple[dict[int, bytes], dict[int, bytes]]]
+    stop = threading.Event()
+    with host_server(sockdir) as host:
+        for name, (image, secret) in two.items():
+            add(host, name, image, secret)
+        threads = [
+            threading.Thread(target=_writer, args=(host, n, *state[n], stop)) for n in two
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        os.kill(host.pid(), 9)
+        for t in threads:
+            t.join(timeout=30)
+        stop.set()
+    with host_server(sockdir) as host:  # the dead server's control socket is replaced
+        for name, (image, secret) in two.items():
+            add(host, name, image, secret)
+        for name, (acked, pending) in state.items():
+            assert len(acked) > 10, name
+            h = nbd_open(host, name)
+            for block, data in acked.items():
+                got = h.pread(4096, block * 4096)  # type: ignore[attr-defined]
+                assert got == data or got == pending.get(block), (name, block)
+            h.shutdown()  # type: ignore[attr-defined]
