@@ -301,8 +301,10 @@ class Exports:
         with self._lock:
             return sorted(self._exports.values(), key=lambda e: e.name)
 
-    def names(self) -> list[str]:
-        return [e.name for e in self.snapshot()]
+    def names(self, peer: Peer | None = None) -> list[str]:
+        """Export names; with ``peer``, only those it may open (NBD_OPT_LIST tells a client
+        nothing about other VMs' disks)."""
+        return [e.name for e in self.snapshot() if peer is None or _may_open(e, peer)]
 
     def events(self, after: int) -> tuple[list[Event], int]:
         with self._lock:
@@ -363,6 +365,16 @@ class Exports:
         for e in exports:
             e.removed = True
             e.close()
+
+
+def _may_open(export: Export, peer: Peer) -> bool:
+    if export.bind is None:
+        return True
+    try:
+        Binding(export.bind.uuid, export.bind.domain).check(peer)
+    except PeerRefused:
+        return False
+    return True
 
 
 __all__ = ["Connection", "Export", "ExportRefused", "Exports", "stderr_line"]

@@ -205,6 +205,12 @@ def test_unknown_export_and_another_vms_qemu_are_refused_and_reported(
         )  # fmt: skip
         out, _ = r.communicate(timeout=30)
         assert r.returncode != 0 and str(SIZE) not in out
+        # listing shows nbdinfo the unbound export only, not another VM's disk
+        listing = subprocess.run(
+            ["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={host.sock}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert [e["export-name"] for e in json.loads(listing.stdout)["exports"]] == ["db-0"]
         r2 = subprocess.run(["nbdinfo", "--size", host.uri("nope")], capture_output=True)
         assert r2.returncode != 0
         ok = subprocess.run(["nbdinfo", "--size", host.uri("db-0")], capture_output=True, text=True)
