@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -460,3 +461,74 @@ def test_sigkill_of_the_host_server_loses_no_acknowledged_write(
                 got = h.pread(4096, block * 4096)  # type: ignore[attr-defined]
                 assert got == data or got == pending.get(block), (name, block)
             h.shutdown()  # type: ignore[attr-defined]
+
+
+@contextmanager
+def slow_file(image: Path, where: Path, delay: float) -> Iterator[Path]:
+    """``image``'s bytes as a read-only file whose every uncached read takes ``delay`` seconds:
+    nbdkit's file plugin behind its delay filter, mounted with nbdfuse (FUSE)."""
+    mnt = where / "slow"
+    mnt.mkdir()
+    argv = ["nbdfuse", "-r", str(mnt), "[", "nbdkit", "-r", "--filter=delay", "file",
+            str(image), f"delay-read={int(delay * 1000)}ms", "]"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (mnt / "nbd").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nbdfuse did not mount: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.05)
+        yield mnt / "nbd"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_slow_export_does_not_stall_another(sockdir: Path, tmp_path: Path) -> None:
+    """Every uncached read of web-0's image takes 0.3 s (FUSE over a delayed NBD server);
+    while a client keeps web-0 busy, db-0's reads take milliseconds: requests to different
+    exports do not wait for each other (a server that serialized them would make each db-0
+    read wait up to 0.3 s)."""
+    import threading
+
+    if not os.path.exists("/dev/fuse") or shutil.which("nbdfuse") is None:
+        pytest.skip("needs /dev/fuse and nbdfuse (libnbd-bin)")
+    web = make_image(tmp_path / "web.img", b"pw-web", size=64 * MIB)
+    db = make_image(tmp_path / "db.img", b"pw-db")
+    stop = threading.Event()
+    slow: list[float] = []
+
+    def keep_busy(host: Host) -> None:
+        h = nbd_open(host, "web-0")
+        block = 0
+        while not stop.is_set():
+            block += 37
+            start = time.monotonic()
+            h.pread(4096, block * 4096 % (60 * MIB))  # type: ignore[attr-defined]
+            slow.append(time.monotonic() - start)
+        h.shutdown()  # type: ignore[attr-defined]
+
+    with slow_file(web, tmp_path, 0.3) as slow_image, host_server(sockdir) as host:
+        add(host, "web-0", slow_image, b"pw-web", readonly=True)
+        add(host, "db-0", db, b"pw-db")
+        busy = threading.Thread(target=keep_busy, args=(host,))
+        busy.start()
+        fast: list[float] = []
+        try:
+            h = nbd_open(host, "db-0")
+            time.sleep(0.5)
+            for i in range(40):
+                start = time.monotonic()
+                h.pread(4096, i * 4096)  # type: ignore[attr-defined]
+                fast.append(time.monotonic() - start)
+                time.sleep(0.02)
+            h.shutdown()  # type: ignore[attr-defined]
+        finally:
+            stop.set()
+            busy.join(timeout=30)
+    assert len(slow) >= 3 and min(slow) >= 0.25, slow  # web-0 really was slow meanwhile
+    assert sorted(fast)[-3] < 0.1, fast  # db-0 was not (one or two scheduling hiccups allowed)
