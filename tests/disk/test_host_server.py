@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import time
 import uuid
@@ -535,4 +536,5 @@ def test_a_slow_export_does_not_stall_another(sockdir: Path, tmp_path: Path) -> 
             stop.set()
             busy.join(timeout=30)
     assert len(slow) >= 3 and min(slow) >= 0.25, slow  # web-0 really was slow meanwhile
-    assert sorted(fast)[-3] < 0.1, fast  # db-0 was not (one or two scheduling hiccups allowed)
+    # db-0 was not: serialized behind web-0, its median read took ~0.28 s here
+    assert statistics.median(fast) < 0.05 and sorted(fast)[-5] < 0.2, fast
