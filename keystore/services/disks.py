@@ -195,7 +195,7 @@ def create_disk(
     """
     paths.check_disk_name(name)
     with interrupts.deferred_signals() as stop:
-        store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+        store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name))
         _stop_if(stop, name)
         store.run(
             lambda r: r.add_disk(
@@ -225,7 +225,7 @@ def create_disk(
     # the new keyslot may cost more than the owner's verifier: raise the verifier to it (an
     # authentication through the covering policy rehashes; issue 20 B5)
     policy = verifier.covering_policy([str(path)])
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
 
 
 def _stop_if(stop: interrupts.Pending, name: str) -> None:

@@ -291,7 +291,7 @@ def serve_disk(
     """
     # a verifier below this disk's keyslots is raised to them by this very check (B5)
     policy = verifier.covering_policy([disk.path])
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
     return serve_recorded(store, disk, password, files, readonly=readonly, who=who, bind=bind)
 
 
