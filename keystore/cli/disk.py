@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from keystore import paths, sizes
+from keystore.cli import abandoned
 from keystore.cli.options import (
     SecretReader,
     actor,
@@ -98,6 +99,7 @@ def create(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
     store = Keystore(db)
+    abandoned.reap(db)  # a killed create of this name or path would be in the way
     v = run(db, lambda r: r.get_vm(vm))
     disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
     paths.check_disk_name(disk_name)  # refused before anything is said or made
@@ -205,6 +207,7 @@ def serve_(
     line, an environment or a file. Only the socket's owner can connect to it: whoever
     can connect reads the plaintext, unless --bind-vm.
     """
+    abandoned.reap(db)
     store = Keystore(db)
     d, v, files = serve.prepare(store, disk_name, socket, readonly=readonly)
     if unattended:
@@ -303,6 +306,7 @@ def list_(vm: str | None, raw: bool, as_json: bool, db: Path | None) -> None:
     A disk whose image a server vmshield did not start holds (nbdkit by hand, a systemd
     unit) shows as served outside vmshield, with that process's pid.
     """
+    abandoned.reap(db)
     rows = run(db, lambda r: _listing(r, vm))
     if as_json:
         out: list[dict[str, Any]] = []

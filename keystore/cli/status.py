@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from keystore.auth import human_duration
+from keystore.cli import abandoned
 from keystore.cli.options import db_option, emit_json, handle_errors, json_option, table
 from keystore.services import hookconf
 from keystore.services import status as statusmod
@@ -35,6 +36,7 @@ def status(as_json: bool, db: Path | None) -> None:
     or a systemd unit shows too. Clients and other users' processes are visible to root.
     Times are UTC.
     """
+    abandoned.reap(db)
     st = statusmod.collect(Keystore(db), hookconf.run_dirs())
     if as_json:
         emit_json(st.to_json())

@@ -20,7 +20,7 @@ from keystore import paths, sizes
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
-from keystore.services import interrupts, verifier
+from keystore.services import creating, interrupts, verifier
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -191,10 +191,11 @@ def create_disk(
     is removed again, the partial image and the record, with an audit row saying why. A
     signal is acted on between steps (a step is not cut in half: the KDF runs to its end)
     and ends it with `Interrupted` (exit 130 for Ctrl-C). SIGKILL leaves the `creating`
-    record (`vmshield disk forget NAME` drops it).
+    record and its marker: the next command that meets them finishes the undo
+    (keystore.services.creating).
     """
     paths.check_disk_name(name)
-    with interrupts.deferred_signals() as stop:
+    with interrupts.deferred_signals() as stop, creating.creating(store, name, path):
         store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name))
         _stop_if(stop, name)
         store.run(

@@ -34,7 +34,6 @@ from typing import Any
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState
-from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.services import interrupts, verifier
 from keystore.services.disks import DiskOpError, change_key
@@ -64,18 +63,8 @@ class Kdf:
 
 
 def journal_dir(store: Keystore) -> Path:
-    """Where password-change journals live: next to the keystore file (for a PostgreSQL
-    keystore: beside this host's default keystore file, where its disks are)."""
-    if isinstance(store.location, PgUrl):
-        base = paths.SYSTEM_DB.parent if os.geteuid() == 0 else _user_data()
-    else:
-        base = store.location.parent
-    return base / "passwd"
-
-
-def _user_data() -> Path:
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "vmshield"
+    """Where password-change journals live: in the keystore's state directory."""
+    return store.state_dir() / "passwd"
 
 
 class Journal:
