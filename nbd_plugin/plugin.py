@@ -28,6 +28,9 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
     fence=-FD         the read end of the lease holder's pipe (vmshield disk serve on a
                       PostgreSQL keystore): once it closes, every request fails with EIO
                       and nbdkit shuts down (nbd_plugin/serve/fence.py).
+    stats=PATH        publish the bytes clients read and write to PATH (JSON, replaced
+                      atomically, at most once per second: nbd_plugin/serve/stats.py);
+                      `vmshield disk serve` puts it beside the socket for `vmshield status`
 
 This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.
@@ -56,6 +59,7 @@ from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
 from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: E402
 from nbd_plugin.serve.peers import PeerRefused, nbdkit_peer, read_peer  # noqa: E402
+from nbd_plugin.serve.stats import IoStats, Publisher  # noqa: E402
 
 API_VERSION = 2
 
@@ -67,6 +71,8 @@ _config = ServerConfig()
 _connections = ConnectionLog()
 _disk = None
 _binding = None
+_stats = IoStats()
+_publisher = None
 
 
 def _fail(message):
@@ -109,10 +115,14 @@ def config_complete():
 def after_fork():
     # In the serving process (nbdkit forks unless -f; mlock does not survive the fork): keep
     # every page holding the master key out of swap, then load the numba kernels on a thread.
+    global _publisher
     problem = lock_all_memory()
     if problem is not None:
         print(f"nbdkit: vmshield: warning: {problem}", file=sys.stderr, flush=True)
     start_loading()
+    if _config.stats is not None:
+        _publisher = Publisher(_stats, _config.stats)
+        _publisher.start()
 
 
 def thread_model():
@@ -228,6 +238,7 @@ def pread(h, buf, offset, flags):
     except Exception as exc:
         _io_error(exc)
         raise
+    _stats.add_read(len(buf))
 
 
 def pwrite(h, buf, offset, flags):
@@ -237,6 +248,7 @@ def pwrite(h, buf, offset, flags):
     except Exception as exc:
         _io_error(exc)
         raise
+    _stats.add_written(len(buf))
 
 
 def flush(h, flags):
@@ -286,5 +298,7 @@ def extents(h, count, offset, flags):
 
 
 def cleanup():
+    if _publisher is not None:
+        _publisher.stop()  # the final counts
     if _disk is not None:
         _disk.close()
