@@ -29,6 +29,7 @@ from keystore.cli.options import (
     table,
     wipe,
 )
+from keystore.cli.progress import progress_option, reporter
 from keystore.cli.unlock import _host_key_path, host_key_option
 from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
@@ -74,6 +75,7 @@ def disk() -> None:
 @click.option("--name", help="Disk name (default: VM-N, e.g. web1-0).")
 @kdf_options
 @password_file_option
+@progress_option
 @db_option
 @handle_errors
 def create(
@@ -86,6 +88,7 @@ def create(
     iter_time_ms: int,
     iterations: int | None,
     password_file: Path | None,
+    progress: bool | None,
     db: Path | None,
 ) -> None:
     """Create an encrypted disk for VM, with a keyslot for the VM owner's password.
@@ -121,6 +124,7 @@ def create(
             iterations=iterations,
             iter_time_ms=iter_time_ms,
             who=actor(),
+            progress=reporter(progress),
         )
     finally:
         wipe(pw)

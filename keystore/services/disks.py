@@ -21,6 +21,7 @@ from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
 from keystore.services import creating, interrupts, verifier
+from keystore.services.progress import Progress, Report, silent
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -183,8 +184,11 @@ def create_disk(
     iterations: int | None,
     iter_time_ms: int,
     who: str,
+    progress: Report = silent,
 ) -> None:
     """Authenticate `vm`'s owner with `password`, record the disk, create its image.
+    `progress` gets a line as each of the three steps begins (the password check, the
+    image with its keyslot, the owner's verifier), with the time left.
 
     The record is `creating` while the image is written, then `ready`. If anything stops
     it (the image cannot be made, the keystore fails, SIGINT/SIGTERM/SIGHUP), what was made
@@ -195,7 +199,9 @@ def create_disk(
     (keystore.services.creating).
     """
     paths.check_disk_name(name)
+    steps = Progress(progress, 3, estimate=iter_time_ms / 1000)
     with interrupts.deferred_signals() as stop, creating.creating(store, name, path):
+        steps.step(f"checking the password of {vm.owner}")
         store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name))
         _stop_if(stop, name)
         store.run(
@@ -206,6 +212,7 @@ def create_disk(
         made = False
         try:
             _stop_if(stop, name)
+            steps.step(f"writing {path} and its keyslot")
             create(
                 path,
                 size,
@@ -226,6 +233,7 @@ def create_disk(
     # the new keyslot may cost more than the owner's verifier: raise the verifier to it (an
     # authentication through the covering policy rehashes; issue 20 B5)
     policy = verifier.covering_policy([str(path)])
+    steps.step(f"the keystore verifier of {vm.owner}")
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
 
 
