@@ -78,16 +78,23 @@ def creating(store: Keystore, name: str, path: Path) -> Iterator[None]:
     record exists, and removed when the block ends however it ends, except by SIGKILL."""
     start = process_start(os.getpid())
     marker = _marker(store, name)
-    paths.private_dir(marker.parent)
     blob = json.dumps({"pid": os.getpid(), "start": start, "path": str(path)}).encode()
     tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
-    fd = os.open(tmp, paths.NEW_FILE, 0o600)
     try:
-        os.write(fd, blob)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, marker)
+        paths.private_dir(marker.parent)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a killed create that had this pid
+        fd = os.open(tmp, paths.NEW_FILE, 0o600)
+        try:
+            os.write(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, marker)
+    except OSError as e:
+        raise KeystoreError(
+            f"cannot write {marker} (what a killed create leaves is found by it): {e.strerror or e}"
+        ) from None
     try:
         yield
     finally:
