@@ -91,11 +91,12 @@ def default_image_dir(db_path: Path) -> Path:
 
 
 #: Disk names whose run-directory files would be another's: a disk's files are DISK.sock,
-#: DISK.pid, DISK.log and DISK.lease.log; a VM's are VM-usb.sock (usbgate's listener),
-#: VM-usbN.sock (usb-redir slots), VM-usbgate.pid/.log and VM.domain. So a disk named
-#: `web-usb`, `web-usb0` or `web-usbgate` would take VM web's usbgate socket, slot or pid/log
-#: file, and one named `web-0.lease` disk web-0's lease log. Such names are refused (for any
-#: VM, existing or future: the rule needs no lookup and cannot race).
+#: DISK.pid, DISK.log, DISK.stats and DISK.lease.log; a VM's are VM-usb.sock (usbgate's
+#: listener), VM-usbN.sock (usb-redir slots), VM-usbgate.pid/.log/.state and VM.domain.
+#: So a disk named `web-usb`, `web-usb0` or `web-usbgate` would take VM web's usbgate
+#: socket, slot or pid/log file, and one named `web-0.lease` disk web-0's lease log. Such
+#: names are refused (for any VM, existing or future: the rule needs no lookup and cannot
+#: race).
 _RESERVED_DISK_NAME = re.compile(r"(-usb(gate|[0-9]*)|\.lease)$")
 
 

@@ -1,11 +1,11 @@
 """The one policy for new secrets and new images, whichever command makes them.
 
 A user's password (`user add`, `user passwd`) is also the LUKS passphrase of that user's
-keyslot on every disk (`disk create` writes it), and `image create` writes a passphrase of
-its own: all of them are new secrets and pass `check_new_secret`, with the one minimum
-length below. New images, from `disk create` and `image create` alike, are LUKS2 with an
-argon2id keyslot unless `--format luks1` is asked for: QEMU's own luks driver and nbdkit's
-luks filter open LUKS1 only.
+keyslot on every disk (`disk create` writes it), and `image create`, `image add-key` and
+`image passwd` write a passphrase of their own: all of them are new secrets and pass
+`check_new_secret`, with the one minimum length below. New images, from `disk create` and
+`image create` alike, are LUKS2 with an argon2id keyslot unless `--format luks1` is asked
+for: QEMU's own luks driver and nbdkit's luks filter open LUKS1 only.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
     fence=-FD         the read end of the lease holder's pipe (vmshield disk serve on a
                       PostgreSQL keystore): once it closes, every request fails with EIO
                       and nbdkit shuts down (nbd_plugin/serve/fence.py).
+    stats=PATH        publish the bytes clients read and write to PATH (JSON, replaced
+                      atomically, at most once per second: nbd_plugin/serve/stats.py);
+                      `vmshield disk serve` puts it beside the socket for `vmshield status`
 
 Host mode, one server for every disk of the host (each disk an NBD export named after it):
 
@@ -68,6 +71,7 @@ from nbd_plugin.serve.exports import ExportRefused  # noqa: E402
 from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: E402
 from nbd_plugin.serve.hostserver import HostServer  # noqa: E402
 from nbd_plugin.serve.peers import PeerRefused, nbdkit_peer, read_peer  # noqa: E402
+from nbd_plugin.serve.stats import IoStats, Publisher  # noqa: E402
 
 API_VERSION = 2
 
@@ -80,6 +84,8 @@ _connections = ConnectionLog()
 _disk = None
 _binding = None
 _host = None  # host mode (control=): the exports and the control socket
+_stats = IoStats()
+_publisher = None
 
 
 def _fail(message):
@@ -133,12 +139,16 @@ def config_complete():
 def after_fork():
     # In the serving process (nbdkit forks unless -f; mlock does not survive the fork): keep
     # every page holding the master key out of swap, then load the numba kernels on a thread.
+    global _publisher
     problem = lock_all_memory()
     if problem is not None:
         print(f"nbdkit: vmshield: warning: {problem}", file=sys.stderr, flush=True)
     start_loading()
     if _host is not None:
         _host.after_fork()
+    if _config.stats is not None:
+        _publisher = Publisher(_stats, _config.stats)
+        _publisher.start()
 
 
 def thread_model():
@@ -269,6 +279,7 @@ def pread(h, buf, offset, flags):
     except Exception as exc:
         _io_error(exc)
         raise
+    _stats.add_read(len(buf))
 
 
 def pwrite(h, buf, offset, flags):
@@ -278,6 +289,7 @@ def pwrite(h, buf, offset, flags):
     except Exception as exc:
         _io_error(exc)
         raise
+    _stats.add_written(len(buf))
 
 
 def flush(h, flags):
@@ -329,5 +341,7 @@ def extents(h, count, offset, flags):
 def cleanup():
     if _host is not None:
         _host.cleanup()
+    if _publisher is not None:
+        _publisher.stop()  # the final counts
     if _disk is not None:
         _disk.close()

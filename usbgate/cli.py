@@ -174,6 +174,14 @@ def main() -> None:
     help="Connections at once from one IP address (or one local user on a unix socket); "
     "more are refused. Refusals are audited once, then counted per peer every 10 s.",
 )
+@click.option(
+    "--state",
+    "state_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Publish the devices attached now to FILE (JSON, replaced whenever they change; "
+    "removed on exit): `vmshield status` shows them. The libvirt hook gives "
+    "RUN_DIR/VM-usbgate.state.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and decision.")
 def run(
     vm: str,
@@ -186,6 +194,7 @@ def run(
     hello_timeout: float,
     idle_timeout: float,
     max_per_peer: int,
+    state_file: Path | None,
     verbose: bool,
 ) -> None:
     """Run the gateway for one VM until SIGINT/SIGTERM.
@@ -215,7 +224,8 @@ def run(
     audit = _audit_sink(db, rules_file)
     gateway = Gateway(vm, listen, qemu, rules, audit, poll_interval=poll_ms / 1000,
                       probe_timeout=probe_timeout, hello_timeout=hello_timeout,
-                      idle_timeout=idle_timeout, max_per_peer=max_per_peer)  # fmt: skip
+                      idle_timeout=idle_timeout, max_per_peer=max_per_peer,
+                      state_file=None if state_file is None else state_file.absolute())  # fmt: skip
     try:
         asyncio.run(_serve(gateway, audit))
     except RuleSourceError as exc:

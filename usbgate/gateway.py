@@ -9,6 +9,10 @@ When the rules change it re-judges every attached device and revokes those no lo
 allowed, in the same loop iteration: the device_disconnect is on its way to QEMU a fraction
 of a millisecond after the change is seen, well within the 50 ms target. A device blocked
 earlier (its owner still connected) that the new rules allow is forwarded the same way.
+
+With a ``state_file``, the same watcher publishes the devices attached now (slot, owner,
+VID:PID, class, serial, since) whenever they change, replaced atomically
+(nbd_plugin/osutil/statefile.py): `vmshield status` reads it. It is removed on stop.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import socket
 import struct
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from nbd_plugin.osutil import statefile
 from usbgate.addresses import READ_SIZE, Address, open_stream, start_server
 from usbgate.auditing import REFUSAL_WINDOW, DenialSink, Refusals
 from usbgate.errors import ProtocolError, RuleSourceError
@@ -59,6 +66,7 @@ class Gateway:
         idle_timeout: float = IDLE_TIMEOUT,
         max_per_peer: int = MAX_PER_PEER,
         refusal_window: float = REFUSAL_WINDOW,
+        state_file: Path | None = None,
     ) -> None:
         if not qemu_slots:
             raise ValueError("at least one QEMU usb-redir slot is needed")
@@ -85,6 +93,9 @@ class Gateway:
         """Seconds from seeing a rule change to having detached the device (latest 1000)."""
         self.admissions: collections.deque[float] = collections.deque(maxlen=1000)
         """Seconds from seeing a rule change to forwarding a blocked device (latest 1000)."""
+        self.state_file = state_file
+        self._published: list[dict[str, Any]] | None = None
+        self._since: dict[tuple[int, str], float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -92,6 +103,7 @@ class Gateway:
         """Load the rules (RuleSourceError if they cannot be read), then listen and watch."""
         self.rules = self.rule_source.load(self.vm)
         self._server = await start_server(self.listen, self._accept)
+        self._publish()
         self._watcher = asyncio.create_task(self._watch())
         log.info("usbgate for vm %s listening on %s, %d slot(s), %d rule(s)",
                  self.vm, self.listen, len(self.qemu_slots), len(self.rules))  # fmt: skip
@@ -129,6 +141,9 @@ class Gateway:
         self.rule_source.close()
         self.refusals.flush(everything=True)
         self.denials.flush(everything=True)
+        if self.state_file is not None:
+            with contextlib.suppress(OSError):
+                self.state_file.unlink()
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -157,6 +172,36 @@ class Gateway:
             self._refresh()
             self.refusals.flush()
             self.denials.flush()
+            self._publish()
+
+    def attached(self) -> list[dict[str, Any]]:
+        """The devices attached to the VM now, by slot: who offers them, what they are and
+        since when (epoch seconds)."""
+        out = []
+        now = time.time()
+        live: dict[tuple[int, str], float] = {}
+        for slot, session in sorted(self.sessions.items()):
+            device = session.device
+            if device is None or session.state is not State.ATTACHED:
+                continue
+            what = device.describe()
+            key = (slot, f"{what['vid_pid']}/{what['serial']}")
+            live[key] = self._since.get(key, now)
+            out.append({"slot": slot, "owner": session.peer, **what, "since": live[key]})
+        self._since = live
+        return out
+
+    def _publish(self) -> None:
+        """Write the attached devices to the state file if they changed."""
+        if self.state_file is None:
+            return
+        now = self.attached()
+        if now == self._published:
+            return
+        with contextlib.suppress(OSError):
+            statefile.publish(self.state_file, {"pid": os.getpid(), "vm": self.vm,
+                                                "attached": now})  # fmt: skip
+            self._published = now
 
     def _enforce(self, seen: float) -> None:
         """Revoke every attached device the current rules no longer allow; forward every

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -19,7 +23,6 @@ from keystore.cli.options import (
     json_option,
     resolve_location,
     run,
-    table,
     when,
 )
 from keystore.models import AuditEntry
@@ -41,6 +44,52 @@ def _row(e: AuditEntry) -> list[str]:
 
 
 HEADERS = ["seq", "time (utc)", "actor", "os user", "action", "vm", "detail"]
+
+#: the narrowest detail column; a narrower terminal gets each detail under its row
+MIN_DETAIL = 24
+#: how far a detail under its row is indented
+DETAIL_INDENT = 4
+
+
+def _width() -> int | None:
+    """The width to wrap rows to: COLUMNS when set, else the terminal's when stdout is one;
+    None (no wrapping) for a pipe, which grep and awk read a row per line."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdecimal() and int(columns) > 0:
+        return int(columns)
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _lines(rows: list[list[str]], width: int | None, *, header: bool = True) -> list[str]:
+    """The table view of `rows`, aligned. With a `width`, a detail (the last column) too long
+    for the room beside the other columns is cut at spaces into continuation lines under
+    itself; when that room is under MIN_DETAIL, every detail goes under its row, indented."""
+    head = [h.upper() for h in HEADERS] if header else None
+    cols = [*([head] if head else []), *rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(HEADERS))] if cols else []
+    if width is None or not cols:
+        return [_join(r, widths) for r in cols]
+    room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+    if room >= MIN_DETAIL:
+        out = [_join(head, widths)] if head else []
+        for r in rows:
+            parts = textwrap.wrap(r[-1], room, break_on_hyphens=False) or [""]
+            out.append(_join([*r[:-1], parts[0]], widths))
+            out.extend(_join([*([""] * (len(r) - 1)), p], widths) for p in parts[1:])
+        return out
+    short = widths[:-1]
+    out = [_join(head[:-1], short)] if head else []
+    for r in rows:
+        out.append(_join(r[:-1], short))
+        indent = " " * DETAIL_INDENT
+        out.extend(textwrap.wrap(r[-1], max(MIN_DETAIL, width - DETAIL_INDENT),
+                                 initial_indent=indent, subsequent_indent=indent,
+                                 break_on_hyphens=False))  # fmt: skip
+    return out
+
+
+def _join(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def _time(param: str) -> Callable[[click.Context, click.Parameter, str | None], datetime | None]:
@@ -75,9 +124,13 @@ def _follow(db: Path | None, vm: str | None, chosen: AuditFilter, last: int, as_
                 if e.seq <= last:
                     continue
                 last = e.seq
-                if chosen.matches(e):
-                    text = json.dumps(e.to_json(), default=str, sort_keys=True)
-                    click.echo(text if as_json else "  ".join(_row(e)))
+                if not chosen.matches(e):
+                    continue
+                if as_json:
+                    click.echo(json.dumps(e.to_json(), default=str, sort_keys=True))
+                    continue
+                for line in _lines([_row(e)], _width(), header=False):
+                    click.echo(line)
     except KeyboardInterrupt:
         return
 
@@ -133,6 +186,8 @@ def audit(
     one row carrying the hash of the previous row. No password or passphrase is ever
     recorded. ACTOR is who the command says it runs for ($SUDO_USER under sudo); OS USER
     is the real uid of the process that wrote the row, which the caller cannot choose.
+    A login (auth.*) made to open a VM's disks carries that VM. On a terminal (or with
+    COLUMNS set) a long detail wraps to the width; a pipe gets one line per row.
 
     \b
     Examples:
@@ -153,7 +208,8 @@ def audit(
     elif as_json:
         emit_json([e.to_json() for e in rows])
     else:
-        table([_row(e) for e in rows], HEADERS)
+        for line in _lines([_row(e) for e in rows], _width()):
+            click.echo(line)
     if follow:
         _follow(db, vm, chosen, every[-1].seq if every else 0, as_json, FOLLOW_INTERVAL)
 

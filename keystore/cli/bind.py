@@ -90,7 +90,7 @@ def bind(
     )
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
     try:
-        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
+        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor(), vm=v.name))
         bound = binding.bind(d.path, bytes(pw), pin, config)
     finally:
         wipe(pw)
@@ -140,7 +140,7 @@ def unbind(disk_name: str, slot: int, password_file: Path | None, db: Path | Non
     v = run(db, lambda r: r.get_vm(d.vm))
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
     try:
-        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
+        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor(), vm=v.name))
         pins = binding.unbind(d.path, bytes(pw), slot)
     finally:
         wipe(pw)

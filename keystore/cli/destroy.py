@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from keystore.cli import abandoned
 from keystore.cli.erase import confirm, done_event, method_option, methods_help, run_erase, summary
 from keystore.cli.options import actor, db_option, emit_json, handle_errors, resolve_db, run
 from keystore.services import destroy as destroying
@@ -71,6 +72,7 @@ def destroy(
     db: Path | None,
 ) -> None:
     store = Keystore(db)
+    abandoned.reap(db)
     disk = run(db, lambda r: destroying.claim(r, disk_name, method, actor()))
     destroying.check_not_served(disk)  # before asking; execute() checks again
     if not force:

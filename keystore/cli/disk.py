@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from keystore import paths, sizes
+from keystore.cli import abandoned
 from keystore.cli.options import (
     SecretReader,
     actor,
@@ -28,6 +29,7 @@ from keystore.cli.options import (
     table,
     wipe,
 )
+from keystore.cli.progress import progress_option, reporter
 from keystore.cli.unlock import _host_key_path, host_key_option
 from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
@@ -73,6 +75,7 @@ def disk() -> None:
 @click.option("--name", help="Disk name (default: VM-N, e.g. web1-0).")
 @kdf_options
 @password_file_option
+@progress_option
 @db_option
 @handle_errors
 def create(
@@ -85,6 +88,7 @@ def create(
     iter_time_ms: int,
     iterations: int | None,
     password_file: Path | None,
+    progress: bool | None,
     db: Path | None,
 ) -> None:
     """Create an encrypted disk for VM, with a keyslot for the VM owner's password.
@@ -98,6 +102,7 @@ def create(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
     store = Keystore(db)
+    abandoned.reap(db)  # a killed create of this name or path would be in the way
     v = run(db, lambda r: r.get_vm(vm))
     disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
     paths.check_disk_name(disk_name)  # refused before anything is said or made
@@ -119,6 +124,7 @@ def create(
             iterations=iterations,
             iter_time_ms=iter_time_ms,
             who=actor(),
+            progress=reporter(progress),
         )
     finally:
         wipe(pw)
@@ -205,6 +211,7 @@ def serve_(
     line, an environment or a file. Only the socket's owner can connect to it: whoever
     can connect reads the plaintext, unless --bind-vm.
     """
+    abandoned.reap(db)
     store = Keystore(db)
     d, v, files = serve.prepare(store, disk_name, socket, readonly=readonly)
     if unattended:
@@ -303,6 +310,7 @@ def list_(vm: str | None, raw: bool, as_json: bool, db: Path | None) -> None:
     A disk whose image a server vmshield did not start holds (nbdkit by hand, a systemd
     unit) shows as served outside vmshield, with that process's pid.
     """
+    abandoned.reap(db)
     rows = run(db, lambda r: _listing(r, vm))
     if as_json:
         out: list[dict[str, Any]] = []

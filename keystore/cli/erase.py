@@ -68,7 +68,10 @@ def run_erase(
     path: str, method: str, options: EraseOptions, as_json: bool, reporter: Reporter | None = None
 ) -> Certificate:
     """Run the erase with a progress bar (or JSON lines); errors become EraseFailed."""
-    rep = reporter or (JsonLinesReporter() if as_json else RichReporter())
+    passes = len(METHODS[method].passes) if method in METHODS else 0
+    rep = reporter or (
+        JsonLinesReporter() if as_json else RichReporter(passes=passes, verify=options.verify)
+    )
     try:
         cert = erase_image(path, method, options, rep)
     except ImageBusy as e:

@@ -241,7 +241,7 @@ def add_key(
     """Add a passphrase to PATH, authorised by an existing one."""
     reader = _reader()
     old = reader.read("Existing passphrase", file=passphrase_file)
-    new = reader.read("New passphrase", confirm=True, file=new_passphrase_file)
+    new = reader.read_new("New passphrase", file=new_passphrase_file)
     index = _guard(
         lambda: luks.add_key(
             str(path),
@@ -285,7 +285,7 @@ def passwd(
     """Change a passphrase: the new keyslot is written before the old one is wiped."""
     reader = _reader()
     old = reader.read("Current passphrase", file=passphrase_file)
-    new = reader.read("New passphrase", confirm=True, file=new_passphrase_file)
+    new = reader.read_new("New passphrase", file=new_passphrase_file)
     index = _guard(
         lambda: luks.change_key(
             str(path), bytes(old), bytes(new), iterations=iterations, iter_time_ms=iter_time_ms

@@ -92,7 +92,7 @@ def unlock_vm(
         raise click.BadParameter(str(e), param_hint="--for") from e
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disks of {v.name})")
     try:
-        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
+        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor(), vm=v.name))
         unlock.put(v.uuid, bytes(pw), ttl)
     finally:
         wipe(pw)
@@ -123,7 +123,7 @@ def enroll_host(
     path = _host_key_path(host_key)
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
     try:
-        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor()))
+        run(db, lambda r: r.authenticate(v.owner, bytes(pw), actor=actor(), vm=v.name))
         key = unlock.ensure_host_key(path)
         try:
             slot = unlock.enroll_host(d.path, bytes(pw), bytes(key))

@@ -21,6 +21,7 @@ from keystore.cli.options import (
     when,
     wipe,
 )
+from keystore.cli.progress import progress_option, reporter
 from keystore.models import Principal
 from keystore.services.passwd import Kdf, change_password
 from keystore.services.store import Keystore
@@ -64,6 +65,7 @@ def add(name: str, password_file: Path | None, db: Path | None) -> None:
     help="Read the new password from FILE. On stdin, the new password is the second line.",
 )
 @kdf_options
+@progress_option
 @db_option
 @handle_errors
 def passwd(
@@ -72,6 +74,7 @@ def passwd(
     new_password_file: Path | None,
     iter_time_ms: int,
     iterations: int | None,
+    progress: bool | None,
     db: Path | None,
 ) -> None:
     """Change NAME's password, and the keyslot passphrase on every disk NAME owns.
@@ -100,6 +103,7 @@ def passwd(
             kdf=Kdf(iterations, iter_time_ms),
             who=actor(),
             report=lambda line: click.echo(line, err=True),
+            progress=reporter(progress),
         )
     finally:
         wipe(old)

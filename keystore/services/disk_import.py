@@ -110,7 +110,7 @@ def import_disk(
     again."""
     check_unregistered(found, store.run(lambda r: r.list_disks()))
     check_not_held(found)
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name))
     check_keyslot(found, password, vm.owner)
     store.run(
         lambda r: r.add_disk(
@@ -135,5 +135,5 @@ def import_disk(
         raise
     # the imported keyslot may cost more than the owner's verifier: raise it (issue 20 B5)
     policy = verifier.covering_policy([found.path])
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
     return store.run(lambda r: r.get_disk(name))

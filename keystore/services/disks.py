@@ -20,7 +20,8 @@ from keystore import paths, sizes
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
-from keystore.services import interrupts, verifier
+from keystore.services import creating, interrupts, verifier
+from keystore.services.progress import Progress, Report, silent
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 
@@ -183,19 +184,25 @@ def create_disk(
     iterations: int | None,
     iter_time_ms: int,
     who: str,
+    progress: Report = silent,
 ) -> None:
     """Authenticate `vm`'s owner with `password`, record the disk, create its image.
+    `progress` gets a line as each of the three steps begins (the password check, the
+    image with its keyslot, the owner's verifier), with the time left.
 
     The record is `creating` while the image is written, then `ready`. If anything stops
     it (the image cannot be made, the keystore fails, SIGINT/SIGTERM/SIGHUP), what was made
     is removed again, the partial image and the record, with an audit row saying why. A
     signal is acted on between steps (a step is not cut in half: the KDF runs to its end)
     and ends it with `Interrupted` (exit 130 for Ctrl-C). SIGKILL leaves the `creating`
-    record (`vmshield disk forget NAME` drops it).
+    record and its marker: the next command that meets them finishes the undo
+    (keystore.services.creating).
     """
     paths.check_disk_name(name)
-    with interrupts.deferred_signals() as stop:
-        store.run(lambda r: r.authenticate(vm.owner, password, actor=who))
+    steps = Progress(progress, 3, estimate=iter_time_ms / 1000)
+    with interrupts.deferred_signals() as stop, creating.creating(store, name, path):
+        steps.step(f"checking the password of {vm.owner}")
+        store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name))
         _stop_if(stop, name)
         store.run(
             lambda r: r.add_disk(
@@ -205,6 +212,7 @@ def create_disk(
         made = False
         try:
             _stop_if(stop, name)
+            steps.step(f"writing {path} and its keyslot")
             create(
                 path,
                 size,
@@ -225,7 +233,8 @@ def create_disk(
     # the new keyslot may cost more than the owner's verifier: raise the verifier to it (an
     # authentication through the covering policy rehashes; issue 20 B5)
     policy = verifier.covering_policy([str(path)])
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
+    steps.step(f"the keystore verifier of {vm.owner}")
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
 
 
 def _stop_if(stop: interrupts.Pending, name: str) -> None:

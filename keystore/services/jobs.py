@@ -26,7 +26,7 @@ from typing import Any
 
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError, NotFound
-from nbd_plugin.erase.progress import Reporter
+from nbd_plugin.erase.progress import Reporter, whole_job_offset
 
 RUNNING = "running"
 DONE = "done"
@@ -170,11 +170,7 @@ class JobReporter(Reporter):
 
     def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
         self._t0, self._base = time.monotonic(), done
-        self._offset = None
-        if phase.startswith("pass") and phase[4:].isdigit():
-            self._offset = (int(phase[4:]) - 1) * total
-        elif phase == "verify":
-            self._offset = self.passes * total
+        self._offset = whole_job_offset(phase, total, self.passes)
         if self._offset is not None:
             self.job["overall_total"] = (self.passes + int(self.verify)) * total
         self.job.update(phase=label, done=done, total=total, bytes_per_second=None)

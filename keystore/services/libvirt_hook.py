@@ -40,7 +40,13 @@ from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
 from keystore.services import hookconf, opening, serve, unlock
 from keystore.services.hookconf import HookConfig
-from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
+from keystore.services.libvirt_xml import (
+    Domain,
+    parse_domain,
+    usb_socket,
+    usbgate_files,
+    usbgate_state,
+)
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.serve.peers import Binding, parse_uuid
@@ -191,11 +197,13 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
         raise HookError(f"usbgate of VM {vm} is already running")
     pidfile, logfile = usbgate_files(cfg.run_dir, vm)
     paths.private_dir(cfg.run_dir)  # as for the disks: no one else may plant files there
-    for stale in (pidfile, logfile):
+    state = usbgate_state(cfg.run_dir, vm)
+    for stale in (pidfile, logfile, state):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     argv = [_usbgate_exe(), "run", "--vm", vm, "--listen", cfg.usb_listen_for(vm), "--db",
-            str(cfg.db)] + [a for s in slots for a in ("--qemu", f"unix:{s}")]  # fmt: skip
+            str(cfg.db), "--state", str(state)] + [
+                a for s in slots for a in ("--qemu", f"unix:{s}")]  # fmt: skip
     log_fd = os.open(logfile, paths.NEW_FILE, 0o600)
     try:
         proc = subprocess.Popen(

@@ -106,6 +106,11 @@ def usbgate_files(run_dir: Path, vm: str) -> tuple[Path, Path]:
     return run_dir / f"{vm}-usbgate.pid", run_dir / f"{vm}-usbgate.log"
 
 
+def usbgate_state(run_dir: Path, vm: str) -> Path:
+    """Where VM's usbgate publishes the devices attached now (`usbgate run --state`)."""
+    return run_dir / f"{vm}-usbgate.state"
+
+
 def _comment(text: str) -> str:
     """An XML comment that says `text`: "--" may not occur in one (a path holding "-->"
     would end it and put the rest of the path into the domain as elements)."""

@@ -34,10 +34,10 @@ from typing import Any
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState
-from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.services import interrupts, verifier
 from keystore.services.disks import DiskOpError, change_key
+from keystore.services.progress import Progress, Report, silent
 from keystore.services.store import Keystore
 
 VERSION = 1
@@ -64,18 +64,8 @@ class Kdf:
 
 
 def journal_dir(store: Keystore) -> Path:
-    """Where password-change journals live: next to the keystore file (for a PostgreSQL
-    keystore: beside this host's default keystore file, where its disks are)."""
-    if isinstance(store.location, PgUrl):
-        base = paths.SYSTEM_DB.parent if os.geteuid() == 0 else _user_data()
-    else:
-        base = store.location.parent
-    return base / "passwd"
-
-
-def _user_data() -> Path:
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "vmshield"
+    """Where password-change journals live: in the keystore's state directory."""
+    return store.state_dir() / "passwd"
 
 
 class Journal:
@@ -247,11 +237,14 @@ def change_password(
     kdf: Kdf = Kdf(),
     who: str,
     report: Callable[[str], None] = lambda line: None,
+    progress: Report = silent,
 ) -> int:
     """Move every disk of `user` from `old` to `new`, then the verifier; the number of
     disks. The caller has authenticated `user` with `old`. Raises PasswordNotChanged (a
     disk could not be moved; the others were moved back) or Interrupted (a signal; moved
-    back); either way the verifier still takes `old`."""
+    back); either way the verifier still takes `old`. `progress` gets a line as each disk
+    and the verifier begin, with the time left (a disk's re-key runs its old keyslot's
+    and its new keyslot's key derivation: about twice --iter-time)."""
     if old == new:
         raise ValueError("the new password is the current one")
     with _one_at_a_time(store, user), interrupts.deferred_signals() as stop:
@@ -277,11 +270,13 @@ def change_password(
         for d in disks:
             journal.steps.setdefault(d.name, PENDING)
         journal.save()
-        failures = _forward(run, journal, disks, stop)
+        steps = Progress(progress, len(disks) + 1, estimate=2 * kdf.iter_time_ms / 1000)
+        failures = _forward(run, journal, disks, stop, steps)
         if failures or stop.signum is not None:
             _backward(run, journal, disks, failures, stop)
         journal.state["phase"] = "verifier"
         journal.save()
+        steps.step(f"the keystore verifier of {user}", index=len(disks) + 1)
         # the verifier is made at least as costly as every re-keyed keyslot (issue 20 B5)
         policy = verifier.covering_policy(d.path for d in disks)
         store.run(lambda r: r.set_password(user, new, actor=who), policy=policy)
@@ -290,12 +285,17 @@ def change_password(
 
 
 def _forward(
-    run: _Change, journal: Journal, disks: Sequence[Disk], stop: interrupts.Pending
+    run: _Change,
+    journal: Journal,
+    disks: Sequence[Disk],
+    stop: interrupts.Pending,
+    steps: Progress,
 ) -> list[tuple[str, str]]:
     failures: list[tuple[str, str]] = []
     for i, d in enumerate(disks, 1):
         if stop.signum is not None:
             break
+        steps.step(f"disk {d.name}: re-keying", index=i)
         step = journal.steps.get(d.name, PENDING)
         try:
             journal.set(d.name, MOVING)

@@ -76,6 +76,11 @@ class ServerFiles:
     def logfile(self) -> Path:
         return self.socket.with_suffix(".log")
 
+    @property
+    def statsfile(self) -> Path:
+        """The I/O counters the plugin publishes (`stats=`), read by `vmshield status`."""
+        return self.socket.with_suffix(".stats")
+
 
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
@@ -129,7 +134,7 @@ def start(
     if probe(sock):
         raise ServeError(f"something already serves on {sock}")
     paths.private_dir(sock.parent)
-    for stale in (sock, files.pidfile, files.logfile):
+    for stale in (sock, files.pidfile, files.logfile, files.statsfile):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()  # in a directory only we can write: a planted symlink goes too
     log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
@@ -141,7 +146,8 @@ def start(
         cmd = [exe, "-U", str(sock), "-P", str(files.pidfile), "--log=stderr"]
         if readonly:
             cmd.append("-r")
-        cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}"]
+        cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}",
+                f"stats={files.statsfile}"]  # fmt: skip
         if keyslot is not None:
             cmd.append(f"keyslot={keyslot}")
         if fence_fd is not None:
@@ -291,7 +297,7 @@ def serve_disk(
     """
     # a verifier below this disk's keyslots is raised to them by this very check (B5)
     policy = verifier.covering_policy([disk.path])
-    store.run(lambda r: r.authenticate(vm.owner, password, actor=who), policy=policy)
+    store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
     return serve_recorded(store, disk, password, files, readonly=readonly, who=who, bind=bind)
 
 

@@ -2,8 +2,10 @@
 
 - every served disk: VM, nbdkit pid, since, read-only or not, who started it (the CLI and
   its user, the libvirt hook, or outside vmshield: by hand or a systemd unit), the clients
-  connected to its socket (keystore.services.usage);
-- every usbgate process of this keystore (started by the hook or by hand) with its VM;
+  connected to its socket (keystore.services.usage), the bytes its clients read and wrote
+  (the plugin's `stats=` file, at most a second old: nbd_plugin/serve/stats.py);
+- every usbgate process of this keystore (started by the hook or by hand) with its VM and
+  the devices attached to the VM now (its `--state` file: usbgate/gateway.py);
 - pending unlocks (`vmshield vm unlock`) with their expiry, from root's kernel keyring;
 - the disks that start unattended (an enrolled host key), from the audit trail.
 """
@@ -22,6 +24,7 @@ from keystore.repository import Repository
 from keystore.services import serve, unlock, usage
 from keystore.services.libvirt_xml import usbgate_files
 from keystore.services.store import Keystore
+from nbd_plugin.osutil import statefile
 
 #: how far back the audit trail is read for who started a server, unlocks, enrolments
 AUDIT_WINDOW = 5000
@@ -38,6 +41,9 @@ class ServedDisk:
     readonly: bool | None
     started_by: str
     clients: list[usage.Process]
+    #: bytes read and written by clients since the server started (None: not published)
+    read_bytes: int | None = None
+    written_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -52,6 +58,8 @@ class Gate:
     pid: int
     started_by: str
     command: str
+    #: the devices attached to the VM through it (None: this usbgate publishes none)
+    devices: list[dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,16 +144,36 @@ def _served(records: _Records) -> list[ServedDisk]:
     for d in records.disks:
         s = servers.get(d.name)
         if s is not None and serve.is_our_server(s.pid, Path(s.socket)):
+            io = _io(serve.ServerFiles(Path(s.socket)).statsfile, s.pid)
             out.append(ServedDisk(d.name, d.vm, s.pid, s.socket, s.started, s.readonly,
-                                  _starter(records.audit, s), usage.clients(s.socket)))  # fmt: skip
+                                  _starter(records.audit, s), usage.clients(s.socket),
+                                  *io))  # fmt: skip
             continue
         for p in usage.holders(d.path):  # served outside vmshield
             unit = _unit_of(p.pid)
             how = f"systemd unit {unit}" if unit else "outside vmshield (by hand)"
             sock = _socket_arg(p.pid)
+            given = _arg(p.pid, "stats=")
+            io = _io(Path(given), p.pid) if given else (None, None)
             out.append(ServedDisk(d.name, d.vm, p.pid, sock, _start_time(p.pid), None, how,
-                                  usage.clients(sock) if sock else []))  # fmt: skip
+                                  usage.clients(sock) if sock else [], *io))  # fmt: skip
     return out
+
+
+def _io(statsfile: Path, pid: int | None) -> tuple[int | None, int | None]:
+    """Bytes read and written that server `pid` published (a file another server left,
+    before this one wrote its first, does not count)."""
+    state = statefile.read(statsfile)
+    if state is None or state.get("pid") != pid:
+        return None, None
+    got = state.get("read_bytes"), state.get("written_bytes")
+    return (got[0], got[1]) if all(isinstance(n, int) for n in got) else (None, None)
+
+
+def _arg(pid: int | None, prefix: str) -> str | None:
+    """The value of a `key=value` parameter of a process's command line."""
+    args = usage.argv_of(pid) if pid is not None else None
+    return next((a[len(prefix) :] for a in args or () if a.startswith(prefix)), None)
 
 
 def _socket_arg(pid: int | None) -> str | None:
@@ -204,8 +232,18 @@ def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gat
             continue
         pid = int(name)
         how = "libvirt hook" if hook_pids.get(pid) == vm else "outside the hook"
-        out.append(Gate(vm, pid, how, usage.redact(args)))
+        out.append(Gate(vm, pid, how, usage.redact(args), _attached(args, pid)))
     return out
+
+
+def _attached(args: Sequence[str], pid: int) -> list[dict[str, Any]] | None:
+    """The devices usbgate `pid` says are attached, from its `--state FILE`."""
+    if "--state" not in args[:-1]:
+        return None
+    state = statefile.read(args[args.index("--state") + 1])
+    if state is None or state.get("pid") != pid or not isinstance(state.get("attached"), list):
+        return None
+    return [a for a in state["attached"] if isinstance(a, dict)]
 
 
 def _keyring_unlocks() -> set[str]:

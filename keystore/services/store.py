@@ -9,6 +9,7 @@ connection stays open across the long work.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +37,17 @@ class Keystore:
         if isinstance(self.location, PgUrl):
             raise KeystoreError(f"this needs a local keystore file, not {self.location.redacted()}")
         return self.location
+
+    def state_dir(self) -> Path:
+        """Where this host keeps what its operations on this keystore leave (password-change
+        journals, disk-create markers): next to the keystore file; for a PostgreSQL keystore,
+        beside this host's default keystore file, where its disks are."""
+        if not isinstance(self.location, PgUrl):
+            return self.location.parent
+        if os.geteuid() == 0:
+            return paths.SYSTEM_DB.parent
+        data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(data) / "vmshield"
 
     def run(
         self, fn: Callable[[Repository], Awaitable[T]], *, policy: AuthPolicy | None = None

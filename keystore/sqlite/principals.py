@@ -68,7 +68,9 @@ class PrincipalStore(SqliteBase):
         rows = await self._all(f"SELECT {_PRINCIPAL_COLS} FROM principals ORDER BY name")
         return [_principal(r) for r in rows]
 
-    async def authenticate(self, name: str, password: bytes, *, actor: str) -> Principal:
+    async def authenticate(
+        self, name: str, password: bytes, *, actor: str, vm: str | None = None
+    ) -> Principal:
         """Check `password` for `name`; count, lock and audit. Raises the opaque
         AuthenticationFailed for an unknown user or a wrong password, AccountLocked while
         locked (without checking the password).
@@ -77,7 +79,8 @@ class PrincipalStore(SqliteBase):
         transaction as the lock check: it counts as a failure until it is settled, and the
         reservation that reaches the policy's limit locks the account. So at most the
         remaining attempts can be verified at once, however many processes guess in
-        parallel; a success settles by clearing the counter and the lock.
+        parallel; a success settles by clearing the counter and the lock. `vm` is the VM
+        the login is for (its disks are about to be opened), recorded on the audit rows.
         """
         now = self.clock()
         locked_until: str | None = None
@@ -93,7 +96,7 @@ class PrincipalStore(SqliteBase):
                     db,
                     actor,
                     "auth.refused",
-                    None,
+                    vm,
                     {"user": name, "reason": "locked", "locked_until": locked_until},
                 )
             elif row is not None:
@@ -121,16 +124,16 @@ class PrincipalStore(SqliteBase):
                     "last_login = ?, verifier = coalesce(?, verifier) WHERE name = ?",
                     (now.isoformat(), new, name),
                 )
-                await self._audit(db, actor, "auth.ok", None, {"user": name})
+                await self._audit(db, actor, "auth.ok", vm, {"user": name})
             elif row is None:
                 await self._audit(
-                    db, actor, "auth.fail", None, {"user": name, "reason": "unknown user"}
+                    db, actor, "auth.fail", vm, {"user": name, "reason": "unknown user"}
                 )
             else:
                 detail: dict[str, Any] = {"user": name, "failed_attempts": reserved}
                 if reserved >= self.policy.max_failures:
                     detail["locked_until"] = (now + self.policy.lockout).isoformat()
-                await self._audit(db, actor, "auth.fail", None, detail)
+                await self._audit(db, actor, "auth.fail", vm, detail)
         if not ok:
             raise AuthenticationFailed(self._failure_message(name, reserved if row else None))
         return await self.get_principal(name)

@@ -12,6 +12,17 @@ import time
 from typing import IO, Any
 
 
+def whole_job_offset(phase: str, total: int, passes: int) -> int | None:
+    """Bytes of the whole erase (every overwrite pass, then the read-back) done before
+    `phase` begins, each phase being `total` bytes; None for a phase outside that count
+    (the crypto-erase, the discard)."""
+    if phase.startswith("pass") and phase[4:].isdigit():
+        return (int(phase[4:]) - 1) * total
+    if phase == "verify":
+        return passes * total
+    return None
+
+
 class Reporter:
     """Receives progress; this base ignores it (library use, tests)."""
 
@@ -84,9 +95,11 @@ class JsonLinesReporter(Reporter):
 
 
 class RichReporter(Reporter):
-    """A rich progress bar per phase with bytes/s and ETA, on stderr."""
+    """A rich progress bar per phase with bytes/s and ETA, on stderr; given the number of
+    overwrite `passes` (and `verify`), also one for the whole erase, whose ETA covers every
+    pass and the read-back."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, passes: int = 0, verify: bool = False) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -109,18 +122,32 @@ class RichReporter(Reporter):
         )
         self._progress.start()
         self._task: Any = None
+        self._passes, self._verify = passes, verify
+        self._whole: Any = None
+        self._offset: int | None = None
 
     def start(self, phase: str, label: str, total: int, done: int = 0) -> None:
+        self._offset = whole_job_offset(phase, total, self._passes) if self._passes else None
+        if self._offset is not None:
+            whole = (self._passes + int(self._verify)) * total
+            if self._whole is None:
+                what = f"all {self._passes} pass(es)" + (" + verify" if self._verify else "")
+                self._whole = self._progress.add_task(what, total=max(whole, 1))
+            self._progress.update(self._whole, total=max(whole, 1), completed=self._offset + done)
         self._task = self._progress.add_task(label, total=max(total, 1), completed=done)
 
     def update(self, done: int) -> None:
         if self._task is not None:
             self._progress.update(self._task, completed=done)
+        if self._whole is not None and self._offset is not None:
+            self._progress.update(self._whole, completed=self._offset + done)
 
     def end(self) -> None:
         if self._task is not None:
             task = self._progress.tasks[-1]
             self._progress.update(self._task, completed=task.total)
+            if self._whole is not None and self._offset is not None:
+                self._progress.update(self._whole, completed=self._offset + int(task.total or 0))
         self._task = None
 
     def event(self, name: str, **fields: Any) -> None:

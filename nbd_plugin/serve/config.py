@@ -94,6 +94,7 @@ class ServerConfig:
     bind: str | None = None
     bind_domain: str | None = None
     control: str | None = None
+    stats: str | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -139,10 +140,14 @@ class ServerConfig:
             if not value or "\n" in value:
                 raise ConfigError("bind_domain=: use the name of the VM's libvirt domain")
             self.bind_domain = value
+        elif key == "stats":
+            if not value:
+                raise ConfigError("stats=: use the path of the file the I/O counters go to")
+            self.stats = os.path.abspath(value)
         else:
             raise ConfigError(
                 f"unknown parameter {key}= (known: image, passphrase, keyslot, discard, "
-                "data_path, fence, bind, bind_domain, control)"
+                "data_path, fence, bind, bind_domain, stats, control)"
             )
 
     @property

@@ -213,6 +213,52 @@ def test_audit_filters_by_action_actor_and_time(ready: Path) -> None:
     assert "use ISO 8601 in UTC" in r.output and "Traceback" not in r.output
 
 
+def test_login_rows_carry_the_vm_they_open_disks_for(ready: Path) -> None:
+    args = ("disk", "create", "web1", "--size", "1M", "--iter-time", "50")
+    vms(*args, input="wrong-password\n", code=77)
+    vms(*args, input=PW + "\n")
+    vms("user", "passwd", "alice", input="wrong-password\nnew-password-1\n", code=77)
+    logins = [(r["action"], r["vm"]) for r in js("audit", "--action", "auth.*")]
+    # disk create logs in for web1 (the create itself checks the password once more)
+    assert logins[0] == ("auth.fail", "web1") and logins[-1] == ("auth.fail", None)
+    assert set(logins[1:-1]) == {("auth.ok", "web1")}, logins
+    assert len(js("audit", "--vm", "web1", "--action", "auth.*")) == len(logins) - 1
+
+
+def test_audit_rows_wrap_to_the_terminal_width(
+    ready: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vms("disk", "create", "web1", "--size", "1M", "--iter-time", "50", input=PW + "\n")
+    rows = js("audit")
+    details = [" ".join(f"{k}={v}" for k, v in sorted(r["detail"].items())) for r in rows]
+    assert max(map(len, details)) > 60  # some rows cannot fit 80 columns on one line
+    squeezed = [d.replace(" ", "") for d in details]
+    piped = vms("audit").output.splitlines()  # a pipe: a row per line, for grep
+    assert len(piped) == 1 + len(rows)
+    start = piped[0].index("DETAIL")  # where the detail column starts on one line
+    monkeypatch.setenv("COLUMNS", str(start + 40))  # room for a detail beside its row
+    lines = vms("audit").output.splitlines()
+    assert len(lines) > len(piped) and max(map(len, lines)) <= start + 40, lines
+    assert lines[0] == piped[0]
+    rejoined: list[str] = []
+    for line in lines[1:]:
+        if line[:start].strip():  # a row's first line
+            rejoined.append(line[start:])
+        else:  # its detail continued, in the detail column
+            rejoined[-1] += " " + line[start:]
+    assert [d.replace(" ", "") for d in rejoined] == squeezed  # a long word is cut too
+    monkeypatch.setenv("COLUMNS", str(start + 10))  # too narrow: each detail under its row
+    lines = vms("audit").output.splitlines()
+    assert max(map(len, lines)) <= start + 10 and "DETAIL" not in lines[0], lines
+    rejoined = []
+    for line in lines[1:]:
+        if line.startswith("    "):
+            rejoined[-1] += (" " if rejoined[-1] else "") + line[4:]
+        else:
+            rejoined.append("")
+    assert [d.replace(" ", "") for d in rejoined] == squeezed
+
+
 def test_audit_follow_prints_new_matching_rows_until_interrupted(ready: Path) -> None:
     p = subprocess.Popen(
         [VMSHIELD, "audit", "--follow", "--json", "--action", "vm.*"],

@@ -75,3 +75,26 @@ def test_help_says_which_format_qemu_opens(command: list[str]) -> None:
     text = " ".join(vms(*command, "--help").output.split())
     assert "QEMU's own luks driver" in text and "open LUKS1 only" in text
     assert "[default: luks2]" in text
+
+
+@pytest.mark.parametrize("command", ["add-key", "passwd"])
+def test_image_add_key_and_passwd_apply_the_same_minimum(tmp_path: Path, command: str) -> None:
+    """A passphrase an image gets later passes the same policy as one it is created with:
+    refused in one line before the image is touched, accepted at the minimum."""
+    image = tmp_path / "a.img"
+    _image_create(image, PW.encode(), *CHEAP_ARGON2)
+    before = image.read_bytes()
+    old = tmp_path / "old.key"
+    old.write_bytes(PW.encode())
+    new = tmp_path / "new.key"
+    new.write_bytes(b"s" * (MIN_LENGTH - 1))
+    args = ("image", command, str(image), "--passphrase-file", str(old),
+            "--new-passphrase-file", str(new), "--iter-time", "50")  # fmt: skip
+    r = vms(*args, code=1)
+    assert r.output.strip().splitlines() == [
+        f"Error: passphrase too short: use at least {MIN_LENGTH} characters"
+    ]
+    assert image.read_bytes() == before
+    new.write_bytes(b"s" * MIN_LENGTH)
+    vms(*args)
+    vms("image", "test-passphrase", str(image), "--passphrase-file", str(new))

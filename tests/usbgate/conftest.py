@@ -49,7 +49,8 @@ def gateway(workdir: Path, qemu: QemuWithRedir, keystore: Keystore) -> Iterator[
     proc = subprocess.Popen(
         [str(USBGATE), "run", "--vm", VM, "--listen", f"tcp:127.0.0.1:{port}",
          "--qemu", f"unix:{qemu.chardev_path(0)}", "--qemu", f"unix:{qemu.chardev_path(1)}",
-         "--db", str(keystore.path), "--probe-timeout", "2", "-v"],
+         "--db", str(keystore.path), "--probe-timeout", "2", "-v",
+         "--state", str(workdir / "usbgate.state")],
         stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     deadline = time.monotonic() + 15
@@ -57,7 +58,8 @@ def gateway(workdir: Path, qemu: QemuWithRedir, keystore: Keystore) -> Iterator[
         assert proc.poll() is None, (workdir / "usbgate.log").read_text()
         assert time.monotonic() < deadline, "usbgate did not start"
         time.sleep(0.02)
-    yield {"address": f"tcp:127.0.0.1:{port}", "proc": proc, "log": workdir / "usbgate.log"}
+    yield {"address": f"tcp:127.0.0.1:{port}", "proc": proc, "log": workdir / "usbgate.log",
+           "state": workdir / "usbgate.state"}  # fmt: skip
     proc.terminate()
     proc.wait(10)
     log.close()

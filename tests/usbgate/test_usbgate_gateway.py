@@ -9,6 +9,11 @@ test_usbgate_revocation.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,8 @@ from usbgate.rules.qemu_filter import qemu_filter_value, usbredir_filter_string
 from usbgate.simulator import HID_KEYBOARD, MASS_STORAGE, FakeDevice, FakeOwner
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 from usbgate.usbredir.packets import BulkPacket, DeviceDisconnectAck, FilterFilter
+
+VMSHIELD = Path(sys.executable).with_name("vmshield")
 
 pytestmark = [
     pytest.mark.qemu,
@@ -55,6 +62,42 @@ def test_allowed_device_attaches(qemu: QemuWithRedir, keystore: Keystore, gatewa
     [row] = keystore.wait_audit("usb.allowed", "0781:5567")[-1:]
     assert row["device"]["serial"] == "4C530001"  # probed from the string descriptor
     assert keystore.wait_audit("usb.detached", "0781:5567")
+
+
+def _status_devices(keystore: Keystore, gateway: Any, want: int) -> list[dict[str, Any]]:
+    """The devices `vmshield status` shows for the gateway, once it shows `want` of them."""
+    deadline = time.monotonic() + 15
+    while True:
+        out = subprocess.run(
+            [str(VMSHIELD), "status", "--json", "--db", str(keystore.path)],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        [gate] = [g for g in json.loads(out)["usbgates"] if g["pid"] == gateway["proc"].pid]
+        if gate["devices"] is not None and len(gate["devices"]) == want:
+            return list(gate["devices"])
+        assert time.monotonic() < deadline, gate
+        time.sleep(0.1)
+
+
+def test_status_shows_the_devices_attached_through_a_usbgate(
+    qemu: QemuWithRedir, keystore: Keystore, gateway: Any
+) -> None:
+    keystore.set_rules("allow id 0781:5567 with-interface 08:06:50")
+    assert _status_devices(keystore, gateway, 0) == []
+
+    async def scenario() -> list[dict[str, Any]]:
+        owner = await offer(gateway, FakeDevice())
+        await asyncio.to_thread(qemu.wait_attached, True, 0)
+        shown = await asyncio.to_thread(_status_devices, keystore, gateway, 1)
+        await owner.close()
+        return shown
+
+    [device] = asyncio.run(scenario())
+    assert (device["vid_pid"], device["serial"], device["slot"]) == ("0781:5567", "4C530001", 0)
+    assert device["owner"].startswith("127.0.0.1:") and device["since"] <= time.time()
+    assert stat.S_IMODE(os.stat(gateway["state"]).st_mode) == 0o600
+    wait_detached(qemu)
+    assert _status_devices(keystore, gateway, 0) == []
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,20 @@ def test_image_erase_json_lines_and_full_order(tmp_path: Path) -> None:
     assert done["result"]["unlinked"] is True
 
 
+def test_image_erase_shows_the_whole_erase_with_its_own_eta(tmp_path: Path) -> None:
+    """Beside each pass's bar, one for every pass and the read-back together: its ETA is
+    the whole erase's, not the current pass's."""
+    img = tmp_path / "d.img"
+    make_luks(img)
+    bars = vms("image", "erase", str(img), "-m", "dod3", "--yes").output.splitlines()
+    names = [line.split("\u2501")[0].strip() for line in bars if "\u2501" in line]
+    assert names == ["wiping key material", "all 3 pass(es) + verify", "pass 1/3 (00)",
+                     "pass 2/3 (ff)", "pass 3/3 (random)", "verifying pass 3"], bars  # fmt: skip
+    [whole] = [line for line in bars if line.startswith("all 3 pass(es)")]
+    done, total = whole.split("\u2501")[-1].split()[0].split("/")
+    assert done == total, whole  # finished: every pass and the read-back counted
+
+
 def test_image_erase_wants_yes_without_a_terminal(tmp_path: Path) -> None:
     img = tmp_path / "d.img"
     make_luks(img)
