@@ -1,47 +1,41 @@
-"""Choosing the keystore backend from the form of `--db` / VMSHIELD_DB.
+"""Opening the keystore at a `Location` with the backend that serves it.
 
-A `postgresql://` (or `postgres://`) URL opens keystore.postgres, anything else is an SQLite
-file (keystore.sqlite, the embedded default). The backends are imported lazily, so a host
-without PostgreSQL never loads psycopg.
+The backends are imported lazily, so a host without PostgreSQL never loads psycopg.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from keystore.audit import VerifyResult
 from keystore.auth import AuthPolicy
-from keystore.postgres.url import PgUrl, is_url
+from keystore.location import Location
 from keystore.repository import Repository
 
-Location = Path | PgUrl
-"""Where a keystore is: an SQLite file, or a PostgreSQL URL (`postgresql://...`)."""
 
-
-def parse_location(value: str | Path) -> Location:
-    """`--db` / VMSHIELD_DB as given: a PostgreSQL URL stays text, anything else is a path."""
-    if isinstance(value, Path):
-        return value
-    return PgUrl(value) if is_url(value) else Path(value)
-
-
-async def open_repository(location: Location, *, policy: AuthPolicy | None = None) -> Repository:
-    """Open the keystore at `location` with the backend its form names."""
-    if isinstance(location, PgUrl):
+async def open_repository(
+    where: Location | str | os.PathLike[str], *, policy: AuthPolicy | None = None
+) -> Repository:
+    """Open the keystore at `where` with the backend its location names."""
+    location = Location.parse(where)
+    if location.file is None:
         from keystore.postgres.repository import PostgresRepository
 
-        return await PostgresRepository.open(location, policy=policy)
+        return await PostgresRepository.open(str(location), policy=policy)
     from keystore.sqlite.repository import SqliteRepository
 
-    return await SqliteRepository.open(location, policy=policy)
+    return await SqliteRepository.open(location.file, policy=policy)
 
 
-def verify_audit(location: Location, anchor: str | None = None) -> VerifyResult:
-    """Verify the audit chain of the keystore at `location` (read-only, synchronous)."""
-    if isinstance(location, PgUrl):
+def verify_audit(
+    where: Location | str | os.PathLike[str], anchor: str | None = None
+) -> VerifyResult:
+    """Verify the audit chain of the keystore at `where` (read-only, synchronous)."""
+    location = Location.parse(where)
+    if location.file is None:
         from keystore.postgres.audit import verify_sync
 
-        return verify_sync(location, anchor)
+        return verify_sync(str(location), anchor)
     from keystore import audit
 
-    return audit.verify(location, anchor)
+    return audit.verify(location.file, anchor)

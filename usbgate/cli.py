@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,6 +20,9 @@ from usbgate.gateway import HELLO_TIMEOUT, MAX_PER_PEER, POLL_INTERVAL, Gateway
 from usbgate.qemu_filter import report
 from usbgate.session import IDLE_TIMEOUT, PROBE_TIMEOUT
 from usbgate.sources import AuditSink, FileRuleSource, MemoryAuditSink, RuleSource
+
+if TYPE_CHECKING:
+    from keystore.location import Location
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,11 +64,11 @@ def rules_options(f: F) -> F:
     return f
 
 
-def _keystore_path(db: str | None) -> Path | str:
+def _keystore_location(db: str | None) -> Location:
     from keystore import paths
-    from keystore.backends import parse_location
+    from keystore.location import Location
 
-    return parse_location(db) if db is not None else paths.default_db_path()
+    return Location.parse(db if db is not None else paths.default_db_path())
 
 
 def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
@@ -75,12 +78,12 @@ def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
         return FileRuleSource(rules_file)
     from usbgate.keystore_source import KeystoreRuleSource
 
-    location = _keystore_path(db)
-    if isinstance(location, str):
+    location = _keystore_location(db)
+    if location.file is None:
         from usbgate.pg_source import PgRuleSource
 
-        return PgRuleSource(location)
-    return KeystoreRuleSource(location)
+        return PgRuleSource(str(location))
+    return KeystoreRuleSource(location.file)
 
 
 def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
@@ -88,12 +91,12 @@ def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
         return _LogAuditSink()
     from usbgate.keystore_source import KeystoreAuditSink
 
-    location = _keystore_path(db)
-    if isinstance(location, str):
+    location = _keystore_location(db)
+    if location.file is None:
         from usbgate.pg_source import PgAuditSink
 
-        return PgAuditSink(location)
-    return KeystoreAuditSink(location)
+        return PgAuditSink(str(location))
+    return KeystoreAuditSink(location.file)
 
 
 class _LogAuditSink(MemoryAuditSink):

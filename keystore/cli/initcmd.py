@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from keystore import audit
 from keystore.cli.options import actor, db_option, handle_errors, resolve_db
-from keystore.postgres.url import PgUrl
+from keystore.location import Location
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite.schema import SCHEMA_VERSION
 
@@ -16,7 +14,7 @@ from keystore.sqlite.schema import SCHEMA_VERSION
 @click.command()
 @db_option
 @handle_errors
-def init(db: Path | None) -> None:
+def init(db: Location | None) -> None:
     """Create the keystore database, or upgrade an existing one to this version's schema.
 
     The file is created with mode 0600 (its directory 0700) and uses SQLite's WAL journal.
@@ -32,7 +30,7 @@ def init(db: Path | None) -> None:
       vmshield disk create web1 --size 20G
       vmshield disk serve web1-0
     """
-    if isinstance(db, PgUrl):
+    if db is not None and db.file is None:
         from keystore.cli.keystore_cmd import init_postgres
 
         return init_postgres(db)

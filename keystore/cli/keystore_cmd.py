@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from keystore.cli.options import actor, db_option, emit_json, handle_errors, json_option, resolve_db
+from keystore.location import Location
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
 from keystore.postgres.migrate import migrate as migrate_keystore
 from keystore.postgres.schema import SCHEMA_VERSION
-from keystore.postgres.url import PgUrl, is_url
 
 
-def init_postgres(url: PgUrl) -> None:
+def init_postgres(location: Location) -> None:
     """`vmshield init --db postgresql://...`: create or upgrade the schema and its roles."""
+    url = str(location)
     created, old = pgconn.initialise(url)
-    where = url.redacted()
+    where = location.display()
     if created or old < SCHEMA_VERSION:
         conn = pgconn.connect_sync(url)
         try:
@@ -54,7 +53,7 @@ def keystore_group() -> None:
 @db_option
 @json_option
 @handle_errors
-def migrate(target: str, db: Path | None, as_json: bool) -> None:
+def migrate(target: str, db: Location | None, as_json: bool) -> None:
     """Copy this host's SQLite keystore into PostgreSQL, for several hosts to share.
 
     Verifies the SQLite audit chain first (nothing is copied if it is broken), copies
@@ -68,11 +67,11 @@ def migrate(target: str, db: Path | None, as_json: bool) -> None:
     Example:
       vmshield keystore migrate --to postgresql://vmshield@db1/vmshield
     """
-    if not is_url(target):
+    to = Location.parse(target)
+    if not to.shared:
         raise click.BadParameter("expected a postgresql:// URL", param_hint="--to")
-    url = PgUrl(target)
     source = resolve_db(db)
-    result = migrate_keystore(source, url, actor=actor())
+    result = migrate_keystore(source, str(to), actor=actor())
     if as_json:
         emit_json(
             {
@@ -85,7 +84,7 @@ def migrate(target: str, db: Path | None, as_json: bool) -> None:
         )
     else:
         counts = ", ".join(f"{n} {t}" for t, n in result.rows.items())
-        click.echo(f"copied {source} to {url.redacted()}: {counts}")
+        click.echo(f"copied {source} to {to.display()}: {counts}")
         click.echo(
             f"audit chain verified on both sides: source head {result.source_head}, "
             f"target head {result.target.head_seq}:{result.target.head_hash}"

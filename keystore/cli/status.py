@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import click
 
 from keystore.auth import human_duration
 from keystore.cli.options import db_option, emit_json, handle_errors, json_option, table
+from keystore.location import Location
 from keystore.services import hookconf
 from keystore.services import status as statusmod
 from keystore.services.store import Keystore
@@ -26,7 +26,7 @@ def _mode(readonly: bool | None) -> str:
 @json_option
 @db_option
 @handle_errors
-def status(as_json: bool, db: Path | None) -> None:
+def status(as_json: bool, db: Location | None) -> None:
     """Show what is running: every served disk (VM, nbdkit pid, since, ro/rw, who started
     it, the clients connected now), every usbgate, pending unlocks with their expiry, and
     the disks that start unattended (an enrolled host key).

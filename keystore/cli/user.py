@@ -21,6 +21,7 @@ from keystore.cli.options import (
     when,
     wipe,
 )
+from keystore.location import Location
 from keystore.models import Principal
 from keystore.services.passwd import Kdf, change_password
 from keystore.services.store import Keystore
@@ -42,7 +43,7 @@ def user() -> None:
 @click.argument("name")
 @password_file_option
 @db_option
-def add(name: str, password_file: Path | None, db: Path | None) -> None:
+def add(name: str, password_file: Path | None, db: Location | None) -> None:
     """Create user NAME; asks for the password twice (hidden).
 
     For scripts: `--password-file FILE` or the password on stdin. At least 8 characters.
@@ -72,7 +73,7 @@ def passwd(
     new_password_file: Path | None,
     iter_time_ms: int,
     iterations: int | None,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     """Change NAME's password, and the keyslot passphrase on every disk NAME owns.
 
@@ -110,7 +111,7 @@ def passwd(
 @click.command("unlock")
 @click.argument("name")
 @db_option
-def unlock(name: str, db: Path | None) -> None:
+def unlock(name: str, db: Location | None) -> None:
     """Clear NAME's failed-attempt counter and lockout (an administrator's decision)."""
     run(db, lambda r: r.unlock_principal(name, actor=actor()))
     click.echo(f"user {name} unlocked")
@@ -120,7 +121,7 @@ def unlock(name: str, db: Path | None) -> None:
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-def remove(name: str, yes: bool, db: Path | None) -> None:
+def remove(name: str, yes: bool, db: Location | None) -> None:
     """Remove user NAME and their password verifier.
 
     Refused while NAME owns a VM (each is named): the VM's disks open with NAME's password,
@@ -146,7 +147,7 @@ def _row(p: Principal) -> list[str]:
 @click.command("list")
 @json_option
 @db_option
-def list_(as_json: bool, db: Path | None) -> None:
+def list_(as_json: bool, db: Location | None) -> None:
     """List users with their failed-attempt counters and lockouts (never the verifiers)."""
     users = run(db, lambda r: r.list_principals())
     if as_json:

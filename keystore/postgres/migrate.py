@@ -18,9 +18,9 @@ import psycopg
 
 from keystore import audit as auditmod
 from keystore.errors import Conflict, KeystoreError
+from keystore.location import redact
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
-from keystore.postgres.url import redact
 from keystore.sqlite import connection as sqlconn
 
 #: Parents before children (foreign keys); the audit table is copied separately.

@@ -22,8 +22,8 @@ from typing import Any
 import psycopg
 
 from keystore.errors import DatabaseUnavailable, KeystoreError, NotFound
+from keystore.location import redact
 from keystore.postgres import connection as pgconn
-from keystore.postgres.url import redact
 from keystore.sqlite import usbrules
 from keystore.sqlite.usbrules import UsbRule
 

@@ -34,7 +34,6 @@ from typing import Any
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError
 from keystore.models import Disk, DiskState
-from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.services import interrupts, verifier
 from keystore.services.disks import DiskOpError, change_key
@@ -66,10 +65,11 @@ class Kdf:
 def journal_dir(store: Keystore) -> Path:
     """Where password-change journals live: next to the keystore file (for a PostgreSQL
     keystore: beside this host's default keystore file, where its disks are)."""
-    if isinstance(store.location, PgUrl):
+    here = store.location.file
+    if here is None:
         base = paths.SYSTEM_DB.parent if os.geteuid() == 0 else _user_data()
     else:
-        base = store.location.parent
+        base = here.parent
     return base / "passwd"
 
 

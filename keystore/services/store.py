@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from os import PathLike
 from pathlib import Path
 from typing import TypeVar
 
 from keystore import paths
 from keystore.auth import AuthPolicy
-from keystore.backends import Location, open_repository
-from keystore.errors import KeystoreError
-from keystore.postgres.url import PgUrl
+from keystore.backends import open_repository
+from keystore.location import Location
 from keystore.repository import Repository
 
 T = TypeVar("T")
@@ -26,16 +26,14 @@ T = TypeVar("T")
 class Keystore:
     """One keystore (an SQLite file or a PostgreSQL URL), opened anew for each step (`run`)."""
 
-    def __init__(self, db: Location | None = None) -> None:
+    def __init__(self, db: Location | str | PathLike[str] | None = None) -> None:
         #: where it is; None means the default (`$VMSHIELD_DB`, else the system or user file)
-        self.location: Location = db if db is not None else paths.default_db_path()
+        self.location = Location.parse(db if db is not None else paths.default_db_path())
 
     @property
     def path(self) -> Path:
         """The keystore's file, for what lives next to it (jobs, default image directory)."""
-        if isinstance(self.location, PgUrl):
-            raise KeystoreError(f"this needs a local keystore file, not {self.location.redacted()}")
-        return self.location
+        return self.location.require_file()
 
     def run(
         self, fn: Callable[[Repository], Awaitable[T]], *, policy: AuthPolicy | None = None
