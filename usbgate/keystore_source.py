@@ -9,7 +9,7 @@ changes that number whenever *another* connection, in any process, commits to th
 a `vmshield usb ...` commit is seen at the next poll (every 10 ms) for a few microseconds
 per poll; the rules are re-read only then.
 
-Audit rows go through keystore.audit.append_audit (hash-chained, its own short write
+Audit rows go through keystore.sqlite.audit.append_audit (hash-chained, its own short write
 transaction) on one worker thread, in order, through a bounded queue (usbgate.auditing), so
 the event loop never waits for the disk and a flood of rows cannot fill memory.
 """
@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from keystore import audit as keystore_audit
 from keystore.errors import KeystoreError
+from keystore.sqlite import audit as keystore_audit
 from keystore.sqlite import usbrules
 from usbgate.auditing import MAX_QUEUED, QueuedAuditSink
 from usbgate.errors import RuleSourceError

@@ -1,4 +1,4 @@
-"""`vmshield keystore migrate`, and `vmshield init` on a PostgreSQL keystore."""
+"""`vmshield keystore migrate`: copy an SQLite keystore into PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,34 +6,7 @@ import click
 
 from keystore.cli.options import actor, db_option, emit_json, handle_errors, json_option, resolve_db
 from keystore.location import Location
-from keystore.postgres import audit as pgaudit
-from keystore.postgres import connection as pgconn
 from keystore.postgres.migrate import migrate as migrate_keystore
-from keystore.postgres.schema import SCHEMA_VERSION
-
-
-def init_postgres(location: Location) -> None:
-    """`vmshield init --db postgresql://...`: create or upgrade the schema and its roles."""
-    url = str(location)
-    created, old = pgconn.initialise(url)
-    where = location.display()
-    if created or old < SCHEMA_VERSION:
-        conn = pgconn.connect_sync(url)
-        try:
-            action, detail = (
-                ("keystore.init", {"schema": SCHEMA_VERSION})
-                if created
-                else ("keystore.upgrade", {"from": old, "to": SCHEMA_VERSION})
-            )
-            pgaudit.append_sync(conn, actor(), action, None, detail)
-        finally:
-            conn.close()
-    if created:
-        click.echo(f"created keystore {where} (schema version {SCHEMA_VERSION})")
-    elif old < SCHEMA_VERSION:
-        click.echo(f"upgraded keystore {where} from schema {old} to {SCHEMA_VERSION}")
-    else:
-        click.echo(f"keystore {where} is up to date (schema version {SCHEMA_VERSION})")
 
 
 @click.group("keystore")

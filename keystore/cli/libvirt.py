@@ -21,11 +21,10 @@ from keystore.cli.options import (
     run,
 )
 from keystore.location import Location
-from keystore.models import Disk, DiskState, Vm
+from keystore.models import Disk, DiskState, UsbRule, Vm
 from keystore.repository import Repository
 from keystore.services import hookconf, libvirt_xml
 from keystore.services.hookconf import HookConfig
-from keystore.sqlite.usbrules import UsbRule
 from nbd_plugin.trust import trusted_path
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")

@@ -13,10 +13,9 @@ import click
 
 from keystore.cli.options import CliError, actor, db_option, emit_json, json_option, run, table
 from keystore.location import Location
-from keystore.models import UsbAction
+from keystore.models import UsbAction, UsbRule
 from keystore.repository import Repository
 from keystore.services import usb_rules
-from keystore.sqlite.usbrules import UsbRule
 from usbgate import policy
 
 P = TypeVar("P")

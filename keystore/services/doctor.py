@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from keystore import audit
 from keystore.location import Location
+from keystore.sqlite import audit
 from keystore.sqlite.schema import SCHEMA_VERSION
 from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.registry import make_cipher

@@ -180,8 +180,8 @@ def test_every_audit_row_records_the_real_uid_whatever_sudo_user_says(
 
     from click.testing import CliRunner
 
-    from keystore import audit
     from keystore.cli import main
+    from keystore.sqlite import audit
 
     db = tmp_path / "ks.db"
     monkeypatch.setenv("VMSHIELD_DB", str(db))

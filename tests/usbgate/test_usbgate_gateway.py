@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from keystore import audit as keystore_audit
+from keystore.sqlite import audit as keystore_audit
 from tests.support.usbgate_qemu import (
     AttachWatch,
     Keystore,
