@@ -1,15 +1,17 @@
-"""The backend registry: the one place that knows which backend serves a `Location`.
+"""The backend registry: which backend serves a `Location` (ovirt-imageio's backends shape).
 
-An SQLite file is keystore.sqlite (the embedded default), a postgresql:// URL is
-keystore.postgres; both run the one repository of keystore.storage. The backends are
-imported lazily, so a host without PostgreSQL never loads psycopg.
+Each backend module (keystore/sqlite/backend.py, keystore/postgres/backend.py) has the same
+four functions (`Backend`); `Location.kind` picks one. Both run the one repository of
+keystore.storage. Backends are imported when first used, so a host without PostgreSQL
+never loads psycopg.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from keystore.audit import VerifyResult
 from keystore.auth import AuthPolicy
@@ -18,6 +20,41 @@ from keystore.models import AuditEntry
 from keystore.repository import Repository
 
 Where = Location | str | os.PathLike[str]
+
+
+class Backend(Protocol):
+    """What a backend module offers the rest of the keystore."""
+
+    async def open_repository(
+        self, location: Location, policy: AuthPolicy | None
+    ) -> Repository: ...
+    def initialise(self, location: Location) -> tuple[bool, int, int]: ...
+    def append_audit(
+        self, location: Location, actor: str, action: str, vm: str | None,
+        detail: dict[str, Any] | None,
+    ) -> AuditEntry: ...  # fmt: skip
+    def verify_audit(self, location: Location, anchor: str | None) -> VerifyResult: ...
+
+
+def _sqlite() -> Backend:
+    from keystore.sqlite import backend
+
+    return backend
+
+
+def _postgres() -> Backend:
+    from keystore.postgres import backend
+
+    return backend
+
+
+#: Location.kind -> its backend module, imported on first use
+BACKENDS: dict[str, Callable[[], Backend]] = {"sqlite": _sqlite, "postgresql": _postgres}
+
+
+def backend(where: Where) -> tuple[Location, Backend]:
+    location = Location.parse(where)
+    return location, BACKENDS[location.kind]()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,30 +68,14 @@ class Initialised:
 
 async def open_repository(where: Where, *, policy: AuthPolicy | None = None) -> Repository:
     """Open the keystore at `where` with the backend its location names."""
-    location = Location.parse(where)
-    if location.file is None:
-        from keystore.postgres.repository import PostgresRepository
-
-        return await PostgresRepository.open(str(location), policy=policy)
-    from keystore.sqlite.repository import SqliteRepository
-
-    return await SqliteRepository.open(location.file, policy=policy)
+    location, b = backend(where)
+    return await b.open_repository(location, policy)
 
 
 def initialise(where: Where) -> Initialised:
     """Create the keystore at `where`, or bring its schema to this version's."""
-    location = Location.parse(where)
-    if location.file is None:
-        from keystore.postgres import connection as pgconn
-        from keystore.postgres.schema import SCHEMA_VERSION as PG_VERSION
-
-        created, old = pgconn.initialise(str(location))
-        return Initialised(created, old, PG_VERSION)
-    from keystore.sqlite import connection as dbmod
-    from keystore.sqlite.schema import SCHEMA_VERSION
-
-    created, old = dbmod.initialise(location.file)
-    return Initialised(created, old, SCHEMA_VERSION)
+    location, b = backend(where)
+    return Initialised(*b.initialise(location))
 
 
 def append_audit(
@@ -65,28 +86,11 @@ def append_audit(
     detail: dict[str, Any] | None = None,
 ) -> AuditEntry:
     """Append one audit row in its own transaction (synchronous, any process)."""
-    location = Location.parse(where)
-    if location.file is None:
-        from keystore.postgres import audit as pgaudit
-        from keystore.postgres import connection as pgconn
-
-        conn = pgconn.connect_sync(str(location))
-        try:
-            return pgaudit.append_sync(conn, actor, action, vm, detail)
-        finally:
-            conn.close()
-    from keystore.sqlite import audit
-
-    return audit.append_audit(location.file, actor, action, vm, detail)
+    location, b = backend(where)
+    return b.append_audit(location, actor, action, vm, detail)
 
 
 def verify_audit(where: Where, anchor: str | None = None) -> VerifyResult:
     """Verify the audit chain of the keystore at `where` (read-only, synchronous)."""
-    location = Location.parse(where)
-    if location.file is None:
-        from keystore.postgres.audit import verify_sync
-
-        return verify_sync(str(location), anchor)
-    from keystore.sqlite import audit
-
-    return audit.verify(location.file, anchor)
+    location, b = backend(where)
+    return b.verify_audit(location, anchor)
