@@ -10,9 +10,9 @@ What this cannot do: someone who can write the file can drop the triggers and re
 whole chain consistently. Copy the head printed by `vmshield audit verify` somewhere else
 (a ticket, a remote log) to anchor it; `verify --head` then checks against that copy.
 
-`append_audit` is the synchronous entry point for other components (usbgate, erase); the
-repository has an async twin. Never put secrets in `detail`: keys that look like secrets
-are refused.
+This module is the chain's pure functions (no database): the storage layer stores the rows
+(keystore.storage.repository; keystore.sqlite.audit and keystore.postgres.audit for other
+processes). Never put secrets in `detail`: keys that look like secrets are refused.
 """
 
 from __future__ import annotations
@@ -24,27 +24,16 @@ import hmac
 import json
 import os
 import pwd
-import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from keystore.errors import AuditChainBroken
 from keystore.models import AuditEntry
-from keystore.sqlite import connection as dbmod
 
 GENESIS = "0" * 64
-HEAD_KEY = "audit_head"
 
 _SECRET_WORDS = ("password", "passphrase", "secret", "verifier", "master_key")
-
-LAST_SQL = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
-INSERT_SQL = (
-    "INSERT INTO audit (seq, ts, actor, action, vm, detail, prev_hash, hash) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-HEAD_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
-SELECT_SQL = "SELECT seq, ts, actor, action, vm, detail, prev_hash, hash FROM audit"
 
 
 def now() -> datetime:
@@ -98,7 +87,8 @@ def next_row(
     vm: str | None,
     detail: dict[str, Any] | None,
 ) -> tuple[Any, ...]:
-    """Parameters for INSERT_SQL given the current last (seq, hash) of the chain.
+    """The next row (seq, ts, actor, action, vm, detail, prev_hash, hash) after the chain's
+    current last (seq, hash).
 
     The detail gets `os_uid` / `os_user` (`os_identity`) of the writing process, whatever
     the actor claims: in every row, of every backend, inside the chained hash.
@@ -112,46 +102,13 @@ def next_row(
     return (seq, ts, actor, action, vm, text, prev, h)
 
 
-def entry_from_row(row: tuple[Any, ...] | sqlite3.Row) -> AuditEntry:
-    seq, ts, actor, action, vm, detail, prev, h = tuple(row)
+def entry_from_row(row: Sequence[Any]) -> AuditEntry:
+    seq, ts, actor, action, vm, detail, prev, h = row
     fields = json.loads(detail)
     uid, user = fields.pop("os_uid", None), fields.pop("os_user", None)
     return AuditEntry(
         int(seq), datetime.fromisoformat(ts), actor, action, vm, fields, prev, h, uid, user
     )
-
-
-def append_audit(
-    db: str | Path,
-    actor: str,
-    action: str,
-    vm: str | None = None,
-    detail: dict[str, Any] | None = None,
-) -> AuditEntry:
-    """Append one row to the audit trail of the keystore at `db` (synchronous, any process).
-
-    `actor` says who (a principal or a component such as "usbgate"), `action` what, as a
-    dotted verb ("usb.attach", "disk.erase.done"), `vm` the VM name if any, `detail` a small
-    JSON-able dict without secrets. Raises KeystoreBusy / DatabaseUnavailable.
-    """
-    path = Path(db)
-    conn = dbmod.open_sync(path)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            last = conn.execute(LAST_SQL).fetchone()
-            params = next_row(tuple(last) if last else None, actor, action, vm, detail)
-            conn.execute(INSERT_SQL, params)
-            conn.execute(HEAD_SQL, (HEAD_KEY, f"{params[0]}:{params[7]}"))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    except sqlite3.Error as e:
-        raise dbmod.translate(e, path) from e
-    finally:
-        conn.close()
-    return entry_from_row(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,22 +163,6 @@ def verify_rows(
         if not ok:
             problems.append(f"anchor {anchor} is not in the chain (history was rewritten)")
     return VerifyResult(len(rows), head_seq, prev, tuple(problems))
-
-
-def verify(db: str | Path, anchor: str | None = None) -> VerifyResult:
-    """Verify the audit chain of the keystore at `db` (read-only, synchronous)."""
-    path = Path(db)
-    conn = dbmod.open_sync(path, readonly=True)
-    try:
-        conn.execute("BEGIN")
-        rows = [tuple(r) for r in conn.execute(SELECT_SQL + " ORDER BY seq")]
-        head = conn.execute("SELECT value FROM meta WHERE key = ?", (HEAD_KEY,)).fetchone()
-        conn.execute("COMMIT")
-    except sqlite3.Error as e:
-        raise dbmod.translate(e, path) from e
-    finally:
-        conn.close()
-    return verify_rows(rows, head[0] if head else None, anchor)
 
 
 def require_valid(result: VerifyResult) -> None:

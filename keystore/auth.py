@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher, extract_parameters, profiles
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from keystore.errors import AccountLocked, AuthenticationFailed
 
 #: RFC 9106 second recommended option (argon2id, t=3, m=64 MiB, p=4).
 DEFAULT_HASHER = PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
@@ -63,6 +65,46 @@ class AuthPolicy:
     def burn(self, password: bytes) -> None:
         """Spend the time of one verification (unknown user: no timing oracle)."""
         self.verify(dummy_verifier(self.hasher), password)
+
+    # The lockout, as arithmetic on the counters the repository stores (failed_attempts,
+    # locked_until): the repository counts inside its write transaction, these decide.
+
+    def locked_until(self, stored: datetime | None, now: datetime) -> datetime | None:
+        """The lock still in force at `now` (attempts are refused unchecked), else None."""
+        return stored if stored is not None and stored > now else None
+
+    def lock_after(self, failures: int, now: datetime) -> datetime | None:
+        """Until when `failures` consecutive failures lock the account, None if they do not."""
+        return now + self.lockout if failures >= self.max_failures else None
+
+
+def locked_error(policy: AuthPolicy, name: str, until: datetime, now: datetime) -> AccountLocked:
+    """What an attempt on a locked account says: until when, and what can be done."""
+    return AccountLocked(
+        f"user {name!r} is locked until "
+        f"{until.strftime('%Y-%m-%d %H:%M:%S %Z').strip()} (another "
+        f"{human_duration((until - now).total_seconds())}) after "
+        f"{policy.max_failures} failed attempts; {unlock_hint(name)}"
+    )
+
+
+def failed_error(policy: AuthPolicy, name: str, failures: int | None) -> AuthenticationFailed:
+    """What a failed login says: the attempts left, or the lock it caused (`failures` None:
+    an unknown user, no count to give)."""
+    said = f"authentication failed for user {name!r}"
+    lock = human_duration(policy.lockout.total_seconds())
+    if failures is None:
+        return AuthenticationFailed(
+            f"{said}; {policy.max_failures} failures in a row lock an account for {lock}"
+        )
+    left = policy.max_failures - failures
+    if left > 0:
+        return AuthenticationFailed(
+            f"{said}: {left} attempt{'s' if left != 1 else ''} left before a {lock} lock"
+        )
+    return AuthenticationFailed(
+        f"{said}: the account is now locked for {lock}; {unlock_hint(name)}"
+    )
 
 
 def human_duration(seconds: float) -> str:

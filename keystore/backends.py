@@ -1,47 +1,96 @@
-"""Choosing the keystore backend from the form of `--db` / VMSHIELD_DB.
+"""The backend registry: which backend serves a `Location` (ovirt-imageio's backends shape).
 
-A `postgresql://` (or `postgres://`) URL opens keystore.postgres, anything else is an SQLite
-file (keystore.sqlite, the embedded default). The backends are imported lazily, so a host
-without PostgreSQL never loads psycopg.
+Each backend module (keystore/sqlite/backend.py, keystore/postgres/backend.py) has the same
+four functions (`Backend`); `Location.kind` picks one. Both run the one repository of
+keystore.storage. Backends are imported when first used, so a host without PostgreSQL
+never loads psycopg.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from keystore.audit import VerifyResult
 from keystore.auth import AuthPolicy
-from keystore.postgres.url import PgUrl, is_url
+from keystore.location import Location
+from keystore.models import AuditEntry
 from keystore.repository import Repository
 
-Location = Path | PgUrl
-"""Where a keystore is: an SQLite file, or a PostgreSQL URL (`postgresql://...`)."""
+Where = Location | str | os.PathLike[str]
 
 
-def parse_location(value: str | Path) -> Location:
-    """`--db` / VMSHIELD_DB as given: a PostgreSQL URL stays text, anything else is a path."""
-    if isinstance(value, Path):
-        return value
-    return PgUrl(value) if is_url(value) else Path(value)
+class Backend(Protocol):
+    """What a backend module offers the rest of the keystore."""
+
+    async def open_repository(
+        self, location: Location, policy: AuthPolicy | None
+    ) -> Repository: ...
+    def initialise(self, location: Location) -> tuple[bool, int, int]: ...
+    def append_audit(
+        self, location: Location, actor: str, action: str, vm: str | None,
+        detail: dict[str, Any] | None,
+    ) -> AuditEntry: ...  # fmt: skip
+    def verify_audit(self, location: Location, anchor: str | None) -> VerifyResult: ...
 
 
-async def open_repository(location: Location, *, policy: AuthPolicy | None = None) -> Repository:
-    """Open the keystore at `location` with the backend its form names."""
-    if isinstance(location, PgUrl):
-        from keystore.postgres.repository import PostgresRepository
+def _sqlite() -> Backend:
+    from keystore.sqlite import backend
 
-        return await PostgresRepository.open(location, policy=policy)
-    from keystore.sqlite.repository import SqliteRepository
-
-    return await SqliteRepository.open(location, policy=policy)
+    return backend
 
 
-def verify_audit(location: Location, anchor: str | None = None) -> VerifyResult:
-    """Verify the audit chain of the keystore at `location` (read-only, synchronous)."""
-    if isinstance(location, PgUrl):
-        from keystore.postgres.audit import verify_sync
+def _postgres() -> Backend:
+    from keystore.postgres import backend
 
-        return verify_sync(location, anchor)
-    from keystore import audit
+    return backend
 
-    return audit.verify(location, anchor)
+
+#: Location.kind -> its backend module, imported on first use
+BACKENDS: dict[str, Callable[[], Backend]] = {"sqlite": _sqlite, "postgresql": _postgres}
+
+
+def backend(where: Where) -> tuple[Location, Backend]:
+    location = Location.parse(where)
+    return location, BACKENDS[location.kind]()
+
+
+@dataclasses.dataclass(frozen=True)
+class Initialised:
+    """What `initialise` did: created the keystore, or upgraded it from `old` to `version`."""
+
+    created: bool
+    old: int
+    version: int
+
+
+async def open_repository(where: Where, *, policy: AuthPolicy | None = None) -> Repository:
+    """Open the keystore at `where` with the backend its location names."""
+    location, b = backend(where)
+    return await b.open_repository(location, policy)
+
+
+def initialise(where: Where) -> Initialised:
+    """Create the keystore at `where`, or bring its schema to this version's."""
+    location, b = backend(where)
+    return Initialised(*b.initialise(location))
+
+
+def append_audit(
+    where: Where,
+    actor: str,
+    action: str,
+    vm: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Append one audit row in its own transaction (synchronous, any process)."""
+    location, b = backend(where)
+    return b.append_audit(location, actor, action, vm, detail)
+
+
+def verify_audit(where: Where, anchor: str | None = None) -> VerifyResult:
+    """Verify the audit chain of the keystore at `where` (read-only, synchronous)."""
+    location, b = backend(where)
+    return b.verify_audit(location, anchor)

@@ -7,7 +7,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from usbgate.rules.policy import Action
+from usbgate.rules.policy import Action, Rule
 
 
 class DiskState(enum.StrEnum):
@@ -121,6 +121,19 @@ class Server(_Record):
     pid: int
     readonly: bool
     started: datetime
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UsbRule(Rule):
+    """A usbgate.rules.policy rule as one row of a VM's whitelist (thesis table 5-3, extended):
+    the one rule model, with its row id, VM and position."""
+
+    id: int
+    vm: str
+    position: int  #: 1-based; lower positions are tried first
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "vm": self.vm, "position": self.position, **super().to_json()}
 
 
 @dataclasses.dataclass(frozen=True)

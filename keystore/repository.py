@@ -4,7 +4,8 @@ All methods are coroutines. Mutating methods take `actor` (who asked: an OS user
 principal, or a component such as "usbgate") and write their audit row in the same
 transaction as the change, so a change is never recorded without its audit row or the
 reverse. The contract tests in tests/support/keystore_contract.py run against every backend;
-keystore.backends picks the backend from the form of `--db` (a file, or postgresql://).
+keystore.backends opens the backend a `Location` names; keystore.storage.repository is the
+one implementation, over each backend's connection adapter.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from keystore.models import (
     Principal,
     Server,
     UsbAction,
+    UsbRule,
     Vm,
 )
-from keystore.sqlite.usbrules import Pattern, UsbRule
+from usbgate.rules.policy import Pattern
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -61,38 +61,22 @@ def rules_options(f: F) -> F:
     return f
 
 
-def _keystore_path(db: str | None) -> Path | str:
-    from usbgate.sources.keystore import keystore_location
-
-    return keystore_location(db)
-
-
 def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
     if rules_file is not None:
         if db is not None:
             raise click.UsageError("give --db or --rules-file, not both")
         return FileRuleSource(rules_file)
-    from usbgate.sources.keystore import KeystoreRuleSource
+    from usbgate.sources.keystore import keystore_rule_source
 
-    location = _keystore_path(db)
-    if isinstance(location, str):
-        from usbgate.sources.postgres import PgRuleSource
-
-        return PgRuleSource(location)
-    return KeystoreRuleSource(location)
+    return keystore_rule_source(db)
 
 
 def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
     if rules_file is not None:
         return _LogAuditSink()
-    from usbgate.sources.keystore import KeystoreAuditSink
+    from usbgate.sources.keystore import keystore_audit_sink
 
-    location = _keystore_path(db)
-    if isinstance(location, str):
-        from usbgate.sources.postgres import PgAuditSink
-
-        return PgAuditSink(location)
-    return KeystoreAuditSink(location)
+    return keystore_audit_sink(db)
 
 
 class _LogAuditSink(MemoryAuditSink):

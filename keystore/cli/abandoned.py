@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from keystore.backends import Location
 from keystore.cli.options import actor
+from keystore.location import Location
 from keystore.services import creating
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError

@@ -11,7 +11,6 @@ import textwrap
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
 import click
 
@@ -25,6 +24,7 @@ from keystore.cli.options import (
     run,
     when,
 )
+from keystore.location import Location
 from keystore.models import AuditEntry
 from keystore.repository import Repository
 from keystore.services import auditview
@@ -108,7 +108,7 @@ async def _recent(r: Repository, *, vm: str | None, n: int) -> list[AuditEntry]:
     return await r.list_audit(vm, n)
 
 
-def _follow(db: Path | None, vm: str | None, chosen: AuditFilter, last: int, as_json: bool,
+def _follow(db: Location | None, vm: str | None, chosen: AuditFilter, last: int, as_json: bool,
             interval: float) -> None:  # fmt: skip
     """Print rows appended after `last` as they come, until interrupted."""
     try:
@@ -177,7 +177,7 @@ def _follow(db: Path | None, vm: str | None, chosen: AuditFilter, last: int, as_
 def audit(
     ctx: click.Context, vm: str | None, actions: tuple[str, ...], actors: tuple[str, ...],
     since: datetime | None, until: datetime | None, limit: int | None, follow: bool,
-    as_json: bool, db: Path | None,
+    as_json: bool, db: Location | None,
 ) -> None:  # fmt: skip
     """Show the audit trail, oldest first; `vmshield audit verify` checks its integrity.
 
@@ -228,7 +228,7 @@ FOLLOW_INTERVAL = 0.5
 @json_option
 @db_option
 @handle_errors
-def verify(anchor: str | None, as_json: bool, db: Path | None) -> None:
+def verify(anchor: str | None, as_json: bool, db: Location | None) -> None:
     """Recompute the audit hash chain; exit 1 if a row was edited, inserted or deleted.
 
     Prints the head (SEQ:HASH). Keep a copy outside this machine and pass it to

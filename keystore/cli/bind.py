@@ -21,11 +21,12 @@ from keystore.cli.options import (
     run,
     wipe,
 )
+from keystore.location import Location
 from keystore.models import Disk, DiskState
 from keystore.services import binding
 
 
-def _ready(db: Path | None, disk_name: str) -> Disk:
+def _ready(db: Location | None, disk_name: str) -> Disk:
     d = run(db, lambda r: r.get_disk(disk_name))
     if d.state is not DiskState.READY:
         raise click.ClickException(f"disk {d.name} is {d.state.value}, not ready")
@@ -65,7 +66,7 @@ def bind(
     with_tpm2: bool,
     password_file: Path | None,
     as_json: bool,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     """Let DISK open unattended while its pins answer (network-bound unlock).
 
@@ -111,7 +112,7 @@ def bind(
 @click.option("--thumbprint", help="Trust only the Tang signing key with this thumbprint.")
 @db_option
 @handle_errors
-def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Path | None) -> None:
+def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Location | None) -> None:
     """Bind DISK's keyslot SLOT to its Tang server's current keys (after a key rotation).
 
     Like `clevis luks regen`: the passphrase is recovered with the old binding (the server
@@ -134,7 +135,7 @@ def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Path | None) -
 @password_file_option
 @db_option
 @handle_errors
-def unbind(disk_name: str, slot: int, password_file: Path | None, db: Path | None) -> None:
+def unbind(disk_name: str, slot: int, password_file: Path | None, db: Location | None) -> None:
     """Remove DISK's clevis-bound keyslot SLOT and its token (the owner's password stays)."""
     d = _ready(db, disk_name)
     v = run(db, lambda r: r.get_vm(d.vm))

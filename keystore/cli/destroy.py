@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from keystore.cli import abandoned
 from keystore.cli.erase import confirm, done_event, method_option, methods_help, run_erase, summary
 from keystore.cli.options import actor, db_option, emit_json, handle_errors, resolve_db, run
+from keystore.location import Location
 from keystore.services import destroy as destroying
 from keystore.services import hookconf
 from keystore.services.store import Keystore
@@ -69,7 +68,7 @@ def destroy(
     as_json: bool,
     yes: bool,
     force: bool,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     store = Keystore(db)
     abandoned.reap(db)

@@ -31,6 +31,7 @@ from keystore.cli.options import (
 )
 from keystore.cli.progress import progress_option, reporter
 from keystore.cli.unlock import _host_key_path, host_key_option
+from keystore.location import Location
 from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
 from keystore.services import disk_import, opening, serve, snippets, unlock, usage
@@ -89,7 +90,7 @@ def create(
     iterations: int | None,
     password_file: Path | None,
     progress: bool | None,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     """Create an encrypted disk for VM, with a keyslot for the VM owner's password.
 
@@ -200,7 +201,7 @@ def serve_(
     host_key: Path | None,
     password_file: Path | None,
     as_json: bool,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     """Serve DISK's plaintext over NBD for QEMU; asks for the owner's password.
 
@@ -268,7 +269,7 @@ def _serve_unattended(
 )
 @db_option
 @handle_errors
-def stop(disk_name: str, force: bool, db: Path | None) -> None:
+def stop(disk_name: str, force: bool, db: Location | None) -> None:
     """Stop the nbdkit server of DISK.
 
     Refused while a client (QEMU, qemu-io, nbdinfo...) is connected to its socket or the
@@ -303,7 +304,7 @@ def _serving(d: Disk, s: Server | None) -> tuple[str, bool]:
 @click.option("--bytes", "raw", is_flag=True, help="Sizes in bytes (default: 20 GiB, 1.5 GiB).")
 @json_option
 @db_option
-def list_(vm: str | None, raw: bool, as_json: bool, db: Path | None) -> None:
+def list_(vm: str | None, raw: bool, as_json: bool, db: Location | None) -> None:
     """List disks with their state, size and the socket they are served on (--json: sizes
     in bytes).
 
@@ -344,7 +345,7 @@ def list_(vm: str | None, raw: bool, as_json: bool, db: Path | None) -> None:
 @click.argument("disk_name", metavar="DISK")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-def forget(disk_name: str, yes: bool, db: Path | None) -> None:
+def forget(disk_name: str, yes: bool, db: Location | None) -> None:
     """Remove DISK's record without touching the image file.
 
     For images deleted or moved by other means. To destroy an image, use
@@ -366,7 +367,7 @@ def forget(disk_name: str, yes: bool, db: Path | None) -> None:
 @db_option
 @handle_errors
 def import_(
-    image: Path, vm_name: str, name: str | None, password_file: Path | None, db: Path | None
+    image: Path, vm_name: str, name: str | None, password_file: Path | None, db: Location | None
 ) -> None:
     """Register an existing LUKS image IMAGE as a disk of VM, e.g. after the keystore was
     lost, or for an image made with cryptsetup.

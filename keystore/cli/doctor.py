@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from keystore.backends import Location
 from keystore.cli.libvirt import DEFAULT_HOOKS_DIR, HOOK_NAME, config_option, hook_text
 from keystore.cli.options import db_option, emit_json, json_option, resolve_location
+from keystore.location import Location
 from keystore.services import doctor_host, hookconf
 from keystore.services.doctor import (
     Check,

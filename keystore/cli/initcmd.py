@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from keystore import audit
-from keystore.cli.options import actor, db_option, handle_errors, resolve_db
-from keystore.postgres.url import PgUrl
-from keystore.sqlite import connection as dbmod
-from keystore.sqlite.schema import SCHEMA_VERSION
+from keystore import backends
+from keystore.cli.options import actor, db_option, handle_errors, resolve_location
+from keystore.location import Location
 
 
 @click.command()
 @db_option
 @handle_errors
-def init(db: Path | None) -> None:
+def init(db: Location | None) -> None:
     """Create the keystore database, or upgrade an existing one to this version's schema.
 
     The file is created with mode 0600 (its directory 0700) and uses SQLite's WAL journal.
@@ -32,19 +28,15 @@ def init(db: Path | None) -> None:
       vmshield disk create web1 --size 20G
       vmshield disk serve web1-0
     """
-    if isinstance(db, PgUrl):
-        from keystore.cli.keystore_cmd import init_postgres
-
-        return init_postgres(db)
-    path = resolve_db(db)
-    created, old = dbmod.initialise(path)
-    if created:
-        audit.append_audit(path, actor(), "keystore.init", None, {"schema": SCHEMA_VERSION})
-        click.echo(f"created keystore {path} (schema version {SCHEMA_VERSION})")
-    elif old < SCHEMA_VERSION:
-        audit.append_audit(
-            path, actor(), "keystore.upgrade", None, {"from": old, "to": SCHEMA_VERSION}
-        )
-        click.echo(f"upgraded keystore {path} from schema {old} to {SCHEMA_VERSION}")
+    location = resolve_location(db)
+    done = backends.initialise(location)
+    where, version = location.display(), done.version
+    if done.created:
+        backends.append_audit(location, actor(), "keystore.init", None, {"schema": version})
+        click.echo(f"created keystore {where} (schema version {version})")
+    elif done.old < version:
+        detail = {"from": done.old, "to": version}
+        backends.append_audit(location, actor(), "keystore.upgrade", None, detail)
+        click.echo(f"upgraded keystore {where} from schema {done.old} to {version}")
     else:
-        click.echo(f"keystore {path} is up to date (schema version {SCHEMA_VERSION})")
+        click.echo(f"keystore {where} is up to date (schema version {version})")

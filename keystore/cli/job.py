@@ -10,6 +10,7 @@ import click
 
 from keystore.auth import human_duration
 from keystore.cli.options import db_option, emit_json, handle_errors, json_option, resolve_db, table
+from keystore.location import Location
 from keystore.services import jobs
 
 
@@ -76,7 +77,7 @@ def _select(db: Path, job_id: str | None) -> list[dict[str, Any]]:
 @db_option
 @handle_errors
 def status(
-    job_id: str | None, watch: bool, interval: float, as_json: bool, db: Path | None
+    job_id: str | None, watch: bool, interval: float, as_json: bool, db: Location | None
 ) -> None:
     """Show one job (JOB_ID), or every job of this keystore: the phase, the whole job's
     progress and its ETA (every pass and the read-back), start and end in UTC.
@@ -114,7 +115,7 @@ def status(
 @click.argument("job_id")
 @handle_errors
 @db_option
-def cancel(job_id: str, db: Path | None) -> None:
+def cancel(job_id: str, db: Location | None) -> None:
     """Stop the running job JOB_ID where it is.
 
     The erase stops between two writes and the disk is marked failed: the keyslots may

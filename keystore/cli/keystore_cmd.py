@@ -1,40 +1,12 @@
-"""`vmshield keystore migrate`, and `vmshield init` on a PostgreSQL keystore."""
+"""`vmshield keystore migrate`: copy an SQLite keystore into PostgreSQL."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import click
 
 from keystore.cli.options import actor, db_option, emit_json, handle_errors, json_option, resolve_db
-from keystore.postgres import audit as pgaudit
-from keystore.postgres import connection as pgconn
+from keystore.location import Location
 from keystore.postgres.migrate import migrate as migrate_keystore
-from keystore.postgres.schema import SCHEMA_VERSION
-from keystore.postgres.url import PgUrl, is_url
-
-
-def init_postgres(url: PgUrl) -> None:
-    """`vmshield init --db postgresql://...`: create or upgrade the schema and its roles."""
-    created, old = pgconn.initialise(url)
-    where = url.redacted()
-    if created or old < SCHEMA_VERSION:
-        conn = pgconn.connect_sync(url)
-        try:
-            action, detail = (
-                ("keystore.init", {"schema": SCHEMA_VERSION})
-                if created
-                else ("keystore.upgrade", {"from": old, "to": SCHEMA_VERSION})
-            )
-            pgaudit.append_sync(conn, actor(), action, None, detail)
-        finally:
-            conn.close()
-    if created:
-        click.echo(f"created keystore {where} (schema version {SCHEMA_VERSION})")
-    elif old < SCHEMA_VERSION:
-        click.echo(f"upgraded keystore {where} from schema {old} to {SCHEMA_VERSION}")
-    else:
-        click.echo(f"keystore {where} is up to date (schema version {SCHEMA_VERSION})")
 
 
 @click.group("keystore")
@@ -54,7 +26,7 @@ def keystore_group() -> None:
 @db_option
 @json_option
 @handle_errors
-def migrate(target: str, db: Path | None, as_json: bool) -> None:
+def migrate(target: str, db: Location | None, as_json: bool) -> None:
     """Copy this host's SQLite keystore into PostgreSQL, for several hosts to share.
 
     Verifies the SQLite audit chain first (nothing is copied if it is broken), copies
@@ -68,11 +40,11 @@ def migrate(target: str, db: Path | None, as_json: bool) -> None:
     Example:
       vmshield keystore migrate --to postgresql://vmshield@db1/vmshield
     """
-    if not is_url(target):
+    to = Location.parse(target)
+    if not to.shared:
         raise click.BadParameter("expected a postgresql:// URL", param_hint="--to")
-    url = PgUrl(target)
     source = resolve_db(db)
-    result = migrate_keystore(source, url, actor=actor())
+    result = migrate_keystore(source, str(to), actor=actor())
     if as_json:
         emit_json(
             {
@@ -85,7 +57,7 @@ def migrate(target: str, db: Path | None, as_json: bool) -> None:
         )
     else:
         counts = ", ".join(f"{n} {t}" for t, n in result.rows.items())
-        click.echo(f"copied {source} to {url.redacted()}: {counts}")
+        click.echo(f"copied {source} to {to.display()}: {counts}")
         click.echo(
             f"audit chain verified on both sides: source head {result.source_head}, "
             f"target head {result.target.head_seq}:{result.target.head_hash}"

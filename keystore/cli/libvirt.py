@@ -20,12 +20,11 @@ from keystore.cli.options import (
     resolve_location,
     run,
 )
-from keystore.models import Disk, DiskState, Vm
-from keystore.postgres.url import PgUrl, refuse_password
+from keystore.location import Location
+from keystore.models import Disk, DiskState, UsbRule, Vm
 from keystore.repository import Repository
 from keystore.services import hookconf, libvirt_xml
 from keystore.services.hookconf import HookConfig
-from keystore.sqlite.usbrules import UsbRule
 from nbd_plugin.trust import trusted_path
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
@@ -103,7 +102,7 @@ async def _devices(r: Repository, vm: str) -> tuple[Vm, list[Disk], list[UsbRule
 @handle_errors
 def devices(
     vm: str, usb_slots: int, run_dir: Path | None, config: Path | None, as_json: bool,
-    db: Path | None,
+    db: Location | None,
 ) -> None:  # fmt: skip
     """Print the <devices> entries of VM for its libvirt domain.
 
@@ -206,7 +205,7 @@ def _default_run_dir() -> Path:
 @handle_errors
 def install_hook(
     hooks_dir: Path, config: Path | None, run_dir: Path | None, host_key: Path | None,
-    usb_listen: str | None, db: Path | None,
+    usb_listen: str | None, db: Location | None,
 ) -> None:  # fmt: skip
     """Install the vmshield qemu hook and write its configuration.
 
@@ -219,13 +218,13 @@ def install_hook(
     if run_dir is None:
         run_dir = _default_run_dir()
     base = hookconf.defaults(run_dir)
-    if isinstance(location := resolve_location(db), PgUrl):
-        try:  # hook.conf is readable by all: a password in it would be everyone's
-            refuse_password(location)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
+    location = resolve_location(db)
+    try:  # hook.conf is readable by all: a password in it would be everyone's
+        location.check_no_password()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     cfg = HookConfig(
-        db=location if isinstance(location := resolve_location(db), PgUrl) else location.absolute(),
+        db=location.absolute(),
         run_dir=(run_dir or base.run_dir).absolute(),
         host_key=(host_key or base.host_key).absolute(),
         usb_listen=usb_listen or hookconf.DEFAULT_USB_LISTEN,

@@ -21,8 +21,7 @@ from click.core import ParameterSource
 
 from keystore import paths
 from keystore.audit import cli_actor
-from keystore.backends import Location, parse_location
-from keystore.postgres.url import PgUrl
+from keystore.location import Location
 from keystore.repository import Repository
 from keystore.secretpolicy import FORMAT_HELP, NEW_IMAGE_FORMAT, check_new_secret
 from keystore.services.store import Keystore
@@ -114,9 +113,12 @@ class DbLocation(click.ParamType):  # type: ignore[type-arg]
     name = "PATH|URL"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and isinstance(parse_location(value), PgUrl):
-            return PgUrl(value)
-        return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
+        if isinstance(value, Location):
+            return value
+        location = Location.parse(value)
+        if location.file is None:
+            return location
+        return Location.parse(click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx))
 
 
 DB_HELP = (
@@ -162,16 +164,17 @@ def db_option(f: F) -> F:
 
 def resolve_db(db: Location | None) -> Path:
     """The keystore file, for commands that only work on a local SQLite keystore."""
-    if isinstance(db, PgUrl):
+    location = resolve_location(db)
+    if location.file is None:
         raise click.UsageError(
-            f"this command needs a local keystore file, not {db.redacted()}", ctx=None
+            f"this command needs a local keystore file, not {location.display()}", ctx=None
         )
-    return db if db is not None else paths.default_db_path()
+    return location.file
 
 
 def resolve_location(db: Location | None) -> Location:
     """The keystore as given (file or PostgreSQL URL), or the default file."""
-    return db if db is not None else paths.default_db_path()
+    return db if db is not None else Location.parse(paths.default_db_path())
 
 
 def json_option(f: F) -> F:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from keystore.cli.options import actor, db_option, emit_json, json_option, run
+from keystore.location import Location
 from keystore.models import ErasePermission
 
 YES_NO = click.Choice(["yes", "no"])
@@ -39,7 +38,7 @@ def _print(p: ErasePermission, as_json: bool) -> None:
 @json_option
 @db_option
 def set_(
-    vm: str, deep_erase: str | None, normal_delete: str | None, as_json: bool, db: Path | None
+    vm: str, deep_erase: str | None, normal_delete: str | None, as_json: bool, db: Location | None
 ) -> None:
     """Set the erase permissions of VM; an option left out keeps its value."""
     if deep_erase is None and normal_delete is None:
@@ -60,6 +59,6 @@ def set_(
 @click.argument("vm")
 @json_option
 @db_option
-def show(vm: str, as_json: bool, db: Path | None) -> None:
+def show(vm: str, as_json: bool, db: Location | None) -> None:
     """Show the erase permissions of VM."""
     _print(run(db, lambda r: r.get_erase_permission(vm)), as_json)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import click
@@ -12,6 +11,7 @@ from keystore import sizes
 from keystore.auth import human_duration
 from keystore.cli import abandoned
 from keystore.cli.options import db_option, emit_json, handle_errors, json_option, table
+from keystore.location import Location
 from keystore.services import hookconf
 from keystore.services import status as statusmod
 from keystore.services.store import Keystore
@@ -41,7 +41,7 @@ def _mode(readonly: bool | None) -> str:
 @json_option
 @db_option
 @handle_errors
-def status(as_json: bool, db: Path | None) -> None:
+def status(as_json: bool, db: Location | None) -> None:
     """Show what is running: every served disk (VM, nbdkit pid, since, ro/rw, who started
     it, the clients connected now, the bytes they read and wrote, at most a second old),
     every usbgate with the devices attached through it, pending unlocks with their expiry,

@@ -23,6 +23,7 @@ from keystore.cli.options import (
     run,
     wipe,
 )
+from keystore.location import Location
 from keystore.models import DiskState
 from keystore.services import hookconf, unlock
 
@@ -70,7 +71,7 @@ def _refuse_non_root(vm: str) -> None:
 @db_option
 @handle_errors
 def unlock_vm(
-    vm_name: str, duration: str, cancel: bool, password_file: Path | None, db: Path | None
+    vm_name: str, duration: str, cancel: bool, password_file: Path | None, db: Location | None
 ) -> None:  # fmt: skip
     """Let the next `virsh start VM` open its disks, within DURATION.
 
@@ -107,7 +108,7 @@ def unlock_vm(
 @db_option
 @handle_errors
 def enroll_host(
-    disk_name: str, host_key: Path | None, password_file: Path | None, db: Path | None
+    disk_name: str, host_key: Path | None, password_file: Path | None, db: Location | None
 ) -> None:  # fmt: skip
     """Let this host open DISK unattended (the qemu hook, at every `virsh start`).
 
@@ -141,7 +142,7 @@ def enroll_host(
 @host_key_option
 @db_option
 @handle_errors
-def unenroll_host(disk_name: str, host_key: Path | None, db: Path | None) -> None:
+def unenroll_host(disk_name: str, host_key: Path | None, db: Location | None) -> None:
     """Remove DISK's host-key keyslot: starts need `vmshield vm unlock` again.
 
     Needs no password: the host key itself opens the keyslot it removes. The owner's

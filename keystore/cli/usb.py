@@ -7,16 +7,15 @@ usbgate.rules.qemu_filter's translation (the same one `usbgate qemu-filter` prin
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import click
 
 from keystore.cli.options import CliError, actor, db_option, emit_json, json_option, run, table
-from keystore.models import UsbAction
+from keystore.location import Location
+from keystore.models import UsbAction, UsbRule
 from keystore.repository import Repository
 from keystore.services import usb_rules
-from keystore.sqlite.usbrules import UsbRule
 from usbgate.rules import policy
 
 P = TypeVar("P")
@@ -82,7 +81,7 @@ def _make(action: UsbAction) -> click.Command:
         serial: str | None,
         position: int | None,
         as_json: bool,
-        db: Path | None,
+        db: Location | None,
     ) -> None:
         vid, pid = _parse(ids, policy.parse_id_pair, "VID:PID")
         dclass = (
@@ -165,7 +164,7 @@ def _warn_newly_shadowed(rules: list[UsbRule], rule: UsbRule) -> None:
 @click.argument("vm")
 @json_option
 @db_option
-def list_(vm: str, as_json: bool, db: Path | None) -> None:
+def list_(vm: str, as_json: bool, db: Location | None) -> None:
     """List the rules of VM in the order they are tried.
 
     A rule that comes after one matching every device it matches can never decide: the
@@ -189,7 +188,7 @@ def list_(vm: str, as_json: bool, db: Path | None) -> None:
     help="With VID:PID: only the rules with this action.",
 )
 @db_option
-def remove(vm: str, rule: str, action: str | None, db: Path | None) -> None:
+def remove(vm: str, rule: str, action: str | None, db: Location | None) -> None:
     """Remove rule number POSITION, or every rule for exactly VID:PID; later rules move up.
 
     \b
@@ -235,7 +234,7 @@ def remove(vm: str, rule: str, action: str | None, db: Path | None) -> None:
 )
 @json_option
 @db_option
-def qemu_filter(vm: str, chardev: str, as_json: bool, db: Path | None) -> None:
+def qemu_filter(vm: str, chardev: str, as_json: bool, db: Location | None) -> None:
     """Print QEMU's usb-redir `filter=` and libvirt's `<redirfilter>` for VM's rules.
 
     A second line of defence generated from the same whitelist: QEMU's own filter refuses

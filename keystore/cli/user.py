@@ -22,6 +22,7 @@ from keystore.cli.options import (
     wipe,
 )
 from keystore.cli.progress import progress_option, reporter
+from keystore.location import Location
 from keystore.models import Principal
 from keystore.services.passwd import Kdf, change_password
 from keystore.services.store import Keystore
@@ -43,7 +44,7 @@ def user() -> None:
 @click.argument("name")
 @password_file_option
 @db_option
-def add(name: str, password_file: Path | None, db: Path | None) -> None:
+def add(name: str, password_file: Path | None, db: Location | None) -> None:
     """Create user NAME; asks for the password twice (hidden).
 
     For scripts: `--password-file FILE` or the password on stdin. At least 8 characters.
@@ -75,7 +76,7 @@ def passwd(
     iter_time_ms: int,
     iterations: int | None,
     progress: bool | None,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     """Change NAME's password, and the keyslot passphrase on every disk NAME owns.
 
@@ -114,7 +115,7 @@ def passwd(
 @click.command("unlock")
 @click.argument("name")
 @db_option
-def unlock(name: str, db: Path | None) -> None:
+def unlock(name: str, db: Location | None) -> None:
     """Clear NAME's failed-attempt counter and lockout (an administrator's decision)."""
     run(db, lambda r: r.unlock_principal(name, actor=actor()))
     click.echo(f"user {name} unlocked")
@@ -124,7 +125,7 @@ def unlock(name: str, db: Path | None) -> None:
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-def remove(name: str, yes: bool, db: Path | None) -> None:
+def remove(name: str, yes: bool, db: Location | None) -> None:
     """Remove user NAME and their password verifier.
 
     Refused while NAME owns a VM (each is named): the VM's disks open with NAME's password,
@@ -150,7 +151,7 @@ def _row(p: Principal) -> list[str]:
 @click.command("list")
 @json_option
 @db_option
-def list_(as_json: bool, db: Path | None) -> None:
+def list_(as_json: bool, db: Location | None) -> None:
     """List users with their failed-attempt counters and lockouts (never the verifiers)."""
     users = run(db, lambda r: r.list_principals())
     if as_json:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 from keystore.cli.options import actor, db_option, emit_json, json_option, run, table, when
+from keystore.location import Location
 from keystore.models import UNLOCK_POLICIES, Vm
 from keystore.repository import Repository
 from keystore.sizes import human
@@ -36,7 +36,7 @@ def add(
     vm_uuid: str | None,
     pool_uuid: str | None,
     domain_uuid: str | None,
-    db: Path | None,
+    db: Location | None,
 ) -> None:
     """Record VM NAME owned by OWNER.
 
@@ -56,7 +56,7 @@ def add(
 @click.option("--owner", help="Only VMs of this user.")
 @json_option
 @db_option
-def list_(owner: str | None, as_json: bool, db: Path | None) -> None:
+def list_(owner: str | None, as_json: bool, db: Location | None) -> None:
     """List VMs with owner, uuid, last access and access count."""
     vms: list[Vm] = run(db, lambda r: r.list_vms(owner))
     if as_json:
@@ -83,7 +83,7 @@ async def _show(r: Repository, name: str) -> dict[str, Any]:
 @click.option("--bytes", "raw", is_flag=True, help="Disk sizes in bytes (default: 20 GiB).")
 @json_option
 @db_option
-def show(name: str, raw: bool, as_json: bool, db: Path | None) -> None:
+def show(name: str, raw: bool, as_json: bool, db: Location | None) -> None:
     """Show VM NAME (name or uuid): its record, disks, erase permission and USB rules."""
     info = run(db, lambda r: _show(r, name))
     if as_json:
@@ -129,7 +129,7 @@ def show(name: str, raw: bool, as_json: bool, db: Path | None) -> None:
     "or TPM, `disk bind`), host-key (also the enrolled host key), any (both; the default).",
 )
 @db_option
-def set_(name: str, policy: str, db: Path | None) -> None:
+def set_(name: str, policy: str, db: Location | None) -> None:
     """Set how VM NAME's disks may open without their owner typing a password."""
     v = run(db, lambda r: r.set_unlock_policy(name, policy, actor=actor()))
     click.echo(f"VM {v.name}: unlock {v.unlock}")
@@ -139,7 +139,7 @@ def set_(name: str, policy: str, db: Path | None) -> None:
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-def remove(name: str, yes: bool, db: Path | None) -> None:
+def remove(name: str, yes: bool, db: Location | None) -> None:
     """Remove VM NAME with its permissions and USB rules.
 
     Refused while the VM has disks that are not destroyed: destroy them first

@@ -19,12 +19,15 @@ import psycopg
 from keystore import audit as auditmod
 from keystore.models import AuditEntry
 from keystore.postgres import connection as pgconn
+from keystore.storage import rows
+from keystore.storage.dialect import POSTGRES
 
 LOCK_HEAD_SQL = "SELECT seq, hash FROM public.vmshield_lock_audit_head()"
 USBGATE_APPEND_SQL = "SELECT * FROM public.vmshield_usbgate_audit(%s, %s, %s)"
-INSERT_SQL = auditmod.INSERT_SQL.replace("?", "%s")
-SET_HEAD_SQL = "UPDATE audit_head SET seq = %s, hash = %s"
-HEAD_SQL = "SELECT seq, hash FROM audit_head"
+#: the chain's row (named parameters: keystore.storage.rows.audit_params)
+INSERT_SQL = POSTGRES.sql(rows.AUDIT_INSERT)
+SET_HEAD = "UPDATE audit_head SET seq = {seq}, hash = {hash}"
+HEAD = "SELECT seq, hash FROM audit_head"
 
 
 def last_of(head: tuple[Any, ...] | None) -> tuple[int, str] | None:
@@ -39,6 +42,11 @@ def recorded_head(head: tuple[Any, ...] | None) -> str | None:
     return None if last is None else f"{last[0]}:{last[1]}"
 
 
+def set_head_sync(conn: psycopg.Connection[Any], seq: int, hash_: str) -> None:
+    """Move the head onto row `seq` (inside the caller's transaction, the head locked)."""
+    conn.execute(POSTGRES.sql(SET_HEAD), {"seq": seq, "hash": hash_})
+
+
 def append_sync(
     conn: psycopg.Connection[Any],
     actor: str,
@@ -49,10 +57,10 @@ def append_sync(
     """Append one row in its own transaction on a synchronous connection (usbgate)."""
     with conn.transaction():
         head = conn.execute(LOCK_HEAD_SQL).fetchone()
-        params = auditmod.next_row(last_of(head), actor, action, vm, detail)
-        conn.execute(INSERT_SQL, params)
-        conn.execute(SET_HEAD_SQL, (params[0], params[7]))
-    return auditmod.entry_from_row(params)
+        row = auditmod.next_row(last_of(head), actor, action, vm, detail)
+        conn.execute(INSERT_SQL, rows.audit_params(row))
+        set_head_sync(conn, row[0], row[7])
+    return auditmod.entry_from_row(row)
 
 
 def append_usbgate_sync(
@@ -76,10 +84,10 @@ def verify_sync(url: str, anchor: str | None = None) -> auditmod.VerifyResult:
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            rows = [tuple(r) for r in conn.execute(auditmod.SELECT_SQL + " ORDER BY seq")]
-            head = conn.execute(HEAD_SQL).fetchone()
+            chain = [tuple(r) for r in conn.execute(rows.AUDIT_SELECT + " ORDER BY seq")]
+            head = conn.execute(HEAD).fetchone()
     except psycopg.Error as e:
         raise pgconn.translate(e, url) from e
     finally:
         conn.close()
-    return auditmod.verify_rows(rows, recorded_head(head), anchor)
+    return auditmod.verify_rows(chain, recorded_head(head), anchor)

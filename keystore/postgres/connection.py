@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 
 from keystore.errors import DatabaseUnavailable, KeystoreBusy, KeystoreError
+from keystore.location import redact, refuse_password
 from keystore.postgres.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION
-from keystore.postgres.url import PgUrl, redact, refuse_password
 
 #: Seconds to wait for the server before a connection attempt fails.
 CONNECT_TIMEOUT = 5
@@ -168,4 +168,4 @@ def rules_channel(vm_uuid: str) -> str:
     return "vmshield_usb_" + vm_uuid.replace("-", "")
 
 
-__all__ = ["PgUrl", "connect_async", "connect_sync", "initialise", "rules_channel", "translate"]
+__all__ = ["connect_async", "connect_sync", "initialise", "rules_channel", "translate"]

@@ -18,10 +18,13 @@ import psycopg
 
 from keystore import audit as auditmod
 from keystore.errors import Conflict, KeystoreError
+from keystore.location import redact
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
-from keystore.postgres.url import redact
+from keystore.sqlite import audit as sqlaudit
 from keystore.sqlite import connection as sqlconn
+from keystore.storage import rows as storage_rows
+from keystore.storage.dialect import SQLITE
 
 #: Parents before children (foreign keys); the audit table is copied separately.
 TABLES = ("principals", "vms", "disks", "servers", "erase_permissions", "usb_rules")
@@ -50,18 +53,16 @@ def _read_sqlite(path: Path) -> tuple[dict[str, tuple[list[str], list[tuple[Any,
             order = "seq" if table == "audit" else "rowid"
             cur = conn.execute(f"SELECT * FROM {table} ORDER BY {order}")
             data[table] = ([d[0] for d in cur.description], [tuple(r) for r in cur])
-        head = conn.execute("SELECT value FROM meta WHERE key = ?", (auditmod.HEAD_KEY,)).fetchone()
+        head = conn.execute(SQLITE.sql(sqlaudit.HEAD), {"key": sqlaudit.HEAD_KEY}).fetchone()
         conn.execute("COMMIT")
     except sqlite3.Error as e:
         raise sqlconn.translate(e, path) from e
     finally:
         conn.close()
     cols, rows = data["audit"]
-    audit_rows = [tuple(r[cols.index(c)] for c in _AUDIT_COLS) for r in rows]
+    audit_rows = [tuple(r[cols.index(c)] for c in storage_rows.AUDIT_COLUMNS) for r in rows]
     return data, auditmod.verify_rows(audit_rows, head[0] if head else None)
 
-
-_AUDIT_COLS = ("seq", "ts", "actor", "action", "vm", "detail", "prev_hash", "hash")
 
 
 def migrate(source: Path, url: str, *, actor: str) -> MigrationResult:
@@ -96,7 +97,7 @@ def migrate(source: Path, url: str, *, actor: str) -> MigrationResult:
                     f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)".encode()
                 )
             if checked.rows:
-                conn.execute(pgaudit.SET_HEAD_SQL, (checked.head_seq, checked.head_hash))
+                pgaudit.set_head_sync(conn, checked.head_seq, checked.head_hash)
             note = f"{source.absolute()} at audit head {source_head}"
             conn.execute("INSERT INTO meta VALUES (%s, %s)", (MIGRATED_KEY, note))
         pgaudit.append_sync(

@@ -22,10 +22,11 @@ from typing import Any
 import psycopg
 
 from keystore.errors import DatabaseUnavailable, KeystoreError, NotFound
+from keystore.location import redact
+from keystore.models import UsbRule
 from keystore.postgres import connection as pgconn
-from keystore.postgres.url import redact
-from keystore.sqlite import usbrules
-from keystore.sqlite.usbrules import UsbRule
+from keystore.storage import rows as storage_rows
+from keystore.storage.dialect import POSTGRES
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,7 @@ class RulesListener:
 
     def _reload(self, conn: psycopg.Connection[Any], vm: str) -> None:
         uuid = self._uuids[vm]
-        rows = conn.execute(
-            usbrules.RULES_SQL.replace("v.name = ?", "v.uuid = %s"), (uuid,)
-        ).fetchall()
+        rows = conn.execute(POSTGRES.sql(storage_rows.RULES_BY_UUID), {"uuid": uuid}).fetchall()
         gone = conn.execute("SELECT 1 FROM vms WHERE uuid = %s", (uuid,)).fetchone() is None
         with self._lock:
-            self._rules[vm] = None if gone else [usbrules.rule_from_row(r) for r in rows]
+            self._rules[vm] = None if gone else [storage_rows.usb_rule(r) for r in rows]

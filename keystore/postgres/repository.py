@@ -1,113 +1,113 @@
-"""The PostgreSQL implementation of `keystore.repository.Repository`.
+"""The keystore on PostgreSQL (psycopg async): the repository's connection adapter and opener.
 
-The operations are the SQLite backend's (keystore.sqlite.repository), run through
-keystore.postgres.dialect on one psycopg AsyncConnection; what differs is the plumbing
-below: write transactions that lock the audit head first (so writers serialize
-cluster-wide, as SQLite's BEGIN IMMEDIATE serializes them on one host), the audit head
-table, snapshot reads for verification, and the cluster-wide disk leases.
+Every write transaction first takes the `audit_head` row lock (keystore.postgres.audit), so
+writers serialize cluster-wide as SQLite's `BEGIN IMMEDIATE` serializes them on one host;
+the head row is the chain's tip and its recorded head at once. Verification reads one
+REPEATABLE READ snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 
 from keystore import audit as auditmod
 from keystore.auth import AuthPolicy
 from keystore.errors import Conflict, KeystoreError
-from keystore.models import AuditEntry
+from keystore.location import PostgresLocation
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
-from keystore.postgres.dialect import Connection
-from keystore.sqlite.base import Clock
-from keystore.sqlite.repository import SqliteRepository
+from keystore.storage.connection import Params, Row
+from keystore.storage.dialect import POSTGRES
+from keystore.storage.repository import Clock, StoreRepository
 
 
-class PostgresRepository(SqliteRepository):
-    """Keystore in a PostgreSQL database. Use `await PostgresRepository.open(url)`."""
+class PostgresConnection:
+    """`keystore.storage.connection.Connection` on one psycopg AsyncConnection."""
 
-    url: str
-    _pg: Connection
-
-    @classmethod
-    async def open(  # type: ignore[override]
-        cls, url: str, *, policy: AuthPolicy | None = None, clock: Clock = auditmod.now
-    ) -> PostgresRepository:
-        """Connect to a keystore created by `vmshield init --db URL`."""
-        conn = Connection(await pgconn.connect_async(url))
-        repo = cls(cast(Any, conn), Path("postgresql"), policy=policy or AuthPolicy(), clock=clock)
-        repo.url = url
-        repo._pg = conn
-        return repo
-
-    @property
-    def pg(self) -> psycopg.AsyncConnection[Any]:
-        """The underlying psycopg connection (leases, tests)."""
-        return self._pg.pg
+    def __init__(self, pg: psycopg.AsyncConnection[Any], url: str) -> None:
+        self.pg = pg
+        self.url = url
+        self.location = PostgresLocation(url)
 
     def _fail(self, exc: psycopg.Error) -> KeystoreError:
         if isinstance(exc, psycopg.errors.IntegrityError):
             return Conflict(f"keystore constraint violated: {str(exc).splitlines()[0]}")
         return pgconn.translate(exc, self.url)
 
+    async def _cursor(self, template: str, params: Params | None) -> psycopg.AsyncCursor[Any]:
+        try:
+            return await self.pg.execute(POSTGRES.sql(template).encode(), dict(params or {}))
+        except psycopg.Error as e:
+            raise self._fail(e) from e
+
+    async def one(self, template: str, params: Params | None = None) -> Row | None:
+        found = await self.all(template, params)
+        return found[0] if found else None
+
+    async def all(self, template: str, params: Params | None = None) -> list[Row]:
+        cur = await self._cursor(template, params)
+        return [tuple(r) for r in await cur.fetchall()] if cur.description is not None else []
+
+    async def run(self, template: str, params: Params | None = None) -> int:
+        return (await self._cursor(template, params)).rowcount
+
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[Any]:
-        """One transaction that holds the audit head's row lock from its first statement."""
+    async def write(self) -> AsyncIterator[None]:
         try:
             async with self.pg.transaction():
                 await self.pg.execute(pgaudit.LOCK_HEAD_SQL)
-                yield self._pg
+                yield
         except psycopg.Error as e:
             raise self._fail(e) from e
 
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        try:
-            async with self._pg.execute(sql, params) as cur:
-                return await cur.fetchone()
-        except psycopg.Error as e:
-            raise self._fail(e) from e
-
-    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        try:
-            async with self._pg.execute(sql, params) as cur:
-                return await cur.fetchall()
-        except psycopg.Error as e:
-            raise self._fail(e) from e
-
-    async def _exists(self, sql: str, *params: Any) -> bool:
-        return await self._one(sql, params) is not None
-
-    async def _audit(
-        self, db: Any, actor: str, action: str, vm: str | None, detail: dict[str, Any] | None
-    ) -> AuditEntry:
-        """Append an audit row inside the caller's transaction (the head is locked)."""
-        cur = await self.pg.execute(pgaudit.LOCK_HEAD_SQL)
-        params = auditmod.next_row(pgaudit.last_of(await cur.fetchone()), actor, action, vm, detail)
-        await self.pg.execute(pgaudit.INSERT_SQL, params)
-        await self.pg.execute(pgaudit.SET_HEAD_SQL, (params[0], params[7]))
-        return auditmod.entry_from_row(params)
-
-    async def list_audit(self, vm: str | None = None, limit: int | None = None) -> list[AuditEntry]:
-        """Oldest first; with `limit`, the most recent `limit` rows."""
-        where, params = ("WHERE vm = ?", [vm]) if vm else ("", [])
-        sql = f"SELECT * FROM ({auditmod.SELECT_SQL} {where} ORDER BY seq DESC"
-        sql += f" LIMIT {int(limit)}) AS a ORDER BY seq" if limit else ") AS a ORDER BY seq"
-        return [auditmod.entry_from_row(r) for r in await self._all(sql, params)]
-
-    async def verify_audit(self, anchor: str | None = None) -> auditmod.VerifyResult:
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[None]:
         try:
             async with self.pg.transaction():
                 await self.pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                cur = await self.pg.execute(auditmod.SELECT_SQL + " ORDER BY seq")
-                rows = [tuple(r) for r in await cur.fetchall()]
-                head = await (await self.pg.execute(pgaudit.HEAD_SQL)).fetchone()
+                yield
         except psycopg.Error as e:
             raise self._fail(e) from e
-        return auditmod.verify_rows(rows, pgaudit.recorded_head(head), anchor)
+
+    async def audit_tip(self) -> tuple[int, str] | None:
+        cur = await self._cursor(pgaudit.LOCK_HEAD_SQL, None)
+        return pgaudit.last_of(await cur.fetchone())
+
+    async def set_audit_tip(self, seq: int, hash_: str) -> None:
+        await self.run(pgaudit.SET_HEAD, {"seq": seq, "hash": hash_})
+
+    async def recorded_head(self) -> str | None:
+        return pgaudit.recorded_head(await self.one(pgaudit.HEAD))
+
+    async def close(self) -> None:
+        await self.pg.close()
 
 
-__all__ = ["PostgresRepository"]
+class PostgresRepository(StoreRepository):
+    """The keystore in a PostgreSQL database. Use `await PostgresRepository.open(url)`."""
+
+    conn: PostgresConnection
+
+    @property
+    def url(self) -> str:
+        return self.conn.url
+
+    @property
+    def pg(self) -> psycopg.AsyncConnection[Any]:
+        """The underlying psycopg connection (leases, tests)."""
+        return self.conn.pg
+
+    @classmethod
+    async def open(
+        cls, url: str, *, policy: AuthPolicy | None = None, clock: Clock = auditmod.now
+    ) -> PostgresRepository:
+        """Connect to a keystore created by `vmshield init --db URL`."""
+        conn = PostgresConnection(await pgconn.connect_async(url), url)
+        return cls(conn, policy=policy or AuthPolicy(), clock=clock)
+
+
+__all__ = ["PostgresConnection", "PostgresRepository"]

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from keystore import audit
-from keystore.backends import Location
-from keystore.postgres.url import PgUrl
+from keystore.location import Location
+from keystore.sqlite import audit
 from keystore.sqlite.schema import SCHEMA_VERSION
 from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.registry import make_cipher
@@ -237,19 +236,19 @@ def check_sqlite_keystore(path: Path) -> list[Check]:
     return checks
 
 
-def check_postgres(url: PgUrl) -> list[Check]:
+def check_postgres(location: Location) -> list[Check]:
     """A PostgreSQL keystore: reachable, and its schema version."""
     from keystore.postgres import connection as pgconn
     from keystore.postgres.schema import SCHEMA_VERSION as PG_VERSION
 
     try:
-        conn = pgconn.connect_sync(url)
+        conn = pgconn.connect_sync(str(location))
     except Exception as e:  # any failure to connect is this check's result
         return [
             Check(
                 "postgresql",
                 Status.FAIL,
-                f"{url.redacted()}: {e}",
+                f"{location.display()}: {e}",
                 "check the URL, ~/.pgpass and that the server runs; vmshield init",
             )
         ]
@@ -262,16 +261,16 @@ def check_postgres(url: PgUrl) -> list[Check]:
         Check(
             "postgresql",
             Status.PASS,
-            f"{url.redacted()} reachable, schema {version} (this vmshield: {PG_VERSION})",
+            f"{location.display()} reachable, schema {version} (this vmshield: {PG_VERSION})",
         )
     ]
 
 
 def check_keystore(location: Location) -> list[Check]:
-    if isinstance(location, PgUrl):
+    if location.file is None:
         return check_postgres(location)
     return [
-        *check_sqlite_keystore(Path(location)),
+        *check_sqlite_keystore(location.file),
         Check("postgresql", Status.SKIP, "not configured (the keystore is an SQLite file)"),
     ]
 

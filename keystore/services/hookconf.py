@@ -21,9 +21,8 @@ import stat
 from pathlib import Path
 
 from keystore import paths
-from keystore.backends import Location, parse_location
 from keystore.errors import KeystoreError
-from keystore.postgres.url import PgUrl, refuse_password
+from keystore.location import Location
 from keystore.services.unlock import DEFAULT_HOST_KEY
 from nbd_plugin.trust import trusted_by_us, trusted_path
 
@@ -70,7 +69,11 @@ def config_path(given: Path | None = None) -> Path:
 
 def defaults(run_dir: Path | None = None) -> HookConfig:
     """The settings the hook uses where hook.conf says nothing (`run_dir`: one already known)."""
-    return HookConfig(paths.default_db_path(), run_dir or paths.default_run_dir(), DEFAULT_HOST_KEY)
+    return HookConfig(
+        Location.parse(paths.default_db_path()),
+        run_dir or paths.default_run_dir(),
+        DEFAULT_HOST_KEY,
+    )
 
 
 def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
@@ -107,12 +110,11 @@ def load(path: Path) -> HookConfig:
         raise HookConfigError(f"{path}: timeout must be a number of seconds") from e
     if "db" not in sec:
         raise HookConfigError(f"{path}: db = PATH is required (the keystore database)")
-    db = parse_location(sec["db"])
-    if isinstance(db, PgUrl):
-        try:
-            refuse_password(db)
-        except ValueError as e:
-            raise HookConfigError(f"{path}: {e}") from None
+    db = Location.parse(sec["db"])
+    try:
+        db.check_no_password()
+    except ValueError as e:
+        raise HookConfigError(f"{path}: {e}") from None
     return HookConfig(
         db=db,
         run_dir=Path(sec.get("run_dir", str(base.run_dir))),

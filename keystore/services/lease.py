@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 from keystore import paths
-from keystore.backends import Location
 from keystore.errors import KeystoreError
+from keystore.location import Location
 from keystore.models import Disk
 from keystore.postgres.lease import LeaseHeld
-from keystore.postgres.url import PgUrl
 
 APPLICATION = "vmshield-lease"
 #: A taker waits this long (s) when the previous holder never released the lease.
@@ -90,7 +89,7 @@ def take(
     location: Location, disk: Disk, socket: Path, *, readonly: bool, timeout: float = 30
 ) -> Lease | None:
     """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken."""
-    if not isinstance(location, PgUrl):
+    if not location.shared:
         return None
     holder = holder_name(socket)
     paths.private_dir(socket.parent)  # before any file in it: no one else's, no planted link
@@ -100,7 +99,7 @@ def take(
     fence_r, fence_w = os.pipe()  # only the holder keeps the write end
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "keystore.services.lease", location, str(disk.id),
+            [sys.executable, "-m", "keystore.services.lease", str(location), str(disk.id),
              disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
             pass_fds=(fence_w,),

@@ -207,10 +207,10 @@ def _same_keystore(args: Sequence[str], store: Keystore, vms: set[str], vm: str)
     if "--db" not in args[:-1]:
         return vm in vms
     given = args[args.index("--db") + 1]
-    ours = store.location
-    if isinstance(ours, Path):
+    ours = store.location.file
+    if ours is not None:
         return os.path.abspath(given) == os.path.abspath(ours)
-    return given == str(ours)
+    return given == str(store.location)
 
 
 def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gate]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from os import PathLike
 from pathlib import Path
 from typing import TypeVar
 
 from keystore import paths
 from keystore.auth import AuthPolicy
-from keystore.backends import Location, open_repository
-from keystore.errors import KeystoreError
-from keystore.postgres.url import PgUrl
+from keystore.backends import open_repository
+from keystore.location import Location
 from keystore.repository import Repository
 
 T = TypeVar("T")
@@ -27,23 +27,22 @@ T = TypeVar("T")
 class Keystore:
     """One keystore (an SQLite file or a PostgreSQL URL), opened anew for each step (`run`)."""
 
-    def __init__(self, db: Location | None = None) -> None:
+    def __init__(self, db: Location | str | PathLike[str] | None = None) -> None:
         #: where it is; None means the default (`$VMSHIELD_DB`, else the system or user file)
-        self.location: Location = db if db is not None else paths.default_db_path()
+        self.location = Location.parse(db if db is not None else paths.default_db_path())
 
     @property
     def path(self) -> Path:
         """The keystore's file, for what lives next to it (jobs, default image directory)."""
-        if isinstance(self.location, PgUrl):
-            raise KeystoreError(f"this needs a local keystore file, not {self.location.redacted()}")
-        return self.location
+        return self.location.require_file()
 
     def state_dir(self) -> Path:
         """Where this host keeps what its operations on this keystore leave (password-change
         journals, disk-create markers): next to the keystore file; for a PostgreSQL keystore,
         beside this host's default keystore file, where its disks are."""
-        if not isinstance(self.location, PgUrl):
-            return self.location.parent
+        here = self.location.file
+        if here is not None:
+            return here.parent
         if os.geteuid() == 0:
             return paths.SYSTEM_DB.parent
         data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")

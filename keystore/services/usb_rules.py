@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from keystore.errors import Conflict
-from keystore.models import UsbAction
+from keystore.models import UsbAction, UsbRule
 from keystore.repository import Repository
-from keystore.sqlite.usbrules import Pattern, UsbRule
 from usbgate.rules import policy
+from usbgate.rules.policy import Pattern
 
 #: placements tried before giving up (each lost race means another admin's rule went in)
 ATTEMPTS = 5

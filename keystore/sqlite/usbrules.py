@@ -1,8 +1,8 @@
-"""USB whitelist rules of a VM: how the keystore stores and loads usbgate.rules.policy's rules.
+"""USB rules of a VM from an SQLite keystore, for usbgate: a one-shot read and a watcher.
 
-The rule model, its grammar and its meaning are usbgate.rules.policy's (one engine, so the CLI, the
-gateway and QEMU's static filter cannot disagree); a stored rule is a ``policy.Rule`` with its
-row id, VM and position. Rules are ordered; the first rule that matches decides.
+The rules are usbgate.rules.policy's (keystore.models.UsbRule is a Rule with its row id, VM and
+position); the repository writes them (keystore.storage.repository). Rules are ordered;
+the first rule that matches decides.
 
 Reader API (synchronous, no event loop needed; each call is one short read transaction):
 
@@ -16,58 +16,23 @@ microseconds), so it can run every 10-20 ms to meet the 50 ms revocation target.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from keystore.errors import NotFound
+from keystore.models import UsbRule
 from keystore.sqlite import connection as dbmod
-from usbgate.rules.policy import Action, Pattern, Rule, format_pattern, parse_pattern
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class UsbRule(Rule):
-    """A policy rule as one row of a VM's whitelist (thesis table 5-3, extended)."""
-
-    id: int
-    vm: str
-    position: int  #: 1-based; lower positions are tried first
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "vm": self.vm, "position": self.position, **super().to_json()}
-
-
-def encode_patterns(patterns: Iterable[Pattern] | None) -> str | None:
-    """The ``interfaces`` column: a JSON list of ``CC:SS:PP`` texts, or NULL for "any"."""
-    if patterns is None:
-        return None
-    return json.dumps([format_pattern(p) for p in patterns])
-
-
-def rule_from_row(row: sqlite3.Row | tuple[Any, ...]) -> UsbRule:
-    """Build a UsbRule from a row of RULES_SQL."""
-    rid, vm, pos, action, vid, pid, dclass, ifaces, serial = tuple(row)
-    patterns = None if ifaces is None else tuple(parse_pattern(p) for p in json.loads(ifaces))
-    return UsbRule(Action(action), vid, pid, dclass, patterns, serial, id=rid, vm=vm, position=pos)
-
-
-RULES_SQL = (
-    "SELECT r.id, v.name, r.position, r.action, r.vendor_id, r.product_id, r.device_class, "
-    "r.interfaces, r.serial FROM usb_rules r JOIN vms v ON v.uuid = r.vm_uuid "
-    "WHERE v.name = ? ORDER BY r.position"
-)
+from keystore.storage import rows
+from keystore.storage.dialect import SQLITE
 
 
 def _load(conn: sqlite3.Connection, vm: str, path: Path) -> list[UsbRule]:
     try:
         conn.execute("BEGIN")
         try:
-            if conn.execute("SELECT 1 FROM vms WHERE name = ?", (vm,)).fetchone() is None:
+            if conn.execute(SQLITE.sql(rows.VM_EXISTS), {"vm": vm}).fetchone() is None:
                 raise NotFound(f"no VM named {vm!r} in keystore {path}")
-            return [rule_from_row(r) for r in conn.execute(RULES_SQL, (vm,))]
+            return [rows.usb_rule(r) for r in conn.execute(SQLITE.sql(rows.RULES), {"vm": vm})]
         finally:
             conn.execute("COMMIT")
     except sqlite3.Error as e:
@@ -133,12 +98,4 @@ class RulesWatcher:
         self.close()
 
 
-__all__ = [
-    "RULES_SQL",
-    "Pattern",
-    "RulesWatcher",
-    "UsbRule",
-    "encode_patterns",
-    "load_rules",
-    "rule_from_row",
-]
+__all__ = ["RulesWatcher", "UsbRule", "load_rules"]

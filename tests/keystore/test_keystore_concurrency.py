@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from keystore import audit
 from keystore.auth import AuthPolicy
 from keystore.errors import AccountLocked, AuthenticationFailed
+from keystore.sqlite import audit
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite.repository import SqliteRepository
 from tests.keystore.test_keystore_sqlite import FAST
 
 WRITER = r"""
 import asyncio, sys
-from keystore.audit import append_audit
+from keystore.sqlite.audit import append_audit
 from keystore.sqlite.repository import SqliteRepository
 from keystore.models import UsbAction
 

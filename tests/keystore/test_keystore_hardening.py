@@ -16,8 +16,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from keystore.auth import AuthPolicy
-from keystore.backends import Location, open_repository
-from keystore.postgres.url import PgUrl
+from keystore.backends import open_repository
+from keystore.location import Location
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite.repository import SqliteRepository
 from tests.support import ROOT
@@ -29,12 +29,13 @@ GUESSER = f"""
 import asyncio, os, sys, time
 from argon2 import PasswordHasher
 from keystore.auth import AuthPolicy
-from keystore.backends import open_repository, parse_location
+from keystore.backends import open_repository
+from keystore.location import Location
 
 where, go = sys.argv[1], sys.argv[2]
 
 async def main():
-    repo = await open_repository(parse_location(where), policy=AuthPolicy(hasher={RACE_POLICY}))
+    repo = await open_repository(Location.parse(where), policy=AuthPolicy(hasher={RACE_POLICY}))
     while not os.path.exists(go):
         time.sleep(0.002)
     try:
@@ -48,7 +49,7 @@ asyncio.run(main())
 """
 
 
-def _make_keystore(where: Location, policy: AuthPolicy) -> None:
+def _make_keystore(where: Location | Path, policy: AuthPolicy) -> None:
     if isinstance(where, Path):
         dbmod.initialise(where)
 
@@ -60,16 +61,16 @@ def _make_keystore(where: Location, policy: AuthPolicy) -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def keystore_at(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+def keystore_at(request: pytest.FixtureRequest, tmp_path: Path) -> Location | Path:
     """An empty keystore of each backend."""
     if request.param == "sqlite":
         return tmp_path / "ks.db"
     cluster = request.getfixturevalue("pg_cluster")
-    return PgUrl(cluster.keystore())
+    return Location.parse(cluster.keystore())
 
 
 def test_parallel_wrong_passwords_cannot_bypass_the_lockout(
-    tmp_path: Path, keystore_at: Location
+    tmp_path: Path, keystore_at: Location | Path
 ) -> None:
     db = keystore_at
     policy = AuthPolicy(hasher=PasswordHasher(time_cost=2, memory_cost=16384, parallelism=1))
@@ -179,8 +180,8 @@ def test_every_audit_row_records_the_real_uid_whatever_sudo_user_says(
 
     from click.testing import CliRunner
 
-    from keystore import audit
     from keystore.cli import main
+    from keystore.sqlite import audit
 
     db = tmp_path / "ks.db"
     monkeypatch.setenv("VMSHIELD_DB", str(db))

@@ -24,7 +24,8 @@ from keystore.postgres import connection as pgconn
 from keystore.postgres.lease import LEASE_CLASS
 from keystore.postgres.repository import PostgresRepository
 from keystore.postgres.schema import MIGRATIONS, USBGATE_ROLE
-from keystore.sqlite import usbrules
+from keystore.storage import rows as storage_rows
+from keystore.storage.dialect import POSTGRES
 from tests.support.postgres import Cluster
 
 FAST = AuthPolicy(hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
@@ -72,7 +73,7 @@ def test_usbgate_cannot_insert_a_row_at_a_future_seq(pg_cluster: Cluster) -> Non
     params = auditmod.next_row((seq + 2, "f" * 64), "usbgate", "usb.allowed", "web1", {})
     with psycopg.connect(gate, autocommit=True) as conn:
         with pytest.raises(DENIED):
-            conn.execute(pgaudit.INSERT_SQL, params)
+            conn.execute(pgaudit.INSERT_SQL, storage_rows.audit_params(params))
         with pytest.raises(DENIED):
             conn.execute("UPDATE audit_head SET seq = seq + 1")
         # its one way in: the server computes seq and hash under the head lock
@@ -218,9 +219,9 @@ def test_usbgate_role_reads_its_rules_not_the_audit(pg_cluster: Cluster) -> None
             with pytest.raises(DENIED):
                 conn.execute(sql.encode())
         rows = conn.execute(
-            usbrules.RULES_SQL.replace("?", "%s"), ("web1",)
+            POSTGRES.sql(storage_rows.RULES), {"vm": "web1"}
         ).fetchall()  # what the listener reads
-    assert [usbrules.rule_from_row(r).vendor_id for r in rows] == [0x0781]
+    assert [storage_rows.usb_rule(r).vendor_id for r in rows] == [0x0781]
 
 
 def _at_schema_5(cluster: Cluster) -> str:
@@ -234,7 +235,7 @@ def _at_schema_5(cluster: Cluster) -> str:
         last: Any = None
         for i in range(3):
             params = auditmod.next_row(last, "alice@cli", "vm.add", f"vm{i}", {"i": i})
-            conn.execute(pgaudit.INSERT_SQL, params)
+            conn.execute(pgaudit.INSERT_SQL, storage_rows.audit_params(params))
             conn.execute("UPDATE audit_head SET seq = %s, hash = %s", (params[0], params[7]))
             last = (params[0], params[7])
     return url

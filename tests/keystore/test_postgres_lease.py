@@ -23,11 +23,11 @@ import pytest
 from click.testing import CliRunner
 
 from keystore.cli import main
+from keystore.location import Location
 from keystore.models import Disk
 from keystore.postgres import connection as pgconn
 from keystore.postgres import lease as pglease
 from keystore.postgres import repository as pg_repo
-from keystore.postgres.url import PgUrl
 from keystore.services import lease, serve
 from tests.support.cli import FAST
 from tests.support.postgres import Cluster
@@ -249,7 +249,9 @@ def test_a_lost_lease_stops_its_server_before_the_lease_is_served_elsewhere(
     # the next host's holder finds the row left behind and waits out the grace period
     disk = asyncio.run(_disk(keystore))
     taking = time.monotonic()
-    held = lease.take(PgUrl(keystore), disk, sockdir / "hostB" / "web1-0.sock", readonly=False)
+    held = lease.take(
+        Location.parse(keystore), disk, sockdir / "hostB" / "web1-0.sock", readonly=False
+    )
     assert held is not None and time.monotonic() - taking >= lease.GRACE
     held.abort()
     last = max(acks)

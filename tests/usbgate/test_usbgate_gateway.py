@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from keystore import audit as keystore_audit
+from keystore.sqlite import audit as keystore_audit
 from scripts.lab.qmp import QEMU, QemuWithRedir
 from tests.support.usbgate_qemu import (
     AttachWatch,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from keystore import audit as keystore_audit
 from keystore.auth import AuthPolicy
 from keystore.models import UsbAction
+from keystore.sqlite import audit as keystore_audit
 from keystore.sqlite.connection import initialise
 from keystore.sqlite.repository import SqliteRepository
 from usbgate.errors import RuleSourceError

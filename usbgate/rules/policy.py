@@ -19,7 +19,7 @@ alone, meets the block rule first. This is the only place a device is judged: th
 stores rules, and QEMU's static filter is generated so that it never refuses a device this
 engine allows.
 
-The keystore stores these rules (keystore.sqlite.usbrules.UsbRule is a Rule with its row id,
+The keystore stores these rules (keystore.models.UsbRule is a Rule with its row id,
 VM and position) and loads them back; it has no rule semantics of its own.
 
 Text form, one rule per line (``#`` comments)::

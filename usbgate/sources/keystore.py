@@ -9,7 +9,7 @@ changes that number whenever *another* connection, in any process, commits to th
 a `vmshield usb ...` commit is seen at the next poll (every 10 ms) for a few microseconds
 per poll; the rules are re-read only then.
 
-Audit rows go through keystore.audit.append_audit (hash-chained, its own short write
+Audit rows go through keystore.sqlite.audit.append_audit (hash-chained, its own short write
 transaction) on one worker thread, in order, through a bounded queue (usbgate.auditing), so
 the event loop never waits for the disk and a flood of rows cannot fill memory.
 """
@@ -20,24 +20,46 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from keystore import audit as keystore_audit
 from keystore import paths
-from keystore.backends import parse_location
 from keystore.errors import KeystoreError
+from keystore.location import Location
+from keystore.sqlite import audit as keystore_audit
 from keystore.sqlite import usbrules
 from usbgate.auditing import MAX_QUEUED, QueuedAuditSink
 from usbgate.errors import RuleSourceError
 from usbgate.rules.policy import Rule
+from usbgate.sources import AuditSink, RuleSource
 
 log = logging.getLogger(__name__)
 
 AUDIT_ACTOR = "usbgate"
 
 
-def keystore_location(db: str | None) -> Path | str:
-    """`--db` as the keystore reads it: a file path, or a postgresql:// URL (str); without
-    one, the keystore's default database."""
-    return parse_location(db) if db is not None else paths.default_db_path()
+def keystore_location(db: str | None) -> Location:
+    """`--db` as the keystore reads it (a file path or a postgresql:// URL); without one, the
+    keystore's default database."""
+    return Location.parse(db if db is not None else paths.default_db_path())
+
+
+def keystore_rule_source(db: str | None) -> RuleSource:
+    """The rules of `--db` (the default keystore without it): the SQLite file's watchers, or
+    a PostgreSQL keystore's NOTIFY-driven source."""
+    location = keystore_location(db)
+    if location.file is None:
+        from usbgate.sources.postgres import PgRuleSource
+
+        return PgRuleSource(str(location))
+    return KeystoreRuleSource(location.file)
+
+
+def keystore_audit_sink(db: str | None) -> AuditSink:
+    """The audit chain of `--db` (the default keystore without it)."""
+    location = keystore_location(db)
+    if location.file is None:
+        from usbgate.sources.postgres import PgAuditSink
+
+        return PgAuditSink(str(location))
+    return KeystoreAuditSink(location.file)
 
 
 class KeystoreRuleSource:
