@@ -23,6 +23,12 @@ class KeystoreBusy(KeystoreError):
     exit_code = ExitStatus.TEMPFAIL
 
 
+class NeedsLocalKeystore(KeystoreError):
+    """The command works on a keystore file (jobs, images beside it), not a PostgreSQL URL."""
+
+    exit_code = ExitStatus.USAGE
+
+
 class NotFound(KeystoreError):
     """The named VM, disk, user or rule does not exist."""
 
@@ -61,9 +67,3 @@ class AccountLocked(KeystoreError):
 
 class AuditChainBroken(KeystoreError):
     """The audit trail does not verify: a row was edited, inserted or deleted."""
-
-
-class VerificationFailed(KeystoreError):
-    """An erase's last pass did not read back as written; the image was kept."""
-
-    exit_code = ExitStatus.IOERR

@@ -15,7 +15,6 @@ from keystore import paths
 from keystore.cli.options import (
     db_option,
     emit_json,
-    handle_errors,
     json_option,
     resolve_location,
     run,
@@ -100,7 +99,6 @@ async def _devices(r: Repository, vm: str) -> tuple[Vm, list[Disk], list[UsbRule
 @config_option
 @json_option
 @db_option
-@handle_errors
 def devices(
     vm: str, usb_slots: int, run_dir: Path | None, config: Path | None, as_json: bool,
     db: Path | None,
@@ -203,7 +201,6 @@ def _default_run_dir() -> Path:
               help="Where USB owners reach a VM's usbgate; {vm} and {run_dir} are replaced "
               f"(default {hookconf.DEFAULT_USB_LISTEN}).")  # fmt: skip
 @db_option
-@handle_errors
 def install_hook(
     hooks_dir: Path, config: Path | None, run_dir: Path | None, host_key: Path | None,
     usb_listen: str | None, db: Path | None,

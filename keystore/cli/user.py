@@ -12,7 +12,6 @@ from keystore.cli.options import (
     check_pbkdf2_iterations,
     db_option,
     emit_json,
-    handle_errors,
     json_option,
     kdf_options,
     password_file_option,
@@ -65,7 +64,6 @@ def add(name: str, password_file: Path | None, db: Path | None) -> None:
 )
 @kdf_options
 @db_option
-@handle_errors
 def passwd(
     name: str,
     password_file: Path | None,

@@ -16,7 +16,7 @@ from typing import TypeVar
 from keystore import paths
 from keystore.auth import AuthPolicy
 from keystore.backends import Location, open_repository
-from keystore.errors import KeystoreError
+from keystore.errors import NeedsLocalKeystore
 from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 
@@ -34,7 +34,8 @@ class Keystore:
     def path(self) -> Path:
         """The keystore's file, for what lives next to it (jobs, default image directory)."""
         if isinstance(self.location, PgUrl):
-            raise KeystoreError(f"this needs a local keystore file, not {self.location.redacted()}")
+            where = self.location.redacted()
+            raise NeedsLocalKeystore(f"this needs a local keystore file, not {where}")
         return self.location
 
     def run(

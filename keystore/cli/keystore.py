@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keystore.cli.options import actor, db_option, emit_json, handle_errors, json_option, resolve_db
+from keystore.cli.options import actor, db_option, emit_json, json_option, resolve_db
 from keystore.postgres import audit as pgaudit
 from keystore.postgres import connection as pgconn
 from keystore.postgres.migrate import migrate as migrate_keystore
@@ -53,7 +53,6 @@ def keystore_group() -> None:
 )
 @db_option
 @json_option
-@handle_errors
 def migrate(target: str, db: Path | None, as_json: bool) -> None:
     """Copy this host's SQLite keystore into PostgreSQL, for several hosts to share.
 

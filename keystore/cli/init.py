@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from keystore import audit
-from keystore.cli.options import actor, db_option, handle_errors, resolve_db
+from keystore.cli.options import actor, db_option, resolve_db
 from keystore.postgres.url import PgUrl
 from keystore.sqlite import connection as dbmod
 from keystore.sqlite.schema import SCHEMA_VERSION
@@ -15,7 +15,6 @@ from keystore.sqlite.schema import SCHEMA_VERSION
 
 @click.command()
 @db_option
-@handle_errors
 def init(db: Path | None) -> None:
     """Create the keystore database, or upgrade an existing one to this version's schema.
 
@@ -33,7 +32,7 @@ def init(db: Path | None) -> None:
       vmshield disk serve web1-0
     """
     if isinstance(db, PgUrl):
-        from keystore.cli.keystore_cmd import init_postgres
+        from keystore.cli.keystore import init_postgres
 
         return init_postgres(db)
     path = resolve_db(db)
