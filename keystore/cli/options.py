@@ -27,8 +27,8 @@ from keystore.postgres.url import PgUrl
 from keystore.repository import Repository
 from keystore.secretpolicy import FORMAT_HELP, NEW_IMAGE_FORMAT, check_new_secret
 from keystore.services.store import Keystore
+from nbd_plugin import secrets
 from nbd_plugin.errors import VerificationFailed
-from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
 
 if TYPE_CHECKING:
     from nbd_plugin.erase import Certificate
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: largest password / passphrase accepted (the same limit as the disk side's)
-MAX_SECRET = MAX_PASSPHRASE
+#: largest password / passphrase file accepted (the disk side's rule: nbd_plugin.secrets)
+MAX_SECRET = secrets.MAX_KEY_FILE
 #: the least PBKDF2 iterations a keyslot may get (a forced count below it is refused)
 MIN_PBKDF2_ITERATIONS = 1000
 
@@ -263,29 +263,27 @@ def check_pbkdf2_iterations(iterations: int | None, pbkdf: str | None = None) ->
 
 
 class SecretReader:
-    """Reads passwords and passphrases; one per command.
+    """Reads passwords and passphrases; one per command, by nbd_plugin.secrets' rules.
 
-    From a file: byte for byte (no newline stripping). Else, when stdin is not a terminal:
-    one line each (so "current, then new" comes from two lines of a pipe). Else a hidden
-    prompt. Every secret comes back as a bytearray: `wipe` it when done.
+    From a file: a key file, byte for byte (no newline stripping). Else, when stdin is not
+    a terminal: one line each (so "current, then new" comes from two lines of a pipe). Else
+    a hidden prompt, a line too. Every secret comes back as a bytearray: `wipe` it when
+    done.
     """
 
     def __init__(self, default_file: Path | None = None, *, noun: str = "password") -> None:
         self.default_file = default_file
         self.noun = noun
-        self._lines: list[bytes] | None = None
 
     def read(self, prompt: str, *, confirm: bool = False, file: Path | None = None) -> bytearray:
         """One secret; `file` (else the reader's default file) wins over stdin."""
         file = file or self.default_file
         if file is not None:
-            return self._from_file(file)
+            return secrets.read_key_file(str(file), f"{self.noun} file {file}")
         if not sys.stdin.isatty():
-            return self._from_stdin(prompt)
+            return secrets.read_line(sys.stdin.buffer, f"{prompt}: the {self.noun} on stdin")
         text = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
-        if not text:
-            raise click.ClickException(f"a {self.noun} cannot be empty")
-        return bytearray(str(text).encode())
+        return secrets.from_line(bytearray(str(text).encode()), f"the {self.noun}")
 
     def read_new(self, prompt: str, *, file: Path | None = None) -> bytearray:
         """A new password or passphrase: confirmed when prompted, checked by the one policy
@@ -301,40 +299,9 @@ class SecretReader:
             raise click.ClickException(f"{e}{hint}") from e
         return pw
 
-    def _from_file(self, file: Path) -> bytearray:
-        try:
-            with open(file, "rb") as f:
-                data = bytearray(f.read(MAX_SECRET + 1))
-        except OSError as e:
-            raise click.ClickException(
-                f"cannot read {self.noun} file {file}: {e.strerror or e}"
-            ) from None
-        if len(data) > MAX_SECRET:
-            wipe(data)
-            raise click.ClickException(
-                f"{self.noun} file {file} holds more than {MAX_SECRET} bytes: "
-                f"not a {self.noun} file"
-            )
-        if not data:
-            raise click.ClickException(
-                f"{self.noun} file {file} is empty: a {self.noun} cannot be empty"
-            )
-        return data
 
-    def _from_stdin(self, prompt: str) -> bytearray:
-        if self._lines is None:
-            self._lines = sys.stdin.buffer.read(MAX_SECRET * 4).split(b"\n")
-        if not self._lines or not self._lines[0]:
-            raise click.ClickException(
-                f"{prompt}: expected a {self.noun} on stdin, got an empty line or end of "
-                "input (or use the matching --*-file option)"
-            )
-        return bytearray(self._lines.pop(0).removesuffix(b"\r"))
-
-
-def wipe(buf: bytearray) -> None:
-    """Overwrite a secret buffer (Python may still hold copies; this is what can be done)."""
-    buf[:] = b"\0" * len(buf)
+#: overwrite a secret buffer (nbd_plugin.secrets.wipe)
+wipe = secrets.wipe
 
 
 # -- erase -------------------------------------------------------------------------------
