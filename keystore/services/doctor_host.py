@@ -11,6 +11,7 @@ from pathlib import Path
 
 from keystore import paths
 from keystore.services.doctor import Check, Status
+from nbd_plugin import trust
 from nbd_plugin.crypto import jit
 
 #: where systemd's CacheDirectory=vmshield puts the units' numba cache
@@ -18,34 +19,19 @@ SYSTEM_CACHE = Path("/var/cache/vmshield")
 
 
 def check_private_dir(name: str, path: Path, purpose: str) -> Check:
-    """A directory of this user's that nobody else can write (a missing one is made so)."""
+    """A directory only root or this user can change (nbd_plugin.trust's rules, the ones
+    the command that uses it applies); a missing one is made so."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return Check(name, Status.PASS, f"{path} does not exist yet (made 0700 when {purpose})")
-    mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        return Check(
-            name,
-            Status.FAIL,
-            f"{path} is not a directory (a symlink?)",
-            f"rm {path} (it is made again when {purpose})",
-        )
-    if st.st_uid != os.geteuid():
-        return Check(
-            name,
-            Status.FAIL,
-            f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})",
-            f"chown {os.geteuid()} {path}",
-        )
-    if mode & 0o022:
-        return Check(
-            name,
-            Status.FAIL,
-            f"{path} has mode {mode:04o}: others can write it",
-            f"chmod go-w {path}",
-        )
-    return Check(name, Status.PASS, f"{path} (yours, mode {mode:04o})")
+    try:
+        trust.private_dir(path, name, mode=None)
+    except trust.Untrusted as e:
+        return Check(name, Status.FAIL, str(e),
+                     f"chown {os.geteuid()} {path} and chmod go-w {path} (or rm it: it is made "
+                     f"again when {purpose}), and the same for a directory above it")  # fmt: skip
+    return Check(name, Status.PASS, f"{path} (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
 def check_dirs() -> list[Check]:

@@ -19,13 +19,13 @@ import json
 import os
 import secrets
 import signal
-import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError, NotFound
+from nbd_plugin import trust
 from nbd_plugin.erase.progress import Reporter
 
 RUNNING = "running"
@@ -96,19 +96,9 @@ def _alive(pid: int) -> bool:
 def read(path: Path) -> dict[str, Any]:
     """A job, with state "interrupted" if it claims to run but its process is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise JobFileError(f"job file {path}: {e.strerror} (a link is refused)") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise JobFileError(f"job file {path} is not a regular file")
-        blob = os.read(fd, MAX_JOB_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(blob) > MAX_JOB_BYTES:
-        raise JobFileError(f"job file {path} is larger than {MAX_JOB_BYTES} bytes")
+        blob = trust.read_file(path, "job file", MAX_JOB_BYTES)
+    except trust.Untrusted as e:
+        raise JobFileError(str(e)) from None
     try:
         job: dict[str, Any] = json.loads(blob)
     except ValueError:

@@ -4,7 +4,8 @@ Another user who can write to the image's directory may plant symlinks or files 
 erase uses. So a file is replaced atomically through a descriptor of its directory: written
 to a new temporary name (random, O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file or a
 link), fsynced, renamed over the final name (rename replaces a link, it does not follow it),
-and the directory fsynced. Reading refuses links and files another user could have written.
+and the directory fsynced. Reading refuses links and files another user could have written
+(nbd_plugin.trust).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import stat
+from pathlib import Path
 
+from nbd_plugin import trust
 from nbd_plugin.errors import ImageError
 
 
@@ -54,40 +56,16 @@ MAX_OWN_FILE = 64 << 20
 
 
 def read_own_file(path: str, what: str, limit: int = MAX_OWN_FILE) -> bytes | None:
-    """The bytes of `path` if it is a regular file of this user that no one else may write;
-    None if it does not exist; ImageError (naming `what`) for a link, a foreign file or one
-    larger than `limit` bytes (checked before reading, and the read stops there too)."""
+    """The bytes of `path` if it is a regular file of root or this user that no one else may
+    write (nbd_plugin.trust, in a directory others may share); None if it does not exist;
+    ImageError (naming `what`) for a link, a foreign file or one larger than `limit` bytes
+    (checked before reading, and the read stops there too)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return trust.read_file(Path(path), what, limit, shared_dir=True)
     except FileNotFoundError:
         return None
-    except OSError as e:
+    except (trust.Untrusted, OSError) as e:
+        why = f"{what} {path}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
         raise ImageError(
-            f"{what} {path} cannot be opened ({e.strerror}; a symbolic link is refused): "
-            "inspect it and remove it to start over"
+            f"{why}: it may be forged or not one of ours; inspect it and remove it to start over"
         ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{what} {path} is not a regular file; remove it to start over")
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise ImageError(
-                f"{what} {path} belongs to uid {st.st_uid} (mode {stat.S_IMODE(st.st_mode):o}), "
-                f"not to you (uid {os.geteuid()}) alone: it may be forged; inspect it and "
-                "remove it to start over"
-            )
-        too_big = ImageError(
-            f"{what} {path} is larger than {limit} bytes: not one of ours; inspect it and "
-            "remove it to start over"
-        )
-        if st.st_size > limit:
-            raise too_big
-        chunks, total = [], 0
-        while chunk := os.read(fd, min(1 << 16, limit + 1 - total)):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:  # it grew while we read
-                raise too_big
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
