@@ -6,7 +6,9 @@ the exit status the `vmshield` command reports for them.
 
 from __future__ import annotations
 
-from nbd_plugin.errors import ExitStatus, VmshieldError
+from typing import TypeVar
+
+from nbd_plugin.errors import ExitStatus, ImageBusy, InvalidPassphrase, VmshieldError
 
 
 class KeystoreError(VmshieldError):
@@ -67,3 +69,16 @@ class AccountLocked(KeystoreError):
 
 class AuditChainBroken(KeystoreError):
     """The audit trail does not verify: a row was edited, inserted or deleted."""
+
+
+E = TypeVar("E", bound=KeystoreError)
+
+
+def image_error(cls: type[E], e: Exception, path: str, secret: str = "passphrase") -> E:
+    """A disk-side failure changing image `path`'s keyslots as the keystore error `cls`,
+    saying what to do (`secret`: what the caller gave, "password" or "passphrase")."""
+    if isinstance(e, ImageBusy):
+        return cls(f"{path} is in use (served read-write?): stop it first")
+    if isinstance(e, InvalidPassphrase):
+        return cls(f"no keyslot of {path} opens with that {secret}")
+    return cls(f"{path}: {e}")

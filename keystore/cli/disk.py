@@ -530,6 +530,12 @@ def unenroll_host(disk_name: str, host_key: Path | None, db: Path | None) -> Non
     click.echo(f"disk {d.name} unenrolled: keyslot {slot} removed")
 
 
+def _say_bound(detail: dict[str, Any], verb: str) -> None:
+    click.echo(f"disk {detail['disk']}: keyslot {detail['keyslot']} {verb} to {detail['pins']}")
+    for thp in detail["thumbprints"]:
+        click.echo(f"  trusted Tang signing key {thp}")
+
+
 @click.command("bind")
 @click.argument("disk_name", metavar="DISK")
 @click.argument("pin", type=click.Choice(["tang", "tpm2", "sss"]))
@@ -594,9 +600,7 @@ def bind(
     if as_json:
         emit_json(detail)
         return
-    click.echo(f"disk {d.name}: keyslot {detail['keyslot']} bound to {detail['pins']}")
-    for thp in detail["thumbprints"]:
-        click.echo(f"  trusted Tang signing key {thp}")
+    _say_bound(detail, "bound")
 
 
 @click.command("rebind")
@@ -613,10 +617,7 @@ def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Path | None) -
     """
     store = Keystore(db)
     d = unattended.ready_disk(store, disk_name)
-    detail = unattended.rebind(store, d, slot, thumbprint, who=actor())
-    click.echo(f"disk {d.name}: keyslot {slot} rebound to {detail['pins']}")
-    for thp in detail["thumbprints"]:
-        click.echo(f"  trusted Tang signing key {thp}")
+    _say_bound(unattended.rebind(store, d, slot, thumbprint, who=actor()), "rebound")
 
 
 @click.command("unbind")
