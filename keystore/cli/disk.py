@@ -6,7 +6,8 @@ this is the click layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -487,6 +488,21 @@ def destroy(
         click.echo(summary(cert))
 
 
+@contextlib.contextmanager
+def _owner_password(
+    store: Keystore, disk_name: str, password_file: Path | None
+) -> Iterator[tuple[Disk, Vm, bytes]]:
+    """Ready disk DISK, its VM and its owner's password (wiped when done), for the commands
+    that add or remove a keyslot with it."""
+    d = unattended.ready_disk(store, disk_name)
+    v = store.run(lambda r: r.get_vm(d.vm))
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
+    try:
+        yield d, v, bytes(pw)
+    finally:
+        wipe(pw)
+
+
 @click.command("enroll-host")
 @click.argument("disk_name", metavar="DISK")
 @host_key_option
@@ -503,14 +519,9 @@ def enroll_host(
     stolen host does not. Undo with `vmshield disk unenroll-host DISK`.
     """
     store = Keystore(db)
-    d = unattended.ready_disk(store, disk_name)
-    v = run(db, lambda r: r.get_vm(d.vm))
     path = unattended.host_key_path(host_key)
-    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
-    try:
-        slot = unattended.enroll_host(store, d, v, bytes(pw), path, who=actor())
-    finally:
-        wipe(pw)
+    with _owner_password(store, disk_name, password_file) as (d, v, pw):
+        slot = unattended.enroll_host(store, d, v, pw, path, who=actor())
     click.echo(f"disk {d.name} enrolled on this host (keyslot {slot}, host key {path})")
 
 
@@ -587,16 +598,11 @@ def bind(
       vmshield disk bind web-0 sss --threshold 1 --url http://t1:7500 --url http://t2:7500
     """
     store = Keystore(db)
-    d = unattended.ready_disk(store, disk_name)
-    v = run(db, lambda r: r.get_vm(d.vm))
     config = binding.pin_config(
         pin, urls, thumbprint=thumbprint, pcr_ids=pcr_ids, threshold=threshold, tpm2=with_tpm2
     )
-    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
-    try:
-        detail = unattended.bind(store, d, v, bytes(pw), pin, config, who=actor())
-    finally:
-        wipe(pw)
+    with _owner_password(store, disk_name, password_file) as (d, v, pw):
+        detail = unattended.bind(store, d, v, pw, pin, config, who=actor())
     if as_json:
         emit_json(detail)
         return
@@ -628,11 +634,6 @@ def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Path | None) -
 def unbind(disk_name: str, slot: int, password_file: Path | None, db: Path | None) -> None:
     """Remove DISK's clevis-bound keyslot SLOT and its token (the owner's password stays)."""
     store = Keystore(db)
-    d = unattended.ready_disk(store, disk_name)
-    v = run(db, lambda r: r.get_vm(d.vm))
-    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
-    try:
-        pins = unattended.unbind(store, d, v, bytes(pw), slot, who=actor())
-    finally:
-        wipe(pw)
+    with _owner_password(store, disk_name, password_file) as (d, v, pw):
+        pins = unattended.unbind(store, d, v, pw, slot, who=actor())
     click.echo(f"disk {d.name}: keyslot {slot} ({pins}) removed")
