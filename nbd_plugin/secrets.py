@@ -6,7 +6,9 @@ read secrets here. The rules mirror cryptsetup's:
 
 - a key file (a file, an inherited descriptor, a pipe the keystore writes) is taken byte
   for byte: no newline is dropped, NUL bytes are kept (binary keys), at most
-  MAX_KEY_FILE bytes (cryptsetup's default --keyfile-size limit, 8 MiB);
+  MAX_KEY_FILE bytes (8 KiB: cryptsetup takes up to 8 MiB, but a vmshield secret also
+  travels to nbdkit through a pipe written before nbdkit runs, and a pipe holds 64 KiB;
+  common key files are 256 to 4096 bytes);
 - a line (a hidden prompt on a terminal, one line of a pipe, a literal on a command line)
   loses one trailing newline ("\\n" only: a "\\r" before it stays, as in cryptsetup), may
   hold no NUL byte (no terminal can type one), and is at most MAX_LINE bytes (cryptsetup's
@@ -26,8 +28,8 @@ from typing import BinaryIO
 
 from nbd_plugin.errors import VmshieldError
 
-#: the longest key file (bytes), as cryptsetup's default --keyfile-size limit (8192 KiB)
-MAX_KEY_FILE = 8 << 20
+#: the longest key file (bytes): far below a pipe's 64 KiB, which `disk serve` fills at once
+MAX_KEY_FILE = 8 << 10
 #: the longest line secret (bytes, its newline not counted), as cryptsetup's interactive limit
 MAX_LINE = 512
 
