@@ -17,6 +17,7 @@ from keystore.errors import Conflict
 from keystore.models import Disk, DiskState, Vm
 from keystore.services import binding, hookconf, unlock
 from keystore.services.store import Keystore
+from nbd_plugin.secrets import wipe
 
 
 def ready_disk(store: Keystore, name: str) -> Disk:
@@ -81,7 +82,7 @@ def enroll_host(store: Keystore, disk: Disk, vm: Vm, password: bytes, key_file: 
     try:
         slot = unlock.enroll_host(disk.path, password, bytes(key))
     finally:
-        key[:] = bytes(len(key))
+        wipe(key)
     detail = {"disk": disk.name, "keyslot": slot, "host_key": str(key_file)}
     _audit(store, who, "disk.enroll_host", disk.vm, detail)
     return slot
@@ -95,7 +96,7 @@ def unenroll_host(store: Keystore, disk: Disk, key_file: Path, *, who: str) -> i
     try:
         slot = unlock.unenroll_host(disk.path, bytes(key))
     finally:
-        key[:] = bytes(len(key))
+        wipe(key)
     _audit(store, who, "disk.unenroll_host", disk.vm, {"disk": disk.name, "keyslot": slot})
     return slot
 
