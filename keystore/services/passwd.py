@@ -96,7 +96,7 @@ class Journal:
         self.save()
 
     def save(self) -> None:
-        from nbd_plugin.erase.safefile import replace_file
+        from nbd_plugin.osutil.files import replace_file
 
         blob = json.dumps(self.state, sort_keys=True).encode()
         try:
