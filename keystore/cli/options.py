@@ -48,6 +48,7 @@ __all__ = [
     "actor",
     "check_pbkdf2_iterations",
     "cipher_option",
+    "config_option",
     "confirm",
     "db_option",
     "done_event",
@@ -142,6 +143,19 @@ def db_option(f: F) -> F:
         show_envvar=True,
         callback=_group_db,
         help=DB_HELP,
+    )(f)
+
+
+def config_option(f: F) -> F:
+    """`--config FILE` (env VMSHIELD_HOOK_CONF): the qemu hook's hook.conf."""
+    from keystore.services import hookconf
+
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=hookconf.CONFIG_ENV,
+        show_envvar=True,
+        help=f"The hook's configuration file (default {hookconf.DEFAULT_CONFIG}).",
     )(f)
 
 

@@ -1,5 +1,6 @@
 """`vmshield doctor`'s checks of the host itself: directories, the libvirt hook, keyutils,
-swap, /dev/kvm. Each returns `doctor.Check`s (see keystore.services.doctor)."""
+swap, /dev/kvm. Each returns `doctor.Check`s (see keystore.services.doctor); `run_checks`
+runs every check, the host's and keystore.services.doctor's, in order."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import time
 from pathlib import Path
 
 from keystore import paths
-from keystore.services.doctor import Check, Status
+from keystore.backends import Location
+from keystore.services.doctor import (
+    Check,
+    Status,
+    check_data_path,
+    check_keystore,
+    check_nbdkit,
+    guarded,
+)
+from keystore.services.hookfile import hook_text
+from keystore.services.serve import plugin_path
 from nbd_plugin import trust
 from nbd_plugin.crypto import jit
 
@@ -202,3 +213,29 @@ def check_kvm(device: Path = Path("/dev/kvm")) -> list[Check]:
             )
         ]
     return [Check("/dev/kvm", Status.PASS, "present and usable")]
+
+
+# -- all of them ---------------------------------------------------------------------------
+
+#: the plugin the Debian package installs for admins' own nbdkit command lines
+PACKAGED_PLUGIN = Path("/usr/lib/vmshield/plugin.py")
+
+
+def run_checks(location: Location, hook: Path, conf: Path, seconds: float) -> list[Check]:
+    """Every check of `vmshield doctor`, in its order (`hook`: the installed hook file)."""
+    plugins = [plugin_path()]
+    if PACKAGED_PLUGIN.exists():
+        plugins.append(PACKAGED_PLUGIN)
+    checks = guarded("nbdkit", lambda: check_nbdkit(plugins[0]))
+    if len(plugins) > 1 and checks[-1].name == "plugin":
+        checks += [
+            c for c in guarded("plugin", lambda: check_nbdkit(plugins[1])) if c.name == "plugin"
+        ]
+    checks += guarded("data path", lambda: check_data_path(seconds))
+    checks += guarded("keystore", lambda: check_keystore(location))
+    checks += guarded("dirs", check_dirs)
+    checks += guarded("libvirt hook", lambda: check_hook(hook, hook_text(conf)))
+    checks += guarded("keyutils", check_keyutils)
+    checks += guarded("swap", check_swap)
+    checks += guarded("/dev/kvm", check_kvm)
+    return checks
