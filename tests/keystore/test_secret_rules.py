@@ -2,16 +2,21 @@
 
 The same crafted inputs (empty, only a newline, a NUL byte, one byte over the limit, exactly
 the limit, a CRLF ending) go through each entry point: the `vmshield` command's key file
-(`--passphrase-file`) and stdin line, the plugin's ``passphrase=+FILE``, ``-FD`` and literal,
-and a real nbdkit. A key file is taken byte for byte (as cryptsetup --key-file), a line loses
-one "\\n"; empty is refused, and so is anything over the limit. What is accepted must open
-the keyslot made with exactly the expected bytes; what is refused says why in one line that
-holds no part of the secret.
+(`--passphrase-file`), stdin line and hidden prompt on a terminal (what a terminal can
+carry), the plugin's ``passphrase=+FILE``, ``-FD`` and literal, and a real nbdkit. A key
+file is taken byte for byte (as cryptsetup --key-file), a line loses one "\\n"; empty is
+refused, and so is anything over the limit. What is accepted must open the keyslot made with
+exactly the expected bytes; what is refused says why in one line that holds no part of the
+secret.
 """
 
 from __future__ import annotations
 
 import os
+import pty
+import select
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +165,50 @@ def test_a_new_password_from_a_crlf_pipe_is_refused_not_kept_with_its_cr(
     assert r.exit_code == 1 and "carriage returns" in r.output, r.output
     r = CliRunner().invoke(main, ["user", "add", "alice"], input=b"Okapi-9-long\n")
     assert r.exit_code == 0, r.output
+
+
+def _typed(argv: list[str], *lines: bytes, timeout: float = 60) -> tuple[int, str]:
+    """Run `vmshield ARGV` on a terminal of its own, typing each of `lines` at a new prompt."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal (/dev/tty)
+        os.execv(sys.executable, [sys.executable, "-c", "from keystore.cli import main; main()",
+                                  *argv])  # fmt: skip
+    out, todo, deadline = b"", list(lines), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if todo and out.count(b"assphrase:") > len(lines) - len(todo):
+                os.write(fd, todo.pop(0))
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+#: the cases a terminal can carry as typed (it turns a CR into a newline, a NUL is no key)
+TYPED = [c for c in LINE if c[0] in ("over", "exact")]
+
+
+def _said(output: str) -> str:
+    return "\n".join(x for x in output.splitlines() if x.strip() and "assphrase:" not in x) + "\n"
+
+
+@pytest.mark.parametrize(("case", "given", "result"), TYPED, ids=[c for c, _, _ in TYPED])
+def test_cli_prompt_on_a_terminal(image: Path, case: str, given: bytes, result: object) -> None:
+    code, output = _typed(["image", "test-passphrase", str(image)], given)
+    _check_cli(code, _said(output), given, result)
+
+
+def test_an_empty_line_at_the_prompt_is_not_taken_the_prompt_asks_again(image: Path) -> None:
+    exact = b"l" * MAX_LINE
+    code, output = _typed(["image", "test-passphrase", str(image)], b"\n", exact + b"\n")
+    assert output.count("Passphrase:") == 2, output
+    _check_cli(code, _said(output), exact, exact)
