@@ -6,7 +6,9 @@ the exit status the `vmshield` command reports for them.
 
 from __future__ import annotations
 
-from nbd_plugin.errors import ExitStatus, VmshieldError
+from typing import TypeVar
+
+from nbd_plugin.errors import ExitStatus, ImageBusy, InvalidPassphrase, VmshieldError
 
 
 class KeystoreError(VmshieldError):
@@ -21,6 +23,12 @@ class KeystoreBusy(KeystoreError):
     """Another process held the write lock longer than the busy timeout."""
 
     exit_code = ExitStatus.TEMPFAIL
+
+
+class NeedsLocalKeystore(KeystoreError):
+    """The command works on a keystore file (jobs, images beside it), not a PostgreSQL URL."""
+
+    exit_code = ExitStatus.USAGE
 
 
 class NotFound(KeystoreError):
@@ -63,7 +71,14 @@ class AuditChainBroken(KeystoreError):
     """The audit trail does not verify: a row was edited, inserted or deleted."""
 
 
-class VerificationFailed(KeystoreError):
-    """An erase's last pass did not read back as written; the image was kept."""
+E = TypeVar("E", bound=KeystoreError)
 
-    exit_code = ExitStatus.IOERR
+
+def image_error(cls: type[E], e: Exception, path: str, secret: str = "passphrase") -> E:
+    """A disk-side failure changing image `path`'s keyslots as the keystore error `cls`,
+    saying what to do (`secret`: what the caller gave, "password" or "passphrase")."""
+    if isinstance(e, ImageBusy):
+        return cls(f"{path} is in use (served read-write?): stop it first")
+    if isinstance(e, InvalidPassphrase):
+        return cls(f"no keyslot of {path} opens with that {secret}")
+    return cls(f"{path}: {e}")

@@ -16,7 +16,7 @@ import urllib.parse
 from pathlib import Path
 from typing import ClassVar
 
-from keystore.errors import KeystoreError
+from keystore.errors import NeedsLocalKeystore
 
 _SCHEMES = ("postgresql://", "postgres://")
 
@@ -58,9 +58,10 @@ class Location(abc.ABC):
         environment or a world-readable file)."""
 
     def require_file(self) -> Path:
-        """The local keystore file; KeystoreError naming the location if it has none."""
+        """The local keystore file; NeedsLocalKeystore (a usage error) naming the location if
+        it has none."""
         if self.file is None:
-            raise KeystoreError(f"this needs a local keystore file, not {self.display()}")
+            raise NeedsLocalKeystore(f"this needs a local keystore file, not {self.display()}")
         return self.file
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import stat
 from pathlib import Path
 
 from keystore.errors import KeystoreError
+from nbd_plugin import trust
 
 #: Environment variable that overrides the default database path (as `--db` does).
 DB_ENV = "VMSHIELD_DB"
@@ -59,26 +58,16 @@ NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def private_dir(path: Path) -> Path:
-    """`path` as a directory of this user's own that no one else can write, made 0700 if
-    missing. Refuses (UnsafeDirectory) a symlink, another owner, or group/other write
-    access: whoever can write the directory can swap the socket or plant a symlink."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
-    st = os.lstat(path)
-    uid = os.geteuid()
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise UnsafeDirectory(f"{path} is not a directory (a symlink?): refusing to use it")
-    if st.st_uid != uid:
+    """`path` as a directory no one but root or this user can write (nbd_plugin.trust: it and
+    every directory above it, no symlink), made 0700 if missing; UnsafeDirectory if not:
+    whoever can write the directory can swap the socket or plant a symlink."""
+    try:
+        return trust.private_dir(path)
+    except trust.Untrusted as e:
         raise UnsafeDirectory(
-            f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}): someone else may "
-            "control the socket; remove it or choose another --socket"
-        )
-    if st.st_mode & 0o022:
-        raise UnsafeDirectory(
-            f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"`chmod go-w {path}` or choose another --socket"
-        )
-    return path
+            f"{e}: someone else may control what is in it; fix or remove it, or choose "
+            "another --socket"
+        ) from None
 
 
 class UnsafeDirectory(KeystoreError):

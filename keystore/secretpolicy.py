@@ -27,9 +27,10 @@ FORMAT_HELP = (
 
 def check_new_secret(secret: bytes, noun: str = "password") -> None:
     """ValueError if `secret` cannot be a new password or passphrase: shorter than
-    MIN_LENGTH, or holding a newline or NUL (it could not be typed, piped or kept in a
-    key file the same way twice)."""
+    MIN_LENGTH, or holding a newline, a carriage return or NUL (it could not be typed,
+    piped or kept in a key file the same way twice: a line read from a CRLF pipe keeps its
+    "\r", nbd_plugin.secrets)."""
     if len(secret) < MIN_LENGTH:
         raise ValueError(f"{noun} too short: use at least {MIN_LENGTH} characters")
-    if b"\n" in secret or b"\0" in secret:
-        raise ValueError(f"{noun} must not contain newlines or NUL bytes")
+    if b"\n" in secret or b"\r" in secret or b"\0" in secret:
+        raise ValueError(f"{noun} must not contain newlines, carriage returns or NUL bytes")

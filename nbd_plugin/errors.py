@@ -55,3 +55,16 @@ class ImageBusy(VmshieldError):
 
 class Fenced(VmshieldError):
     """The server's cluster-wide lease is gone: it must not touch the image any more."""
+
+
+class VerificationFailed(VmshieldError):
+    """An erase's last pass did not read back as written; the image was kept."""
+
+    exit_code = ExitStatus.IOERR
+
+    def __init__(self, message: str, *, certificate: str | None = None,
+                 sha256: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        #: the certificate that records the failure, for a caller that reports it
+        self.certificate = certificate
+        self.sha256 = sha256

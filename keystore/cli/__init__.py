@@ -5,6 +5,11 @@ Each module of this package defines its commands; nothing registers itself, and 
 that is missing is an ImportError when its command runs (and in the test that builds the
 whole tree), not a command that silently disappears. Modules are imported lazily, so a
 command pays only for its own imports.
+
+Errors are mapped here, once: every error of the product hierarchy (and a ValueError or an
+OSError) a command raises becomes one `Error: ...` line with the error's own exit status
+(nbd_plugin.errors.ExitStatus), Ctrl-C exits 130. Commands raise the services' errors as
+they come; click's own (usage) errors stay click's.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import importlib
 
 import click
 
+from nbd_plugin.errors import ExitStatus, VmshieldError
+
 #: (name, "module:attribute" of the command or group, its subcommands as "module:attribute"),
-#: modules of this package. A module is imported only when its command runs (or when help
-#: lists it): `vmshield --version` loads none, `vmshield usb block` only usb.py and what it
-#: needs, never the disk data path (numpy, numba) or psycopg.
+#: modules of this package: one module per top-level command, named after it. A module is
+#: imported only when its command runs (or when help lists it): `vmshield --version` loads
+#: none, `vmshield usb block` only usb.py and what it needs, never the disk data path (numpy,
+#: numba) or psycopg.
 TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("init", "initcmd:init", ()),
+    ("init", "init:init", ()),
     ("status", "status:status", ()),
     ("doctor", "doctor:doctor", ()),
     (
@@ -26,7 +34,7 @@ TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "user:user",
         ("user:add", "user:passwd", "user:unlock", "user:list_", "user:remove"),
     ),
-    ("vm", "vm:vm", ("vm:add", "vm:list_", "vm:show", "vm:set_", "vm:remove", "unlock:unlock_vm")),
+    ("vm", "vm:vm", ("vm:add", "vm:list_", "vm:show", "vm:set_", "vm:remove", "vm:unlock_vm")),
     (
         "disk",
         "disk:disk",
@@ -37,12 +45,12 @@ TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "disk:list_",
             "disk:forget",
             "disk:import_",
-            "destroy:destroy",
-            "unlock:enroll_host",
-            "unlock:unenroll_host",
-            "bind:bind",
-            "bind:unbind",
-            "bind:rebind",
+            "disk:destroy",
+            "disk:enroll_host",
+            "disk:unenroll_host",
+            "disk:bind",
+            "disk:unbind",
+            "disk:rebind",
         ),
     ),
     ("perm", "perm:perm", ("perm:set_", "perm:show")),
@@ -51,7 +59,7 @@ TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("audit", "audit:audit", ("audit:verify",)),
     ("libvirt", "libvirt:libvirt", ("libvirt:devices", "libvirt:install_hook")),
     ("job", "job:job", ("job:status", "job:cancel")),
-    ("keystore", "keystore_cmd:keystore_group", ("keystore_cmd:migrate",)),
+    ("keystore", "keystore:keystore_group", ("keystore:migrate",)),
     (
         "image",
         "image:image",
@@ -62,7 +70,7 @@ TREE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "image:remove_key",
             "image:passwd",
             "image:test_passphrase",
-            "erase:erase",
+            "image:erase",
         ),
     ),
 )
@@ -89,10 +97,33 @@ def build(name: str) -> click.Command | None:
     return None
 
 
-class _Interrupted(click.ClickException):
-    """Ctrl-C that no command turned into its own message: exit 130, as a shell reports it."""
+class CliError(click.ClickException):
+    """`Error: MESSAGE` with a chosen exit status (see nbd_plugin.errors.ExitStatus)."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = ExitStatus.ERROR) -> None:
+        super().__init__(message)
+        vars(self)["exit_code"] = int(exit_code)  # click declares exit_code on the class
+
+
+def message(exc: BaseException) -> str:
+    """The one line a user sees for `exc` (an OSError as `FILE: reason`)."""
+    if isinstance(exc, OSError) and not isinstance(exc, VmshieldError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return str(exc)
+
+
+def fail(exc: BaseException) -> CliError:
+    """`exc` as the CLI reports it: its message and its exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        return CliError(message(exc), ExitStatus.INTERRUPTED)
+    return CliError(message(exc), getattr(exc, "exit_code", ExitStatus.ERROR))
+
+
+#: what a command may raise and `fail` reports as one line (anything else is a bug: traceback)
+REPORTED = (VmshieldError, ValueError, OSError, KeyboardInterrupt)
 
 
 class _Tree(click.Group):
@@ -101,8 +132,10 @@ class _Tree(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise _Interrupted("interrupted (Ctrl-C)") from None
+        except BrokenPipeError:
+            raise  # click's own: a closed pipe on stdout is no error to report
+        except REPORTED as e:
+            raise fail(e) from e
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name, _, _ in TREE)

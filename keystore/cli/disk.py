@@ -1,42 +1,72 @@
 """`vmshield disk ...`: encrypted disk images of VMs, and serving them to QEMU over NBD.
 
-The workflows live in keystore.services (disks, serve, destroy); this is the click layer.
+The workflows live in keystore.services (disks, disk_import, serve, destroy, unattended);
+this is the click layer.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from keystore import paths, sizes
+from keystore import sizes
 from keystore.cli import abandoned
 from keystore.cli.options import (
     SecretReader,
     actor,
     check_pbkdf2_iterations,
     cipher_option,
+    confirm,
     db_option,
+    done_event,
     emit_json,
+    erase_reporter,
     format_option,
-    handle_errors,
+    json_errors,
     json_option,
     kdf_options,
+    method_option,
+    methods_help,
     password_file_option,
     resolve_db,
     run,
+    summary,
     table,
     wipe,
 )
 from keystore.cli.progress import progress_option, reporter
-from keystore.cli.unlock import _host_key_path, host_key_option
 from keystore.location import Location
 from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
-from keystore.services import disk_import, opening, serve, snippets, unlock, usage
+from keystore.services import (
+    binding,
+    disk_import,
+    hookconf,
+    opening,
+    serve,
+    snippets,
+    unattended,
+    unlock,
+    usage,
+)
+from keystore.services import destroy as destroying
 from keystore.services import disks as diskops
 from keystore.services.store import Keystore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def host_key_option(f: F) -> F:
+    return click.option(
+        "--host-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The host key file (default: host_key of the hook's configuration "
+        f"${hookconf.CONFIG_ENV}, else {unlock.DEFAULT_HOST_KEY}).",
+    )(f)
 
 
 @click.group()
@@ -78,7 +108,6 @@ def disk() -> None:
 @password_file_option
 @progress_option
 @db_option
-@handle_errors
 def create(
     vm: str,
     size: str,
@@ -104,13 +133,9 @@ def create(
         raise click.BadParameter(str(e), param_hint="--size") from e
     store = Keystore(db)
     abandoned.reap(db)  # a killed create of this name or path would be in the way
-    v = run(db, lambda r: r.get_vm(vm))
-    disk_name = name or run(db, lambda r: diskops.next_name(r, vm))
-    paths.check_disk_name(disk_name)  # refused before anything is said or made
+    v, disk_name = diskops.new_name(store, vm, name)  # refused before anything is said or made
     click.echo(f"size: {taken}", err=True)
-    path = (image_path or paths.default_image_dir(resolve_db(db)) / f"{disk_name}.img").absolute()
-    if path.exists():
-        raise click.ClickException(f"{path} already exists; choose another --path")
+    path = diskops.new_image_path(store, disk_name, image_path)
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disk)")
     try:
         diskops.create_disk(
@@ -191,7 +216,6 @@ def _print_attach(
 @password_file_option
 @json_option
 @db_option
-@handle_errors
 def serve_(
     disk_name: str,
     socket: Path | None,
@@ -240,7 +264,7 @@ def _serve_unattended(
     bind_vm: bool,
 ) -> int:
     owner_pw = unlock.peek(v.uuid)
-    host = None if owner_pw is not None else unlock.read_host_key(_host_key_path(key))
+    host = None if owner_pw is not None else unlock.read_host_key(unattended.host_key_path(key))
     try:
         way = opening.open_disk(d, v, owner_pw, host)
         try:
@@ -268,7 +292,6 @@ def _serve_unattended(
     "(the guest loses its disk).",
 )
 @db_option
-@handle_errors
 def stop(disk_name: str, force: bool, db: Location | None) -> None:
     """Stop the nbdkit server of DISK.
 
@@ -365,7 +388,6 @@ def forget(disk_name: str, yes: bool, db: Location | None) -> None:
 @click.option("--name", help="Disk name (default: VM-N, e.g. web1-0).")
 @password_file_option
 @db_option
-@handle_errors
 def import_(
     image: Path, vm_name: str, name: str | None, password_file: Path | None, db: Location | None
 ) -> None:
@@ -380,9 +402,7 @@ def import_(
     """
     store = Keystore(db)
     found = disk_import.inspect(image)
-    v = run(db, lambda r: r.get_vm(vm_name))
-    disk_name = name or run(db, lambda r: diskops.next_name(r, vm_name))
-    paths.check_disk_name(disk_name)
+    v, disk_name = diskops.new_name(store, vm_name, name)
     pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disk)")
     try:
         d = disk_import.import_disk(store, v, disk_name, found, bytes(pw), who=actor())
@@ -393,3 +413,238 @@ def import_(
         f"{d.format}, {d.cipher})"
     )
     click.echo(f"serve it with: vmshield disk serve {d.name}")
+
+
+DESTROY_HELP = f"""Destroy the image of DISK and keep the record as destroyed.
+
+\b
+Checks the VM's erase permissions (vmshield perm show VM, thesis table 5-2):
+  deep erase     needed by every overwriting method;
+  normal delete  needed by --method crypto (keyslots wiped, file removed, the
+                 undecryptable ciphertext is not overwritten).
+A refusal is recorded in the audit trail. Then, as `vmshield image erase` does:
+crypto-erase, overwrite passes, verification, discard, unlink, certificate. The
+certificate's SHA-256 goes into the audit chain with the disk's new state.
+
+\b
+METHODS
+{methods_help()}
+
+\b
+--background returns at once with a job id; `vmshield job status ID` follows it.
+An interrupted destroy (state destroying or failed) continues where it stopped when
+run again with the same method. A served disk is refused (the server is named):
+`vmshield disk stop` first. So is a disk whose libvirt domain, started through the
+qemu hook, still runs (--force erases anyway).
+
+\b
+Exit status: 0 destroyed (or job started); 1 error; 74 verification failed;
+75 the image is in use; 77 the VM's permissions forbid this method.
+"""
+
+
+@click.command("destroy", help=DESTROY_HELP)
+@click.argument("disk_name", metavar="DISK")
+@method_option
+@click.option("--background", is_flag=True, help="Run in a detached job; print its id.")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Read the last pass back and compare.",
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines (progress, result) on stdout.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Erase even while the libvirt domain the qemu hook served DISK for still runs.",
+)
+@db_option
+def destroy(
+    disk_name: str,
+    method: str,
+    background: bool,
+    verify: bool,
+    as_json: bool,
+    yes: bool,
+    force: bool,
+    db: Location | None,
+) -> None:
+    store = Keystore(db)
+    abandoned.reap(db)
+    disk = run(db, lambda r: destroying.claim(r, disk_name, method, actor()))
+    destroying.check_not_served(disk)  # before asking; execute() checks again
+    if not force:
+        destroying.check_idle(disk, hookconf.run_dirs())
+    confirm(f"disk {disk.name} ({disk.path})", yes)
+    if background:
+        job = destroying.spawn(Keystore(resolve_db(db)), disk, method, verify)
+        if as_json:
+            emit_json(job)
+        else:
+            click.echo(f"job {job['id']} started: vmshield job status {job['id']}")
+        return
+
+    from nbd_plugin.erase import EraseOptions
+
+    erase = destroying.eraser(erase_reporter(as_json, method, verify))
+    with json_errors(as_json):
+        cert = destroying.execute(
+            store, disk, method, EraseOptions(verify=verify), erase=erase, who=actor()
+        )
+    if as_json:
+        done_event(cert, disk=disk.name)
+    else:
+        click.echo(summary(cert))
+
+
+@contextlib.contextmanager
+def _owner_password(
+    store: Keystore, disk_name: str, password_file: Path | None
+) -> Iterator[tuple[Disk, Vm, bytes]]:
+    """Ready disk DISK, its VM and its owner's password (wiped when done), for the commands
+    that add or remove a keyslot with it."""
+    d = unattended.ready_disk(store, disk_name)
+    v = store.run(lambda r: r.get_vm(d.vm))
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens {d.name})")
+    try:
+        yield d, v, bytes(pw)
+    finally:
+        wipe(pw)
+
+
+@click.command("enroll-host")
+@click.argument("disk_name", metavar="DISK")
+@host_key_option
+@password_file_option
+@db_option
+def enroll_host(
+    disk_name: str, host_key: Path | None, password_file: Path | None, db: Location | None
+) -> None:  # fmt: skip
+    """Let this host open DISK unattended (the qemu hook, at every `virsh start`).
+
+    Asks for the owner's password once and adds a keyslot whose passphrase is the host
+    key, a random 256-bit key in a root-only file (created 0600 if absent). Whoever can
+    read that file and the image reads the disk: a stolen image alone stays unreadable, a
+    stolen host does not. Undo with `vmshield disk unenroll-host DISK`.
+    """
+    store = Keystore(db)
+    path = unattended.host_key_path(host_key)
+    with _owner_password(store, disk_name, password_file) as (d, v, pw):
+        slot = unattended.enroll_host(store, d, v, pw, path, who=actor())
+    click.echo(f"disk {d.name} enrolled on this host (keyslot {slot}, host key {path})")
+
+
+@click.command("unenroll-host")
+@click.argument("disk_name", metavar="DISK")
+@host_key_option
+@db_option
+def unenroll_host(disk_name: str, host_key: Path | None, db: Location | None) -> None:
+    """Remove DISK's host-key keyslot: starts need `vmshield vm unlock` again.
+
+    Needs no password: the host key itself opens the keyslot it removes. The owner's
+    keyslot stays. The host key file is kept (other disks may use it).
+    """
+    store = Keystore(db)
+    d = run(db, lambda r: r.get_disk(disk_name))
+    slot = unattended.unenroll_host(store, d, unattended.host_key_path(host_key), who=actor())
+    click.echo(f"disk {d.name} unenrolled: keyslot {slot} removed")
+
+
+def _say_bound(detail: dict[str, Any], verb: str) -> None:
+    click.echo(f"disk {detail['disk']}: keyslot {detail['keyslot']} {verb} to {detail['pins']}")
+    for thp in detail["thumbprints"]:
+        click.echo(f"  trusted Tang signing key {thp}")
+
+
+@click.command("bind")
+@click.argument("disk_name", metavar="DISK")
+@click.argument("pin", type=click.Choice(["tang", "tpm2", "sss"]))
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="A Tang server, e.g. http://tang.example:7500 (tang: one; sss: one per server).",
+)
+@click.option(
+    "--thumbprint",
+    help="tang: trust only the signing key with this thumbprint (`tang-show-keys` on the "
+    "server). Without it the server's keys are trusted as they are now, and printed.",
+)
+@click.option("--pcr-ids", help="tpm2: seal to these PCRs too, e.g. 7 or 0,7.")
+@click.option(
+    "--threshold", type=click.IntRange(1, 16), help="sss: how many of the pins must answer."
+)
+@click.option("--tpm2", "with_tpm2", is_flag=True, help="sss: this host's TPM2 is one pin.")
+@password_file_option
+@json_option
+@db_option
+def bind(
+    disk_name: str,
+    pin: str,
+    urls: tuple[str, ...],
+    thumbprint: str | None,
+    pcr_ids: str | None,
+    threshold: int | None,
+    with_tpm2: bool,
+    password_file: Path | None,
+    as_json: bool,
+    db: Location | None,
+) -> None:
+    """Let DISK open unattended while its pins answer (network-bound unlock).
+
+    PIN is tang (a Tang server: the disk opens only on the network that reaches it), tpm2
+    (this host's TPM: the image opens on this machine only) or sss (THRESHOLD of several
+    Tang servers and/or the TPM, e.g. 1 of 2 Tang servers so one down is no outage).
+
+    Asks for the owner's password once and adds a keyslot with a random passphrase that only
+    the pins can recover (a clevis token in the LUKS2 header, as `clevis luks bind` writes:
+    `clevis luks list -d IMAGE` shows it). `disk serve --unattended` and the libvirt hook use
+    it. Undo with `vmshield disk unbind DISK --slot N`.
+
+    \b
+      vmshield disk bind web-0 tang --url http://tang.example:7500
+      vmshield disk bind web-0 tpm2 --pcr-ids 7
+      vmshield disk bind web-0 sss --threshold 1 --url http://t1:7500 --url http://t2:7500
+    """
+    store = Keystore(db)
+    config = binding.pin_config(
+        pin, urls, thumbprint=thumbprint, pcr_ids=pcr_ids, threshold=threshold, tpm2=with_tpm2
+    )
+    with _owner_password(store, disk_name, password_file) as (d, v, pw):
+        detail = unattended.bind(store, d, v, pw, pin, config, who=actor())
+    if as_json:
+        emit_json(detail)
+        return
+    _say_bound(detail, "bound")
+
+
+@click.command("rebind")
+@click.argument("disk_name", metavar="DISK")
+@click.option("--slot", type=click.IntRange(0, 31), required=True, help="The bound keyslot.")
+@click.option("--thumbprint", help="Trust only the Tang signing key with this thumbprint.")
+@db_option
+def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Location | None) -> None:
+    """Bind DISK's keyslot SLOT to its Tang server's current keys (after a key rotation).
+
+    Like `clevis luks regen`: the passphrase is recovered with the old binding (the server
+    keeps rotated keys until they are deleted) and encrypted to the keys the server now
+    advertises; the keyslot stays. Run it for each bound disk before deleting the old keys.
+    """
+    store = Keystore(db)
+    d = unattended.ready_disk(store, disk_name)
+    _say_bound(unattended.rebind(store, d, slot, thumbprint, who=actor()), "rebound")
+
+
+@click.command("unbind")
+@click.argument("disk_name", metavar="DISK")
+@click.option("--slot", type=click.IntRange(0, 31), required=True, help="The bound keyslot.")
+@password_file_option
+@db_option
+def unbind(disk_name: str, slot: int, password_file: Path | None, db: Location | None) -> None:
+    """Remove DISK's clevis-bound keyslot SLOT and its token (the owner's password stays)."""
+    store = Keystore(db)
+    with _owner_password(store, disk_name, password_file) as (d, v, pw):
+        pins = unattended.unbind(store, d, v, pw, slot, who=actor())
+    click.echo(f"disk {d.name}: keyslot {slot} ({pins}) removed")

@@ -1,4 +1,5 @@
-"""`vmshield doctor`: check this host is ready (the logic: keystore.services.doctor)."""
+"""`vmshield doctor`: check this host is ready (the logic: keystore.services.doctor and
+doctor_host)."""
 
 from __future__ import annotations
 
@@ -6,42 +7,11 @@ from pathlib import Path
 
 import click
 
-from keystore.cli.libvirt import DEFAULT_HOOKS_DIR, HOOK_NAME, config_option, hook_text
-from keystore.cli.options import db_option, emit_json, json_option, resolve_location
+from keystore.cli.options import config_option, db_option, emit_json, json_option, resolve_location
 from keystore.location import Location
 from keystore.services import doctor_host, hookconf
-from keystore.services.doctor import (
-    Check,
-    Status,
-    check_data_path,
-    check_keystore,
-    check_nbdkit,
-    exit_status,
-    guarded,
-)
-from keystore.services.serve import plugin_path
-
-#: the plugin the Debian package installs for admins' own nbdkit command lines
-PACKAGED_PLUGIN = Path("/usr/lib/vmshield/plugin.py")
-
-
-def run_checks(location: Location, hook: Path, conf: Path, seconds: float) -> list[Check]:
-    plugins = [plugin_path()]
-    if PACKAGED_PLUGIN.exists():
-        plugins.append(PACKAGED_PLUGIN)
-    checks = guarded("nbdkit", lambda: check_nbdkit(plugins[0]))
-    if len(plugins) > 1 and checks[-1].name == "plugin":
-        checks += [
-            c for c in guarded("plugin", lambda: check_nbdkit(plugins[1])) if c.name == "plugin"
-        ]
-    checks += guarded("data path", lambda: check_data_path(seconds))
-    checks += guarded("keystore", lambda: check_keystore(location))
-    checks += guarded("dirs", doctor_host.check_dirs)
-    checks += guarded("libvirt hook", lambda: doctor_host.check_hook(hook, hook_text(conf)))
-    checks += guarded("keyutils", doctor_host.check_keyutils)
-    checks += guarded("swap", doctor_host.check_swap)
-    checks += guarded("/dev/kvm", doctor_host.check_kvm)
-    return checks
+from keystore.services.doctor import Status, exit_status
+from keystore.services.hookfile import DEFAULT_HOOKS_DIR, HOOK_NAME
 
 
 @click.command()
@@ -84,7 +54,9 @@ def doctor(
     warning, 2 a failure.
     """
     conf = hookconf.config_path(config).absolute()
-    checks = run_checks(resolve_location(db), hooks_dir.absolute() / HOOK_NAME, conf, seconds)
+    checks = doctor_host.run_checks(
+        resolve_location(db), hooks_dir.absolute() / HOOK_NAME, conf, seconds
+    )
     status = exit_status(checks)
     if as_json:
         emit_json(

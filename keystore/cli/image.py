@@ -1,4 +1,4 @@
-"""`vmshield image ...`: LUKS images without a keystore (create, inspect, keyslots)."""
+"""`vmshield image ...`: LUKS images without a keystore (create, inspect, keyslots, erase)."""
 
 from __future__ import annotations
 
@@ -13,30 +13,33 @@ from keystore.cli.options import (
     SecretReader,
     check_pbkdf2_iterations,
     cipher_option,
+    confirm,
+    done_event,
+    erase_reporter,
     format_option,
+    json_errors,
     kdf_options,
+    method_option,
+    methods_help,
     new_passphrase_file_option,
     passphrase_file_option,
+    summary,
 )
 from keystore.services.disks import creation_error
 from keystore.sizes import human, image_size
 from nbd_plugin import luks
 from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.registry import kernel_for
-from nbd_plugin.errors import InvalidPassphrase, VmshieldError
+from nbd_plugin.erase import EraseOptions
+from nbd_plugin.errors import InvalidPassphrase
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
-    """Run `fn`; its errors become one line, exit status 1 (nothing was changed)."""
+    """Run `fn`; a wrong passphrase says that nothing was changed (the root reports errors)."""
     try:
         return fn()
     except InvalidPassphrase as exc:
-        raise click.ClickException(f"{exc}. Nothing was changed.") from None
-    except (VmshieldError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        raise InvalidPassphrase(f"{exc}. Nothing was changed.") from None
 
 
 def _reader() -> SecretReader:
@@ -309,3 +312,108 @@ def test_passphrase(path: Path, passphrase_file: Path | None) -> None:
             volume.close()
 
     click.echo(f"keyslot {_guard(check)} opens {path}")
+
+
+ERASE_HELP = f"""Destroy the LUKS image (or block device) PATH for good.
+
+\b
+Order of work:
+  1. refuse if a server (nbdkit) or another erase holds PATH's lock;
+  2. crypto-erase: overwrite the LUKS header and every keyslot area three times with
+     fdatasync - from here on the data cannot be decrypted by anyone;
+  3. overwrite every allocated extent with each pass of the method (holes hold nothing
+     and stay holes), fdatasync after each pass;
+  4. read every byte of the last pass back (O_DIRECT) and compare (--no-verify skips);
+  5. discard: punch a hole over the file / BLKDISCARD the device (--secure-discard:
+     BLKSECDISCARD); 6. unlink the file (block devices stay). --keep skips 5 and 6.
+
+\b
+METHODS
+{methods_help()}
+
+Random passes are an AES-256-CTR keystream, reproducible from the key in the journal and
+the certificate, so anyone can re-verify the final pass.
+
+An interrupted erase (crash, kill, power loss) leaves a journal PATH.vmshield-erase (block
+devices: /var/lib/vmshield/erase/); running the same command again continues where it
+stopped. The certificate (JSON) goes to PATH.erase-certificate.json unless --certificate
+says otherwise; it records what was done and an honest storage assessment: copy-on-write
+filesystems, shared extents, thin provisioning and SSDs do not let an overwrite reach old
+blocks, and only the crypto-erase is then a Purge in the sense of NIST SP 800-88 Rev. 2.
+
+PATH must be a LUKS image (file or block device), named by itself: a symbolic link is
+refused (only a link to a block device, such as /dev/disk/by-id/..., is resolved), and so
+are a file that is not LUKS and a file with other hard links, unless --force. The name is
+unlinked only if it still refers to the erased file when the erase ends.
+
+\b
+Examples:
+  vmshield image erase /srv/vm/disk.img --method dod3
+  vmshield image erase /dev/sdb --method zero --secure-discard --yes
+  vmshield image erase /dev/sdc --method zero --force --yes   # not LUKS: a raw disk
+  vmshield image erase old.img -m crypto --keep --json --yes
+
+\b
+Exit status: 0 erased; 1 error; 2 usage; 74 verification failed (image kept);
+75 the image is in use (stop the server, then run again); 130 interrupted (run again).
+"""
+
+
+@click.command("erase", help=ERASE_HELP)
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@method_option
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Read the last pass back and compare.",
+)
+@click.option("--keep", is_flag=True, help="Leave the overwritten image: no discard, no unlink.")
+@click.option("--no-discard", is_flag=True, help="Do not punch holes / discard before unlink.")
+@click.option(
+    "--secure-discard",
+    is_flag=True,
+    help="Block devices: BLKSECDISCARD instead of BLKDISCARD (fails if unsupported).",
+)
+@click.option(
+    "--certificate",
+    "certificate",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the certificate here instead of PATH.erase-certificate.json.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also erase a target that is not a LUKS image, or a file with other hard links.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Progress as JSON lines on stdout.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def erase(
+    path: Path,
+    method: str,
+    verify: bool,
+    keep: bool,
+    no_discard: bool,
+    secure_discard: bool,
+    certificate: Path | None,
+    force: bool,
+    as_json: bool,
+    yes: bool,
+) -> None:
+    confirm(str(path), yes)
+    options = EraseOptions(
+        verify=verify,
+        discard=not (keep or no_discard),
+        unlink=not keep,
+        secure_discard=secure_discard,
+        certificate_path=str(certificate) if certificate else None,
+        force=force,
+    )
+    from keystore.services.erasing import run_erase
+
+    with json_errors(as_json):
+        cert = run_erase(str(path), method, options, erase_reporter(as_json, method, verify))
+    if as_json:
+        done_event(cert)
+    else:
+        click.echo(summary(cert))

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from keystore.auth import human_duration
-from keystore.cli.options import db_option, emit_json, handle_errors, json_option, resolve_db, table
+from keystore.cli.options import db_option, emit_json, json_option, resolve_db, table
 from keystore.location import Location
 from keystore.services import jobs
 
@@ -75,7 +75,6 @@ def _select(db: Path, job_id: str | None) -> list[dict[str, Any]]:
 )
 @json_option
 @db_option
-@handle_errors
 def status(
     job_id: str | None, watch: bool, interval: float, as_json: bool, db: Location | None
 ) -> None:
@@ -113,7 +112,6 @@ def status(
 
 @click.command("cancel")
 @click.argument("job_id")
-@handle_errors
 @db_option
 def cancel(job_id: str, db: Location | None) -> None:
     """Stop the running job JOB_ID where it is.

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
 from keystore import paths
 from keystore.cli.options import (
+    config_option,
     db_option,
     emit_json,
-    handle_errors,
     json_option,
     resolve_location,
     run,
@@ -23,46 +18,8 @@ from keystore.cli.options import (
 from keystore.location import Location
 from keystore.models import Disk, DiskState, UsbRule, Vm
 from keystore.repository import Repository
-from keystore.services import hookconf, libvirt_xml
+from keystore.services import hookconf, hookfile, libvirt_xml
 from keystore.services.hookconf import HookConfig
-from nbd_plugin.trust import trusted_path
-
-DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
-HOOK_NAME = "vmshield"
-HOOK_MARK = "# vmshield qemu hook"
-HOOK_TEMPLATE = """#!{python} -I
-{mark} (written by `vmshield libvirt install-hook`; the logic is in
-# keystore.services.libvirt_hook). libvirtd runs it as `vmshield NAME OP SUBOP EXTRA` with the
-# domain XML on stdin; it reads its settings from {config}.
-import os
-import sys
-from pathlib import Path
-
-LIB = {libdir_repr}  # where this vmshield is (the package: /usr/lib/vmshield/lib)
-if not os.path.isdir(os.path.join(LIB, "keystore")):
-    # vmshield was removed: leave every domain alone (one that used its disks fails in QEMU)
-    print(f"vmshield hook: vmshield is no longer in {{LIB}}; remove {{sys.argv[0]}}",
-          file=sys.stderr)
-    sys.exit(0)
-sys.path.insert(0, LIB)
-
-from keystore.services.libvirt_hook import main
-
-sys.exit(main(sys.argv[1:], config=Path({config_repr})))
-"""
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def config_option(f: F) -> F:
-    return click.option(
-        "--config",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar=hookconf.CONFIG_ENV,
-        show_envvar=True,
-        help=f"The hook's configuration file (default {hookconf.DEFAULT_CONFIG}).",
-    )(f)
 
 
 @click.group()
@@ -99,7 +56,6 @@ async def _devices(r: Repository, vm: str) -> tuple[Vm, list[Disk], list[UsbRule
 @config_option
 @json_option
 @db_option
-@handle_errors
 def devices(
     vm: str, usb_slots: int, run_dir: Path | None, config: Path | None, as_json: bool,
     db: Location | None,
@@ -133,42 +89,6 @@ def devices(
     click.echo(f"note: name the domain {name} or give it <uuid>{uuid}</uuid>", err=True)
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def hook_text(conf: Path) -> str:
-    """The hook file install-hook writes for this Python, this vmshield and `conf`."""
-    import keystore
-
-    libdir = os.path.dirname(os.path.dirname(os.path.abspath(keystore.__file__)))
-    return HOOK_TEMPLATE.format(python=sys.executable, mark=HOOK_MARK, config=conf,
-                                config_repr=repr(str(conf)), libdir_repr=repr(libdir))  # fmt: skip
-
-
-def _refuse_untrusted_code() -> None:
-    """The hook runs this Python and this package as root: refuse to install it if another
-    user could replace either (a venv in someone's home, a checkout others can write)."""
-    import keystore
-
-    for what, where in (("Python", os.path.dirname(os.path.abspath(sys.executable))),
-                        ("vmshield package", os.path.dirname(keystore.__file__))):  # fmt: skip
-        if trusted_path(where) is None:
-            raise click.ClickException(
-                f"the hook would run the {what} in {where} as root, but another user owns or "
-                "can write it or a directory above it; install vmshield where only root can "
-                "write (e.g. a venv under /opt) and run install-hook from there"
-            )
-
-
 def _default_run_dir() -> Path:
     """/run/vmshield for root; a non-root user's private runtime directory, or a clear
     refusal naming this command's own option (not `disk serve`'s --socket)."""
@@ -184,7 +104,7 @@ def _default_run_dir() -> Path:
 
 @click.command("install-hook")
 @click.option("--hooks-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_HOOKS_DIR, show_default=True,
+              default=hookfile.DEFAULT_HOOKS_DIR, show_default=True,
               help="libvirt's qemu hook drop-in directory (session mode: "
               "~/.config/libvirt/hooks/qemu.d).")  # fmt: skip
 @config_option
@@ -202,7 +122,6 @@ def _default_run_dir() -> Path:
               help="Where USB owners reach a VM's usbgate; {vm} and {run_dir} are replaced "
               f"(default {hookconf.DEFAULT_USB_LISTEN}).")  # fmt: skip
 @db_option
-@handle_errors
 def install_hook(
     hooks_dir: Path, config: Path | None, run_dir: Path | None, host_key: Path | None,
     usb_listen: str | None, db: Location | None,
@@ -214,7 +133,7 @@ def install_hook(
     hook file names this Python and that file. libvirtd reads new hook files only when it
     starts: restart it afterwards (an update of an existing hook applies at once).
     """
-    _refuse_untrusted_code()
+    hookfile.refuse_untrusted_code()  # before anything else is asked
     if run_dir is None:
         run_dir = _default_run_dir()
     base = hookconf.defaults(run_dir)
@@ -230,17 +149,8 @@ def install_hook(
         usb_listen=usb_listen or hookconf.DEFAULT_USB_LISTEN,
     )
     conf = hookconf.config_path(config).absolute()
-    hook = hooks_dir.absolute() / HOOK_NAME
-    if hook.exists() and HOOK_MARK not in hook.read_text(errors="replace"):
-        raise click.ClickException(f"{hook} exists and is not vmshield's hook; not replacing it")
-    existed = hook.exists()
-    try:
-        conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        hook.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _write_atomic(conf, cfg.render(), 0o644)
-        _write_atomic(hook, hook_text(conf), 0o755)
-    except OSError as e:
-        raise click.ClickException(f"cannot install the hook: {e}") from e
+    hook = hooks_dir.absolute() / hookfile.HOOK_NAME
+    existed = hookfile.install(hooks_dir.absolute(), conf, cfg)
     click.echo(f"wrote {conf} (keystore {cfg.db}, run dir {cfg.run_dir})")
     click.echo(f"installed {hook}")
     if existed:

@@ -3,36 +3,41 @@
 Options are decorators (`@db_option`, `@json_option`, `@kdf_options`, the secret-file
 options) so each is written once and every command spells it the same way. Secrets are read
 by one `SecretReader`: files byte for byte (as `cryptsetup --key-file` does), else one line
-of stdin when it is not a terminal, else a hidden prompt. Errors of the product hierarchy
-become one `Error: ...` line with the error's own exit status.
+of stdin when it is not a terminal, else a hidden prompt. Errors are mapped once, by the
+root group (keystore.cli).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from keystore import paths
 from keystore.audit import cli_actor
+from keystore.cli import REPORTED, CliError, message
 from keystore.location import Location
 from keystore.repository import Repository
 from keystore.secretpolicy import FORMAT_HELP, NEW_IMAGE_FORMAT, check_new_secret
 from keystore.services.store import Keystore
-from nbd_plugin.errors import ExitStatus, VmshieldError
-from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
+from nbd_plugin import secrets
+from nbd_plugin.errors import VerificationFailed
+
+if TYPE_CHECKING:
+    from nbd_plugin.erase import Certificate
+    from nbd_plugin.erase.progress import Reporter
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: largest password / passphrase accepted (the same limit as the disk side's)
-MAX_SECRET = MAX_PASSPHRASE
+#: largest password / passphrase file accepted (the disk side's rule: nbd_plugin.secrets)
+MAX_SECRET = secrets.MAX_KEY_FILE
 #: the least PBKDF2 iterations a keyslot may get (a forced count below it is refused)
 MIN_PBKDF2_ITERATIONS = 1000
 
@@ -43,19 +48,25 @@ __all__ = [
     "actor",
     "check_pbkdf2_iterations",
     "cipher_option",
+    "config_option",
+    "confirm",
     "db_option",
+    "done_event",
     "emit_json",
-    "fail",
     "format_option",
     "handle_errors",
+    "json_errors",
     "json_option",
     "kdf_options",
+    "method_option",
+    "methods_help",
     "new_passphrase_file_option",
     "passphrase_file_option",
     "password_file_option",
     "resolve_db",
     "resolve_location",
     "run",
+    "summary",
     "table",
     "when",
     "wipe",
@@ -65,38 +76,14 @@ __all__ = [
 # -- errors ------------------------------------------------------------------------------
 
 
-class CliError(click.ClickException):
-    """`Error: MESSAGE` with a chosen exit status (see nbd_plugin.errors.ExitStatus)."""
-
-    def __init__(self, message: str, exit_code: int = ExitStatus.ERROR) -> None:
-        super().__init__(message)
-        vars(self)["exit_code"] = int(exit_code)  # click declares exit_code on the class
-
-
-def fail(exc: Exception) -> click.ClickException:
-    """An error of the product hierarchy (or a ValueError) as a message with its status."""
-    return CliError(str(exc), getattr(exc, "exit_code", ExitStatus.ERROR))
-
-
 def handle_errors(f: F) -> F:
-    """Decorator: VmshieldError / ValueError raised by a command become clean messages."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except (VmshieldError, ValueError) as e:
-            raise fail(e) from e
-
-    return wrapper  # type: ignore[return-value]
+    """Kept for commands that still carry it: the root (keystore.cli) maps every error."""
+    return f
 
 
 def run(db: Location | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
-    """Open the keystore, await `fn(repo)`, close it. Errors become ClickExceptions."""
-    try:
-        return Keystore(db).run(fn)
-    except (VmshieldError, ValueError) as e:
-        raise fail(e) from e
+    """Open the keystore, await `fn(repo)`, close it (errors propagate to the root)."""
+    return Keystore(db).run(fn)
 
 
 def actor() -> str:
@@ -162,14 +149,23 @@ def db_option(f: F) -> F:
     )(f)
 
 
+def config_option(f: F) -> F:
+    """`--config FILE` (env VMSHIELD_HOOK_CONF): the qemu hook's hook.conf."""
+    from keystore.services import hookconf
+
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=hookconf.CONFIG_ENV,
+        show_envvar=True,
+        help=f"The hook's configuration file (default {hookconf.DEFAULT_CONFIG}).",
+    )(f)
+
+
 def resolve_db(db: Location | None) -> Path:
-    """The keystore file, for commands that only work on a local SQLite keystore."""
-    location = resolve_location(db)
-    if location.file is None:
-        raise click.UsageError(
-            f"this command needs a local keystore file, not {location.display()}", ctx=None
-        )
-    return location.file
+    """The keystore file, for commands that only work on a local SQLite keystore
+    (NeedsLocalKeystore, a usage error, for a PostgreSQL URL)."""
+    return Keystore(db).path
 
 
 def resolve_location(db: Location | None) -> Location:
@@ -284,29 +280,27 @@ def check_pbkdf2_iterations(iterations: int | None, pbkdf: str | None = None) ->
 
 
 class SecretReader:
-    """Reads passwords and passphrases; one per command.
+    """Reads passwords and passphrases; one per command, by nbd_plugin.secrets' rules.
 
-    From a file: byte for byte (no newline stripping). Else, when stdin is not a terminal:
-    one line each (so "current, then new" comes from two lines of a pipe). Else a hidden
-    prompt. Every secret comes back as a bytearray: `wipe` it when done.
+    From a file: a key file, byte for byte (no newline stripping). Else, when stdin is not
+    a terminal: one line each (so "current, then new" comes from two lines of a pipe). Else
+    a hidden prompt, a line too. Every secret comes back as a bytearray: `wipe` it when
+    done.
     """
 
     def __init__(self, default_file: Path | None = None, *, noun: str = "password") -> None:
         self.default_file = default_file
         self.noun = noun
-        self._lines: list[bytes] | None = None
 
     def read(self, prompt: str, *, confirm: bool = False, file: Path | None = None) -> bytearray:
         """One secret; `file` (else the reader's default file) wins over stdin."""
         file = file or self.default_file
         if file is not None:
-            return self._from_file(file)
+            return secrets.read_key_file(str(file), f"{self.noun} file {file}")
         if not sys.stdin.isatty():
-            return self._from_stdin(prompt)
+            return secrets.read_line(sys.stdin.buffer, f"{prompt}: the {self.noun} on stdin")
         text = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
-        if not text:
-            raise click.ClickException(f"a {self.noun} cannot be empty")
-        return bytearray(str(text).encode())
+        return secrets.from_line(bytearray(str(text).encode()), f"the {self.noun}")
 
     def read_new(self, prompt: str, *, file: Path | None = None) -> bytearray:
         """A new password or passphrase: confirmed when prompted, checked by the one policy
@@ -322,40 +316,116 @@ class SecretReader:
             raise click.ClickException(f"{e}{hint}") from e
         return pw
 
-    def _from_file(self, file: Path) -> bytearray:
-        try:
-            with open(file, "rb") as f:
-                data = bytearray(f.read(MAX_SECRET + 1))
-        except OSError as e:
-            raise click.ClickException(
-                f"cannot read {self.noun} file {file}: {e.strerror or e}"
-            ) from None
-        if len(data) > MAX_SECRET:
-            wipe(data)
-            raise click.ClickException(
-                f"{self.noun} file {file} holds more than {MAX_SECRET} bytes: "
-                f"not a {self.noun} file"
-            )
-        if not data:
-            raise click.ClickException(
-                f"{self.noun} file {file} is empty: a {self.noun} cannot be empty"
-            )
-        return data
 
-    def _from_stdin(self, prompt: str) -> bytearray:
-        if self._lines is None:
-            self._lines = sys.stdin.buffer.read(MAX_SECRET * 4).split(b"\n")
-        if not self._lines or not self._lines[0]:
-            raise click.ClickException(
-                f"{prompt}: expected a {self.noun} on stdin, got an empty line or end of "
-                "input (or use the matching --*-file option)"
-            )
-        return bytearray(self._lines.pop(0).removesuffix(b"\r"))
+#: overwrite a secret buffer (nbd_plugin.secrets.wipe)
+wipe = secrets.wipe
 
 
-def wipe(buf: bytearray) -> None:
-    """Overwrite a secret buffer (Python may still hold copies; this is what can be done)."""
-    buf[:] = b"\0" * len(buf)
+# -- erase -------------------------------------------------------------------------------
+# `vmshield image erase` and `vmshield disk destroy`: the method option, the confirmation,
+# the outcome (nbd_plugin.erase is imported by the commands that use these, not here)
+
+
+def methods_help() -> str:
+    """Two lines per method (passes, then source), for --help texts."""
+    from nbd_plugin.erase import METHODS
+
+    width = max(len(n) for n in METHODS)
+    pad = " " * (width + 4)
+    return "\n".join(
+        f"  {m.name:<{width}}  {m.describe()}\n{pad}{m.source}" for m in METHODS.values()
+    )
+
+
+def method_option(f: F) -> F:
+    """`--method M`, required, one of the erase methods."""
+    from nbd_plugin.erase import METHODS
+
+    return click.option(
+        "--method",
+        "-m",
+        type=click.Choice(list(METHODS)),
+        required=True,
+        help="Erase method (see METHODS above).",
+    )(f)
+
+
+def summary(cert: Certificate) -> str:
+    """A few human lines about a finished erase."""
+    d = cert.data
+    nist = d["nist_sp800_88_rev2"]
+    lines = [
+        f"erased {d['target']['path']} with {d['method']['name']}: "
+        f"{len(d['passes'])} overwrite pass(es) of {d['target']['allocated_bytes']} "
+        f"allocated bytes, {d['bytes_overwritten']} bytes written in {d['duration_seconds']} s",
+        f"crypto-erase: {'done' if d['crypto_erase'].get('performed') else 'not applicable'}; "
+        f"verification: {d['verification']['result']}; "
+        f"discard: {d['discard'].get('result', 'skipped')}; "
+        f"{'unlinked' if d['unlinked'] else 'kept'}",
+        f"NIST SP 800-88 Rev. 2: {nist['category']}",
+    ]
+    unlink = d.get("unlink") or {}
+    if unlink.get("reason"):
+        lines.append(f"  note: {unlink['reason']}")
+    if unlink.get("other_links"):
+        lines.append(f"  note: {unlink['other_links']} other hard link(s) still name the file")
+    lines += [f"  note: {n}" for n in d["storage"]["notes"]]
+    lines += [f"  caveat: {c}" for c in nist["caveats"]]
+    lines.append(f"certificate: {cert.path} (sha256 {cert.sha256})")
+    return "\n".join(lines)
+
+
+def erase_reporter(as_json: bool, method: str, verify: bool) -> Reporter:
+    """How an erase shows its progress: JSON lines, or a bar per pass beside one for the
+    whole erase (every pass and the read-back), so the ETA is the whole job's."""
+    from nbd_plugin.erase import METHODS
+    from nbd_plugin.erase.progress import JsonLinesReporter, RichReporter
+
+    if as_json:
+        return JsonLinesReporter()
+    passes = len(METHODS[method].passes) if method in METHODS else 0
+    return RichReporter(passes=passes, verify=verify)
+
+
+def done_event(cert: Certificate, **extra: Any) -> None:
+    """The final JSON line of --json."""
+    click.echo(
+        json.dumps(
+            {
+                "event": "done",
+                "certificate": cert.path,
+                "sha256": cert.sha256,
+                "result": cert.data,
+                **extra,
+            },
+            sort_keys=True,
+        )
+    )
+
+
+def confirm(what: str, yes: bool) -> None:
+    """Ask on a terminal; without one, demand --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"refusing to erase {what} without --yes (stdin is not a terminal)")
+    click.confirm(f"Erase {what} irrecoverably?", abort=True, err=True)
+
+
+@contextlib.contextmanager
+def json_errors(as_json: bool) -> Iterator[None]:
+    """With --json, an error also ends the JSON lines: {"event": "error", "message": ...}
+    (with the certificate of a failed verification); the root still reports it."""
+    try:
+        yield
+    except REPORTED as e:
+        if as_json:
+            extra = {}
+            if isinstance(e, VerificationFailed):
+                extra = {"certificate": e.certificate, "sha256": e.sha256}
+            click.echo(json.dumps({"event": "error", "message": message(e), **extra},
+                                  sort_keys=True))  # fmt: skip
+        raise
 
 
 # -- output ------------------------------------------------------------------------------

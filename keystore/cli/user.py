@@ -12,7 +12,6 @@ from keystore.cli.options import (
     check_pbkdf2_iterations,
     db_option,
     emit_json,
-    handle_errors,
     json_option,
     kdf_options,
     password_file_option,
@@ -68,7 +67,6 @@ def add(name: str, password_file: Path | None, db: Location | None) -> None:
 @kdf_options
 @progress_option
 @db_option
-@handle_errors
 def passwd(
     name: str,
     password_file: Path | None,

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from keystore.cli.options import actor, db_option, emit_json, json_option, run, table, when
+from keystore.cli.options import (
+    SecretReader,
+    actor,
+    db_option,
+    emit_json,
+    json_option,
+    password_file_option,
+    run,
+    table,
+    when,
+    wipe,
+)
 from keystore.location import Location
 from keystore.models import UNLOCK_POLICIES, Vm
 from keystore.repository import Repository
+from keystore.services import unattended, unlock
+from keystore.services.store import Keystore
 from keystore.sizes import human
 
 
@@ -150,3 +164,45 @@ def remove(name: str, yes: bool, db: Location | None) -> None:
         click.confirm(f"Remove VM {name}?", abort=True, err=True)
     v = run(db, lambda r: r.remove_vm(name, actor=actor()))
     click.echo(f"VM {v.name} removed")
+
+
+@click.command("unlock")
+@click.argument("vm_name", metavar="VM")
+@click.option(
+    "--for",
+    "duration",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the unlock waits for a start: 90s, 10m, 2h (at most 24h).",
+)
+@click.option("--cancel", is_flag=True, help="Withdraw a pending unlock instead.")
+@password_file_option
+@db_option
+def unlock_vm(
+    vm_name: str, duration: str, cancel: bool, password_file: Path | None, db: Location | None
+) -> None:  # fmt: skip
+    """Let the next `virsh start VM` open its disks, within DURATION.
+
+    Asks for the owner's password (verified and rate-limited by the keystore) and leaves
+    it in root's kernel keyring with a timeout, where only root (the qemu hook under
+    libvirtd) can read it. The hook takes it at the next start and removes it: one unlock,
+    one start. After DURATION the kernel drops it and a start fails with "unlock VM first".
+    """
+    unattended.require_root(vm_name)
+    store = Keystore(db)
+    v = run(db, lambda r: r.get_vm(vm_name))
+    if cancel:
+        had = unattended.cancel_unlock(store, v, who=actor())
+        click.echo(f"VM {v.name}: unlock withdrawn" if had else f"VM {v.name}: no pending unlock")
+        return
+    try:
+        ttl = unlock.parse_duration(duration)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--for") from e
+    pw = SecretReader(password_file).read(f"Password of {v.owner} (opens the disks of {v.name})")
+    try:
+        unattended.unlock_vm(store, v, bytes(pw), ttl, who=actor())
+    finally:
+        wipe(pw)
+    click.echo(f"VM {v.name} unlocked for {ttl} s: `virsh start {v.name}` within that time")

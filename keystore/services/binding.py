@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from keystore.errors import KeystoreError
+from keystore.errors import KeystoreError, image_error
 from keystore.services import clevis
 
 
@@ -54,16 +54,6 @@ class Bound:
     keyslot: int
     pins: str
     thumbprints: tuple[str, ...]
-
-
-def _disk_error(e: Exception, path: str) -> BindError:
-    from nbd_plugin.errors import ImageBusy, InvalidPassphrase
-
-    if isinstance(e, ImageBusy):
-        return BindError(f"{path} is in use (served read-write?): stop it first")
-    if isinstance(e, InvalidPassphrase):
-        return BindError(f"no keyslot of {path} opens with that password")
-    return BindError(f"{path}: {e}")
 
 
 def tang_config(url: str, thumbprint: str | None) -> dict[str, Any]:
@@ -134,7 +124,7 @@ def bind(path: str, owner_password: bytes, pin: str, config: dict[str, Any]) -> 
                 iterations=clevis.BOUND_KEYSLOT_ITERATIONS,
             )
         except (VmshieldError, OSError, ValueError) as e:
-            raise _disk_error(e, path) from e
+            raise image_error(BindError, e, path, "password") from e
     finally:
         secret[:] = bytes(len(secret))
     pins = ClevisToken(-1, (slot,), jwe).pins()
@@ -156,7 +146,7 @@ def unbind(path: str, owner_password: bytes, slot: int) -> str:
     except (VmshieldError, OSError, ValueError) as e:
         if isinstance(e, BindError):
             raise
-        raise _disk_error(e, path) from e
+        raise image_error(BindError, e, path, "password") from e
     return pins
 
 
@@ -187,5 +177,5 @@ def rebind(path: str, slot: int, thumbprint: str | None) -> Bound:
     except (VmshieldError, OSError, ValueError) as e:
         if isinstance(e, KeystoreError):
             raise
-        raise _disk_error(e, path) from e
+        raise image_error(BindError, e, path, "password") from e
     return Bound(slot, f"tang {url}", tuple(signing_thumbprints(compact)))

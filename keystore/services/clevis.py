@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from keystore.errors import KeystoreError
+from nbd_plugin.secrets import SecretError, from_key_file
 
 TIMEOUT = 30.0  # clevis tang's curl gives up on an unreachable server well before this
 #: random keyslot passphrase: 256 bits, as `clevis luks bind` makes (pwmake 256), in hex
@@ -65,7 +66,10 @@ def decrypt(jwe_compact: bytes, what: str, *, timeout: float = TIMEOUT) -> bytea
     proc = _clevis("decrypt", data=jwe_compact, timeout=timeout)
     if proc.returncode != 0 or not proc.stdout:
         raise ClevisError(f"{what} did not give the key ({_said(proc)})")
-    return bytearray(proc.stdout)
+    try:  # a key, taken byte for byte by the key-file rules (nbd_plugin.secrets)
+        return from_key_file(bytearray(proc.stdout), f"the key {what} gave")
+    except SecretError as e:
+        raise ClevisError(str(e)) from None
 
 
 def encrypt(pin: str, config: dict[str, object], secret: bytes, *, trust: bool) -> bytes:

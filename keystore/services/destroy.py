@@ -20,20 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from keystore.audit import cli_actor
-from keystore.errors import (
-    Conflict,
-    InUse,
-    KeystoreError,
-    NotFound,
-    PermissionDenied,
-    VerificationFailed,
-)
+from keystore.errors import Conflict, InUse, NotFound, PermissionDenied
 from keystore.models import Disk, DiskState, ErasePermission
 from keystore.repository import Repository
-from keystore.services import disks, jobs, serve
+from keystore.services import disks, erasing, jobs, serve
 from keystore.services.store import Keystore
 from nbd_plugin.erase import Certificate, EraseOptions, get_method
-from nbd_plugin.erase import erase as erase_image
 from nbd_plugin.erase.journal import journal_path
 from nbd_plugin.erase.progress import Reporter
 from nbd_plugin.errors import ExitStatus, ImageBusy, VmshieldError
@@ -133,23 +125,13 @@ def check_idle(disk: Disk, run_dirs: Sequence[Path]) -> None:
 
 
 def eraser(reporter: Reporter | None = None) -> Eraser:
-    """The plain eraser (no click): erase errors as product errors, an unverified last pass
-    as VerificationFailed."""
+    """The eraser `execute` takes: `erasing.run_erase`, a busy image as InUse."""
 
     def run(path: str, method: str, options: EraseOptions) -> Certificate:
         try:
-            cert = erase_image(path, method, options, reporter)
+            return erasing.run_erase(path, method, options, reporter)
         except ImageBusy as e:
             raise InUse(str(e)) from None
-        except OSError as e:
-            raise KeystoreError(
-                f"{path}: {e.strerror or e}; run the same command again to resume"
-            ) from None
-        if not cert.verified:
-            raise VerificationFailed(
-                f"{path}: verification FAILED, the image was kept; certificate {cert.path}"
-            )
-        return cert
 
     return run
 

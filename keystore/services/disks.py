@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from keystore import paths, sizes
-from keystore.errors import Conflict, KeystoreError
+from keystore.errors import AlreadyExists, Conflict, KeystoreError
 from keystore.models import Disk, DiskState, Vm
 from keystore.repository import Repository
 from keystore.services import creating, interrupts, verifier
@@ -169,6 +169,23 @@ async def next_name(repo: Repository, vm: str) -> str:
     while f"{v.name}-{n}" in taken:
         n += 1
     return f"{v.name}-{n}"
+
+
+def new_name(store: Keystore, vm_name: str, name: str | None) -> tuple[Vm, str]:
+    """The VM and the name of its new disk: `name`, else its first free VM-N; a reserved
+    name is refused (ReservedName) before anything is asked or made."""
+    vm = store.run(lambda r: r.get_vm(vm_name))
+    chosen = name or store.run(lambda r: next_name(r, vm_name))
+    return vm, paths.check_disk_name(chosen)
+
+
+def new_image_path(store: Keystore, name: str, given: Path | None) -> Path:
+    """Where disk `name`'s new image goes: `given`, else disks/NAME.img next to the keystore
+    file; refused (AlreadyExists) if something is there already."""
+    path = (given or paths.default_image_dir(store.path) / f"{name}.img").absolute()
+    if os.path.lexists(path):
+        raise AlreadyExists(f"{path} already exists; choose another --path")
+    return path
 
 
 def create_disk(

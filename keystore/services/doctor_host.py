@@ -1,5 +1,6 @@
 """`vmshield doctor`'s checks of the host itself: directories, the libvirt hook, keyutils,
-swap, /dev/kvm. Each returns `doctor.Check`s (see keystore.services.doctor)."""
+swap, /dev/kvm. Each returns `doctor.Check`s (see keystore.services.doctor); `run_checks`
+runs every check, the host's and keystore.services.doctor's, in order."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import time
 from pathlib import Path
 
 from keystore import paths
-from keystore.services.doctor import Check, Status
+from keystore.location import Location
+from keystore.services.doctor import (
+    Check,
+    Status,
+    check_data_path,
+    check_keystore,
+    check_nbdkit,
+    guarded,
+)
+from keystore.services.hookfile import hook_text
+from keystore.services.serve import plugin_path
+from nbd_plugin import trust
 from nbd_plugin.crypto import jit
 
 #: where systemd's CacheDirectory=vmshield puts the units' numba cache
@@ -18,34 +30,19 @@ SYSTEM_CACHE = Path("/var/cache/vmshield")
 
 
 def check_private_dir(name: str, path: Path, purpose: str) -> Check:
-    """A directory of this user's that nobody else can write (a missing one is made so)."""
+    """A directory only root or this user can change (nbd_plugin.trust's rules, the ones
+    the command that uses it applies); a missing one is made so."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return Check(name, Status.PASS, f"{path} does not exist yet (made 0700 when {purpose})")
-    mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        return Check(
-            name,
-            Status.FAIL,
-            f"{path} is not a directory (a symlink?)",
-            f"rm {path} (it is made again when {purpose})",
-        )
-    if st.st_uid != os.geteuid():
-        return Check(
-            name,
-            Status.FAIL,
-            f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})",
-            f"chown {os.geteuid()} {path}",
-        )
-    if mode & 0o022:
-        return Check(
-            name,
-            Status.FAIL,
-            f"{path} has mode {mode:04o}: others can write it",
-            f"chmod go-w {path}",
-        )
-    return Check(name, Status.PASS, f"{path} (yours, mode {mode:04o})")
+    try:
+        trust.private_dir(path, name, mode=None)
+    except trust.Untrusted as e:
+        return Check(name, Status.FAIL, str(e),
+                     f"chown {os.geteuid()} {path} and chmod go-w {path} (or rm it: it is made "
+                     f"again when {purpose}), and the same for a directory above it")  # fmt: skip
+    return Check(name, Status.PASS, f"{path} (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
 def check_dirs() -> list[Check]:
@@ -216,3 +213,29 @@ def check_kvm(device: Path = Path("/dev/kvm")) -> list[Check]:
             )
         ]
     return [Check("/dev/kvm", Status.PASS, "present and usable")]
+
+
+# -- all of them ---------------------------------------------------------------------------
+
+#: the plugin the Debian package installs for admins' own nbdkit command lines
+PACKAGED_PLUGIN = Path("/usr/lib/vmshield/plugin.py")
+
+
+def run_checks(location: Location, hook: Path, conf: Path, seconds: float) -> list[Check]:
+    """Every check of `vmshield doctor`, in its order (`hook`: the installed hook file)."""
+    plugins = [plugin_path()]
+    if PACKAGED_PLUGIN.exists():
+        plugins.append(PACKAGED_PLUGIN)
+    checks = guarded("nbdkit", lambda: check_nbdkit(plugins[0]))
+    if len(plugins) > 1 and checks[-1].name == "plugin":
+        checks += [
+            c for c in guarded("plugin", lambda: check_nbdkit(plugins[1])) if c.name == "plugin"
+        ]
+    checks += guarded("data path", lambda: check_data_path(seconds))
+    checks += guarded("keystore", lambda: check_keystore(location))
+    checks += guarded("dirs", check_dirs)
+    checks += guarded("libvirt hook", lambda: check_hook(hook, hook_text(conf)))
+    checks += guarded("keyutils", check_keyutils)
+    checks += guarded("swap", check_swap)
+    checks += guarded("/dev/kvm", check_kvm)
+    return checks

@@ -17,14 +17,13 @@ import configparser
 import contextlib
 import dataclasses
 import os
-import stat
 from pathlib import Path
 
 from keystore import paths
 from keystore.errors import KeystoreError
 from keystore.location import Location
 from keystore.services.unlock import DEFAULT_HOST_KEY
-from nbd_plugin.trust import trusted_by_us, trusted_path
+from nbd_plugin import trust
 
 DEFAULT_CONFIG = Path("/etc/vmshield/hook.conf")
 CONFIG_ENV = "VMSHIELD_HOOK_CONF"
@@ -76,25 +75,27 @@ def defaults(run_dir: Path | None = None) -> HookConfig:
     )
 
 
-def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
-    """The hook runs as root on what this file says (keystore, run directory, usbgate's
-    address): refuse it unless only root (or we) could have written it and its directories."""
-    if not stat.S_ISREG(st.st_mode) or not trusted_by_us(st) or trusted_path(str(path)) is None:
-        raise HookConfigError(
-            f"{path}: others could have written it (it and every directory above it must "
-            f"belong to root or uid {os.geteuid()} and be writable by no one else); refusing it"
-        )
+#: the largest hook.conf read
+MAX_CONFIG = 1 << 20
 
 
 def load(path: Path) -> HookConfig:
     """Read hook.conf; HookConfigError with the file and key on anything wrong."""
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
     try:
-        with path.open(encoding="utf-8") as f:
-            _refuse_untrusted(path, os.fstat(f.fileno()))
-            parser.read_file(f)
+        # the hook runs as root on what this file says (keystore, run directory, usbgate's
+        # address): only root (or we) may have written it and its directories
+        text = trust.read_file(path, "hook configuration", MAX_CONFIG).decode()
+        parser.read_string(text, source=str(path))
+    except trust.Untrusted as e:
+        raise HookConfigError(
+            f"{e}: others could have written it (it and every directory above it must "
+            f"belong to root or uid {os.geteuid()} and be writable by no one else); refusing it"
+        ) from None
     except OSError as e:
         raise HookConfigError(f"cannot read hook configuration {path}: {e.strerror}") from e
+    except UnicodeDecodeError:
+        raise HookConfigError(f"{path}: not UTF-8 text") from None
     except configparser.Error as e:
         raise HookConfigError(f"{path}: {e.message.splitlines()[0]}") from e
     if not parser.has_section(SECTION):

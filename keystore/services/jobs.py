@@ -9,24 +9,25 @@ The worker runs as root. The jobs directory must therefore be the caller's own a
 by no one else (keystore.paths.private_dir: no symlink, no other owner, no group/other
 write), and a job file is replaced through a fresh temporary name (O_CREAT|O_EXCL|O_NOFOLLOW:
 never an existing file or a planted link) renamed over it: rename replaces a link, it does
-not follow it. Job files are read without following links, and at most MAX_JOB_BYTES.
+not follow it (nbd_plugin.osutil.files). Job files are read by nbd_plugin.trust's rules
+(never through a link), at most MAX_JOB_BYTES.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import signal
-import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from keystore import paths
 from keystore.errors import Conflict, KeystoreError, NotFound
+from nbd_plugin import trust
 from nbd_plugin.erase.progress import Reporter, whole_job_offset
+from nbd_plugin.osutil.files import replace_file
 
 RUNNING = "running"
 DONE = "done"
@@ -66,16 +67,7 @@ def new_file(path: Path) -> int:
 def write(path: Path, job: dict[str, Any]) -> None:
     """Replace the job file atomically, never writing through a link."""
     private_jobs_dir(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, paths.NEW_FILE, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(job, f, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    replace_file(str(path), json.dumps(job, sort_keys=True).encode(), 0o600)
 
 
 def _alive(pid: int) -> bool:
@@ -96,19 +88,9 @@ def _alive(pid: int) -> bool:
 def read(path: Path) -> dict[str, Any]:
     """A job, with state "interrupted" if it claims to run but its process is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise JobFileError(f"job file {path}: {e.strerror} (a link is refused)") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise JobFileError(f"job file {path} is not a regular file")
-        blob = os.read(fd, MAX_JOB_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(blob) > MAX_JOB_BYTES:
-        raise JobFileError(f"job file {path} is larger than {MAX_JOB_BYTES} bytes")
+        blob = trust.read_file(path, "job file", MAX_JOB_BYTES)
+    except trust.Untrusted as e:
+        raise JobFileError(str(e)) from None
     try:
         job: dict[str, Any] = json.loads(blob)
     except ValueError:

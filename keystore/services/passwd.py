@@ -86,7 +86,7 @@ class Journal:
         self.save()
 
     def save(self) -> None:
-        from nbd_plugin.erase.safefile import replace_file
+        from nbd_plugin.osutil.files import replace_file
 
         blob = json.dumps(self.state, sort_keys=True).encode()
         try:
@@ -99,18 +99,22 @@ class Journal:
             os.unlink(self.path)
 
 
+#: the largest password-change journal read (a few hundred bytes per disk)
+MAX_JOURNAL = 16 << 20
+
+
 def load_journal(store: Keystore, user: str) -> Journal | None:
     """The journal of an unfinished password change of `user`, None if there is none."""
-    from nbd_plugin.erase.safefile import read_own_file
-    from nbd_plugin.errors import ImageError
+    from nbd_plugin import trust
 
     path = journal_dir(store) / f"{user}.json"
     try:
-        blob = read_own_file(str(path), "password-change journal")
-    except ImageError as e:
-        raise KeystoreError(str(e)) from None
-    if blob is None:
+        blob = trust.read_file(path, "password-change journal", MAX_JOURNAL)
+    except FileNotFoundError:
         return None
+    except (trust.Untrusted, OSError) as e:
+        why = f"password-change journal {path}: {e.strerror or e}" if isinstance(e, OSError) else e
+        raise KeystoreError(f"{why}; inspect it and remove it to start over") from None
     try:
         state = json.loads(blob)
         ok = state.get("version") == VERSION and isinstance(state.get("disks"), dict)

@@ -25,14 +25,13 @@ The `keyctl` tool (keyutils) moves the secret through pipes, never through argv.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import stat
 import subprocess
 from pathlib import Path
+from secrets import token_hex
 
-from keystore.errors import KeystoreError
-from nbd_plugin.trust import trusted_path
+from keystore.errors import KeystoreError, image_error
+from nbd_plugin import secrets, trust
 
 KEYRING = "@u"  #: root's user keyring: shared by every uid-0 process, closed to other users
 #: possessor: view, read, write, search, setattr (no link: it cannot be linked into another
@@ -153,36 +152,34 @@ def remaining(vm_uuid: str) -> bool:
 # -- the host key ------------------------------------------------------------------------
 
 
-def _refuse_untrusted_dir(path: Path) -> None:
-    """Whoever can write a directory above the key can remove or swap it: refuse that."""
-    if trusted_path(str(path.parent)) is None:
-        raise UnlockError(
-            f"host key {path}: a directory above it belongs to another user or others can "
-            "write to it; refusing to use it"
-        )
+def _untrusted(e: trust.Untrusted) -> UnlockError:
+    return UnlockError(
+        f"{e}: the host key must be a regular file owned by uid {os.geteuid()} with mode 0600, "
+        "in directories no one else can write; refusing to use it"
+    )
 
 
 def read_host_key(path: Path) -> bytearray | None:
-    """The host key, or None if there is none; refuses a file others could read or replace."""
-    _refuse_untrusted_dir(path)
+    """The host key, or None if there is none; refuses a file others could read or replace
+    (nbd_plugin.trust), read as a key file (nbd_plugin.secrets)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = trust.open_file(path, "host key", secret=True)
     except FileNotFoundError:
         return None
+    except trust.Untrusted as e:
+        raise _untrusted(e) from None
     except OSError as e:
         raise UnlockError(f"cannot read host key {path}: {e.strerror}") from e
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise UnlockError(
-                f"host key {path} must be a regular file owned by uid {os.geteuid()} with mode "
-                "0600; refusing to use it"
-            )
-        data = bytearray(os.read(fd, 4 * HOST_KEY_BYTES + 1))
+        data = secrets.read_key_fd(fd, f"host key {path}")
+    except secrets.SecretError as e:
+        raise UnlockError(str(e)) from None
     finally:
         os.close(fd)
     if len(data) != 2 * HOST_KEY_BYTES:
-        raise UnlockError(f"host key {path} is not a vmshield host key ({len(data)} bytes)")
+        n = len(data)
+        secrets.wipe(data)
+        raise UnlockError(f"host key {path} is not a vmshield host key ({n} bytes)")
     return data
 
 
@@ -191,9 +188,11 @@ def ensure_host_key(path: Path) -> bytearray:
     existing = read_host_key(path)
     if existing is not None:
         return existing
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _refuse_untrusted_dir(path)  # again: the directories made just now
-    key = bytearray(secrets.token_hex(HOST_KEY_BYTES).encode())
+    try:
+        trust.private_dir(path.parent, "host key directory")
+    except trust.Untrusted as e:
+        raise _untrusted(e) from None
+    key = bytearray(token_hex(HOST_KEY_BYTES).encode())
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:  # another enroll won the race: use its key
@@ -217,16 +216,6 @@ def ensure_host_key(path: Path) -> bytearray:
 HOST_KEYSLOT_ITERATIONS = 1000
 
 
-def _disk_error(e: Exception, path: str) -> UnlockError:
-    from nbd_plugin.errors import ImageBusy, InvalidPassphrase
-
-    if isinstance(e, ImageBusy):
-        return UnlockError(f"{path} is in use (served read-write?): stop it first")
-    if isinstance(e, InvalidPassphrase):
-        return UnlockError(f"no keyslot of {path} opens with that passphrase")
-    return UnlockError(f"{path}: {e}")
-
-
 def host_key_opens(path: str, key: bytes) -> bool:
     """Does the host key open a keyslot of the image at `path`?"""
     from nbd_plugin import luks
@@ -237,7 +226,7 @@ def host_key_opens(path: str, key: bytes) -> bool:
     except InvalidPassphrase:
         return False
     except (VmshieldError, OSError) as e:
-        raise _disk_error(e, path) from e
+        raise image_error(UnlockError, e, path) from e
     return True
 
 
@@ -251,7 +240,7 @@ def enroll_host(path: str, owner_password: bytes, key: bytes) -> int:
     try:
         return luks.add_key(path, owner_password, key, iterations=HOST_KEYSLOT_ITERATIONS)
     except (VmshieldError, OSError, ValueError) as e:
-        raise _disk_error(e, path) from e
+        raise image_error(UnlockError, e, path) from e
 
 
 def unenroll_host(path: str, key: bytes) -> int:
@@ -264,4 +253,4 @@ def unenroll_host(path: str, key: bytes) -> int:
     except InvalidPassphrase as e:
         raise UnlockError(f"{path} is not enrolled on this host") from e
     except (VmshieldError, OSError, ValueError) as e:
-        raise _disk_error(e, path) from e
+        raise image_error(UnlockError, e, path) from e

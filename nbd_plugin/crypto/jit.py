@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from nbd_plugin.crypto.libcrypto import update_address
 from nbd_plugin.errors import UnsupportedError
-from nbd_plugin.trust import trusted_path
+from nbd_plugin.trust import Untrusted, private_dir, trusted_path
 
 PATHS = ("numba", "numpy")
 CACHE_ENV = "NUMBA_CACHE_DIR"
@@ -46,16 +46,12 @@ _when_decided: list[Callable[[], None]] = []
 
 
 def _private_dir(path: str) -> bool:
-    """Whether ``path`` is a real directory of ours that nobody else can write to."""
+    """Whether ``path`` is a real directory that only root or we can change (nbd_plugin.trust)."""
     try:
-        st = os.lstat(path)
-    except OSError:
+        private_dir(Path(path), "numba cache", mode=None)
+    except (Untrusted, OSError):
         return False
-    return (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.geteuid()
-        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
+    return True
 
 
 def cache_dir() -> str | None:

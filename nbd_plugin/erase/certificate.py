@@ -13,8 +13,8 @@ from typing import Any
 
 from nbd_plugin.erase.journal import DEVICE_JOURNAL_DIR, JournalState
 from nbd_plugin.erase.methods import get_method
-from nbd_plugin.erase.safefile import replace_file
 from nbd_plugin.erase.storage import nist_category
+from nbd_plugin.osutil.files import replace_file
 
 CERTIFICATE_VERSION = 1
 

@@ -21,8 +21,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nbd_plugin.erase.safefile import read_own_file, replace_file
+from nbd_plugin.erase.safefile import read_own_file
 from nbd_plugin.errors import ImageError
+from nbd_plugin.osutil.files import replace_file
 
 VERSION = 1
 DEVICE_JOURNAL_DIR = "/var/lib/vmshield/erase"

@@ -8,6 +8,7 @@
   ``blk_range_ioctl`` with ``BLKDISCARD``/``BLKSECDISCARD``/``BLKZEROOUT``,
   ``loop_device_of``, ``loop_backing_file``).
 - ``locking``: one writer per image (``hold_image``, ``release_image``).
+- ``files``: a file replaced whole, never through a planted link (``replace_file``).
 
 OSError propagates as the kernel reported it; ``locking`` raises ``ImageBusy``.
 """

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from nbd_plugin.crypto import jit
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.luks import open_volume
+from nbd_plugin.secrets import SecretError
 from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
 from nbd_plugin.serve.exclusive import claim
 from nbd_plugin.serve.fence import Fence, parse_fd
 from nbd_plugin.serve.hardening import lock_secret
-from nbd_plugin.serve.passphrase import PassphraseError, read_passphrase
+from nbd_plugin.serve.passphrase import read_passphrase
 from nbd_plugin.serve.peers import Binding, parse_uuid
 
 DATA_PATHS = ("auto", *jit.PATHS)
@@ -105,9 +106,9 @@ class ServerConfig:
             self.image = os.path.abspath(value)
         elif key == "passphrase":
             try:
-                self.passphrase = bytearray(read_passphrase(value))
+                self.passphrase = read_passphrase(value)
                 lock_secret(self.passphrase)
-            except PassphraseError as exc:
+            except SecretError as exc:
                 raise ConfigError(str(exc)) from None
         elif key == "discard":
             if value not in DISCARD_POLICIES:

@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbd_plugin.serve.passphrase import MAX_PASSPHRASE
+from nbd_plugin import secrets
 from nbd_plugin.serve.peers import parse_uuid
 
 #: the longest request line, newline included
@@ -477,10 +477,11 @@ def _parse_add(o: dict[str, Any]) -> Add:
         passphrase = bytearray(base64.b64decode(raw.encode("ascii"), validate=True))
     except (UnicodeEncodeError, binascii.Error, ValueError):
         raise RequestInvalid("add: passphrase_b64 is not valid base64") from None
-    if not passphrase or len(passphrase) > MAX_PASSPHRASE:
-        size = len(passphrase)
-        passphrase[:] = bytes(size)
-        raise RequestInvalid(f"add: the passphrase must be 1 to {MAX_PASSPHRASE} bytes")
+    try:  # the key-file rules every entry point applies (nbd_plugin/secrets.py)
+        secrets.from_key_file(passphrase, "add: the passphrase")
+    except secrets.SecretError as exc:
+        secrets.wipe(passphrase)
+        raise RequestInvalid(str(exc)) from None
     return Add(name, image, passphrase, readonly, keyslot, bind, str(discard), fence)
 
 

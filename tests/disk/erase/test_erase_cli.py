@@ -200,7 +200,8 @@ def test_destroy_in_the_background_is_followed_by_job_status(ks: Path) -> None:
 
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(tmp_path: Path) -> None:
-    from keystore.cli.erase import Interrupted, run_erase
+    from keystore.services.erasing import run_erase
+    from keystore.services.interrupts import Interrupted
     from nbd_plugin.erase import EraseOptions
     from nbd_plugin.erase.progress import Reporter
 
@@ -212,7 +213,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(tmp_path: Path) -> Non
     img = tmp_path / "d.img"
     make_luks(img)
     with pytest.raises(Interrupted, match="run the same command again") as exc:
-        run_erase(str(img), "dod3", EraseOptions(), False, CtrlC())
+        run_erase(str(img), "dod3", EraseOptions(), CtrlC())
     assert exc.value.exit_code == 130
     assert Path(str(img) + ".vmshield-erase").exists() and not opens(img)
     events = _lines(vms("image", "erase", str(img), "-m", "dod3", "--json", "--yes").output)

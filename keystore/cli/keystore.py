@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keystore.cli.options import actor, db_option, emit_json, handle_errors, json_option, resolve_db
+from keystore.cli.options import actor, db_option, emit_json, json_option, resolve_db
 from keystore.location import Location
 from keystore.postgres.migrate import migrate as migrate_keystore
 
@@ -25,7 +25,6 @@ def keystore_group() -> None:
 )
 @db_option
 @json_option
-@handle_errors
 def migrate(target: str, db: Location | None, as_json: bool) -> None:
     """Copy this host's SQLite keystore into PostgreSQL, for several hosts to share.
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import click
 
 from keystore import backends
-from keystore.cli.options import actor, db_option, handle_errors, resolve_location
+from keystore.cli.options import actor, db_option, resolve_location
 from keystore.location import Location
 
 
 @click.command()
 @db_option
-@handle_errors
 def init(db: Location | None) -> None:
     """Create the keystore database, or upgrade an existing one to this version's schema.
 
