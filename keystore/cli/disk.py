@@ -31,7 +31,7 @@ from keystore.cli.options import (
 from keystore.cli.unlock import _host_key_path, host_key_option
 from keystore.models import Disk, Server, Vm
 from keystore.repository import Repository
-from keystore.services import disk_import, opening, serve, snippets, unlock, usage
+from keystore.services import disk_import, nbdproc, opening, serve, snippets, unlock, usage
 from keystore.services import disks as diskops
 from keystore.services.store import Keystore
 
@@ -226,7 +226,7 @@ def _serve_unattended(
     store: Keystore,
     d: Disk,
     v: Vm,
-    files: serve.ServerFiles,
+    files: nbdproc.ServerFiles,
     readonly: bool,
     key: Path | None,
     bind_vm: bool,
@@ -283,7 +283,7 @@ async def _listing(r: Repository, vm: str | None) -> list[tuple[Disk, Server | N
 
 
 def _serving(d: Disk, s: Server | None) -> tuple[str, bool]:
-    if s is not None and serve.is_our_server(s.pid, Path(s.socket)):
+    if s is not None and nbdproc.is_our_server(s.pid, Path(s.socket)):
         return s.socket, True
     outside = usage.holders(d.path)
     if outside:

@@ -19,7 +19,7 @@ from keystore.services.doctor import (
     exit_status,
     guarded,
 )
-from keystore.services.serve import plugin_path
+from keystore.services.nbdproc import plugin_path
 
 #: the plugin the Debian package installs for admins' own nbdkit command lines
 PACKAGED_PLUGIN = Path("/usr/lib/vmshield/plugin.py")

@@ -37,6 +37,7 @@ from keystore.errors import KeystoreError
 from keystore.models import Disk
 from keystore.postgres.lease import LeaseHeld
 from keystore.postgres.url import PgUrl
+from keystore.services import nbdproc
 
 APPLICATION = "vmshield-lease"
 #: A taker waits this long (s) when the previous holder never released the lease.
@@ -150,7 +151,6 @@ def _hold(
 
     from keystore.postgres import connection as pgconn
     from keystore.postgres import lease as pglease
-    from keystore.services import serve
 
     fence = _Fence(fence_fd)
     try:
@@ -174,12 +174,12 @@ def _hold(
         pglease.release(conn, disk_id)
         return 0
     pid = int(line)
-    files = serve.ServerFiles(sock)
+    files = nbdproc.ServerFiles(sock)
 
     def fence_off(why: str) -> None:
         if fence.close():  # nbdkit refuses I/O from its next request on
             print(f"{why}; stopping nbdkit pid {pid}", file=sys.stderr, flush=True)
-            serve.stop(pid, files)
+            nbdproc.stop(pid, files)
 
     answered = [time.monotonic()]
     done = threading.Event()
@@ -192,7 +192,7 @@ def _hold(
 
     threading.Thread(target=watchdog, name="lease-deadline", daemon=True).start()
     try:
-        while serve.is_our_server(pid, sock):
+        while nbdproc.is_our_server(pid, sock):
             # returns at once if the server ends our session: no polling delay to fence
             for _ in conn.notifies(timeout=PING, stop_after=1):
                 pass

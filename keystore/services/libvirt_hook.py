@@ -38,7 +38,7 @@ from keystore import paths
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
-from keystore.services import hookconf, opening, serve, unlock
+from keystore.services import hookconf, nbdproc, opening, serve, unlock
 from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import Domain, parse_domain, usb_socket, usbgate_files
 from keystore.services.store import Keystore
@@ -174,7 +174,7 @@ def _usbgate_exe() -> str:
 def usbgate_pid(cfg: HookConfig, vm: str) -> int | None:
     """The pid of VM's usbgate if it is running (checked against /proc, not only the file)."""
     pidfile, _ = usbgate_files(cfg.run_dir, vm)
-    pid = serve.read_pid(pidfile)
+    pid = nbdproc.read_pid(pidfile)
     if pid is None:
         return None
     try:
@@ -264,7 +264,7 @@ def _record_starter(cfg: HookConfig, vm: str, dom: Domain) -> None:
 
 def _started_by(cfg: HookConfig, vm: str, dom: Domain) -> bool:
     try:
-        return serve.read_own(_starter_file(cfg, vm), 4096).decode() == _identity(dom)
+        return nbdproc.read_own(_starter_file(cfg, vm), 4096).decode() == _identity(dom)
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -284,7 +284,7 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
         if d.state is not DiskState.READY:
             raise HookError(f"disk {d.name} is {d.state.value}, not ready")
         old = _server(store, d.name)
-        if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
+        if old is not None and nbdproc.is_our_server(old.pid, Path(old.socket)):
             raise HookError(f"disk {d.name} is already served (pid {old.pid}): stop it first")
     pending = unlock.peek_key(vm.uuid) if disks else None
     owner_pw = pending[1] if pending is not None else None
@@ -295,12 +295,12 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
         for d in disks:
             way = opening.open_disk(d, vm, owner_pw, host_key)  # unlock, network, host key
             how[d.name] = way.how
-            files = serve.ServerFiles(cfg.run_dir / f"{d.name}.sock")
+            files = nbdproc.ServerFiles(cfg.run_dir / f"{d.name}.sock")
             try:
                 serve.serve_recorded(store, d, bytes(way.secret), files, readonly=False,
                                      who=ACTOR, timeout=cfg.timeout, keyslot=way.keyslot,
                                      how=way.how, bind=domain_binding(vm, dom))  # fmt: skip
-            except serve.ServeError as e:
+            except nbdproc.ServeError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
             finally:
                 way.wipe()
@@ -357,8 +357,10 @@ def reconnect(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     missing: list[str] = []
     for d in wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name):
         s = _server(store, d.name)
-        alive = s is not None and serve.is_our_server(s.pid, Path(s.socket))
-        (up if alive and s is not None and serve.probe(Path(s.socket)) else missing).append(d.name)
+        alive = s is not None and nbdproc.is_our_server(s.pid, Path(s.socket))
+        (up if alive and s is not None and nbdproc.probe(Path(s.socket)) else missing).append(
+            d.name
+        )
     if wanted_usb_slots(dom, cfg, vm.name):
         (up if usbgate_pid(cfg, vm.name) is not None else missing).append("usbgate")
     detail = {"domain": dom.name, "up": up, "missing": missing}

@@ -19,7 +19,7 @@ from typing import Any
 
 from keystore.models import AuditEntry, Disk, Server, Vm
 from keystore.repository import Repository
-from keystore.services import serve, unlock, usage
+from keystore.services import nbdproc, unlock, usage
 from keystore.services.libvirt_xml import usbgate_files
 from keystore.services.store import Keystore
 
@@ -135,7 +135,7 @@ def _served(records: _Records) -> list[ServedDisk]:
     out = []
     for d in records.disks:
         s = servers.get(d.name)
-        if s is not None and serve.is_our_server(s.pid, Path(s.socket)):
+        if s is not None and nbdproc.is_our_server(s.pid, Path(s.socket)):
             out.append(ServedDisk(d.name, d.vm, s.pid, s.socket, s.started, s.readonly,
                                   _starter(records.audit, s), usage.clients(s.socket)))  # fmt: skip
             continue
@@ -190,7 +190,7 @@ def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gat
     for run_dir in run_dirs:
         for pidfile in run_dir.glob("*-usbgate.pid"):
             vm = pidfile.name.removesuffix("-usbgate.pid")
-            if usbgate_files(run_dir, vm)[0] == pidfile and (pid := serve.read_pid(pidfile)):
+            if usbgate_files(run_dir, vm)[0] == pidfile and (pid := nbdproc.read_pid(pidfile)):
                 hook_pids[pid] = vm
     out = []
     for name in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):

@@ -92,7 +92,7 @@ def test_a_server_started_by_hand_is_named_and_listed(
     keyfile.chmod(0o600)
     sock = sockdir / "byhand.sock"
     pidfile = sockdir / "byhand.pid"
-    from keystore.services.serve import plugin_path
+    from keystore.services.nbdproc import plugin_path
 
     subprocess.run(
         ["nbdkit", "-U", str(sock), "-P", str(pidfile), "python", str(plugin_path()),

@@ -84,7 +84,7 @@ def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
     VM's uuid references the same sockets: its start fails ("already served"), and libvirt
     then runs `release end` for it, which stopped web1's disk server and usbgate under the
     running guest. Release stops only what that domain's own prepare started."""
-    from keystore.services import serve
+    from keystore.services import nbdproc
 
     uuid = ks.cli("vm", "show", ks.vm, "--json").stdout.split('"uuid": "')[1].split('"')[0]
     ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
@@ -101,7 +101,7 @@ def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
     code = main(["intruder", "release", "end", "-"], config=ks.config, stdin=io.BytesIO(intruder))
     err = capsys.readouterr().err
     assert code == 0 and "not started by domain intruder" in err
-    assert serve.probe(sock) and processes(str(ks.base)) == pids
+    assert nbdproc.probe(sock) and processes(str(ks.base)) == pids
     code = main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(web1))
     assert code == 0 and capsys.readouterr().err.startswith(f"vmshield: VM {ks.vm}: stopped ")
     assert processes(str(ks.base)) == []

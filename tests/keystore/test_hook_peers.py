@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from keystore.services import serve
+from keystore.services import nbdproc
 from keystore.services.libvirt_hook import main
 from tests.support.libvirt import Keystore, hook_keystore
 from tests.support.nbd import qemu_client
@@ -143,5 +143,5 @@ def test_own_domain_through_an_alias_is_served(capsys: pytest.CaptureFixture[str
         xml = nbd_domain(ks.vm, uuid, alias)
         assert main([ks.vm, "prepare", "begin", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
         assert f"served {ks.disk}" in capsys.readouterr().err
-        assert serve.probe(ks.run_dir / f"{ks.disk}.sock")
+        assert nbdproc.probe(ks.run_dir / f"{ks.disk}.sock")
         assert main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0

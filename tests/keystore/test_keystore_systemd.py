@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from keystore.services import serve
+from keystore.services import nbdproc
 from nbd_plugin import luks
 from tests.support import ROOT
 
@@ -58,7 +58,7 @@ def test_disk_unit_exec_start_serves_from_credential(tmp_path: Path, sockdir: Pa
     line = (
         line.replace("/run/vmshield/%i.sock", str(sock))
         .replace("%d", str(creds))
-        .replace("${VMSHIELD_PLUGIN}", str(serve.plugin_path()))
+        .replace("${VMSHIELD_PLUGIN}", str(nbdproc.plugin_path()))
         .replace("${VMSHIELD_IMAGE}", str(image))
     )
     assert "%" not in line and "${" not in line
@@ -71,7 +71,7 @@ def test_disk_unit_exec_start_serves_from_credential(tmp_path: Path, sockdir: Pa
     )
     try:
         deadline = time.monotonic() + 60
-        while not serve.probe(sock):
+        while not nbdproc.probe(sock):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -107,7 +107,7 @@ def test_ask_password_dropin_pipes_passphrase_without_newline(
         **os.environ,
         "PATH": f"{fake}:{os.environ['PATH']}",
         "PYTHONPATH": str(ROOT),
-        "VMSHIELD_PLUGIN": str(serve.plugin_path()),
+        "VMSHIELD_PLUGIN": str(nbdproc.plugin_path()),
         "VMSHIELD_IMAGE": str(image),
     }
     proc = subprocess.Popen(
@@ -119,7 +119,7 @@ def test_ask_password_dropin_pipes_passphrase_without_newline(
     )
     try:
         deadline = time.monotonic() + 60
-        while not serve.probe(sock):
+        while not nbdproc.probe(sock):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.05)

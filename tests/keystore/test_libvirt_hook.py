@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from keystore.services import serve, unlock
+from keystore.services import nbdproc, unlock
 from keystore.services.libvirt_hook import main
 from tests.support.libvirt import Keystore, hook_keystore, processes
 
@@ -110,7 +110,7 @@ def test_prepare_release_reconnect(ks: Keystore, capsys: pytest.CaptureFixture[s
         r"vmshield: VM web1: served web1-0, usbgate with 1 slot\(s\) in \d+\.\d\d s\n", err
     )
     sock = ks.run_dir / "web1-0.sock"
-    assert serve.probe(sock)
+    assert nbdproc.probe(sock)
     assert (ks.run_dir / "web1-usb.sock").is_socket()  # usbgate listens for owners
     prep = ks.audit(3)[-1]
     assert prep["action"] == "libvirt.prepare"
