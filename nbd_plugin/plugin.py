@@ -29,6 +29,15 @@ Parameters (nbdkit's Python plugin cannot show them in --help):
                       PostgreSQL keystore): once it closes, every request fails with EIO
                       and nbdkit shuts down (nbd_plugin/serve/fence.py).
 
+Host mode, one server for every disk of the host (each disk an NBD export named after it):
+
+    nbdkit -U /run/vmshield/nbd.sock python nbd_plugin/plugin.py \
+        control=/run/vmshield/nbd-control.sock
+
+    control=PATH      create the control socket PATH; disks are added and removed over it
+                      at run time (nbd_plugin/serve/control.py, hostserver.py); no image=
+                      nor any other per-disk parameter. data_path= applies to all disks.
+
 This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
 lives in importable modules that tests drive without nbdkit.
 """
@@ -47,6 +56,7 @@ for _path in (_REPO, _VENV_SITE):
 
 import nbdkit  # noqa: E402
 
+from nbd_plugin.crypto.jit import defer as defer_kernels  # noqa: E402
 from nbd_plugin.crypto.jit import describe as describe_path  # noqa: E402
 from nbd_plugin.crypto.jit import expected as expected_path  # noqa: E402
 from nbd_plugin.crypto.jit import start_loading, when_decided  # noqa: E402
@@ -54,7 +64,9 @@ from nbd_plugin.errors import Fenced, InvalidPassphrase, VmshieldError  # noqa: 
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
 from nbd_plugin.serve.disk import NotFast  # noqa: E402
+from nbd_plugin.serve.exports import ExportRefused  # noqa: E402
 from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: E402
+from nbd_plugin.serve.hostserver import HostServer  # noqa: E402
 from nbd_plugin.serve.peers import PeerRefused, nbdkit_peer, read_peer  # noqa: E402
 
 API_VERSION = 2
@@ -67,6 +79,7 @@ _config = ServerConfig()
 _connections = ConnectionLog()
 _disk = None
 _binding = None
+_host = None  # host mode (control=): the exports and the control socket
 
 
 def _fail(message):
@@ -87,7 +100,18 @@ def config(key, value):
 
 
 def config_complete():
-    global _disk, _binding
+    global _disk, _binding, _host
+    if _config.host_mode:
+        _connections.keep()
+        try:
+            _config.check_host_mode()
+            _host = HostServer(_config.control, readonly=nbdkit_readonly(), log=_log)
+            _host.before_fork()
+        except VmshieldError as exc:
+            _fail(str(exc))
+        defer_kernels()
+        nbdkit.debug(f"vmshield: host mode, control socket {_config.control}")
+        return
     try:
         _binding = _config.binding()
         _disk = _config.open_disk(readonly=nbdkit_readonly())
@@ -113,6 +137,8 @@ def after_fork():
     if problem is not None:
         print(f"nbdkit: vmshield: warning: {problem}", file=sys.stderr, flush=True)
     start_loading()
+    if _host is not None:
+        _host.after_fork()
 
 
 def thread_model():
@@ -124,7 +150,19 @@ def thread_model():
     return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 
 
+def list_exports(readonly, is_tls):
+    if _host is None:
+        return [""]  # what nbdkit lists without this callback: the default export
+    return _host.exports.names()
+
+
 def open(readonly):
+    if _host is not None:
+        try:
+            return _host.exports.open(nbdkit.export_name(), read_peer(nbdkit_peer()))
+        except ExportRefused:
+            nbdkit.set_error(errno.EACCES)
+            raise
     if _binding is not None:
         try:
             _binding.check(read_peer(nbdkit_peer()))
@@ -137,6 +175,9 @@ def open(readonly):
 
 
 def close(h):
+    if _host is not None:
+        _host.exports.close(h)
+        return
     # the handle is the one shared disk: it closes in cleanup(), after the last connection
     _log(_connections.disconnected())
 
@@ -286,5 +327,7 @@ def extents(h, count, offset, flags):
 
 
 def cleanup():
+    if _host is not None:
+        _host.cleanup()
     if _disk is not None:
         _disk.close()

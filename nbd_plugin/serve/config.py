@@ -93,6 +93,7 @@ class ServerConfig:
     fence: Fence | None = None
     bind: str | None = None
     bind_domain: str | None = None
+    control: str | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -130,6 +131,10 @@ class ServerConfig:
             except ValueError:
                 msg = f"bind={value}: use the uuid of the VM that may connect"
                 raise ConfigError(msg) from None
+        elif key == "control":
+            if not value or "\0" in value:
+                raise ConfigError("control=: use the path of the control socket to create")
+            self.control = os.path.abspath(value)
         elif key == "bind_domain":
             if not value or "\n" in value:
                 raise ConfigError("bind_domain=: use the name of the VM's libvirt domain")
@@ -137,7 +142,21 @@ class ServerConfig:
         else:
             raise ConfigError(
                 f"unknown parameter {key}= (known: image, passphrase, keyslot, discard, "
-                "data_path, fence, bind, bind_domain)"
+                "data_path, fence, bind, bind_domain, control)"
+            )
+
+    @property
+    def host_mode(self) -> bool:
+        """control=SOCK: serve many exports added at run time (serve/hostserver.py)."""
+        return self.control is not None
+
+    def check_host_mode(self) -> None:
+        """In host mode the disks come over the control socket: no per-disk parameter."""
+        per_disk = sorted(self.seen - {"control", "data_path"})
+        if per_disk:
+            raise ConfigError(
+                f"control= serves disks added over the control socket: {per_disk[0]}= "
+                "belongs in the add request (or run a per-disk server without control=)"
             )
 
     def binding(self) -> Binding | None:
