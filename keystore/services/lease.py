@@ -37,7 +37,8 @@ from keystore.errors import KeystoreError
 from keystore.models import Disk
 from keystore.postgres.lease import LeaseHeld
 from keystore.postgres.url import PgUrl
-from keystore.services import nbdproc
+from keystore.services import hostdisk, nbdproc
+from nbd_plugin.errors import VmshieldError
 
 APPLICATION = "vmshield-lease"
 #: A taker waits this long (s) when the previous holder never released the lease.
@@ -88,12 +89,22 @@ def holder_name(socket: Path) -> str:
 
 
 def take(
-    location: Location, disk: Disk, socket: Path, *, readonly: bool, timeout: float = 30
+    location: Location,
+    disk: Disk,
+    socket: Path,
+    *,
+    readonly: bool,
+    timeout: float = 30,
+    export: str | None = None,
 ) -> Lease | None:
-    """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken."""
+    """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken.
+
+    `export`: the disk becomes that export of the host server in `socket`'s directory
+    (`socket` then only names the holder's log): on a lost lease the holder fences and
+    removes the export, never the whole server."""
     if not isinstance(location, PgUrl):
         return None
-    holder = holder_name(socket)
+    holder = holder_name(socket) if export is None else f"{holder_name(socket)} export {export}"
     paths.private_dir(socket.parent)  # before any file in it: no one else's, no planted link
     logfile = socket.with_suffix(".lease.log")
     logfile.unlink(missing_ok=True)
@@ -102,7 +113,8 @@ def take(
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keystore.services.lease", location, str(disk.id),
-             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w)],
+             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w),
+             export or ""],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
             pass_fds=(fence_w,),
         )  # fmt: skip
@@ -145,7 +157,14 @@ class _Fence:
 
 
 def _hold(
-    url: str, disk_id: int, disk: str, holder: str, sock: Path, readonly: bool, fence_fd: int
+    url: str,
+    disk_id: int,
+    disk: str,
+    holder: str,
+    sock: Path,
+    readonly: bool,
+    fence_fd: int,
+    export: str | None = None,
 ) -> int:
     import psycopg
 
@@ -175,11 +194,30 @@ def _hold(
         return 0
     pid = int(line)
     files = nbdproc.ServerFiles(sock)
+    host = nbdproc.HostFiles(sock.parent)
+    checked = [0.0]
+
+    def serving() -> bool:
+        if export is None:
+            return nbdproc.is_our_server(pid, sock)
+        if not nbdproc.is_host_server(pid, host):
+            return False
+        if time.monotonic() - checked[0] < 1.0:
+            return True
+        checked[0] = time.monotonic()
+        found = hostdisk.exports(host)
+        return found is None or export in found  # a busy control socket is not a removal
 
     def fence_off(why: str) -> None:
-        if fence.close():  # nbdkit refuses I/O from its next request on
+        if not fence.close():  # nbdkit refuses I/O from its next request on
+            return
+        if export is None:
             print(f"{why}; stopping nbdkit pid {pid}", file=sys.stderr, flush=True)
             nbdproc.stop(pid, files)
+            return
+        print(f"{why}; removing export {export} of pid {pid}", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeystoreError, OSError, VmshieldError):
+            hostdisk.remove(host, export, force=True)
 
     answered = [time.monotonic()]
     done = threading.Event()
@@ -192,7 +230,7 @@ def _hold(
 
     threading.Thread(target=watchdog, name="lease-deadline", daemon=True).start()
     try:
-        while nbdproc.is_our_server(pid, sock):
+        while serving():
             # returns at once if the server ends our session: no polling delay to fence
             for _ in conn.notifies(timeout=PING, stop_after=1):
                 pass
@@ -211,8 +249,11 @@ def _hold(
 
 
 def main(argv: list[str]) -> int:
-    url, disk_id, disk, holder, sock, mode, fence_fd = argv
-    return _hold(url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd))
+    url, disk_id, disk, holder, sock, mode, fence_fd, *rest = argv
+    export = rest[0] if rest and rest[0] else None
+    return _hold(
+        url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd), export
+    )
 
 
 if __name__ == "__main__":

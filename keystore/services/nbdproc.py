@@ -230,3 +230,129 @@ def stop(pid: int, files: ServerFiles, *, timeout: float = 10.0) -> bool:
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
     return running
+
+
+# -- the host server: one nbdkit for every disk (issue 22) --------------------------------
+
+#: the NBD URI scheme QEMU takes for an export on a unix socket
+_URI = "nbd+unix:///"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFiles:
+    """The host disk server's files in a run directory: its NBD socket (every disk an
+    export on it), its control socket, and its pid and log files."""
+
+    run_dir: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "nbd.sock"
+
+    @property
+    def control(self) -> Path:
+        return self.run_dir / "nbd-control.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "nbd.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.run_dir / "nbd.log"
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where a recorded server serves its disk: a socket of its own (`export` None), or an
+    export of a host server's socket. The keystore records it as one string: the socket
+    path, or the export's NBD URI (`nbd+unix:///NAME?socket=PATH`)."""
+
+    socket: Path
+    export: str | None = None
+
+    @classmethod
+    def parse(cls, recorded: str) -> Endpoint:
+        if recorded.startswith(_URI) and "?socket=" in recorded:
+            name, _, sock = recorded[len(_URI) :].partition("?socket=")
+            return cls(Path(sock), name)
+        return cls(Path(recorded))
+
+    def recorded(self) -> str:
+        return str(self.socket) if self.export is None else export_uri(self.socket, self.export)
+
+
+def export_uri(sock: Path | str, name: str) -> str:
+    """The NBD URI of export `name` on unix socket `sock`."""
+    return f"{_URI}{name}?socket={sock}"
+
+
+def is_host_server(pid: int, files: HostFiles) -> bool:
+    """True if `pid` is an nbdkit serving `files.socket` with the control socket `files.control`."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (
+        bool(argv)
+        and os.path.basename(argv[0]) == b"nbdkit"
+        and os.fsencode(files.socket) in argv
+        and b"control=" + os.fsencode(files.control) in argv
+    )
+
+
+def start_host(files: HostFiles, *, timeout: float = 60.0, nbdkit: str = "nbdkit") -> int:
+    """Start the host server in the background (no disk yet); its pid once both sockets answer.
+
+    `nbdkit -U SOCK -P PIDFILE --log=stderr python plugin.py control=CONTROL`: the plugin
+    binds the control socket before nbdkit forks, so a second server fails here at once."""
+    exe = shutil.which(nbdkit)
+    if exe is None:
+        raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
+    if len(os.fsencode(files.control)) > 107:
+        raise ServeError(f"run directory {files.run_dir} is too long for a unix socket path")
+    if probe(files.socket):
+        raise ServeError(f"something already serves on {files.socket}")
+    paths.private_dir(files.run_dir)
+    for stale in (files.socket, files.pidfile, files.logfile):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
+    cmd = [exe, "-U", str(files.socket), "-P", str(files.pidfile), "--log=stderr",
+           "python", str(plugin_path()), f"control={files.control}"]  # fmt: skip
+    try:
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
+            umask=0o077, timeout=timeout, check=False, env=_clean_env(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        raise ServeError(f"the host disk server did not start within {timeout:.0f} s") from e
+    finally:
+        os.close(log_fd)
+    if proc.returncode != 0:
+        raise ServeError(
+            f"the host disk server failed to start (exit {proc.returncode}): "
+            f"{_tail(files.logfile) or 'no output'}"
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = read_pid(files.pidfile)
+        if pid and probe(files.socket) and _answers(files.control):
+            return pid
+        time.sleep(0.05)
+    raise ServeError(
+        f"the host disk server started but {files.socket} does not answer: "
+        f"{_tail(files.logfile)}"
+    )
+
+
+def _answers(path: Path) -> bool:
+    s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 from keystore.models import AuditEntry, Disk, Server, Vm
 from keystore.repository import Repository
-from keystore.services import nbdproc, unlock, usage
+from keystore.services import nbdproc, serve, unlock, usage
 from keystore.services.libvirt_xml import usbgate_files
 from keystore.services.store import Keystore
 
@@ -135,9 +135,9 @@ def _served(records: _Records) -> list[ServedDisk]:
     out = []
     for d in records.disks:
         s = servers.get(d.name)
-        if s is not None and nbdproc.is_our_server(s.pid, Path(s.socket)):
+        if s is not None and serve.alive(s):  # its own nbdkit, or the host server's export
             out.append(ServedDisk(d.name, d.vm, s.pid, s.socket, s.started, s.readonly,
-                                  _starter(records.audit, s), usage.clients(s.socket)))  # fmt: skip
+                                  _starter(records.audit, s), serve.clients(s)))  # fmt: skip
             continue
         for p in usage.holders(d.path):  # served outside vmshield
             unit = _unit_of(p.pid)
