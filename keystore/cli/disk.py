@@ -262,8 +262,9 @@ def serve_(
     if socket is not None and run_dir is not None:
         raise click.UsageError("--socket is a per-disk server's (--isolated), --run-dir the host's")
     host = None if isolated or socket is not None else _host_files(run_dir)
-    if host is not None:
-        _restore_if_restarted(store, host, host_key)
+    # no host server yet (first use, or it died): the serve starts one, then the others are
+    # restored; the owner's password is checked before anything starts
+    restart = host is not None and hostdisk.ping(host) is None
     d, v, target = serve.prepare(store, disk_name, socket, readonly=readonly, host=host)
     if unattended:
         pid = _serve_unattended(store, d, v, target, readonly, host_key, bind_vm)
@@ -278,17 +279,17 @@ def serve_(
             wipe(pw)
     export = d.name if host is not None else None
     if host is not None:
+        if restart:
+            _restored(store, host, host_key)
         hostdisk.audit_events(store, host)
     _print_attach(d, str(target.socket), readonly, as_json, pid, v if bind_vm else None, export)
 
 
-def _restore_if_restarted(store: Keystore, host: HostFiles, key: Path | None) -> None:
-    """Start the host server if none runs; if it had to, restore what it served before."""
-    _, started = hostdisk.ensure(host)
-    if started:
-        outcome = restoremod.restore(store, host, who=actor(), host_key=_host_key_path(key))
-        for line in outcome.lines():
-            click.echo(f"host disk server restarted: {line}", err=True)
+def _restored(store: Keystore, host: HostFiles, key: Path | None) -> None:
+    """This serve started the host server: what it served before comes back."""
+    outcome = restoremod.restore(store, host, who=actor(), host_key=_host_key_path(key))
+    for line in outcome.lines():
+        click.echo(f"host disk server started: {line}", err=True)
 
 
 def _restore(store: Keystore, host: HostFiles, key: Path | None, as_json: bool) -> None:
