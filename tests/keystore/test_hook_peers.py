@@ -36,7 +36,7 @@ def served(capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Keystore, Path,
     with hook_keystore("vhp") as ks:
         ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
         uuid = json.loads(ks.cli("vm", "show", ks.vm, "--json").stdout)["vm"]["uuid"]
-        dev = ks.cli("libvirt", "devices", ks.vm).stdout
+        dev = ks.cli("libvirt", "devices", ks.vm, "--isolated").stdout  # a server of its own
         xml = (
             f"<domain type='qemu'><name>{ks.vm}</name><uuid>{uuid}</uuid>"
             f"<devices>{dev}</devices></domain>"
