@@ -126,3 +126,35 @@ def test_ask_password_dropin_pipes_passphrase_without_newline(
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_host_unit_verifies_and_its_exec_start_runs_the_host_server(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    from keystore.services import hostdisk
+
+    unit = UNITS / "vmshield-nbd.service"
+    shutil.copy(unit, tmp_path / unit.name)
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / unit.name)],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    text = unit.read_text()
+    assert "\nType=forking\n" in text and "\nPIDFile=/run/vmshield/nbd.pid\n" in text
+    assert "\nMemorySwapMax=0\n" in text and "\nLimitCORE=0\n" in text
+    # a disk that cannot come back must not fail the unit ("-")
+    assert "\nExecStartPost=-/usr/bin/vmshield disk serve --restore\n" in text
+    line = exec_start(unit).replace("/run/vmshield", str(sockdir))
+    line = line.replace("${VMSHIELD_PLUGIN}", str(nbdproc.plugin_path()))
+    assert "%" not in line and "${" not in line
+    # Type=forking: the command returns once the server runs (control socket bound)
+    subprocess.run(line.split(), env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    host = nbdproc.HostFiles(sockdir)
+    pid = nbdproc.read_pid(host.pidfile)
+    try:
+        assert pid is not None and hostdisk.ping(host) == pid
+        assert hostdisk.ensure(host) == (pid, False)  # `disk serve` uses it, starts no other
+        assert nbdproc.probe(host.socket) and hostdisk.exports(host) == {}
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
