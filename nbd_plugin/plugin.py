@@ -153,7 +153,7 @@ def thread_model():
 def list_exports(readonly, is_tls):
     if _host is None:
         return [""]  # what nbdkit lists without this callback: the default export
-    return _host.exports.names()
+    return _host.exports.names(read_peer(nbdkit_peer()))  # only what this client may open
 
 
 def open(readonly):

@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             print("bench erase: nbd_plugin.erase.bench is not there yet", file=sys.stderr)
             return 2
         return int(erase_bench.main(args[1:]))
+    if args and args[0] == "host":
+        from nbd_plugin.bench import host
+
+        return host.main(args[1:])
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--size",

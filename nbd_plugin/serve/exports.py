@@ -216,6 +216,7 @@ class Exports:
     def add(self, req: Add, fence_fd: int | None = None) -> Response:
         """Unlock and serve ``req.image`` as ``req.name`` (the KDF runs in this thread)."""
         readonly = req.readonly or self.readonly
+        started = time.monotonic()
         fence: Fence | None = None
         with self._lock:
             if req.name in self._exports or req.name in self._adding:
@@ -246,8 +247,9 @@ class Exports:
                 self._exports[req.name] = export
             mode = "read-only" if readonly else "read-write"
             bound = f", bound to VM {req.bind.uuid}" if req.bind else ", unbound"
+            took = (time.monotonic() - started) * 1000
             self._log(f"{stamp(self._clock())} vmshield: export {req.name} added: {req.image} "
-                      f"({mode}{bound})")  # fmt: skip
+                      f"({mode}{bound}) in {took:.0f} ms")  # fmt: skip
             return Ok({"export": export.info().to_json()})
         finally:
             with self._lock:
@@ -299,8 +301,10 @@ class Exports:
         with self._lock:
             return sorted(self._exports.values(), key=lambda e: e.name)
 
-    def names(self) -> list[str]:
-        return [e.name for e in self.snapshot()]
+    def names(self, peer: Peer | None = None) -> list[str]:
+        """Export names; with ``peer``, only those it may open (NBD_OPT_LIST tells a client
+        nothing about other VMs' disks)."""
+        return [e.name for e in self.snapshot() if peer is None or _may_open(e, peer)]
 
     def events(self, after: int) -> tuple[list[Event], int]:
         with self._lock:
@@ -361,6 +365,16 @@ class Exports:
         for e in exports:
             e.removed = True
             e.close()
+
+
+def _may_open(export: Export, peer: Peer) -> bool:
+    if export.bind is None:
+        return True
+    try:
+        Binding(export.bind.uuid, export.bind.domain).check(peer)
+    except PeerRefused:
+        return False
+    return True
 
 
 __all__ = ["Connection", "Export", "ExportRefused", "Exports", "stderr_line"]

@@ -174,15 +174,17 @@ def qemu_create_luks(image: Path, keyfile: Path, size: int, *opts: str) -> None:
 
 @contextmanager
 def qemu_client(
-    sock: str, vm_uuid: str, cgroup: Path | None = None
+    sock: str, vm_uuid: str, cgroup: Path | None = None, export: str | None = None
 ) -> Iterator[subprocess.Popen[str]]:
     """A QEMU of VM `vm_uuid` whose drive is the served disk (stopped before it runs code).
 
-    `cgroup`: a cgroup directory the process is moved into before it execs QEMU."""
+    `cgroup`: a cgroup directory the process is moved into before it execs QEMU.
+    `export`: the NBD export name to ask for (a host server's disk)."""
+    name = "" if export is None else f",export={export}"
     argv = [
         "qemu-system-x86_64", "-uuid", vm_uuid, "-name", "guest=t", "-S", "-accel", "tcg",
         "-machine", "none", "-nodefaults", "-display", "none", "-monitor", "none",
-        "-blockdev", f"driver=nbd,server.type=unix,server.path={sock},node-name=d0",
+        "-blockdev", f"driver=nbd,server.type=unix,server.path={sock}{name},node-name=d0",
     ]  # fmt: skip
     procs = None if cgroup is None else cgroup / "cgroup.procs"
 
