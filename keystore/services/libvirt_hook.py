@@ -4,9 +4,12 @@ libvirt runs /etc/libvirt/hooks/qemu.d/vmshield as `vmshield NAME OP SUBOP EXTRA
 domain XML on stdin (the thin script `vmshield libvirt install-hook` writes calls `main`):
 
 - `prepare begin`: find the VM in the keystore (domain uuid = VM uuid, else the name), serve
-  each of its disks that the XML references (sockets under the run directory), start its
-  usbgate if the XML has vmshield usb-redir slots, and wait until they answer. Any failure:
-  stop what was started, print one line, exit 1: libvirt aborts the start and shows it.
+  each of its disks that the XML references under the run directory: as an export of the
+  host disk server (RUN/nbd.sock, `<source name='DISK'>`; the server is started if none runs,
+  and then what it served before is restored: keystore.services.restore) or from a server of
+  its own (RUN/DISK.sock); start its usbgate if the XML has vmshield usb-redir slots, and
+  wait until they answer. Any failure: stop (remove) what was started, print one line, exit
+  1: libvirt aborts the start and shows it.
   Each server is bound to the domain (`domain_binding`): it opens connections of that
   domain's QEMU only, so a hotplug (no hook runs) or an alias of the socket path (the hook
   does not see it as vmshield's) reaches nothing.
