@@ -99,6 +99,10 @@ def test_a_server_started_by_hand_is_named_and_listed(
          f"image={image}", f"passphrase=+{keyfile}"],
         check=True, timeout=60, capture_output=True,
     )  # fmt: skip
+    deadline = time.monotonic() + 10  # the forked server writes its pid file after the fork
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline, "nbdkit wrote no pid file"
+        time.sleep(0.02)
     pid = int(pidfile.read_text())
     try:
         held = f"held by pid {pid}: nbdkit -U {sock}"
