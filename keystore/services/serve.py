@@ -1,8 +1,10 @@
 """Serving one encrypted disk: the keystore workflow around the nbdkit processes.
 
-`prepare`, `serve_disk` and `stop_disk` check the disk, authenticate its owner, start its
-server (keystore.services.nbdproc: one nbdkit per disk, `--isolated`), record the server and
-the access (stopping the server again if it cannot be recorded), and the reverse.
+`prepare`, `serve_disk` and `stop_disk` check the disk, authenticate its owner, serve it
+(as an export of the host disk server, keystore.services.hostdisk; or, `--isolated`, from an
+nbdkit of its own, keystore.services.nbdproc), record the server and the access (undoing the
+serve if it cannot be recorded), and the reverse: remove the export or stop the server.
+Both kinds are recorded alike (the `servers` table); `nbdproc.Endpoint` tells them apart.
 """
 
 from __future__ import annotations
