@@ -119,8 +119,9 @@ def restore(
         if key is not None:
             key[:] = bytes(len(key))
     hostdisk.audit_events(store, files)
-    detail = {"server_pid": pid, **out.to_json()}
-    store.run(lambda r: r.append_audit(who, "disk.export.restore", None, detail))
+    if out.restored or out.dropped or out.owner or out.failed:  # not for a first start
+        detail = {"server_pid": pid, **out.to_json()}
+        store.run(lambda r: r.append_audit(who, "disk.export.restore", None, detail))
     return out
 
 
