@@ -176,3 +176,6 @@ def _stop_host_server(run_dir: Path) -> None:
     pid = nbdproc.read_pid(files.pidfile)
     if pid is not None and nbdproc.is_host_server(pid, files):
         os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10  # gone before the demo says nothing runs
+        while nbdproc.is_host_server(pid, files) and time.monotonic() < deadline:
+            time.sleep(0.05)
