@@ -79,6 +79,21 @@ def _systemd_runs() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+def _unit_started(files: HostFiles, timeout: float) -> bool:
+    """`systemctl start` the unit, for the system's run directory when systemd runs; False
+    if that is not the case or the unit is not installed (a checkout: start nbdkit here)."""
+    if files.run_dir != paths.SYSTEM_RUN_DIR or not _systemd_runs() or os.geteuid() != 0:
+        return False
+    proc = subprocess.run(["systemctl", "start", UNIT], capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+    if proc.returncode == 0:
+        return True
+    said = (proc.stderr.strip().splitlines() or ["no output"])[0]
+    if "not found" in said or "not loaded" in said:
+        return False
+    raise ServeError(f"systemctl start {UNIT} failed: {said} (`journalctl -u {UNIT}`)")
+
+
 def _wait(files: HostFiles, timeout: float) -> int | None:
     deadline = time.monotonic() + timeout
     while True:
@@ -99,13 +114,7 @@ def ensure(files: HostFiles, *, timeout: float = 60.0) -> tuple[int, bool]:
     pid = ping(files)
     if pid is not None:
         return pid, False
-    if files.run_dir == paths.SYSTEM_RUN_DIR and _systemd_runs() and os.geteuid() == 0:
-        proc = subprocess.run(["systemctl", "start", UNIT], capture_output=True, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
-        if proc.returncode != 0:
-            said = (proc.stderr.strip().splitlines() or ["no output"])[0]
-            raise ServeError(f"systemctl start {UNIT} failed: {said}")
-    else:
+    if not _unit_started(files, timeout):
         try:
             nbdproc.start_host(files, timeout=timeout)
         except ServeError:
