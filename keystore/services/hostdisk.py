@@ -20,6 +20,7 @@ server's pid and, as its socket, the export's NBD URI (nbdproc.Endpoint). The wo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import time
@@ -110,17 +111,24 @@ def ensure(files: HostFiles, *, timeout: float = 60.0) -> tuple[int, bool]:
 
     Under systemd, for the system's run directory, the unit starts it (its ExecStartPost
     restores the exports); otherwise a transient nbdkit, kept out of swap by the plugin's
-    mlockall. Two commands starting it at once: the second finds the first's."""
+    mlockall. Two commands starting it at once take turns (a lock file in the run
+    directory): the second finds the first's, and never clears its files while it starts."""
     pid = ping(files)
     if pid is not None:
         return pid, False
-    if not _unit_started(files, timeout):
-        try:
+    paths.private_dir(files.run_dir)
+    fd = os.open(files.run_dir / "nbd.start.lock",
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # fmt: skip
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pid = ping(files)
+        if pid is not None:
+            return pid, False
+        if not _unit_started(files, timeout):
             nbdproc.start_host(files, timeout=timeout)
-        except ServeError:
-            if ping(files) is None:  # not another command's server, started meanwhile
-                raise
-    pid = _wait(files, timeout)
+        pid = _wait(files, timeout)
+    finally:
+        os.close(fd)
     if pid is None:
         raise ServeError(f"the host disk server does not answer on {files.control}")
     return pid, True
