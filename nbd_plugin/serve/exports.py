@@ -223,6 +223,13 @@ class Exports:
                 if fence_fd is not None:
                     os.close(fence_fd)
                 return Failure(Code.EXISTS, f"export {req.name} is already served")
+            same = [e.name for e in self._exports.values() if _same_file(e.image, req.image)]
+            if same and not (readonly and all(self._exports[n].readonly for n in same)):
+                if fence_fd is not None:
+                    os.close(fence_fd)
+                return Failure(
+                    Code.BUSY, f"{req.image} is already served as export {same[0]}"
+                )
             self._adding.add(req.name)
         try:
             if fence_fd is not None:
@@ -365,6 +372,13 @@ class Exports:
         for e in exports:
             e.removed = True
             e.close()
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _may_open(export: Export, peer: Peer) -> bool:

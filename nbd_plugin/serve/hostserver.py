@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from nbd_plugin.errors import VmshieldError
@@ -174,7 +175,8 @@ class ControlServer:
             except OSError as exc:
                 if self._stopping or exc.errno in (errno.EBADF, errno.EINVAL):
                     return
-                continue  # EMFILE, ECONNABORTED: try the next one
+                time.sleep(0.05)  # EMFILE, ECONNABORTED: try again, without spinning
+                continue
             try:
                 pid, uid, gid, groups = peer_credentials(conn)
             except OSError:
