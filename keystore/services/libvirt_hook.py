@@ -364,12 +364,14 @@ def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
                                    "skipped": "not started by this domain"}  # fmt: skip
         store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, skipped))
         return f"VM {vm.name}: nothing to stop (its servers were not started by domain {dom.name})"
-    used = {Endpoint(x.socket, x.export) for x in dom.disks}
-    used |= {Endpoint(x.socket) for x in dom.disks}  # a per-disk server has no export name
+    # by whatever name the XML reaches the socket (an alias, `..`: #20 B2)
+    used = {Endpoint(_resolved(x.socket), x.export) for x in dom.disks}
+    used |= {Endpoint(_resolved(x.socket)) for x in dom.disks}  # a server of its own: no name
     stopped = []
     for d in store.run(lambda r: r.list_disks(vm.name)):
         s = _server(store, d.name)
-        if s is not None and Endpoint.parse(s.socket) in used:
+        ep = None if s is None else Endpoint.parse(s.socket)
+        if ep is not None and Endpoint(_resolved(ep.socket), ep.export) in used:
             serve.stop_disk(store, d.name, who=ACTOR, force=True)
             stopped.append(d.name)
     gate = stop_usbgate(cfg, vm.name)

@@ -145,3 +145,6 @@ def test_own_domain_through_an_alias_is_served(capsys: pytest.CaptureFixture[str
         assert f"served {ks.disk}" in capsys.readouterr().err
         assert nbdproc.probe(ks.run_dir / f"{ks.disk}.sock")
         assert main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
+        # the release finds the server through the same alias
+        assert f"stopped {ks.disk}" in capsys.readouterr().err
+        assert not nbdproc.probe(ks.run_dir / f"{ks.disk}.sock")
