@@ -264,3 +264,31 @@ def test_unlock_cancel_and_bad_duration(ks: Keystore, capsys: pytest.CaptureFixt
     assert "no pending unlock" in ks.cli("vm", "unlock", ks.vm, "--cancel").stdout
     bad = ks.cli("vm", "unlock", ks.vm, "--for", "25h", "--password-file", str(ks.pwfile), code=2)
     assert "must be between 1 s and 24 h" in bad.stderr
+
+
+def test_reconnect_restarts_a_dead_host_server_and_restores(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libvirtd restarted and the host disk server is gone too (a host-wide hiccup): the
+    hook's `reconnect begin` starts a new server and serves the domain's disk again (the host
+    key opens it), so its QEMU reconnects; the audit says what came back."""
+    import signal
+    import time
+
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    xml = domain(ks)
+    assert hook(ks, "prepare", "begin", xml, capsys)[0] == 0
+    host = HostFiles(ks.run_dir)
+    old = hostdisk.ping(host)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    while hostdisk.ping(host) is not None:
+        time.sleep(0.02)
+    code, err = hook(ks, "reconnect", "begin", xml, capsys)
+    assert (code, err) == (0, "vmshield: VM web1: still up: web1-0\n")
+    new = hostdisk.ping(host)
+    assert new not in (None, old) and set(hostdisk.exports(host) or {}) == {"web1-0"}
+    restored = [r for r in ks.audit(10) if r["action"] == "disk.export.restore"]
+    assert restored[-1]["detail"]["restored"] == {"web1-0": "host-key"}  # type: ignore[index]
+    assert hook(ks, "release", "end", xml, capsys)[0] == 0
+    assert left_behind(ks) == []
