@@ -80,6 +80,15 @@ def _systemd_runs() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+def _inside_unit() -> bool:
+    """Does this process run in the unit's cgroup (its ExecStartPost)?"""
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return False
+    return any(line.rstrip().endswith(f"/{UNIT}") for line in text.splitlines())
+
+
 def _unit_started(files: HostFiles, timeout: float) -> bool:
     """`systemctl start` the unit, for the system's run directory when systemd runs; False
     if that is not the case or the unit is not installed (a checkout: start nbdkit here)."""
@@ -124,7 +133,9 @@ def ensure(files: HostFiles, *, timeout: float = 60.0) -> tuple[int, bool]:
         pid = ping(files)
         if pid is not None:
             return pid, False
-        if not _unit_started(files, timeout):
+        # the unit's own ExecStartPost (`disk serve --restore`) waits for the server it
+        # belongs to: a `systemctl start` from there would wait for itself
+        if not _inside_unit() and not _unit_started(files, timeout):
             nbdproc.start_host(files, timeout=timeout)
         pid = _wait(files, timeout)
     finally:
