@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -307,8 +308,9 @@ def test_install_serve_upgrade_remove_purge(debs: tuple[Path, Path], chroot: Chr
     served = json.loads(
         root.run("vmshield", "disk", "serve", "web-0", "--json", input=PW + "\n").stdout
     )
-    socket = served["socket"]
-    uri = f"nbd+unix:///?socket={socket}"
+    # an export of the host disk server, started on demand (no systemd in the chroot)
+    uri = served["uri"]
+    assert served["export"] == "web-0" and uri.startswith("nbd+unix:///web-0?socket=")
     data = os.urandom(1 << 20)
     (root.path / "tmp/plain").write_bytes(data)
     root.run("nbdcopy", "/tmp/plain", uri)
@@ -340,6 +342,9 @@ def test_install_serve_upgrade_remove_purge(debs: tuple[Path, Path], chroot: Chr
     assert root.run("vmshield", "audit", "verify").stdout.startswith("ok: ")
     assert "schema" not in upgrade.stderr  # same schema: nothing to run
     root.run("vmshield", "disk", "stop", "web-0")
+    # the host disk server stays up serving nothing (no systemd here to stop its unit)
+    host_pid = int((root.path / "run/vmshield/nbd.pid").read_text())
+    os.kill(host_pid, signal.SIGTERM)
 
     root.run("apt-get", "remove", "-y", "-q", "vmshield")
     assert not (root.path / "usr/bin/vmshield").exists()

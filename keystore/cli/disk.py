@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from keystore import sizes
+from keystore import paths, sizes
 from keystore.cli import abandoned
 from keystore.cli.options import (
     SecretReader,
@@ -46,6 +46,7 @@ from keystore.services import (
     binding,
     disk_import,
     hookconf,
+    hostdisk,
     opening,
     serve,
     snippets,
@@ -55,6 +56,8 @@ from keystore.services import (
 )
 from keystore.services import destroy as destroying
 from keystore.services import disks as diskops
+from keystore.services import restore as restoremod
+from keystore.services.nbdproc import Endpoint, HostFiles
 from keystore.services.store import Keystore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -162,7 +165,13 @@ def create(
 
 
 def _print_attach(
-    d: Disk, sock: str, readonly: bool, as_json: bool, pid: int, bound: Vm | None = None
+    d: Disk,
+    sock: str,
+    readonly: bool,
+    as_json: bool,
+    pid: int,
+    bound: Vm | None = None,
+    export: str | None = None,
 ) -> None:
     node = f"vmshield-{d.name}".replace(".", "-")
     info = {
@@ -170,17 +179,19 @@ def _print_attach(
         "vm": d.vm,
         "pid": pid,
         "socket": sock,
-        "uri": snippets.nbd_uri(sock),
+        "export": export,
+        "uri": snippets.nbd_uri(sock, export),
         "readonly": readonly,
-        "qemu_drive": snippets.qemu_drive(sock, readonly=readonly),
-        "qemu_blockdev": snippets.qemu_blockdev(sock, node, readonly=readonly),
-        "libvirt_xml": snippets.libvirt_disk_xml(sock, readonly=readonly),
+        "qemu_drive": snippets.qemu_drive(sock, readonly=readonly, export=export),
+        "qemu_blockdev": snippets.qemu_blockdev(sock, node, readonly=readonly, export=export),
+        "libvirt_xml": snippets.libvirt_disk_xml(sock, readonly=readonly, export=export),
         "bound_to_vm": None if bound is None else bound.uuid,
     }
     if as_json:
         emit_json(info)
         return
-    click.echo(f"serving disk {d.name} of VM {d.vm} on {sock} (nbdkit pid {pid})")
+    where = f"export {export} of the host server on {sock}" if export else sock
+    click.echo(f"serving disk {d.name} of VM {d.vm} as {where} (nbdkit pid {pid})")
     if bound is not None:
         click.echo(f"bound: only a QEMU started with -uuid {bound.uuid} may connect")
     click.echo(f"\nNBD URI:\n  {info['uri']}")
@@ -190,13 +201,30 @@ def _print_attach(
     click.echo(f"\nstop it with: vmshield disk stop {d.name}")
 
 
+def _host_files(run_dir: Path | None) -> HostFiles:
+    return HostFiles((run_dir or paths.default_run_dir()).absolute())
+
+
 @click.command("serve")
-@click.argument("disk_name", metavar="DISK")
+@click.argument("disk_name", metavar="DISK", required=False)
+@click.option(
+    "--isolated",
+    is_flag=True,
+    help="Serve DISK from an nbdkit of its own (its own socket, ~90 MiB) instead of as an "
+    "export of the host disk server.",
+)
 @click.option(
     "--socket",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Unix socket to listen on (default: /run/vmshield/DISK.sock for root, "
-    "$XDG_RUNTIME_DIR/vmshield/DISK.sock otherwise). At most 107 bytes.",
+    help="With --isolated (implied): the unix socket to listen on (default: "
+    "/run/vmshield/DISK.sock for root, $XDG_RUNTIME_DIR/vmshield/DISK.sock otherwise). "
+    "At most 107 bytes.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The host disk server's directory (nbd.sock, nbd-control.sock; default: "
+    "/run/vmshield for root, $XDG_RUNTIME_DIR/vmshield otherwise).",
 )
 @click.option("--readonly", is_flag=True, help="Serve read-only (several readers may share).")
 @click.option(
@@ -204,6 +232,13 @@ def _print_attach(
     is_flag=True,
     help="Ask nobody: open DISK with a pending `vm unlock`, else a bound clevis token "
     "(`disk bind`), else the enrolled host key, in that order.",
+)
+@click.option(
+    "--restore",
+    is_flag=True,
+    help="No DISK: after the host disk server restarted, serve again every export it "
+    "served that a clevis token or the host key opened (or a pending `vm unlock`); name "
+    "the others. Starts the server if none runs. Run by vmshield-nbd.service.",
 )
 @click.option(
     "--bind-vm",
@@ -217,10 +252,13 @@ def _print_attach(
 @json_option
 @db_option
 def serve_(
-    disk_name: str,
+    disk_name: str | None,
+    isolated: bool,
     socket: Path | None,
+    run_dir: Path | None,
     readonly: bool,
     unattended: bool,
+    restore: bool,
     bind_vm: bool,
     host_key: Path | None,
     password_file: Path | None,
@@ -229,36 +267,72 @@ def serve_(
 ) -> None:
     """Serve DISK's plaintext over NBD for QEMU; asks for the owner's password.
 
-    Starts nbdkit in the background (it keeps running after this command returns),
-    waits until the socket answers, records the server, counts an access on the VM, and
-    prints the `-drive` / `-blockdev` arguments and the libvirt `<disk>` XML to use.
-    The password reaches nbdkit through an inherited pipe: it is never in a command
-    line, an environment or a file. Only the socket's owner can connect to it: whoever
-    can connect reads the plaintext, unless --bind-vm.
+    DISK becomes an export named DISK of the host disk server (one nbdkit for every disk of
+    the host, started if none runs: vmshield-nbd.service under systemd); with --isolated,
+    an nbdkit of its own. Waits until it answers, records the server, counts an access on
+    the VM, and prints the `-drive` / `-blockdev` arguments and the libvirt `<disk>` XML to
+    use. The password reaches the server through a pipe or the root-only control socket:
+    it is never in a command line, an environment or a file. Whoever can connect to the
+    socket reads the plaintext, unless --bind-vm.
     """
     abandoned.reap(db)
     store = Keystore(db)
-    d, v, files = serve.prepare(store, disk_name, socket, readonly=readonly)
-    if unattended:
-        pid = _serve_unattended(store, d, v, files, readonly, host_key, bind_vm)
-        _print_attach(d, str(files.socket), readonly, as_json, pid, v if bind_vm else None)
+    if restore:
+        if disk_name or isolated or socket or readonly or unattended or bind_vm:
+            raise click.UsageError("--restore takes no DISK and none of the serving options")
+        _restore(store, _host_files(run_dir), host_key, as_json)
         return
-    pw = SecretReader(password_file).read(f"Password of {v.owner}")
-    try:
-        pid = serve.serve_disk(
-            store, d, v, bytes(pw), files, readonly=readonly, who=actor(),
-            bind=serve.vm_binding(v) if bind_vm else None,
-        )  # fmt: skip
-    finally:
-        wipe(pw)
-    _print_attach(d, str(files.socket), readonly, as_json, pid, v if bind_vm else None)
+    if not disk_name:
+        raise click.UsageError("missing argument DISK (or give --restore)")
+    if socket is not None and run_dir is not None:
+        raise click.UsageError("--socket is a per-disk server's (--isolated), --run-dir the host's")
+    host = None if isolated or socket is not None else _host_files(run_dir)
+    # no host server yet (first use, or it died): the serve starts one, then the others are
+    # restored; the owner's password is checked before anything starts
+    restart = host is not None and hostdisk.ping(host) is None
+    d, v, target = serve.prepare(store, disk_name, socket, readonly=readonly, host=host)
+    if unattended:
+        pid = _serve_unattended(store, d, v, target, readonly, host_key, bind_vm)
+    else:
+        pw = SecretReader(password_file).read(f"Password of {v.owner}")
+        try:
+            pid = serve.serve_disk(
+                store, d, v, bytes(pw), target, readonly=readonly, who=actor(),
+                bind=serve.vm_binding(v) if bind_vm else None,
+            )  # fmt: skip
+        finally:
+            wipe(pw)
+    export = d.name if host is not None else None
+    if host is not None:
+        if restart:
+            _restored(store, host, host_key)
+        hostdisk.audit_events(store, host)
+    _print_attach(d, str(target.socket), readonly, as_json, pid, v if bind_vm else None, export)
+
+
+def _restored(store: Keystore, host: HostFiles, key: Path | None) -> None:
+    """This serve started the host server: what it served before comes back."""
+    outcome = restoremod.restore(store, host, who=actor(), host_key=unattended.host_key_path(key))
+    for line in outcome.lines():
+        click.echo(f"host disk server started: {line}", err=True)
+
+
+def _restore(store: Keystore, host: HostFiles, key: Path | None, as_json: bool) -> None:
+    outcome = restoremod.restore(store, host, who=actor(), host_key=unattended.host_key_path(key))
+    if as_json:
+        emit_json(outcome.to_json())
+    else:
+        for line in outcome.lines() or ["nothing to restore"]:
+            click.echo(line)
+    if outcome.failed:
+        raise SystemExit(1)
 
 
 def _serve_unattended(
     store: Keystore,
     d: Disk,
     v: Vm,
-    files: serve.ServerFiles,
+    target: serve.Target,
     readonly: bool,
     key: Path | None,
     bind_vm: bool,
@@ -268,7 +342,7 @@ def _serve_unattended(
     try:
         way = opening.open_disk(d, v, owner_pw, host)
         try:
-            pid = serve.serve_recorded(store, d, bytes(way.secret), files, readonly=readonly,
+            pid = serve.serve_recorded(store, d, bytes(way.secret), target, readonly=readonly,
                                        who=actor(), keyslot=way.keyslot, how=way.how,
                                        bind=serve.vm_binding(v) if bind_vm else None)  # fmt: skip
         finally:
@@ -293,17 +367,21 @@ def _serve_unattended(
 )
 @db_option
 def stop(disk_name: str, force: bool, db: Location | None) -> None:
-    """Stop the nbdkit server of DISK.
+    """Stop serving DISK: remove its export from the host disk server (the server keeps
+    serving the other disks), or stop its own nbdkit (--isolated).
 
-    Refused while a client (QEMU, qemu-io, nbdinfo...) is connected to its socket or the
-    libvirt domain the qemu hook served it for is running: each is named (exit 75). Shut
-    the guest down first, or give --force.
+    Refused while a client (QEMU, qemu-io, nbdinfo...) is connected to it or the libvirt
+    domain the qemu hook served it for is running: each is named (exit 75). Shut the guest
+    down first, or give --force. Every removal is audited.
     """
-    s, was_running = serve.stop_disk(Keystore(db), disk_name, who=actor(), force=force)
+    store = Keystore(db)
+    serve.audit_host_events(store)
+    s, was_running = serve.stop_disk(store, disk_name, who=actor(), force=force)
+    what = "export" if Endpoint.parse(s.socket).export else "server"
     click.echo(
-        f"stopped server of {disk_name} (pid {s.pid})"
+        f"stopped {what} of {disk_name} (pid {s.pid})"
         if was_running
-        else f"server of {disk_name} was not running; record removed"
+        else f"{what} of {disk_name} was not running; record removed"
     )
 
 
@@ -314,7 +392,7 @@ async def _listing(r: Repository, vm: str | None) -> list[tuple[Disk, Server | N
 
 
 def _serving(d: Disk, s: Server | None) -> tuple[str, bool]:
-    if s is not None and serve.is_our_server(s.pid, Path(s.socket)):
+    if s is not None and serve.alive(s):
         return s.socket, True
     outside = usage.holders(d.path)
     if outside:
@@ -335,13 +413,18 @@ def list_(vm: str | None, raw: bool, as_json: bool, db: Location | None) -> None
     unit) shows as served outside vmshield, with that process's pid.
     """
     abandoned.reap(db)
+    serve.audit_host_events(Keystore(db))  # what the host server refused, before listing
     rows = run(db, lambda r: _listing(r, vm))
     if as_json:
         out: list[dict[str, Any]] = []
         for d, s in rows:
             item = d.to_json()
             alive = _serving(d, s)[1]
-            item["server"] = None if s is None else {**s.to_json(), "alive": alive}
+            item["server"] = (
+                None
+                if s is None
+                else {**s.to_json(), "alive": alive, "export": Endpoint.parse(s.socket).export}
+            )
             # a server vmshield did not start (by hand, a systemd unit) holding the image
             item["outside"] = [] if alive else [p.to_json() for p in usage.holders(d.path)]
             out.append(item)

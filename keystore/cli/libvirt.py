@@ -53,16 +53,20 @@ async def _devices(r: Repository, vm: str) -> tuple[Vm, list[Disk], list[UsbRule
 )
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Socket directory (default: run_dir of the hook's configuration).")  # fmt: skip
+@click.option("--isolated", is_flag=True,
+              help="Each disk on a socket of its own, served by an nbdkit of its own (default: "
+              "exports of the host disk server, one process for every disk).")  # fmt: skip
 @config_option
 @json_option
 @db_option
 def devices(
-    vm: str, usb_slots: int, run_dir: Path | None, config: Path | None, as_json: bool,
-    db: Location | None,
+    vm: str, usb_slots: int, run_dir: Path | None, isolated: bool, config: Path | None,
+    as_json: bool, db: Location | None,
 ) -> None:  # fmt: skip
     """Print the <devices> entries of VM for its libvirt domain.
 
-    Its ready disks as NBD-over-unix <disk>s (the sockets the hook serves them on), a
+    Its ready disks as NBD-over-unix <disk>s (exports of the host disk server the hook adds
+    them to, with a reconnect delay; --isolated: a socket per disk), a
     qemu-xhci controller, one <redirdev type='unix'> per USB slot (QEMU listens, usbgate
     connects when an owner plugs a device in), and a <redirfilter> made from the VM's USB
     rules: QEMU itself refuses what the rules could never allow (a second line of defence;
@@ -81,6 +85,7 @@ def devices(
         rdir,
         usb_slots=usb_slots,
         redirfilter=libvirt_redirfilter(rules) if usb_slots else None,
+        isolated=isolated,
     )
     if as_json:
         emit_json({"vm": name, "uuid": uuid, "devices_xml": xml, "run_dir": str(rdir)})

@@ -21,7 +21,7 @@ from keystore.services.doctor import (
     guarded,
 )
 from keystore.services.hookfile import hook_text
-from keystore.services.serve import plugin_path
+from keystore.services.nbdproc import plugin_path
 from nbd_plugin import trust
 from nbd_plugin.crypto import jit
 

@@ -36,6 +36,8 @@ from keystore.errors import KeystoreError
 from keystore.location import Location
 from keystore.models import Disk
 from keystore.postgres.lease import LeaseHeld
+from keystore.services import hostdisk, nbdproc
+from nbd_plugin.errors import VmshieldError
 
 APPLICATION = "vmshield-lease"
 #: A taker waits this long (s) when the previous holder never released the lease.
@@ -86,12 +88,22 @@ def holder_name(socket: Path) -> str:
 
 
 def take(
-    location: Location, disk: Disk, socket: Path, *, readonly: bool, timeout: float = 30
+    location: Location,
+    disk: Disk,
+    socket: Path,
+    *,
+    readonly: bool,
+    timeout: float = 30,
+    export: str | None = None,
 ) -> Lease | None:
-    """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken."""
+    """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken.
+
+    `export`: the disk becomes that export of the host server in `socket`'s directory
+    (`socket` then only names the holder's log): on a lost lease the holder fences and
+    removes the export, never the whole server."""
     if not location.shared:
         return None
-    holder = holder_name(socket)
+    holder = holder_name(socket) if export is None else f"{holder_name(socket)} export {export}"
     paths.private_dir(socket.parent)  # before any file in it: no one else's, no planted link
     logfile = socket.with_suffix(".lease.log")
     logfile.unlink(missing_ok=True)
@@ -100,7 +112,8 @@ def take(
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keystore.services.lease", str(location), str(disk.id),
-             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w)],
+             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w),
+             export or ""],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
             pass_fds=(fence_w,),
         )  # fmt: skip
@@ -143,13 +156,19 @@ class _Fence:
 
 
 def _hold(
-    url: str, disk_id: int, disk: str, holder: str, sock: Path, readonly: bool, fence_fd: int
+    url: str,
+    disk_id: int,
+    disk: str,
+    holder: str,
+    sock: Path,
+    readonly: bool,
+    fence_fd: int,
+    export: str | None = None,
 ) -> int:
     import psycopg
 
     from keystore.postgres import connection as pgconn
     from keystore.postgres import lease as pglease
-    from keystore.services import serve
 
     fence = _Fence(fence_fd)
     try:
@@ -173,12 +192,31 @@ def _hold(
         pglease.release(conn, disk_id)
         return 0
     pid = int(line)
-    files = serve.ServerFiles(sock)
+    files = nbdproc.ServerFiles(sock)
+    host = nbdproc.HostFiles(sock.parent)
+    checked = [0.0]
+
+    def serving() -> bool:
+        if export is None:
+            return nbdproc.is_our_server(pid, sock)
+        if not nbdproc.is_host_server(pid, host):
+            return False
+        if time.monotonic() - checked[0] < 1.0:
+            return True
+        checked[0] = time.monotonic()
+        found = hostdisk.exports(host)
+        return found is None or export in found  # a busy control socket is not a removal
 
     def fence_off(why: str) -> None:
-        if fence.close():  # nbdkit refuses I/O from its next request on
+        if not fence.close():  # nbdkit refuses I/O from its next request on
+            return
+        if export is None:
             print(f"{why}; stopping nbdkit pid {pid}", file=sys.stderr, flush=True)
-            serve.stop(pid, files)
+            nbdproc.stop(pid, files)
+            return
+        print(f"{why}; removing export {export} of pid {pid}", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeystoreError, OSError, VmshieldError):
+            hostdisk.remove(host, export, force=True)
 
     answered = [time.monotonic()]
     done = threading.Event()
@@ -191,7 +229,7 @@ def _hold(
 
     threading.Thread(target=watchdog, name="lease-deadline", daemon=True).start()
     try:
-        while serve.is_our_server(pid, sock):
+        while serving():
             # returns at once if the server ends our session: no polling delay to fence
             for _ in conn.notifies(timeout=PING, stop_after=1):
                 pass
@@ -210,8 +248,11 @@ def _hold(
 
 
 def main(argv: list[str]) -> int:
-    url, disk_id, disk, holder, sock, mode, fence_fd = argv
-    return _hold(url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd))
+    url, disk_id, disk, holder, sock, mode, fence_fd, *rest = argv
+    export = rest[0] if rest and rest[0] else None
+    return _hold(
+        url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd), export
+    )
 
 
 if __name__ == "__main__":

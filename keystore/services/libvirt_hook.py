@@ -4,9 +4,12 @@ libvirt runs /etc/libvirt/hooks/qemu.d/vmshield as `vmshield NAME OP SUBOP EXTRA
 domain XML on stdin (the thin script `vmshield libvirt install-hook` writes calls `main`):
 
 - `prepare begin`: find the VM in the keystore (domain uuid = VM uuid, else the name), serve
-  each of its disks that the XML references (sockets under the run directory), start its
-  usbgate if the XML has vmshield usb-redir slots, and wait until they answer. Any failure:
-  stop what was started, print one line, exit 1: libvirt aborts the start and shows it.
+  each of its disks that the XML references under the run directory: as an export of the
+  host disk server (RUN/nbd.sock, `<source name='DISK'>`; the server is started if none runs,
+  and then what it served before is restored: keystore.services.restore) or from a server of
+  its own (RUN/DISK.sock); start its usbgate if the XML has vmshield usb-redir slots, and
+  wait until they answer. Any failure: stop (remove) what was started, print one line, exit
+  1: libvirt aborts the start and shows it.
   Each server is bound to the domain (`domain_binding`): it opens connections of that
   domain's QEMU only, so a hotplug (no hook runs) or an alias of the socket path (the hook
   does not see it as vmshield's) reaches nothing.
@@ -38,7 +41,8 @@ from keystore import paths
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
-from keystore.services import hookconf, opening, serve, unlock
+from keystore.services import hookconf, hostdisk, nbdproc, opening, serve, unlock
+from keystore.services import restore as restoremod
 from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import (
     Domain,
@@ -47,6 +51,8 @@ from keystore.services.libvirt_xml import (
     usbgate_files,
     usbgate_state,
 )
+from keystore.services.nbdproc import Endpoint, HostFiles
+from keystore.services.serve import Target
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.serve.peers import Binding, parse_uuid
@@ -139,19 +145,38 @@ def uses_vmshield(dom: Domain, cfg: HookConfig) -> bool:
     return any(_under(p, cfg.run_dir) for p in paths)
 
 
-def wanted_disks(dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str) -> list[Disk]:
-    """The VM's disks whose sockets the XML references; refuses sockets of other disks."""
+def wanted_disks(
+    dom: Domain, disks: Sequence[Disk], cfg: HookConfig, vm: str
+) -> list[tuple[Disk, Target]]:
+    """The VM's disks the XML references, each with where to serve it: an export of the host
+    disk server (RUN/nbd.sock, `<source name='DISK'>`) or a socket of its own (RUN/DISK.sock).
+    Refuses sockets and exports of other disks."""
     by_socket = {f"{d.name}.sock": d for d in disks}
-    out = []
+    by_name = {d.name: d for d in disks}
+    host = HostFiles(cfg.run_dir)
+    out: list[tuple[Disk, Target]] = []
     for dd in dom.disks:
         if not _under(dd.socket, cfg.run_dir):
             continue
-        d = by_socket.get(_resolved(dd.socket).name)
-        if d is None:
-            raise HookError(f"domain {dom.name} uses {dd.socket}, which is not a disk of VM {vm}")
+        target: Target
+        if _resolved(dd.socket).name == host.socket.name:
+            d = by_name.get(dd.export or "")
+            if d is None:
+                raise HookError(
+                    f"domain {dom.name} asks the host disk server {dd.socket} for export "
+                    f"{dd.export or '(no name)'}, which is not a disk of VM {vm}"
+                )
+            target = host
+        else:
+            d = by_socket.get(_resolved(dd.socket).name)
+            if d is None:
+                raise HookError(
+                    f"domain {dom.name} uses {dd.socket}, which is not a disk of VM {vm}"
+                )
+            target = nbdproc.ServerFiles(cfg.run_dir / f"{d.name}.sock")
         if dd.readonly:
             raise HookError(f"disk {d.name}: <readonly/> is not supported by the hook yet")
-        out.append(d)
+        out.append((d, target))
     return out
 
 
@@ -180,7 +205,7 @@ def _usbgate_exe() -> str:
 def usbgate_pid(cfg: HookConfig, vm: str) -> int | None:
     """The pid of VM's usbgate if it is running (checked against /proc, not only the file)."""
     pidfile, _ = usbgate_files(cfg.run_dir, vm)
-    pid = serve.read_pid(pidfile)
+    pid = nbdproc.read_pid(pidfile)
     if pid is None:
         return None
     try:
@@ -272,7 +297,7 @@ def _record_starter(cfg: HookConfig, vm: str, dom: Domain) -> None:
 
 def _started_by(cfg: HookConfig, vm: str, dom: Domain) -> bool:
     try:
-        return serve.read_own(_starter_file(cfg, vm), 4096).decode() == _identity(dom)
+        return nbdproc.read_own(_starter_file(cfg, vm), 4096).decode() == _identity(dom)
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -288,27 +313,29 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     began = time.monotonic()
     disks = wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name)
     slots = wanted_usb_slots(dom, cfg, vm.name)
-    for d in disks:
+    for d, _ in disks:
         if d.state is not DiskState.READY:
             raise HookError(f"disk {d.name} is {d.state.value}, not ready")
         old = _server(store, d.name)
-        if old is not None and serve.is_our_server(old.pid, Path(old.socket)):
+        if old is not None and serve.alive(old):
             raise HookError(f"disk {d.name} is already served (pid {old.pid}): stop it first")
+    host = HostFiles(cfg.run_dir)
+    # the hook starts the host server: what it served before (it died) comes back after
+    restart = any(isinstance(t, HostFiles) for _, t in disks) and hostdisk.ping(host) is None
     pending = unlock.peek_key(vm.uuid) if disks else None
     owner_pw = pending[1] if pending is not None else None
     host_key = unlock.read_host_key(cfg.host_key) if disks and owner_pw is None else None
     started: list[str] = []
     how: dict[str, str] = {}
     try:
-        for d in disks:
+        for d, target in disks:
             way = opening.open_disk(d, vm, owner_pw, host_key)  # unlock, network, host key
             how[d.name] = way.how
-            files = serve.ServerFiles(cfg.run_dir / f"{d.name}.sock")
             try:
-                serve.serve_recorded(store, d, bytes(way.secret), files, readonly=False,
+                serve.serve_recorded(store, d, bytes(way.secret), target, readonly=False,
                                      who=ACTOR, timeout=cfg.timeout, keyslot=way.keyslot,
                                      how=way.how, bind=domain_binding(vm, dom))  # fmt: skip
-            except serve.ServeError as e:
+            except VmshieldError as e:
                 raise HookError(f"disk {d.name}: {str(e).splitlines()[0]}") from e
             finally:
                 way.wipe()
@@ -326,6 +353,9 @@ def prepare(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     _record_starter(cfg, vm.name, dom)
     if "unlock" in how.values() and pending is not None:
         unlock.consume_key(pending[0])  # the key read above: never a newer unlock
+    if restart:
+        with contextlib.suppress(VmshieldError, OSError):
+            restoremod.restore(store, host, who=ACTOR, host_key=cfg.host_key, timeout=cfg.timeout)
     took = round(time.monotonic() - began, 3)
     detail: dict[str, Any] = {"domain": dom.name, "disks": how, "usb_slots": len(slots),
                               "seconds": took}  # fmt: skip
@@ -342,11 +372,14 @@ def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
                                    "skipped": "not started by this domain"}  # fmt: skip
         store.run(lambda r: r.append_audit(ACTOR, "libvirt.release", vm.name, skipped))
         return f"VM {vm.name}: nothing to stop (its servers were not started by domain {dom.name})"
-    sockets = {x.socket for x in dom.disks}
+    # by whatever name the XML reaches the socket (an alias, `..`: #20 B2)
+    used = {Endpoint(_resolved(x.socket), x.export) for x in dom.disks}
+    used |= {Endpoint(_resolved(x.socket)) for x in dom.disks}  # a server of its own: no name
     stopped = []
     for d in store.run(lambda r: r.list_disks(vm.name)):
         s = _server(store, d.name)
-        if s is not None and Path(s.socket) in sockets:
+        ep = None if s is None else Endpoint.parse(s.socket)
+        if ep is not None and Endpoint(_resolved(ep.socket), ep.export) in used:
             serve.stop_disk(store, d.name, who=ACTOR, force=True)
             stopped.append(d.name)
     gate = stop_usbgate(cfg, vm.name)
@@ -363,10 +396,16 @@ def release(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
 def reconnect(store: Keystore, cfg: HookConfig, vm: Vm, dom: Domain) -> str:
     up: list[str] = []
     missing: list[str] = []
-    for d in wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name):
+    disks = wanted_disks(dom, store.run(lambda r: r.list_disks(vm.name)), cfg, vm.name)
+    host = HostFiles(cfg.run_dir)
+    if any(isinstance(t, HostFiles) for _, t in disks) and hostdisk.ping(host) is None:
+        # the host server died with libvirtd: QEMU is retrying; bring back what can come back
+        with contextlib.suppress(VmshieldError, OSError):
+            restoremod.restore(store, host, who=ACTOR, host_key=cfg.host_key, timeout=cfg.timeout)
+    for d, target in disks:
         s = _server(store, d.name)
-        alive = s is not None and serve.is_our_server(s.pid, Path(s.socket))
-        (up if alive and s is not None and serve.probe(Path(s.socket)) else missing).append(d.name)
+        alive = s is not None and serve.alive(s) and nbdproc.probe(target.socket)
+        (up if alive else missing).append(d.name)
     if wanted_usb_slots(dom, cfg, vm.name):
         (up if usbgate_pid(cfg, vm.name) is not None else missing).append("usbgate")
     detail = {"domain": dom.name, "up": up, "missing": missing}
@@ -404,7 +443,10 @@ def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
                 "host only (shut it down, then start it on the other host)"
             )
         action = OPERATIONS.get((op, sub))
-        return None if action is None else action(store, cfg, vm, dom)
+        said = None if action is None else action(store, cfg, vm, dom)
+        with contextlib.suppress(VmshieldError, OSError):
+            serve.audit_host_events(store)  # what the host server refused, into the audit
+        return said
     except (VmshieldError, ValueError, OSError) as e:
         detail = {"domain": dom.name, "error": str(e)[:500]}
         with contextlib.suppress(VmshieldError):

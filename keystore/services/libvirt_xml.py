@@ -2,7 +2,11 @@
 
 Where things live under the run directory RUN (default /run/vmshield, 0700, root's):
 
-    RUN/DISK.sock          the NBD socket of disk DISK (the same as `vmshield disk serve`)
+    RUN/nbd.sock           the host disk server: disk DISK is its export DISK
+                           (`<source protocol='nbd' name='DISK'>`, as `vmshield disk serve`)
+    RUN/nbd-control.sock   its control socket (root and the vmshield group)
+    RUN/DISK.sock          the NBD socket of disk DISK served by an nbdkit of its own
+                           (`vmshield libvirt devices --isolated`, `disk serve --isolated`)
     RUN/VM-usbN.sock       usb-redir slot N of VM: QEMU listens (`<source mode='bind'>`),
                            usbgate connects when an owner plugs a device in
     RUN/VM-usbgate.pid     the VM's usbgate (and .log)
@@ -25,6 +29,7 @@ from xml.sax.saxutils import quoteattr
 from keystore.errors import KeystoreError
 from keystore.models import Disk
 from keystore.services import snippets
+from keystore.services.nbdproc import HostFiles
 
 MAX_XML = 4 * 1024 * 1024
 TARGETS = "abcdefghijklmnopqrstuvwxyz"
@@ -40,6 +45,7 @@ class DomainDisk:
 
     socket: Path
     readonly: bool
+    export: str | None = None  #: the `name` of its `<source>`: the NBD export asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +87,8 @@ def parse_domain(data: bytes) -> Domain:
                 continue
             if host.get("transport") != "unix" or not host.get("socket"):
                 continue
-            disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None))
+            disks.append(DomainDisk(Path(host.get("socket", "")), d.find("readonly") is not None,
+                                    src.get("name") or None))  # fmt: skip
     redirs = []
     for r in root.iterfind("devices/redirdev"):
         rsrc = r.find("source")
@@ -94,7 +101,13 @@ def parse_domain(data: bytes) -> Domain:
 
 
 def disk_socket(run_dir: Path, disk: str) -> Path:
+    """The socket of disk `disk` served by an nbdkit of its own."""
     return run_dir / f"{disk}.sock"
+
+
+def host_socket(run_dir: Path) -> Path:
+    """The host disk server's NBD socket (every disk an export on it)."""
+    return HostFiles(run_dir).socket
 
 
 def usb_socket(run_dir: Path, vm: str, slot: int) -> Path:
@@ -129,15 +142,18 @@ def devices_xml(
     usb_slots: int,
     redirfilter: str | None,
     readonly: bool = False,
+    isolated: bool = False,
 ) -> str:
-    """The `<devices>` children for VM: its disks over NBD, then xhci, redirdevs, redirfilter."""
+    """The `<devices>` children for VM: its disks over NBD (exports of the host disk server,
+    or with `isolated` each on a socket of its own), then xhci, redirdevs, redirfilter."""
     if len(disks) > len(TARGETS):
         raise ValueError(f"VM {vm} has more than {len(TARGETS)} disks")
     parts = [f"<!-- vmshield: VM {vm}; served by the vmshield qemu hook -->"]
     for n, d in enumerate(disks):
-        sock = str(disk_socket(run_dir, d.name))
+        sock = str(disk_socket(run_dir, d.name) if isolated else host_socket(run_dir))
         parts.append(_comment(f"disk {d.name}: {d.path} (ciphertext, {d.format} {d.cipher})"))
-        parts.append(snippets.libvirt_disk_xml(sock, target=f"vd{TARGETS[n]}", readonly=readonly))
+        parts.append(snippets.libvirt_disk_xml(sock, target=f"vd{TARGETS[n]}", readonly=readonly,
+                                               export=None if isolated else d.name))  # fmt: skip
     if usb_slots:
         parts.append('<controller type="usb" model="qemu-xhci"/>')
         for slot in range(usb_slots):

@@ -1,194 +1,38 @@
-"""Starting and stopping the nbdkit server that serves one encrypted disk as plaintext NBD.
+"""Serving one encrypted disk: the keystore workflow around the nbdkit processes.
 
-`start` runs
-
-    nbdkit -U SOCK -P PIDFILE --log=stderr [-r] python nbd_plugin/plugin.py \\
-        image=PATH passphrase=-FD
-
-with the passphrase written into a pipe whose read end (FD) nbdkit inherits: it never
-appears in argv, the environment or a file. nbdkit forks into the background once the
-plugin is configured (the keyslot is opened before the fork, so a wrong passphrase is a
-non-zero exit here), writes PIDFILE and outlives this process. The server's stderr goes to
-a log file next to the socket (mode 0600).
-
-`prepare`, `serve_disk` and `stop_disk` are the keystore workflow around them: check the
-disk, authenticate its owner, start, record the server and the access (stopping the server
-again if it cannot be recorded), and the reverse.
+`prepare`, `serve_disk` and `stop_disk` check the disk, authenticate its owner, serve it
+(as an export of the host disk server, keystore.services.hostdisk; or, `--isolated`, from an
+nbdkit of its own, keystore.services.nbdproc), record the server and the access (undoing the
+serve if it cannot be recorded), and the reverse: remove the export or stop the server.
+Both kinds are recorded alike (the `servers` table); `nbdproc.Endpoint` tells them apart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import fcntl
 import os
-import shutil
-import signal
-import socket as socketmod
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from keystore import paths
-from keystore.errors import Conflict, InUse, KeystoreError, NotFound
+from keystore.errors import Conflict, InUse, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
-from keystore.services import lease, usage, verifier
+from keystore.services import hostdisk, lease, nbdproc, usage, verifier
+from keystore.services.nbdproc import (
+    Endpoint,
+    HostFiles,
+    ServerFiles,
+    is_our_server,
+    start,
+    stop,
+)
 from keystore.services.store import Keystore
 from nbd_plugin.errors import VmshieldError
+from nbd_plugin.osutil import statefile
+from nbd_plugin.serve import control
 from nbd_plugin.serve.peers import Binding, parse_uuid
-
-NBD_MAGIC = b"NBDMAGIC"
-
-
-def read_own(path: Path, limit: int) -> bytes:
-    """The last `limit` bytes of a file only root or we can change (nbd_plugin.trust: never
-    through a symlink); OSError (EPERM for an untrusted one) if it cannot be read."""
-    from nbd_plugin import trust
-
-    try:
-        return trust.read_file(path, "file", limit, tail=True)
-    except trust.Untrusted as e:
-        raise PermissionError(errno.EPERM, str(e), str(path)) from None
-
-
-class ServeError(KeystoreError):
-    """nbdkit could not be started or did not answer; the message includes its log."""
-
-
-def plugin_path() -> Path:
-    """The nbdkit Python plugin file shipped in the nbd_plugin package."""
-    import nbd_plugin
-
-    return Path(nbd_plugin.__file__).parent / "plugin.py"
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerFiles:
-    """The socket of a server and the pid/log files kept beside it."""
-
-    socket: Path
-
-    @property
-    def pidfile(self) -> Path:
-        return self.socket.with_suffix(".pid")
-
-    @property
-    def logfile(self) -> Path:
-        return self.socket.with_suffix(".log")
-
-    @property
-    def statsfile(self) -> Path:
-        """The I/O counters the plugin publishes (`stats=`), read by `vmshield status`."""
-        return self.socket.with_suffix(".stats")
-
-
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        return read_own(path, limit).decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def probe(sock: Path, timeout: float = 1.0) -> bool:
-    """True if an NBD server answers on `sock` (reads the newstyle greeting)."""
-    s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(sock))
-        data = b""
-        while len(data) < len(NBD_MAGIC):
-            chunk = s.recv(len(NBD_MAGIC) - len(data))
-            if not chunk:
-                return False
-            data += chunk
-        return data == NBD_MAGIC
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def start(
-    image: Path,
-    passphrase: bytes,
-    files: ServerFiles,
-    *,
-    readonly: bool,
-    timeout: float = 60.0,
-    nbdkit: str = "nbdkit",
-    keyslot: int | None = None,
-    fence_fd: int | None = None,
-    bind: Binding | None = None,
-) -> int:
-    """Start nbdkit for `image` on `files.socket`; return its pid once the socket answers.
-
-    `keyslot`: the passphrase is for that keyslot only (a clevis token's).
-    `fence_fd`: the read end of the lease holder's pipe (nbd_plugin/serve/fence.py).
-    `bind`: only that VM's QEMU may connect (nbd_plugin/serve/peers.py)."""
-    exe = shutil.which(nbdkit)
-    if exe is None:
-        raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
-    sock = files.socket
-    if len(os.fsencode(sock)) > 107:
-        raise ServeError(f"socket path {sock} is longer than 107 bytes; choose a shorter --socket")
-    if probe(sock):
-        raise ServeError(f"something already serves on {sock}")
-    paths.private_dir(sock.parent)
-    for stale in (sock, files.pidfile, files.logfile, files.statsfile):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()  # in a directory only we can write: a planted symlink goes too
-    log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
-    r, w = os.pipe()
-    try:
-        os.write(w, passphrase)  # far below the pipe's capacity: never blocks
-        os.close(w)
-        w = -1
-        cmd = [exe, "-U", str(sock), "-P", str(files.pidfile), "--log=stderr"]
-        if readonly:
-            cmd.append("-r")
-        cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}",
-                f"stats={files.statsfile}"]  # fmt: skip
-        if keyslot is not None:
-            cmd.append(f"keyslot={keyslot}")
-        if fence_fd is not None:
-            cmd.append(f"fence=-{fence_fd}")
-        if bind is not None:
-            cmd.append(f"bind={bind.uuid}")
-            if bind.domain is not None:
-                cmd.append(f"bind_domain={bind.domain}")
-        proc = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            pass_fds=(r,) if fence_fd is None else (r, fence_fd),
-            start_new_session=True,
-            umask=0o077,
-            timeout=timeout,
-            check=False,
-            env=_clean_env(),
-        )
-    except subprocess.TimeoutExpired as e:
-        raise ServeError(f"nbdkit did not start within {timeout:.0f} s") from e
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-        os.close(log_fd)
-    if proc.returncode != 0:
-        raise ServeError(
-            f"nbdkit failed to start (exit {proc.returncode}): "
-            f"{_tail(files.logfile) or 'no output'}"
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = read_pid(files.pidfile)
-        if pid and probe(sock):
-            return pid
-        time.sleep(0.05)
-    raise ServeError(f"nbdkit started but {sock} does not answer: {_tail(files.logfile)}")
 
 
 def vm_binding(vm: Vm) -> Binding:
@@ -198,76 +42,86 @@ def vm_binding(vm: Vm) -> Binding:
     return Binding(parse_uuid(vm.uuid), vm.name)
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment nbdkit gets: only what it needs (no secrets could leak through it)."""
-    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR", "HOME")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    # the plugin imports nbd_plugin from this checkout or installation
-    root = str(plugin_path().parent.parent)
-    env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
-    return env
-
-
-def read_pid(pidfile: Path) -> int | None:
-    try:
-        return int(read_own(pidfile, 64).decode().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def is_our_server(pid: int, sock: Path) -> bool:
-    """True if `pid` is alive and is an nbdkit listening on `sock` (not a recycled pid)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(argv) and os.path.basename(argv[0]) == b"nbdkit" and os.fsencode(sock) in argv
-
-
-def _exited(pid: int) -> bool:
-    """Has `pid` closed its files (gone, or a zombie)? Its command line empties when its memory
-    is released, before its descriptors (and the image's locks) are: an exiting server no
-    longer looks like ours while it still holds the image."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat[stat.rindex(")") + 2 :][:1] in ("Z", "X")
-
-
-def stop(pid: int, files: ServerFiles, *, timeout: float = 10.0) -> bool:
-    """SIGTERM the server if it is still ours; wait for it. False if it was not running."""
-    running = is_our_server(pid, files.socket)
-    if running:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while is_our_server(pid, files.socket) or not _exited(pid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    for f in (files.socket, files.pidfile):
-        with contextlib.suppress(FileNotFoundError):
-            f.unlink()
-    return running
-
-
 # -- the keystore workflow ---------------------------------------------------------------
+
+#: where a disk is served: a per-disk nbdkit's files (`--isolated`), or the host server's
+Target = ServerFiles | HostFiles
+
+
+def alive(s: Server) -> bool:
+    """Is the recorded server still serving its disk? (a per-disk nbdkit on its socket, or
+    the host server with the disk's export)"""
+    ep = Endpoint.parse(s.socket)
+    if ep.export is None:
+        return is_our_server(s.pid, ep.socket)
+    files = HostFiles(ep.socket.parent)
+    if not nbdproc.is_host_server(s.pid, files):
+        return False
+    found = hostdisk.exports(files)
+    return found is not None and ep.export in found
+
+
+def audit_host_events(store: Keystore) -> int:
+    """Audit what the host servers of the recorded exports refused since last asked
+    (hostdisk.audit_events); how many rows."""
+    eps = [Endpoint.parse(s.socket) for s in store.run(lambda r: r.list_servers())]
+    dirs = {ep.socket.parent for ep in eps if ep.export is not None}
+    return sum(hostdisk.audit_events(store, HostFiles(d)) for d in sorted(dirs))
+
+
+def clients(s: Server) -> list[usage.Process]:
+    """The processes connected to the recorded server's disk (its socket, or its export)."""
+    ep = Endpoint.parse(s.socket)
+    if ep.export is None:
+        return usage.clients(ep.socket)
+    info = (hostdisk.exports(HostFiles(ep.socket.parent)) or {}).get(ep.export)
+    pids = () if info is None else info.clients
+    return [usage.process(p) or usage.Process(p, "(gone)") for p in pids]
+
+
+def io_counts(s: Server) -> tuple[int | None, int | None]:
+    """Bytes its clients read and wrote, as the recorded server counts them (at most a second
+    old for a per-disk nbdkit's published file; a file another server left does not count)."""
+    ep = Endpoint.parse(s.socket)
+    if ep.export is not None:
+        info = (hostdisk.exports(HostFiles(ep.socket.parent)) or {}).get(ep.export)
+        return (None, None) if info is None else (info.bytes_read, info.bytes_written)
+    return published_io(nbdproc.ServerFiles(ep.socket).statsfile, s.pid)
+
+
+def published_io(statsfile: Path, pid: int | None) -> tuple[int | None, int | None]:
+    """Bytes read and written that the per-disk nbdkit `pid` published (`stats=`; a file
+    another server left, before this one wrote its first, does not count)."""
+    state = statefile.read(statsfile)
+    if state is None or state.get("pid") != pid:
+        return None, None
+    got = state.get("read_bytes"), state.get("written_bytes")
+    return (got[0], got[1]) if all(isinstance(n, int) for n in got) else (None, None)
 
 
 def prepare(
-    store: Keystore, disk_name: str, socket: Path | None, *, readonly: bool = False
-) -> tuple[Disk, Vm, ServerFiles]:
-    """The disk, its VM and its server files, if the disk is ready and not already served
-    (by vmshield, or read-write by a server started outside it: that one is named)."""
+    store: Keystore,
+    disk_name: str,
+    socket: Path | None,
+    *,
+    readonly: bool = False,
+    host: HostFiles | None = None,
+) -> tuple[Disk, Vm, Target]:
+    """The disk, its VM and where to serve it (`host`: as an export of the host server;
+    else a server of its own on `socket`), if the disk is ready and not already served (by
+    vmshield, or read-write by a server started outside it: that one is named)."""
     d = store.run(lambda r: r.get_disk(disk_name))
     if d.state is not DiskState.READY:
         raise Conflict(f"disk {d.name} is {d.state.value}, not ready")
     v = store.run(lambda r: r.get_vm(d.vm))
-    files = ServerFiles((socket or paths.default_run_dir() / f"{d.name}.sock").absolute())
+    target: Target
+    if host is not None:
+        hostdisk.export_name(d.name)
+        target = host
+    else:
+        target = ServerFiles((socket or paths.default_run_dir() / f"{d.name}.sock").absolute())
     old = store.run(lambda r: r.get_server(d.name))
-    if old is not None and is_our_server(old.pid, Path(old.socket)):
+    if old is not None and alive(old):
         raise Conflict(
             f"disk {d.name} is already served on {old.socket} "
             f"(pid {old.pid}); `vmshield disk stop {d.name}` first"
@@ -278,7 +132,7 @@ def prepare(
             f"disk {d.name} is served outside vmshield: its image is {held} "
             "(started by hand or by a systemd unit: stop that process first)"
         )
-    return d, v, files
+    return d, v, target
 
 
 def serve_disk(
@@ -286,13 +140,13 @@ def serve_disk(
     disk: Disk,
     vm: Vm,
     password: bytes,
-    files: ServerFiles,
+    target: Target,
     *,
     readonly: bool,
     who: str,
     bind: Binding | None = None,
 ) -> int:
-    """Authenticate the owner, start nbdkit, record the server and the access; its pid.
+    """Authenticate the owner, serve the disk, record the server and the access; its pid.
 
     The password counts toward the owner's lockout. A server that cannot be recorded is
     stopped again, so no server runs that `vmshield disk stop` does not know of.
@@ -300,14 +154,14 @@ def serve_disk(
     # a verifier below this disk's keyslots is raised to them by this very check (B5)
     policy = verifier.covering_policy([disk.path])
     store.run(lambda r: r.authenticate(vm.owner, password, actor=who, vm=vm.name), policy=policy)
-    return serve_recorded(store, disk, password, files, readonly=readonly, who=who, bind=bind)
+    return serve_recorded(store, disk, password, target, readonly=readonly, who=who, bind=bind)
 
 
 def serve_recorded(
     store: Keystore,
     disk: Disk,
     passphrase: bytes,
-    files: ServerFiles,
+    target: Target,
     *,
     readonly: bool,
     who: str,
@@ -316,20 +170,35 @@ def serve_recorded(
     how: str | None = None,
     bind: Binding | None = None,
 ) -> int:
-    """Start nbdkit with a passphrase already vouched for (the owner's verified password, the
-    host key of an enrolled disk, a clevis token's: keystore.services.opening), take the
+    """Serve the disk with a passphrase already vouched for (the owner's verified password,
+    the host key of an enrolled disk, a clevis token's: keystore.services.opening), take the
     lease, record the server and the access, and (with `how`) which way the disk was
-    opened; its pid. `bind`: only that VM's QEMU may connect."""
+    opened; the server's pid. `bind`: only that VM's QEMU may connect.
+
+    `target` a HostFiles: the disk becomes an export of the host server (started if none
+    runs), the add audited with what `restore` needs to add it again after a restart."""
     # a disk recorded before such names were refused must not take a VM's usbgate files
     paths.check_disk_name(disk.name)
+    export = None
+    sock = target.socket
+    if isinstance(target, HostFiles):
+        export = hostdisk.export_name(disk.name)
+        sock = target.run_dir / f"{disk.name}.sock"  # names the lease holder's log only
     # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
-    held = lease.take(store.location, disk, files.socket, readonly=readonly)
+    held = lease.take(store.location, disk, sock, readonly=readonly, export=export)
     try:
-        pid = start(
-            Path(disk.path), passphrase, files, readonly=readonly, timeout=timeout,
-            keyslot=keyslot, fence_fd=None if held is None else held.fence_fd, bind=bind,
-        )  # fmt: skip
-    except ServeError as e:
+        if isinstance(target, HostFiles):
+            assert export is not None
+            pid, _ = hostdisk.ensure(target, timeout=timeout)
+            hostdisk.add(target, export, disk.path, passphrase, readonly=readonly,
+                         keyslot=keyslot, bind=bind, timeout=timeout,
+                         fence_fd=None if held is None else held.fence_fd)  # fmt: skip
+        else:
+            pid = start(
+                Path(disk.path), passphrase, target, readonly=readonly, timeout=timeout,
+                keyslot=keyslot, fence_fd=None if held is None else held.fence_fd, bind=bind,
+            )  # fmt: skip
+    except VmshieldError as e:
         if held is not None:
             held.abort()
         detail = {"disk": disk.name, "error": str(e)[-500:]}
@@ -337,12 +206,13 @@ def serve_recorded(
         raise
     if held is not None:
         held.attach(pid)
+    recorded = Endpoint(target.socket, export).recorded()
     try:
         store.run(
             lambda r: r.record_server(
                 disk.name,
-                socket=str(files.socket),
-                pidfile=str(files.pidfile),
+                socket=recorded,
+                pidfile=str(target.pidfile),
                 pid=pid,
                 readonly=readonly,
                 actor=who,
@@ -352,10 +222,26 @@ def serve_recorded(
         if how is not None:
             opened = {"disk": disk.name, "how": how, "keyslot": keyslot}
             store.run(lambda r: r.append_audit(who, "disk.opened", disk.vm, opened))
+        if export is not None:
+            added = {"disk": disk.name, "export": export, "uri": recorded, "pid": pid,
+                     "readonly": readonly, "how": how, "keyslot": keyslot,
+                     "bind": None if bind is None else {"uuid": bind.uuid,
+                                                        "domain": bind.domain}}  # fmt: skip
+            store.run(lambda r: r.append_audit(who, EXPORT_ADDED, disk.vm, added))
     except VmshieldError:
-        stop(pid, files)
+        if isinstance(target, HostFiles):
+            assert export is not None
+            with contextlib.suppress(VmshieldError):
+                hostdisk.remove(target, export, force=True)
+        else:
+            stop(pid, target)
         raise
     return pid
+
+
+#: the audit action of an export added to the host server (its detail is what restore reads)
+EXPORT_ADDED = "disk.export.add"
+EXPORT_REMOVED = "disk.export.remove"
 
 
 def held_by(disk: Disk) -> str:
@@ -367,12 +253,15 @@ def users(disk: Disk, sock: Path | None, run_dirs: Sequence[Path]) -> list[str]:
     """What is using the disk now: NBD clients on `sock`, a running libvirt domain that the
     qemu hook started the disk for (its record lives in one of `run_dirs`)."""
     found = [f"NBD client {c}" for c in usage.clients(sock)] if sock is not None else []
+    return found + _domains(disk, run_dirs)
+
+
+def _domains(disk: Disk, run_dirs: Sequence[Path]) -> list[str]:
     for run_dir in dict.fromkeys(run_dirs):
         dom = usage.running_domain(run_dir, disk.vm)
         if dom is not None:
-            found.append(f"libvirt domain {dom[0]} ({dom[1]}) started through the qemu hook")
-            break
-    return found
+            return [f"libvirt domain {dom[0]} ({dom[1]}) started through the qemu hook"]
+    return []
 
 
 def refuse_in_use(disk: Disk, command: str, found: Sequence[str]) -> None:
@@ -387,8 +276,9 @@ def refuse_in_use(disk: Disk, command: str, found: Sequence[str]) -> None:
 def stop_disk(
     store: Keystore, disk_name: str, *, who: str, force: bool = False
 ) -> tuple[Server, bool]:
-    """Stop the server of `disk_name` and forget it; (its record, whether it was running).
+    """Stop serving `disk_name` and forget its server; (its record, whether it was running).
 
+    A per-disk server is stopped; a host server's export is removed (the server stays).
     Without `force`, refuses (InUse) while an NBD client is connected or the domain the
     hook started the disk for is running, naming them. A disk locked by a server vmshield
     did not start is named too (NotFound: there is nothing of ours to stop)."""
@@ -402,16 +292,46 @@ def stop_disk(
             if held
             else f"disk {disk_name} is not being served"
         )
-    files = ServerFiles(Path(s.socket))
-    if not force and is_our_server(s.pid, files.socket):
-        d = store.run(lambda r: r.get_disk(disk_name))
-        refuse_in_use(d, f"vmshield disk stop {disk_name}", users(d, files.socket,
-                      [files.socket.parent]))  # fmt: skip
-    was_running = stop(s.pid, files)
+    ep = Endpoint.parse(s.socket)
+    command = f"vmshield disk stop {disk_name}"
+    if ep.export is not None:
+        was_running = _remove_export(store, s, ep, command, force=force)
+    else:
+        files = ServerFiles(ep.socket)
+        if not force and is_our_server(s.pid, files.socket):
+            d = store.run(lambda r: r.get_disk(disk_name))
+            refuse_in_use(d, command, users(d, files.socket, [files.socket.parent]))
+        was_running = stop(s.pid, files)
     if was_running:
         _wait_released(store.run(lambda r: r.get_disk(disk_name)).path)
     store.run(lambda r: r.remove_server(disk_name, actor=who))
+    if ep.export is not None:
+        d = store.run(lambda r: r.get_disk(disk_name))
+        gone = {"disk": d.name, "export": ep.export, "pid": s.pid, "was_served": was_running,
+                "force": force}  # fmt: skip
+        store.run(lambda r: r.append_audit(who, EXPORT_REMOVED, d.vm, gone))
     return s, was_running
+
+
+def _remove_export(store: Keystore, s: Server, ep: Endpoint, command: str, *, force: bool) -> bool:
+    """Remove the disk's export from the host server; False if it was not served."""
+    assert ep.export is not None
+    files = HostFiles(ep.socket.parent)
+    if not nbdproc.is_host_server(s.pid, files):
+        return False
+    found = hostdisk.exports(files) or {}
+    info = found.get(ep.export)
+    if info is None:
+        return False
+    if not force:
+        d = store.run(lambda r: r.get_disk(s.disk))
+        refuse_in_use(d, command, hostdisk.clients(info) + _domains(d, [files.run_dir]))
+    try:
+        return hostdisk.remove(files, ep.export, force=force)
+    except hostdisk.HostServerError as e:  # a client connected since we looked
+        if e.code == control.Code.BUSY:
+            raise InUse(f"{e}: or run `{command} --force` to do it anyway") from None
+        raise
 
 
 def _wait_released(image: str, timeout: float = 5.0) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from keystore.models import AuditEntry, Disk, Server, Vm
 from keystore.repository import Repository
-from keystore.services import serve, unlock, usage
+from keystore.services import nbdproc, serve, unlock, usage
 from keystore.services.libvirt_xml import usbgate_files
 from keystore.services.store import Keystore
 from nbd_plugin.osutil import statefile
@@ -143,31 +143,20 @@ def _served(records: _Records) -> list[ServedDisk]:
     out = []
     for d in records.disks:
         s = servers.get(d.name)
-        if s is not None and serve.is_our_server(s.pid, Path(s.socket)):
-            io = _io(serve.ServerFiles(Path(s.socket)).statsfile, s.pid)
+        if s is not None and serve.alive(s):  # its own nbdkit, or the host server's export
             out.append(ServedDisk(d.name, d.vm, s.pid, s.socket, s.started, s.readonly,
-                                  _starter(records.audit, s), usage.clients(s.socket),
-                                  *io))  # fmt: skip
+                                  _starter(records.audit, s), serve.clients(s),
+                                  *serve.io_counts(s)))  # fmt: skip
             continue
         for p in usage.holders(d.path):  # served outside vmshield
             unit = _unit_of(p.pid)
             how = f"systemd unit {unit}" if unit else "outside vmshield (by hand)"
             sock = _socket_arg(p.pid)
             given = _arg(p.pid, "stats=")
-            io = _io(Path(given), p.pid) if given else (None, None)
+            io = serve.published_io(Path(given), p.pid) if given else (None, None)
             out.append(ServedDisk(d.name, d.vm, p.pid, sock, _start_time(p.pid), None, how,
                                   usage.clients(sock) if sock else [], *io))  # fmt: skip
     return out
-
-
-def _io(statsfile: Path, pid: int | None) -> tuple[int | None, int | None]:
-    """Bytes read and written that server `pid` published (a file another server left,
-    before this one wrote its first, does not count)."""
-    state = statefile.read(statsfile)
-    if state is None or state.get("pid") != pid:
-        return None, None
-    got = state.get("read_bytes"), state.get("written_bytes")
-    return (got[0], got[1]) if all(isinstance(n, int) for n in got) else (None, None)
 
 
 def _arg(pid: int | None, prefix: str) -> str | None:
@@ -218,7 +207,7 @@ def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gat
     for run_dir in run_dirs:
         for pidfile in run_dir.glob("*-usbgate.pid"):
             vm = pidfile.name.removesuffix("-usbgate.pid")
-            if usbgate_files(run_dir, vm)[0] == pidfile and (pid := serve.read_pid(pidfile)):
+            if usbgate_files(run_dir, vm)[0] == pidfile and (pid := nbdproc.read_pid(pidfile)):
                 hook_pids[pid] = vm
     out = []
     for name in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from keystore import paths
-from keystore.services import hookconf, jobs, serve, unlock
+from keystore.services import hookconf, jobs, nbdproc, unlock
 from nbd_plugin.crypto import jit
 from nbd_plugin.erase import safefile
 from nbd_plugin.errors import VmshieldError
@@ -30,7 +30,7 @@ FILES: dict[str, tuple[Callable[[Path], None], Use]] = {
     "host key": (lambda p: p.write_bytes(b"ab" * 32), unlock.read_host_key),
     "hook.conf": (lambda p: p.write_text("[vmshield]\ndb = /var/lib/x.db\n"), hookconf.load),
     "job file": (lambda p: p.write_text('{"id": "x"}'), jobs.read),
-    "server log": (lambda p: p.write_text("nbdkit: started\n"), lambda p: serve.read_own(p, 64)),
+    "server log": (lambda p: p.write_text("nbdkit: started\n"), lambda p: nbdproc.read_own(p, 64)),
     "erase journal": (
         lambda p: p.write_text("{}"),
         lambda p: safefile.read_own_file(str(p), "erase journal"),
@@ -47,7 +47,7 @@ def _raise(e: Exception) -> None:
 
 
 def _refused(use: Use, path: Path) -> None:
-    """Each caller refuses with its own error: the product's, or EPERM (serve.read_own)."""
+    """Each caller refuses with its own error: the product's, or EPERM (nbdproc.read_own)."""
     with pytest.raises((VmshieldError, PermissionError)):
         use(path)
 

@@ -309,6 +309,6 @@ def test_keyslot_mismatch_fails_cleanly_and_is_audited(env: tuple[Path, Path]) -
 
 
 def serve_probe(sock: Path) -> bool:
-    from keystore.services.serve import probe
+    from keystore.services.nbdproc import probe
 
     return probe(sock)

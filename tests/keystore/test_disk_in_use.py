@@ -92,13 +92,17 @@ def test_a_server_started_by_hand_is_named_and_listed(
     keyfile.chmod(0o600)
     sock = sockdir / "byhand.sock"
     pidfile = sockdir / "byhand.pid"
-    from keystore.services.serve import plugin_path
+    from keystore.services.nbdproc import plugin_path
 
     subprocess.run(
         ["nbdkit", "-U", str(sock), "-P", str(pidfile), "python", str(plugin_path()),
          f"image={image}", f"passphrase=+{keyfile}"],
         check=True, timeout=60, capture_output=True,
     )  # fmt: skip
+    deadline = time.monotonic() + 10  # the forked server writes its pid file after the fork
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline, "nbdkit wrote no pid file"
+        time.sleep(0.02)
     pid = int(pidfile.read_text())
     try:
         held = f"held by pid {pid}: nbdkit -U {sock}"

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from keystore.services import unlock
+from keystore.services import hostdisk, unlock
 from keystore.services.libvirt_hook import main
+from keystore.services.nbdproc import HostFiles
 from tests.support.libvirt import Keystore, hook_keystore, processes
 
 NOBODY = 65534
@@ -84,7 +85,7 @@ def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
     VM's uuid references the same sockets: its start fails ("already served"), and libvirt
     then runs `release end` for it, which stopped web1's disk server and usbgate under the
     running guest. Release stops only what that domain's own prepare started."""
-    from keystore.services import serve
+    from keystore.services import nbdproc
 
     uuid = ks.cli("vm", "show", ks.vm, "--json").stdout.split('"uuid": "')[1].split('"')[0]
     ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
@@ -94,17 +95,19 @@ def test_a_failed_start_of_another_domain_does_not_stop_the_running_one(
         f"<domain><name>intruder</name><uuid>{uuid}</uuid><devices>{dev}</devices></domain>"
     ).encode()
     assert run_hook(ks, web1, capsys)[0] == 0
-    sock = ks.run_dir / f"{ks.disk}.sock"
+    sock = ks.run_dir / "nbd.sock"  # the host disk server's, web1-0 an export on it
     pids = processes(str(ks.base))
     code, err = run_hook(ks, intruder, capsys)
     assert code == 1 and "carries the uuid of VM web1 but not its name" in err
     code = main(["intruder", "release", "end", "-"], config=ks.config, stdin=io.BytesIO(intruder))
     err = capsys.readouterr().err
     assert code == 0 and "not started by domain intruder" in err
-    assert serve.probe(sock) and processes(str(ks.base)) == pids
+    assert nbdproc.probe(sock) and processes(str(ks.base)) == pids
+    assert ks.disk in (hostdisk.exports(HostFiles(ks.run_dir)) or {})
     code = main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(web1))
     assert code == 0 and capsys.readouterr().err.startswith(f"vmshield: VM {ks.vm}: stopped ")
-    assert processes(str(ks.base)) == []
+    assert hostdisk.exports(HostFiles(ks.run_dir)) == {}  # the server stays, serving nothing
+    assert processes(str(ks.base)) == [hostdisk.ping(HostFiles(ks.run_dir))]
 
 
 def test_host_key_in_a_directory_another_user_owns_is_refused(ks: Keystore) -> None:

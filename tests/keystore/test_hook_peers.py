@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from keystore.services import serve
+from keystore.services import nbdproc
 from keystore.services.libvirt_hook import main
 from tests.support.libvirt import Keystore, hook_keystore
 from tests.support.nbd import qemu_client
@@ -36,7 +36,7 @@ def served(capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Keystore, Path,
     with hook_keystore("vhp") as ks:
         ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
         uuid = json.loads(ks.cli("vm", "show", ks.vm, "--json").stdout)["vm"]["uuid"]
-        dev = ks.cli("libvirt", "devices", ks.vm).stdout
+        dev = ks.cli("libvirt", "devices", ks.vm, "--isolated").stdout  # a server of its own
         xml = (
             f"<domain type='qemu'><name>{ks.vm}</name><uuid>{uuid}</uuid>"
             f"<devices>{dev}</devices></domain>"
@@ -143,5 +143,8 @@ def test_own_domain_through_an_alias_is_served(capsys: pytest.CaptureFixture[str
         xml = nbd_domain(ks.vm, uuid, alias)
         assert main([ks.vm, "prepare", "begin", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
         assert f"served {ks.disk}" in capsys.readouterr().err
-        assert serve.probe(ks.run_dir / f"{ks.disk}.sock")
+        assert nbdproc.probe(ks.run_dir / f"{ks.disk}.sock")
         assert main([ks.vm, "release", "end", "-"], config=ks.config, stdin=io.BytesIO(xml)) == 0
+        # the release finds the server through the same alias
+        assert f"stopped {ks.disk}" in capsys.readouterr().err
+        assert not nbdproc.probe(ks.run_dir / f"{ks.disk}.sock")

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from keystore.services import serve
+from keystore.services import nbdproc
 from nbd_plugin import luks
 from tests.support import ROOT
 
@@ -58,7 +58,7 @@ def test_disk_unit_exec_start_serves_from_credential(tmp_path: Path, sockdir: Pa
     line = (
         line.replace("/run/vmshield/%i.sock", str(sock))
         .replace("%d", str(creds))
-        .replace("${VMSHIELD_PLUGIN}", str(serve.plugin_path()))
+        .replace("${VMSHIELD_PLUGIN}", str(nbdproc.plugin_path()))
         .replace("${VMSHIELD_IMAGE}", str(image))
     )
     assert "%" not in line and "${" not in line
@@ -71,7 +71,7 @@ def test_disk_unit_exec_start_serves_from_credential(tmp_path: Path, sockdir: Pa
     )
     try:
         deadline = time.monotonic() + 60
-        while not serve.probe(sock):
+        while not nbdproc.probe(sock):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -107,7 +107,7 @@ def test_ask_password_dropin_pipes_passphrase_without_newline(
         **os.environ,
         "PATH": f"{fake}:{os.environ['PATH']}",
         "PYTHONPATH": str(ROOT),
-        "VMSHIELD_PLUGIN": str(serve.plugin_path()),
+        "VMSHIELD_PLUGIN": str(nbdproc.plugin_path()),
         "VMSHIELD_IMAGE": str(image),
     }
     proc = subprocess.Popen(
@@ -119,10 +119,42 @@ def test_ask_password_dropin_pipes_passphrase_without_newline(
     )
     try:
         deadline = time.monotonic() + 60
-        while not serve.probe(sock):
+        while not nbdproc.probe(sock):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_host_unit_verifies_and_its_exec_start_runs_the_host_server(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    from keystore.services import hostdisk
+
+    unit = UNITS / "vmshield-nbd.service"
+    shutil.copy(unit, tmp_path / unit.name)
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / unit.name)],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    text = unit.read_text()
+    assert "\nType=forking\n" in text and "\nPIDFile=/run/vmshield/nbd.pid\n" in text
+    assert "\nMemorySwapMax=0\n" in text and "\nLimitCORE=0\n" in text
+    # a disk that cannot come back must not fail the unit ("-")
+    assert "\nExecStartPost=-/usr/bin/vmshield disk serve --restore\n" in text
+    line = exec_start(unit).replace("/run/vmshield", str(sockdir))
+    line = line.replace("${VMSHIELD_PLUGIN}", str(nbdproc.plugin_path()))
+    assert "%" not in line and "${" not in line
+    # Type=forking: the command returns once the server runs (control socket bound)
+    subprocess.run(line.split(), env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    host = nbdproc.HostFiles(sockdir)
+    pid = nbdproc.read_pid(host.pidfile)
+    try:
+        assert pid is not None and hostdisk.ping(host) == pid
+        assert hostdisk.ensure(host) == (pid, False)  # `disk serve` uses it, starts no other
+        assert nbdproc.probe(host.socket) and hostdisk.exports(host) == {}
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from keystore.services import unlock
+from keystore.services import hostdisk, unlock
+from keystore.services.nbdproc import HostFiles
 from nbd_plugin.luks import payload_region
 from scripts.lab.guest import DONE, MARKER, RAW_OFFSET, Guest, build_guest, read_export
 from tests.support.libvirt import Keystore, Libvirtd, available, domain_xml, processes
@@ -53,9 +54,15 @@ class Env:
                     str(self.ks.pwfile))  # fmt: skip
 
     def left_behind(self) -> list[str]:
-        """nbdkit or usbgate processes of this test still running."""
-        out = []
+        """What of this test still runs: the host disk server's exports ("export NAME"; the
+        server itself stays, serving the host's other VMs), other nbdkit or usbgate
+        processes."""
+        host = HostFiles(self.ks.run_dir)
+        server = hostdisk.ping(host)
+        out = [f"export {name}" for name in (hostdisk.exports(host) or {})]
         for pid in processes(str(self.ks.base)):
+            if pid == server:
+                continue
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
@@ -170,7 +177,7 @@ def test_enroll_host_starts_unattended_until_unenrolled(domain: Env) -> None:
     try:
         lv.virsh("start", ks.vm)
         assert lv.state(ks.vm) == "running"
-        assert len(domain.left_behind()) == 2  # nbdkit + usbgate
+        assert len(domain.left_behind()) == 2  # the disk's export + usbgate
         lv.virsh("destroy", ks.vm)
         assert domain.left_behind() == []
         assert ks.audit(1)[-1]["action"] == "libvirt.release"
@@ -284,7 +291,50 @@ def test_a_running_domains_disk_is_shown_and_cannot_be_stopped_or_destroyed(doma
     assert "started through the qemu hook" in said and "--force" in said, said
     ks.cli("disk", "stop", ks.disk, "--force")  # the guest keeps running, without its disk
     said = ks.cli("disk", "destroy", ks.disk, "-m", "zero", "--yes", code=75).stderr
-    assert "still in use by libvirt domain web1" in said, said
+    # the host server keeps a forcibly removed export's image open until its last client
+    # (the running QEMU) goes, so the image is still held; a server of its own would be
+    # gone and the running domain named instead
+    assert "is being served" in said and "nbdkit -U " in said and "nbd.sock" in said, said
     assert json.loads(ks.cli("disk", "list", "--json").stdout)[0]["state"] == "ready"
     lv.virsh("destroy", ks.vm)
     assert domain.left_behind() == []
+
+
+def test_two_domains_share_one_host_disk_server(domain: Env) -> None:
+    """Issue 22: `virsh start` of two domains: one host nbdkit serves both VMs' disks, each
+    QEMU the only client of its own VM's export; destroying one leaves the other's alone."""
+    ks, lv = domain.ks, domain.lv
+    pw = str(ks.pwfile)
+    ks.cli("vm", "add", "web2", "--owner", "alice")
+    ks.cli("disk", "create", "web2", "--size", "64M", "--pbkdf-iterations", "1000",
+           "--password-file", pw)  # fmt: skip
+    uuid2 = json.loads(ks.cli("vm", "show", "web2", "--json").stdout)["vm"]["uuid"]
+    for disk in (ks.disk, "web2-0"):
+        ks.cli("disk", "enroll-host", disk, "--password-file", pw)
+    domain.define("shell")
+    devices = ks.cli("libvirt", "devices", "web2", "--usb-slots", "0").stdout
+    path = ks.base / "web2.xml"
+    path.write_text(domain_xml("web2", uuid2, domain.guest, "shell", devices,
+                               ks.base / "web2.log"))  # fmt: skip
+    lv.virsh("define", str(path))
+    host = HostFiles(ks.run_dir)
+    try:
+        lv.virsh("start", ks.vm)
+        lv.virsh("start", "web2")
+        exports = hostdisk.exports(host) or {}
+        assert set(exports) == {"web1-0", "web2-0"}
+        pid = hostdisk.ping(host)
+        served = json.loads(ks.cli("status", "--json").stdout)["disks"]
+        assert {d["pid"] for d in served} == {pid}  # one process for both
+        clients = {d["disk"]: [c["command"] for c in d["clients"]] for d in served}
+        assert len(clients["web1-0"]) == len(clients["web2-0"]) == 1
+        assert "-name guest=web1," in clients["web1-0"][0]  # each export: its domain's QEMU
+        assert "-name guest=web2," in clients["web2-0"][0]
+        lv.virsh("destroy", "web2")
+        assert set(hostdisk.exports(host) or {}) == {"web1-0"} and hostdisk.ping(host) == pid
+        assert lv.state(ks.vm) == "running"
+    finally:
+        lv.virsh("destroy", "web2", check=False)
+        lv.virsh("undefine", "web2", check=False)
+        for disk in (ks.disk, "web2-0"):
+            ks.cli("disk", "unenroll-host", disk, code=None)

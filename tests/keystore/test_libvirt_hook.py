@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from keystore.services import serve, unlock
+from keystore.services import hostdisk, nbdproc, unlock
 from keystore.services.libvirt_hook import main
+from keystore.services.nbdproc import HostFiles
 from tests.support.libvirt import Keystore, hook_keystore, processes
 
 pytestmark = pytest.mark.skipif(shutil.which("keyctl") is None, reason="keyutils missing")
@@ -42,6 +43,15 @@ def domain(ks: Keystore, *, disks: list[str] | None = None, usb: int = 0, name: 
         dev = "".join(ET.tostring(el, encoding="unicode") for el in root)
     name = name or ks.vm
     return f"<domain type='qemu'><name>{name}</name><devices>{dev}</devices></domain>".encode()
+
+
+def left_behind(ks: Keystore) -> list[int]:
+    """What the hook left running besides the host disk server, which stays (it serves the
+    other VMs) but must serve nothing of this one."""
+    host = HostFiles(ks.run_dir)
+    pid = hostdisk.ping(host)
+    assert pid is None or hostdisk.exports(host) == {}
+    return [p for p in processes(str(ks.base)) if p != pid]
 
 
 def hook(
@@ -93,9 +103,9 @@ def test_failed_second_disk_stops_the_first(
     (ks.base / "disks" / "web1-1.img").write_bytes(b"not a LUKS image" * 64)
     ks.cli("vm", "unlock", ks.vm, "--for", "1m", "--password-file", str(ks.pwfile))
     code, err = hook(ks, "prepare", "begin", domain(ks, usb=1), capsys)
-    assert code == 1 and err.startswith("vmshield: disk web1-1: nbdkit failed to start")
-    assert err.count("\n") == 1
-    assert processes(str(ks.base)) == []  # web1-0's server was stopped again, no usbgate
+    assert code == 1 and err.startswith("vmshield: disk web1-1: ")
+    assert "not a LUKS image" in err and err.count("\n") == 1
+    assert left_behind(ks) == []  # web1-0's export was removed again, no usbgate
     assert [d["server"] for d in json.loads(ks.cli("disk", "list", "--json").stdout)] == [None] * 2
     # the unlock was not used up by the failed start
     assert unlock.remaining(json.loads(ks.cli("vm", "show", ks.vm, "--json").stdout)["vm"]["uuid"])
@@ -109,8 +119,8 @@ def test_prepare_release_reconnect(ks: Keystore, capsys: pytest.CaptureFixture[s
     assert re.fullmatch(
         r"vmshield: VM web1: served web1-0, usbgate with 1 slot\(s\) in \d+\.\d\d s\n", err
     )
-    sock = ks.run_dir / "web1-0.sock"
-    assert serve.probe(sock)
+    sock = ks.run_dir / "nbd.sock"  # the host disk server's
+    assert nbdproc.probe(sock) and "web1-0" in (hostdisk.exports(HostFiles(ks.run_dir)) or {})
     assert (ks.run_dir / "web1-usb.sock").is_socket()  # usbgate listens for owners
     prep = ks.audit(3)[-1]
     assert prep["action"] == "libvirt.prepare"
@@ -121,7 +131,7 @@ def test_prepare_release_reconnect(ks: Keystore, capsys: pytest.CaptureFixture[s
 
     code, err = hook(ks, "release", "end", xml, capsys)
     assert (code, err) == (0, "vmshield: VM web1: stopped web1-0, usbgate\n")
-    assert processes(str(ks.base)) == [] and not sock.exists()
+    assert left_behind(ks) == []
 
     code, err = hook(ks, "reconnect", "begin", xml, capsys)
     assert code == 0 and "MISSING: web1-0, usbgate" in err
@@ -176,7 +186,16 @@ def test_devices_xml(ks: Keystore) -> None:
         f"<devices>{ks.cli('libvirt', 'devices', ks.vm, '--usb-slots', '2').stdout}</devices>"
     )
     (disk,) = dev.findall("disk")
-    assert disk.find("source/host").get("socket") == str(ks.run_dir / "web1-0.sock")  # type: ignore[union-attr]
+    # an export of the host disk server, with QEMU reconnecting if the server restarts
+    assert disk.find("source").get("name") == "web1-0"  # type: ignore[union-attr]
+    assert disk.find("source/host").get("socket") == str(ks.run_dir / "nbd.sock")  # type: ignore[union-attr]
+    assert disk.find("source/reconnect").get("delay") == "10"  # type: ignore[union-attr]
+    isolated = ET.fromstring(
+        f"<devices>{ks.cli('libvirt', 'devices', ks.vm, '--isolated').stdout}</devices>"
+    )
+    (own,) = isolated.findall("disk")
+    assert own.find("source").get("name") is None  # type: ignore[union-attr]
+    assert own.find("source/host").get("socket") == str(ks.run_dir / "web1-0.sock")  # type: ignore[union-attr]
     assert [c.get("model") for c in dev.findall("controller")] == ["qemu-xhci"]
     paths = [r.find("source").get("path") for r in dev.findall("redirdev")]  # type: ignore[union-attr]
     assert paths == [str(ks.run_dir / "web1-usb0.sock"), str(ks.run_dir / "web1-usb1.sock")]
@@ -233,7 +252,7 @@ def test_usbgate_failure_stops_the_disks(ks: Keystore, capsys: pytest.CaptureFix
     code, err = hook(ks, "prepare", "begin", xml, capsys)
     assert code == 1 and err.startswith("vmshield: usbgate of VM web1 exited: ")
     assert err.count("\n") == 1
-    assert processes(str(ks.base)) == []
+    assert left_behind(ks) == []
     assert [d["server"] for d in json.loads(ks.cli("disk", "list", "--json").stdout)] == [None]
 
 
@@ -245,3 +264,31 @@ def test_unlock_cancel_and_bad_duration(ks: Keystore, capsys: pytest.CaptureFixt
     assert "no pending unlock" in ks.cli("vm", "unlock", ks.vm, "--cancel").stdout
     bad = ks.cli("vm", "unlock", ks.vm, "--for", "25h", "--password-file", str(ks.pwfile), code=2)
     assert "must be between 1 s and 24 h" in bad.stderr
+
+
+def test_reconnect_restarts_a_dead_host_server_and_restores(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libvirtd restarted and the host disk server is gone too (a host-wide hiccup): the
+    hook's `reconnect begin` starts a new server and serves the domain's disk again (the host
+    key opens it), so its QEMU reconnects; the audit says what came back."""
+    import signal
+    import time
+
+    ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+    xml = domain(ks)
+    assert hook(ks, "prepare", "begin", xml, capsys)[0] == 0
+    host = HostFiles(ks.run_dir)
+    old = hostdisk.ping(host)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    while hostdisk.ping(host) is not None:
+        time.sleep(0.02)
+    code, err = hook(ks, "reconnect", "begin", xml, capsys)
+    assert (code, err) == (0, "vmshield: VM web1: still up: web1-0\n")
+    new = hostdisk.ping(host)
+    assert new not in (None, old) and set(hostdisk.exports(host) or {}) == {"web1-0"}
+    restored = [r for r in ks.audit(10) if r["action"] == "disk.export.restore"]
+    assert restored[-1]["detail"]["restored"] == {"web1-0": "host-key"}  # type: ignore[index]
+    assert hook(ks, "release", "end", xml, capsys)[0] == 0
+    assert left_behind(ks) == []

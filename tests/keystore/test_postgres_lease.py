@@ -28,7 +28,7 @@ from keystore.models import Disk
 from keystore.postgres import connection as pgconn
 from keystore.postgres import lease as pglease
 from keystore.postgres import repository as pg_repo
-from keystore.services import lease, serve
+from keystore.services import lease, nbdproc
 from tests.support.cli import FAST
 from tests.support.postgres import Cluster
 
@@ -78,7 +78,7 @@ def test_two_hosts_serve_one_image_exactly_one_wins_then_takeover(
     err = results[loser][1]
     assert "already served read-write by host" in err and str(socks[winner]) in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert serve.probe(socks[winner]) and not serve.probe(socks[loser])
+    assert nbdproc.probe(socks[winner]) and not nbdproc.probe(socks[loser])
     [(holder, _)] = _lease_rows(keystore)
     assert str(socks[winner]) in holder
 
@@ -86,14 +86,14 @@ def test_two_hosts_serve_one_image_exactly_one_wins_then_takeover(
     db = urllib.parse.urlsplit(keystore).path.lstrip("/")
     assert pg_cluster.terminate(db, application_name="vmshield-lease") == 1
     deadline = time.monotonic() + 15
-    while serve.probe(socks[winner]):
+    while nbdproc.probe(socks[winner]):
         assert time.monotonic() < deadline, "the fenced server still answers"
         time.sleep(0.05)
     fenced = (socks[winner].with_suffix(".lease.log")).read_text()
     assert "lease of web1-0 lost" in fenced
 
     _out, err = _serve(keystore, socks[loser]).communicate(PW.decode(), timeout=120)
-    assert serve.probe(socks[loser]), err
+    assert nbdproc.probe(socks[loser]), err
     [(holder, _)] = _lease_rows(keystore)
     assert str(socks[loser]) in holder
 
@@ -195,8 +195,8 @@ def test_a_lost_lease_stops_its_server_before_the_lease_is_served_elsewhere(
 
     sock = sockdir / "hostA" / "web1-0.sock"
     _out, err = _serve(keystore, sock).communicate(PW.decode(), timeout=120)
-    assert serve.probe(sock), err
-    files = serve.ServerFiles(sock)
+    assert nbdproc.probe(sock), err
+    files = nbdproc.ServerFiles(sock)
     acks: list[float] = []
     refused: list[float] = []
     stop = threading.Event()
@@ -237,15 +237,15 @@ def test_a_lost_lease_stops_its_server_before_the_lease_is_served_elsewhere(
         thread.join(10)
         assert refused, "nbdkit went on acknowledging writes after its lease holder died"
         deadline = time.monotonic() + 10
-        while serve.probe(sock):  # and it shuts itself down (no one is left to SIGTERM it)
+        while nbdproc.probe(sock):  # and it shuts itself down (no one is left to SIGTERM it)
             assert time.monotonic() < deadline, "the fenced server still answers"
             time.sleep(0.05)
     finally:
         stop.set()
         thread.join(10)
-        pid = serve.read_pid(files.pidfile)
+        pid = nbdproc.read_pid(files.pidfile)
         if pid:
-            serve.stop(pid, files)
+            nbdproc.stop(pid, files)
     # the next host's holder finds the row left behind and waits out the grace period
     disk = asyncio.run(_disk(keystore))
     taking = time.monotonic()
@@ -270,7 +270,7 @@ def test_a_holder_whose_database_stops_answering_fences_after_the_deadline(
     lease.DEADLINE s without an answer, well before the server's keepalives end the session."""
     sock = sockdir / "hostA" / "web1-0.sock"
     _out, err = _serve(keystore, sock).communicate(PW.decode(), timeout=120)
-    assert serve.probe(sock), err
+    assert nbdproc.probe(sock), err
     db = urllib.parse.urlsplit(keystore).path.lstrip("/")
     with psycopg.connect(keystore, autocommit=True) as conn:
         [(backend,)] = conn.execute(
@@ -280,7 +280,7 @@ def test_a_holder_whose_database_stops_answering_fences_after_the_deadline(
     os.kill(backend, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        while serve.probe(sock):
+        while nbdproc.probe(sock):
             assert time.monotonic() - stopped < lease.DEADLINE + 10, "the server still answers"
             time.sleep(0.05)
         fenced = time.monotonic() - stopped

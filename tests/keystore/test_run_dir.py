@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from keystore.services import serve
+from keystore.services import nbdproc
 from tests.support import ROOT
 
 VICTIM = "vmshield-t2"
@@ -122,7 +122,9 @@ def test_a_group_writable_socket_dir_is_refused(tmp_path: Path) -> None:
     d.mkdir(mode=0o700)
     d.chmod(0o770)
     with pytest.raises(Exception, match="writable by others"):
-        serve.start(tmp_path / "none.img", b"pw", serve.ServerFiles(d / "x.sock"), readonly=True)
+        nbdproc.start(
+            tmp_path / "none.img", b"pw", nbdproc.ServerFiles(d / "x.sock"), readonly=True
+        )
 
 
 def test_a_planted_log_symlink_is_not_followed(tmp_path: Path) -> None:
@@ -132,7 +134,9 @@ def test_a_planted_log_symlink_is_not_followed(tmp_path: Path) -> None:
     precious.write_bytes(b"keep me\n")
     (d / "x.log").symlink_to(precious)
     (d / "x.pid").symlink_to(precious)
-    with pytest.raises(serve.ServeError):
-        serve.start(tmp_path / "none.img", b"pw", serve.ServerFiles(d / "x.sock"), readonly=True)
+    with pytest.raises(nbdproc.ServeError):
+        nbdproc.start(
+            tmp_path / "none.img", b"pw", nbdproc.ServerFiles(d / "x.sock"), readonly=True
+        )
     assert precious.read_bytes() == b"keep me\n"
     assert not (d / "x.log").is_symlink()

@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 from keystore.auth import AuthPolicy
 from keystore.cli import main
 from keystore.errors import KeystoreError
-from keystore.services import serve
+from keystore.services import nbdproc, serve
 from keystore.services.libvirt_xml import usb_socket, usbgate_files
 from keystore.services.store import Keystore
 from keystore.sqlite import repository as sqlite_repo
@@ -72,7 +72,7 @@ def test_a_recorded_disk_with_such_a_name_is_not_served(db: Path, tmp_path: Path
     store.run(lambda r: r.add_disk("web", "web-usb0", str(img), fmt="luks1",
                                    cipher="aes-xts-plain64", size=1 << 20, actor="t"))  # fmt: skip
     disk = store.run(lambda r: r.get_disk("web-usb0"))
-    files = serve.ServerFiles(tmp_path / "web-usb0.sock")
+    files = nbdproc.ServerFiles(tmp_path / "web-usb0.sock")
     with pytest.raises(KeystoreError, match="reserved"):
         serve.serve_recorded(store, disk, PW, files, readonly=False, who="t")
     assert not files.pidfile.exists() and not files.socket.exists()

@@ -10,10 +10,13 @@ marker (ciphertext at rest again), an unattended start with an enrolled host key
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import time
 from pathlib import Path
 
+from keystore.services import nbdproc
 from nbd_plugin.luks import payload_region
 from scripts.lab.demo.support import Host, Report, StepFailed
 from scripts.lab.guest import DONE, MARKER, RAW_OFFSET, Guest, read_export
@@ -89,6 +92,7 @@ def step_libvirt(host: Host, r: Report, guest: Guest) -> None:
     print("  starting a private libvirtd (its own mount namespace: the host's /etc/libvirt is "
           "not touched)")  # fmt: skip
     lv.start()
+    host.cleanups.append(lambda: _stop_host_server(run_dir))  # the hook started it on demand
     host.cleanups.append(lv.stop)
 
     def destroy() -> None:
@@ -151,7 +155,7 @@ def step_libvirt(host: Host, r: Report, guest: Guest) -> None:
     # boot is warmer: its numba kernels are loaded)
     hand = host.path("run/hand.sock")
     bare = host.vmshield("libvirt", "devices", VM, "--config", str(conf), "--usb-slots", "0",
-                         show=False).stdout  # fmt: skip
+                         "--isolated", show=False).stdout  # fmt: skip
     _define(host, v, guest, "shell", bare.replace(str(run_dir / f"{DISK}.sock"), str(hand)))
     by_hand = []
     for _ in range(RUNS):
@@ -167,3 +171,14 @@ def step_libvirt(host: Host, r: Report, guest: Guest) -> None:
           f"nbdkit start, host-key keyslot, usbgate start); disk served by hand beforehand "
           f"{p:.2f} s (runs {', '.join(f'{x:.2f}' for x in by_hand)}, no USB)")  # fmt: skip
     lv.stop()
+
+
+def _stop_host_server(run_dir: Path) -> None:
+    """SIGTERM the host disk server the hook started in `run_dir` (it outlives the domains)."""
+    files = nbdproc.HostFiles(run_dir)
+    pid = nbdproc.read_pid(files.pidfile)
+    if pid is not None and nbdproc.is_host_server(pid, files):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10  # gone before the demo says nothing runs
+        while nbdproc.is_host_server(pid, files) and time.monotonic() < deadline:
+            time.sleep(0.05)
