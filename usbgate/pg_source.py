@@ -15,6 +15,7 @@ Audit rows go to the same database through a worker thread and its own connectio
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -49,6 +50,22 @@ class PgRuleSource:
         except KeystoreError as exc:
             raise RuleSourceError(str(exc)) from exc
         return None if rows is None else list(rows)
+
+    def poll_many(self, vms: Iterable[str]) -> dict[str, list[Rule] | RuleSourceError]:
+        """Memory reads: the listener thread already re-read the VMs a NOTIFY named."""
+        changed: dict[str, list[Rule] | RuleSourceError] = {}
+        for vm in vms:
+            try:
+                rows = self.listener.take(vm)
+            except KeystoreError as exc:
+                changed[vm] = RuleSourceError(str(exc))
+                continue
+            if rows is not None:
+                changed[vm] = list(rows)
+        return changed
+
+    def forget(self, vm: str) -> None:
+        self.listener.unwatch(vm)
 
     def close(self) -> None:
         self.listener.close()
