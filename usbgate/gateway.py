@@ -1,8 +1,10 @@
 """The asyncio gateway of one VM: listens for owners, relays each to a free QEMU usb-redir slot.
 
-One ``Gateway`` per VM. Owners (``usbredirect --to HOST:PORT``) connect to ``listen``; each
-connection takes the first free ``--qemu`` slot (one per ``-device usb-redir`` of the VM), and
-a ``Session`` relays it under the VM's rules.
+One ``Gateway`` per VM: alone in `usbgate run`, or one of many in one process under a
+``usbgate.host.Host`` (``shared=True``), which then owns the rule source and the watching.
+Owners (``usbredirect --to HOST:PORT``) connect to ``listen``; each connection takes the
+first free ``--qemu`` slot (one per ``-device usb-redir`` of the VM), and a ``Session``
+relays it under the VM's rules.
 
 Revocation and live allow: a watcher polls the RuleSource every ``poll_interval`` (10 ms).
 When the rules change it re-judges every attached device and revokes those no longer
@@ -59,7 +61,10 @@ class Gateway:
         idle_timeout: float = IDLE_TIMEOUT,
         max_per_peer: int = MAX_PER_PEER,
         refusal_window: float = REFUSAL_WINDOW,
+        shared: bool = False,
     ) -> None:
+        """``shared``: the rule source serves other gateways too (a Host): this gateway
+        neither watches it (the host polls it for every VM and calls ``apply``) nor closes it."""
         if not qemu_slots:
             raise ValueError("at least one QEMU usb-redir slot is needed")
         self.vm = vm
@@ -72,6 +77,7 @@ class Gateway:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.max_per_peer = max_per_peer
+        self.shared = shared
         self.refusals = Refusals(audit, vm, window=refusal_window)
         self.denials = DenialSink(audit, window=refusal_window)
         self._per_peer: dict[str, int] = {}
@@ -92,7 +98,8 @@ class Gateway:
         """Load the rules (RuleSourceError if they cannot be read), then listen and watch."""
         self.rules = self.rule_source.load(self.vm)
         self._server = await start_server(self.listen, self._accept)
-        self._watcher = asyncio.create_task(self._watch())
+        if not self.shared:
+            self._watcher = asyncio.create_task(self._watch())
         log.info("usbgate for vm %s listening on %s, %d slot(s), %d rule(s)",
                  self.vm, self.listen, len(self.qemu_slots), len(self.rules))  # fmt: skip
 
@@ -126,7 +133,8 @@ class Gateway:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
-        self.rule_source.close()
+        if not self.shared:
+            self.rule_source.close()
         self.refusals.flush(everything=True)
         self.denials.flush(everything=True)
 
@@ -141,22 +149,39 @@ class Gateway:
         """Pick up changed rules and enforce them at once. Unreadable rules deny everything."""
         seen = time.monotonic()
         try:
-            new = self.rule_source.poll(self.vm)
+            new: list[Rule] | RuleSourceError | None = self.rule_source.poll(self.vm)
         except RuleSourceError as exc:
+            new = exc
+        self.apply(new, seen)
+
+    def apply(self, new: list[Rule] | RuleSourceError | None, seen: float) -> None:
+        """Enforce what a poll of the rule source returned for this VM (None: no change; an
+        error: the rules are unknown, so every device is denied), seen at ``seen``."""
+        if isinstance(new, RuleSourceError):
             if self.rules:
-                log.error("vm %s: rules unreadable, denying every device: %s", self.vm, exc)
-                self.audit.record("usb.rules.unreadable", self.vm, {"error": str(exc)})
+                log.error("vm %s: rules unreadable, denying every device: %s", self.vm, new)
+                self.audit.record("usb.rules.unreadable", self.vm, {"error": str(new)})
             new = [] if self.rules else None
         if new is not None:
             self.rules = new
             self._enforce(seen)
+            log.info("vm %s: rules changed (%d rule(s))", self.vm, len(new))
+
+    def flush(self) -> None:
+        """Write the aggregated refusal and denial rows that are due (every poll)."""
+        self.refusals.flush()
+        self.denials.flush()
+
+    @property
+    def attached(self) -> int:
+        """How many devices this VM's guest has now."""
+        return sum(1 for s in self.sessions.values() if s.state is State.ATTACHED)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
             self._refresh()
-            self.refusals.flush()
-            self.denials.flush()
+            self.flush()
 
     def _enforce(self, seen: float) -> None:
         """Revoke every attached device the current rules no longer allow; forward every

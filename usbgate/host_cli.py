@@ -1,0 +1,216 @@
+"""`usbgate host ...`: one usbgate process for every VM of the host (usbgate.host).
+
+`usbgate host serve` runs it; `usbgate host add/remove/list` talk to it over its control
+socket, as the libvirt hook or an admin would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from usbgate.addresses import Address
+from usbgate.cli import (
+    _address,
+    _audit_sink,
+    _fail,
+    _rule_source,
+    gateway_options,
+    rules_options,
+)
+from usbgate.errors import RuleSourceError
+from usbgate.host import ControlServer, Host, HostError, VmSpec, control_request, group_id
+from usbgate.sources import AuditSink
+
+DEFAULT_CONTROL = "/run/vmshield/usbgate.ctl"
+
+
+def _specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[VmSpec]:
+    try:
+        return [VmSpec.parse(v) for v in value]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def control_option(f: Any) -> Any:
+    return click.option(
+        "--control",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=DEFAULT_CONTROL,
+        show_default=True,
+        envvar="USBGATE_CONTROL",
+        show_envvar=True,
+        help="The host's control socket (a unix socket path).",
+    )(f)
+
+
+@click.group("host")
+def host() -> None:
+    """One usbgate for every VM of this host (instead of one `usbgate run` per VM).
+
+    `usbgate host serve` relays the usbredir sockets of many VMs in one process, each VM with
+    its own listening address, usb-redir slots and sessions as under `usbgate run`, over ONE
+    keystore connection (on PostgreSQL one LISTEN for all VMs; a rule change of one VM reaches
+    that VM's sessions only). VMs are given with --vm at start and added or removed while it
+    runs with `usbgate host add/remove`, over its control socket.
+    """
+
+
+@host.command("serve")
+@click.option(
+    "--vm",
+    "vms",
+    multiple=True,
+    callback=_specs,
+    metavar="NAME=LISTEN,QEMU[,QEMU...]",
+    help="A VM to serve from the start: its name in the keystore, where its owners connect "
+    "(as `run --listen`) and its usb-redir chardevs (as `run --qemu`, one per slot), "
+    "comma-separated. Repeat per VM; none is fine (add them later).",
+)
+@control_option
+@click.option(
+    "--control-group",
+    metavar="GROUP",
+    help="Also let members of GROUP (e.g. vmshield) use the control socket; without it only "
+    "root and the user running usbgate may (checked with SO_PEERCRED).",
+)
+@rules_options
+@gateway_options
+@click.option("-v", "--verbose", is_flag=True, help="Log every connection and decision.")
+def serve(
+    vms: list[VmSpec],
+    control: Path,
+    control_group: str | None,
+    db: str | None,
+    rules_file: Path | None,
+    poll_ms: float,
+    verbose: bool,
+    **gateway: Any,
+) -> None:
+    """Serve the usbredir sockets of every VM of this host until SIGINT/SIGTERM.
+
+    Each VM behaves as under `usbgate run`: an owner connecting to its listening address is
+    relayed to a free one of its QEMU slots under its rules, and is detached within
+    milliseconds when `vmshield usb ...` stops allowing it. The rules of all VMs are polled
+    together every --poll-ms on one SQLite connection (or pushed by one PostgreSQL LISTEN
+    connection). Every add and remove is audited. A VM that cannot be served at start (its
+    rules unreadable, its address taken) stops the command before anything is served.
+
+    \b
+    Example:
+      usbgate host serve --control-group vmshield \\
+          --vm web1=tcp:0.0.0.0:4000,unix:/run/vmshield/web1-usb0.sock
+      usbgate host add web2 --listen tcp:0.0.0.0:4001 \\
+          --qemu unix:/run/vmshield/web2-usb0.sock
+      usbgate host list
+      usbgate host remove web2
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="usbgate: %(levelname)s %(message)s",
+    )
+    try:
+        group = None if control_group is None else group_id(control_group)
+    except HostError as exc:
+        raise click.BadParameter(str(exc), param_hint="--control-group") from exc
+    rules = _rule_source(db, rules_file)
+    audit = _audit_sink(db, rules_file)
+    hub = Host(rules, audit, poll_interval=poll_ms / 1000, **gateway)
+    try:
+        asyncio.run(_serve(hub, ControlServer(hub, control, group=group), vms, audit))
+    except (HostError, RuleSourceError) as exc:
+        raise _fail(str(exc), getattr(exc, "exit_code", 1)) from exc
+    except OSError as exc:
+        raise _fail(f"cannot listen: {exc.strerror or exc}") from exc
+
+
+async def _serve(hub: Host, control: ControlServer, vms: list[VmSpec], audit: AuditSink) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await hub.start(vms)
+        await control.start()
+        served = ", ".join(f"{n} on {g.bound_address}" for n, g in hub.gateways.items())
+        click.echo(f"usbgate: host listening on control socket {control.path}; "
+                   f"serving {len(hub.gateways)} VM(s){': ' if served else ''}{served}",
+                   err=True)  # fmt: skip
+        await stop.wait()
+    finally:
+        await control.stop()
+        await hub.stop()
+        await audit.aclose()
+
+
+def _request(control: Path, request: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return control_request(control, request)
+    except HostError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@host.command("add")
+@click.argument("vm")
+@click.option(
+    "--listen",
+    required=True,
+    callback=_address,
+    metavar="ADDR",
+    help="Where the VM's owners connect: tcp:HOST:PORT or unix:PATH.",
+)
+@click.option(
+    "--qemu",
+    "qemu",
+    required=True,
+    multiple=True,
+    callback=_address,
+    metavar="ADDR",
+    help="The VM's usb-redir chardev, unix:PATH or tcp:HOST:PORT; repeat per slot.",
+)
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def add(vm: str, listen: Address, qemu: tuple[Address, ...], control: Path, as_json: bool) -> None:
+    """Serve one more VM in the running host (its rules must be readable, its addresses free)."""
+    reply = _request(control, {"op": "add", "vm": vm, "listen": str(listen),
+                               "qemu": [str(q) for q in qemu]})  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(reply["vm"], indent=2, sort_keys=True))
+    else:
+        click.echo(f"usbgate: vm {vm} listening on {reply['vm']['listening']}")
+
+
+@host.command("remove")
+@click.argument("vm")
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def remove(vm: str, control: Path, as_json: bool) -> None:
+    """Stop serving VM: its owners are disconnected and its devices detached."""
+    reply = _request(control, {"op": "remove", "vm": vm})
+    if as_json:
+        click.echo(json.dumps(reply["vm"], indent=2, sort_keys=True))
+    else:
+        click.echo(f"usbgate: vm {vm} removed")
+
+
+@host.command("list")
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_vms(control: Path, as_json: bool) -> None:
+    """The VMs the running host serves: addresses, sessions, attached devices."""
+    vms = _request(control, {"op": "list"})["vms"]
+    if as_json:
+        click.echo(json.dumps({"vms": vms}, indent=2, sort_keys=True))
+        return
+    if not vms:
+        click.echo("usbgate: no VMs served")
+    for v in vms:
+        qemu = ",".join(v["qemu"])
+        click.echo(f"{v['vm']}  listen {v['listening']}  qemu {qemu}  rules {v['rules']}  "
+                   f"sessions {v['sessions']}  attached {v['attached']}")  # fmt: skip
