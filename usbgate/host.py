@@ -8,10 +8,13 @@ connection, or one PostgreSQL LISTEN connection for all VMs) and polled once per
 every VM (``RuleSource.poll_many``); a change is applied to the gateway of the VM it names
 only, so revoking or allowing a device of one VM never touches another VM's sessions.
 
-VMs are added and removed while it runs, over a unix control socket (``ControlServer``): one
-JSON request per line, answered by one JSON line. Only root, the server's own user, or
-members of the group named at start (``--control-group``, checked with SO_PEERCRED and the
-peer's supplementary groups) may use it; every add and remove is audited, refusals logged.
+VMs are given at start (``--vm``) or by a directory of per-VM files (``read_vm_dir``: the
+`/etc/vmshield/usbgate/NAME.conf` files of usbgate@NAME.service), which ``Host.sync`` applies
+again on SIGHUP. They are also added and removed while it runs, over a unix control socket
+(``ControlServer``): one JSON request per line, answered by one JSON line. Only root, the
+server's own user, or members of the group named at start (``--control-group``, checked with
+SO_PEERCRED and the peer's supplementary groups) may use it; every add and remove is
+audited, refusals logged.
 
     {"op": "add", "vm": "web1", "listen": "tcp:0.0.0.0:4000", "qemu": ["unix:/run/..."]}
     {"op": "remove", "vm": "web1"}
@@ -164,6 +167,25 @@ class Host:
                         Path(spec.listen.path).unlink()
             self.audit.record("usb.host.removed", name, {**spec.to_json(), "by": actor})
             log.info("vm %s removed", name)
+
+    async def sync(self, wanted: dict[str, VmSpec], managed: set[str]) -> list[str]:
+        """Make the VMs in ``managed`` (those that came from a directory) be ``wanted``:
+        remove the ones gone or changed, add the new and changed ones. Every VM is tried;
+        returns one line per VM that could not be added (the others are served)."""
+        errors: list[str] = []
+        for name in sorted(managed):
+            if name in self.gateways and self.specs[name] != wanted.get(name):
+                await self.remove(name, actor="reload")
+        for name, spec in sorted(wanted.items()):
+            if name in self.gateways:
+                continue
+            try:
+                await self.add(spec, actor="reload")
+            except (HostError, RuleSourceError) as exc:
+                errors.append(f"VM {name}: {exc}")
+            except OSError as exc:
+                errors.append(f"VM {name}: cannot listen on {spec.listen}: {exc.strerror or exc}")
+        return errors
 
     def listing(self) -> list[dict[str, Any]]:
         """Every served VM: its addresses, sessions and attached devices."""
@@ -349,6 +371,38 @@ def control_request(path: str | Path, request: dict[str, Any], *, timeout: float
         error = reply.get("error") if isinstance(reply, dict) else None
         raise HostError(str(error or "refused"))
     return reply
+
+
+def read_vm_dir(path: str | Path) -> tuple[dict[str, VmSpec], dict[str, str]]:
+    """The VMs of a directory of ``NAME.conf`` files (``USBGATE_LISTEN=ADDR`` and
+    ``USBGATE_QEMU=ADDR[ ADDR...]``, as usbgate@NAME.service reads them; ``#`` comments,
+    optional quotes), and by VM name, why a file could not be read. HostError if the
+    directory cannot be listed."""
+    specs: dict[str, VmSpec] = {}
+    errors: dict[str, str] = {}
+    try:
+        files = sorted(Path(path).glob("*.conf"))
+    except OSError as exc:
+        raise HostError(f"cannot list {path}: {exc.strerror or exc}") from exc
+    for file in files:
+        try:
+            settings: dict[str, str] = {}
+            for line in file.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                key, sep, value = line.partition("=")
+                if not sep:
+                    raise ValueError(f"not KEY=VALUE: {line!r}")
+                settings[key.strip()] = value.strip().strip("'\"")
+            if "USBGATE_LISTEN" not in settings or "USBGATE_QEMU" not in settings:
+                raise ValueError("USBGATE_LISTEN and USBGATE_QEMU are both needed")
+            qemu = settings["USBGATE_QEMU"].replace(",", " ").split()
+            specs[file.stem] = VmSpec(file.stem, parse_address(settings["USBGATE_LISTEN"]),
+                                      tuple(parse_address(q) for q in qemu))  # fmt: skip
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            errors[file.stem] = f"{file}: {getattr(exc, 'strerror', None) or exc}"
+    return specs, errors
 
 
 def parse_specs(texts: Sequence[str]) -> list[VmSpec]:

@@ -25,7 +25,15 @@ from usbgate.cli import (
     rules_options,
 )
 from usbgate.errors import RuleSourceError
-from usbgate.host import ControlServer, Host, HostError, VmSpec, control_request, group_id
+from usbgate.host import (
+    ControlServer,
+    Host,
+    HostError,
+    VmSpec,
+    control_request,
+    group_id,
+    read_vm_dir,
+)
 from usbgate.sources import AuditSink
 
 DEFAULT_CONTROL = "/run/vmshield/usbgate.ctl"
@@ -73,6 +81,14 @@ def host() -> None:
     "(as `run --listen`) and its usb-redir chardevs (as `run --qemu`, one per slot), "
     "comma-separated. Repeat per VM; none is fine (add them later).",
 )
+@click.option(
+    "--vm-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also serve one VM per DIR/NAME.conf file (USBGATE_LISTEN=ADDR, USBGATE_QEMU=ADDR "
+    "[ADDR...]: the files of usbgate@NAME.service, e.g. /etc/vmshield/usbgate). SIGHUP "
+    "(systemctl reload) reads it again: VMs whose file is gone or changed are removed, new "
+    "and changed ones added; a file that cannot be read leaves its VM as it was.",
+)
 @control_option
 @click.option(
     "--control-group",
@@ -85,6 +101,7 @@ def host() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and decision.")
 def serve(
     vms: list[VmSpec],
+    vm_dir: Path | None,
     control: Path,
     control_group: str | None,
     db: str | None,
@@ -123,20 +140,60 @@ def serve(
     audit = _audit_sink(db, rules_file)
     hub = Host(rules, audit, poll_interval=poll_ms / 1000, **gateway)
     try:
-        asyncio.run(_serve(hub, ControlServer(hub, control, group=group), vms, audit))
+        from_dir = {} if vm_dir is None else _read_dir(vm_dir, strict=True)
+        asyncio.run(_serve(hub, ControlServer(hub, control, group=group), vms, vm_dir, from_dir,
+                           audit))  # fmt: skip
     except (HostError, RuleSourceError) as exc:
         raise _fail(str(exc), getattr(exc, "exit_code", 1)) from exc
     except OSError as exc:
         raise _fail(f"cannot listen: {exc.strerror or exc}") from exc
 
 
-async def _serve(hub: Host, control: ControlServer, vms: list[VmSpec], audit: AuditSink) -> None:
+def _read_dir(vm_dir: Path, *, strict: bool) -> dict[str, VmSpec]:
+    """The VMs of --vm-dir; at start (``strict``) a file that cannot be read is an error."""
+    specs, errors = read_vm_dir(vm_dir)
+    if errors and strict:
+        raise HostError(next(iter(errors.values())))
+    return specs
+
+
+async def _serve(hub: Host, control: ControlServer, vms: list[VmSpec], vm_dir: Path | None,
+                 from_dir: dict[str, VmSpec], audit: AuditSink) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    managed = set(from_dir)
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        assert vm_dir is not None
+        try:
+            specs, errors = read_vm_dir(vm_dir)
+        except HostError as exc:
+            click.echo(f"usbgate: reload: {exc}; nothing changed", err=True)
+            return
+        for name, error in errors.items():
+            click.echo(f"usbgate: reload: {error}; VM {name} left as it was", err=True)
+            if name in hub.specs and name in managed:
+                specs[name] = hub.specs[name]
+        for error in await hub.sync(specs, managed):
+            click.echo(f"usbgate: reload: {error}", err=True)
+        managed.clear()
+        managed.update(specs)
+        click.echo(f"usbgate: reloaded {vm_dir}: serving {len(hub.gateways)} VM(s)", err=True)
+
+    def on_hup() -> None:
+        if vm_dir is None:
+            click.echo("usbgate: SIGHUP ignored (no --vm-dir to read again)", err=True)
+            return
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        await hub.start(vms)
+        await hub.start([*vms, *from_dir.values()])
         await control.start()
         served = ", ".join(f"{n} on {g.bound_address}" for n, g in hub.gateways.items())
         click.echo(f"usbgate: host listening on control socket {control.path}; "

@@ -1,8 +1,9 @@
 """`usbgate host serve`: one usbgate process for several VMs, each with its own real QEMU.
 
 Three VMs (vma with two usb-redir slots, vmb, vmc), three QEMUs (TCG, no guest), one keystore
-and one `usbgate host serve` process started with vma and vmb; vmc is added and removed at
-run time over the control socket with `usbgate host add/remove`. The simulated owner is the
+and one `usbgate host serve` process started with vma (--vm) and vmb (a file in --vm-dir);
+vmc is added and removed at run time over the control socket with `usbgate host add/remove`,
+then through the directory and SIGHUP. The simulated owner is the
 only fake. Each test checks that what it does to one VM leaves the other VMs' sessions alone.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -53,12 +55,14 @@ class Rig:
             self.qemu[vm].start()
         self.address = {vm: _free_port() for vm in VMS}
         self.control = workdir / "usbgate.ctl"
+        self.vm_dir = workdir / "vms"
+        self.vm_dir.mkdir()
+        self.write_conf("vmb")
         self.log_path = workdir / "usbgate.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         argv = [str(USBGATE), "host", "serve", "--control", str(self.control),
                 "--db", str(self.keystore.path), "--probe-timeout", "2", "-v"]  # fmt: skip
-        for vm in ("vma", "vmb"):
-            argv += ["--vm", self.spec(vm)]
+        argv += ["--vm", self.spec("vma"), "--vm-dir", str(self.vm_dir)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + 15
         while b"host listening" not in self.log_path.read_bytes():
@@ -69,6 +73,26 @@ class Rig:
     def spec(self, vm: str) -> str:
         slots = [self.qemu[vm].chardev_path(n) for n in range(2 if vm == "vma" else 1)]
         return f"{vm}={self.address[vm]}," + ",".join(f"unix:{p}" for p in slots)
+
+    def write_conf(self, vm: str, text: str | None = None) -> None:
+        """``vm``'s file in --vm-dir, as usbgate@vm.service reads it."""
+        if text is None:
+            qemu = self.qemu[vm].chardev_path(0)
+            text = f"# {vm}\nUSBGATE_LISTEN={self.address[vm]}\nUSBGATE_QEMU=unix:{qemu}\n"
+        (self.vm_dir / f"{vm}.conf").write_text(text)
+
+    def reload(self) -> str:
+        """SIGHUP, and what the host said about it."""
+        mark = len(self.log())
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reloaded" not in self.log()[mark:]:
+            assert time.monotonic() < deadline, self.log()[mark:]
+            time.sleep(0.02)
+        return self.log()[mark:]
+
+    def served(self) -> list[str]:
+        return [v["vm"] for v in json.loads(self.usbgate("list", "--json").stdout)["vms"]]
 
     def usbgate(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(USBGATE), "host", *args, "--control", str(self.control)],
@@ -190,8 +214,7 @@ def test_a_malformed_stream_on_one_vm_leaves_the_others_attached(rig: Rig) -> No
 
 
 def test_adding_and_removing_a_vm_at_run_time(rig: Rig) -> None:
-    listed = json.loads(rig.usbgate("list", "--json").stdout)["vms"]
-    assert [v["vm"] for v in listed] == ["vma", "vmb"]
+    assert rig.served() == ["vma", "vmb"]
     vmc_qemu = f"unix:{rig.qemu['vmc'].chardev_path(0)}"
     added = rig.usbgate("add", "vmc", "--listen", rig.address["vmc"], "--qemu", vmc_qemu)
     assert added.returncode == 0, added.stderr
@@ -225,9 +248,7 @@ def test_adding_and_removing_a_vm_at_run_time(rig: Rig) -> None:
 
     asyncio.run(scenario())
     assert "not served" in rig.usbgate("remove", "vmc").stderr
-    assert [v["vm"] for v in json.loads(rig.usbgate("list", "--json").stdout)["vms"]] == [
-        "vma", "vmb"
-    ]  # fmt: skip
+    assert rig.served() == ["vma", "vmb"]
     [row] = rig.wait_audit("usb.host.added", "vmc", 1)
     assert row["listen"] == rig.address["vmc"] and row["by"].startswith("uid 0")
     assert rig.wait_audit("usb.host.removed", "vmc", 1)
@@ -247,6 +268,31 @@ def test_the_control_socket_refuses_other_users(rig: Rig) -> None:
         rig.control.chmod(0o600)
         rig.workdir.chmod(0o700)
     assert out.returncode != 0 and "uid 65534 may not control" in out.stderr, out.stderr
-    assert [v["vm"] for v in json.loads(rig.usbgate("list", "--json").stdout)["vms"]] == [
-        "vma", "vmb"
-    ]  # fmt: skip
+    assert rig.served() == ["vma", "vmb"]
+
+
+def test_sighup_reads_the_vm_directory_again(rig: Rig) -> None:
+    async def scenario() -> None:
+        b = await _attach(rig, "vmb")
+        rig.write_conf("vmc")
+        said = await asyncio.to_thread(rig.reload)
+        assert "serving 3 VM(s)" in said, said
+        c = await _attach(rig, "vmc")
+        # a broken file leaves its VM as it was: vmb keeps its device
+        rig.write_conf("vmb", "USBGATE_LISTEN=tcp:nowhere\n")
+        said = await asyncio.to_thread(rig.reload)
+        assert "vmb.conf" in said and "VM vmb left as it was" in said, said
+        assert rig.qemu["vmb"].attached(0) and not b.closed.is_set()
+        # a file removed: its VM is no longer served, the others keep their devices
+        (rig.vm_dir / "vmc.conf").unlink()
+        said = await asyncio.to_thread(rig.reload)
+        await asyncio.to_thread(rig.qemu["vmc"].wait_attached, False, 0, 2.0)
+        await asyncio.wait_for(c.closed.wait(), 5)
+        assert rig.qemu["vmb"].attached(0) and not b.closed.is_set()
+        await b.close()
+        await c.close()
+
+    asyncio.run(scenario())
+    rig.write_conf("vmb")
+    assert rig.served() == ["vma", "vmb"]
+    assert [row["by"] for row in rig.wait_audit("usb.host.removed", "vmc", 2)][-1] == "reload"
