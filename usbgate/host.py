@@ -323,12 +323,13 @@ class ControlServer:
             request = json.loads(line)
             op = request.get("op") if isinstance(request, dict) else None
             if op == "list":
-                return {"ok": True, "vms": self.host.listing()}
+                return {"ok": True, "pid": os.getpid(), "vms": self.host.listing()}
             if op == "add":
                 spec = VmSpec.from_json(request)
                 gateway = await self.host.add(spec, actor=actor)
-                return {"ok": True, "vm": {**spec.to_json(),
-                                           "listening": str(gateway.bound_address)}}  # fmt: skip
+                listening = str(gateway.bound_address)
+                return {"ok": True, "pid": os.getpid(), "vm": {**spec.to_json(),
+                                                               "listening": listening}}  # fmt: skip
             if op == "remove":
                 name = request.get("vm")
                 if not isinstance(name, str):
