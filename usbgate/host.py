@@ -44,6 +44,8 @@ from usbgate.sources import AuditSink, RuleSource
 
 log = logging.getLogger(__name__)
 
+#: where `usbgate host` listens for add/remove/list unless told otherwise
+DEFAULT_CONTROL = "/run/vmshield/usbgate.ctl"
 #: the longest control request read (one JSON line)
 MAX_REQUEST = 64 * 1024
 #: seconds a control client has to send its request

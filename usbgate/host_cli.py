@@ -26,6 +26,7 @@ from usbgate.cli import (
 )
 from usbgate.errors import RuleSourceError
 from usbgate.host import (
+    DEFAULT_CONTROL,
     ControlServer,
     Host,
     HostError,
@@ -35,8 +36,6 @@ from usbgate.host import (
     read_vm_dir,
 )
 from usbgate.sources import AuditSink
-
-DEFAULT_CONTROL = "/run/vmshield/usbgate.ctl"
 
 
 def _specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[VmSpec]:

@@ -197,6 +197,9 @@ def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gat
         args = usage.argv_of(int(name)) if name.isdigit() else None
         if not args or not any(os.path.basename(a) == "usbgate" for a in args[:2]):
             continue
+        if "host" in args[1:3] and "serve" in args[1:4]:
+            out += _host_gates(store, vms, int(name), args)
+            continue
         if "run" not in args or "--vm" not in args[:-1]:
             continue
         vm = args[args.index("--vm") + 1]
@@ -206,6 +209,21 @@ def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gat
         how = "libvirt hook" if hook_pids.get(pid) == vm else "outside the hook"
         out.append(Gate(vm, pid, how, usage.redact(args)))
     return out
+
+
+def _host_gates(store: Keystore, vms: set[str], pid: int, args: Sequence[str]) -> list[Gate]:
+    """The VMs of ours a `usbgate host serve` serves, asked over its control socket."""
+    from usbgate.host import DEFAULT_CONTROL, HostError, control_request
+
+    if "--db" in args[:-1] and not _same_keystore(args, store, vms, ""):
+        return []
+    control = args[args.index("--control") + 1] if "--control" in args[:-1] else DEFAULT_CONTROL
+    command = usage.redact(args)
+    try:
+        served = control_request(control, {"op": "list"}, timeout=2.0)["vms"]
+    except HostError as e:
+        return [Gate("?", pid, f"usbgate host ({e})", command)]
+    return [Gate(v["vm"], pid, "usbgate host", command) for v in served if v["vm"] in vms]
 
 
 def _keyring_unlocks() -> set[str]:
