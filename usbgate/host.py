@@ -384,6 +384,8 @@ def read_vm_dir(path: str | Path) -> tuple[dict[str, VmSpec], dict[str, str]]:
     specs: dict[str, VmSpec] = {}
     errors: dict[str, str] = {}
     try:
+        if not Path(path).is_dir():
+            raise HostError(f"{path} is not a directory")
         files = sorted(Path(path).glob("*.conf"))
     except OSError as exc:
         raise HostError(f"cannot list {path}: {exc.strerror or exc}") from exc

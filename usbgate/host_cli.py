@@ -135,11 +135,14 @@ def serve(
         group = None if control_group is None else group_id(control_group)
     except HostError as exc:
         raise click.BadParameter(str(exc), param_hint="--control-group") from exc
+    try:
+        from_dir = {} if vm_dir is None else _read_dir(vm_dir, strict=True)
+    except HostError as exc:
+        raise click.BadParameter(str(exc), param_hint="--vm-dir") from exc
     rules = _rule_source(db, rules_file)
     audit = _audit_sink(db, rules_file)
     hub = Host(rules, audit, poll_interval=poll_ms / 1000, **gateway)
     try:
-        from_dir = {} if vm_dir is None else _read_dir(vm_dir, strict=True)
         asyncio.run(_serve(hub, ControlServer(hub, control, group=group), vms, vm_dir, from_dir,
                            audit))  # fmt: skip
     except (HostError, RuleSourceError) as exc:
@@ -164,8 +167,13 @@ async def _serve(hub: Host, control: ControlServer, vms: list[VmSpec], vm_dir: P
         loop.add_signal_handler(sig, stop.set)
     managed = set(from_dir)
     reloads: set[asyncio.Task[None]] = set()
+    one_at_a_time = asyncio.Lock()
 
     async def reload() -> None:
+        async with one_at_a_time:
+            await _reload()
+
+    async def _reload() -> None:
         assert vm_dir is not None
         try:
             specs, errors = read_vm_dir(vm_dir)
