@@ -32,7 +32,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,9 +206,17 @@ class Host:
         for name, new in changes.items():
             gateway = self.gateways.get(name)
             if gateway is not None:
-                gateway.apply(new, seen)
-        for gateway in self.gateways.values():
-            gateway.flush()
+                self._guarded(name, gateway.apply, new, seen)
+        for name, gateway in self.gateways.items():
+            self._guarded(name, gateway.flush)
+
+    @staticmethod
+    def _guarded(name: str, step: Callable[..., None], *args: Any) -> None:
+        """One VM's step; a bug in it is logged and must not stop the watching of the rest."""
+        try:
+            step(*args)
+        except Exception as exc:  # any: isolation between VMs
+            log.error("vm %s: %s failed: %s: %s", name, step.__name__, type(exc).__name__, exc)
 
     async def _watch(self) -> None:
         while True:
