@@ -132,7 +132,8 @@ def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
     return KeystoreRuleSource(location)
 
 
-def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
+def _audit_sink(db: str | None, rules_file: Path | None, *, max_per_vm: int | None = None
+                ) -> AuditSink:  # fmt: skip
     if rules_file is not None:
         return _LogAuditSink()
     from usbgate.keystore_source import KeystoreAuditSink
@@ -141,8 +142,8 @@ def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
     if isinstance(location, str):
         from usbgate.pg_source import PgAuditSink
 
-        return PgAuditSink(location)
-    return KeystoreAuditSink(location)
+        return PgAuditSink(location, max_per_vm=max_per_vm)
+    return KeystoreAuditSink(location, max_per_vm=max_per_vm)
 
 
 class _LogAuditSink(MemoryAuditSink):

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from usbgate.addresses import Address
+from usbgate.auditing import MAX_QUEUED_PER_VM
 from usbgate.cli import (
     _address,
     _audit_sink,
@@ -140,7 +141,7 @@ def serve(
     except HostError as exc:
         raise click.BadParameter(str(exc), param_hint="--vm-dir") from exc
     rules = _rule_source(db, rules_file)
-    audit = _audit_sink(db, rules_file)
+    audit = _audit_sink(db, rules_file, max_per_vm=MAX_QUEUED_PER_VM)
     hub = Host(rules, audit, poll_interval=poll_ms / 1000, **gateway)
     try:
         asyncio.run(_serve(hub, ControlServer(hub, control, group=group), vms, vm_dir, from_dir,

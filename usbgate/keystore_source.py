@@ -126,9 +126,10 @@ class KeystoreRuleSource:
 class KeystoreAuditSink(QueuedAuditSink):
     """Appends each record to the keystore's hash-chained audit trail from a worker thread."""
 
-    def __init__(self, db_path: str | Path, *, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, db_path: str | Path, *, max_queued: int = MAX_QUEUED,
+                 max_per_vm: int | None = None) -> None:  # fmt: skip
         self.db_path = Path(db_path)
-        super().__init__(max_queued=max_queued)
+        super().__init__(max_queued=max_queued, max_per_vm=max_per_vm)
 
     def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
         keystore_audit.append_audit(self.db_path, AUDIT_ACTOR, action, vm, detail)

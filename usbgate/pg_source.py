@@ -74,10 +74,10 @@ class PgRuleSource:
 class PgAuditSink(QueuedAuditSink):
     """Appends each record to the shared hash chain from a worker thread, in order."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, max_per_vm: int | None = None) -> None:
         self.url = url
         self._conn: psycopg.Connection[Any] | None = None
-        super().__init__()
+        super().__init__(max_per_vm=max_per_vm)
 
     def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
         for attempt in (1, 2):  # a dropped connection is reopened once per row
