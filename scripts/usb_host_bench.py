@@ -80,7 +80,9 @@ def block(db: Path, vm: str) -> float:
     _repo_run(db, lambda repo: repo.add_usb_rule(vm, UsbAction.BLOCK, 0x0781, 0x5567,
                                                  actor="bench", position=1))  # fmt: skip
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        (ts,) = conn.execute("SELECT ts FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        (ts,) = conn.execute(  # not usbgate's own rows (usb.revoked comes right after it)
+            "SELECT ts FROM audit WHERE actor = 'bench' ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
     return datetime.fromisoformat(ts).timestamp()
 
 
