@@ -49,7 +49,7 @@ def _specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
 def control_option(f: Any) -> Any:
     return click.option(
         "--control",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(dir_okay=False, readable=False, path_type=Path),
         default=DEFAULT_CONTROL,
         show_default=True,
         envvar="USBGATE_CONTROL",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,50 @@ def test_each_change_reaches_its_vm_only_and_a_failing_vm_stops_no_other(
         ("usb.host.added", "a"), ("usb.host.added", "b"), ("usb.host.added", "c"),
         ("usb.host.removed", "c"), ("usb.host.removed", "a"), ("usb.host.removed", "b"),
     ]  # fmt: skip
+
+
+def test_the_control_group_may_use_the_socket_and_no_one_else(tmp_path: Path) -> None:
+    """SO_PEERCRED against --control-group: a member by a supplementary group is let in, the
+    same user without it is refused (even when the socket file lets it connect)."""
+    import grp
+    import json
+    import subprocess
+    import sys
+
+    from usbgate.host import ControlServer
+    from usbgate.qmp import short_tmpdir
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the client as another user")
+    gid = grp.getgrnam("users").gr_gid  # not nobody's own group
+    work = short_tmpdir()
+    work.chmod(0o711)
+    control = work / "usbgate.ctl"
+    usbgate = str(Path(sys.executable).with_name("usbgate"))
+    host = Host(MemoryRuleSource({"a": []}), MemoryAuditSink())
+    server = ControlServer(host, control, group=gid)
+
+    def as_nobody(*groups: str) -> subprocess.CompletedProcess[str]:
+        who = ["setpriv", "--reuid=65534", "--regid=65534", *groups]
+        argv = [*who, usbgate, "host", "list", "--json", "--control", str(control)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    async def scenario() -> list[subprocess.CompletedProcess[str]]:
+        await host.start([_spec(work, "a")])
+        await server.start()
+        try:
+            assert control.stat().st_gid == gid and control.stat().st_mode & 0o777 == 0o660
+            member = await asyncio.to_thread(as_nobody, f"--groups={gid}")
+            control.chmod(0o666)  # past the file mode: SO_PEERCRED must refuse a stranger
+            return [member, await asyncio.to_thread(as_nobody, "--clear-groups")]
+        finally:
+            await server.stop()
+            await host.stop()
+
+    try:
+        member, stranger = asyncio.run(scenario())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert member.returncode == 0, member.stderr
+    assert [v["vm"] for v in json.loads(member.stdout)["vms"]] == ["a"]
+    assert stranger.returncode != 0 and "uid 65534 may not control" in stranger.stderr
