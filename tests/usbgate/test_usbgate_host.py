@@ -170,7 +170,7 @@ def test_a_rule_change_for_one_vm_detaches_its_device_only(rig: Rig) -> None:
     asyncio.run(scenario())
     [revoked] = rig.wait_audit("usb.revoked", "vma", 1)[-1:]
     assert revoked["device"]["vid_pid"] == "0781:5567"
-    assert rig.wait_audit("usb.revoked", "vmb", 1) == []
+    assert [vm for vm, _ in rig.audit("usb.revoked")] == ["vma"]  # rows are written in order
 
 
 def test_a_live_allow_for_one_vm_admits_its_device_only(rig: Rig) -> None:
@@ -198,10 +198,10 @@ def test_a_malformed_stream_on_one_vm_leaves_the_others_attached(rig: Rig) -> No
         evil = await FakeOwner.connect(rig.address["vma"], FakeDevice(), announce=False)
         evil.writer.write(b"\xde\xad\xbe\xef" * 8)
         await asyncio.wait_for(evil.closed.wait(), 5)
-        silent = socket.create_connection(("127.0.0.1", int(rig.address["vma"].rsplit(":")[-1])))
-        silent.sendall(b"\xff" * 64)  # not even a hello
+        junk = socket.create_connection(("127.0.0.1", int(rig.address["vma"].rsplit(":")[-1])))
+        junk.sendall(b"\xff" * 64)  # not even a hello
         await asyncio.sleep(0.3)
-        silent.close()
+        junk.close()
         assert rig.qemu["vmb"].attached(0) and not b.closed.is_set()
         a = await _attach(rig, "vma")  # vma itself still serves the next owner
         await a.close()
@@ -209,8 +209,8 @@ def test_a_malformed_stream_on_one_vm_leaves_the_others_attached(rig: Rig) -> No
 
     asyncio.run(scenario())
     assert rig.proc.poll() is None, "usbgate host died"
-    assert [d for d in rig.wait_audit("usb.malformed", "vma", 2)]
-    assert rig.wait_audit("usb.malformed", "vmb", 1) == []
+    assert len(rig.wait_audit("usb.malformed", "vma", 2)) == 2  # garbage after and for hello
+    assert {vm for vm, _ in rig.audit("usb.malformed")} == {"vma"}
 
 
 def test_adding_and_removing_a_vm_at_run_time(rig: Rig) -> None:
