@@ -129,11 +129,14 @@ class Host:
         self._watcher = asyncio.create_task(self._watch())
 
     async def add(self, spec: VmSpec, *, actor: str = "control") -> Gateway:
-        """Start serving one more VM. HostError if its name or addresses are taken,
-        RuleSourceError if its rules cannot be read, OSError if it cannot listen."""
+        """Start serving one more VM (nothing to do if it is served with the same addresses).
+        HostError if its name or addresses are taken, RuleSourceError if its rules cannot be
+        read, OSError if it cannot listen."""
         async with self._changing:
             if spec.name in self.gateways:
-                raise HostError(f"VM {spec.name} is already served")
+                if self.specs[spec.name] == spec:  # the same again (a retried add): done
+                    return self.gateways[spec.name]
+                raise HostError(f"VM {spec.name} is already served (with other addresses)")
             for other in self.specs.values():
                 taken = {other.listen, *other.qemu}
                 for address in (spec.listen, *spec.qemu):
@@ -275,9 +278,53 @@ def group_id(name: str) -> int:
 class ControlServer:
     """The host's control socket: add, remove and list VMs (root, our user, or ``group``)."""
 
-    def __init__(self, host: Host, path: str | Path, *, group: int | None = None) -> None:
+    def __init__(self, host: Host, path: str | Path, *, group: int | None = None,
+                 state: str | Path | None = None) -> None:  # fmt: skip
+        """``state``: a file where the VMs added over the socket are kept, so that a host
+        restarted (after a crash, an upgrade) serves them again (``restore``)."""
         self.host, self.path, self.group = host, Path(path), group
+        self.state = None if state is None else Path(state)
+        self.added: dict[str, VmSpec] = {}  # the VMs added over the socket, still served
         self._server: asyncio.Server | None = None
+
+    async def restore(self) -> list[str]:
+        """Serve again the VMs the state file lists; one line per VM that cannot be."""
+        if self.state is None:
+            return []
+        try:
+            listed = json.loads(self.state.read_text())["vms"]
+            specs = [VmSpec.from_json(v) for v in listed]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return [f"{self.state}: unreadable, starting without it ({exc})"]
+        errors = []
+        for spec in specs:
+            try:
+                await self.host.add(spec, actor="restore")
+                self.added[spec.name] = spec
+            except (HostError, RuleSourceError) as exc:
+                errors.append(f"VM {spec.name}: {exc}")
+            except OSError as exc:
+                errors.append(f"VM {spec.name}: cannot listen: {exc.strerror or exc}")
+        self._save()
+        return errors
+
+    def _save(self) -> None:
+        """Write the state file atomically (a temporary file, then rename), mode 0600."""
+        if self.state is None:
+            return
+        data = json.dumps({"vms": [s.to_json() for s in self.added.values()]}, indent=1)
+        tmp = self.state.with_name(f".{self.state.name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(data + "\n")
+            os.replace(tmp, self.state)
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.state, exc.strerror or exc)
 
     def allowed(self, peer: Peer) -> bool:
         if peer.uid in (0, os.geteuid()):
@@ -337,6 +384,8 @@ class ControlServer:
             if op == "add":
                 spec = VmSpec.from_json(request)
                 gateway = await self.host.add(spec, actor=actor)
+                self.added[spec.name] = spec
+                self._save()
                 listening = str(gateway.bound_address)
                 return {"ok": True, "pid": os.getpid(), "vm": {**spec.to_json(),
                                                                "listening": listening}}  # fmt: skip
@@ -345,6 +394,8 @@ class ControlServer:
                 if not isinstance(name, str):
                     raise ValueError('remove needs a "vm" string')
                 await self.host.remove(name, actor=actor)
+                if self.added.pop(name, None) is not None:
+                    self._save()
                 return {"ok": True, "vm": {"vm": name}}
             raise ValueError(f"unknown op {op!r} (add, remove, list)")
         except (ValueError, UnicodeDecodeError) as exc:

@@ -91,6 +91,12 @@ def host() -> None:
 )
 @control_option
 @click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the VMs added with `usbgate host add` in this file (e.g. "
+    "/run/vmshield/usbgate-host.json) and serve them again when usbgate restarts.",
+)
+@click.option(
     "--control-group",
     metavar="GROUP",
     help="Also let members of GROUP (e.g. vmshield) use the control socket; without it only "
@@ -103,6 +109,7 @@ def serve(
     vms: list[VmSpec],
     vm_dir: Path | None,
     control: Path,
+    state: Path | None,
     control_group: str | None,
     db: str | None,
     rules_file: Path | None,
@@ -144,7 +151,8 @@ def serve(
     audit = _audit_sink(db, rules_file, max_per_vm=MAX_QUEUED_PER_VM)
     hub = Host(rules, audit, poll_interval=poll_ms / 1000, **gateway)
     try:
-        asyncio.run(_serve(hub, ControlServer(hub, control, group=group), vms, vm_dir, from_dir,
+        server = ControlServer(hub, control, group=group, state=state)
+        asyncio.run(_serve(hub, server, vms, vm_dir, from_dir,
                            audit))  # fmt: skip
     except (HostError, RuleSourceError) as exc:
         raise _fail(str(exc), getattr(exc, "exit_code", 1)) from exc
@@ -202,6 +210,8 @@ async def _serve(hub: Host, control: ControlServer, vms: list[VmSpec], vm_dir: P
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await hub.start([*vms, *from_dir.values()])
+        for error in await control.restore():
+            click.echo(f"usbgate: restore: {error}", err=True)
         await control.start()
         served = ", ".join(f"{n} on {g.bound_address}" for n, g in hub.gateways.items())
         click.echo(f"usbgate: host listening on control socket {control.path}; "

@@ -108,3 +108,33 @@ def test_the_control_group_may_use_the_socket_and_no_one_else(tmp_path: Path) ->
     assert member.returncode == 0, member.stderr
     assert [v["vm"] for v in json.loads(member.stdout)["vms"]] == ["a"]
     assert stranger.returncode != 0 and "uid 65534 may not control" in stranger.stderr
+
+
+def test_vms_added_over_the_socket_are_served_again_after_a_restart(tmp_path: Path) -> None:
+    from usbgate.host import ControlServer, control_request
+
+    state, control = tmp_path / "host.json", tmp_path / "usbgate.ctl"
+    rules = {"a": [], "b": []}
+
+    async def run(requests: list[dict[str, object]]) -> list[str]:
+        host = Host(MemoryRuleSource(rules), MemoryAuditSink())
+        server = ControlServer(host, control, state=state)
+        await host.start()
+        errors = await server.restore()
+        await server.start()
+        try:
+            for request in requests:
+                await asyncio.to_thread(control_request, control, request)
+            return sorted(host.gateways) + errors
+        finally:
+            await server.stop()
+            await host.stop()
+
+    a, b = _spec(tmp_path, "a").to_json(), _spec(tmp_path, "b").to_json()
+    assert asyncio.run(run([{"op": "add", **a}, {"op": "add", **b}, {"op": "add", **a},
+                            {"op": "remove", "vm": "b"}])) == ["a"]  # fmt: skip
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert asyncio.run(run([])) == ["a"]  # served again after the restart
+    state.write_text("{not json")  # a damaged file: one line, the host still starts
+    [error] = asyncio.run(run([]))
+    assert error.startswith(f"{state}: unreadable, starting without it")
