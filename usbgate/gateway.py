@@ -96,7 +96,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Load the rules (RuleSourceError if they cannot be read), then listen and watch."""
-        self.rules = self.rule_source.load(self.vm)
+        self.rules = await self.rule_source.aload(self.vm)
         self._server = await start_server(self.listen, self._accept)
         if not self.shared:
             self._watcher = asyncio.create_task(self._watch())

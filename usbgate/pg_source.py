@@ -14,6 +14,7 @@ Audit rows go to the same database through a worker thread and its own connectio
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -43,6 +44,11 @@ class PgRuleSource:
             return list(self.listener.watch(vm))
         except KeystoreError as exc:
             raise RuleSourceError(str(exc)) from exc
+
+    async def aload(self, vm: str) -> list[Rule]:
+        """In a thread: the listener LISTENs and reads the rules on its own thread, which
+        takes up to its wake interval (0.1 s), seconds while the database is unreachable."""
+        return await asyncio.to_thread(self.load, vm)
 
     def poll(self, vm: str) -> list[Rule] | None:
         try:

@@ -12,7 +12,7 @@ import pytest
 from usbgate.addresses import parse_address
 from usbgate.gateway import Gateway
 from usbgate.host import Host, HostError, VmSpec
-from usbgate.policy import parse_rule
+from usbgate.policy import Rule, parse_rule
 from usbgate.sources import MemoryAuditSink, MemoryRuleSource
 
 
@@ -138,3 +138,38 @@ def test_vms_added_over_the_socket_are_served_again_after_a_restart(tmp_path: Pa
     state.write_text("{not json")  # a damaged file: one line, the host still starts
     [error] = asyncio.run(run([]))
     assert error.startswith(f"{state}: unreadable, starting without it")
+
+
+def test_adding_a_vm_whose_rules_are_slow_to_read_holds_up_no_other_vm(tmp_path: Path) -> None:
+    """A PostgreSQL source takes up to its listener's wake interval (seconds while the
+    database is away) to LISTEN for a new VM: the event loop of every VM must go on."""
+    import time
+
+    class SlowSource(MemoryRuleSource):
+        def load(self, vm: str) -> list[Rule]:
+            if vm == "slow":
+                time.sleep(0.5)  # a round trip to a remote store
+            return super().load(vm)
+
+        async def aload(self, vm: str) -> list[Rule]:
+            return await asyncio.to_thread(self.load, vm)
+
+    source = SlowSource({"a": [parse_rule("allow id 0781:5567")], "slow": []})
+    host = Host(source, MemoryAuditSink())
+
+    async def scenario() -> float:
+        await host.start([_spec(tmp_path, "a")])
+        try:
+            adding = asyncio.create_task(host.add(_spec(tmp_path, "slow")))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            source.set("a", [parse_rule("block id 0781:5567")])
+            await asyncio.sleep(0.02)  # the watcher's ticks run meanwhile
+            held = time.monotonic() - started
+            assert not adding.done() and host.gateways["a"].rules[0].action.value == "block"
+            await adding
+            return held
+        finally:
+            await host.stop()
+
+    assert asyncio.run(scenario()) < 0.3
