@@ -15,7 +15,7 @@
    attached=true (QMP) and to the guest kernel's "new high-speed USB device".
 5. Host (`--only host`, no guest): one `usbgate host serve` for 1, 10, 100 VMs against one
    `usbgate run`: private memory per added VM and the revocation median
-   (scripts/usb_host_bench.py).
+   (scripts/usb_host_bench.py); `--only host-pg`: the same on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="runs of each measure (default: 20)")
     p.add_argument("--control", type=int, default=2000, help="control transfers (default 2000)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
-    p.add_argument("--only", choices=("copy", "control", "revocation", "live-allow", "host"),
-                   action="append", help="run only these measures (repeatable)")  # fmt: skip
+    measures = ("copy", "control", "revocation", "live-allow", "host", "host-pg")
+    p.add_argument("--only", choices=measures, action="append",
+                   help="run only these measures (repeatable)")  # fmt: skip
     args = p.parse_args(argv)
     if args.runs < 1 or args.size < 1:
         p.error("--runs and --size must be at least 1")
@@ -253,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             (workdir / "host").mkdir()
             results["host"] = bench_host(workdir / "host", args.runs)
             print(f"host: {json.dumps(results['host'])}", flush=True)
-        if wanted - {"control", "host"}:
+        if "host-pg" in wanted:
+            (workdir / "host-pg").mkdir()
+            results["host_pg"] = bench_host(workdir / "host-pg", args.runs, postgres=True)
+            print(f"host on PostgreSQL: {json.dumps(results['host_pg'])}", flush=True)
+        if wanted - {"control", "host", "host-pg"}:
             with UsbRig.started(workdir, memory=512) as rig:
                 image = make_stick_image(workdir / "stick.img", {"data.bin": b"x" * MIB})
                 if "copy" in wanted:

@@ -9,6 +9,8 @@
    to the keystore (SQLite); measured from the commit (the wall-clock time stamped on its
    audit row inside the transaction, before COMMIT) to the device_disconnect reaching that
    VM's QEMU peer. Medians at 1 and 100 VMs under one host, and under `usbgate run`.
+Both on an SQLite keystore, and with `--only host-pg` on a throwaway PostgreSQL cluster (rule
+changes pushed by NOTIFY: one LISTEN connection for the host's 100 VMs).
 """
 
 from __future__ import annotations
@@ -51,43 +53,66 @@ def vm_name(n: int) -> str:
 # --- the keystore ----------------------------------------------------------------------------
 
 
-def _repo_run(db: Path, fn: Any) -> Any:
-    async def go() -> Any:
-        repo = await SqliteRepository.open(db, policy=FAST)
-        try:
-            return await fn(repo)
-        finally:
-            await repo.close()
+class Store:
+    """The keystore the gateways read: an SQLite file, or a PostgreSQL database URL."""
 
-    return asyncio.run(go())
+    def __init__(self, location: Path | str) -> None:
+        self.location = location
 
+    @property
+    def db(self) -> str:
+        return str(self.location)
 
-def make_keystore(db: Path, vms: int) -> None:
-    """A keystore with `vms` VMs, each allowing the simulated stick."""
-    initialise(db)
+    def _run(self, fn: Any) -> Any:
+        async def go() -> Any:
+            if isinstance(self.location, Path):
+                repo: Any = await SqliteRepository.open(self.location, policy=FAST)
+            else:
+                from keystore.postgres.repository import PostgresRepository
 
-    async def setup(repo: SqliteRepository) -> None:
-        await repo.add_principal("owner", b"owner-password", actor="bench")
-        for n in range(vms):
-            await repo.add_vm(vm_name(n), "owner", actor="bench")
-            await repo.add_usb_rule(vm_name(n), UsbAction.ALLOW, 0x0781, 0x5567, actor="bench")
+                repo = await PostgresRepository.open(self.location, policy=FAST)
+            try:
+                return await fn(repo)
+            finally:
+                await repo.close()
 
-    _repo_run(db, setup)
+        return asyncio.run(go())
 
+    def create(self, vms: int) -> None:
+        """`vms` VMs, each allowing the simulated stick."""
+        if isinstance(self.location, Path):
+            initialise(self.location)
 
-def block(db: Path, vm: str) -> float:
-    """`vmshield usb block VM 0781:5567 --position 1`: the time stamped on its audit row."""
-    _repo_run(db, lambda repo: repo.add_usb_rule(vm, UsbAction.BLOCK, 0x0781, 0x5567,
+        async def setup(repo: Any) -> None:
+            await repo.add_principal("owner", b"owner-password", actor="bench")
+            for n in range(vms):
+                await repo.add_vm(vm_name(n), "owner", actor="bench")
+                await repo.add_usb_rule(vm_name(n), UsbAction.ALLOW, 0x0781, 0x5567,
+                                        actor="bench")  # fmt: skip
+
+        self._run(setup)
+
+    def block(self, vm: str) -> float:
+        """`vmshield usb block VM 0781:5567 --position 1`: the time stamped on its audit row
+        inside the transaction, before COMMIT (not usbgate's own rows that follow it)."""
+        self._run(lambda repo: repo.add_usb_rule(vm, UsbAction.BLOCK, 0x0781, 0x5567,
                                                  actor="bench", position=1))  # fmt: skip
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        (ts,) = conn.execute(  # not usbgate's own rows (usb.revoked comes right after it)
-            "SELECT ts FROM audit WHERE actor = 'bench' ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-    return datetime.fromisoformat(ts).timestamp()
+        sql = "SELECT ts FROM audit WHERE actor = 'bench' ORDER BY seq DESC LIMIT 1"
+        if isinstance(self.location, Path):
+            with sqlite3.connect(f"file:{self.location}?mode=ro", uri=True) as conn:
+                (ts,) = conn.execute(sql).fetchone()
+            return datetime.fromisoformat(ts).timestamp()
+        import psycopg
 
+        with psycopg.connect(self.location) as pg:
+            row = pg.execute(sql).fetchone()
+        assert row is not None
+        stamp = row[0]
+        return float(stamp.timestamp() if isinstance(stamp, datetime) else
+                     datetime.fromisoformat(str(stamp)).timestamp())  # fmt: skip
 
-def unblock(db: Path, vm: str) -> None:
-    _repo_run(db, lambda repo: repo.remove_usb_rule(vm, 1, actor="bench"))
+    def unblock(self, vm: str) -> None:
+        self._run(lambda repo: repo.remove_usb_rule(vm, 1, actor="bench"))
 
 
 # --- QEMU's part -----------------------------------------------------------------------------
@@ -194,9 +219,9 @@ def _settle(pid: int) -> dict[str, float]:
 
 
 class Workdir:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, store: Store) -> None:
         self.root = root
-        self.db = root / "keystore.db"
+        self.store = store
         self.control = root / "usbgate.ctl"
 
     def listen(self, n: int) -> str:
@@ -244,12 +269,12 @@ def _revocations(
     try:
         for _ in range(runs):
             peer = peers[target]
-            committed = block(work.db, vm_name(target))
+            committed = work.store.block(vm_name(target))
             loop.run(asyncio.wait_for(peer.gone.wait(), 10))
             assert peer.disconnected_at is not None, "the gateway closed without a disconnect"
             latencies.append(peer.disconnected_at - committed)
             loop.run(owners[target].close())
-            unblock(work.db, vm_name(target))
+            work.store.unblock(vm_name(target))
             time.sleep(0.05)  # the unblock is seen at the next poll
             peer.reset()
             owners[target] = loop.run(plug(target))
@@ -270,15 +295,26 @@ def _ms(values: list[float]) -> dict[str, float]:
             "max": round(max(values) * 1000, 2), "min": round(min(values) * 1000, 2)}  # fmt: skip
 
 
-def bench_host(root: Path, runs: int) -> dict[str, Any]:
-    work = Workdir(root)
-    make_keystore(work.db, max(STEPS))
+def bench_host(root: Path, runs: int, *, postgres: bool = False) -> dict[str, Any]:
+    """The measures on an SQLite keystore, or (``postgres``) a throwaway PostgreSQL cluster."""
+    if not postgres:
+        return _bench(Workdir(root, Store(root / "keystore.db")), runs)
+    from keystore.postgres.tempcluster import running_cluster
+
+    with running_cluster() as cluster:
+        return _bench(Workdir(root, Store(cluster.keystore())), runs)
+
+
+def _bench(work: Workdir, runs: int) -> dict[str, Any]:
+    root = work.root
+    work.store.create(max(STEPS))
+    db = work.store.db
     results: dict[str, Any] = {"memory_mib": {}, "revocation_ms": {}}
     loop = Loop()
     try:
         # today: one `usbgate run` per VM
         run_argv = [str(USBGATE), "run", "--vm", vm_name(0), "--listen", work.listen(0),
-                    "--qemu", f"unix:{work.qemu(0)}", "--db", str(work.db)]  # fmt: skip
+                    "--qemu", f"unix:{work.qemu(0)}", "--db", db]  # fmt: skip
         with started(run_argv, root / "run.log") as proc:
             results["memory_mib"]["usbgate_run_1_vm"] = _settle(proc.pid)
             latencies, attached = _revocations(work, loop, 1, 0, runs, proc.pid)
@@ -286,7 +322,7 @@ def bench_host(root: Path, runs: int) -> dict[str, Any]:
             results["memory_mib"]["usbgate_run_1_vm_with_a_stick_attached"] = attached
         # one host, grown 1 -> 10 -> 100 VMs over its control socket
         host_argv = [str(USBGATE), "host", "serve", "--control", str(work.control), "--db",
-                     str(work.db), "--vm", work.spec(0)]  # fmt: skip
+                     db, "--vm", work.spec(0)]  # fmt: skip
         with started(host_argv, root / "host.log") as proc:
             steps = {1: _settle(proc.pid)}
             latencies, attached = _revocations(work, loop, 1, 0, runs, proc.pid)
