@@ -205,7 +205,12 @@ class Host:
     def tick(self) -> None:
         """One poll of the shared rule source for every VM; each change goes to its VM only."""
         seen = time.monotonic()
-        changes = self.rule_source.poll_many(list(self.gateways))
+        try:
+            changes = self.rule_source.poll_many(list(self.gateways))
+        except Exception as exc:  # any: the rules are unknown, deny every VM's devices
+            log.error("rules unreadable: %s: %s", type(exc).__name__, exc)
+            error = RuleSourceError(f"rules unreadable: {exc}")
+            changes = dict.fromkeys(self.gateways, error)
         for name, new in changes.items():
             gateway = self.gateways.get(name)
             if gateway is not None:
@@ -224,10 +229,7 @@ class Host:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            try:
-                self.tick()
-            except RuleSourceError as exc:  # pragma: no cover - sources report per VM
-                log.error("rules unreadable: %s", exc)
+            self.tick()
 
     async def stop(self) -> None:
         if self._watcher is not None:

@@ -173,3 +173,31 @@ def test_adding_a_vm_whose_rules_are_slow_to_read_holds_up_no_other_vm(tmp_path:
             await host.stop()
 
     assert asyncio.run(scenario()) < 0.3
+
+
+def test_a_rule_source_that_breaks_denies_every_vm_and_the_watching_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allow = [parse_rule("allow id 0781:5567")]
+    source = MemoryRuleSource({"a": allow, "b": allow})
+    audit = MemoryAuditSink()
+    host = Host(source, audit, poll_interval=0.005)
+
+    def broken(vms: object) -> dict[str, object]:
+        raise OSError("the store went away")
+
+    async def scenario() -> None:
+        await host.start([_spec(tmp_path, "a"), _spec(tmp_path, "b")])
+        try:
+            with monkeypatch.context() as m:
+                m.setattr(source, "poll_many", broken)
+                await asyncio.sleep(0.05)  # several ticks, each failing
+                assert [g.rules for g in host.gateways.values()] == [[], []]
+            source.set("b", allow)
+            await asyncio.sleep(0.05)  # the watcher survived: b's rules come back
+            assert host.gateways["b"].rules == allow and host.gateways["a"].rules == []
+        finally:
+            await host.stop()
+
+    asyncio.run(scenario())
+    assert sorted(vm for a, vm, _ in audit.rows if a == "usb.rules.unreadable") == ["a", "b"]
