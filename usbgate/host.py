@@ -285,21 +285,21 @@ class ControlServer:
         """``state``: a file where the VMs added over the socket are kept, so that a host
         restarted (after a crash, an upgrade) serves them again (``restore``)."""
         self.host, self.path, self.group = host, Path(path), group
-        self.state = None if state is None else Path(state)
+        self.state_file = None if state is None else Path(state)
         self.added: dict[str, VmSpec] = {}  # the VMs added over the socket, still served
         self._server: asyncio.Server | None = None
 
     async def restore(self) -> list[str]:
         """Serve again the VMs the state file lists; one line per VM that cannot be."""
-        if self.state is None:
+        if self.state_file is None:
             return []
         try:
-            listed = json.loads(self.state.read_text())["vms"]
+            listed = json.loads(self.state_file.read_text())["vms"]
             specs = [VmSpec.from_json(v) for v in listed]
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            return [f"{self.state}: unreadable, starting without it ({exc})"]
+            return [f"{self.state_file}: unreadable, starting without it ({exc})"]
         errors = []
         for spec in specs:
             try:
@@ -314,19 +314,19 @@ class ControlServer:
 
     def _save(self) -> None:
         """Write the state file atomically (a temporary file, then rename), mode 0600."""
-        if self.state is None:
+        if self.state_file is None:
             return
         data = json.dumps({"vms": [s.to_json() for s in self.added.values()]}, indent=1)
-        tmp = self.state.with_name(f".{self.state.name}.tmp")
+        tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(data + "\n")
-            os.replace(tmp, self.state)
+            os.replace(tmp, self.state_file)
         except OSError as exc:
-            log.error("cannot write %s: %s", self.state, exc.strerror or exc)
+            log.error("cannot write %s: %s", self.state_file, exc.strerror or exc)
 
     def allowed(self, peer: Peer) -> bool:
         if peer.uid in (0, os.geteuid()):
