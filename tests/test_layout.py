@@ -81,3 +81,12 @@ def test_the_wheel_holds_the_product_and_nothing_of_the_lab(tmp_path: Path) -> N
     for member in ("nbd_plugin/plugin.py", "keystore/cli/__init__.py", "usbgate/cli.py",
                    "usbgate/rules/policy.py", "usbgate/sources/keystore.py"):  # fmt: skip
         assert member in names, member
+
+
+def test_the_keystore_and_usbgate_agree_where_the_usbgate_host_listens() -> None:
+    # the keystore may not import usbgate.host (the contracts above), so it names the default
+    # control socket itself: the two must not drift apart
+    from keystore.services import usbhost
+    from usbgate import host
+
+    assert str(usbhost.DEFAULT_CONTROL) == str(host.DEFAULT_CONTROL)

@@ -203,6 +203,7 @@ def test_the_package_holds_the_product_and_no_test_rig(debs: tuple[Path, Path]) 
         "/usr/lib/vmshield/lib/numba/__init__.py",
         "/lib/systemd/system/vmshield-disk@.service",
         "/lib/systemd/system/usbgate@.service",
+        "/lib/systemd/system/usbgate-host.service",
         "/etc/vmshield/disks/README",
         "/usr/share/man/man1/vmshield.1.gz",
         "/usr/share/man/man1/usbgate.1.gz",

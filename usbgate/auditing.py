@@ -6,6 +6,9 @@ the store cannot keep up, rows beyond ``max_queued`` are counted, not queued, an
 say which device reached the guest or was taken from it (``NEVER_DROPPED``) are never
 counted away: their ``record`` waits for room, so a peer who floods the queue with denials
 first cannot hide the attach that follows (the flood is slowed to the store's pace instead).
+When one usbgate serves every VM of the host (`usbgate host`), each VM may hold at most
+``MAX_QUEUED_PER_VM`` rows of the shared queue: a VM whose owner floods it has its own rows
+counted away, never another VM's.
 The keystore and PostgreSQL sinks are such a queue with their own ``_write``.
 
 ``Refusals`` turns a flood of refused connections into a bounded number of rows: the first
@@ -38,6 +41,8 @@ from usbgate.sources import AuditSink
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 10_000
+#: rows of one VM queued at once when one usbgate serves every VM of the host
+MAX_QUEUED_PER_VM = 1_000
 #: denials of one kind recorded one by one per window before the rest are counted
 DENIAL_BURST = 5
 REFUSAL_WINDOW = 10.0
@@ -52,14 +57,25 @@ Row = tuple[str, str, dict[str, Any]]
 class QueuedAuditSink:
     """An AuditSink whose rows a subclass writes (``_write``) on one worker thread, in order."""
 
-    def __init__(self, *, max_queued: int = MAX_QUEUED, name: str = "usbgate-audit") -> None:
+    def __init__(self, *, max_queued: int = MAX_QUEUED, max_per_vm: int | None = None,
+                 name: str = "usbgate-audit") -> None:  # fmt: skip
+        """``max_per_vm``: rows of one VM queued at once (one usbgate serving many VMs: a VM
+        flooding the queue cannot have another VM's rows dropped); default ``max_queued``."""
         self._queue: queue.Queue[Row | None] = queue.Queue(maxsize=max_queued)
+        self._max_per_vm = max_per_vm or max_queued
         self._lock = threading.Lock()
+        self._queued: dict[str, int] = {}  # by VM
         self._dropped: dict[str, int] = {}  # by VM
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def record(self, action: str, vm: str, detail: dict[str, Any]) -> None:
+        with self._lock:
+            over = self._queued.get(vm, 0) >= self._max_per_vm and action not in NEVER_DROPPED
+            if over:
+                self._dropped[vm] = self._dropped.get(vm, 0) + 1
+                return
+            self._queued[vm] = self._queued.get(vm, 0) + 1
         if action in NEVER_DROPPED:
             self._queue.put((action, vm, detail))
             return
@@ -67,7 +83,16 @@ class QueuedAuditSink:
             self._queue.put_nowait((action, vm, detail))
         except queue.Full:
             with self._lock:
+                self._unqueued(vm)
                 self._dropped[vm] = self._dropped.get(vm, 0) + 1
+
+    def _unqueued(self, vm: str) -> None:
+        """One row of ``vm`` left the queue (under the lock)."""
+        left = self._queued.get(vm, 0) - 1
+        if left > 0:
+            self._queued[vm] = left
+        else:
+            self._queued.pop(vm, None)
 
     def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -83,6 +108,8 @@ class QueuedAuditSink:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            with self._lock:
+                self._unqueued(item[1])
             self._write_logged(*item)
             with self._lock:
                 dropped, self._dropped = self._dropped, {}

@@ -61,6 +61,55 @@ def rules_options(f: F) -> F:
     return f
 
 
+def gateway_options(f: F) -> F:
+    """The timing and limit options of every VM's gateway (`run`, `host serve`)."""
+    for option in reversed(_GATEWAY_OPTIONS):
+        f = option(f)
+    return f
+
+
+_GATEWAY_OPTIONS = [
+    click.option(
+        "--poll-ms",
+        type=click.FloatRange(min=1, max=1000),
+        default=POLL_INTERVAL * 1000,
+        show_default=True,
+        help="How often to check the rules for changes, in milliseconds.",
+    ),
+    click.option(
+        "--probe-timeout",
+        type=click.FloatRange(min=0.1),
+        default=PROBE_TIMEOUT,
+        show_default=True,
+        help="Seconds a device gets to answer the descriptor probe before it is denied.",
+    ),
+    click.option(
+        "--hello-timeout",
+        type=click.FloatRange(min=0.1),
+        default=HELLO_TIMEOUT,
+        show_default=True,
+        help="Seconds an owner gets, once connected, to send its usbredir hello; until then it "
+        "holds no usb-redir slot. Silent connections are closed and audited.",
+    ),
+    click.option(
+        "--idle-timeout",
+        type=click.FloatRange(min=0.1),
+        default=IDLE_TIMEOUT,
+        show_default=True,
+        help="Seconds a connection may hold a usb-redir slot without a device announced (after "
+        "its hello, or after an unplug); then it is closed and audited, and the slot is free.",
+    ),
+    click.option(
+        "--max-per-peer",
+        type=click.IntRange(min=1),
+        default=MAX_PER_PEER,
+        show_default=True,
+        help="Connections at once from one IP address (or one local user on a unix socket); "
+        "more are refused. Refusals are audited once, then counted per peer every 10 s.",
+    ),
+]
+
+
 def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
     if rules_file is not None:
         if db is not None:
@@ -71,12 +120,13 @@ def _rule_source(db: str | None, rules_file: Path | None) -> RuleSource:
     return keystore_rule_source(db)
 
 
-def _audit_sink(db: str | None, rules_file: Path | None) -> AuditSink:
+def _audit_sink(db: str | None, rules_file: Path | None, *, max_per_vm: int | None = None
+                ) -> AuditSink:  # fmt: skip
     if rules_file is not None:
         return _LogAuditSink()
     from usbgate.sources.keystore import keystore_audit_sink
 
-    return keystore_audit_sink(db)
+    return keystore_audit_sink(db, max_per_vm=max_per_vm)
 
 
 class _LogAuditSink(MemoryAuditSink):
@@ -120,44 +170,7 @@ def main() -> None:
     "first free one.",
 )
 @rules_options
-@click.option(
-    "--poll-ms",
-    type=click.FloatRange(min=1, max=1000),
-    default=POLL_INTERVAL * 1000,
-    show_default=True,
-    help="How often to check the rules for changes, in milliseconds.",
-)
-@click.option(
-    "--probe-timeout",
-    type=click.FloatRange(min=0.1),
-    default=PROBE_TIMEOUT,
-    show_default=True,
-    help="Seconds a device gets to answer the descriptor probe before it is denied.",
-)
-@click.option(
-    "--hello-timeout",
-    type=click.FloatRange(min=0.1),
-    default=HELLO_TIMEOUT,
-    show_default=True,
-    help="Seconds an owner gets, once connected, to send its usbredir hello; until then it "
-    "holds no usb-redir slot. Silent connections are closed and audited.",
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0.1),
-    default=IDLE_TIMEOUT,
-    show_default=True,
-    help="Seconds a connection may hold a usb-redir slot without a device announced (after "
-    "its hello, or after an unplug); then it is closed and audited, and the slot is free.",
-)
-@click.option(
-    "--max-per-peer",
-    type=click.IntRange(min=1),
-    default=MAX_PER_PEER,
-    show_default=True,
-    help="Connections at once from one IP address (or one local user on a unix socket); "
-    "more are refused. Refusals are audited once, then counted per peer every 10 s.",
-)
+@gateway_options
 @click.option(
     "--state",
     "state_file",
@@ -290,3 +303,6 @@ def qemu_filter(vm: str, db: str | None, rules_file: Path | None, as_json: bool)
 from usbgate.stick_cli import simulate_stick  # noqa: E402 - its own module (issue 14)
 
 main.add_command(simulate_stick)
+from usbgate.host_cli import host  # noqa: E402 - its own module: `usbgate host ...`
+
+main.add_command(host)

@@ -1,8 +1,10 @@
 """The asyncio gateway of one VM: listens for owners, relays each to a free QEMU usb-redir slot.
 
-One ``Gateway`` per VM. Owners (``usbredirect --to HOST:PORT``) connect to ``listen``; each
-connection takes the first free ``--qemu`` slot (one per ``-device usb-redir`` of the VM), and
-a ``Session`` relays it under the VM's rules.
+One ``Gateway`` per VM: alone in `usbgate run`, or one of many in one process under a
+``usbgate.host.Host`` (``shared=True``), which then owns the rule source and the watching.
+Owners (``usbredirect --to HOST:PORT``) connect to ``listen``; each connection takes the
+first free ``--qemu`` slot (one per ``-device usb-redir`` of the VM), and a ``Session``
+relays it under the VM's rules.
 
 Revocation and live allow: a watcher polls the RuleSource every ``poll_interval`` (10 ms).
 When the rules change it re-judges every attached device and revokes those no longer
@@ -67,7 +69,10 @@ class Gateway:
         max_per_peer: int = MAX_PER_PEER,
         refusal_window: float = REFUSAL_WINDOW,
         state_file: Path | None = None,
+        shared: bool = False,
     ) -> None:
+        """``shared``: the rule source serves other gateways too (a Host): this gateway
+        neither watches it (the host polls it for every VM and calls ``apply``) nor closes it."""
         if not qemu_slots:
             raise ValueError("at least one QEMU usb-redir slot is needed")
         self.vm = vm
@@ -80,6 +85,7 @@ class Gateway:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.max_per_peer = max_per_peer
+        self.shared = shared
         self.refusals = Refusals(audit, vm, window=refusal_window)
         self.denials = DenialSink(audit, window=refusal_window)
         self._per_peer: dict[str, int] = {}
@@ -101,10 +107,11 @@ class Gateway:
 
     async def start(self) -> None:
         """Load the rules (RuleSourceError if they cannot be read), then listen and watch."""
-        self.rules = self.rule_source.load(self.vm)
+        self.rules = await self.rule_source.aload(self.vm)
         self._server = await start_server(self.listen, self._accept)
         self._publish()
-        self._watcher = asyncio.create_task(self._watch())
+        if not self.shared:
+            self._watcher = asyncio.create_task(self._watch())
         log.info("usbgate for vm %s listening on %s, %d slot(s), %d rule(s)",
                  self.vm, self.listen, len(self.qemu_slots), len(self.rules))  # fmt: skip
 
@@ -138,7 +145,8 @@ class Gateway:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
-        self.rule_source.close()
+        if not self.shared:
+            self.rule_source.close()
         self.refusals.flush(everything=True)
         self.denials.flush(everything=True)
         if self.state_file is not None:
@@ -156,25 +164,43 @@ class Gateway:
         """Pick up changed rules and enforce them at once. Unreadable rules deny everything."""
         seen = time.monotonic()
         try:
-            new = self.rule_source.poll(self.vm)
+            new: list[Rule] | RuleSourceError | None = self.rule_source.poll(self.vm)
         except RuleSourceError as exc:
+            new = exc
+        self.apply(new, seen)
+
+    def apply(self, new: list[Rule] | RuleSourceError | None, seen: float) -> None:
+        """Enforce what a poll of the rule source returned for this VM (None: no change; an
+        error: the rules are unknown, so every device is denied), seen at ``seen``."""
+        if isinstance(new, RuleSourceError):
             if self.rules:
-                log.error("vm %s: rules unreadable, denying every device: %s", self.vm, exc)
-                self.audit.record("usb.rules.unreadable", self.vm, {"error": str(exc)})
+                log.error("vm %s: rules unreadable, denying every device: %s", self.vm, new)
+                self.audit.record("usb.rules.unreadable", self.vm, {"error": str(new)})
             new = [] if self.rules else None
         if new is not None:
             self.rules = new
             self._enforce(seen)
+            log.info("vm %s: rules changed (%d rule(s))", self.vm, len(new))
+
+    def flush(self) -> None:
+        """Write the aggregated refusal and denial rows that are due, and the attached devices
+        if they changed (every poll)."""
+        self.refusals.flush()
+        self.denials.flush()
+        self._publish()
+
+    @property
+    def attached(self) -> int:
+        """How many devices this VM's guest has now."""
+        return sum(1 for s in self.sessions.values() if s.state is State.ATTACHED)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
             self._refresh()
-            self.refusals.flush()
-            self.denials.flush()
-            self._publish()
+            self.flush()
 
-    def attached(self) -> list[dict[str, Any]]:
+    def attached_devices(self) -> list[dict[str, Any]]:
         """The devices attached to the VM now, by slot: who offers them, what they are and
         since when (epoch seconds)."""
         out = []
@@ -195,7 +221,7 @@ class Gateway:
         """Write the attached devices to the state file if they changed."""
         if self.state_file is None:
             return
-        now = self.attached()
+        now = self.attached_devices()
         if now == self._published:
             return
         with contextlib.suppress(OSError):

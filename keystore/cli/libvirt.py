@@ -126,10 +126,14 @@ def _default_run_dir() -> Path:
 @click.option("--usb-listen", metavar="ADDR",
               help="Where USB owners reach a VM's usbgate; {vm} and {run_dir} are replaced "
               f"(default {hookconf.DEFAULT_USB_LISTEN}).")  # fmt: skip
+@click.option("--usb-host", type=click.Path(dir_okay=False, path_type=Path),
+              help="The control socket of a running `usbgate host serve` (e.g. "
+              "/run/vmshield/usbgate.ctl): the hook adds each VM there and removes it when "
+              "the VM stops, instead of starting one `usbgate run` per VM.")  # fmt: skip
 @db_option
 def install_hook(
     hooks_dir: Path, config: Path | None, run_dir: Path | None, host_key: Path | None,
-    usb_listen: str | None, db: Location | None,
+    usb_listen: str | None, usb_host: Path | None, db: Location | None,
 ) -> None:  # fmt: skip
     """Install the vmshield qemu hook and write its configuration.
 
@@ -152,6 +156,7 @@ def install_hook(
         run_dir=(run_dir or base.run_dir).absolute(),
         host_key=(host_key or base.host_key).absolute(),
         usb_listen=usb_listen or hookconf.DEFAULT_USB_LISTEN,
+        usb_host=str(usb_host.absolute()) if usb_host is not None else "",
     )
     conf = hookconf.config_path(config).absolute()
     hook = hooks_dir.absolute() / hookfile.HOOK_NAME

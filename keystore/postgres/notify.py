@@ -50,6 +50,7 @@ class RulesListener:
         self._rules: dict[str, list[UsbRule] | None] = {}  # None: the VM is gone
         self._given: dict[str, list[UsbRule] | None] = {}
         self._pending: set[str] = set()  # VMs not LISTENed on yet
+        self._unlisten: set[str] = set()  # channels of VMs no longer watched
         self._stop = threading.Event()
         self._up = threading.Event()
         self.reconnects = 0
@@ -103,6 +104,15 @@ class RulesListener:
         for d in (self._uuids, self._rules, self._given):
             d.pop(vm, None)
 
+    def unwatch(self, vm: str) -> None:
+        """Stop watching `vm`: its notifications are ignored at once, UNLISTENed soon after."""
+        with self._lock:
+            uuid = self._uuids.get(vm)
+            self._forget(vm)
+            self._pending.discard(vm)
+            if uuid is not None:
+                self._unlisten.add(pgconn.rules_channel(uuid))
+
     def take(self, vm: str) -> list[UsbRule] | None:
         """The new rules of `vm` if they changed since last handed out, else None.
 
@@ -139,6 +149,7 @@ class RulesListener:
                 self._conn = pgconn.connect_sync(self.url)
                 with self._lock:
                     self._pending.update(self._uuids)
+                    self._unlisten.clear()  # a new connection LISTENs on watched VMs only
                 self._listen_pending(self._conn)
                 self._up.set()
                 if self.reconnects:
@@ -171,6 +182,11 @@ class RulesListener:
                     self._reload(conn, vm)
             if self._pending:
                 self._listen_pending(conn)
+            if self._unlisten:
+                with self._lock:
+                    gone, self._unlisten = self._unlisten, set()
+                for channel in sorted(gone - set(self._channels)):
+                    conn.execute(f"UNLISTEN {channel}".encode())
 
     def _listen_pending(self, conn: psycopg.Connection[Any]) -> None:
         with self._lock:

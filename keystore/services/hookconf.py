@@ -8,6 +8,8 @@ everything it needs is in this file, written by `vmshield libvirt install-hook`:
     run_dir = /run/vmshield                # disk sockets, usb-redir sockets, usbgate pid/log
     host_key = /etc/vmshield/host.key      # the key of `vmshield disk enroll-host`
     usb_listen = unix:{run_dir}/{vm}-usb.sock   # where USB owners reach the VM's usbgate
+    usb_host =                             # a `usbgate host serve` control socket: add the
+                                           # VM there instead of one `usbgate run` per VM
     timeout = 60                           # seconds a server gets to answer
 """
 
@@ -42,6 +44,7 @@ class HookConfig:
     host_key: Path
     usb_listen: str = DEFAULT_USB_LISTEN
     timeout: float = 60.0
+    usb_host: str = ""  #: the control socket of `usbgate host serve`; "" = `usbgate run` per VM
 
     def usb_listen_for(self, vm: str) -> str:
         return self.usb_listen.format(run_dir=self.run_dir, vm=vm)
@@ -55,7 +58,7 @@ class HookConfig:
             f"host_key = {self.host_key}\n"
             f"usb_listen = {self.usb_listen}\n"
             f"timeout = {self.timeout:g}\n"
-        )
+        ) + (f"usb_host = {self.usb_host}\n" if self.usb_host else "")
 
 
 def config_path(given: Path | None = None) -> Path:
@@ -111,6 +114,9 @@ def load(path: Path) -> HookConfig:
         raise HookConfigError(f"{path}: timeout must be a number of seconds") from e
     if "db" not in sec:
         raise HookConfigError(f"{path}: db = PATH is required (the keystore database)")
+    usb_host = sec.get("usb_host", "").strip()
+    if usb_host and not os.path.isabs(usb_host):
+        raise HookConfigError(f"{path}: usb_host must be an absolute path (a control socket)")
     db = Location.parse(sec["db"])
     try:
         db.check_no_password()
@@ -122,6 +128,7 @@ def load(path: Path) -> HookConfig:
         host_key=Path(sec.get("host_key", str(base.host_key))),
         usb_listen=sec.get("usb_listen", DEFAULT_USB_LISTEN),
         timeout=timeout,
+        usb_host=usb_host,
     )
 
 

@@ -41,7 +41,7 @@ from keystore import paths
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
 from keystore.repository import Repository
-from keystore.services import hookconf, hostdisk, nbdproc, opening, serve, unlock
+from keystore.services import hookconf, hostdisk, nbdproc, opening, serve, unlock, usbhost
 from keystore.services import restore as restoremod
 from keystore.services.hookconf import HookConfig
 from keystore.services.libvirt_xml import (
@@ -202,8 +202,23 @@ def _usbgate_exe() -> str:
     return found
 
 
+def _usb_host(cfg: HookConfig, request: dict[str, Any]) -> dict[str, Any]:
+    """One request to the `usbgate host serve` of hook.conf's usb_host; HookError if refused."""
+    try:
+        return usbhost.request(cfg.usb_host, request, timeout=cfg.timeout)
+    except usbhost.UsbHostError as e:
+        raise HookError(f"usbgate host {cfg.usb_host}: {e}") from e
+
+
 def usbgate_pid(cfg: HookConfig, vm: str) -> int | None:
-    """The pid of VM's usbgate if it is running (checked against /proc, not only the file)."""
+    """The pid of VM's usbgate if it is running (checked against /proc, not only the file);
+    with usb_host, the host's pid if it serves VM."""
+    if cfg.usb_host:
+        try:
+            reply = _usb_host(cfg, {"op": "list"})
+        except HookError:
+            return None
+        return int(reply["pid"]) if any(v["vm"] == vm for v in reply["vms"]) else None
     pidfile, _ = usbgate_files(cfg.run_dir, vm)
     pid = nbdproc.read_pid(pidfile)
     if pid is None:
@@ -217,7 +232,12 @@ def usbgate_pid(cfg: HookConfig, vm: str) -> int | None:
 
 
 def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
-    """Start VM's usbgate in the background; return its pid once it listens for owners."""
+    """Start VM's usbgate in the background; return its pid once it listens for owners.
+    With usb_host, add VM to that running host instead (its pid)."""
+    if cfg.usb_host:
+        request = {"op": "add", "vm": vm, "listen": cfg.usb_listen_for(vm),
+                   "qemu": [f"unix:{s}" for s in slots]}  # fmt: skip
+        return int(_usb_host(cfg, request)["pid"])
     if usbgate_pid(cfg, vm) is not None:
         raise HookError(f"usbgate of VM {vm} is already running")
     pidfile, logfile = usbgate_files(cfg.run_dir, vm)
@@ -254,7 +274,14 @@ def start_usbgate(cfg: HookConfig, vm: str, slots: Sequence[Path]) -> int:
 
 
 def stop_usbgate(cfg: HookConfig, vm: str, timeout: float = 10.0) -> bool:
-    """SIGTERM VM's usbgate and wait; False if it was not running."""
+    """SIGTERM VM's usbgate and wait; False if it was not running. With usb_host, remove VM
+    from that host (which closes its listening socket)."""
+    if cfg.usb_host:
+        try:
+            _usb_host(cfg, {"op": "remove", "vm": vm})
+        except HookError:
+            return False  # not served there (or no host to serve it)
+        return True
     pid = usbgate_pid(cfg, vm)
     pidfile, _ = usbgate_files(cfg.run_dir, vm)
     if pid is not None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from keystore.models import AuditEntry, Disk, Server, Vm
 from keystore.repository import Repository
-from keystore.services import nbdproc, serve, unlock, usage
+from keystore.services import nbdproc, serve, unlock, usage, usbhost
 from keystore.services.libvirt_xml import usbgate_files
 from keystore.services.store import Keystore
 from nbd_plugin.osutil import statefile
@@ -214,6 +214,9 @@ def _gates(store: Keystore, vms: set[str], run_dirs: Sequence[Path]) -> list[Gat
         args = usage.argv_of(int(name)) if name.isdigit() else None
         if not args or not any(os.path.basename(a) == "usbgate" for a in args[:2]):
             continue
+        if "host" in args[1:3] and "serve" in args[1:4]:
+            out += _host_gates(store, vms, int(name), args)
+            continue
         if "run" not in args or "--vm" not in args[:-1]:
             continue
         vm = args[args.index("--vm") + 1]
@@ -233,6 +236,21 @@ def _attached(args: Sequence[str], pid: int) -> list[dict[str, Any]] | None:
     if state is None or state.get("pid") != pid or not isinstance(state.get("attached"), list):
         return None
     return [a for a in state["attached"] if isinstance(a, dict)]
+
+
+def _host_gates(store: Keystore, vms: set[str], pid: int, args: Sequence[str]) -> list[Gate]:
+    """The VMs of ours a `usbgate host serve` serves, asked over its control socket."""
+    if "--db" in args[:-1] and not _same_keystore(args, store, vms, ""):
+        return []
+    control = (
+        args[args.index("--control") + 1] if "--control" in args[:-1] else usbhost.DEFAULT_CONTROL
+    )
+    command = usage.redact(args)
+    try:
+        served = usbhost.request(control, {"op": "list"}, timeout=2.0)["vms"]
+    except usbhost.UsbHostError as e:
+        return [Gate("?", pid, f"usbgate host ({e})", command)]
+    return [Gate(v["vm"], pid, "usbgate host", command) for v in served if v["vm"] in vms]
 
 
 def _keyring_unlocks() -> set[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from keystore.errors import NotFound
+from keystore.errors import KeystoreError, NotFound
 from keystore.models import UsbRule
 from keystore.sqlite import connection as dbmod
 from keystore.storage import rows
@@ -98,4 +98,75 @@ class RulesWatcher:
         self.close()
 
 
-__all__ = ["RulesWatcher", "UsbRule", "load_rules"]
+class HostRulesWatcher:
+    """One read-only connection watching the rules of many VMs (a usbgate serving a host).
+
+    One `PRAGMA data_version` per `poll()` whatever the number of VMs; when another
+    connection committed, every VM's rules are re-read in one transaction and only the
+    VMs whose rules differ are returned. A VM that cannot be read (removed) is reported once
+    as its KeystoreError and read again at the next commit. Not thread-safe.
+    """
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.path = Path(db_path)
+        self._conn = dbmod.open_sync(self.path, readonly=True)
+        self._version = self._data_version()
+        self.rules: dict[str, list[UsbRule] | None] = {}  # None: unreadable last time
+
+    def _data_version(self) -> int:
+        try:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as e:
+            raise dbmod.translate(e, self.path) from e
+
+    def watch(self, vm: str) -> list[UsbRule]:
+        """Start watching `vm`; its current rules (NotFound if there is no such VM)."""
+        rules = _load(self._conn, vm, self.path)
+        self.rules[vm] = rules
+        return rules
+
+    def forget(self, vm: str) -> None:
+        self.rules.pop(vm, None)
+
+    def poll(self) -> dict[str, list[UsbRule] | KeystoreError]:
+        """The VMs whose rules changed since the last poll: their new rules, or the error
+        that keeps them from being read. Empty when nothing was committed meanwhile."""
+        version = self._data_version()
+        if version == self._version:
+            return {}
+        self._version = version
+        names, by_vm = self._load_all()
+        changed: dict[str, list[UsbRule] | KeystoreError] = {}
+        for vm, old in list(self.rules.items()):
+            if vm not in names:
+                if old is not None:
+                    changed[vm] = NotFound(f"no VM named {vm!r} in keystore {self.path}")
+                self.rules[vm] = None
+                continue
+            rules = by_vm.get(vm, [])
+            if rules != old:
+                changed[vm] = rules
+            self.rules[vm] = rules
+        return changed
+
+    def _load_all(self) -> tuple[set[str], dict[str, list[UsbRule]]]:
+        """Every VM's name and rules, in one read transaction (two queries, not two per VM)."""
+        by_vm: dict[str, list[UsbRule]] = {}
+        try:
+            self._conn.execute("BEGIN")
+            try:
+                names = {str(r[0]) for r in self._conn.execute("SELECT name FROM vms")}
+                for row in self._conn.execute(SQLITE.sql(rows.ALL_RULES)):
+                    rule = rows.usb_rule(row)
+                    by_vm.setdefault(rule.vm, []).append(rule)
+            finally:
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise dbmod.translate(e, self.path) from e
+        return names, by_vm
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+__all__ = ["HostRulesWatcher", "RulesWatcher", "UsbRule", "load_rules"]

@@ -29,6 +29,8 @@ _RULES = (
 #: a VM's USB rules in order, by the VM's name or uuid
 RULES = _RULES + "WHERE v.name = {vm} ORDER BY r.position"
 RULES_BY_UUID = _RULES + "WHERE v.uuid = {uuid} ORDER BY r.position"
+#: every VM's rules, grouped by VM (a usbgate serving many VMs re-reads them in one go)
+ALL_RULES = _RULES + "ORDER BY v.name, r.position"
 VM_EXISTS = "SELECT 1 FROM vms WHERE name = {vm}"
 
 VM_COLUMNS = (

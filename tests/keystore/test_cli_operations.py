@@ -311,3 +311,25 @@ def test_status_lists_this_keystores_usbgate(ready: Path, shm: Path) -> None:
     finally:
         gate.terminate()
         gate.wait(timeout=30)
+
+
+def test_status_lists_the_vms_of_a_usbgate_host(ready: Path, shm: Path) -> None:
+    control = shm / "usbgate.ctl"
+    gate = subprocess.Popen(
+        [str(Path(sys.executable).parent / "usbgate"), "host", "serve", "--control",
+         str(control), "--vm", f"web1=unix:{shm / 'owners.sock'},unix:{shm / 'qemu.sock'}",
+         "--db", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not control.exists():
+            assert gate.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        [shown] = js("status")["usbgates"]
+        assert (shown["vm"], shown["pid"], shown["started_by"]) == (
+            "web1", gate.pid, "usbgate host"), shown  # fmt: skip
+        assert f"host serve --control {control}" in shown["command"]
+    finally:
+        gate.terminate()
+        gate.wait(timeout=30)

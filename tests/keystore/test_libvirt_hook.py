@@ -8,6 +8,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +138,54 @@ def test_prepare_release_reconnect(ks: Keystore, capsys: pytest.CaptureFixture[s
 
     code, err = hook(ks, "reconnect", "begin", xml, capsys)
     assert code == 0 and "MISSING: web1-0, usbgate" in err
+
+
+def test_prepare_and_release_through_a_usbgate_host(
+    ks: Keystore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hook.conf's usb_host: the VM is added to a running `usbgate host serve` and removed
+    from it, instead of a `usbgate run` of its own."""
+    control = ks.base / "usbgate.ctl"
+    ks.cli("libvirt", "install-hook", "--hooks-dir", str(ks.base / "hooks"), "--config",
+           str(ks.config), "--run-dir", str(ks.run_dir), "--host-key", str(ks.host_key),
+           "--usb-host", str(control))  # fmt: skip
+    assert f"usb_host = {control}" in ks.config.read_text()
+    usbgate = str(Path(sys.executable).with_name("usbgate"))
+    log = ks.base / "usbgate-host.log"
+    with log.open("wb") as out:
+        host = subprocess.Popen([usbgate, "host", "serve", "--control", str(control), "--db",
+                                 str(ks.db)], stdout=out, stderr=out)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while b"host listening" not in log.read_bytes():
+            assert host.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+
+        def served() -> list[str]:
+            argv = [usbgate, "host", "list", "--json", "--control", str(control)]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30)
+            return [v["listen"] for v in json.loads(out.stdout)["vms"]]
+
+        ks.cli("disk", "enroll-host", ks.disk, "--password-file", str(ks.pwfile))
+        xml = domain(ks, usb=1)
+        code, err = hook(ks, "prepare", "begin", xml, capsys)
+        assert code == 0 and "usbgate with 1 slot(s)" in err, err
+        assert served() == [f"unix:{ks.run_dir / 'web1-usb.sock'}"]
+        assert (ks.run_dir / "web1-usb.sock").is_socket()
+        assert ks.audit(3)[-1]["detail"]["usbgate_pid"] == host.pid  # type: ignore[index]
+        code, err = hook(ks, "reconnect", "begin", xml, capsys)
+        assert (code, err) == (0, "vmshield: VM web1: still up: web1-0, usbgate\n")
+        code, err = hook(ks, "release", "end", xml, capsys)
+        assert (code, err) == (0, "vmshield: VM web1: stopped web1-0, usbgate\n")
+        assert served() == [] and not (ks.run_dir / "web1-usb.sock").exists()
+        assert host.poll() is None  # the host goes on serving (other VMs)
+    finally:
+        host.terminate()
+        host.wait(10)
+    # the host gone, a start fails with one line and leaves nothing running
+    code, err = hook(ks, "prepare", "begin", xml, capsys)
+    assert code == 1 and err.count("\n") == 1 and f"usbgate host {control}" in err, err
+    assert processes(str(ks.base)) == []
 
 
 def test_unlock_is_one_start(ks: Keystore, capsys: pytest.CaptureFixture[str]) -> None:

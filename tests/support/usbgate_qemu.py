@@ -35,14 +35,16 @@ USBGATE = Path(sys.executable).with_name("usbgate")
 class Keystore:
     """The keystore file the gateway reads, written through the keystore's own repository."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, vms: tuple[str, ...] = (VM,)) -> None:
         self.path = path
+        self.vms = vms
         initialise(path)
         self.run(self._setup)
 
     async def _setup(self, repo: SqliteRepository) -> None:
         await repo.add_principal("alice", b"alice-password", actor="test")
-        await repo.add_vm(VM, "alice", actor="test")
+        for vm in self.vms:
+            await repo.add_vm(vm, "alice", actor="test")
 
     def run(self, fn: Any) -> Any:
         async def go() -> Any:
@@ -54,29 +56,30 @@ class Keystore:
 
         return asyncio.run(go())
 
-    async def _add(self, repo: SqliteRepository, text: str, position: int | None) -> None:
+    async def _add(self, repo: SqliteRepository, text: str, position: int | None,
+                   vm: str = VM) -> None:  # fmt: skip
         r = parse_rule(text)
-        await repo.add_usb_rule(VM, UsbAction(r.action.value), r.vendor_id, r.product_id,
+        await repo.add_usb_rule(vm, UsbAction(r.action.value), r.vendor_id, r.product_id,
                                 actor="test", device_class=r.device_class,
                                 interfaces=r.interfaces, serial=r.serial,
                                 position=position)  # fmt: skip
 
-    def set_rules(self, *texts: str) -> None:
+    def set_rules(self, *texts: str, vm: str = VM) -> None:
         async def replace(repo: SqliteRepository) -> None:
-            for _ in await repo.list_usb_rules(VM):
-                await repo.remove_usb_rule(VM, 1, actor="test")
+            for _ in await repo.list_usb_rules(vm):
+                await repo.remove_usb_rule(vm, 1, actor="test")
             for text in texts:
-                await self._add(repo, text, None)
+                await self._add(repo, text, None, vm)
 
         self.run(replace)
 
-    def prepend_rule(self, text: str) -> float:
+    def prepend_rule(self, text: str, vm: str = VM) -> float:
         """Insert ``text`` as rule 1 (one write transaction, as `vmshield usb block` does);
         returns the wall-clock time the write returned, i.e. just after its COMMIT."""
         done: list[float] = []
 
         async def add(repo: SqliteRepository) -> None:
-            await self._add(repo, text, 1)
+            await self._add(repo, text, 1, vm)
             done.append(time.time())
 
         self.run(add)

@@ -21,6 +21,35 @@ def test_help_documents_every_command() -> None:
     run_help = CliRunner().invoke(main, ["run", "--help"]).output
     for words in ("--listen", "--qemu", "usbredirect", "PRAGMA data_version", "Example"):
         assert words in run_help
+    assert "host" in result.output
+    serve_help = CliRunner().invoke(main, ["host", "serve", "--help"]).output
+    for words in ("--vm NAME=LISTEN,QEMU", "--vm-dir", "SIGHUP", "SO_PEERCRED", "Example",
+                  "--poll-ms", "--max-per-peer"):  # fmt: skip
+        assert words in serve_help
+    for command in ("add", "remove", "list"):
+        assert "--control" in CliRunner().invoke(main, ["host", command, "--help"]).output
+
+
+def test_host_vm_specs_and_directory(tmp_path: Path) -> None:
+    from usbgate.host import HostError, VmSpec, read_vm_dir
+
+    spec = VmSpec.parse("web1=tcp:0.0.0.0:4000,unix:/run/a.sock,unix:/run/b.sock")
+    assert spec.to_json() == {"vm": "web1", "listen": "tcp:0.0.0.0:4000",
+                              "qemu": ["unix:/run/a.sock", "unix:/run/b.sock"]}  # fmt: skip
+    for bad in ("web1", "web1=tcp:0.0.0.0:4000", "=tcp:h:1,unix:/q", "w=ftp:x,unix:/q"):
+        with pytest.raises(ValueError):
+            VmSpec.parse(bad)
+    (tmp_path / "web1.conf").write_text(
+        "# usbgate@web1\nUSBGATE_LISTEN=tcp:0.0.0.0:4000\n"
+        "USBGATE_QEMU='unix:/run/a.sock unix:/run/b.sock'  # two slots\n"
+    )
+    (tmp_path / "web2.conf").write_text("USBGATE_LISTEN=tcp:0.0.0.0:4001\n")
+    (tmp_path / "README").write_text("not a VM\n")
+    specs, errors = read_vm_dir(tmp_path)
+    assert specs == {"web1": spec} and list(errors) == ["web2"]
+    assert "USBGATE_QEMU" in errors["web2"]
+    with pytest.raises(HostError, match="not a directory"):
+        read_vm_dir(tmp_path / "nothing")
 
 
 def test_devices_without_a_usb_stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -171,9 +171,9 @@ def test_refusal_rows_per_window() -> None:
 class GatedSink(QueuedAuditSink):
     """A store that cannot write until ``gate`` opens."""
 
-    def __init__(self, max_queued: int) -> None:
+    def __init__(self, max_queued: int, max_per_vm: int | None = None) -> None:
         self.gate, self.written = threading.Event(), []
-        super().__init__(max_queued=max_queued)
+        super().__init__(max_queued=max_queued, max_per_vm=max_per_vm)
 
     def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
         self.gate.wait()
@@ -209,3 +209,20 @@ def test_a_flood_of_denials_cannot_push_out_the_attach_that_follows() -> None:
     assert actions.index("usb.allowed") < actions.index("usb.revoked")
     [dropped] = [d for a, _, d in sink.written if a == "usb.audit.dropped"]
     assert dropped["count"] == 100 - actions.count("usb.denied")
+
+
+def test_one_vm_flooding_the_queue_cannot_have_another_vms_rows_dropped() -> None:
+    """One usbgate for every VM shares one audit queue: a VM's share of it is bounded."""
+    sink = GatedSink(max_queued=50, max_per_vm=5)
+    for n in range(1000):
+        sink.record("usb.malformed", "flooder", {"n": n})
+    for n in range(5):  # its own share
+        sink.record("usb.denied", "bystander", {"n": n})
+    assert sink._queue.qsize() <= 5 + 5
+    sink.gate.set()
+    sink.close()
+    mine = [d for a, vm, d in sink.written if vm == "bystander"]
+    assert [d["n"] for d in mine] == list(range(5))  # none dropped, in order
+    [dropped] = [(vm, d) for a, vm, d in sink.written if a == "usb.audit.dropped"]
+    flooded = sum(1 for a, vm, _ in sink.written if a == "usb.malformed")
+    assert dropped[0] == "flooder" and dropped[1]["count"] == 1000 - flooded

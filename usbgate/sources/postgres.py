@@ -14,7 +14,9 @@ Audit rows go to the same database through a worker thread and its own connectio
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -43,12 +45,33 @@ class PgRuleSource:
         except KeystoreError as exc:
             raise RuleSourceError(str(exc)) from exc
 
+    async def aload(self, vm: str) -> list[Rule]:
+        """In a thread: the listener LISTENs and reads the rules on its own thread, which
+        takes up to its wake interval (0.1 s), seconds while the database is unreachable."""
+        return await asyncio.to_thread(self.load, vm)
+
     def poll(self, vm: str) -> list[Rule] | None:
         try:
             rows = self.listener.take(vm)
         except KeystoreError as exc:
             raise RuleSourceError(str(exc)) from exc
         return None if rows is None else list(rows)
+
+    def poll_many(self, vms: Iterable[str]) -> dict[str, list[Rule] | RuleSourceError]:
+        """Memory reads: the listener thread already re-read the VMs a NOTIFY named."""
+        changed: dict[str, list[Rule] | RuleSourceError] = {}
+        for vm in vms:
+            try:
+                rows = self.listener.take(vm)
+            except KeystoreError as exc:
+                changed[vm] = RuleSourceError(str(exc))
+                continue
+            if rows is not None:
+                changed[vm] = list(rows)
+        return changed
+
+    def forget(self, vm: str) -> None:
+        self.listener.unwatch(vm)
 
     def close(self) -> None:
         self.listener.close()
@@ -57,10 +80,10 @@ class PgRuleSource:
 class PgAuditSink(QueuedAuditSink):
     """Appends each record to the shared hash chain from a worker thread, in order."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, max_per_vm: int | None = None) -> None:
         self.url = url
         self._conn: psycopg.Connection[Any] | None = None
-        super().__init__()
+        super().__init__(max_per_vm=max_per_vm)
 
     def _write(self, action: str, vm: str, detail: dict[str, Any]) -> None:
         for attempt in (1, 2):  # a dropped connection is reopened once per row

@@ -13,6 +13,9 @@
    commit (its audit timestamp, taken before COMMIT) to the guest kernel's "USB disconnect".
 4. Live allow: a stick plugged in while blocked; an allow rule is committed; time to QEMU's
    attached=true (QMP) and to the guest kernel's "new high-speed USB device".
+5. Host (`--only host`, no guest): one `usbgate host serve` for 1, 10, 100 VMs against one
+   `usbgate run`: private memory per added VM and the revocation median
+   (scripts/usb_host_bench.py); `--only host-pg`: the same on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from scripts.lab.bench.usb_host import bench_host
 from scripts.lab.qmp import short_tmpdir
 from scripts.lab.usb_rig import UsbRig, make_stick_image
 from usbgate.addresses import parse_address
@@ -231,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="runs of each measure (default: 20)")
     p.add_argument("--control", type=int, default=2000, help="control transfers (default 2000)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
-    p.add_argument("--only", choices=("copy", "control", "revocation", "live-allow"),
-                   action="append", help="run only these measures (repeatable)")  # fmt: skip
+    measures = ("copy", "control", "revocation", "live-allow", "host", "host-pg")
+    p.add_argument("--only", choices=measures, action="append",
+                   help="run only these measures (repeatable)")  # fmt: skip
     args = p.parse_args(argv)
     if args.runs < 1 or args.size < 1:
         p.error("--runs and --size must be at least 1")
-    wanted = set(args.only or ("copy", "control", "revocation", "live-allow"))
+    wanted = set(args.only or ("copy", "control", "revocation", "live-allow", "host"))
     workdir = short_tmpdir()
     results: dict[str, Any] = {}
     try:
@@ -245,7 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"control transfers: {json.dumps(results['control'])}", flush=True)
             results["read10"] = bench_transfers(args.control // 4, workdir, bulk=True)
             print(f"READ(10) of 120 KiB: {json.dumps(results['read10'])}", flush=True)
-        if wanted - {"control"}:
+        if "host" in wanted:
+            (workdir / "host").mkdir()
+            results["host"] = bench_host(workdir / "host", args.runs)
+            print(f"host: {json.dumps(results['host'])}", flush=True)
+        if "host-pg" in wanted:
+            (workdir / "host-pg").mkdir()
+            results["host_pg"] = bench_host(workdir / "host-pg", args.runs, postgres=True)
+            print(f"host on PostgreSQL: {json.dumps(results['host_pg'])}", flush=True)
+        if wanted - {"control", "host", "host-pg"}:
             with UsbRig.started(workdir, memory=512) as rig:
                 image = make_stick_image(workdir / "stick.img", {"data.bin": b"x" * MIB})
                 if "copy" in wanted:

@@ -1,0 +1,52 @@
+"""One request to a local control socket: a JSON object on one line, one line back.
+
+The usbgate host's control socket is spoken this way by `usbgate host add/remove/list`, by the
+libvirt hook and by `vmshield status`; they share this client so that the framing, the bound
+on the answer and the one-line errors are written once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from nbd_plugin.errors import VmshieldError
+
+#: the longest answer read (bytes); a longer one is refused, not buffered
+MAX_ANSWER = 1 << 20
+
+
+class ControlError(VmshieldError):
+    """The control socket could not be reached, or its answer was not one JSON object."""
+
+
+def request(
+    path: str | Path, message: dict[str, Any], *, timeout: float, limit: int = MAX_ANSWER
+) -> dict[str, Any]:
+    """Send `message` to the unix socket `path`; its answer (a JSON object). ControlError
+    (one line, naming `path`) if it cannot be reached, closes without a line, or answers
+    with more than `limit` bytes or anything but an object."""
+    data = bytearray()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > limit:
+                    raise ControlError(f"{path} answered with more than {limit} bytes")
+    except OSError as exc:
+        raise ControlError(f"cannot reach {path}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(bytes(data))
+    except ValueError:
+        raise ControlError(f"{path} gave no answer") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{path} gave no answer")
+    return reply
