@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripts.guestlib import Guest, UsbGuest, build_guest
+from scripts.lab.guest import Guest, UsbGuest, build_guest
 
 from keystore.services import hostdisk, snippets
 from keystore.services.nbdproc import HostFiles
