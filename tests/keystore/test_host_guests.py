@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripts.lab.guest import Guest, UsbGuest, build_guest
 
 from keystore.services import hostdisk, snippets
 from keystore.services.nbdproc import HostFiles
+from scripts.lab.guest import Guest, UsbGuest, build_guest
 from tests.support.libvirt import Keystore, hook_keystore
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.timeout(600)]
