@@ -41,6 +41,8 @@ def request(
                 data += chunk
                 if len(data) > limit:
                     raise ControlError(f"{path} answered with more than {limit} bytes")
+    except TimeoutError:
+        raise ControlError(f"{path} did not answer within {timeout:g} s") from None
     except OSError as exc:
         raise ControlError(f"cannot reach {path}: {exc.strerror or exc}") from None
     try:
