@@ -88,7 +88,7 @@ def test_a_silent_server_times_out(sock_path: Path) -> None:
     srv.bind(str(sock_path))
     srv.listen(1)
     try:
-        with pytest.raises(jsonctl.ControlError, match="did not answer within 0.3 s"):
+        with pytest.raises(jsonctl.ControlError, match=r"did not answer within 0\.3 s"):
             jsonctl.request(sock_path, {"op": "list"}, timeout=0.3)
     finally:
         srv.close()
