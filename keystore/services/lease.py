@@ -36,8 +36,7 @@ from keystore.errors import KeystoreError
 from keystore.location import Location
 from keystore.models import Disk
 from keystore.postgres.lease import LeaseHeld
-from keystore.services import hostdisk, nbdproc
-from nbd_plugin.errors import VmshieldError
+from keystore.services import nbdproc
 
 APPLICATION = "vmshield-lease"
 #: A taker waits this long (s) when the previous holder never released the lease.
@@ -46,7 +45,7 @@ GRACE = 1.0
 PING = 0.2
 DEADLINE = 5.0
 #: The server ends a silent TCP session after 10 + 3 x 2 s: long after DEADLINE.
-_SERVER_KEEPALIVE = (
+SERVER_KEEPALIVE = (
     "SET tcp_keepalives_idle = 10",
     "SET tcp_keepalives_interval = 2",
     "SET tcp_keepalives_count = 3",
@@ -94,16 +93,12 @@ def take(
     *,
     readonly: bool,
     timeout: float = 30,
-    export: str | None = None,
 ) -> Lease | None:
-    """Take the disk's lease before starting nbdkit (None on SQLite). LeaseHeld if taken.
-
-    `export`: the disk becomes that export of the host server in `socket`'s directory
-    (`socket` then only names the holder's log): on a lost lease the holder fences and
-    removes the export, never the whole server."""
+    """Take the disk's lease before starting its own nbdkit (None on SQLite). LeaseHeld if
+    taken. (The exports of a host server share one holder: keystore.services.hostlease.)"""
     if not location.shared:
         return None
-    holder = holder_name(socket) if export is None else f"{holder_name(socket)} export {export}"
+    holder = holder_name(socket)
     paths.private_dir(socket.parent)  # before any file in it: no one else's, no planted link
     logfile = socket.with_suffix(".lease.log")
     logfile.unlink(missing_ok=True)
@@ -112,8 +107,7 @@ def take(
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keystore.services.lease", str(location), str(disk.id),
-             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w),
-             export or ""],
+             disk.name, holder, str(socket), "ro" if readonly else "rw", str(fence_w)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
             pass_fds=(fence_w,),
         )  # fmt: skip
@@ -163,7 +157,6 @@ def _hold(
     sock: Path,
     readonly: bool,
     fence_fd: int,
-    export: str | None = None,
 ) -> int:
     import psycopg
 
@@ -173,7 +166,7 @@ def _hold(
     fence = _Fence(fence_fd)
     try:
         conn = pgconn.connect_sync(url, application_name=APPLICATION)
-        for sql in _SERVER_KEEPALIVE:
+        for sql in SERVER_KEEPALIVE:
             conn.execute(sql)
         left_behind = pglease.try_take(conn, disk_id, disk, holder, readonly=readonly)
     except LeaseHeld as e:
@@ -193,30 +186,15 @@ def _hold(
         return 0
     pid = int(line)
     files = nbdproc.ServerFiles(sock)
-    host = nbdproc.HostFiles(sock.parent)
-    checked = [0.0]
 
     def serving() -> bool:
-        if export is None:
-            return nbdproc.is_our_server(pid, sock)
-        if not nbdproc.is_host_server(pid, host):
-            return False
-        if time.monotonic() - checked[0] < 1.0:
-            return True
-        checked[0] = time.monotonic()
-        found = hostdisk.exports(host)
-        return found is None or export in found  # a busy control socket is not a removal
+        return nbdproc.is_our_server(pid, sock)
 
     def fence_off(why: str) -> None:
         if not fence.close():  # nbdkit refuses I/O from its next request on
             return
-        if export is None:
-            print(f"{why}; stopping nbdkit pid {pid}", file=sys.stderr, flush=True)
-            nbdproc.stop(pid, files)
-            return
-        print(f"{why}; removing export {export} of pid {pid}", file=sys.stderr, flush=True)
-        with contextlib.suppress(KeystoreError, OSError, VmshieldError):
-            hostdisk.remove(host, export, force=True)
+        print(f"{why}; stopping nbdkit pid {pid}", file=sys.stderr, flush=True)
+        nbdproc.stop(pid, files)
 
     answered = [time.monotonic()]
     done = threading.Event()
@@ -248,11 +226,8 @@ def _hold(
 
 
 def main(argv: list[str]) -> int:
-    url, disk_id, disk, holder, sock, mode, fence_fd, *rest = argv
-    export = rest[0] if rest and rest[0] else None
-    return _hold(
-        url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd), export
-    )
+    url, disk_id, disk, holder, sock, mode, fence_fd = argv
+    return _hold(url, int(disk_id), disk, holder, Path(sock), mode == "ro", int(fence_fd))
 
 
 if __name__ == "__main__":

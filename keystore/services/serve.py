@@ -19,7 +19,7 @@ from pathlib import Path
 from keystore import paths
 from keystore.errors import Conflict, InUse, NotFound
 from keystore.models import Disk, DiskState, Server, Vm
-from keystore.services import hostdisk, lease, nbdproc, usage, verifier
+from keystore.services import hostdisk, hostlease, lease, nbdproc, usage, verifier
 from keystore.services.nbdproc import (
     Endpoint,
     HostFiles,
@@ -180,12 +180,15 @@ def serve_recorded(
     # a disk recorded before such names were refused must not take a VM's usbgate files
     paths.check_disk_name(disk.name)
     export = None
-    sock = target.socket
+    # on PostgreSQL, one read-write server per image cluster-wide: a per-disk server's own
+    # holder (keystore/services/lease.py), the host server's one (.../hostlease.py)
+    held: lease.Lease | hostlease.HostLease | None = None
     if isinstance(target, HostFiles):
         export = hostdisk.export_name(disk.name)
-        sock = target.run_dir / f"{disk.name}.sock"  # names the lease holder's log only
-    # on PostgreSQL, one read-write server per image cluster-wide (keystore/services/lease.py)
-    held = lease.take(store.location, disk, sock, readonly=readonly, export=export)
+        if store.location.shared:
+            held = hostlease.take(store.location, disk, target, export, readonly=readonly)
+    else:
+        held = lease.take(store.location, disk, target.socket, readonly=readonly)
     try:
         if isinstance(target, HostFiles):
             assert export is not None
@@ -327,11 +330,14 @@ def _remove_export(store: Keystore, s: Server, ep: Endpoint, command: str, *, fo
         d = store.run(lambda r: r.get_disk(s.disk))
         refuse_in_use(d, command, hostdisk.clients(info) + _domains(d, [files.run_dir]))
     try:
-        return hostdisk.remove(files, ep.export, force=force)
+        removed = hostdisk.remove(files, ep.export, force=force)
     except hostdisk.HostServerError as e:  # a client connected since we looked
         if e.code == control.Code.BUSY:
             raise InUse(f"{e}: or run `{command} --force` to do it anyway") from None
         raise
+    if store.location.shared:  # now, not at the holder's next look
+        hostlease.release(files, ep.export)
+    return removed
 
 
 def _wait_released(image: str, timeout: float = 5.0) -> None:

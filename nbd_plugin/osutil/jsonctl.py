@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,28 @@ class ControlError(VmshieldError):
 
 
 def request(
-    path: str | Path, message: dict[str, Any], *, timeout: float, limit: int = MAX_ANSWER
+    path: str | Path,
+    message: dict[str, Any],
+    *,
+    timeout: float,
+    limit: int = MAX_ANSWER,
+    fds: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Send `message` to the unix socket `path`; its answer (a JSON object). ControlError
     (one line, naming `path`) if it cannot be reached, closes without a line, or answers
-    with more than `limit` bytes or anything but an object."""
+    with more than `limit` bytes or anything but an object. `fds` go with the line
+    (SCM_RIGHTS; the caller keeps and closes its own copies)."""
     data = bytearray()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(message).encode() + b"\n")
+            line = json.dumps(message).encode() + b"\n"
+            if fds:  # the descriptors ride on the first byte; the rest follows plainly
+                sent = socket.send_fds(sock, [line], list(fds))
+                sock.sendall(line[sent:])
+            else:
+                sock.sendall(line)
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
