@@ -46,6 +46,7 @@ lives in importable modules that tests drive without nbdkit.
 """
 
 import errno
+import functools
 import os
 import sys
 
@@ -264,7 +265,9 @@ def _fenced():
 
 
 def _io_error(exc):
-    if isinstance(exc, ValueError):
+    if isinstance(exc, NotFast):
+        nbdkit.set_error(errno.ENOTSUP)
+    elif isinstance(exc, ValueError):
         nbdkit.set_error(errno.EINVAL)
     elif isinstance(exc, OSError) and exc.errno:
         nbdkit.set_error(exc.errno)
@@ -272,70 +275,60 @@ def _io_error(exc):
         nbdkit.set_error(errno.EIO)
 
 
+def _request(callback, fenced=True):
+    """An I/O callback that first refuses if fenced (unless `fenced` is false) and gives
+    nbdkit the errno of what it raises."""
+
+    @functools.wraps(callback)
+    def guarded(*args):
+        if fenced:
+            _fenced()
+        try:
+            return callback(*args)
+        except Exception as exc:
+            _io_error(exc)
+            raise
+
+    return guarded
+
+
+@_request
 def pread(h, buf, offset, flags):
-    _fenced()
-    try:
-        h.pread(buf, offset)
-    except Exception as exc:
-        _io_error(exc)
-        raise
+    h.pread(buf, offset)
     _stats.add_read(len(buf))
 
 
+@_request
 def pwrite(h, buf, offset, flags):
-    _fenced()
-    try:
-        h.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
-    except Exception as exc:
-        _io_error(exc)
-        raise
+    h.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     _stats.add_written(len(buf))
 
 
+@_request
 def flush(h, flags):
-    _fenced()
-    try:
-        h.flush()
-    except Exception as exc:
-        _io_error(exc)
-        raise
+    h.flush()
 
 
+@_request
 def trim(h, count, offset, flags):
-    _fenced()
-    try:
-        h.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
-    except Exception as exc:
-        _io_error(exc)
-        raise
+    h.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
+@_request
 def zero(h, count, offset, flags):
-    _fenced()
-    try:
-        h.zero(
-            offset,
-            count,
-            may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
-            fua=bool(flags & nbdkit.FLAG_FUA),
-            fast=bool(flags & nbdkit.FLAG_FAST_ZERO),
-        )
-    except NotFast:
-        nbdkit.set_error(errno.ENOTSUP)
-        raise
-    except Exception as exc:
-        _io_error(exc)
-        raise
+    h.zero(
+        offset,
+        count,
+        may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+        fua=bool(flags & nbdkit.FLAG_FUA),
+        fast=bool(flags & nbdkit.FLAG_FAST_ZERO),
+    )
 
 
+@functools.partial(_request, fenced=False)
 def extents(h, count, offset, flags):
-    try:
-        runs = h.extents(offset, count)
-    except Exception as exc:
-        _io_error(exc)
-        raise
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-    return [(off, n, 0 if is_data else hole) for off, n, is_data in runs]
+    return [(off, n, 0 if is_data else hole) for off, n, is_data in h.extents(offset, count)]
 
 
 def cleanup():

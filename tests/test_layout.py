@@ -10,6 +10,7 @@ of the product: the wheel built from the checkout holds none of it.
 from __future__ import annotations
 
 import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,29 @@ def test_the_keystore_and_usbgate_agree_where_the_usbgate_host_listens() -> None
     from usbgate import host
 
     assert str(usbhost.DEFAULT_CONTROL) == str(host.DEFAULT_CONTROL)
+
+
+def _package_map() -> str:
+    """The code block under "## Package map" in docs/architecture.md."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc.split("## Package map", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_package_map_names_every_module_and_no_module_that_is_gone() -> None:
+    """docs/architecture.md is the one map: a new module must be written into it, and a
+    module it names must exist (the package docstrings point there instead of listing)."""
+    text = _package_map()
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+    modules = [
+        path
+        for top in ("nbd_plugin", "keystore", "usbgate", "scripts/lab")
+        for path in sorted((ROOT / top).rglob("*.py"))
+        if path.stem not in ("__init__", "__main__")
+    ]
+    assert modules
+    unnamed = [str(p.relative_to(ROOT)) for p in modules if p.stem not in words]
+    assert unnamed == [], f"modules docs/architecture.md does not name: {unnamed}"
+    stems = {p.stem for p in modules} | {"__init__", "guest-init"}
+    named = set(re.findall(r"([A-Za-z_][A-Za-z0-9_-]*)\.(?:py|sh)\b", text))
+    assert named - stems == set(), f"modules the map names that do not exist: {named - stems}"

@@ -40,6 +40,19 @@ def _address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         raise click.BadParameter(str(exc)) from exc
 
 
+def listen_option(help: str) -> Callable[[F], F]:
+    """`--listen ADDR` (required): where the VM's owners connect."""
+    return click.option("--listen", required=True, callback=_address, metavar="ADDR", help=help)
+
+
+def qemu_option(help: str) -> Callable[[F], F]:
+    """`--qemu ADDR` (required, repeated): the VM's usb-redir chardevs, one per slot."""
+    return click.option(
+        "--qemu", "qemu", required=True, multiple=True, callback=_address, metavar="ADDR",
+        help=help,
+    )  # fmt: skip
+
+
 def rules_options(f: F) -> F:
     """`--db PATH` (the keystore) or `--rules-file FILE` (text rules)."""
     f = click.option(
@@ -151,23 +164,13 @@ def main() -> None:
 
 @main.command()
 @click.option("--vm", required=True, help="VM whose USB rules apply (its name in the keystore).")
-@click.option(
-    "--listen",
-    required=True,
-    callback=_address,
-    metavar="ADDR",
-    help="Where owners connect: tcp:HOST:PORT (for `usbredirect --to HOST:PORT`) or unix:PATH.",
+@listen_option(
+    "Where owners connect: tcp:HOST:PORT (for `usbredirect --to HOST:PORT`) or unix:PATH."
 )
-@click.option(
-    "--qemu",
-    "qemu",
-    required=True,
-    multiple=True,
-    callback=_address,
-    metavar="ADDR",
-    help="The VM's usb-redir chardev (QEMU: -chardev socket,server=on,...): unix:PATH or "
+@qemu_option(
+    "The VM's usb-redir chardev (QEMU: -chardev socket,server=on,...): unix:PATH or "
     "tcp:HOST:PORT. Repeat once per usb-redir device; each owner connection takes the "
-    "first free one.",
+    "first free one."
 )
 @rules_options
 @gateway_options

@@ -415,13 +415,7 @@ def control_request(path: str | Path, request: dict[str, Any], *, timeout: float
 
     HostError if the server cannot be reached or refuses (its one-line reason).
     """
-    try:
-        reply = jsonctl.request(path, request, timeout=timeout)
-    except jsonctl.ControlError as exc:
-        raise HostError(f"the usbgate host: {exc}") from None
-    if not reply.get("ok"):
-        raise HostError(str(reply.get("error") or "refused"))
-    return reply
+    return jsonctl.call(path, request, timeout=timeout, who="the usbgate host", error=HostError)
 
 
 def read_vm_dir(path: str | Path) -> tuple[dict[str, VmSpec], dict[str, str]]:

@@ -18,11 +18,12 @@ import click
 from usbgate.addresses import Address
 from usbgate.auditing import MAX_QUEUED_PER_VM
 from usbgate.cli import (
-    _address,
     _audit_sink,
     _fail,
     _rule_source,
     gateway_options,
+    listen_option,
+    qemu_option,
     rules_options,
 )
 from usbgate.errors import RuleSourceError
@@ -233,22 +234,8 @@ def _request(control: Path, request: dict[str, Any]) -> dict[str, Any]:
 
 @host.command("add")
 @click.argument("vm")
-@click.option(
-    "--listen",
-    required=True,
-    callback=_address,
-    metavar="ADDR",
-    help="Where the VM's owners connect: tcp:HOST:PORT or unix:PATH.",
-)
-@click.option(
-    "--qemu",
-    "qemu",
-    required=True,
-    multiple=True,
-    callback=_address,
-    metavar="ADDR",
-    help="The VM's usb-redir chardev, unix:PATH or tcp:HOST:PORT; repeat per slot.",
-)
+@listen_option("Where the VM's owners connect: tcp:HOST:PORT or unix:PATH.")
+@qemu_option("The VM's usb-redir chardev, unix:PATH or tcp:HOST:PORT; repeat per slot.")
 @control_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def add(vm: str, listen: Address, qemu: tuple[Address, ...], control: Path, as_json: bool) -> None:

@@ -1,5 +1,3 @@
-"""The PostgreSQL backend of the keystore, for clusters of hosts sharing one database.
-
-Selected by `--db postgresql://...` / `VMSHIELD_DB=postgresql://...`; SQLite stays the
-embedded default. See docs/keystore.md ("PostgreSQL").
+"""What is PostgreSQL's alone under the one storage layer, for hosts sharing one database
+(`--db postgresql://...`); its modules: docs/architecture.md, its use: docs/keystore.md.
 """

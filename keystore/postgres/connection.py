@@ -13,6 +13,7 @@ import psycopg
 from keystore.errors import DatabaseUnavailable, KeystoreBusy, KeystoreError
 from keystore.location import redact, refuse_password
 from keystore.postgres.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION
+from keystore.storage.schema import check_version
 
 #: Seconds to wait for the server before a connection attempt fails.
 CONNECT_TIMEOUT = 5
@@ -57,16 +58,7 @@ def translate(exc: BaseException, url: str) -> KeystoreError:
 
 
 def _check_version(version: int, url: str) -> None:
-    if version > SCHEMA_VERSION:
-        raise DatabaseUnavailable(
-            f"keystore {redact(url)} has schema version {version}; this vmshield knows only "
-            f"up to {SCHEMA_VERSION}: upgrade vmshield"
-        )
-    if version < SCHEMA_VERSION:
-        raise DatabaseUnavailable(
-            f"keystore {redact(url)} has schema version {version}, expected {SCHEMA_VERSION}: "
-            f"run `vmshield init --db {redact(url)}` to create or upgrade it"
-        )
+    check_version(version, SCHEMA_VERSION, redact(url), init=f"vmshield init --db {redact(url)}")
 
 
 def connect_sync(url: str, application_name: str = "vmshield") -> psycopg.Connection[Any]:

@@ -1,0 +1,1 @@
+"""The keystore's workflows, callable without click (each module: docs/architecture.md)."""

@@ -27,6 +27,7 @@ import signal
 import socket as socketmod
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from keystore import paths
@@ -121,68 +122,102 @@ def start(
     `keyslot`: the passphrase is for that keyslot only (a clevis token's).
     `fence_fd`: the read end of the lease holder's pipe (nbd_plugin/serve/fence.py).
     `bind`: only that VM's QEMU may connect (nbd_plugin/serve/peers.py)."""
-    exe = shutil.which(nbdkit)
-    if exe is None:
-        raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
     sock = files.socket
-    if len(os.fsencode(sock)) > 107:
-        raise ServeError(f"socket path {sock} is longer than 107 bytes; choose a shorter --socket")
-    if probe(sock):
-        raise ServeError(f"something already serves on {sock}")
-    paths.private_dir(sock.parent)
-    for stale in (sock, files.pidfile, files.logfile, files.statsfile):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()  # in a directory only we can write: a planted symlink goes too
-    log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
+    exe = _prepare(
+        nbdkit, sock, sock.parent, (sock, files.pidfile, files.logfile, files.statsfile),
+        too_long=f"socket path {sock} is longer than 107 bytes; choose a shorter --socket",
+    )  # fmt: skip
     r, w = os.pipe()
     try:
         os.write(w, passphrase)  # far below the pipe's capacity: never blocks
-        os.close(w)
-        w = -1
-        cmd = [exe, "-U", str(sock), "-P", str(files.pidfile), "--log=stderr"]
-        if readonly:
-            cmd.append("-r")
-        cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}",
-                f"stats={files.statsfile}"]  # fmt: skip
-        if keyslot is not None:
-            cmd.append(f"keyslot={keyslot}")
-        if fence_fd is not None:
-            cmd.append(f"fence=-{fence_fd}")
-        if bind is not None:
-            cmd.append(f"bind={bind.uuid}")
-            if bind.domain is not None:
-                cmd.append(f"bind_domain={bind.domain}")
-        proc = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            pass_fds=(r,) if fence_fd is None else (r, fence_fd),
-            start_new_session=True,
-            umask=0o077,
-            timeout=timeout,
-            check=False,
-            env=_clean_env(),
-        )
-    except subprocess.TimeoutExpired as e:
-        raise ServeError(f"nbdkit did not start within {timeout:.0f} s") from e
-    finally:
+    except BaseException:
         os.close(r)
-        if w >= 0:
-            os.close(w)
+        raise
+    finally:
+        os.close(w)
+    cmd = [exe, "-U", str(sock), "-P", str(files.pidfile), "--log=stderr"]
+    if readonly:
+        cmd.append("-r")
+    cmd += ["python", str(plugin_path()), f"image={image}", f"passphrase=-{r}",
+            f"stats={files.statsfile}"]  # fmt: skip
+    if keyslot is not None:
+        cmd.append(f"keyslot={keyslot}")
+    if fence_fd is not None:
+        cmd.append(f"fence=-{fence_fd}")
+    if bind is not None:
+        cmd.append(f"bind={bind.uuid}")
+        if bind.domain is not None:
+            cmd.append(f"bind_domain={bind.domain}")
+    return _launch(
+        cmd, "nbdkit", sock, files.pidfile, files.logfile, timeout=timeout, owned_fd=r,
+        pass_fds=(r,) if fence_fd is None else (r, fence_fd),
+    )  # fmt: skip
+
+
+def _prepare(
+    nbdkit: str, sock: Path, run_dir: Path, stale: tuple[Path, ...], *, too_long: str
+) -> str:
+    """nbdkit's path, once `sock` is free and `run_dir` private, with the `stale` files gone.
+
+    ServeError with `too_long` if `sock` does not fit a unix socket address."""
+    exe = shutil.which(nbdkit)
+    if exe is None:
+        raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
+    if len(os.fsencode(sock)) > 107:
+        raise ServeError(too_long)
+    if probe(sock):
+        raise ServeError(f"something already serves on {sock}")
+    paths.private_dir(run_dir)
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # in a directory only we can write: a planted symlink goes too
+    return exe
+
+
+def _launch(
+    cmd: list[str],
+    what: str,
+    sock: Path,
+    pidfile: Path,
+    logfile: Path,
+    *,
+    timeout: float,
+    owned_fd: int | None = None,
+    pass_fds: tuple[int, ...] = (),
+    answers: Callable[[], bool] = lambda: True,
+) -> int:
+    """Run `cmd`, an nbdkit that forks into the background once configured, its output in
+    `logfile` (mode 0600); its pid once `sock` answers and `answers()` holds.
+
+    `what` names the server in the errors; `owned_fd` is closed here once nbdkit has it."""
+    try:
+        log_fd = os.open(logfile, paths.NEW_FILE, 0o600)
+    except BaseException:
+        if owned_fd is not None:
+            os.close(owned_fd)
+        raise
+    try:
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds,
+            start_new_session=True, umask=0o077, timeout=timeout, check=False, env=_clean_env(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        raise ServeError(f"{what} did not start within {timeout:.0f} s") from e
+    finally:
+        if owned_fd is not None:
+            os.close(owned_fd)
         os.close(log_fd)
     if proc.returncode != 0:
         raise ServeError(
-            f"nbdkit failed to start (exit {proc.returncode}): "
-            f"{_tail(files.logfile) or 'no output'}"
+            f"{what} failed to start (exit {proc.returncode}): {_tail(logfile) or 'no output'}"
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pid = read_pid(files.pidfile)
-        if pid and probe(sock):
+        pid = read_pid(pidfile)
+        if pid and probe(sock) and answers():
             return pid
         time.sleep(0.05)
-    raise ServeError(f"nbdkit started but {sock} does not answer: {_tail(files.logfile)}")
+    raise ServeError(f"{what} started but {sock} does not answer: {_tail(logfile)}")
 
 
 def _clean_env() -> dict[str, str]:
@@ -314,44 +349,16 @@ def start_host(files: HostFiles, *, timeout: float = 60.0, nbdkit: str = "nbdkit
 
     `nbdkit -U SOCK -P PIDFILE --log=stderr python plugin.py control=CONTROL`: the plugin
     binds the control socket before nbdkit forks, so a second server fails here at once."""
-    exe = shutil.which(nbdkit)
-    if exe is None:
-        raise ServeError("nbdkit not found: install the nbdkit and nbdkit-plugin-python packages")
-    if len(os.fsencode(files.control)) > 107:
-        raise ServeError(f"run directory {files.run_dir} is too long for a unix socket path")
-    if probe(files.socket):
-        raise ServeError(f"something already serves on {files.socket}")
-    paths.private_dir(files.run_dir)
-    for stale in (files.socket, files.pidfile, files.logfile):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    log_fd = os.open(files.logfile, paths.NEW_FILE, 0o600)
+    exe = _prepare(
+        nbdkit, files.socket, files.run_dir, (files.socket, files.pidfile, files.logfile),
+        too_long=f"run directory {files.run_dir} is too long for a unix socket path",
+    )  # fmt: skip
     cmd = [exe, "-U", str(files.socket), "-P", str(files.pidfile), "--log=stderr",
            "python", str(plugin_path()), f"control={files.control}"]  # fmt: skip
-    try:
-        proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
-            umask=0o077, timeout=timeout, check=False, env=_clean_env(),
-        )  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        raise ServeError(f"the host disk server did not start within {timeout:.0f} s") from e
-    finally:
-        os.close(log_fd)
-    if proc.returncode != 0:
-        raise ServeError(
-            f"the host disk server failed to start (exit {proc.returncode}): "
-            f"{_tail(files.logfile) or 'no output'}"
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = read_pid(files.pidfile)
-        if pid and probe(files.socket) and _answers(files.control):
-            return pid
-        time.sleep(0.05)
-    raise ServeError(
-        f"the host disk server started but {files.socket} does not answer: "
-        f"{_tail(files.logfile)}"
-    )
+    return _launch(
+        cmd, "the host disk server", files.socket, files.pidfile, files.logfile,
+        timeout=timeout, answers=lambda: _answers(files.control),
+    )  # fmt: skip
 
 
 def _answers(path: Path) -> bool:

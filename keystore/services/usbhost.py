@@ -24,10 +24,4 @@ class UsbHostError(KeystoreError):
 
 def request(path: str | Path, message: dict[str, Any], *, timeout: float) -> dict[str, Any]:
     """`message` to the usbgate host at `path`; its answer if it says ok, else UsbHostError."""
-    try:
-        reply = jsonctl.request(path, message, timeout=timeout)
-    except jsonctl.ControlError as exc:
-        raise UsbHostError(f"the usbgate host: {exc}") from None
-    if not reply.get("ok"):
-        raise UsbHostError(str(reply.get("error") or "refused"))
-    return reply
+    return jsonctl.call(path, message, timeout=timeout, who="the usbgate host", error=UsbHostError)

@@ -21,6 +21,7 @@ import aiosqlite
 
 from keystore.errors import DatabaseUnavailable, KeystoreBusy, KeystoreError
 from keystore.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from keystore.storage.schema import check_version
 
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
@@ -134,10 +135,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int:
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
-            raise DatabaseUnavailable(
-                f"keystore {path} has schema version {version}; this vmshield knows only "
-                f"up to {SCHEMA_VERSION}: upgrade vmshield"
-            )
+            check_version(version, SCHEMA_VERSION, str(path))
         if version == 0:
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
@@ -188,12 +186,7 @@ def open_sync(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         raise translate(e, path) from e
     try:
         _configure(conn, readonly=readonly)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise DatabaseUnavailable(
-                f"keystore {path} has schema version {version}, expected {SCHEMA_VERSION}: "
-                "run `vmshield init` to create or upgrade it"
-            )
+        check_version(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION, str(path))
     except sqlite3.Error as e:
         conn.close()
         raise translate(e, path) from e

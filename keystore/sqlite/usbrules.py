@@ -16,8 +16,11 @@ microseconds), so it can run every 10-20 ms to meet the 50 ms revocation target.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 from keystore.errors import KeystoreError, NotFound
 from keystore.models import UsbRule
@@ -26,17 +29,24 @@ from keystore.storage import rows
 from keystore.storage.dialect import SQLITE
 
 
-def _load(conn: sqlite3.Connection, vm: str, path: Path) -> list[UsbRule]:
+@contextlib.contextmanager
+def _reading(conn: sqlite3.Connection, path: Path) -> Iterator[sqlite3.Connection]:
+    """One read transaction on `conn`; sqlite3 errors become the keystore's (translate)."""
     try:
         conn.execute("BEGIN")
         try:
-            if conn.execute(SQLITE.sql(rows.VM_EXISTS), {"vm": vm}).fetchone() is None:
-                raise NotFound(f"no VM named {vm!r} in keystore {path}")
-            return [rows.usb_rule(r) for r in conn.execute(SQLITE.sql(rows.RULES), {"vm": vm})]
+            yield conn
         finally:
             conn.execute("COMMIT")
     except sqlite3.Error as e:
         raise dbmod.translate(e, path) from e
+
+
+def _load(conn: sqlite3.Connection, vm: str, path: Path) -> list[UsbRule]:
+    with _reading(conn, path):
+        if conn.execute(SQLITE.sql(rows.VM_EXISTS), {"vm": vm}).fetchone() is None:
+            raise NotFound(f"no VM named {vm!r} in keystore {path}")
+        return [rows.usb_rule(r) for r in conn.execute(SQLITE.sql(rows.RULES), {"vm": vm})]
 
 
 def load_rules(db_path: str | Path, vm: str) -> list[UsbRule]:
@@ -49,7 +59,40 @@ def load_rules(db_path: str | Path, vm: str) -> list[UsbRule]:
         conn.close()
 
 
-class RulesWatcher:
+class _Watcher:
+    """One read-only connection and the file's `PRAGMA data_version` as last seen: that
+    number changes whenever another connection commits anything to the file."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.path = Path(db_path)
+        self._conn = dbmod.open_sync(self.path, readonly=True)
+        self._version = self._data_version()
+
+    def _data_version(self) -> int:
+        try:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as e:
+            raise dbmod.translate(e, self.path) from e
+
+    def _committed(self) -> bool:
+        """Has another connection committed since the last call? (one PRAGMA)"""
+        version = self._data_version()
+        if version == self._version:
+            return False
+        self._version = version
+        return True
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RulesWatcher(_Watcher):
     """Keeps one read-only connection; `poll()` returns the new rules only when they changed.
 
     `PRAGMA data_version` changes whenever another connection commits anything to the file;
@@ -57,17 +100,9 @@ class RulesWatcher:
     """
 
     def __init__(self, db_path: str | Path, vm: str) -> None:
-        self.path = Path(db_path)
+        super().__init__(db_path)
         self.vm = vm
-        self._conn = dbmod.open_sync(self.path, readonly=True)
-        self._version = self._data_version()
         self.rules: list[UsbRule] = _load(self._conn, vm, self.path)
-
-    def _data_version(self) -> int:
-        try:
-            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error as e:
-            raise dbmod.translate(e, self.path) from e
 
     def changed(self) -> bool:
         """Cheap check: has any other connection committed to the file since the last poll?"""
@@ -78,27 +113,16 @@ class RulesWatcher:
 
         Raises NotFound if the VM was removed (treat as "deny everything").
         """
-        version = self._data_version()
-        if version == self._version:
+        if not self._committed():
             return None
-        self._version = version
         rules = _load(self._conn, self.vm, self.path)
         if rules == self.rules:
             return None
         self.rules = rules
         return rules
 
-    def close(self) -> None:
-        self._conn.close()
 
-    def __enter__(self) -> RulesWatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class HostRulesWatcher:
+class HostRulesWatcher(_Watcher):
     """One read-only connection watching the rules of many VMs (a usbgate serving a host).
 
     One `PRAGMA data_version` per `poll()` whatever the number of VMs; when another
@@ -108,16 +132,8 @@ class HostRulesWatcher:
     """
 
     def __init__(self, db_path: str | Path) -> None:
-        self.path = Path(db_path)
-        self._conn = dbmod.open_sync(self.path, readonly=True)
-        self._version = self._data_version()
+        super().__init__(db_path)
         self.rules: dict[str, list[UsbRule] | None] = {}  # None: unreadable last time
-
-    def _data_version(self) -> int:
-        try:
-            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error as e:
-            raise dbmod.translate(e, self.path) from e
 
     def watch(self, vm: str) -> list[UsbRule]:
         """Start watching `vm`; its current rules (NotFound if there is no such VM)."""
@@ -131,10 +147,8 @@ class HostRulesWatcher:
     def poll(self) -> dict[str, list[UsbRule] | KeystoreError]:
         """The VMs whose rules changed since the last poll: their new rules, or the error
         that keeps them from being read. Empty when nothing was committed meanwhile."""
-        version = self._data_version()
-        if version == self._version:
+        if not self._committed():
             return {}
-        self._version = version
         names, by_vm = self._load_all()
         changed: dict[str, list[UsbRule] | KeystoreError] = {}
         for vm, old in list(self.rules.items()):
@@ -152,17 +166,11 @@ class HostRulesWatcher:
     def _load_all(self) -> tuple[set[str], dict[str, list[UsbRule]]]:
         """Every VM's name and rules, in one read transaction (two queries, not two per VM)."""
         by_vm: dict[str, list[UsbRule]] = {}
-        try:
-            self._conn.execute("BEGIN")
-            try:
-                names = {str(r[0]) for r in self._conn.execute("SELECT name FROM vms")}
-                for row in self._conn.execute(SQLITE.sql(rows.ALL_RULES)):
-                    rule = rows.usb_rule(row)
-                    by_vm.setdefault(rule.vm, []).append(rule)
-            finally:
-                self._conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise dbmod.translate(e, self.path) from e
+        with _reading(self._conn, self.path) as conn:
+            names = {str(r[0]) for r in conn.execute("SELECT name FROM vms")}
+            for row in conn.execute(SQLITE.sql(rows.ALL_RULES)):
+                rule = rows.usb_rule(row)
+                by_vm.setdefault(rule.vm, []).append(rule)
         return names, by_vm
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from keystore.errors import DatabaseUnavailable
 from keystore.storage.dialect import Dialect
 
 
@@ -162,3 +163,18 @@ def migrations(dialect: Dialect, own: Mapping[str, str]) -> tuple[str, ...]:
 
 
 __all__ = ["STEPS", "Step", "migrations"]
+
+
+def check_version(version: int, current: int, where: str, *, init: str = "vmshield init") -> None:
+    """Refuse a keystore at schema `version` where this vmshield is at `current`:
+    newer (upgrade vmshield) or older (run `init`, which migrates it)."""
+    if version > current:
+        raise DatabaseUnavailable(
+            f"keystore {where} has schema version {version}; this vmshield knows only "
+            f"up to {current}: upgrade vmshield"
+        )
+    if version < current:
+        raise DatabaseUnavailable(
+            f"keystore {where} has schema version {version}, expected {current}: "
+            f"run `{init}` to create or upgrade it"
+        )

@@ -1,7 +1,6 @@
-"""Deep erase of LUKS images and block devices (DESIGN.md, "Erase").
-
-`erase(path, method)` runs the whole order — crypto-erase, overwrite passes, verify, discard,
-unlink — resumably, and returns the certificate. `METHODS` lists the methods as data.
+"""Deep erase of LUKS images and block devices: `erase(path, method)` runs the whole order
+resumably and returns the certificate; `METHODS` lists the methods as data. Its modules:
+docs/architecture.md.
 """
 
 from nbd_plugin.erase.certificate import Certificate

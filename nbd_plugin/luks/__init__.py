@@ -1,17 +1,6 @@
-"""The LUKS format library: LUKS1 and LUKS2 images on files and block devices.
-
-No nbdkit and no click here. Callers name an image by its path::
-
-    from nbd_plugin.luks import create_image, open_volume
-
-    create_image("disk.img", 1 << 30, passphrase, fmt="luks2")
-    volume = open_volume("disk.img", passphrase, readonly=False)  # locked, unlocked
-    volume.cipher.decrypt(buf, buf, volume.first_iv(sector))
-
-Inside: ``images`` (the path-level operations below), ``formats`` (the typed format
-registry: one module per format with the same functions), ``luks1/`` and ``luks2/`` (the
-on-disk formats and their descriptor I/O), ``af`` (the anti-forensic splitter), ``regions``
-(what a crypto-erase must destroy, with the damaged-header fallback) and ``volume``.
+"""The LUKS format library: LUKS1 and LUKS2 images on files and block devices, named by path
+(``open_volume``, ``create_image``, keyslot changes, ``info``; ``__all__`` below), with no
+nbdkit and no click. Its modules and layers: docs/architecture.md.
 
 Errors: ``nbd_plugin.errors.ImageError`` (missing, truncated, corrupt: one line saying so),
 ``UnsupportedError`` (valid but not implemented here), ``InvalidPassphrase`` (no keyslot

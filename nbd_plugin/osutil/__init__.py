@@ -1,16 +1,6 @@
-"""Every syscall helper the disk side needs, written once.
-
-- ``io``: positioned reads and writes that finish (``pread_all``, ``preadinto_all``,
-  ``pwrite_all``).
-- ``extents``: holes and data (``data_segments``, ``first_hole``, ``punch_hole``), FIEMAP
-  and the extents an overwrite must cover (``Extent``, ``allocated_extents``).
-- ``blockdev``: block-device ioctls and sizes (``device_size``, ``logical_block_size``,
-  ``blk_range_ioctl`` with ``BLKDISCARD``/``BLKSECDISCARD``/``BLKZEROOUT``,
-  ``loop_device_of``, ``loop_backing_file``).
-- ``locking``: one writer per image (``hold_image``, ``release_image``).
-- ``files``: a file replaced whole, never through a planted link (``replace_file``).
-
-OSError propagates as the kernel reported it; ``locking`` raises ``ImageBusy``.
+"""Every syscall helper the disk side needs, written once (the names in ``__all__`` below; the
+modules: docs/architecture.md). OSError propagates as the kernel reported it; ``locking``
+raises ``ImageBusy``.
 """
 
 from nbd_plugin.osutil.blockdev import (

@@ -64,3 +64,23 @@ def request(
     if not isinstance(reply, dict):
         raise ControlError(f"{path} gave no answer")
     return reply
+
+
+def call(
+    path: str | Path,
+    message: dict[str, Any],
+    *,
+    timeout: float,
+    who: str,
+    error: type[VmshieldError] = ControlError,
+) -> dict[str, Any]:
+    """`request`, to a server that answers `{"ok": true, ...}` or `{"ok": false, "error":
+    REASON}`: the answer if ok. `error` (one line) otherwise: "WHO: why" if the server cannot
+    be reached or gives no answer, its REASON if it refuses."""
+    try:
+        reply = request(path, message, timeout=timeout)
+    except ControlError as exc:
+        raise error(f"{who}: {exc}") from None
+    if not reply.get("ok"):
+        raise error(str(reply.get("error") or "refused"))
+    return reply

@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 
 from nbd_plugin.crypto import jit
 from nbd_plugin.errors import VmshieldError
-from nbd_plugin.luks import open_volume
 from nbd_plugin.secrets import SecretError
-from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk
-from nbd_plugin.serve.exclusive import claim
+from nbd_plugin.serve.disk import DISCARD_POLICIES, EncryptedDisk, open_disk
 from nbd_plugin.serve.fence import Fence, parse_fd
 from nbd_plugin.serve.hardening import lock_secret
 from nbd_plugin.serve.passphrase import read_passphrase
@@ -180,17 +178,10 @@ class ServerConfig:
             raise ConfigError("passphrase= is required (+FILE, -FD or - to prompt)")
         jit.defer()  # the kernels load after nbdkit forks; until then, the numpy path
         try:
-            volume = open_volume(
-                self.image, bytes(self.passphrase), readonly=readonly, keyslot=self.keyslot
-            )
+            return open_disk(
+                self.image, bytes(self.passphrase), readonly=readonly, keyslot=self.keyslot,
+                discard=self.discard,
+            )  # fmt: skip
         finally:
             self.passphrase[:] = bytes(len(self.passphrase))
             self.passphrase = None
-        try:
-            held = claim(volume.fd, self.image, readonly=readonly)
-        except BaseException:
-            volume.close()
-            raise
-        disk = EncryptedDisk(volume, discard=self.discard)
-        disk.held_fds = held
-        return disk

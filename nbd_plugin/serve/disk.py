@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from nbd_plugin.errors import ImageError
-from nbd_plugin.luks import Volume
+from nbd_plugin.luks import Volume, open_volume
 from nbd_plugin.osutil.extents import data_segments, first_hole, punch_hole
 from nbd_plugin.osutil.io import preadinto_all, pwrite_all
+from nbd_plugin.serve.exclusive import claim
 from nbd_plugin.serve.rangelock import RangeLock
 
 DISCARD_POLICIES = ("ignore", "unmap")
@@ -56,6 +57,22 @@ class NotFast(Exception):
 def _log(message: str) -> None:
     """One line in nbdkit's log (its stderr)."""
     print(f"nbdkit: vmshield: error: {message}", file=sys.stderr, flush=True)
+
+
+def open_disk(
+    image: str, passphrase: bytes, *, readonly: bool, keyslot: int | None, discard: str
+) -> EncryptedDisk:
+    """Unlock `image` (only `keyslot` if given), claim it against other writers
+    (serve/exclusive.py) and serve it; the claim is released when the disk closes."""
+    volume = open_volume(image, passphrase, readonly=readonly, keyslot=keyslot)
+    try:
+        held = claim(volume.fd, image, readonly=readonly)
+    except BaseException:
+        volume.close()
+        raise
+    disk = EncryptedDisk(volume, discard=discard)
+    disk.held_fds = held
+    return disk
 
 
 class EncryptedDisk:

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from nbd_plugin.errors import ImageBusy, InvalidPassphrase, VmshieldError
-from nbd_plugin.luks import open_volume
 from nbd_plugin.serve.connlog import stamp
 from nbd_plugin.serve.control import (
     NAME_PATTERN,
@@ -50,8 +49,7 @@ from nbd_plugin.serve.control import (
     Request,
     Response,
 )
-from nbd_plugin.serve.disk import EncryptedDisk
-from nbd_plugin.serve.exclusive import claim
+from nbd_plugin.serve.disk import EncryptedDisk, open_disk
 from nbd_plugin.serve.fence import Fence
 from nbd_plugin.serve.peers import Binding, Peer, PeerRefused
 
@@ -227,9 +225,7 @@ class Exports:
             if same and not (readonly and all(self._exports[n].readonly for n in same)):
                 if fence_fd is not None:
                     os.close(fence_fd)
-                return Failure(
-                    Code.BUSY, f"{req.image} is already served as export {same[0]}"
-                )
+                return Failure(Code.BUSY, f"{req.image} is already served as export {same[0]}")
             self._adding.add(req.name)
         try:
             if fence_fd is not None:
@@ -263,17 +259,10 @@ class Exports:
                 self._adding.discard(req.name)
 
     def _open(self, req: Add, readonly: bool) -> EncryptedDisk:
-        volume = open_volume(
-            req.image, bytes(req.passphrase), readonly=readonly, keyslot=req.keyslot
-        )
-        try:
-            held = claim(volume.fd, req.image, readonly=readonly)
-        except BaseException:
-            volume.close()
-            raise
-        disk = EncryptedDisk(volume, discard=req.discard)
-        disk.held_fds = held
-        return disk
+        return open_disk(
+            req.image, bytes(req.passphrase), readonly=readonly, keyslot=req.keyslot,
+            discard=req.discard,
+        )  # fmt: skip
 
     def _add_failed(self, req: Add, code: Code, msg: str, fence: Fence | None) -> Failure:
         if fence is not None:

@@ -1,10 +1,5 @@
-"""A USB mass-storage device's firmware, sans-IO: SCSI commands and the Bulk-Only Transport.
-
-- scsi: ``ScsiDisk`` answers the SCSI commands Linux's sd and usb-storage send, against a
-  ``BlockStore`` (``FileStore``: an image file; ``MemoryStore``: tests);
-- bot: ``BulkOnlyTransport`` turns bulk transfers (CBW, data, CSW) into those commands.
-
-usbgate.simulator puts them behind USB descriptors and usbredir (``MassStorageStick``).
+"""A USB mass-storage device's firmware, sans-IO (SCSI commands, Bulk-Only Transport), which
+usbgate.simulator serves over usbredir (docs/architecture.md).
 """
 
 from usbgate.storage.bot import BulkOnlyTransport, Transfer
