@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 from datetime import datetime, timedelta
-
-from argon2 import PasswordHasher, extract_parameters, profiles
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from typing import TYPE_CHECKING
 
 from keystore.errors import AccountLocked, AuthenticationFailed
 
-#: RFC 9106 second recommended option (argon2id, t=3, m=64 MiB, p=4).
-DEFAULT_HASHER = PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
+
+
+@functools.cache
+def default_hasher() -> PasswordHasher:
+    """RFC 9106 second recommended option (argon2id, t=3, m=64 MiB, p=4). argon2 is
+    imported here, when a password is first hashed or checked: a command that checks no
+    password (the live USB rule commands) never loads it."""
+    from argon2 import PasswordHasher, profiles
+
+    return PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,18 +39,26 @@ class AuthPolicy:
     a success, so after a lock expires each further failure locks again at once.
     """
 
-    hasher: PasswordHasher = DEFAULT_HASHER
+    #: the argon2 hasher verifiers are made with; None: `default_hasher()`
+    hasher: PasswordHasher | None = None
     max_failures: int = 5
     lockout: timedelta = timedelta(minutes=15)
 
+    @property
+    def effective_hasher(self) -> PasswordHasher:
+        """`hasher`, or the default one."""
+        return default_hasher() if self.hasher is None else self.hasher
+
     def hash(self, password: bytes) -> str:
         """A new argon2id PHC string for `password`."""
-        return self.hasher.hash(bytes(password))
+        return self.effective_hasher.hash(bytes(password))
 
     def verify(self, verifier: str, password: bytes) -> bool:
         """True if `password` matches; False for a mismatch or an unusable verifier."""
+        from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
         try:
-            return self.hasher.verify(verifier, bytes(password))
+            return self.effective_hasher.verify(verifier, bytes(password))
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 
@@ -49,11 +66,14 @@ class AuthPolicy:
         """True for a verifier weaker than this policy's hasher, never for a stronger one: a
         verifier raised to cover the owner's keyslots (keystore.services.verifier) must not
         be lowered again by the next login through the default policy."""
+        from argon2 import extract_parameters
+        from argon2.exceptions import InvalidHashError
+
         try:
             got = extract_parameters(verifier)
         except InvalidHashError:
             return True
-        h = self.hasher
+        h = self.effective_hasher
         return (
             got.type is not h.type
             or got.memory_cost < h.memory_cost
@@ -64,7 +84,7 @@ class AuthPolicy:
 
     def burn(self, password: bytes) -> None:
         """Spend the time of one verification (unknown user: no timing oracle)."""
-        self.verify(dummy_verifier(self.hasher), password)
+        self.verify(dummy_verifier(self.effective_hasher), password)
 
     # The lockout, as arithmetic on the counters the repository stores (failed_attempts,
     # locked_until): the repository counts inside its write transaction, these decide.

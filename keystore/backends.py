@@ -28,6 +28,7 @@ class Backend(Protocol):
     async def open_repository(
         self, location: Location, policy: AuthPolicy | None
     ) -> Repository: ...
+    def open_blocking(self, location: Location, policy: AuthPolicy | None) -> Repository | None: ...
     def initialise(self, location: Location) -> tuple[bool, int, int]: ...
     def append_audit(
         self, location: Location, actor: str, action: str, vm: str | None,
@@ -70,6 +71,13 @@ async def open_repository(where: Where, *, policy: AuthPolicy | None = None) -> 
     """Open the keystore at `where` with the backend its location names."""
     location, b = backend(where)
     return await b.open_repository(location, policy)
+
+
+def open_blocking(where: Where, *, policy: AuthPolicy | None = None) -> Repository | None:
+    """The keystore at `where` on a connection whose awaits never suspend (its coroutines
+    run to their end on one `send(None)`, no event loop), or None if its backend has none."""
+    location, b = backend(where)
+    return b.open_blocking(location, policy)
 
 
 def initialise(where: Where) -> Initialised:

@@ -81,9 +81,12 @@ def handle_errors(f: F) -> F:
     return f
 
 
-def run(db: Location | None, fn: Callable[[Repository], Awaitable[T]]) -> T:
-    """Open the keystore, await `fn(repo)`, close it (errors propagate to the root)."""
-    return Keystore(db).run(fn)
+def run(
+    db: Location | None, fn: Callable[[Repository], Awaitable[T]], *, blocking: bool = False
+) -> T:
+    """Open the keystore, await `fn(repo)`, close it (errors propagate to the root);
+    `blocking`: without an event loop where the backend allows (Keystore.run)."""
+    return Keystore(db).run(fn, blocking=blocking)
 
 
 def actor() -> str:

@@ -99,7 +99,7 @@ def _make(action: UsbAction) -> click.Command:
             after = [] if rule is None else await repo.list_usb_rules(vm)
             return rule, where, after  # one keystore opening, not two
 
-        rule, where, after = run(db, add)
+        rule, where, after = run(db, add, blocking=True)
         if as_json:
             emit_json({**(rule.to_json() if rule else {}), "added": rule is not None,
                        "note": where.note or None})  # fmt: skip
@@ -170,7 +170,7 @@ def list_(vm: str, as_json: bool, db: Location | None) -> None:
     A rule that comes after one matching every device it matches can never decide: the
     last column (and `shadowed_by` in --json, the position of that rule) says so.
     """
-    rules = run(db, lambda r: r.list_usb_rules(vm))
+    rules = run(db, lambda r: r.list_usb_rules(vm), blocking=True)
     if as_json:
         shadows = policy.shadowed(rules)
         emit_json([{**r.to_json(), "shadowed_by": None if by is None else by + 1}
@@ -203,7 +203,7 @@ def remove(vm: str, rule: str, action: str | None, db: Location | None) -> None:
         position = int(rule)
         if position < 1:
             raise click.BadParameter("positions start at 1", param_hint="POSITION")
-        removed = run(db, lambda r: r.remove_usb_rule(vm, position, actor=actor()))
+        removed = run(db, lambda r: r.remove_usb_rule(vm, position, actor=actor()), blocking=True)
         click.echo(f"{vm}: removed rule {position}: {removed.describe()}")
         return
     vid, pid = _parse(rule, policy.parse_id_pair, "VID:PID")
@@ -216,7 +216,7 @@ def remove(vm: str, rule: str, action: str | None, db: Location | None) -> None:
             await repo.remove_usb_rule(vm, r.position, actor=actor())
         return hits
 
-    removed_rules = run(db, remove_matching)
+    removed_rules = run(db, remove_matching, blocking=True)
     if not removed_rules:
         what = f"{action} rule" if action else "rule"
         raise CliError(f"VM {vm!r} has no {what} for {rule} (see `vmshield usb list {vm}`)")
@@ -245,7 +245,7 @@ def qemu_filter(vm: str, chardev: str, as_json: bool, db: Location | None) -> No
     """
     from usbgate.rules import qemu_filter as qf  # urllib, xml: not for the live rule commands
 
-    result = qf.report(vm, run(db, lambda r: r.list_usb_rules(vm)))
+    result = qf.report(vm, run(db, lambda r: r.list_usb_rules(vm), blocking=True))
     if as_json:
         emit_json(result.device_json(chardev))
         return

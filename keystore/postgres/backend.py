@@ -19,6 +19,10 @@ async def open_repository(location: Location, policy: AuthPolicy | None) -> Repo
     return await PostgresRepository.open(str(location), policy=policy)
 
 
+def open_blocking(location: Location, policy: AuthPolicy | None) -> None:
+    return None  # psycopg's connection here is the async one: it runs on an event loop
+
+
 def initialise(location: Location) -> tuple[bool, int, int]:
     created, old = pgconn.initialise(str(location))
     return created, old, SCHEMA_VERSION

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import argon2
 from argon2 import PasswordHasher
 
-from keystore.auth import DEFAULT_HASHER, AuthPolicy
+from keystore.auth import AuthPolicy, default_hasher
 
 #: keyslot costs above these are not what vmshield creates; refuse rather than hash forever
 MAX_MEMORY_KIB = 4 * 1024 * 1024
@@ -85,8 +85,11 @@ def covers(verifier: str, floor: Floor) -> bool:
     )
 
 
-def hasher_for(floor: Floor, base: PasswordHasher = DEFAULT_HASHER) -> PasswordHasher:
-    """`base` raised to meet `floor` (memory first as far as the keyslots go, then passes)."""
+def hasher_for(floor: Floor, base: PasswordHasher | None = None) -> PasswordHasher:
+    """`base` (default: the default hasher) raised to meet `floor` (memory first as far as
+    the keyslots go, then passes)."""
+    if base is None:
+        base = default_hasher()
     parallel = max(base.parallelism, floor.parallel)
     memory = max(base.memory_cost, floor.memory_kib, 8 * parallel)  # argon2: m >= 8p
     time = max(base.time_cost, floor.time, -(-floor.work // memory))
@@ -122,12 +125,12 @@ class CoveringPolicy(AuthPolicy):
         try:
             base = PasswordHasher.from_parameters(argon2.extract_parameters(verifier))
         except argon2.exceptions.InvalidHashError:
-            base = self.hasher
+            base = self.effective_hasher
         self._below[:] = [base]
         return True
 
     def hash(self, password: bytes) -> str:
-        base = self._below[0] if self._below else self.hasher
+        base = self._below[0] if self._below else self.effective_hasher
         return hasher_for(self.floor, base).hash(bytes(password))
 
 

@@ -19,6 +19,10 @@ async def open_repository(location: Location, policy: AuthPolicy | None) -> Repo
     return await SqliteRepository.open(location.require_file(), policy=policy)
 
 
+def open_blocking(location: Location, policy: AuthPolicy | None) -> Repository:
+    return SqliteRepository.open_blocking(location.require_file(), policy=policy)
+
+
 def initialise(location: Location) -> tuple[bool, int, int]:
     created, old = dbmod.initialise(location.require_file())
     return created, old, SCHEMA_VERSION

@@ -16,12 +16,14 @@ import stat
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-
-import aiosqlite
+from typing import TYPE_CHECKING
 
 from keystore.errors import DatabaseUnavailable, KeystoreBusy, KeystoreError
 from keystore.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from keystore.storage.schema import check_version
+
+if TYPE_CHECKING:
+    import aiosqlite  # imported by open_async alone: the blocking path never loads asyncio
 
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
@@ -213,8 +215,9 @@ def initialise(path: Path) -> tuple[bool, int]:
     return created, old
 
 
-async def open_async(path: Path) -> aiosqlite.Connection:
-    """An aiosqlite connection (autocommit; use `BEGIN IMMEDIATE` to write) on a current schema.
+def open_blocking(path: Path) -> sqlite3.Connection:
+    """A stdlib connection (autocommit; use `BEGIN IMMEDIATE` to write) on a current schema,
+    with the keystore pragmas: the repository's own (keystore.sqlite.repository), blocking.
 
     Raises DatabaseUnavailable naming the path if it is missing, unwritable, or not ours.
     Older schemas are migrated in place.
@@ -230,12 +233,31 @@ async def open_async(path: Path) -> aiosqlite.Connection:
         conn = sqlite3.connect(
             _uri(path, "rw"), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
         )
-        try:
-            _configure(conn, readonly=False)
-            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                migrate(conn, path)
-        finally:
-            conn.close()
+    except sqlite3.Error as e:
+        raise translate(e, path) from e
+    try:
+        _configure(conn, readonly=False)
+        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            migrate(conn, path)
+    except sqlite3.Error as e:
+        conn.close()
+        raise translate(e, path) from e
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def open_async(path: Path) -> aiosqlite.Connection:
+    """An aiosqlite connection (autocommit; use `BEGIN IMMEDIATE` to write) on a current schema.
+
+    The file is checked and migrated as `open_blocking` does.
+    """
+    import aiosqlite
+
+    path = Path(path)
+    open_blocking(path).close()
+    try:
         db = await aiosqlite.connect(
             _uri(path, "rw"), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
         )

@@ -1,18 +1,25 @@
-"""The keystore on SQLite (aiosqlite): the repository's connection adapter and its opener.
+"""The keystore on SQLite: the repository's connection adapters and their openers.
 
 Writers start with `BEGIN IMMEDIATE`, so two processes never deadlock on a read-to-write
 upgrade: the second waits up to the busy timeout, then gets KeystoreBusy. The audit chain's
 tip is its last row; the recorded head ("SEQ:HASH", to catch a deleted tail) is a `meta` row.
+
+Two adapters share all of that and differ only in how a statement runs: `SqliteConnection`
+on aiosqlite (a thread per connection: the event loop never blocks on the file), and
+`BlockingConnection` on the stdlib's sqlite3, whose awaits never suspend: a coroutine of the
+one repository on it runs to its end on its first `send(None)`, with no event loop and
+without importing asyncio (keystore.services.store drives it that way for the live USB rule
+commands, which must start fast).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-import aiosqlite
+from typing import TYPE_CHECKING
 
 from keystore import audit as auditmod
 from keystore.auth import AuthPolicy
@@ -24,6 +31,9 @@ from keystore.storage.connection import Params, Row
 from keystore.storage.dialect import SQLITE
 from keystore.storage.repository import Clock, StoreRepository
 
+if TYPE_CHECKING:
+    import aiosqlite
+
 
 def fail(exc: sqlite3.Error, path: Path) -> KeystoreError:
     """A driver error as the KeystoreError the caller sees."""
@@ -32,21 +42,21 @@ def fail(exc: sqlite3.Error, path: Path) -> KeystoreError:
     return dbmod.translate(exc, path)
 
 
-class SqliteConnection:
-    """`keystore.storage.connection.Connection` on one aiosqlite connection."""
+class _Adapter(abc.ABC):
+    """What both adapters share: `keystore.storage.connection.Connection` over `_rows` and
+    `_execute`, the two ways a statement runs."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self.db = db
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.location = SqliteLocation(path)
 
+    @abc.abstractmethod
     async def _rows(self, template: str, params: Params | None) -> tuple[list[Row], int]:
-        try:
-            async with self.db.execute(SQLITE.sql(template), dict(params or {})) as cur:
-                found = [tuple(r) for r in await cur.fetchall()]
-                return found, cur.rowcount
-        except sqlite3.Error as e:
-            raise fail(e, self.path) from e
+        """Run a statement: its rows and the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def _execute(self, sql: str) -> None:
+        """Run a transaction statement (BEGIN, COMMIT, ROLLBACK)."""
 
     async def one(self, template: str, params: Params | None = None) -> Row | None:
         found, _ = await self._rows(template, params)
@@ -61,15 +71,15 @@ class SqliteConnection:
     @contextlib.asynccontextmanager
     async def _transaction(self, begin: str) -> AsyncIterator[None]:
         try:
-            await self.db.execute(begin)
+            await self._execute(begin)
         except sqlite3.Error as e:
             raise dbmod.translate(e, self.path) from e
         try:
             yield
-            await self.db.execute("COMMIT")
+            await self._execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
-                await self.db.execute("ROLLBACK")
+                await self._execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise fail(exc, self.path) from exc
             raise
@@ -91,14 +101,61 @@ class SqliteConnection:
         row = await self.one(HEAD, {"key": HEAD_KEY})
         return None if row is None else str(row[0])
 
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class SqliteConnection(_Adapter):
+    """`keystore.storage.connection.Connection` on one aiosqlite connection."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        super().__init__(path)
+        self.db = db
+
+    async def _rows(self, template: str, params: Params | None) -> tuple[list[Row], int]:
+        try:
+            async with self.db.execute(SQLITE.sql(template), dict(params or {})) as cur:
+                found = [tuple(r) for r in await cur.fetchall()]
+                return found, cur.rowcount
+        except sqlite3.Error as e:
+            raise fail(e, self.path) from e
+
+    async def _execute(self, sql: str) -> None:
+        await self.db.execute(sql)
+
     async def close(self) -> None:
         await self.db.close()
+
+
+class BlockingConnection(_Adapter):
+    """`keystore.storage.connection.Connection` on one sqlite3 connection: every await
+    returns at once (it blocks instead, as long as SQLite's busy timeout at most)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        super().__init__(path)
+        self.db = db
+
+    async def _rows(self, template: str, params: Params | None) -> tuple[list[Row], int]:
+        try:
+            cur = self.db.execute(SQLITE.sql(template), dict(params or {}))
+            try:
+                return [tuple(r) for r in cur.fetchall()], cur.rowcount
+            finally:
+                cur.close()
+        except sqlite3.Error as e:
+            raise fail(e, self.path) from e
+
+    async def _execute(self, sql: str) -> None:
+        self.db.execute(sql)
+
+    async def close(self) -> None:
+        self.db.close()
 
 
 class SqliteRepository(StoreRepository):
     """The keystore in one SQLite file. Use `await SqliteRepository.open(path)`."""
 
-    conn: SqliteConnection
+    conn: SqliteConnection | BlockingConnection
 
     @property
     def path(self) -> Path:
@@ -117,5 +174,18 @@ class SqliteRepository(StoreRepository):
             clock=clock,
         )
 
+    @classmethod
+    def open_blocking(
+        cls, path: str | Path, *, policy: AuthPolicy | None = None, clock: Clock = auditmod.now
+    ) -> SqliteRepository:
+        """`open`, on a `BlockingConnection`: drive its coroutines with `send(None)`
+        (keystore.services.store) or await them as any others."""
+        p = Path(path)
+        return cls(
+            BlockingConnection(dbmod.open_blocking(p), p),
+            policy=policy or AuthPolicy(),
+            clock=clock,
+        )
 
-__all__ = ["SqliteConnection", "SqliteRepository"]
+
+__all__ = ["BlockingConnection", "SqliteConnection", "SqliteRepository"]

@@ -8,11 +8,10 @@ serializes writers in that backend's way.
 
 from __future__ import annotations
 
-import asyncio
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from keystore import audit as auditmod
 from keystore.auth import AuthPolicy, failed_error, locked_error
@@ -37,6 +36,16 @@ from keystore.storage.connection import Connection
 from usbgate.rules.policy import Pattern
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` (a KDF: seconds of CPU) in a thread, so the event loop goes on meanwhile.
+    Only the operations that hash or verify a password import asyncio: the others also run
+    without an event loop, on a connection whose awaits never suspend."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
 
 
 class StoreRepository:
@@ -90,7 +99,7 @@ class StoreRepository:
 
     async def add_principal(self, name: str, password: bytes, *, actor: str) -> Principal:
         check_name("user", name)
-        verifier = await asyncio.to_thread(self.policy.hash, password)
+        verifier = await _off_loop(self.policy.hash, password)
         async with self.conn.write():
             if await self._exists("SELECT 1 FROM principals WHERE name = {name}", name=name):
                 raise AlreadyExists(f"user {name!r} already exists")
@@ -103,7 +112,7 @@ class StoreRepository:
         return await self.get_principal(name)
 
     async def set_password(self, name: str, password: bytes, *, actor: str) -> Principal:
-        verifier = await asyncio.to_thread(self.policy.hash, password)
+        verifier = await _off_loop(self.policy.hash, password)
         async with self.conn.write():
             changed = await self.conn.run(
                 "UPDATE principals SET verifier = {verifier}, failed_attempts = 0, "
@@ -165,15 +174,15 @@ class StoreRepository:
         if until is not None:
             raise locked_error(self.policy, name, until, now)
         if row is None:
-            await asyncio.to_thread(self.policy.burn, password)
+            await _off_loop(self.policy.burn, password)
             ok = False
         else:
-            ok = await asyncio.to_thread(self.policy.verify, row[0], password)
+            ok = await _off_loop(self.policy.verify, row[0], password)
         async with self.conn.write():
             if ok:
                 new = None
                 if self.policy.needs_rehash(row[0]):  # type: ignore[index]
-                    new = await asyncio.to_thread(self.policy.hash, password)
+                    new = await _off_loop(self.policy.hash, password)
                 await self.conn.run(
                     "UPDATE principals SET failed_attempts = 0, locked_until = NULL, "
                     "last_login = {now}, verifier = coalesce({new}, verifier) WHERE name = {name}",
@@ -181,9 +190,7 @@ class StoreRepository:
                 )
                 await self._audit(actor, "auth.ok", vm, {"user": name})
             elif row is None:
-                await self._audit(
-                    actor, "auth.fail", vm, {"user": name, "reason": "unknown user"}
-                )
+                await self._audit(actor, "auth.fail", vm, {"user": name, "reason": "unknown user"})
             else:
                 detail: dict[str, Any] = {"user": name, "failed_attempts": reserved}
                 lock = self.policy.lock_after(reserved, now)

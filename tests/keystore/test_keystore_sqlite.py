@@ -36,6 +36,22 @@ class TestSqliteRepository(RepositoryContract):
         return make
 
 
+class TestBlockingSqliteRepository(RepositoryContract):
+    """The same contract on the blocking connection the USB rule commands use (no event loop
+    there; here one runs only for the password operations' threads)."""
+
+    @pytest.fixture
+    def make_repo(self, tmp_path: Path) -> Callable[..., Any]:
+        path = tmp_path / "ks.db"
+        dbmod.initialise(path)
+
+        async def make(clock: Any = None) -> SqliteRepository:
+            kwargs = {"clock": clock} if clock else {}
+            return SqliteRepository.open_blocking(path, policy=FAST, **kwargs)
+
+        return make
+
+
 def test_created_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "ks.db"
     old = os.umask(0)  # a permissive umask must not matter: mode is set at creation

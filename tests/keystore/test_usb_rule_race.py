@@ -4,7 +4,8 @@ The command reads the VM's rules, decides where the new rule must go to take eff
 match wins), then inserts it. A second admin inserting a broader rule in between made the new
 rule land behind it: shadowed, it never decides. The race is made deterministic here: the
 second admin's insert (a real write through its own connection) runs right after the first
-read of the rules."""
+read of the rules. The command runs on the blocking connection (no event loop: issue 26), so
+the second admin writes through one too."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from argon2 import PasswordHasher
 from click.testing import CliRunner, Result
 
 from keystore.auth import AuthPolicy
-from keystore.backends import open_repository
+from keystore.backends import open_blocking
 from keystore.cli import main
 from keystore.models import UsbAction
 from keystore.services import store as store_mod
@@ -46,7 +47,8 @@ class SecondAdmin:
         rules = await self._repo.list_usb_rules(vm)
         if not self.raced:
             self.raced = True
-            other = await open_repository(self._db)
+            other = open_blocking(self._db)
+            assert other is not None
             try:
                 await other.add_usb_rule(vm, UsbAction.ALLOW, 0x0781, None, actor="bob",
                                          position=1)  # fmt: skip
@@ -78,17 +80,17 @@ def test_a_rule_added_meanwhile_cannot_shadow_the_new_one(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     racers: list[SecondAdmin] = []
-    real_open = store_mod.open_repository
+    real_open = store_mod.open_blocking
 
-    async def racing_open(location: Any, **kw: Any) -> Any:
-        repo = SecondAdmin(await real_open(location, **kw), db)
+    def racing_open(location: Any, **kw: Any) -> Any:
+        repo = SecondAdmin(real_open(location, **kw), db)
         repo.raced = bool(racers)  # only the first repository the command opens races
         racers.append(repo)
         return repo
 
-    monkeypatch.setattr(store_mod, "open_repository", racing_open)
+    monkeypatch.setattr(store_mod, "open_blocking", racing_open)
     vms("usb", "block", "web", "0781:5567")
-    monkeypatch.setattr(store_mod, "open_repository", real_open)
+    monkeypatch.setattr(store_mod, "open_blocking", real_open)
     assert racers and racers[0].raced
     from keystore.services.store import Keystore
 

@@ -13,7 +13,7 @@ import argon2
 import pytest
 from click.testing import CliRunner
 
-from keystore.auth import DEFAULT_HASHER
+from keystore.auth import default_hasher
 from keystore.cli import main
 from keystore.services.store import Keystore
 from tests.support.nbd import write_secret
@@ -81,7 +81,7 @@ def test_an_argon2_keyslot_sets_memory_and_passes(tmp_path: Path) -> None:
 
     floor = verifier.floor_of([str(img)])
     assert (floor.memory_kib, floor.time) == (131072, 4)
-    default = DEFAULT_HASHER.hash(PW)
+    default = default_hasher().hash(PW)
     assert not verifier.covers(default, floor)  # 64 MiB would be the cheaper oracle
     raised = verifier.hasher_for(floor).hash(PW)
     assert verifier.covers(raised, floor)
