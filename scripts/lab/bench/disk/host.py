@@ -41,9 +41,9 @@ from nbd_plugin import luks
 from nbd_plugin.serve.control import Add, Ping
 from nbd_plugin.serve.hostclient import HostClient, HostUnavailable
 from scripts.lab.bench.disk.measure import cpu_seconds, memory_kib
+from scripts.lab.bench.disk.servers import PLUGIN
 
 MIB = 1 << 20
-PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin.py")
 PASSPHRASE = b"vmshield bench host passphrase"
 SETTLE = 2.0
 """Seconds after the server starts for its numba kernels to load (they load on a thread)."""
