@@ -153,11 +153,13 @@ def after_fork():
 
 
 def thread_model():
-    # The numba kernel and pread/pwrite run without the GIL, so requests overlap and use
-    # both cores: PARALLEL measured faster (docs/performance.md). The numpy path holds the
-    # GIL for most of a request; there PARALLEL measured slower than serializing.
+    # One request at a time per connection, connections (VMs, disks of the host server) in
+    # parallel. PARALLEL let one connection's 16 threads fight over the GIL for the few
+    # microseconds of Python each request runs: 3.3x slower at 4 KiB, 1.2-1.8x at 64 KiB, a
+    # draw at 1 MiB with nbdcopy (issue 25, docs/performance.md "Thread model"). The numpy
+    # path holds the GIL for most of a request; there one request at a time in all measured best.
     if expected_path() == "numba":
-        return nbdkit.THREAD_MODEL_PARALLEL
+        return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
     return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 
 

@@ -166,7 +166,7 @@ def serve_once(tmp_path: Path, *extra: str, until: str) -> str:
 def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
     log = serve_once(tmp_path / "auto", until="ready in")  # logged once the kernels load
     assert "vmshield: data path numba (loading at start)" in log
-    assert "using thread model: parallel" in log
+    assert "using thread model: serialize_requests" in log
     assert "vmshield: data path numba 0." in log
     assert "kernel openssl-xts (512-byte sectors)" in log
     log = serve_once(tmp_path / "numpy", "data_path=numpy", until="vmshield: data path numpy")
