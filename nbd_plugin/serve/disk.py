@@ -24,12 +24,14 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from nbd_plugin.crypto import jit
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks import Volume, open_volume
 from nbd_plugin.osutil.extents import data_segments, first_hole, punch_hole
@@ -40,6 +42,34 @@ from nbd_plugin.serve.rangelock import RangeLock
 DISCARD_POLICIES = ("ignore", "unmap")
 ZERO_CHUNK = 1 << 20
 SCRATCH_POOL = 8
+#: requests of at least this many bytes are cut in two halves, one on a helper thread: the
+#: numba kernels and pread/pwrite hold no GIL, so one connection's large request uses both
+#: cores while nbdkit runs its requests one at a time (SERIALIZE_REQUESTS, plugin.py)
+SPLIT_AT = 256 << 10
+_helpers: ThreadPoolExecutor | None = None
+_helpers_lock = threading.Lock()
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    global _helpers
+    with _helpers_lock:
+        if _helpers is None:
+            _helpers = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="vmshield")
+        return _helpers
+
+
+def _in_halves(part: Callable[[memoryview, int], None], view: memoryview, offset: int,
+               unit: int) -> None:  # fmt: skip
+    """part(view, offset) as two calls on unit-aligned halves at once; the first error wins,
+    and both halves are done (or failed) when this returns."""
+    mid = len(view) // 2 // unit * unit
+    other = _helper_pool().submit(part, view[mid:], offset + mid)
+    try:
+        part(view[:mid], offset)
+    finally:
+        failed = other.exception()  # waits: the buffer is the caller's once we return
+    if failed is not None:
+        raise failed
 IV_MASK = (1 << 64) - 1
 SMALL_HEADS = 32
 
@@ -99,6 +129,7 @@ class EncryptedDisk:
         self._write_unit = self._hole_align if self._regular else self.sector
         self._ranges = RangeLock()
         self._scratch: list[bytearray] = []
+        self._split = jit.expected() == "numba"  # the numpy path holds the GIL: no gain
         self._cipher = volume.cipher
         self._sector_mask = _mask(self.sector)
         self._unit_mask = _mask(self._write_unit)
@@ -191,6 +222,12 @@ class EncryptedDisk:
 
     def _read_sectors(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` (whole sectors at aligned ``offset``) with plaintext."""
+        if self._split and len(view) >= SPLIT_AT:
+            _in_halves(self._read_part, view, offset, self.sector)
+        else:
+            self._read_part(view, offset)
+
+    def _read_part(self, view: memoryview, offset: int) -> None:
         start = self._base + offset
         self._read_raw(view, start)
         holes = self._regular and self._may_hold_holes(view)
@@ -204,6 +241,13 @@ class EncryptedDisk:
 
     def _write_sectors(self, data: Any, offset: int) -> None:
         """Encrypt and write whole sectors of plaintext ``data`` at aligned ``offset``."""
+        if self._split and len(data) >= SPLIT_AT:
+            view = data if type(data) is memoryview else memoryview(data).cast("B")
+            _in_halves(self._write_part, view, offset, self.sector)
+        else:
+            self._write_part(data, offset)
+
+    def _write_part(self, data: Any, offset: int) -> None:
         length = len(data)
         scratch = self._take(length)
         try:
