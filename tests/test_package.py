@@ -68,11 +68,12 @@ def root_tarball() -> Path:
     tar = CACHE / f"bookworm-apt-{key}.tar"
     if not tar.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        part = tar.with_suffix(".part")
+        part = tar.with_name(tar.name + ".part")  # renamed once whole
         subprocess.run(
             [
                 "mmdebstrap",
                 "--quiet",
+                "--format=tar",  # a name not ending in .tar would make a directory
                 "--variant=apt",
                 "--include=ca-certificates",
                 "bookworm",
