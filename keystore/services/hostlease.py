@@ -52,7 +52,7 @@ from keystore.location import Location
 from keystore.models import Disk
 from keystore.postgres.lease import LeaseHeld
 from keystore.services import hostdisk, nbdproc
-from keystore.services.lease import DEADLINE, GRACE, PING, SERVER_KEEPALIVE
+from keystore.services.lease import DEADLINE, GRACE, PING, SERVER_KEEPALIVE, FenceEnd
 from keystore.services.nbdproc import HostFiles
 from nbd_plugin.errors import VmshieldError
 from nbd_plugin.osutil import jsonctl
@@ -86,18 +86,13 @@ def holder_name(host: HostFiles, export: str, pid: int) -> str:
 # -- the client side ------------------------------------------------------------------------
 
 
-class HostLease:
+class HostLease(FenceEnd):
     """A disk's lease taken by the host's holder (serve.serve_recorded's handle, as lease.Lease)."""
 
     def __init__(self, host: HostFiles, export: str, fence_fd: int) -> None:
+        super().__init__(fence_fd)  # the read end of this export's pipe, for the server
         self.host = host
         self.export = export
-        self.fence_fd = fence_fd  # the read end of this export's pipe, for the server
-
-    def _close_fence(self) -> None:
-        if self.fence_fd >= 0:
-            os.close(self.fence_fd)
-            self.fence_fd = -1
 
     def attach(self, pid: int) -> None:
         """The export is served by the host server `pid` (which has its own copy of the fence)."""

@@ -52,18 +52,25 @@ SERVER_KEEPALIVE = (
 )
 
 
-class Lease:
-    """The parent's handle on a running lease holder."""
+class FenceEnd:
+    """The read end of a lease's fence pipe, held until the server has its own copy."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], holder: str, fence_fd: int) -> None:
-        self.proc = proc
-        self.holder = holder
-        self.fence_fd = fence_fd  # the read end of the holder's pipe, for nbdkit
+    def __init__(self, fence_fd: int) -> None:
+        self.fence_fd = fence_fd
 
     def _close_fence(self) -> None:
         if self.fence_fd >= 0:
             os.close(self.fence_fd)
             self.fence_fd = -1
+
+
+class Lease(FenceEnd):
+    """The parent's handle on a running lease holder."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], holder: str, fence_fd: int) -> None:
+        super().__init__(fence_fd)  # the read end of the holder's pipe, for nbdkit
+        self.proc = proc
+        self.holder = holder
 
     def attach(self, pid: int) -> None:
         """nbdkit runs as `pid` (with its own copy of the fence): the holder watches it."""

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import stat
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -186,9 +186,20 @@ def open_sync(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         )
     except sqlite3.Error as e:
         raise translate(e, path) from e
-    try:
+
+    def current(conn: sqlite3.Connection) -> None:
         _configure(conn, readonly=readonly)
         check_version(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION, str(path))
+
+    return _set_up(conn, path, current)
+
+
+def _set_up(
+    conn: sqlite3.Connection, path: Path, step: Callable[[sqlite3.Connection], object]
+) -> sqlite3.Connection:
+    """`conn` once `step(conn)` ran; closed (the error translated) if it failed."""
+    try:
+        step(conn)
     except sqlite3.Error as e:
         conn.close()
         raise translate(e, path) from e
@@ -235,17 +246,13 @@ def open_blocking(path: Path) -> sqlite3.Connection:
         )
     except sqlite3.Error as e:
         raise translate(e, path) from e
-    try:
+
+    def migrated(conn: sqlite3.Connection) -> None:
         _configure(conn, readonly=False)
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             migrate(conn, path)
-    except sqlite3.Error as e:
-        conn.close()
-        raise translate(e, path) from e
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+
+    return _set_up(conn, path, migrated)
 
 
 async def open_async(path: Path) -> aiosqlite.Connection:
