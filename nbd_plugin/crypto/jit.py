@@ -13,13 +13,15 @@ loaded. ``expected()`` tells the thread model before that.
 Compiled kernels are cached on disk so that a server's start does not wait for LLVM (~0.5 s
 per kernel): numba's default would be ``__pycache__`` next to the code, which is read-only in
 a packaged install, so the cache goes to a private directory of this user
-(``$XDG_CACHE_HOME/vmshield/numba`` or ``~/.cache/vmshield/numba``, mode 0700). Numba runs
+(``$XDG_CACHE_HOME/vmshield/numba`` or ``~/.cache/vmshield/numba``, mode 0700), in a
+subdirectory named after the kernels' sources (``kernel_digest``). Numba runs
 the machine code it finds there, so a directory that another user could write to is never
 used: then the kernels are compiled in memory at start instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import threading
@@ -88,6 +90,19 @@ def _private_subdirs(base: str, parts: tuple[str, ...]) -> str | None:
     return path if os.access(path, os.W_OK | os.X_OK) else None
 
 
+KERNEL_SOURCES = ("kernels.py", "layout.py", "vaes.py")
+"""The files whose code or constants the compiled kernels hold. Numba's cache notices a change
+of the cached function's own file only, so its directory is named after a digest of all."""
+
+
+def kernel_digest() -> str:
+    """16 hex digits of SHA-256 over ``KERNEL_SOURCES`` (the cache subdirectory's name)."""
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        digest.update(Path(__file__).with_name(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def select(path: str | None) -> None:
     """Force "numba" or "numpy" (None: numba when it works). Only before the first cipher."""
     global _forced
@@ -103,6 +118,8 @@ def _load() -> tuple[ModuleType | None, str]:
     if _forced == "numpy":
         return None, "data_path=numpy was asked for"
     cache = cache_dir()
+    if cache is not None:
+        cache = _private_subdirs(cache, (kernel_digest(),))
     if cache is not None:
         os.environ[CACHE_ENV] = cache  # read by numba when it is first imported
     try:
@@ -121,6 +138,13 @@ def _load() -> tuple[ModuleType | None, str]:
         kernels.xts_sectors_kernel()
     except Exception as exc:  # numba or LLVM failing is a reason to fall back, not to stop
         return None, f"the numba kernels did not compile ({type(exc).__name__}: {exc})"
+    from nbd_plugin.crypto import vaes
+
+    if vaes.unavailable() is None:
+        try:
+            kernels.xts_vaes_kernel()
+        except Exception as exc:  # the other kernels still serve XTS
+            vaes.refuse(f"the VAES kernel did not compile ({type(exc).__name__}: {exc})")
     where = f"cache {cache}" if cache else "no private cache directory: compiled at start"
     return kernels, f"numba {numba.__version__} ({where})"
 

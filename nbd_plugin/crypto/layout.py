@@ -25,6 +25,9 @@ ENCRYPT = 8
 """1 to encrypt, 0 to decrypt."""
 IV = 9
 """The IV of the request's first sector: the only word written per request."""
+ROUNDS = 10
+"""AES rounds of the VAES kernel's key (10 or 14)."""
 HEAD = 16
 """Scratch from here: 2 words of IV per sector of a chunk, then the chunk's tweaks (XTS) or
-cipher output (CBC), ``words`` per sector. The per-sector kernel uses 2 words (one IV)."""
+cipher output (CBC), ``words`` per sector. The per-sector kernel uses 2 words (one IV); the
+VAES kernel holds its round keys here (``vaes.fill_state``)."""

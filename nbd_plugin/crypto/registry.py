@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from nbd_plugin.crypto import jit
 from nbd_plugin.crypto.cbc import CbcCipher
-from nbd_plugin.crypto.jit_cipher import JitCipher, jitted, xts_kernel_for
+from nbd_plugin.crypto.jit_cipher import JitCipher, SelfCheckFailed, jitted, xts_kernel_for
 from nbd_plugin.crypto.xts import XtsCipher
 from nbd_plugin.errors import UnsupportedError
 
@@ -29,7 +29,8 @@ class SectorCipher(Protocol):
 
     @property
     def kernel_name(self) -> str:
-        """What runs the data: "numpy", or the numba kernel ("openssl-xts", "aes-ecb")."""
+        """What runs the data: "numpy", or the numba kernel ("vaes-xts", "openssl-xts",
+        "aes-ecb")."""
         ...
 
     def encrypt(self, src: Any, dst: Any, first_iv: int) -> None: ...
@@ -68,9 +69,17 @@ def _aes_xts(key: bytes, iv_mode: str, sector_size: int, iv_step: int) -> Sector
 
 
 def _numba_xts(key: bytes, sector_size: int, iv_step: int) -> JitCipher:
+    from nbd_plugin.crypto import vaes
     from nbd_plugin.crypto.xts_native import JitXts  # imports numba: only on that data path
 
-    return JitXts(key, sector_size, iv_step)
+    cipher = JitXts(key, sector_size, iv_step)
+    if cipher.kernel_name == "vaes-xts":
+        try:
+            cipher.self_check(XtsCipher(key, sector_size, iv_step))
+        except SelfCheckFailed as exc:  # OpenSSL's XTS serves, as on a CPU without VAES
+            vaes.refuse(f"the VAES kernel failed its self-check ({exc})")
+            cipher = JitXts(key, sector_size, iv_step)
+    return cipher
 
 
 @register("aes", "cbc", (16, 24, 32))

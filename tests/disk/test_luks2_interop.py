@@ -216,10 +216,12 @@ def test_larger_metadata_area_and_its_secondary(
 
 
 @pytest.mark.parametrize("sector", [512, 4096])
-def test_both_xts_kernels_on_data_cryptsetup_encrypted(
+def test_every_xts_kernel_on_data_cryptsetup_encrypted(
     tmp_path: Path, keyfile: Path, sector: int
 ) -> None:
     """cryptsetup's ciphertext, decrypted and made again by each numba kernel in-process."""
+    from nbd_plugin.crypto import vaes
+    from nbd_plugin.crypto.jit_cipher import XTS_KERNELS
     from nbd_plugin.crypto.xts_native import JitXts
 
     size = 1 << 20
@@ -238,7 +240,9 @@ def test_both_xts_kernels_on_data_cryptsetup_encrypted(
         f.seek(int(segment["offset"]))
         ciphertext = f.read(size)
     key = volume_key(image, keyfile)
-    for kernel in ("openssl-xts", "aes-ecb"):
+    for kernel in XTS_KERNELS:
+        if kernel == "vaes-xts" and vaes.unavailable() is not None:
+            continue  # this CPU has no VAES: the two others are what serves here
         cipher = JitXts(key, sector, sector // 512, kernel=kernel)
         buf = bytearray(ciphertext)
         cipher.decrypt(memoryview(buf), memoryview(buf), 0)

@@ -16,13 +16,25 @@ import threading
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from nbd_plugin.crypto import jit_cipher, xts
+from nbd_plugin.crypto import jit_cipher, vaes, xts
 from nbd_plugin.crypto.xts import XtsCipher
 from nbd_plugin.crypto.xts_native import JitXts
 
-PATHS = ["numba", "numba-ecb", "libcrypto", "numpy"]
-"""numba: the kernel chosen for the sector size (OpenSSL's XTS per sector for LUKS's sizes);
-numba-ecb: the kernel of tweaks and AES-ECB, forced."""
+NO_VAES = pytest.mark.skipif(
+    vaes.unavailable() is not None, reason=f"the VAES kernel cannot run here: {vaes.unavailable()}"
+)
+PATHS = [
+    "numba",
+    pytest.param("numba-vaes", marks=NO_VAES),
+    "numba-xts",
+    "numba-ecb",
+    "libcrypto",
+    "numpy",
+]
+"""numba: the kernel chosen for the sector size (the VAES kernel on a CPU that has it, else
+OpenSSL's XTS per sector for LUKS's sizes); numba-vaes, numba-xts (OpenSSL's XTS per sector),
+numba-ecb (tweaks and AES-ECB): that kernel, forced."""
+FORCED = {"ecb": "aes-ecb", "xts": "openssl-xts", "vaes": "vaes-xts"}
 Sector = XtsCipher | JitXts
 
 
@@ -30,9 +42,7 @@ def make(key: bytes, path: str, sector_size: int = 512, step: int = 1) -> Sector
     if path == "numba":
         return JitXts(key, sector_size, step)
     if path.startswith("numba-"):
-        return JitXts(
-            key, sector_size, step, kernel={"ecb": "aes-ecb", "xts": "openssl-xts"}[path[6:]]
-        )
+        return JitXts(key, sector_size, step, kernel=FORCED[path[6:]])
     return XtsCipher(key, sector_size, step, native=path == "libcrypto")
 
 
@@ -169,12 +179,17 @@ def both_ways(cipher: Sector, plain: bytes, first: int, expected: bytes) -> None
     assert bytes(buf) == plain
 
 
-@pytest.mark.parametrize("path", [*PATHS, "numba-xts"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("number", "key", "unit", "plain", "cipher"), SHORT_VECTORS)
 def test_ieee1619_short_vectors(
     path: str, number: int, key: str, unit: int, plain: str, cipher: str
 ) -> None:
     k, p, c = bytes.fromhex(key), bytes.fromhex(plain), bytes.fromhex(cipher)
+    if path == "numba-vaes":  # its step is 256 bytes: these 32-byte units go to aes-ecb
+        with pytest.raises(ValueError, match="multiple of 256"):
+            make(k, path, sector_size=32)
+        assert JitXts(k, 32, 1).kernel_name == "aes-ecb"
+        return
     if path == "numba-xts" and k[:16] == k[16:]:  # OpenSSL's XTS refuses equal halves
         with pytest.raises(ValueError, match="refused"):
             make(k, path, sector_size=32)
@@ -207,7 +222,8 @@ def test_ieee1619_512_byte_vectors(
     if isinstance(cipher, XtsCipher):
         assert cipher.uses_libcrypto == (path == "libcrypto")
     else:
-        assert cipher.kernel_name == ("aes-ecb" if path == "numba-ecb" else "openssl-xts")
+        chosen = jit_cipher.xts_kernel_for(512)
+        assert cipher.kernel_name == {"numba": chosen, **FORCED}.get(path[6:], chosen)
     both_ways(cipher, plain, unit, expected)
     # The same unit inside a 41-sector request (numpy's planes, or the kernel's chunk loop).
     at = min(unit, 3)
@@ -327,25 +343,40 @@ def test_chunk_padding_is_not_written(path: str) -> None:
 
 
 @pytest.mark.parametrize(("sector_size", "step"), [(512, 1), (1024, 2), (4096, 8), (8192, 16)])
-def test_luks_sector_sizes_run_on_openssl_xts_per_sector(sector_size: int, step: int) -> None:
-    key = os.urandom(64)
+@pytest.mark.parametrize("key_bytes", [32, 64])
+def test_luks_sector_sizes_run_on_the_fastest_kernel(
+    sector_size: int, step: int, key_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = os.urandom(key_bytes)
+    data = os.urandom(sector_size * 9)
+    want = reference(key, data, 77 * step, sector_size, step)
+    cipher = JitXts(key, sector_size, step)
+    assert cipher.kernel_name == ("vaes-xts" if vaes.unavailable() is None else "openssl-xts")
+    both_ways(cipher, data, 77 * step, want)
+    monkeypatch.setattr(vaes, "_refused", "refused for this test")  # as after a failed check
     cipher = JitXts(key, sector_size, step)
     assert cipher.kernel_name == "openssl-xts"
-    data = os.urandom(sector_size * 9)
-    both_ways(cipher, data, 77 * step, reference(key, data, 77 * step, sector_size, step))
+    both_ways(cipher, data, 77 * step, want)
 
 
-def test_keys_openssl_refuses_and_small_units_run_on_the_ecb_kernel() -> None:
+def test_keys_openssl_refuses_and_small_units_run_on_the_ecb_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     equal = bytes(range(32)) * 2  # halves equal: OpenSSL's XTS will not encrypt with it
-    cipher = JitXts(equal, 4096, 8)
-    assert cipher.kernel_name == "aes-ecb"
     data = os.urandom(4096 * 3)
-    out = bytearray(len(data))
-    cipher.encrypt(data, out, 8)
     back = bytearray(len(data))
-    XtsCipher(equal, 4096, 8, native=False).decrypt(bytes(out), back, 8)
-    assert bytes(back) == data
-    assert JitXts(os.urandom(64), 256, 1).kernel_name == "aes-ecb"
+    for refused in (None, "refused for this test"):
+        monkeypatch.setattr(vaes, "_refused", refused)
+        cipher = JitXts(equal, 4096, 8)
+        assert cipher.kernel_name == ("vaes-xts" if vaes.unavailable() is None else "aes-ecb")
+        out = bytearray(len(data))
+        cipher.encrypt(data, out, 8)
+        XtsCipher(equal, 4096, 8, native=False).decrypt(bytes(out), back, 8)
+        assert bytes(back) == data
+    assert JitXts(os.urandom(64), 256, 1).kernel_name == (
+        "vaes-xts" if vaes.unavailable() is None else "aes-ecb"
+    )
+    assert JitXts(os.urandom(64), 128, 1).kernel_name == "aes-ecb"
     with pytest.raises(ValueError, match="kernel must be one of"):
         JitXts(os.urandom(64), 512, 1, kernel="fast")
 

@@ -17,22 +17,25 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin.crypto import jit
+from nbd_plugin.crypto import jit, vaes
 from nbd_plugin.crypto.registry import make_cipher
 from tests.support.nbd import ROOT
 
 PROBE = """
 import json, sys
 {prelude}
-from nbd_plugin.crypto import jit
+from nbd_plugin.crypto import jit, vaes
 from nbd_plugin.crypto.registry import make_cipher
 c = make_cipher("aes", "xts-plain64", bytes(range(64)))
 out = {{"path": jit.data_path(), "reason": jit.reason(), "cipher": c.data_path}}
 if out["path"] == "numba":
-    from nbd_plugin.crypto import kernels
-    stats = kernels.xts_kernel().stats
-    out.update(hits=sum(stats.cache_hits.values()), misses=sum(stats.cache_misses.values()))
-    out["cache"] = stats.cache_path
+    from nbd_plugin.crypto import kernels, vaes
+    loaded = [kernels.xts_kernel()]
+    if vaes.unavailable() is None:
+        loaded.append(kernels.xts_vaes_kernel())
+    hits = sum(sum(k.stats.cache_hits.values()) for k in loaded)
+    misses = sum(sum(k.stats.cache_misses.values()) for k in loaded)
+    out.update(hits=hits, misses=misses, kernels=len(loaded), cache=loaded[0].stats.cache_path)
 print(json.dumps(out))
 """
 
@@ -71,11 +74,34 @@ def test_a_second_process_loads_the_kernels_from_a_private_cache(tmp_path: Path)
     first = probe(tmp_path)
     assert first["path"] == "numba"
     cache = tmp_path / "vmshield" / "numba"
-    assert str(first["cache"]).startswith(str(cache))
+    assert str(first["cache"]).startswith(str(cache / jit.kernel_digest()))
     assert (cache.stat().st_mode & 0o777) == 0o700
+    assert ((cache / jit.kernel_digest()).stat().st_mode & 0o777) == 0o700
     assert any(cache.rglob("*.nbi")), "numba wrote no cache index"
     second = probe(tmp_path)
-    assert (second["hits"], second["misses"]) == (2, 0)  # both signatures, none compiled
+    # both signatures of each kernel (and the VAES one where it runs), none compiled
+    assert (second["hits"], second["misses"]) == (2 * second["kernels"], 0)
+
+
+def test_the_cache_directory_changes_with_any_file_the_kernels_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Numba checks only the cached function's own file: a new vaes.py or layout.py with an
+    unchanged kernels.py would run the old machine code from a shared directory."""
+    here = Path(jit.__file__).parent
+    copy = tmp_path / "crypto"
+    copy.mkdir()
+    for name in jit.KERNEL_SOURCES:
+        (copy / name).write_bytes((here / name).read_bytes())
+    monkeypatch.setattr(jit, "__file__", str(copy / "jit.py"))
+    assert jit.kernel_digest() == (monkeypatch.undo() or jit.kernel_digest())
+    monkeypatch.setattr(jit, "__file__", str(copy / "jit.py"))
+    seen = {jit.kernel_digest()}
+    for name in jit.KERNEL_SOURCES:
+        with (copy / name).open("a") as f:
+            f.write("\n# changed\n")
+        seen.add(jit.kernel_digest())
+    assert len(seen) == 1 + len(jit.KERNEL_SOURCES)
 
 
 def test_a_cache_directory_others_can_write_is_not_used(tmp_path: Path) -> None:
@@ -101,11 +127,15 @@ def test_image_info_reports_the_data_path(tmp_path: Path) -> None:
     assert json.loads(r.output)["data_path"] == jit.data_path()
 
 
+XTS = "vaes-xts" if vaes.unavailable() is None else "openssl-xts"
+"""What an XTS image of a LUKS sector size runs on here."""
+
+
 @pytest.mark.parametrize(
     ("fmt", "cipher", "opts", "kernel"),
     [
-        ("luks2", "aes-xts-plain64", {"sector_size": 4096}, "openssl-xts"),
-        ("luks1", "aes-xts-plain64", {}, "openssl-xts"),
+        ("luks2", "aes-xts-plain64", {"sector_size": 4096}, XTS),
+        ("luks1", "aes-xts-plain64", {}, XTS),
         ("luks1", "aes-cbc-essiv:sha256", {}, "aes-ecb"),
     ],
 )
@@ -168,7 +198,7 @@ def test_the_plugin_logs_its_data_path_and_thread_model(tmp_path: Path) -> None:
     assert "vmshield: data path numba (loading at start)" in log
     assert "using thread model: serialize_requests" in log
     assert "vmshield: data path numba 0." in log
-    assert "kernel openssl-xts (512-byte sectors)" in log
+    assert f"kernel {XTS} (512-byte sectors)" in log
     log = serve_once(tmp_path / "numpy", "data_path=numpy", until="vmshield: data path numpy")
     assert "vmshield: data path numpy" in log
     assert "using thread model: serialize_all_requests" in log
