@@ -70,6 +70,8 @@ def _in_halves(part: Callable[[memoryview, int], None], view: memoryview, offset
         failed = other.exception()  # waits: the buffer is the caller's once we return
     if failed is not None:
         raise failed
+
+
 IV_MASK = (1 << 64) - 1
 SMALL_HEADS = 32
 
@@ -129,7 +131,8 @@ class EncryptedDisk:
         self._write_unit = self._hole_align if self._regular else self.sector
         self._ranges = RangeLock()
         self._scratch: list[bytearray] = []
-        self._split = jit.expected() == "numba"  # the numpy path holds the GIL: no gain
+        # the numpy path holds the GIL: splitting gains nothing there
+        self._split_at = SPLIT_AT if jit.expected() == "numba" else 1 << 63
         self._cipher = volume.cipher
         self._sector_mask = _mask(self.sector)
         self._unit_mask = _mask(self._write_unit)
@@ -188,9 +191,8 @@ class EncryptedDisk:
         if len(self._scratch) < SCRATCH_POOL:
             self._scratch.append(buf)
 
-    def _read_raw(self, view: memoryview, file_offset: int) -> None:
-        if os.preadv(self._fd, [view], file_offset) == len(view):
-            return
+    def _read_rest(self, view: memoryview, file_offset: int) -> None:
+        """After a short read: read all of ``view`` again, or say where the image ended."""
         done = preadinto_all(self._fd, view, file_offset)
         if done < len(view):
             raise ImageError(
@@ -222,14 +224,15 @@ class EncryptedDisk:
 
     def _read_sectors(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` (whole sectors at aligned ``offset``) with plaintext."""
-        if self._split and len(view) >= SPLIT_AT:
+        if len(view) >= self._split_at:
             _in_halves(self._read_part, view, offset, self.sector)
         else:
             self._read_part(view, offset)
 
     def _read_part(self, view: memoryview, offset: int) -> None:
         start = self._base + offset
-        self._read_raw(view, start)
+        if os.preadv(self._fd, [view], start) != len(view):
+            self._read_rest(view, start)
         holes = self._regular and self._may_hold_holes(view)
         iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
         self._cipher.decrypt(view, view, iv)
@@ -241,7 +244,7 @@ class EncryptedDisk:
 
     def _write_sectors(self, data: Any, offset: int) -> None:
         """Encrypt and write whole sectors of plaintext ``data`` at aligned ``offset``."""
-        if self._split and len(data) >= SPLIT_AT:
+        if len(data) >= self._split_at:
             view = data if type(data) is memoryview else memoryview(data).cast("B")
             _in_halves(self._write_part, view, offset, self.sector)
         else:
@@ -274,10 +277,11 @@ class EncryptedDisk:
     # ---- the operations ------------------------------------------------------------------
     def pread(self, buf: Any, offset: int) -> None:
         view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
-        self._check(offset, len(view))
+        n = len(view)
+        self._check(offset, n)
         try:
-            if not (offset | len(view)) & self._sector_mask:
-                self._read_sectors(view, offset)
+            if not (offset | n) & self._sector_mask:  # whole sectors: straight to the part
+                (self._read_part if n < self._split_at else self._read_sectors)(view, offset)
                 return
             first, last = self._span(offset, len(view), self.sector)
             tmp = bytearray(last - first)
