@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from scripts.lab.bench.disk.cli import parse_size
 from scripts.lab.bench.disk.measure import Sample, cpu_seconds, memory_kib, peak_rss_kib
 from scripts.lab.bench.disk.report import Report, Row
-from scripts.lab.bench.disk.servers import SERVERS
+from scripts.lab.bench.disk.servers import SERVERS, Paths, before
 
 MIB = 1 << 20
 
@@ -112,3 +113,30 @@ def test_proc_readers_on_this_process() -> None:
     assert peak_rss_kib(os.getpid()) > 1000
     mem = memory_kib(os.getpid())
     assert 0 < mem["private"] <= mem["pss"] <= mem["rss"]
+
+
+def test_luks2_has_ratios_and_issue_25_targets_of_its_own(tmp_path: Path) -> None:
+    rows = {s.key: Row(s) for s in SERVERS}
+    rows["vmshield-luks2"].add("read", 64 << 10, Sample(1.0, 0.5))
+    rows["floor-serialize"].add("read", 64 << 10, Sample(0.9, 0.5))
+    rows["vmshield-luks2"].add("qemu read", MIB, Sample(1.0, 0.5))
+    rows["file"].add("qemu read", MIB, Sample(0.5, 0.5))
+    report = Report(100 * MIB, [64 << 10], 1, list(rows.values()), {"date": "t"}, [MIB], 10 * MIB)
+    met = {t.label(): (m, ok) for t, m, ok in report.targets()}
+    assert met["vmshield-luks2: 64 KiB read, MB/s vs floor"] == (pytest.approx(0.9), True)
+    assert met["vmshield-luks2: 1 MiB qemu read, MB/s vs file"] == (pytest.approx(0.5), False)
+    assert met["64 KiB read, MB/s vs floor"] == (None, False)  # LUKS1 did not run
+    text = report.markdown()
+    assert "| **vmshield-luks2 / floor** | 0.90 | — |" in text
+    assert "| **vmshield-luks2 / file** | 0.50 | — |" in text
+    assert "| targets met | | 1 of " in text
+    doc = report.to_json()
+    assert doc["ratios"]["vmshield-luks2/floor"]["64 KiB read"] == pytest.approx(0.9)
+    with pytest.raises(FileNotFoundError, match=r"no nbd_plugin/plugin\.py"):
+        before(str(tmp_path))
+    (tmp_path / "nbd_plugin").mkdir()
+    (tmp_path / "nbd_plugin" / "plugin.py").write_text("")
+    old, old2 = before(str(tmp_path))
+    assert (old.key, old.image, old2.key, old2.image) == ("before", "luks", "before-luks2", "luks2")
+    argv = old.argv(Paths("s.sock", "i.img", "p"))
+    assert str(tmp_path / "nbd_plugin" / "plugin.py") in argv

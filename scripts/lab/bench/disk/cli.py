@@ -25,7 +25,7 @@ from typing import Any
 from scripts.lab.bench.disk import images
 from scripts.lab.bench.disk.measure import Running
 from scripts.lab.bench.disk.report import Report, Row, size_label
-from scripts.lab.bench.disk.servers import SERVERS, Paths, Server
+from scripts.lab.bench.disk.servers import SERVERS, Paths, Server, before
 
 MIB = 1 << 20
 SETTLE = 1.5
@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         help="qemu-img bench -d 16 request sizes, through QEMU's NBD client ('' for none)",
     )
     parser.add_argument("--dir", default="/dev/shm", help="where the images live (/dev/shm)")
+    parser.add_argument(
+        "--before",
+        metavar="TREE",
+        help="also run TREE's plugin (e.g. `git worktree add /tmp/old HEAD~1`) as rows "
+        "'before' and 'before-luks2', alternating with the others in the same runs",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     opts = parser.parse_args(args)
     size = parse_size(opts.size) // MIB * MIB
@@ -209,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown servers {', '.join(sorted(unknown))}")
     servers = [s for s in SERVERS if s.key in wanted]
+    if opts.before:
+        try:
+            servers += before(opts.before)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
     sizes = [parse_size(x) for x in opts.request_sizes.split(",")]
     qemu_sizes = [parse_size(x) for x in opts.qemu_sizes.split(",") if x.strip()]
     started = time.monotonic()

@@ -104,7 +104,26 @@ SERVERS: list[Server] = [
 ]
 
 SUBJECT = "vmshield"
-"""The row the ratios are computed for."""
+"""The row the ratios are computed for (LUKS1, cryptsetup's 512-byte sectors)."""
+SUBJECTS = (SUBJECT, "vmshield-luks2")
+"""Every row with ratios of its own: LUKS1 and the LUKS2 that `vmshield disk create` makes."""
+
+
+def before(tree: str) -> list[Server]:
+    """Rows for another checkout's plugin (``--before DIR``: the code before a change, run in
+    the same minutes as the code after)."""
+    plugin = os.path.join(os.path.abspath(tree), "nbd_plugin", "plugin.py")
+    if not os.path.isfile(plugin):
+        raise FileNotFoundError(f"{tree}: no nbd_plugin/plugin.py there")
+
+    def argv(p: Paths) -> list[str]:
+        return _nbdkit("python", plugin, f"image={p.image}", f"passphrase=+{p.passphrase_file}")(p)
+
+    return [
+        Server("before", f"before ({tree}), LUKS1", "luks", argv),
+        Server("before-luks2", f"before ({tree}), LUKS2 4096-byte sectors", "luks2", argv),
+    ]
+
 
 RATIO_TO = ("floor", "luks", "qemu")
 """The rows the subject is compared with."""
