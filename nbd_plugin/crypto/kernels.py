@@ -170,22 +170,17 @@ def _xts_sectors(state: U64, src: Any, dst: Any) -> int:
     return 0
 
 
-_vaes_sector: Any = vaes.sector_intrinsic()
+_vaes_request: Any = vaes.request_intrinsic()
 
 
 def _xts_vaes(state: U64, src: Any, dst: Any) -> int:
     nbytes = int(state[WORDS]) * 8
-    size = np.uint64(nbytes)
-    steps = nbytes // vaes.STEP_BYTES
-    step, iv = state[STEP], state[IV]
-    rounds, decrypt = int(state[ROUNDS]), int(state[ENCRYPT] == ZERO)
     keys = _address(state) + np.uint64(8 * HEAD)
-    tweak_keys = keys + np.uint64(8 * vaes.DATA_KEY_WORDS)
-    src_at, dst_at = _address(src), _address(dst)
-    for j in range(len(src) // nbytes):
-        at = np.uint64(j) * size
-        sector_iv = iv + np.uint64(j) * step  # plain64: wraps mod 2^64
-        _vaes_sector(keys, tweak_keys, rounds, sector_iv, src_at + at, dst_at + at, steps, decrypt)
+    _vaes_request(
+        keys, keys + np.uint64(8 * vaes.DATA_KEY_WORDS), int(state[ROUNDS]), state[IV],
+        state[STEP], _address(src), _address(dst), len(src) // nbytes,
+        nbytes // vaes.STEP_BYTES, int(state[ENCRYPT] == ZERO),
+    )  # fmt: skip
     return 0
 
 
@@ -303,7 +298,10 @@ SIGNATURES = [types.int64(_STATE, src, _BYTES) for src in (_BYTES, _READONLY)]
 
 _compile_lock = threading.Lock()
 _compiled: dict[str, Any] = {}
-_cache = True
+_cache = False
+"""Off until ``jit`` has chosen the private cache directory named after the kernels' sources:
+numba's default (``__pycache__`` next to this file, checked against this file's stamp only)
+would run stale machine code after a change to ``vaes.py`` or ``layout.py``."""
 
 
 def set_cache(enabled: bool) -> None:

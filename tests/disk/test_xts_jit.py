@@ -104,6 +104,21 @@ def test_the_cache_directory_changes_with_any_file_the_kernels_hold(
     assert len(seen) == 1 + len(jit.KERNEL_SOURCES)
 
 
+def test_kernels_compiled_before_the_cache_is_chosen_are_not_cached(tmp_path: Path) -> None:
+    """Compiled straight from ``kernels`` (tests, benchmarks), before ``jit`` chose the digest
+    directory: numba would cache next to kernels.py and later load that machine code after a
+    change to vaes.py (it ran a stale kernel against changed IR here once)."""
+    code = (
+        "from nbd_plugin.crypto import kernels\n"
+        "print(kernels.xts_kernel().stats.cache_path)\n"
+    )
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "None"
+    assert not list((Path(ROOT) / "nbd_plugin" / "crypto").rglob("*.nbi"))
+
+
 def test_a_cache_directory_others_can_write_is_not_used(tmp_path: Path) -> None:
     shared = tmp_path / "vmshield"
     shared.mkdir(mode=0o777)
