@@ -136,6 +136,9 @@ def test_luks2_has_ratios_and_issue_25_targets_of_its_own(tmp_path: Path) -> Non
         before(str(tmp_path))
     (tmp_path / "nbd_plugin").mkdir()
     (tmp_path / "nbd_plugin" / "plugin.py").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"no \.venv there"):
+        before(str(tmp_path))
+    (tmp_path / ".venv").mkdir()
     old, old2 = before(str(tmp_path))
     assert (old.key, old.image, old2.key, old2.image) == ("before", "luks", "before-luks2", "luks2")
     argv = old.argv(Paths("s.sock", "i.img", "p"))

@@ -115,6 +115,11 @@ def before(tree: str) -> list[Server]:
     plugin = os.path.join(os.path.abspath(tree), "nbd_plugin", "plugin.py")
     if not os.path.isfile(plugin):
         raise FileNotFoundError(f"{tree}: no nbd_plugin/plugin.py there")
+    if not os.path.isdir(os.path.join(tree, ".venv")):  # the plugin imports from TREE/.venv
+        raise FileNotFoundError(
+            f"{tree}: no .venv there (the plugin imports its packages from it; "
+            f"ln -s {os.path.join(REPO, '.venv')} {os.path.join(tree, '.venv')})"
+        )
 
     def argv(p: Paths) -> list[str]:
         return _nbdkit("python", plugin, f"image={p.image}", f"passphrase=+{p.passphrase_file}")(p)
