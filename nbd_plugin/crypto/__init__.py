@@ -1,5 +1,6 @@
 """Sector ciphers (``make_cipher``, ``check_supported``) and key derivation (``pbkdf2``,
-``argon2``) for LUKS: no file I/O, no LUKS headers. Its modules: docs/architecture.md.
+``argon2``) for LUKS: no LUKS headers, and no file I/O but the numba kernels' pread/pwrite on
+a descriptor their caller owns (``kernels``). Its modules: docs/architecture.md.
 """
 
 from nbd_plugin.crypto import argon2, pbkdf2

@@ -28,7 +28,7 @@ class JitCbc(JitCipher):
             self._iv_mask = 0xFFFFFFFF
         self._key = bytes(key)
         self._salt = essiv_salt(self._key, iv_mode)
-        self._pool.append(ContextSet(self, self._scratch_words))  # fail now, not later
+        self._ready()
 
     def keyed(self, c: ContextSet) -> None:
         for encrypt, state in ((False, c.state[0]), (True, c.state[1])):

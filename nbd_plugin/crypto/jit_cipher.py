@@ -11,22 +11,42 @@ path when it is made; ``SelfCheckFailed`` then sends the caller to that path.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from nbd_plugin.crypto import jit, vaes
-from nbd_plugin.crypto.layout import ENCRYPT, HEAD, INIT, IV, MASK, STEP, UPDATE, WORDS
+from nbd_plugin.crypto.layout import (
+    ENCRYPT,
+    FAILED,
+    HEAD,
+    INIT,
+    MASK,
+    PREAD,
+    PWRITE,
+    SHORT,
+    STEP,
+    UPDATE,
+    WORDS,
+)
 from nbd_plugin.crypto.libcrypto import EcbContext, XtsContext, init_address, update_address
+
+if TYPE_CHECKING:  # importing kernels imports numba: only once jit has chosen its cache
+    from nbd_plugin.crypto import kernels
 
 U64 = npt.NDArray[np.uint64]
 MASK64 = (1 << 64) - 1
 CHUNK_BYTES = 32 << 10
 """Sectors per kernel chunk: their tweaks (or CBC output) stay in the L1/L2 cache."""
 POOL = 8
+OUT_MIN = 64 << 10
+"""The smallest write scratch of a context set (bytes)."""
 XTS_KERNELS = ("vaes-xts", "openssl-xts", "aes-ecb")
 """The numba path's XTS kernels (``xts_native``), fastest first."""
 SECTOR_KERNEL_FROM = 512
@@ -45,10 +65,28 @@ def xts_kernel_for(sector_size: int) -> str:
     return "openssl-xts" if sector_size >= SECTOR_KERNEL_FROM else "aes-ecb"
 
 
-def _bytes(buf: Any) -> memoryview:
-    """A 1-D byte view of any contiguous buffer (a memoryview of another format, bytes...)."""
+@functools.cache
+def _file_io_addresses() -> tuple[int, int]:
+    """Addresses of libc's ``pread`` and ``pwrite``, which the fused kernels call."""
+    libc = ctypes.CDLL(None)
+    pread, pwrite = (ctypes.cast(getattr(libc, name), ctypes.c_void_p).value
+                     for name in ("pread", "pwrite"))  # fmt: skip
+    if not pread or not pwrite:
+        raise OSError("libc's pread or pwrite was not found")
+    return pread, pwrite
+
+
+def _bytes(buf: Any, writable: bool) -> memoryview:
+    """``buf`` as what the kernels' entry points take without checking: a C-contiguous 1-D
+    byte memoryview, writable where they write (TypeError or ValueError otherwise)."""
     view = buf if type(buf) is memoryview else memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")  # TypeError unless C-contiguous
+    if not view.c_contiguous:
+        raise ValueError("the buffer is not contiguous")
+    if writable and view.readonly:
+        raise TypeError("the destination buffer is read-only")
+    return view
 
 
 class SelfCheckFailed(Exception):
@@ -65,7 +103,15 @@ class ContextSet:
             cipher.prepared(False, scratch_words),
             cipher.prepared(True, scratch_words),
         )
+        self.out = memoryview(bytearray(0))
+        """Where the fused write puts the ciphertext it writes (grown to the largest write)."""
         cipher.keyed(self)
+
+    def out_for(self, length: int) -> memoryview:
+        """``out``, at least ``length`` bytes long."""
+        if len(self.out) < length:
+            self.out = memoryview(bytearray(max(length, OUT_MIN)))
+        return self.out
 
     def ecb(self, key: bytes, encrypt: bool) -> int:
         ctx = EcbContext(key, encrypt)
@@ -85,7 +131,13 @@ class JitCipher:
     kernel_name = "?"
     """What runs the data, for ``nbdkit -v`` and ``image info`` (set by subclasses)."""
 
-    def __init__(self, sector_size: int, iv_step: int, kernel: Any, scratch_words: int) -> None:
+    def __init__(
+        self, sector_size: int, iv_step: int, kernel: kernels.Kernels, scratch_words: int,
+        *, shared_reads: bool = False,
+    ) -> None:  # fmt: skip
+        """``shared_reads``: the kernel only reads its state (no scratch, no libcrypto
+        context), so reads share one state, without the pool; subclasses call ``_ready``
+        once keyed."""
         if sector_size % 16 or sector_size < 32:
             raise ValueError(f"unsupported sector size {sector_size}")
         update, init = update_address(), init_address()
@@ -93,16 +145,33 @@ class JitCipher:
             raise OSError("the system libcrypto was not found")
         self.sector_size = sector_size
         self.iv_step = iv_step
-        self._addresses = (update, init)
+        self._addresses = (update, init, *_file_io_addresses())
         self._words = sector_size // 8
         self._iv_mask = MASK64
         self._kernel = kernel
+        self._calls = kernel.entries()
         self._scratch_words = scratch_words
+        self._shared_reads = shared_reads
         self._pool: list[ContextSet] = []
         self.encrypt = self._direction(True)
         """Encrypt ``src`` (whole sectors) into ``dst`` (may be the same writable buffer)."""
         self.decrypt = self._direction(False)
         """Decrypt ``src`` (whole sectors) into ``dst`` (may be the same writable buffer)."""
+        self.read_file: Callable[[memoryview, int, int, int, int], int] = self._unready
+        """``read_file(view, fd, at, first_iv, stride)``: pread and decrypt in one call."""
+        self.write_file: Callable[[memoryview, int, int, int], bytes | None] = self._unready
+        """``write_file(src, fd, at, first_iv)``: encrypt and pwrite in one call."""
+
+    @staticmethod
+    def _unready(*args: Any) -> Any:
+        raise RuntimeError("the cipher is not keyed yet")
+
+    def _ready(self) -> None:
+        """Make the first context set (failing now, not in a request) and the fused calls."""
+        first = ContextSet(self, self._scratch_words)
+        self._pool.append(first)
+        self.read_file = self._reader(first.state[0] if self._shared_reads else None)
+        self.write_file = self._writer()
 
     @staticmethod
     def chunk_scratch(sector_size: int) -> int:
@@ -111,9 +180,9 @@ class JitCipher:
         return max(1, CHUNK_BYTES // sector_size) * (words + 2)
 
     def prepared(self, encrypt: bool, scratch_words: int) -> U64:
-        """A kernel state with everything but the contexts and the IV filled in."""
+        """A kernel state with everything but the contexts filled in."""
         state = np.zeros(HEAD + scratch_words, dtype=np.uint64)
-        state[UPDATE], state[INIT] = self._addresses
+        state[UPDATE], state[INIT], state[PREAD], state[PWRITE] = self._addresses
         state[WORDS] = self._words
         state[STEP] = self.iv_step & MASK64
         state[MASK] = self._iv_mask
@@ -127,14 +196,13 @@ class JitCipher:
         """``run(src, dst, first_iv)`` in one direction: one Python frame per request, its
         constants in the closure (a request of 4 KiB costs ~0.35 us of AES; every attribute
         lookup and call around it counts)."""
-        kernel, pool, size, words = self._kernel, self._pool, self.sector_size, self._scratch_words
+        kernel = (self._calls.run, self._calls.run_readonly)
+        pool, size, words = self._pool, self.sector_size, self._scratch_words
         index = int(encrypt)
 
         def run(src: Any, dst: Any, first_iv: int) -> None:
-            s = src if type(src) is memoryview and src.format == "B" else _bytes(src)
-            d = s if dst is src else (
-                dst if type(dst) is memoryview and dst.format == "B" else _bytes(dst)
-            )  # fmt: skip
+            s = _bytes(src, dst is src)
+            d = s if dst is src else _bytes(dst, True)
             n = len(s)
             if n % size:
                 raise ValueError(f"length {n} is not a multiple of {size}")
@@ -145,9 +213,7 @@ class JitCipher:
             except IndexError:
                 c = ContextSet(self, words)
             try:
-                state = c.state[index]
-                state[IV] = first_iv & MASK64
-                status = kernel(state, s, d)
+                status = kernel[s.readonly](c.state[index], s, d, first_iv & MASK64)
             finally:
                 if len(pool) < POOL:
                     pool.append(c)
@@ -155,6 +221,74 @@ class JitCipher:
                 raise RuntimeError("libcrypto failed inside the numba kernel")
 
         return run
+
+    def _reader(self, shared: U64 | None) -> Callable[[memoryview, int, int, int, int], int]:
+        """``read_file(view, fd, at, first_iv, stride)``: read ``len(view)`` bytes (whole
+        sectors) of ``fd`` at ``at`` into ``view`` (a writable byte memoryview) and decrypt
+        them in place, in one kernel call; ``first_iv`` in [0, 2^64). Returns 0 (plaintext
+        in ``view``), ``ZERO_HEAD`` (one in every ``stride`` words read was zero: ciphertext
+        in ``view``, the caller decrypts and looks for holes) or ``SHORT`` (not all read: the
+        caller reads again). With ``shared``, every read runs on that one state."""
+        read, pool, size = self._calls.read, self._pool, self.sector_size
+        words = self._scratch_words
+
+        def check(view: memoryview) -> None:
+            # what the kernel's entry point does not check (kernels._entry)
+            if view.readonly or not view.c_contiguous or view.format != "B" or len(view) % size:
+                raise ValueError("read_file needs a writable byte memoryview of whole sectors")
+
+        if shared is not None:
+
+            def read_shared(view: memoryview, fd: int, at: int, first_iv: int, stride: int) -> int:
+                check(view)
+                return read(shared, view, fd, at, stride, first_iv)  # type: ignore[no-any-return]
+
+            return read_shared
+
+        def read_file(view: memoryview, fd: int, at: int, first_iv: int, stride: int) -> int:
+            check(view)
+            try:
+                c = pool.pop()
+            except IndexError:
+                c = ContextSet(self, words)
+            try:
+                status: int = read(c.state[0], view, fd, at, stride, first_iv)
+            finally:
+                if len(pool) < POOL:
+                    pool.append(c)
+            if status == FAILED:
+                raise RuntimeError("libcrypto failed inside the numba kernel")
+            return status
+
+        return read_file
+
+    def _writer(self) -> Callable[[memoryview, int, int, int], bytes | None]:
+        """``write_file(src, fd, at, first_iv)``: encrypt ``src`` (a byte memoryview of whole
+        sectors) and pwrite the ciphertext to ``fd`` at ``at``, in one kernel call;
+        ``first_iv`` in [0, 2^64). Returns None, or the ciphertext if not all of it was
+        written (the caller writes it again, which reports the error)."""
+        write = (self._calls.write, self._calls.write_readonly)
+        pool, size, words = self._pool, self.sector_size, self._scratch_words
+
+        def write_file(src: memoryview, fd: int, at: int, first_iv: int) -> bytes | None:
+            if not src.c_contiguous or src.format != "B" or len(src) % size:
+                raise ValueError("write_file needs a byte memoryview of whole sectors")
+            try:
+                c = pool.pop()
+            except IndexError:
+                c = ContextSet(self, words)
+            try:
+                out = c.out if len(c.out) >= len(src) else c.out_for(len(src))
+                status: int = write[src.readonly](c.state[1], src, out, fd, at, first_iv)
+                unwritten = bytes(out[: len(src)]) if status == SHORT else None
+            finally:
+                if len(pool) < POOL:
+                    pool.append(c)
+            if status == FAILED:
+                raise RuntimeError("libcrypto failed inside the numba kernel")
+            return unwritten
+
+        return write_file
 
     def self_check(self, reference: Any) -> None:
         """Encrypt and decrypt a few sectors (more than one chunk) against ``reference``."""
@@ -171,6 +305,22 @@ class JitCipher:
         self.decrypt(got, got, first)
         if bytes(got) != plain:
             raise SelfCheckFailed("decryption does not invert encryption")
+        self._check_file_calls(plain, bytes(want), first)
+
+    def _check_file_calls(self, plain: bytes, want: bytes, first: int) -> None:
+        """The fused write and read through a memory file against the reference's bytes."""
+        fd = os.memfd_create("vmshield-self-check", os.MFD_CLOEXEC)
+        try:
+            if self.write_file(memoryview(plain), fd, self.sector_size, first) is not None:
+                raise SelfCheckFailed("the fused write did not write")
+            if os.pread(fd, len(want) + 1, self.sector_size) != want:
+                raise SelfCheckFailed("the fused write differs from the reference path")
+            got = bytearray(len(plain))
+            status = self.read_file(memoryview(got), fd, self.sector_size, first, 0)
+            if status or bytes(got) != plain:
+                raise SelfCheckFailed("the fused read does not invert the fused write")
+        finally:
+            os.close(fd)
 
 
 def _checked(make: Callable[[], JitCipher], fallback: Any) -> Any:
@@ -201,6 +351,9 @@ class Warming:
         self.sector_size: int = cipher.sector_size
         self.encrypt = cipher.encrypt
         self.decrypt = cipher.decrypt
+        self.read_file: Any = getattr(cipher, "read_file", None)
+        """The numba cipher's fused read, None on the numpy path."""
+        self.write_file: Any = getattr(cipher, "write_file", None)
 
     @property
     def data_path(self) -> str:

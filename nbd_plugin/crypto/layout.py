@@ -1,7 +1,9 @@
 """The prepared context of a numba kernel call: one uint64 array, word by word.
 
-``jit_cipher`` fills it once per keyed context set and direction (only ``IV`` changes per
-request); ``kernels`` reads it. Kept here, without numba, so both agree on one layout.
+``jit_cipher`` fills it once per keyed context set and direction (a request's first IV is an
+argument of the kernel, not a word here: a read on the VAES kernel writes nothing, so every
+reader shares one state); ``kernels`` reads it. Kept here, without numba, so both agree on one
+layout. Word 9 is unused (it held the IV).
 """
 
 OUTL = 0
@@ -23,11 +25,23 @@ MASK = 7
 """IV mask: 2^64-1, or 2^32-1 for CBC's "plain"."""
 ENCRYPT = 8
 """1 to encrypt, 0 to decrypt."""
-IV = 9
-"""The IV of the request's first sector: the only word written per request."""
 ROUNDS = 10
 """AES rounds of the VAES kernel's key (10 or 14)."""
+PREAD = 11
+"""Address of libc's ``pread`` (the fused read kernels)."""
+PWRITE = 12
+"""Address of libc's ``pwrite`` (the fused write kernels)."""
 HEAD = 16
 """Scratch from here: 2 words of IV per sector of a chunk, then the chunk's tweaks (XTS) or
 cipher output (CBC), ``words`` per sector. The per-sector kernel uses 2 words (one IV); the
 VAES kernel holds its round keys here (``vaes.fill_state``)."""
+
+# What a kernel returns besides 0 (done).
+FAILED = -1
+"""libcrypto reported a failure."""
+SHORT = -2
+"""The fused kernel's pread or pwrite failed or stopped short (errno is not kept: the caller
+does that I/O again in Python, which reports the error)."""
+ZERO_HEAD = 1
+"""The fused read found a zero word where it checks for holes: the data is read but not
+decrypted (the caller decrypts it and looks for holes)."""

@@ -63,14 +63,16 @@ class JitXts(JitCipher):
                 raise ValueError(f"the VAES kernel needs sectors of a multiple of "
                                  f"{vaes.STEP_BYTES} bytes, not {sector_size}")  # fmt: skip
             words = vaes.DATA_KEY_WORDS + vaes.TWEAK_KEY_WORDS
-            super().__init__(sector_size, iv_step, kernels.xts_vaes_kernel(), words)
+            super().__init__(
+                sector_size, iv_step, kernels.xts_vaes_kernel(), words, shared_reads=True
+            )
         elif chosen == "openssl-xts":
             super().__init__(sector_size, iv_step, kernels.xts_sectors_kernel(), 2)
         else:
             super().__init__(
                 sector_size, iv_step, kernels.xts_kernel(), self.chunk_scratch(sector_size)
             )
-        self._pool.append(ContextSet(self, self._scratch_words))  # fail now, not later
+        self._ready()
 
     def keyed(self, c: ContextSet) -> None:
         for encrypt, state in ((False, c.state[0]), (True, c.state[1])):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from nbd_plugin.crypto import jit
+from nbd_plugin.crypto.layout import ZERO_HEAD
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks import Volume, open_volume
 from nbd_plugin.osutil.extents import data_segments, first_hole, punch_hole
@@ -126,6 +127,7 @@ class EncryptedDisk:
         # A hole is at least a file block: checking the first word of every
         # min(block, sector) bytes finds every hole a read can meet.
         self._head_stride = max(min(blksize, self.sector), 8) // 8
+        self._hole_stride = self._head_stride if self._regular else 0  # the fused read's
         self._heads: dict[int, struct.Struct] = {}
         # Writes cover whole filesystem blocks (see _span); block devices have no holes.
         self._write_unit = self._hole_align if self._regular else self.sector
@@ -231,10 +233,21 @@ class EncryptedDisk:
 
     def _read_part(self, view: memoryview, offset: int) -> None:
         start = self._base + offset
-        if os.preadv(self._fd, [view], start) != len(view):
-            self._read_rest(view, start)
-        holes = self._regular and self._may_hold_holes(view)
         iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+        read_file = getattr(self._cipher, "read_file", None)  # the numba path's fused read
+        if read_file is not None:
+            status = read_file(view, self._fd, start, iv, self._hole_stride)
+            if not status:  # read and decrypted: no sector head was zero, so no hole
+                return
+            if status == ZERO_HEAD:
+                holes = True
+            else:  # SHORT: read again here, which reports the error or the image's end
+                self._read_rest(view, start)
+                holes = self._regular and self._may_hold_holes(view)
+        else:
+            if os.preadv(self._fd, [view], start) != len(view):
+                self._read_rest(view, start)
+            holes = self._regular and self._may_hold_holes(view)
         self._cipher.decrypt(view, view, iv)
         if holes and first_hole(self._fd, start) < start + len(view):
             for off, length, is_data in data_segments(self._fd, start, start + len(view)):
@@ -251,15 +264,23 @@ class EncryptedDisk:
             self._write_part(data, offset)
 
     def _write_part(self, data: Any, offset: int) -> None:
+        iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+        at = self._base + offset
+        write_file = getattr(self._cipher, "write_file", None)  # the numba path's fused write
+        if write_file is not None:
+            unwritten = write_file(data if type(data) is memoryview else memoryview(data),
+                                   self._fd, at, iv)  # fmt: skip
+            if unwritten is not None:  # write it again here, which reports the error
+                pwrite_all(self._fd, unwritten, at)
+            return
         length = len(data)
         scratch = self._take(length)
         try:
             out = memoryview(scratch)
             if len(scratch) != length:
                 out = out[:length]
-            iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
             self._cipher.encrypt(data, out, iv)
-            self._write_raw(out, self._base + offset)
+            self._write_raw(out, at)
         finally:
             self._give(scratch)
 

@@ -29,14 +29,21 @@ def _nbd_errno(exc: BaseException) -> int | None:
     return exc.args[1] if len(exc.args) > 1 else None
 
 
-def test_sparse_image_on_a_full_filesystem(keyfile: Path, sockdir: Path) -> None:
+# numba: every write is the fused kernel's encrypt + pwrite (a failed pwrite comes back to
+# Python, which writes again and reports the errno); numpy: encrypt, then os.pwrite
+DATA_PATHS = pytest.mark.parametrize("data_path", ["numba", "numpy"])
+
+
+@DATA_PATHS
+def test_sparse_image_on_a_full_filesystem(keyfile: Path, sockdir: Path, data_path: str) -> None:
     import nbd
 
     with tiny_tmpfs(6 * MIB) as fs:
         image = fs / "disk.img"
         luks.create_image(str(image), 32 * MIB, SECRET, iterations=1000)
         first = os.urandom(MIB)
-        with serve_plugin(image, keyfile, sockdir) as sock, connect(sock) as h:
+        served = serve_plugin(image, keyfile, sockdir, f"data_path={data_path}")
+        with served as sock, connect(sock) as h:
             h.pwrite(first, 0, nbd.CMD_FLAG_FUA)  # type: ignore[attr-defined]
             acked = {0: first}
             failed = None
@@ -63,8 +70,9 @@ def test_sparse_image_on_a_full_filesystem(keyfile: Path, sockdir: Path) -> None
                 assert read_at(sock, len(data), off) == data
 
 
+@DATA_PATHS
 def test_failed_write_back_fails_every_later_write_and_flush(
-    tmp_path: Path, keyfile: Path, sockdir: Path
+    tmp_path: Path, keyfile: Path, sockdir: Path, data_path: str
 ) -> None:
     import nbd
 
@@ -73,7 +81,8 @@ def test_failed_write_back_fails_every_later_write_and_flush(
         luks.create_image(str(backing), 24 * MIB, SECRET, iterations=1000)
         with loop_device(backing) as dev:
             durable = os.urandom(MIB)
-            with serve_plugin(dev, keyfile, sockdir) as sock, connect(sock) as h:
+            served = serve_plugin(dev, keyfile, sockdir, f"data_path={data_path}")
+            with served as sock, connect(sock) as h:
                 h.pwrite(durable, 0)  # type: ignore[attr-defined]
                 h.flush()  # type: ignore[attr-defined] - acknowledged durable
                 # 10 MiB into the page cache of a device whose backing store has ~3 MiB left

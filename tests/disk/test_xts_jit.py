@@ -30,12 +30,14 @@ c = make_cipher("aes", "xts-plain64", bytes(range(64)))
 out = {{"path": jit.data_path(), "reason": jit.reason(), "cipher": c.data_path}}
 if out["path"] == "numba":
     from nbd_plugin.crypto import kernels, vaes
-    loaded = [kernels.xts_kernel()]
+    sets = [kernels.xts_kernel()]
     if vaes.unavailable() is None:
-        loaded.append(kernels.xts_vaes_kernel())
+        sets.append(kernels.xts_vaes_kernel())
+    loaded = [k for s in sets for k in s]
     hits = sum(sum(k.stats.cache_hits.values()) for k in loaded)
     misses = sum(sum(k.stats.cache_misses.values()) for k in loaded)
-    out.update(hits=hits, misses=misses, kernels=len(loaded), cache=loaded[0].stats.cache_path)
+    signatures = sum(len(k.signatures) for k in loaded)
+    out.update(hits=hits, misses=misses, signatures=signatures, cache=loaded[0].stats.cache_path)
 print(json.dumps(out))
 """
 
@@ -79,8 +81,10 @@ def test_a_second_process_loads_the_kernels_from_a_private_cache(tmp_path: Path)
     assert ((cache / jit.kernel_digest()).stat().st_mode & 0o777) == 0o700
     assert any(cache.rglob("*.nbi")), "numba wrote no cache index"
     second = probe(tmp_path)
-    # both signatures of each kernel (and the VAES one where it runs), none compiled
-    assert (second["hits"], second["misses"]) == (2 * second["kernels"], 0)
+    # every signature of each kernel's three calls (and the VAES ones where they run), none
+    # compiled
+    assert second["signatures"] >= 5
+    assert (second["hits"], second["misses"]) == (second["signatures"], 0)
 
 
 def test_the_cache_directory_changes_with_any_file_the_kernels_hold(
@@ -110,12 +114,12 @@ def test_kernels_compiled_before_the_cache_is_chosen_are_not_cached(tmp_path: Pa
     change to vaes.py (it ran a stale kernel against changed IR here once)."""
     code = (
         "from nbd_plugin.crypto import kernels\n"
-        "print(kernels.xts_kernel().stats.cache_path)\n"
+        "print([k.stats.cache_path for k in kernels.xts_kernel()])\n"
     )
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True)  # fmt: skip
-    assert out.stdout.strip() == "None"
+    assert out.stdout.strip() == "[None, None, None]"
     assert not list((Path(ROOT) / "nbd_plugin" / "crypto").rglob("*.nbi"))
 
 
