@@ -294,16 +294,30 @@ def _request(callback, fenced=True):
     return guarded
 
 
-@_request
+# pread and pwrite are written out rather than wrapped by _request: a 4 KiB request costs a
+# few microseconds of Python in all, and the wrapper's frame was ~0.3 of them (issue 25).
 def pread(h, buf, offset, flags):
-    h.pread(buf, offset)
-    _stats.add_read(len(buf))
+    if _config.fence is not None:
+        _fenced()
+    try:
+        h.pread(buf, offset)
+    except Exception as exc:
+        _io_error(exc)
+        raise
+    if _publisher is not None:  # counted only where published (stats=)
+        _stats.add_read(len(buf))
 
 
-@_request
 def pwrite(h, buf, offset, flags):
-    h.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
-    _stats.add_written(len(buf))
+    if _config.fence is not None:
+        _fenced()
+    try:
+        h.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _io_error(exc)
+        raise
+    if _publisher is not None:
+        _stats.add_written(len(buf))
 
 
 @_request
