@@ -45,8 +45,11 @@ ZERO_CHUNK = 1 << 20
 SCRATCH_POOL = 8
 #: requests of at least this many bytes are cut in two halves, one on a helper thread: the
 #: numba kernels and pread/pwrite hold no GIL, so one connection's large request uses both
-#: cores while nbdkit runs its requests one at a time (SERIALIZE_REQUESTS, plugin.py)
-SPLIT_AT = 256 << 10
+#: cores while nbdkit runs its requests one at a time (SERIALIZE_REQUESTS, plugin.py). Since
+#: the VAES kernel (a MiB in ~85 us) the hand-off costs more than it saves at 1 MiB (A/B in
+#: one run: nbdcopy write 1204 against 1110 MB/s unsplit, QEMU 1 MiB 2816/2507 against
+#: 2681/2216) and still gains at 4 MiB (nbdcopy read 2329 against 1872): docs/performance.md
+SPLIT_AT = 2 << 20
 _helpers: ThreadPoolExecutor | None = None
 _helpers_lock = threading.Lock()
 

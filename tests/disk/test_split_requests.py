@@ -79,9 +79,9 @@ def test_a_failing_half_fails_the_request_after_both_are_done(
     monkeypatch.setattr(EncryptedDisk, "_read_part", part)
     try:
         with pytest.raises(OSError) as e:
-            d.pread(bytearray(1 << 20), 0)
+            d.pread(bytearray(SPLIT_AT), 0)
         assert e.value.errno == errno.EIO
-        assert done == [1 << 19]  # the other half had finished when pread raised
+        assert done == [SPLIT_AT // 2]  # the other half had finished when pread raised
     finally:
         d.close()
 
