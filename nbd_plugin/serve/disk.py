@@ -337,8 +337,10 @@ class EncryptedDisk:
             end == self.size and not at & self._unit_mask and not len(view) & self._sector_mask
         ):  # whole write units (or the disk's tail): nothing to read back
             exclusive = self._ranges.enter(offset, end)
-            try:
-                self._write_sectors(view, offset)
+            try:  # as pread: straight to the part unless the request is split
+                (self._write_part if len(view) < self._split_at else self._write_sectors)(
+                    view, offset
+                )
             finally:
                 self._ranges.leave(offset, end, exclusive)
             return
