@@ -247,6 +247,8 @@ class JitCipher:
 
         def read_file(view: memoryview, fd: int, at: int, first_iv: int, stride: int) -> int:
             check(view)
+            # the pool's pop and put-back are written out in each call, not a with-block:
+            # a context manager costs ~0.3 us of a 4 KiB request's ~2.5 us of Python
             try:
                 c = pool.pop()
             except IndexError:

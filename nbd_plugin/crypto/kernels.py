@@ -356,7 +356,9 @@ def _write_file(state: U64, src: Any, n: int, fd: int, at: int) -> int:
 _pread: Any = njit(inline="always")(_read_file)
 _pwrite: Any = njit(inline="always")(_write_file)
 # Each kernel below as a body of the fused calls: read then decrypt in place, or encrypt into
-# ``out`` then write it (one dispatch, no GIL, for what cost three Python calls).
+# ``out`` then write it (one dispatch, no GIL, for what cost three Python calls). The eight
+# are written out rather than made by a factory: numba keys the on-disk cache of a closure
+# by its pickled cells, and a pickled dispatcher differs from one process to the next.
 _xts_body, _sectors_body, _vaes_body, _cbc_body = (
     njit(inline="always")(fn) for fn in (_xts, _xts_sectors, _xts_vaes, _cbc)
 )
