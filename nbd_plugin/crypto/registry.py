@@ -130,8 +130,9 @@ def make_cipher(
 
 def kernel_for(cipher: str, mode: str, sector_size: int) -> str:
     """What en/decrypts an image of this cipher and sector size in this process: "numpy" on
-    the numpy path; on the numba path "openssl-xts" (OpenSSL's XTS per sector) or "aes-ecb"
-    (tweaks or CBC chains around AES-ECB). Waits for the data path to be decided."""
+    the numpy path; on the numba path "vaes-xts" (the CPU's vector AES), "openssl-xts"
+    (OpenSSL's XTS per sector) or "aes-ecb" (tweaks or CBC chains around AES-ECB). Waits for
+    the data path to be decided."""
     if jit.data_path() != "numba":
         return "numpy"
     chain, _ = split_mode(mode)
