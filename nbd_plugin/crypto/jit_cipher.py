@@ -24,10 +24,12 @@ import numpy.typing as npt
 from nbd_plugin.crypto import jit, vaes
 from nbd_plugin.crypto.layout import (
     ENCRYPT,
+    ERRNO,
     FAILED,
     HEAD,
     INIT,
     MASK,
+    OS_ERROR,
     PREAD,
     PWRITE,
     SHORT,
@@ -66,14 +68,21 @@ def xts_kernel_for(sector_size: int) -> str:
 
 
 @functools.cache
-def _file_io_addresses() -> tuple[int, int]:
-    """Addresses of libc's ``pread`` and ``pwrite``, which the fused kernels call."""
+def _file_io_addresses() -> tuple[int, int, int]:
+    """Addresses of libc's ``pread``, ``pwrite`` and ``__errno_location``, which the fused
+    kernels call."""
     libc = ctypes.CDLL(None)
-    pread, pwrite = (ctypes.cast(getattr(libc, name), ctypes.c_void_p).value
-                     for name in ("pread", "pwrite"))  # fmt: skip
-    if not pread or not pwrite:
-        raise OSError("libc's pread or pwrite was not found")
-    return pread, pwrite
+    names = ("pread", "pwrite", "__errno_location")
+    pread, pwrite, errno = (ctypes.cast(getattr(libc, n), ctypes.c_void_p).value for n in names)
+    if not pread or not pwrite or not errno:
+        raise OSError("libc's pread, pwrite or __errno_location was not found")
+    return pread, pwrite, errno
+
+
+def _os_error(status: int) -> OSError:
+    """The OSError of a fused kernel's failed pread/pwrite (``layout.OS_ERROR``)."""
+    errno = OS_ERROR - status
+    return OSError(errno, os.strerror(errno))
 
 
 def _bytes(buf: Any, writable: bool) -> memoryview:
@@ -182,7 +191,7 @@ class JitCipher:
     def prepared(self, encrypt: bool, scratch_words: int) -> U64:
         """A kernel state with everything but the contexts filled in."""
         state = np.zeros(HEAD + scratch_words, dtype=np.uint64)
-        state[UPDATE], state[INIT], state[PREAD], state[PWRITE] = self._addresses
+        state[UPDATE], state[INIT], state[PREAD], state[PWRITE], state[ERRNO] = self._addresses
         state[WORDS] = self._words
         state[STEP] = self.iv_step & MASK64
         state[MASK] = self._iv_mask
@@ -227,21 +236,27 @@ class JitCipher:
         sectors) of ``fd`` at ``at`` into ``view`` (a writable byte memoryview) and decrypt
         them in place, in one kernel call; ``first_iv`` in [0, 2^64). Returns 0 (plaintext
         in ``view``), ``ZERO_HEAD`` (one in every ``stride`` words read was zero: ciphertext
-        in ``view``, the caller decrypts and looks for holes) or ``SHORT`` (not all read: the
-        caller reads again). With ``shared``, every read runs on that one state."""
+        in ``view``, the caller decrypts and looks for holes) or ``SHORT`` (the file ended:
+        the caller reads again and says where); raises OSError with pread's errno. With
+        ``shared``, every read runs on that one state."""
         read, pool, size = self._calls.read, self._pool, self.sector_size
         words = self._scratch_words
 
         def check(view: memoryview) -> None:
             # what the kernel's entry point does not check (kernels._entry)
-            if view.readonly or not view.c_contiguous or view.format != "B" or len(view) % size:
+            if view.readonly or not view.c_contiguous or view.format != "B" or (
+                view.ndim != 1 or len(view) % size
+            ):  # fmt: skip
                 raise ValueError("read_file needs a writable byte memoryview of whole sectors")
 
         if shared is not None:
 
             def read_shared(view: memoryview, fd: int, at: int, first_iv: int, stride: int) -> int:
                 check(view)
-                return read(shared, view, fd, at, stride, first_iv)  # type: ignore[no-any-return]
+                status: int = read(shared, view, fd, at, stride, first_iv)
+                if status <= OS_ERROR:
+                    raise _os_error(status)
+                return status
 
             return read_shared
 
@@ -260,6 +275,8 @@ class JitCipher:
                     pool.append(c)
             if status == FAILED:
                 raise RuntimeError("libcrypto failed inside the numba kernel")
+            if status <= OS_ERROR:
+                raise _os_error(status)
             return status
 
         return read_file
@@ -267,13 +284,13 @@ class JitCipher:
     def _writer(self) -> Callable[[memoryview, int, int, int], bytes | None]:
         """``write_file(src, fd, at, first_iv)``: encrypt ``src`` (a byte memoryview of whole
         sectors) and pwrite the ciphertext to ``fd`` at ``at``, in one kernel call;
-        ``first_iv`` in [0, 2^64). Returns None, or the ciphertext if not all of it was
-        written (the caller writes it again, which reports the error)."""
+        ``first_iv`` in [0, 2^64). Returns None, or the ciphertext if pwrite wrote nothing
+        (the caller writes it again); raises OSError with pwrite's errno."""
         write = (self._calls.write, self._calls.write_readonly)
         pool, size, words = self._pool, self.sector_size, self._scratch_words
 
         def write_file(src: memoryview, fd: int, at: int, first_iv: int) -> bytes | None:
-            if not src.c_contiguous or src.format != "B" or len(src) % size:
+            if not src.c_contiguous or src.format != "B" or src.ndim != 1 or len(src) % size:
                 raise ValueError("write_file needs a byte memoryview of whole sectors")
             try:
                 c = pool.pop()
@@ -288,6 +305,8 @@ class JitCipher:
                     pool.append(c)
             if status == FAILED:
                 raise RuntimeError("libcrypto failed inside the numba kernel")
+            if status <= OS_ERROR:
+                raise _os_error(status)
             return unwritten
 
         return write_file

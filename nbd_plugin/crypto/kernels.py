@@ -54,9 +54,11 @@ from nbd_plugin.crypto.layout import (
     CTX_A,
     CTX_B,
     ENCRYPT,
+    ERRNO,
     HEAD,
     INIT,
     MASK,
+    OS_ERROR,
     PREAD,
     PWRITE,
     ROUNDS,
@@ -162,6 +164,23 @@ def _file_io_typer(typingctx: Any, fn: Any, fd: Any, buf: Any, count: Any, at: A
 
 
 _file_io: Any = numba.extending.intrinsic(_file_io_typer)
+
+
+def _errno_typer(typingctx: Any, fn: Any) -> Any:
+    """This thread's errno, through the address ``fn`` of libc's ``__errno_location``."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(i32.as_pointer(), [])
+        where = builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+        return builder.sext(builder.load(where), ir.IntType(64))
+
+    return sig, codegen
+
+
+_errno: Any = numba.extending.intrinsic(_errno_typer)
+EINTR = 4
 
 
 def _capacity(state: U64, words: int) -> int:
@@ -322,14 +341,20 @@ def _cbc(state: U64, src_bytes: Any, dst_bytes: Any, iv: np.uint64) -> int:
 
 def _read_file(state: U64, dst: Any, fd: int, at: int, stride: int) -> int:
     """pread ``len(dst)`` bytes of ``fd`` at ``at`` into ``dst``: 0; ``ZERO_HEAD`` if one of
-    every ``stride`` uint64 words (0: none checked) is zero, i.e. a hole may be there; or
-    ``SHORT`` if pread failed or the file ended (the caller reads again and reports why)."""
+    every ``stride`` uint64 words (0: none checked) is zero, i.e. a hole may be there;
+    ``SHORT`` if the file ended (the caller reads again and reports where); or
+    ``OS_ERROR - errno`` if pread failed (EINTR is retried, as Python does)."""
     n = len(dst)
     to = _address(dst)
     done = 0
     while done < n:
         got = _file_io(state[PREAD], fd, to + np.uint64(done), n - done, at + done)
-        if got <= 0:
+        if got < 0:
+            errno = _errno(state[ERRNO])
+            if errno == EINTR:
+                continue
+            return OS_ERROR - errno  # type: ignore[no-any-return]
+        if got == 0:
             return SHORT
         done += got
     if stride > 0:
@@ -341,13 +366,18 @@ def _read_file(state: U64, dst: Any, fd: int, at: int, stride: int) -> int:
 
 
 def _write_file(state: U64, src: Any, n: int, fd: int, at: int) -> int:
-    """pwrite the first ``n`` bytes of ``src`` to ``fd`` at ``at``: 0, or ``SHORT`` (the
-    caller writes them again)."""
+    """pwrite the first ``n`` bytes of ``src`` to ``fd`` at ``at``: 0, ``SHORT`` if pwrite
+    wrote nothing (the caller writes them again), or ``OS_ERROR - errno`` if it failed."""
     frm = _address(src)
     done = 0
     while done < n:
         put = _file_io(state[PWRITE], fd, frm + np.uint64(done), n - done, at + done)
-        if put <= 0:
+        if put < 0:
+            errno = _errno(state[ERRNO])
+            if errno == EINTR:
+                continue
+            return OS_ERROR - errno  # type: ignore[no-any-return]
+        if put == 0:
             return SHORT
         done += put
     return 0

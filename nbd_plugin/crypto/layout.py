@@ -31,6 +31,8 @@ PREAD = 11
 """Address of libc's ``pread`` (the fused read kernels)."""
 PWRITE = 12
 """Address of libc's ``pwrite`` (the fused write kernels)."""
+ERRNO = 13
+"""Address of libc's ``__errno_location`` (a failed pread/pwrite reports its errno)."""
 HEAD = 16
 """Scratch from here: 2 words of IV per sector of a chunk, then the chunk's tweaks (XTS) or
 cipher output (CBC), ``words`` per sector. The per-sector kernel uses 2 words (one IV); the
@@ -40,8 +42,12 @@ VAES kernel holds its round keys here (``vaes.fill_state``)."""
 FAILED = -1
 """libcrypto reported a failure."""
 SHORT = -2
-"""The fused kernel's pread or pwrite failed or stopped short (errno is not kept: the caller
-does that I/O again in Python, which reports the error)."""
+"""The fused kernel's pread met the end of the file, or its pwrite wrote nothing: the caller
+does that I/O again in Python, which says where the image ended or raises."""
+OS_ERROR = -1000
+"""The fused kernel's pread or pwrite failed: it returns ``OS_ERROR - errno`` (the caller
+raises OSError(errno) at once: redoing the I/O could consume a one-time EIO, and the disk
+must see that EIO to refuse later writes and flushes)."""
 ZERO_HEAD = 1
 """The fused read found a zero word where it checks for holes: the data is read but not
 decrypted (the caller decrypts it and looks for holes)."""

@@ -244,7 +244,7 @@ class EncryptedDisk:
                 return
             if status == ZERO_HEAD:
                 holes = True
-            else:  # SHORT: read again here, which reports the error or the image's end
+            else:  # SHORT, the image ended: read again here, which says where
                 self._read_rest(view, start)
                 holes = self._regular and self._may_hold_holes(view)
         else:
@@ -273,7 +273,7 @@ class EncryptedDisk:
         if write_file is not None:
             unwritten = write_file(data if type(data) is memoryview else memoryview(data),
                                    self._fd, at, iv)  # fmt: skip
-            if unwritten is not None:  # write it again here, which reports the error
+            if unwritten is not None:  # pwrite wrote nothing (SHORT): write it again here
                 pwrite_all(self._fd, unwritten, at)
             return
         length = len(data)
@@ -300,7 +300,9 @@ class EncryptedDisk:
 
     # ---- the operations ------------------------------------------------------------------
     def pread(self, buf: Any, offset: int) -> None:
-        view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
+        view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 else (
+            memoryview(buf).cast("B")
+        )  # fmt: skip
         n = len(view)
         self._check(offset, n)
         try:
@@ -317,7 +319,9 @@ class EncryptedDisk:
             raise
 
     def pwrite(self, buf: Any, offset: int, *, fua: bool = False) -> None:
-        view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
+        view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 else (
+            memoryview(buf).cast("B")
+        )  # fmt: skip
         self._check(offset, len(view))
         if self._broken is not None:
             raise OSError(errno.EIO, self._broken)
