@@ -11,9 +11,10 @@ Each kernel comes as three calls (``Kernels``):
 
 ``state`` is the prepared context of one cipher and one direction (a uint64 array: libcrypto's
 and libc's function addresses, context addresses, the sector geometry, then the kernel's
-scratch; see ``layout``); the buffers are 1-D byte memoryviews as they come. A failed or
-short pread/pwrite only returns ``SHORT``: the caller does that I/O again in Python, which
-raises the OSError with its errno. The crypto layer thus reads and writes descriptors its
+scratch; see ``layout``); the buffers are 1-D byte memoryviews as they come. A failed
+pread/pwrite returns ``OS_ERROR - errno`` (the caller raises OSError at once: a one-time EIO
+must reach the disk's sticky error), EINTR is retried; the end of the file returns ``SHORT``
+(the caller reads again and says where). The crypto layer thus reads and writes descriptors its
 callers own; it never opens a file.
 
 - ``xts_sectors`` (sectors of 4096 bytes and more): OpenSSL's own AES-XTS once per sector,
