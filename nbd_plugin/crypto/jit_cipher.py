@@ -79,8 +79,10 @@ def _file_io_addresses() -> tuple[int, int, int]:
     return pread, pwrite, errno
 
 
-def _os_error(status: int) -> OSError:
-    """The OSError of a fused kernel's failed pread/pwrite (``layout.OS_ERROR``)."""
+def _failure(status: int) -> Exception:
+    """What a kernel's ``FAILED`` or ``OS_ERROR - errno`` status raises."""
+    if status == FAILED:
+        return RuntimeError("libcrypto failed inside the numba kernel")
     errno = OS_ERROR - status
     return OSError(errno, os.strerror(errno))
 
@@ -255,7 +257,7 @@ class JitCipher:
                 check(view)
                 status: int = read(shared, view, fd, at, stride, first_iv)
                 if status <= OS_ERROR:
-                    raise _os_error(status)
+                    raise _failure(status)
                 return status
 
             return read_shared
@@ -273,10 +275,8 @@ class JitCipher:
             finally:
                 if len(pool) < POOL:
                     pool.append(c)
-            if status == FAILED:
-                raise RuntimeError("libcrypto failed inside the numba kernel")
-            if status <= OS_ERROR:
-                raise _os_error(status)
+            if status == FAILED or status <= OS_ERROR:
+                raise _failure(status)
             return status
 
         return read_file
@@ -303,10 +303,8 @@ class JitCipher:
             finally:
                 if len(pool) < POOL:
                     pool.append(c)
-            if status == FAILED:
-                raise RuntimeError("libcrypto failed inside the numba kernel")
-            if status <= OS_ERROR:
-                raise _os_error(status)
+            if status == FAILED or status <= OS_ERROR:
+                raise _failure(status)
             return unwritten
 
         return write_file
