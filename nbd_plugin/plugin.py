@@ -73,6 +73,7 @@ from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: 
 from nbd_plugin.serve.hostserver import HostServer  # noqa: E402
 from nbd_plugin.serve.peers import PeerRefused, nbdkit_peer, read_peer  # noqa: E402
 from nbd_plugin.serve.stats import IoStats, Publisher  # noqa: E402
+from nbd_plugin.serve.threadstate import ThreadStates  # noqa: E402
 
 API_VERSION = 2
 
@@ -87,6 +88,7 @@ _binding = None
 _host = None  # host mode (control=): the exports and the control socket
 _stats = IoStats()
 _publisher = None
+_threads = ThreadStates()  # a Python thread state per connection, not per request
 
 
 def _fail(message):
@@ -172,10 +174,12 @@ def list_exports(readonly, is_tls):
 def open(readonly):
     if _host is not None:
         try:
-            return _host.exports.open(nbdkit.export_name(), read_peer(nbdkit_peer()))
+            handle = _host.exports.open(nbdkit.export_name(), read_peer(nbdkit_peer()))
         except ExportRefused:
             nbdkit.set_error(errno.EACCES)
             raise
+        _threads.keep()
+        return handle
     if _binding is not None:
         try:
             _binding.check(read_peer(nbdkit_peer()))
@@ -184,10 +188,14 @@ def open(readonly):
             nbdkit.set_error(errno.EACCES)
             raise
     _log(_connections.connected(readonly or _disk.volume.readonly))
+    # nbdkit runs this connection's requests and close() on this thread (the serialized
+    # thread models): its Python thread state now lives until close(), not one request
+    _threads.keep()
     return _disk
 
 
 def close(h):
+    _threads.drop()
     if _host is not None:
         _host.exports.close(h)
         return
