@@ -7,11 +7,23 @@ fastest depends on the request size and the machine (at small requests, nbdkit's
 mostly hand the GIL to each other), so `scripts/bench` runs all three and takes the fastest
 as the floor, column by column: the difference to it is what vmshield costs beyond the
 cheapest Python plugin, whatever thread model either uses.
+
+Like vmshield's plugin it keeps each connection thread's Python thread state from open to
+close (``nbd_plugin.serve.threadstate``): without that nbdkit makes and destroys one per
+request, which costs more than a 4 KiB request's pread (docs/performance.md "Thread
+states"), and a floor without it would not be the cheapest Python plugin.
 """
 
 import os
+import sys
 
-import nbdkit
+_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import nbdkit  # noqa: E402
+
+from nbd_plugin.serve.threadstate import ThreadStates  # noqa: E402
 
 API_VERSION = 2
 
@@ -47,8 +59,16 @@ def thread_model() -> int:
     return int(getattr(nbdkit, MODELS[_model]))
 
 
+_threads = ThreadStates()
+
+
 def open(readonly: bool) -> int:
+    _threads.keep()  # a no-op for PARALLEL's workers, which run requests on other threads
     return _fd
+
+
+def close(h: int) -> None:
+    _threads.drop()
 
 
 def get_size(h: int) -> int:
