@@ -322,11 +322,26 @@ class EncryptedDisk:
         view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 else (
             memoryview(buf).cast("B")
         )  # fmt: skip
-        self._check(offset, len(view))
+        n = len(view)
+        self._check(offset, n)
         if self._broken is not None:
             raise OSError(errno.EIO, self._broken)
+        end = offset + n
+        at = self._base + offset
+        # the common request goes from here straight to _write_part, no frame between: under
+        # nbdkit a Python call costs about twice its in-process time (docs/performance.md,
+        # "Thread states")
         try:
-            self._pwrite(view, offset)
+            if not (at | n) & self._unit_mask or (
+                end == self.size and not at & self._unit_mask and not n & self._sector_mask
+            ):  # whole write units (or the disk's tail): nothing to read back
+                exclusive = self._ranges.enter(offset, end)
+                try:  # as pread: straight to the part unless the request is split
+                    (self._write_part if n < self._split_at else self._write_sectors)(view, offset)
+                finally:
+                    self._ranges.leave(offset, end, exclusive)
+            else:
+                self._read_modify_write(view, offset)
         except OSError as exc:  # what _writing("write") does, without a generator per write
             if exc.errno == errno.EIO:
                 self._break("write", exc)
@@ -334,20 +349,10 @@ class EncryptedDisk:
         if fua:
             self.flush()
 
-    def _pwrite(self, view: memoryview, offset: int) -> None:
+    def _read_modify_write(self, view: memoryview, offset: int) -> None:
+        """Write ``view`` at ``offset``, which starts or ends inside a write unit: read the
+        units around it back, merge, write them, holding their range (serve/rangelock.py)."""
         end = offset + len(view)
-        at = self._base + offset
-        if not (at | len(view)) & self._unit_mask or (
-            end == self.size and not at & self._unit_mask and not len(view) & self._sector_mask
-        ):  # whole write units (or the disk's tail): nothing to read back
-            exclusive = self._ranges.enter(offset, end)
-            try:  # as pread: straight to the part unless the request is split
-                (self._write_part if len(view) < self._split_at else self._write_sectors)(
-                    view, offset
-                )
-            finally:
-                self._ranges.leave(offset, end, exclusive)
-            return
         first, last = self._span(offset, len(view), self._write_unit)
         held = self._ranges.acquire(first, last)
         try:
@@ -395,7 +400,7 @@ class EncryptedDisk:
             )
             if stop <= offset:
                 stop = min(end, offset + ZERO_CHUNK)
-            self._pwrite(zeros[: stop - offset], offset)
+            self.pwrite(zeros[: stop - offset], offset)
             offset = stop
 
     def zero(
