@@ -64,7 +64,6 @@ def _read_sqlite(path: Path) -> tuple[dict[str, tuple[list[str], list[tuple[Any,
     return data, auditmod.verify_rows(audit_rows, head[0] if head else None)
 
 
-
 def migrate(source: Path, url: str, *, actor: str) -> MigrationResult:
     """Copy the SQLite keystore at `source` into the (empty or new) database at `url`."""
     data, checked = _read_sqlite(source)

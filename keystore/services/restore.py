@@ -177,4 +177,3 @@ def _one(
     if way.how == "unlock" and pending is not None:
         unlock.consume_key(pending[0])
     out.restored[d.name] = way.how
-

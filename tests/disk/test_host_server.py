@@ -443,9 +443,7 @@ def test_sigkill_of_the_host_server_loses_no_acknowledged_write(
     with host_server(sockdir) as host:
         for name, (image, secret) in two.items():
             add(host, name, image, secret)
-        threads = [
-            threading.Thread(target=_writer, args=(host, n, *state[n], stop)) for n in two
-        ]
+        threads = [threading.Thread(target=_writer, args=(host, n, *state[n], stop)) for n in two]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
