@@ -24,14 +24,20 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from typing import Any
 
-_api = ctypes.pythonapi
-_ensure = _api.PyGILState_Ensure
-_ensure.argtypes = []
-_ensure.restype = ctypes.c_int
-_release = _api.PyGILState_Release
-_release.argtypes = [ctypes.c_int]
-_release.restype = None
+_ensure: Any = None
+_release: Any = None
+try:  # libpython's own symbols: nbdkit loads its Python plugin (and libpython) globally
+    _ensure = ctypes.pythonapi.PyGILState_Ensure
+    _release = ctypes.pythonapi.PyGILState_Release
+except AttributeError:  # a host that loaded libpython privately: keep nothing, as before
+    _ensure = _release = None
+else:
+    _ensure.argtypes = []
+    _ensure.restype = ctypes.c_int
+    _release.argtypes = [ctypes.c_int]
+    _release.restype = None
 
 
 class ThreadStates:
@@ -46,6 +52,8 @@ class ThreadStates:
 
     def keep(self) -> None:
         """Keep the calling thread's Python thread state until ``drop`` on this thread."""
+        if _ensure is None:
+            return
         if getattr(self._local, "state", None) is None:  # a second open keeps nothing more
             self._local.state = _ensure()
             with self._lock:

@@ -204,3 +204,16 @@ def test_keep_and_drop_on_threads() -> None:
     t.start()
     t.join()
     assert done == [1]
+
+
+def test_without_libpython_symbols_nothing_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that loaded libpython privately (no global PyGILState_*): serve as before."""
+    from nbd_plugin.serve import threadstate
+
+    monkeypatch.setattr(threadstate, "_ensure", None)
+    monkeypatch.setattr(threadstate, "_release", None)
+    states = ThreadStates()
+    states.keep()
+    assert len(states) == 0
+    states.drop()  # nothing kept, nothing released (a None _release would raise)
+    assert len(states) == 0
