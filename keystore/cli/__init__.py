@@ -167,3 +167,18 @@ def main(db: str | None) -> None:
     The keystore is chosen with `--db` before the command (`vmshield --db URL disk list`,
     as `virsh -c`) or after it, or with VMSHIELD_DB.
     """
+
+
+def run() -> None:
+    """The `vmshield` command (console script and the package's /usr/bin/vmshield): before
+    anything is read, the process may not dump core and its user's other processes may not
+    ptrace it or read its memory (passphrases, passwords, master keys pass through it); then
+    the command tree. Tests drive ``main`` in process instead, which leaves the test runner
+    as it was."""
+    import sys
+
+    from nbd_plugin.serve.hardening import harden_process
+
+    for problem in harden_process():
+        print(f"vmshield: warning: {problem}", file=sys.stderr, flush=True)
+    main()
