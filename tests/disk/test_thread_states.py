@@ -9,6 +9,8 @@ state back (no growth over hundreds of connections), and drive ``ThreadStates`` 
 
 from __future__ import annotations
 
+import random
+import signal
 import subprocess
 import threading
 import time
@@ -152,6 +154,36 @@ def test_closed_connections_give_their_thread_states_back(
         time.sleep(0.2)
         grown = vm_data_kib(pid) - before
     assert grown < 1024, f"VmData grew by {grown} KiB over 300 connections"
+
+
+def test_clients_killed_mid_copy_leave_no_thread_state_behind(
+    image: Path, keyfile: Path, sockdir: Path
+) -> None:
+    """100 nbdcopy clients SIGKILLed 0-60 ms into a copy (before, during or after the
+    handshake, with requests in flight): nbdkit still closes each connection it opened, on
+    its thread, and close() gives the state back (100 kept ones: ~1.6 MiB of VmData)."""
+
+    rng = random.Random(25)
+    with serve_plugin(image, keyfile, sockdir, nbdkit_opts=("-v",)) as sock:
+        wait_for_kernels(sock)
+        pid = pid_of(sock)
+        for _ in range(10):
+            with connect(sock) as h:
+                requests(h, 2)
+        before = vm_data_kib(pid)
+        for _ in range(100):
+            copy = subprocess.Popen(
+                ["nbdcopy", "--request-size=4096", f"nbd+unix:///?socket={sock}", "null:"],
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(rng.uniform(0, 0.06))
+            copy.send_signal(signal.SIGKILL)
+            copy.wait()
+        with connect(sock) as h:  # the server still serves
+            requests(h, 2)
+        time.sleep(0.3)
+        grown = vm_data_kib(pid) - before
+    assert grown < 512, f"VmData grew by {grown} KiB over 100 killed clients"
 
 
 def test_keep_and_drop_on_threads() -> None:
