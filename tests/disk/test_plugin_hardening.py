@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -19,20 +18,9 @@ import pytest
 
 from nbd_plugin import luks
 from tests.support.nbd import PLUGIN, ROOT, SECRET, read_at, write_secret
+from tests.support.procs import core_limits, unlimited_core
 
 USER = "nobody"
-
-
-def _core_limits(pid: int) -> tuple[str, str]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max core file size"):
-            soft, hard = line.split()[4:6]
-            return soft, hard
-    raise AssertionError("no core limit in /proc/PID/limits")
-
-
-def _unlimited_core() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start nbdkit as another user")
@@ -68,7 +56,7 @@ def test_running_server_is_not_dumpable_and_has_no_core_limit() -> None:
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_unlimited_core,  # what a shell with `ulimit -c unlimited` would pass on
+            preexec_fn=unlimited_core,  # what a shell with `ulimit -c unlimited` would pass on
         )
         try:
             deadline = time.monotonic() + 20
@@ -83,7 +71,7 @@ def test_running_server_is_not_dumpable_and_has_no_core_limit() -> None:
             assert int(uid_line.split()[1]) == nobody.pw_uid
             # non-dumpable: the kernel hands /proc/PID/* to root instead of the process's user
             assert status.stat().st_uid == 0
-            assert _core_limits(pid) == ("0", "0")
+            assert core_limits(pid) == ("0", "0")
         finally:
             proc.terminate()
             proc.wait(timeout=10)

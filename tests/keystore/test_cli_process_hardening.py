@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -21,21 +20,10 @@ import pytest
 
 from nbd_plugin import luks
 from tests.support import ROOT
+from tests.support.procs import core_limits, unlimited_core
 
 USER = "nobody"
 SECRET = b"correct horse battery staple"
-
-
-def _core_limits(pid: int) -> tuple[str, str]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max core file size"):
-            soft, hard = line.split()[4:6]
-            return soft, hard
-    raise AssertionError("no core limit in /proc/PID/limits")
-
-
-def _unlimited_core() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another user")
@@ -58,7 +46,7 @@ def test_the_command_holding_a_passphrase_is_not_dumpable() -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={"PATH": os.environ["PATH"], "HOME": str(work)},
-            preexec_fn=_unlimited_core,  # what a shell with `ulimit -c unlimited` passes on
+            preexec_fn=unlimited_core,  # what a shell with `ulimit -c unlimited` passes on
         )  # fmt: skip
         assert proc.stdin is not None
         try:
@@ -74,7 +62,7 @@ def test_the_command_holding_a_passphrase_is_not_dumpable() -> None:
                     break
                 assert time.monotonic() < deadline, "the command stayed dumpable"
                 time.sleep(0.05)
-            assert _core_limits(proc.pid) == ("0", "0")
+            assert core_limits(proc.pid) == ("0", "0")
             out, err = proc.communicate(SECRET + b"\n", timeout=60)
         finally:
             if proc.poll() is None:
