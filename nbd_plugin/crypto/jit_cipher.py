@@ -244,17 +244,18 @@ class JitCipher:
         read, pool, size = self._calls.read, self._pool, self.sector_size
         words = self._scratch_words
 
-        # Both readers check what the kernel's entry point does not (kernels._entry), written
-        # out rather than in a helper: a call costs ~0.1 us of a 4 KiB read's Python.
-        refused = "read_file needs a writable byte memoryview of whole sectors"
+        def check(view: memoryview) -> None:
+            # what the kernel's entry point does not check (kernels._entry); ndim first: a
+            # 0-dim memoryview has no length
+            if view.ndim != 1 or len(view) % size or view.readonly or view.format != "B" or (
+                not view.c_contiguous
+            ):  # fmt: skip
+                raise ValueError("read_file needs a writable byte memoryview of whole sectors")
 
         if shared is not None:
 
             def read_shared(view: memoryview, fd: int, at: int, first_iv: int, stride: int) -> int:
-                if view.ndim != 1 or len(view) % size or view.readonly or view.format != "B" or (
-                    not view.c_contiguous
-                ):  # fmt: skip
-                    raise ValueError(refused)
+                check(view)
                 status: int = read(shared, view, fd, at, stride, first_iv)
                 if status <= OS_ERROR:
                     raise _failure(status)
@@ -263,10 +264,7 @@ class JitCipher:
             return read_shared
 
         def read_file(view: memoryview, fd: int, at: int, first_iv: int, stride: int) -> int:
-            if view.ndim != 1 or len(view) % size or view.readonly or view.format != "B" or (
-                not view.c_contiguous
-            ):  # fmt: skip
-                raise ValueError(refused)
+            check(view)
             # the pool's pop and put-back are written out in each call, not a with-block:
             # a context manager costs ~0.3 us of a 4 KiB request's ~2.5 us of Python
             try:
@@ -293,9 +291,9 @@ class JitCipher:
         pool, size, words = self._pool, self.sector_size, self._scratch_words
 
         def write_file(src: memoryview, fd: int, at: int, first_iv: int) -> bytes | None:
-            n = len(src) if src.ndim == 1 else -1  # (a 0-dim memoryview has no length)
-            if n % size or n < 0 or src.format != "B" or not src.c_contiguous:
+            if src.ndim != 1 or len(src) % size or src.format != "B" or not src.c_contiguous:
                 raise ValueError("write_file needs a byte memoryview of whole sectors")
+            n = len(src)
             try:
                 c = pool.pop()
             except IndexError:
