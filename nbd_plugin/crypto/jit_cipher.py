@@ -298,11 +298,11 @@ class JitCipher:
                 c = pool.pop()
             except IndexError:
                 c = ContextSet(self, words)
-            out = c.out
-            if len(out) < n:
-                out = c.out_for(n)
             unwritten = None
-            try:
+            try:  # the context set goes back to the pool even if growing ``out`` fails
+                out = c.out
+                if len(out) < n:
+                    out = c.out_for(n)
                 status: int = write[src.readonly](c.state[1], src, out, fd, at, first_iv)
                 if status == SHORT:  # copied before ``out`` goes back to the pool
                     unwritten = bytes(out[:n])

@@ -63,7 +63,7 @@ _threads = ThreadStates()
 
 
 def open(readonly: bool) -> int:
-    _threads.keep()  # a no-op for PARALLEL's workers, which run requests on other threads
+    _threads.keep()  # PARALLEL gains nothing: its workers, not this thread, run the requests
     return _fd
 
 
