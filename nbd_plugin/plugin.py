@@ -145,7 +145,12 @@ def after_fork():
     global _publisher
     problem = lock_all_memory()
     if problem is not None:
-        print(f"nbdkit: vmshield: warning: {problem}", file=sys.stderr, flush=True)
+        print(
+            f"nbdkit: vmshield: warning: memory not locked: {problem}, so the master key may "
+            "be swapped out; run the server as root or from the systemd unit (MemorySwapMax=0)",
+            file=sys.stderr,
+            flush=True,
+        )
     start_loading()
     if _host is not None:
         _host.after_fork()

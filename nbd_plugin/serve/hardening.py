@@ -17,7 +17,7 @@ but untouched memory is not faulted in, so the locked size is the resident size,
 MiB with the numba kernels). Without CAP_IPC_LOCK the RLIMIT_MEMLOCK limit (often 8 MiB)
 would make MCL_FUTURE fail later allocations, so an unprivileged server does not try and
 says so: run it from the systemd unit (MemorySwapMax=0) or as root. Freed memory is still
-not cleared.
+not cleared. The `vmshield` command (keystore.cli.run) hardens and locks itself the same way.
 """
 
 from __future__ import annotations
@@ -82,15 +82,11 @@ def _has_ipc_lock() -> bool:
 
 
 def lock_all_memory() -> str | None:
-    """mlockall the serving process (current and future pages, on fault); None if done, else
-    the one line saying why not."""
+    """mlockall this process (current and future pages, on fault); None if done, else why
+    not, as one clause (the caller says what may be swapped out and what to do)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft != resource.RLIM_INFINITY and not _has_ipc_lock():
-        return (
-            f"memory not locked: RLIMIT_MEMLOCK is {soft} bytes and no CAP_IPC_LOCK, so the "
-            "master key may be swapped out; run the server as root or from the systemd unit "
-            "(MemorySwapMax=0)"
-        )
+        return f"RLIMIT_MEMLOCK is {soft} bytes and no CAP_IPC_LOCK"
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        return f"memory not locked: mlockall failed (errno {ctypes.get_errno()})"
+        return f"mlockall failed (errno {ctypes.get_errno()})"
     return None

@@ -18,7 +18,7 @@ import pytest
 
 from nbd_plugin import luks
 from tests.support.nbd import PLUGIN, ROOT, SECRET, read_at, write_secret
-from tests.support.procs import core_limits, unlimited_core
+from tests.support.procs import core_limits, status_kib, unlimited_core
 
 USER = "nobody"
 
@@ -84,13 +84,6 @@ def test_systemd_unit_forbids_core_dumps() -> None:
     assert "\nLimitCORE=0\n" in unit
 
 
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
 def test_a_forked_server_keeps_its_memory_locked(tmp_path: Path, sockdir: Path) -> None:
     """Issue 20 B7: mlock does not survive nbdkit's fork into the background; the serving
     process itself must lock its pages (VmLck was 0: the master key could be swapped out)."""
@@ -106,7 +99,7 @@ def test_a_forked_server_keeps_its_memory_locked(tmp_path: Path, sockdir: Path) 
     pid = int(pidfile.read_text())
     try:
         assert read_at(str(sock), 4096) == bytes(4096)  # it serves
-        locked, resident = _status_kib(pid, "VmLck"), _status_kib(pid, "VmRSS")
+        locked, resident = status_kib(pid, "VmLck"), status_kib(pid, "VmRSS")
         assert locked >= resident > 0, (locked, resident)
     finally:
         os.kill(pid, 15)

@@ -1,4 +1,4 @@
-"""What the kernel says about a process's hardening: its core limits, from /proc."""
+"""What the kernel says about a process's hardening (core limits, locked memory), from /proc."""
 
 from __future__ import annotations
 
@@ -18,3 +18,21 @@ def core_limits(pid: int) -> tuple[str, str]:
 def unlimited_core() -> None:
     """A child's preexec_fn: what a shell with `ulimit -c unlimited` passes on."""
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A kB field of /proc/PID/status (VmLck, VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def waiting_on_stdin(pid: int) -> bool:
+    """Is the process blocked in read(0, ...) (/proc/PID/syscall; needs root or ptrace
+    access)? A command waiting there for a passphrase has done everything before it."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return fields[:2] == ["0", "0x0"]
