@@ -171,14 +171,20 @@ def main(db: str | None) -> None:
 
 def run() -> None:
     """The `vmshield` command (console script and the package's /usr/bin/vmshield): before
-    anything is read, the process may not dump core and its user's other processes may not
-    ptrace it or read its memory (passphrases, passwords, master keys pass through it); then
-    the command tree. Tests drive ``main`` in process instead, which leaves the test runner
-    as it was."""
+    anything is read, the process may not dump core, its user's other processes may not
+    ptrace it or read its memory, and its pages stay out of swap (passphrases, passwords,
+    master keys pass through it; as cryptsetup locks its memory). Where the memory cannot be
+    locked (no CAP_IPC_LOCK and a finite RLIMIT_MEMLOCK: an unprivileged user), the command
+    says so once, when it first reads a secret. Then the command tree. Tests drive ``main``
+    in process instead, which leaves the test runner as it was."""
     import sys
 
-    from nbd_plugin.serve.hardening import harden_process
+    from keystore.cli.options import memory_not_locked
+    from nbd_plugin.serve.hardening import harden_process, lock_all_memory
 
     for problem in harden_process():
         print(f"vmshield: warning: {problem}", file=sys.stderr, flush=True)
+    unlocked = lock_all_memory()
+    if unlocked is not None:
+        memory_not_locked(unlocked)
     main()

@@ -282,6 +282,27 @@ def check_pbkdf2_iterations(iterations: int | None, pbkdf: str | None = None) ->
 # -- secrets -----------------------------------------------------------------------------
 
 
+_unlocked: str | None = None
+"""Why this command's memory is not locked (keystore.cli.run), until a secret is read."""
+
+
+def memory_not_locked(reason: str) -> None:
+    """The command could not lock its memory (``reason``): the first secret it reads says so."""
+    global _unlocked
+    _unlocked = reason
+
+
+def _say_unlocked() -> None:
+    global _unlocked
+    if _unlocked is not None:
+        click.echo(
+            f"vmshield: warning: memory not locked: {_unlocked}, so what is read now may be "
+            "swapped out; run vmshield as root",
+            err=True,
+        )
+        _unlocked = None
+
+
 class SecretReader:
     """Reads passwords and passphrases; one per command, by nbd_plugin.secrets' rules.
 
@@ -297,6 +318,7 @@ class SecretReader:
 
     def read(self, prompt: str, *, confirm: bool = False, file: Path | None = None) -> bytearray:
         """One secret; `file` (else the reader's default file) wins over stdin."""
+        _say_unlocked()
         file = file or self.default_file
         if file is not None:
             return secrets.read_key_file(str(file), f"{self.noun} file {file}")
