@@ -173,7 +173,7 @@ def run() -> None:
     """The `vmshield` command (console script and the package's /usr/bin/vmshield): before
     anything is read, the process may not dump core, its user's other processes may not
     ptrace it or read its memory, and its pages stay out of swap (passphrases, passwords,
-    master keys pass through it; as cryptsetup locks its memory). Where the memory cannot be
+    master keys pass through it). Where the memory cannot be
     locked (no CAP_IPC_LOCK and a finite RLIMIT_MEMLOCK: an unprivileged user), the command
     says so once, when it first reads a secret. Then the command tree. Tests drive ``main``
     in process instead, which leaves the test runner as it was."""
