@@ -71,14 +71,22 @@ def lock_secret(buf: bytearray) -> bool:
     return locked
 
 
+INITIAL_UID_MAP = ["0", "0", "4294967295"]
+"""/proc/self/uid_map of a process in the initial user namespace."""
+
+
 def _has_ipc_lock() -> bool:
-    """Is CAP_IPC_LOCK in our effective set (no RLIMIT_MEMLOCK for us)?"""
+    """Is CAP_IPC_LOCK in our effective set, in the initial user namespace (where the kernel
+    looks: inside another namespace, rootless podman's, CapEff shows it while RLIMIT_MEMLOCK
+    still applies, and a lock under MCL_FUTURE would make later allocations fail)?"""
     try:
         with open("/proc/self/status") as f:
             line = next(x for x in f if x.startswith("CapEff:"))
+        with open("/proc/self/uid_map") as f:
+            initial = f.read().split() == INITIAL_UID_MAP
     except (OSError, StopIteration):
         return False
-    return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return initial and bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
 
 
 def lock_all_memory() -> str | None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -106,3 +108,42 @@ def test_a_forked_server_keeps_its_memory_locked(tmp_path: Path, sockdir: Path) 
         deadline = time.monotonic() + 10
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _can_unshare_user() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "true"],
+                              check=False, timeout=30).returncode == 0  # fmt: skip
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_user(), reason="no user namespaces here (unshare --user)")
+def test_root_of_a_user_namespace_does_not_lock_under_a_finite_limit() -> None:
+    """Root inside a user namespace (rootless podman) has CAP_IPC_LOCK in CapEff, but the
+    kernel only honours it in the initial namespace: a finite RLIMIT_MEMLOCK still applies.
+    Locking under MCL_FUTURE there succeeded while the process was small and then made a
+    later large allocation (an Argon2 keyslot's memory) fail; it must not lock and say why."""
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    # large enough that a lock would succeed and the later allocation fail, where this
+    # process may raise its limit; else its own (8 MiB here: the lock then fails at once)
+    limit = 512 << 20 if hard == resource.RLIM_INFINITY else min(hard, 512 << 20)
+    code = (
+        "from nbd_plugin.serve.hardening import lock_all_memory\n"
+        "print(lock_all_memory())\n"
+        "buf = bytearray(600 << 20)\n"  # more than the limit: fails if locked (MCL_FUTURE)
+        "print('allocated', len(buf))\n"
+    )
+
+    def finite_memlock() -> None:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+
+    out = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", code],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=finite_memlock,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    said, allocated = out.stdout.splitlines()
+    assert said == f"RLIMIT_MEMLOCK is {limit} bytes and no CAP_IPC_LOCK"
+    assert allocated == f"allocated {600 << 20}"
