@@ -36,6 +36,7 @@ from keystore.cli.options import (
     run,
     summary,
     table,
+    warn_if_unlocked,
     wipe,
 )
 from keystore.cli.progress import progress_option, reporter
@@ -312,12 +313,14 @@ def serve_(
 
 def _restored(store: Keystore, host: HostFiles, key: Path | None) -> None:
     """This serve started the host server: what it served before comes back."""
+    warn_if_unlocked()  # the restore reads the keyring, the host key, clevis tokens
     outcome = restoremod.restore(store, host, who=actor(), host_key=unattended.host_key_path(key))
     for line in outcome.lines():
         click.echo(f"host disk server started: {line}", err=True)
 
 
 def _restore(store: Keystore, host: HostFiles, key: Path | None, as_json: bool) -> None:
+    warn_if_unlocked()
     outcome = restoremod.restore(store, host, who=actor(), host_key=unattended.host_key_path(key))
     if as_json:
         emit_json(outcome.to_json())
@@ -337,6 +340,7 @@ def _serve_unattended(
     key: Path | None,
     bind_vm: bool,
 ) -> int:
+    warn_if_unlocked()
     owner_pw = unlock.peek(v.uuid)
     host = None if owner_pw is not None else unlock.read_host_key(unattended.host_key_path(key))
     try:
@@ -631,6 +635,7 @@ def unenroll_host(disk_name: str, host_key: Path | None, db: Location | None) ->
     """
     store = Keystore(db)
     d = run(db, lambda r: r.get_disk(disk_name))
+    warn_if_unlocked()  # the host key opens the keyslot it removes
     slot = unattended.unenroll_host(store, d, unattended.host_key_path(host_key), who=actor())
     click.echo(f"disk {d.name} unenrolled: keyslot {slot} removed")
 
@@ -717,6 +722,7 @@ def rebind(disk_name: str, slot: int, thumbprint: str | None, db: Location | Non
     """
     store = Keystore(db)
     d = unattended.ready_disk(store, disk_name)
+    warn_if_unlocked()  # the passphrase comes back from the old binding
     _say_bound(unattended.rebind(store, d, slot, thumbprint, who=actor()), "rebound")
 
 

@@ -287,17 +287,20 @@ _unlocked: str | None = None
 
 
 def memory_not_locked(reason: str) -> None:
-    """The command could not lock its memory (``reason``): the first secret it reads says so."""
+    """The command could not lock its memory (``reason``): ``warn_if_unlocked`` says so."""
     global _unlocked
     _unlocked = reason
 
 
-def _say_unlocked() -> None:
+def warn_if_unlocked() -> None:
+    """Before a command reads or recovers a secret (SecretReader, the keyring, the host key,
+    a clevis token): one line if its memory is not locked, once per command."""
     global _unlocked
     if _unlocked is not None:
         click.echo(
-            f"vmshield: warning: memory not locked: {_unlocked}, so what is read now may be "
-            "swapped out; run vmshield as root",
+            f"vmshield: warning: memory not locked: {_unlocked}, so the secrets this command "
+            "handles may be swapped out; locking needs CAP_IPC_LOCK (root) or an unlimited "
+            "RLIMIT_MEMLOCK (LimitMEMLOCK=infinity)",
             err=True,
         )
         _unlocked = None
@@ -318,7 +321,7 @@ class SecretReader:
 
     def read(self, prompt: str, *, confirm: bool = False, file: Path | None = None) -> bytearray:
         """One secret; `file` (else the reader's default file) wins over stdin."""
-        _say_unlocked()
+        warn_if_unlocked()
         file = file or self.default_file
         if file is not None:
             return secrets.read_key_file(str(file), f"{self.noun} file {file}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import resource
 from pathlib import Path
 
@@ -28,11 +29,34 @@ def status_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+READ_SYSCALL = {"x86_64": 0, "aarch64": 63}.get(platform.machine())
+"""read(2)'s number where /proc/PID/syscall shows it (None: look at wchan instead)."""
+UNLOCKABLE = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
+"""The kernel's own mappings, which mlockall leaves as they are."""
+
+
 def waiting_on_stdin(pid: int) -> bool:
-    """Is the process blocked in read(0, ...) (/proc/PID/syscall; needs root or ptrace
-    access)? A command waiting there for a passphrase has done everything before it."""
+    """Is the process blocked reading its stdin (a pipe)? /proc/PID/syscall (root or ptrace
+    access) says read(0, ...); elsewhere /proc/PID/wchan says pipe_read. A command waiting
+    there for a passphrase has done everything before it."""
     try:
-        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        if READ_SYSCALL is not None:
+            fields = Path(f"/proc/{pid}/syscall").read_text().split()
+            return fields[:2] == [str(READ_SYSCALL), "0x0"]
+        return Path(f"/proc/{pid}/wchan").read_text().strip() == "pipe_read"
     except OSError:
         return False
-    return fields[:2] == ["0", "0x0"]
+
+
+def unlocked_mappings(pid: int) -> list[str]:
+    """The process's mappings that are not locked in memory (no "lo" in their VmFlags of
+    /proc/PID/smaps), but for the kernel's own. After mlockall(MCL_CURRENT | MCL_FUTURE)
+    there are none, including what was mapped after the call."""
+    unlocked, mapping = [], ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):  # a mapping's first line: "start-end perms ... path"
+            mapping = line
+        elif head == "VmFlags:" and "lo" not in line.split() and not mapping.endswith(UNLOCKABLE):
+            unlocked.append(mapping)
+    return unlocked
