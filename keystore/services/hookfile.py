@@ -36,9 +36,9 @@ if not os.path.isdir(os.path.join(LIB, "keystore")):
     sys.exit(0)
 sys.path.insert(0, LIB)
 
-from keystore.services.libvirt_hook import main
+from keystore.services.libvirt_hook import run
 
-sys.exit(main(sys.argv[1:], config=Path({config_repr})))
+sys.exit(run(sys.argv[1:], config=Path({config_repr})))
 """
 
 

@@ -1,7 +1,8 @@
 """The vmshield qemu hook: libvirt starts and stops a VM's disk servers and usbgate through it.
 
 libvirt runs /etc/libvirt/hooks/qemu.d/vmshield as `vmshield NAME OP SUBOP EXTRA` with the
-domain XML on stdin (the thin script `vmshield libvirt install-hook` writes calls `main`):
+domain XML on stdin (the thin script `vmshield libvirt install-hook` writes calls `run`, which
+hardens the process and calls `main`):
 
 - `prepare begin`: find the VM in the keystore (domain uuid = VM uuid, else the name), serve
   each of its disks that the XML references under the run directory: as an export of the
@@ -482,6 +483,22 @@ def dispatch(cfg: HookConfig, op: str, sub: str, dom: Domain) -> str | None:
 
 
 HANDLED = {("prepare", "begin"), ("release", "end"), ("reconnect", "begin"), ("migrate", "begin")}
+
+
+def run(argv: Sequence[str], *, config: Path) -> int:
+    """What the installed hook file calls: ``main``, in a process that may not dump core or be
+    read by ptrace and whose memory stays out of swap (it reads the owner's password from the
+    keyring, the host key or a clevis token, and opens keyslots), as the `vmshield` command
+    and the server do (nbd_plugin.serve.hardening). Tests drive ``main`` in process."""
+    from nbd_plugin.serve.hardening import harden_process, lock_all_memory
+
+    problems = harden_process()
+    unlocked = lock_all_memory()
+    if unlocked is not None:
+        problems.append(f"memory not locked: {unlocked}, so the disks' secrets may be swapped out")
+    for problem in problems:
+        print(f"vmshield hook: warning: {problem}", file=sys.stderr, flush=True)
+    return main(argv, config=config)
 
 
 def main(argv: Sequence[str], *, config: Path, stdin: IO[bytes] | None = None) -> int:

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from keystore.services import hostdisk, nbdproc, unlock
+from keystore.services.hookfile import hook_text
 from keystore.services.libvirt_hook import main
 from keystore.services.nbdproc import HostFiles
 from tests.support.libvirt import Keystore, hook_keystore, processes
+from tests.support.procs import core_limits, unlimited_core, unlocked_mappings, waiting_on_stdin
 
 pytestmark = pytest.mark.skipif(shutil.which("keyctl") is None, reason="keyutils missing")
 
@@ -343,3 +345,34 @@ def test_reconnect_restarts_a_dead_host_server_and_restores(
     assert restored[-1]["detail"]["restored"] == {"web1-0": "host-key"}  # type: ignore[index]
     assert hook(ks, "release", "end", xml, capsys)[0] == 0
     assert left_behind(ks) == []
+
+
+def test_the_installed_hook_cannot_dump_core_and_keeps_its_memory_out_of_swap(
+    ks: Keystore, tmp_path: Path
+) -> None:
+    """The hook file libvirtd runs as root reads the owner's password from the keyring, the
+    host key or a clevis token: it hardens itself (libvirt_hook.run) before it reads its
+    stdin, as the `vmshield` command and the server do. It was neither: core limits as
+    libvirtd's, nothing locked."""
+    hookfile = tmp_path / "vmshield"
+    hookfile.write_text(hook_text(ks.config))
+    hookfile.chmod(0o755)
+    proc = subprocess.Popen(
+        [str(hookfile), ks.vm, "prepare", "begin", "-"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=unlimited_core,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not waiting_on_stdin(proc.pid):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the hook never read its stdin"
+            time.sleep(0.05)
+        assert core_limits(proc.pid) == ("0", "0")
+        assert unlocked_mappings(proc.pid) == []
+        xml = b"<domain type='qemu'><name>other</name><devices/></domain>"
+        out, err = proc.communicate(xml, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (0, b"", b"")
