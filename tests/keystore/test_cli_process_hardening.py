@@ -16,7 +16,6 @@ import resource
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from tests.support.procs import (
     status_kib,
     unlimited_core,
     unlocked_mappings,
-    waiting_on_stdin,
+    wait_reading_stdin,
 )
 
 USER = "nobody"
@@ -60,11 +59,7 @@ def _waiting_command(
             env={"PATH": os.environ["PATH"], "HOME": str(work)}, preexec_fn=preexec,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 60
-            while not waiting_on_stdin(proc.pid):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "the command never asked for the passphrase"
-                time.sleep(0.05)
+            wait_reading_stdin(proc)  # the passphrase
             yield proc
         finally:
             if proc.poll() is None:

@@ -22,7 +22,7 @@ from keystore.services.hookfile import hook_text
 from keystore.services.libvirt_hook import main
 from keystore.services.nbdproc import HostFiles
 from tests.support.libvirt import Keystore, hook_keystore, processes
-from tests.support.procs import core_limits, unlimited_core, unlocked_mappings, waiting_on_stdin
+from tests.support.procs import core_limits, unlimited_core, unlocked_mappings, wait_reading_stdin
 
 pytestmark = pytest.mark.skipif(shutil.which("keyctl") is None, reason="keyutils missing")
 
@@ -362,11 +362,7 @@ def test_the_installed_hook_cannot_dump_core_and_keeps_its_memory_out_of_swap(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=unlimited_core,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not waiting_on_stdin(proc.pid):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the hook never read its stdin"
-            time.sleep(0.05)
+        wait_reading_stdin(proc)  # the domain XML
         assert core_limits(proc.pid) == ("0", "0")
         assert unlocked_mappings(proc.pid) == []
         xml = b"<domain type='qemu'><name>other</name><devices/></domain>"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import resource
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -46,6 +48,15 @@ def waiting_on_stdin(pid: int) -> bool:
         return Path(f"/proc/{pid}/wchan").read_text().strip() == "pipe_read"
     except OSError:
         return False
+
+
+def wait_reading_stdin(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Return once ``proc`` blocks reading its stdin; fail if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while not waiting_on_stdin(proc.pid):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"pid {proc.pid} never read its stdin"
+        time.sleep(0.05)
 
 
 def unlocked_mappings(pid: int) -> list[str]:
