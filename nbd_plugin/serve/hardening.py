@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import resource
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
@@ -71,8 +72,9 @@ def lock_secret(buf: bytearray) -> bool:
     return locked
 
 
-INITIAL_UID_MAP = ["0", "0", "4294967295"]
-"""/proc/self/uid_map of a process in the initial user namespace."""
+INITIAL_USER_NS = 0xEFFFFFFD
+"""The inode of /proc/self/ns/user in the initial user namespace (the kernel's
+PROC_USER_INIT_INO): a child namespace cannot have it, whatever its uid map says."""
 
 
 def _has_ipc_lock() -> bool:
@@ -82,19 +84,26 @@ def _has_ipc_lock() -> bool:
     try:
         with open("/proc/self/status") as f:
             line = next(x for x in f if x.startswith("CapEff:"))
-        with open("/proc/self/uid_map") as f:
-            initial = f.read().split() == INITIAL_UID_MAP
+        initial = os.stat("/proc/self/ns/user").st_ino == INITIAL_USER_NS
     except (OSError, StopIteration):
         return False
     return initial and bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
 
 
+def can_lock_memory() -> bool:
+    """May this process lock all its memory: CAP_IPC_LOCK where the kernel honours it, or no
+    RLIMIT_MEMLOCK? (A finite limit counts every mapped page, hundreds of MiB with the
+    libraries; vmshield does not try under one: MCL_FUTURE would fail later allocations.)"""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return soft == resource.RLIM_INFINITY or _has_ipc_lock()
+
+
 def lock_all_memory() -> str | None:
     """mlockall this process (current and future pages, on fault); None if done, else why
     not, as one clause (the caller says what may be swapped out and what to do)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if soft != resource.RLIM_INFINITY and not _has_ipc_lock():
-        return f"RLIMIT_MEMLOCK is {soft} bytes and no CAP_IPC_LOCK"
+    if not can_lock_memory():
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        return f"RLIMIT_MEMLOCK is {soft} bytes and no CAP_IPC_LOCK in the initial user namespace"
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         return f"mlockall failed (errno {ctypes.get_errno()})"
     return None

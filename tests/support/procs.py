@@ -32,19 +32,23 @@ def status_kib(pid: int, field: str) -> int:
 
 
 READ_SYSCALL = {"x86_64": 0, "aarch64": 63}.get(platform.machine())
-"""read(2)'s number where /proc/PID/syscall shows it (None: look at wchan instead)."""
-UNLOCKABLE = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
-"""The kernel's own mappings, which mlockall leaves as they are."""
+"""read(2)'s number in /proc/PID/syscall on this kernel's architecture (64-bit userland)."""
+UNLOCKABLE_FLAGS = {"io", "pf", "de", "mm"}
+"""VmFlags of mappings mlockall leaves alone (VM_IO, VM_PFNMAP, VM_DONTEXPAND, VM_MIXEDMAP:
+the kernel's own, such as [vvar] and [vdso])."""
 
 
 def waiting_on_stdin(pid: int) -> bool:
     """Is the process blocked reading its stdin (a pipe)? /proc/PID/syscall (root or ptrace
-    access) says read(0, ...); elsewhere /proc/PID/wchan says pipe_read. A command waiting
-    there for a passphrase has done everything before it."""
+    access) says read(0, ...), or /proc/PID/wchan says pipe_read. A command waiting there
+    for a passphrase has done everything before it."""
     try:
-        if READ_SYSCALL is not None:
-            fields = Path(f"/proc/{pid}/syscall").read_text().split()
-            return fields[:2] == [str(READ_SYSCALL), "0x0"]
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        if READ_SYSCALL is not None and fields[:2] == [str(READ_SYSCALL), "0x0"]:
+            return True
+    except OSError:
+        pass
+    try:
         return Path(f"/proc/{pid}/wchan").read_text().strip() == "pipe_read"
     except OSError:
         return False
@@ -61,13 +65,16 @@ def wait_reading_stdin(proc: subprocess.Popen[bytes], timeout: float = 60) -> No
 
 def unlocked_mappings(pid: int) -> list[str]:
     """The process's mappings that are not locked in memory (no "lo" in their VmFlags of
-    /proc/PID/smaps), but for the kernel's own. After mlockall(MCL_CURRENT | MCL_FUTURE)
-    there are none, including what was mapped after the call."""
+    /proc/PID/smaps), but for those mlockall cannot lock (the kernel's own, [vsyscall]).
+    After mlockall(MCL_CURRENT | MCL_FUTURE) there are none, including what was mapped after
+    the call."""
     unlocked, mapping = [], ""
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         head = line.split(maxsplit=1)[0]
         if not head.endswith(":"):  # a mapping's first line: "start-end perms ... path"
             mapping = line
-        elif head == "VmFlags:" and "lo" not in line.split() and not mapping.endswith(UNLOCKABLE):
-            unlocked.append(mapping)
+        elif head == "VmFlags:":
+            flags = set(line.split()[1:])
+            if "lo" not in flags and not flags & UNLOCKABLE_FLAGS and "[vsyscall]" not in mapping:
+                unlocked.append(mapping)
     return unlocked
