@@ -486,18 +486,23 @@ HANDLED = {("prepare", "begin"), ("release", "end"), ("reconnect", "begin"), ("m
 
 
 def run(argv: Sequence[str], *, config: Path) -> int:
-    """What the installed hook file calls: ``main``, in a process that may not dump core or be
-    read by ptrace and whose memory stays out of swap (it reads the owner's password from the
-    keyring, the host key or a clevis token, and opens keyslots), as the `vmshield` command
-    and the server do (nbd_plugin.serve.hardening). Tests drive ``main`` in process."""
-    from nbd_plugin.serve.hardening import harden_process, lock_all_memory
+    """What the installed hook file calls: ``main``, for the steps it handles in a process
+    that may not dump core or be read by ptrace and whose memory stays out of swap (it reads
+    the owner's password from the keyring, the host key or a clevis token, and opens
+    keyslots), as the `vmshield` command and the server do (nbd_plugin.serve.hardening).
+    What cannot be done is said on stderr, which libvirtd logs at debug level (and shows
+    with the error of a hook that fails). Tests drive ``main`` in process."""
+    if len(argv) >= 3 and (argv[1], argv[2]) in HANDLED:
+        from nbd_plugin.serve.hardening import harden_process, lock_all_memory
 
-    problems = harden_process()
-    unlocked = lock_all_memory()
-    if unlocked is not None:
-        problems.append(f"memory not locked: {unlocked}, so the disks' secrets may be swapped out")
-    for problem in problems:
-        print(f"vmshield hook: warning: {problem}", file=sys.stderr, flush=True)
+        problems = harden_process()
+        unlocked = lock_all_memory()
+        if unlocked is not None:
+            problems.append(
+                f"memory not locked: {unlocked}, so the disks' secrets may be swapped out"
+            )
+        for problem in problems:
+            print(f"vmshield hook: warning: {problem}", file=sys.stderr, flush=True)
     return main(argv, config=config)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from nbd_plugin import luks
+from nbd_plugin.serve.hardening import can_lock_memory
 from tests.support import ROOT
 from tests.support.procs import (
     core_limits,
@@ -37,6 +38,9 @@ SECRET = b"correct horse battery staple"
 LOGIN_MEMLOCK = 8 << 20
 """RLIMIT_MEMLOCK as a login session gives it to an unprivileged user (8 MiB)."""
 
+CAN_LOCK = pytest.mark.skipif(
+    not can_lock_memory(), reason="this root has no CAP_IPC_LOCK (a container): nothing locks"
+)
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv, /proc/PID/syscall)")
 
 
@@ -103,6 +107,7 @@ def test_the_command_holding_a_passphrase_is_not_dumpable() -> None:
 
 
 @ROOT_ONLY
+@CAN_LOCK
 def test_the_command_run_by_root_keeps_its_memory_out_of_swap() -> None:
     def root_shell() -> None:  # root's limits: no memlock limit counts with CAP_IPC_LOCK
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (LOGIN_MEMLOCK, LOGIN_MEMLOCK))

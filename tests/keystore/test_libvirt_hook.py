@@ -21,6 +21,7 @@ from keystore.services import hostdisk, nbdproc, unlock
 from keystore.services.hookfile import hook_text
 from keystore.services.libvirt_hook import main
 from keystore.services.nbdproc import HostFiles
+from nbd_plugin.serve.hardening import can_lock_memory
 from tests.support.libvirt import Keystore, hook_keystore, processes
 from tests.support.procs import core_limits, unlimited_core, unlocked_mappings, wait_reading_stdin
 
@@ -347,6 +348,9 @@ def test_reconnect_restarts_a_dead_host_server_and_restores(
     assert left_behind(ks) == []
 
 
+@pytest.mark.skipif(
+    not can_lock_memory(), reason="this root has no CAP_IPC_LOCK (a container): nothing locks"
+)
 def test_the_installed_hook_cannot_dump_core_and_keeps_its_memory_out_of_swap(
     ks: Keystore, tmp_path: Path
 ) -> None:
