@@ -14,6 +14,7 @@ import os
 import pwd
 import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import pytest
 from nbd_plugin import luks
 from nbd_plugin.serve.hardening import can_lock_memory
 from tests.support import ROOT
+from tests.support.libvirt import processes
 from tests.support.procs import (
     core_limits,
     status_kib,
@@ -152,9 +154,13 @@ def test_a_restore_which_reads_no_prompt_still_says_its_memory_is_not_locked(
     monkeypatch.setattr(options, "_unlocked", None)
     options.memory_not_locked("RLIMIT_MEMLOCK is 1 bytes and no CAP_IPC_LOCK")
     run_dir = tmp_path / "run"
-    r = CliRunner().invoke(
-        main, ["--db", str(db), "disk", "serve", "--restore", "--run-dir", str(run_dir)]
-    )
+    try:  # a restore starts the host disk server if none runs: stopped again here
+        r = CliRunner().invoke(
+            main, ["--db", str(db), "disk", "serve", "--restore", "--run-dir", str(run_dir)]
+        )
+    finally:
+        for pid in processes(str(run_dir)):
+            os.kill(pid, signal.SIGTERM)
     assert r.exit_code == 0, r.output
     assert r.output.count("warning: memory not locked: RLIMIT_MEMLOCK is 1 bytes") == 1, r.output
     assert "nothing to restore" in r.output
