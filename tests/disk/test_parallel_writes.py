@@ -20,7 +20,7 @@ import pytest
 
 from nbd_plugin import luks
 from nbd_plugin.serve.disk import EncryptedDisk
-from tests.support.nbd import SECRET, connect, serve_plugin, write_secret
+from tests.support.nbd import SECRET, connect, luks1_image, serve_plugin, write_secret
 
 SIZE = 1 << 20
 REGION = 16384
@@ -83,9 +83,7 @@ def race(write_a: Write, write_b: Write, read: Callable[[], bytes]) -> None:
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
-    return path
+    return luks1_image(tmp_path, SIZE)
 
 
 def test_threads_on_one_disk(image: Path) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin import luks
 from tests.support.faults import can_mount, loop_device
 from tests.support.nbd import (
-    SECRET,
+    luks1_image,
     plugin_args,
     read_at,
     run_nbdkit_expect_failure,
@@ -27,9 +26,7 @@ pytestmark = pytest.mark.skipif(not can_mount(), reason="needs root and loop dev
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
-    return path
+    return luks1_image(tmp_path, SIZE)
 
 
 @pytest.fixture

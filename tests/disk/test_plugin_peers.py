@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin import luks
 from tests.support.nbd import (
-    SECRET,
+    luks1_image,
     qemu_client,
     read_at,
     run_nbdkit_expect_failure,
@@ -31,9 +30,7 @@ OTHER = str(uuid.UUID("5d1c4a52-8a43-4f0e-9a53-1c0ffee00002"))
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
-    return path
+    return luks1_image(tmp_path, SIZE)
 
 
 def server_log(sock: str) -> str:

@@ -14,6 +14,7 @@ from tests.support.nbd import (
     PLUGIN,
     SECRET,
     connect,
+    luks1_image,
     nbdkit,
     plugin_args,
     qemu_read_luks,
@@ -30,9 +31,7 @@ SIZE = 8 << 20
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
-    return path
+    return luks1_image(tmp_path, SIZE)
 
 
 def refused(args: list[str]) -> str:

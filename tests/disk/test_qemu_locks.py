@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nbd_plugin import luks
 from tests.support.nbd import (
     ROOT,
-    SECRET,
+    luks1_image,
     plugin_args,
     read_at,
     serve_plugin,
@@ -26,9 +25,7 @@ SIZE = 1 << 20
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
-    return path
+    return luks1_image(tmp_path, SIZE)
 
 
 def qemu_io(image: Path, *opts: str) -> subprocess.CompletedProcess[str]:

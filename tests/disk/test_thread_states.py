@@ -23,7 +23,7 @@ import pytest
 from nbd_plugin import luks
 from nbd_plugin.serve.threadstate import ThreadStates
 from tests.disk.test_host_server import add, host_server, nbd_open
-from tests.support.nbd import SECRET, connect, serve_plugin
+from tests.support.nbd import connect, luks1_image, serve_plugin
 
 SIZE = 8 << 20
 REQUESTS = 1000
@@ -35,9 +35,7 @@ PER_CONNECTION = 40
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    luks.create_image(str(path), SIZE, SECRET, iterations=1000)
-    return path
+    return luks1_image(tmp_path, SIZE)
 
 
 def pid_of(sock: str) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nbd_plugin import luks
 from scripts.lab import ROOT
 from scripts.lab.guest import nbdkit, write_secret
 
@@ -17,6 +18,13 @@ PLUGIN = str(ROOT / "nbd_plugin" / "plugin.py")
 SECRET = b"correct horse battery staple"
 
 __all__ = ["PLUGIN", "ROOT", "SECRET", "nbdkit", "write_secret"]
+
+
+def luks1_image(tmp_path: Path, size: int) -> Path:
+    """A new LUKS1 image of ``size`` bytes under ``tmp_path`` (SECRET, a cheap PBKDF2)."""
+    path = tmp_path / "disk.img"
+    luks.create_image(str(path), size, SECRET, iterations=1000)
+    return path
 
 
 def plugin_args(image: Path, keyfile: Path, *extra: str) -> list[str]:
