@@ -196,7 +196,7 @@ def open(readonly):
     # nbdkit runs this connection's requests and close() on this thread (the serialized
     # thread models): its Python thread state now lives until close(), not one request
     _threads.keep()
-    return _disk
+    return _disk.channel()  # the connection's own context set: one frame per request
 
 
 def close(h):
@@ -204,7 +204,7 @@ def close(h):
     if _host is not None:
         _host.exports.close(h)
         return
-    # the handle is the one shared disk: it closes in cleanup(), after the last connection
+    # the handle is a channel to the one shared disk, which closes in cleanup()
     _log(_connections.disconnected())
 
 

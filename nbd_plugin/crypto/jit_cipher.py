@@ -16,7 +16,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -79,8 +79,9 @@ def _file_io_addresses() -> tuple[int, int, int]:
     return pread, pwrite, errno
 
 
-def _failure(status: int) -> Exception:
-    """What a kernel's ``FAILED`` or ``OS_ERROR - errno`` status raises."""
+def failure(status: int) -> Exception:
+    """What a kernel's ``FAILED`` or ``OS_ERROR - errno`` status raises (any other status is
+    not a failure: ``SHORT`` and ``ZERO_HEAD`` are for the caller)."""
     if status == FAILED:
         return RuntimeError("libcrypto failed inside the numba kernel")
     errno = OS_ERROR - status
@@ -133,6 +134,31 @@ class ContextSet:
         ctx = XtsContext(key, encrypt)
         self.contexts.append(ctx)
         return ctx.address
+
+
+class OwnCalls(NamedTuple):
+    """The fused kernels with a context set of one caller's own (``JitCipher.own_calls``),
+    for one request at a time: what a connection of a serialized server calls per request
+    instead of ``read_file``/``write_file``, without their pool and checks.
+
+    The entries check nothing (``kernels._entry``): the caller passes C-contiguous 1-D byte
+    memoryviews, writable for ``read``, and writes at most ``len(out)`` bytes at a time.
+    Statuses: 0, ``ZERO_HEAD`` and ``SHORT`` as ``read_file`` describes (``write``'s
+    ``SHORT``: nothing was written, the ciphertext is in ``out``); ``FAILED`` or
+    ``OS_ERROR - errno``, which ``failure`` turns into the exception to raise.
+    """
+
+    read: Any
+    """``read(read_state, view, fd, at, stride, first_iv)``: pread and decrypt in place."""
+    write: Any
+    """``write(write_state, src, out, fd, at, first_iv)``, ``src`` read-only (nbdkit's)."""
+    write_writable: Any
+    """``write`` for a writable ``src``."""
+    read_state: U64
+    write_state: U64
+    out: memoryview
+    contexts: ContextSet
+    """Keeps the keyed contexts whose addresses the states hold alive."""
 
 
 class JitCipher:
@@ -189,6 +215,15 @@ class JitCipher:
         """Scratch words of the chunked kernels: IVs and one word per data word."""
         words = sector_size // 8
         return max(1, CHUNK_BYTES // sector_size) * (words + 2)
+
+    def own_calls(self, out_bytes: int) -> OwnCalls:
+        """A context set of the caller's own and the entries that use it, for writes of up to
+        ``out_bytes`` (keyed now: ~0.1 ms; its memory, ``out_bytes`` and the scratch, lives
+        as long as the caller keeps it)."""
+        c = ContextSet(self, self._scratch_words)
+        calls = self._calls
+        return OwnCalls(calls.read, calls.write_readonly, calls.write, c.state[0], c.state[1],
+                        c.out_for(out_bytes), c)  # fmt: skip
 
     def prepared(self, encrypt: bool, scratch_words: int) -> U64:
         """A kernel state with everything but the contexts filled in."""
@@ -258,7 +293,7 @@ class JitCipher:
                 check(view)
                 status: int = read(shared, view, fd, at, stride, first_iv)
                 if status <= OS_ERROR:
-                    raise _failure(status)
+                    raise failure(status)
                 return status
 
             return read_shared
@@ -277,7 +312,7 @@ class JitCipher:
                 if len(pool) < POOL:
                     pool.append(c)
             if status == FAILED or status <= OS_ERROR:
-                raise _failure(status)
+                raise failure(status)
             return status
 
         return read_file
@@ -310,7 +345,7 @@ class JitCipher:
                 if len(pool) < POOL:
                     pool.append(c)
             if status == FAILED or status <= OS_ERROR:
-                raise _failure(status)
+                raise failure(status)
             return unwritten
 
         return write_file
@@ -379,6 +414,11 @@ class Warming:
         self.read_file: Any = getattr(cipher, "read_file", None)
         """The numba cipher's fused read, None on the numpy path."""
         self.write_file: Any = getattr(cipher, "write_file", None)
+
+    def own_calls(self, out_bytes: int) -> OwnCalls | None:
+        """The numba cipher's ``own_calls``; None while still on the numpy path."""
+        make = getattr(self.cipher, "own_calls", None)
+        return None if make is None else make(out_bytes)
 
     @property
     def data_path(self) -> str:

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from nbd_plugin.crypto import jit
-from nbd_plugin.crypto.layout import ZERO_HEAD
+from nbd_plugin.crypto.jit_cipher import failure
+from nbd_plugin.crypto.layout import SHORT, ZERO_HEAD
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks import Volume, open_volume
 from nbd_plugin.osutil.extents import data_segments, first_hole, punch_hole
@@ -50,6 +51,11 @@ SCRATCH_POOL = 8
 #: one run: nbdcopy write 1204 against 1110 MB/s unsplit, QEMU 1 MiB 2816/2507 against
 #: 2681/2216) and still gains at 4 MiB (nbdcopy read 2329 against 1872): docs/performance.md
 SPLIT_AT = 2 << 20
+CHANNEL_MAX = 128 << 10
+"""The largest request a ``Channel`` runs itself (bytes): QEMU's and nbdcopy's usual requests
+(4-64 KiB clusters, 128 KiB reads) fit. A larger one takes the disk's general path, where
+its ~1 us of Python is under 1 % of the request; and each connection's write scratch stays
+this small."""
 _helpers: ThreadPoolExecutor | None = None
 _helpers_lock = threading.Lock()
 
@@ -240,17 +246,28 @@ class EncryptedDisk:
         read_file = getattr(self._cipher, "read_file", None)  # the numba path's fused read
         if read_file is not None:
             status = read_file(view, self._fd, start, iv, self._hole_stride)
-            if not status:  # read and decrypted: no sector head was zero, so no hole
-                return
-            if status == ZERO_HEAD:
-                holes = True
-            else:  # SHORT, the image ended: read again here, which says where
-                self._read_rest(view, start)
-                holes = self._regular and self._may_hold_holes(view)
-        else:
-            if os.preadv(self._fd, [view], start) != len(view):
-                self._read_rest(view, start)
+            if status:  # else read and decrypted: no sector head was zero, so no hole
+                self._fused_read_rest(view, start, iv, status)
+            return
+        if os.preadv(self._fd, [view], start) != len(view):
+            self._read_rest(view, start)
+        self._decrypt_read(view, start, iv, self._regular and self._may_hold_holes(view))
+
+    def _fused_read_rest(self, view: memoryview, start: int, iv: int, status: int) -> None:
+        """Finish a fused read of ``view`` at file offset ``start`` that returned ``status``
+        (``ZERO_HEAD``: ciphertext in ``view``; ``SHORT``: the image ended), or raise what
+        its failure status means."""
+        if status == ZERO_HEAD:
+            holes = True
+        elif status == SHORT:  # the image ended: read again here, which says where
+            self._read_rest(view, start)
             holes = self._regular and self._may_hold_holes(view)
+        else:
+            raise failure(status)
+        self._decrypt_read(view, start, iv, holes)
+
+    def _decrypt_read(self, view: memoryview, start: int, iv: int, holes: bool) -> None:
+        """Decrypt ciphertext just read into ``view``; where ``holes`` may be, zero them."""
         self._cipher.decrypt(view, view, iv)
         if holes and first_hole(self._fd, start) < start + len(view):
             for off, length, is_data in data_segments(self._fd, start, start + len(view)):
@@ -287,6 +304,18 @@ class EncryptedDisk:
         finally:
             self._give(scratch)
 
+    def _fused_write_rest(self, out: memoryview, at: int, status: int) -> None:
+        """Finish a fused write of the ciphertext ``out`` at file offset ``at`` that returned
+        ``status`` (``SHORT``: nothing was written), or raise what its failure means."""
+        try:
+            if status != SHORT:
+                raise failure(status)
+            pwrite_all(self._fd, out, at)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                self._break("write", exc)
+            raise
+
     def _span(self, offset: int, length: int, unit: int) -> tuple[int, int]:
         """[offset, offset+length) widened to ``unit`` boundaries of the file, within the disk.
 
@@ -299,6 +328,10 @@ class EncryptedDisk:
         return max(first, 0), min(last, self.size)
 
     # ---- the operations ------------------------------------------------------------------
+    def channel(self) -> Channel:
+        """A way in for one connection, one request at a time (see ``Channel``)."""
+        return Channel(self)
+
     def pread(self, buf: Any, offset: int) -> None:
         view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 else (
             memoryview(buf).cast("B")
@@ -455,3 +488,117 @@ class EncryptedDisk:
             os.close(fd)
         self.held_fds = []
         self.volume.close()
+
+
+class Channel:
+    """One connection's way to a disk, for one request at a time.
+
+    nbdkit runs a connection's requests one at a time on one thread (SERIALIZE_REQUESTS,
+    plugin.thread_model), and at 4 KiB the Python around the kernel call is most of what
+    vmshield adds to a request (docs/performance.md, "One frame per request"). So a channel
+    holds a context set of its own (``JitCipher.own_calls``: no pool to take it from) and
+    the disk's constants, and runs the common request, a read of whole sectors or a write of
+    whole write units, of at most ``CHANNEL_MAX`` bytes, in a nbdkit buffer, on the numba
+    path, as one frame and one kernel call. Every other request goes to the disk, which
+    remains the one place that defines what a request does; so does every request until the
+    kernels are loaded. Writes hold the disk's range lock (``rangelock``) like the disk's own.
+
+    It also stands in for the disk towards the plugin: ``size``, ``sector``, ``volume``,
+    ``can_trim``, ``flush``, ``trim``, ``zero`` and ``extents`` are the disk's.
+    """
+
+    __slots__ = (
+        "_base", "_calls", "_disk", "_fd", "_iv_base", "_iv_step", "_out", "_ranges", "_read",
+        "_read_state", "_sector_mask", "_stride", "_unit_mask", "_write", "_write_state",
+        "_write_writable", "can_trim", "sector", "size", "volume",
+    )  # fmt: skip
+
+    def __init__(self, disk: EncryptedDisk) -> None:
+        self._disk = disk
+        self.size = disk.size
+        self.sector = disk.sector
+        self.volume = disk.volume
+        self.can_trim = disk.can_trim
+        self._fd, self._base, self._stride = disk._fd, disk._base, disk._hole_stride
+        self._sector_mask, self._unit_mask = disk._sector_mask, disk._unit_mask
+        self._iv_base, self._iv_step = disk._iv_base, disk._iv_step
+        self._ranges = disk._ranges
+        self._read: Any = None
+        self._write: Any = None
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Take a context set of our own once the disk's cipher is on the numba path."""
+        make = getattr(self._disk._cipher, "own_calls", None)
+        calls = None if make is None else make(CHANNEL_MAX)
+        if calls is None:
+            return
+        self._calls = calls  # keeps the contexts alive
+        self._read_state, self._write_state, self._out = (
+            calls.read_state, calls.write_state, calls.out)  # fmt: skip
+        self._write_writable = calls.write_writable
+        self._read, self._write = calls.read, calls.write
+
+    def pread(self, buf: Any, offset: int) -> None:
+        n = len(buf)
+        read = self._read
+        if (
+            read is None or not 0 < n <= CHANNEL_MAX or (offset | n) & self._sector_mask
+            or not 0 <= offset <= self.size - n or type(buf) is not memoryview
+            or buf.readonly or buf.ndim != 1 or buf.format != "B" or not buf.c_contiguous
+        ):  # fmt: skip
+            self._general(self._disk.pread, buf, offset)
+            return
+        start = self._base + offset
+        iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+        status = read(self._read_state, buf, self._fd, start, self._stride, iv)
+        if status:  # holes, the image's end, or an error: the disk finishes the read
+            try:
+                self._disk._fused_read_rest(buf, start, iv, status)
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    self._disk._break("read", exc)
+                raise
+
+    def pwrite(self, buf: Any, offset: int, *, fua: bool = False) -> None:
+        n = len(buf)
+        at = self._base + offset
+        write = self._write
+        if (
+            write is None or fua or not 0 < n <= CHANNEL_MAX or (at | n) & self._unit_mask
+            or not 0 <= offset <= self.size - n or type(buf) is not memoryview
+            or buf.ndim != 1 or buf.format != "B" or not buf.c_contiguous
+            or self._disk._broken is not None
+        ):  # fmt: skip
+            self._general(self._disk.pwrite, buf, offset, fua=fua)
+            return
+        if not buf.readonly:
+            write = self._write_writable
+        end = offset + n
+        iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+        exclusive = self._ranges.enter(offset, end)
+        try:
+            status = write(self._write_state, buf, self._out, self._fd, at, iv)
+            if status:  # nothing written, or an error: the disk finishes (within the range)
+                self._disk._fused_write_rest(self._out[:n], at, status)
+        finally:
+            self._ranges.leave(offset, end, exclusive)
+
+    def _general(self, call: Callable[..., None], buf: Any, offset: int, **flags: bool) -> None:
+        """A request through the disk's general path; on the numba path from now on, if the
+        kernels were loaded since this channel was made."""
+        if self._read is None:
+            self._prepare()
+        call(buf, offset, **flags)
+
+    def flush(self) -> None:
+        self._disk.flush()
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._disk.trim(offset, length, fua=fua)
+
+    def zero(self, offset: int, length: int, **flags: bool) -> None:
+        self._disk.zero(offset, length, **flags)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return self._disk.extents(offset, length)

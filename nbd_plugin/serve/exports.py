@@ -108,11 +108,13 @@ class Export:
 class Connection:
     """nbdkit's handle for one client of one export: the data callbacks go through here."""
 
-    __slots__ = ("_disk", "_export", "can_trim", "id", "pid", "sector", "size", "volume")
+    __slots__ = ("_channel", "_disk", "_export", "can_trim", "id", "pid", "sector", "size",
+                 "volume")  # fmt: skip
 
     def __init__(self, export: Export, conn_id: int, pid: int) -> None:
         self._export = export
         self._disk = export.disk
+        self._channel = export.disk.channel()  # reads and writes: this connection's own
         self.id = conn_id
         self.pid = pid
         self.size = export.disk.size
@@ -139,12 +141,12 @@ class Connection:
 
     def pread(self, buf: Any, offset: int) -> None:
         self._check()
-        self._disk.pread(buf, offset)
+        self._channel.pread(buf, offset)
         self._count(read=len(buf))
 
     def pwrite(self, buf: Any, offset: int, *, fua: bool = False) -> None:
         self._check()
-        self._disk.pwrite(buf, offset, fua=fua)
+        self._channel.pwrite(buf, offset, fua=fua)
         self._count(written=len(buf))
 
     def flush(self) -> None:
