@@ -41,8 +41,9 @@ Host mode, one server for every disk of the host (each disk an NBD export named 
                       at run time (nbd_plugin/serve/control.py, hostserver.py); no image=
                       nor any other per-disk parameter. data_path= applies to all disks.
 
-This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk.EncryptedDisk``; the logic
-lives in importable modules that tests drive without nbdkit.
+This file only adapts nbdkit's callbacks to ``nbd_plugin.serve.disk`` (each connection's handle
+is a ``Channel`` to the ``EncryptedDisk``); the logic lives in importable modules that tests
+drive without nbdkit.
 """
 
 import errno
