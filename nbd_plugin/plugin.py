@@ -166,6 +166,8 @@ def thread_model():
     # microseconds of Python each request runs: 3.3x slower at 4 KiB, 1.2-1.8x at 64 KiB, a
     # draw at 1 MiB with nbdcopy (issue 25, docs/performance.md "Thread model"). The numpy
     # path holds the GIL for most of a request; there one request at a time in all measured best.
+    # A connection's Channel (serve/disk.py) relies on this: its context set serves one
+    # request at a time (tests/disk/test_xts_jit.py checks the model nbdkit logs).
     if expected_path() == "numba":
         return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
     return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
@@ -193,11 +195,13 @@ def open(readonly):
             _log(_connections.refused(str(exc)))
             nbdkit.set_error(errno.EACCES)
             raise
+    channel = _disk.channel()  # its own context set: one frame per request; first, as
+    # nothing below may be left half done if it fails (nbdkit then calls no close())
     _log(_connections.connected(readonly or _disk.volume.readonly))
     # nbdkit runs this connection's requests and close() on this thread (the serialized
     # thread models): its Python thread state now lives until close(), not one request
     _threads.keep()
-    return _disk.channel()  # the connection's own context set: one frame per request
+    return channel
 
 
 def close(h):

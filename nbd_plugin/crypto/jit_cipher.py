@@ -137,9 +137,10 @@ class ContextSet:
 
 
 class OwnCalls(NamedTuple):
-    """The fused kernels with a context set of one caller's own (``JitCipher.own_calls``),
-    for one request at a time: what a connection of a serialized server calls per request
-    instead of ``read_file``/``write_file``, without their pool and checks.
+    """The fused kernels with a context set of one caller's own (``JitCipher.own_calls``;
+    states the kernel only reads may be shared), for one request at a time: what a
+    connection of a serialized server calls per request instead of
+    ``read_file``/``write_file``, without their pool and checks.
 
     The entries check nothing (``kernels._entry``): the caller passes C-contiguous 1-D byte
     memoryviews, writable for ``read``, and writes at most ``len(out)`` bytes at a time.
@@ -173,8 +174,8 @@ class JitCipher:
         *, shared_reads: bool = False,
     ) -> None:  # fmt: skip
         """``shared_reads``: the kernel only reads its state (no scratch, no libcrypto
-        context), so reads share one state, without the pool; subclasses call ``_ready``
-        once keyed."""
+        context), so reads share one state, without the pool, and ``own_calls`` shares both
+        states; subclasses call ``_ready`` once keyed."""
         if sector_size % 16 or sector_size < 32:
             raise ValueError(f"unsupported sector size {sector_size}")
         update, init = update_address(), init_address()
@@ -205,7 +206,7 @@ class JitCipher:
 
     def _ready(self) -> None:
         """Make the first context set (failing now, not in a request) and the fused calls."""
-        first = ContextSet(self, self._scratch_words)
+        first = self._first = ContextSet(self, self._scratch_words)
         self._pool.append(first)
         self.read_file = self._reader(first.state[0] if self._shared_reads else None)
         self.write_file = self._writer()
@@ -218,12 +219,19 @@ class JitCipher:
 
     def own_calls(self, out_bytes: int) -> OwnCalls:
         """A context set of the caller's own and the entries that use it, for writes of up to
-        ``out_bytes`` (keyed now: ~0.1 ms; its memory, ``out_bytes`` and the scratch, lives
-        as long as the caller keeps it)."""
-        c = ContextSet(self, self._scratch_words)
+        ``out_bytes``; its memory (``out_bytes``, the states) lives as long as the caller
+        keeps it. Where the kernel only reads its states (``shared_reads``: the VAES kernel,
+        whose states are the key schedules) the caller shares the first set's and owns only
+        the write scratch: keying a set there is ~2 ms of Python per direction."""
         calls = self._calls
+        if self._shared_reads:
+            c = self._first
+            out = memoryview(bytearray(max(out_bytes, OUT_MIN)))
+        else:
+            c = ContextSet(self, self._scratch_words)  # libcrypto contexts: 0.01-0.02 ms
+            out = c.out_for(out_bytes)
         return OwnCalls(calls.read, calls.write_readonly, calls.write, c.state[0], c.state[1],
-                        c.out_for(out_bytes), c)  # fmt: skip
+                        out, c)  # fmt: skip
 
     def prepared(self, encrypt: bool, scratch_words: int) -> U64:
         """A kernel state with everything but the contexts filled in."""

@@ -530,7 +530,10 @@ class Channel:
     def _prepare(self) -> None:
         """Take a context set of our own once the disk's cipher is on the numba path."""
         make = getattr(self._disk._cipher, "own_calls", None)
-        calls = None if make is None else make(CHANNEL_MAX)
+        try:
+            calls = None if make is None else make(CHANNEL_MAX)
+        except (OSError, MemoryError):  # no contexts now: the disk serves, and we try again
+            return
         if calls is None:
             return
         self._calls = calls  # keeps the contexts alive

@@ -49,7 +49,7 @@ from nbd_plugin.serve.control import (
     Request,
     Response,
 )
-from nbd_plugin.serve.disk import EncryptedDisk, open_disk
+from nbd_plugin.serve.disk import Channel, EncryptedDisk, open_disk
 from nbd_plugin.serve.fence import Fence
 from nbd_plugin.serve.peers import Binding, Peer, PeerRefused
 
@@ -111,10 +111,10 @@ class Connection:
     __slots__ = ("_channel", "_disk", "_export", "can_trim", "id", "pid", "sector", "size",
                  "volume")  # fmt: skip
 
-    def __init__(self, export: Export, conn_id: int, pid: int) -> None:
+    def __init__(self, export: Export, conn_id: int, pid: int, channel: Channel) -> None:
         self._export = export
         self._disk = export.disk
-        self._channel = export.disk.channel()  # reads and writes: this connection's own
+        self._channel = channel  # reads and writes: this connection's own
         self.id = conn_id
         self.pid = pid
         self.size = export.disk.size
@@ -327,10 +327,11 @@ class Exports:
                 Binding(export.bind.uuid, export.bind.domain).check(peer)
             except PeerRefused as exc:
                 self._refuse(name, peer, str(exc))
-        with self._lock, export.lock:
+        channel = export.disk.channel()  # made before the locks: other clients' requests wait
+        with self._lock, export.lock:  # on export.lock
             if not export.removed:
                 self._conns += 1
-                conn = Connection(export, self._conns, peer.pid)
+                conn = Connection(export, self._conns, peer.pid, channel)
                 export.clients[conn.id] = peer.pid
                 count = len(export.clients)
         if export.removed:  # removed between the lookup and now

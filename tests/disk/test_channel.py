@@ -12,6 +12,7 @@ image files, byte for byte; and that the channel really takes its own path.
 from __future__ import annotations
 
 import array
+import errno
 import hashlib
 import os
 import random
@@ -24,7 +25,8 @@ from typing import Any
 import pytest
 
 from nbd_plugin import luks
-from nbd_plugin.crypto import jit
+from nbd_plugin.crypto import jit, vaes
+from nbd_plugin.crypto.jit_cipher import Warming
 from nbd_plugin.errors import ImageError
 from nbd_plugin.serve.disk import CHANNEL_MAX, Channel, EncryptedDisk
 from tests.support.nbd import SECRET
@@ -72,10 +74,16 @@ def buffer(kind: str, data: bytes) -> Any:
         return memoryview(double)[::2]
     if kind == "words":  # format "L", itemsize 8: len() counts words, not bytes
         return memoryview(array.array("L", data[: len(data) // 8 * 8]))
+    if kind == "rows":  # 2-D bytes, contiguous and writable: len() counts rows
+        n = len(data)
+        if n == 0:  # no 2-D view of nothing
+            return memoryview(bytearray())
+        shape = [n // 8, 8] if n >= 8 else [1, n]
+        return memoryview(bytearray(data[: shape[0] * shape[1]])).cast("B", shape)
     raise AssertionError(kind)
 
 
-KINDS = ("readonly-view", "writable-view", "bytes", "bytearray", "strided", "words")
+KINDS = ("readonly-view", "writable-view", "bytes", "bytearray", "strided", "words", "rows")
 
 
 def outcome(call: Callable[[Any, int], None], buf: Any, offset: int) -> str:
@@ -108,6 +116,7 @@ def test_same_bytes_and_refusals_as_the_disk(image: Path, tmp_path: Path) -> Non
     a, b = open_disk(image), open_disk(copy)
     try:
         channel = a.channel()
+        assert channel._read is not None  # on its own path: not the disk compared with itself
         rng = random.Random(25)
         seen: set[str] = set()
         for case in range(CASES):
@@ -187,6 +196,7 @@ def test_holes_and_a_truncated_image(image: Path) -> None:
     d = open_disk(image)
     try:
         channel = d.channel()
+        assert channel._read is not None
         payload = d._base
         with open(image, "r+b") as f:  # make the payload a hole, then write one block
             f.truncate(payload)
@@ -211,16 +221,19 @@ def test_channel_made_before_the_kernels_switches_to_them(image: Path) -> None:
     try:
         numba_cipher = d._cipher
 
-        class StillNumpy:  # what Warming offers before the switch: no own_calls
-            def __init__(self, inner: Any) -> None:
+        class NumpyPath:  # a cipher of the numpy path: no fused calls, no own_calls
+            data_path = "numpy"
+
+            def __init__(self, inner: Any) -> None:  # the same bytes as the numba cipher
                 self.encrypt, self.decrypt = inner.encrypt, inner.decrypt
                 self.sector_size = inner.sector_size
 
-        d._cipher = StillNumpy(numba_cipher)
+        warming = Warming(NumpyPath(numba_cipher))
+        d._cipher = warming
         channel = d.channel()
         assert channel._read is None
         channel.pwrite(memoryview(b"\x11" * 4096), 0)  # the disk's path, keyword flags
-        d._cipher = numba_cipher
+        warming.use(numba_cipher)  # what jit's switch does once the kernels are loaded
         channel.pwrite(memoryview(b"\x22" * 4096), 4096)  # prepares on the way
         assert isinstance(channel, Channel) and channel._read is not None
         got = memoryview(bytearray(8192))
@@ -262,5 +275,96 @@ def test_a_channel_write_waits_for_a_read_modify_write_of_its_block(image: Path)
         got = memoryview(bytearray(2 * unit))
         channel.pread(got, 0)
         assert got == bytes(100) + b"\xaa" * (unit - 100) + b"\xbb" * unit  # first, then second
+    finally:
+        d.close()
+
+
+def test_a_broken_disk_refuses_the_channels_writes(image: Path) -> None:
+    """After a write-back error the disk refuses every write (docs: sticky EIO); a
+    channel's 4 KiB write must not be acknowledged past it."""
+    d = open_disk(image)
+    try:
+        channel = d.channel()
+        assert channel._read is not None
+        d._break("flush", OSError(errno.EIO, "Input/output error"))
+        before = digest(image)
+        with pytest.raises(OSError) as refused:
+            channel.pwrite(memoryview(b"\x33" * 4096), 0)
+        assert refused.value.errno == errno.EIO
+        assert digest(image) == before
+    finally:
+        d.close()
+
+
+def test_a_fua_write_is_flushed(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FUA: the write is on the medium when it is acknowledged (the disk flushes it)."""
+    d = open_disk(image)
+    try:
+        channel = d.channel()
+        synced: list[int] = []
+        fdatasync = os.fdatasync
+
+        def counted(fd: int) -> None:
+            synced.append(fd)
+            fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", counted)
+        channel.pwrite(memoryview(b"\x44" * 4096), 0, fua=True)
+        assert synced == [d._fd]
+        channel.pwrite(memoryview(b"\x55" * 4096), 4096)
+        assert synced == [d._fd]
+    finally:
+        d.close()
+
+
+def test_no_contexts_for_a_channel_leaves_its_requests_to_the_disk(image: Path) -> None:
+    """Keying a channel's own contexts fails (memory, libcrypto): its requests are the
+    disk's, never a failed request; a later request takes its own path once it can."""
+    d = open_disk(image)
+    try:
+        cipher = d._cipher
+        own_calls = cipher.own_calls
+
+        def no_memory(out_bytes: int) -> Any:
+            raise MemoryError
+
+        cipher.own_calls = no_memory
+        channel = d.channel()
+        assert channel._read is None
+        channel.pwrite(memoryview(b"\x66" * 4096), 0)
+        got = memoryview(bytearray(4096))
+        channel.pread(got, 0)
+        assert got == b"\x66" * 4096
+        cipher.own_calls = own_calls
+        channel.pread(got, 0)
+        assert channel._read is not None and got == b"\x66" * 4096
+    finally:
+        d.close()
+
+
+@pytest.mark.skipif(vaes.unavailable() is not None, reason=f"no VAES here: {vaes.unavailable()}")
+def test_a_vaes_channel_shares_the_key_schedules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VAES kernel only reads its states (the key schedules): a connection's channel
+    shares them instead of expanding the key again in Python (~2 ms per direction, with
+    the GIL held, for every client that connects)."""
+    image = tmp_path / "disk.img"
+    luks.create_image(str(image), SIZE, SECRET, fmt="luks2", pbkdf="pbkdf2", iterations=1000,
+                      sector_size=4096)  # fmt: skip
+    d = open_disk(image)
+    try:
+        assert d._cipher.kernel_name == "vaes-xts"
+
+        def expanded(*args: Any) -> int:
+            raise AssertionError("the key was expanded again for a channel")
+
+        monkeypatch.setattr(vaes, "fill_state", expanded)
+        channels = [d.channel() for _ in range(3)]
+        for i, channel in enumerate(channels):
+            channel.pwrite(memoryview(bytes([i + 1]) * 4096), 4096 * i)
+        got = memoryview(bytearray(3 * 4096))
+        channels[0].pread(got, 0)
+        assert got == b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096
     finally:
         d.close()
