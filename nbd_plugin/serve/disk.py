@@ -495,7 +495,7 @@ class Channel:
 
     nbdkit runs a connection's requests one at a time on one thread (SERIALIZE_REQUESTS,
     plugin.thread_model), and at 4 KiB the Python around the kernel call is most of what
-    vmshield adds to a request (docs/performance.md, "One frame per request"). So a channel
+    vmshield adds to a request (docs/performance.md, "A channel per connection"). So a channel
     holds a context set of its own (``JitCipher.own_calls``: no pool to take it from) and
     the disk's constants, and runs the common request, a read of whole sectors or a write of
     whole write units, of at most ``CHANNEL_MAX`` bytes, in a nbdkit buffer, on the numba
