@@ -72,15 +72,25 @@ def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
             runs.append((pos, data - pos, False))
             pos = data
             continue
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        try:
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        except OSError:  # cut short since SEEK_DATA (ENXIO), or cannot say: data
+            hole = end
         runs.append((pos, hole - pos, True))
         pos = hole
     return runs
 
 
 def first_hole(fd: int, start: int) -> int:
-    """Offset of the first hole at or after ``start`` (the file size if there is none)."""
-    return os.lseek(fd, start, os.SEEK_HOLE)
+    """Offset of the first hole at or after ``start`` (the file size if there is none);
+    ``start`` itself if the file now ends there or before (cut short since it was read: no
+    data there, as ``data_segments`` says)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return start
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbd_plugin import luks
-from nbd_plugin.osutil.extents import data_segments
+from nbd_plugin.osutil.extents import data_segments, first_hole
 from nbd_plugin.serve.disk import EncryptedDisk
 
 SECRET = b"xts disk test passphrase"
@@ -69,3 +69,19 @@ def test_allocated_ciphertext_starting_with_zeros_is_decrypted(disk: EncryptedDi
     got = read(disk, 0, 8192)
     assert got == bytes(raw)
     assert got[4096:4608] != bytes(512)
+
+
+def test_hole_lookups_past_a_cut(tmp_path: Path) -> None:
+    """A read whose image was cut short after its pread looks for holes past the new end:
+    SEEK_HOLE/SEEK_DATA say ENXIO there, which is the end of the data, not an error to
+    hand the client (found by test_mapped's race of cuts and reads)."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(8192))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert first_hole(fd, 0) == 8192
+        assert first_hole(fd, 16384) == 16384  # no data from there on
+        assert data_segments(fd, 4096, 20480) == [(4096, 4096, True), (8192, 12288, False)]
+        assert data_segments(fd, 16384, 20480) == [(16384, 4096, False)]
+    finally:
+        os.close(fd)
