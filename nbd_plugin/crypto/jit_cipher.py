@@ -155,6 +155,9 @@ class OwnCalls(NamedTuple):
     """``write(write_state, src, out, fd, at, first_iv)``, ``src`` read-only (nbdkit's)."""
     write_writable: Any
     """``write`` for a writable ``src``."""
+    mapped: Any
+    """``mapped(read_state, view, image, guard, at, stride, first_iv)``: decrypt from the
+    mapped payload (``kernels.Kernels.mapped``)."""
     read_state: U64
     write_state: U64
     out: memoryview
@@ -230,8 +233,8 @@ class JitCipher:
         else:
             c = ContextSet(self, self._scratch_words)  # libcrypto contexts: 0.01-0.02 ms
             out = c.out_for(out_bytes)
-        return OwnCalls(calls.read, calls.write_readonly, calls.write, c.state[0], c.state[1],
-                        out, c)  # fmt: skip
+        return OwnCalls(calls.read, calls.write_readonly, calls.write, calls.mapped, c.state[0],
+                        c.state[1], out, c)  # fmt: skip
 
     def prepared(self, encrypt: bool, scratch_words: int) -> U64:
         """A kernel state with everything but the contexts filled in."""

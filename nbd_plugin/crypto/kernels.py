@@ -56,6 +56,7 @@ from nbd_plugin.crypto.layout import (
     CTX_B,
     ENCRYPT,
     ERRNO,
+    FAULTED,
     HEAD,
     INIT,
     MASK,
@@ -181,6 +182,21 @@ def _errno_typer(typingctx: Any, fn: Any) -> Any:
 
 
 _errno: Any = numba.extending.intrinsic(_errno_typer)
+
+
+def _fault_word_typer(typingctx: Any, guard: Any) -> Any:
+    """``guard[0]``, loaded anew at this point (an atomic acquire load): a signal handler may
+    have set it during the code before, which the compiler cannot know."""
+    sig = types.uint64(guard)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.load_atomic(ary.data, "acquire", 8)
+
+    return sig, codegen
+
+
+_fault_word: Any = numba.extending.intrinsic(_fault_word_typer)
 EINTR = 4
 
 
@@ -435,11 +451,70 @@ def _cbc_write(state: U64, src: Any, out: Any, fd: int, at: int, iv: np.uint64) 
     return status if status else _pwrite(state, out, len(src), fd, at)  # type: ignore[no-any-return]
 
 
-_FUSED: dict[str, tuple[Any, Any, Any]] = {
-    "xts": (_xts, _xts_read, _xts_write),
-    "xts_sectors": (_xts_sectors, _xts_sectors_read, _xts_sectors_write),
-    "xts_vaes": (_xts_vaes, _xts_vaes_read, _xts_vaes_write),
-    "cbc": (_cbc, _cbc_read, _cbc_write),
+def _mapped_source(image: Any, guard: Any, at: int, n: int, stride: int) -> int:
+    """Whether ``n`` bytes of the mapped ``image`` at ``at`` can be decrypted from there: 0,
+    ``SHORT`` past the mapping, ``FAULTED`` if a page of it faulted, ``ZERO_HEAD`` if one of
+    every ``stride`` words is zero (a hole may be there)."""
+    if at < 0 or n > image.size - at:
+        return SHORT
+    if _fault_word(guard) != ZERO:
+        return FAULTED
+    if stride > 0:
+        words = carray(_words(image[at:]), n // 8)
+        for i in range(0, n // 8, stride):
+            if words[i] == ZERO:
+                return ZERO_HEAD
+    return 0
+
+
+_mapped_check: Any = njit(inline="always")(_mapped_source)
+# ``mapped(state, dst, image, guard, at, stride, iv)``: decrypt ``len(dst)`` bytes of the
+# mapped payload ``image`` from index ``at`` into ``dst`` (``crypto/mapped``): the ciphertext
+# is read where the page cache holds it, no pread. A page that faulted while we read (the
+# guard set ``guard[0]``) makes the result ``FAULTED``: the bytes in ``dst`` are not used.
+
+
+def _xts_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
+                iv: np.uint64) -> int:  # fmt: skip
+    n = len(dst)
+    status = _mapped_check(image, guard, at, n, stride)
+    if status == 0:
+        status = _xts_body(state, image[at : at + n], dst, iv)
+    return FAULTED if _fault_word(guard) != ZERO else status
+
+
+def _xts_sectors_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
+                        iv: np.uint64) -> int:  # fmt: skip
+    n = len(dst)
+    status = _mapped_check(image, guard, at, n, stride)
+    if status == 0:
+        status = _sectors_body(state, image[at : at + n], dst, iv)
+    return FAULTED if _fault_word(guard) != ZERO else status
+
+
+def _xts_vaes_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
+                     iv: np.uint64) -> int:  # fmt: skip
+    n = len(dst)
+    status = _mapped_check(image, guard, at, n, stride)
+    if status == 0:
+        status = _vaes_body(state, image[at : at + n], dst, iv)
+    return FAULTED if _fault_word(guard) != ZERO else status
+
+
+def _cbc_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
+                iv: np.uint64) -> int:  # fmt: skip
+    n = len(dst)
+    status = _mapped_check(image, guard, at, n, stride)
+    if status == 0:
+        status = _cbc_body(state, image[at : at + n], dst, iv)
+    return FAULTED if _fault_word(guard) != ZERO else status
+
+
+_FUSED: dict[str, tuple[Any, Any, Any, Any]] = {
+    "xts": (_xts, _xts_read, _xts_write, _xts_mapped),
+    "xts_sectors": (_xts_sectors, _xts_sectors_read, _xts_sectors_write, _xts_sectors_mapped),
+    "xts_vaes": (_xts_vaes, _xts_vaes_read, _xts_vaes_write, _xts_vaes_mapped),
+    "cbc": (_cbc, _cbc_read, _cbc_write, _cbc_mapped),
 }
 
 
@@ -453,6 +528,9 @@ READ_SIGNATURES = [_I64(_STATE, _BYTES, _I64, _I64, _I64, _U64)]
 """``read(state, dst, fd, at, stride, iv)``: see ``Kernels.read``."""
 WRITE_SIGNATURES = [_I64(_STATE, src, _BYTES, _I64, _I64, _U64) for src in (_BYTES, _READONLY)]
 """``write(state, src, out, fd, at, iv)``: see ``Kernels.write``."""
+_IMAGE = types.Array(types.uint8, 1, "C", readonly=True)
+MAPPED_SIGNATURES = [_I64(_STATE, _BYTES, _IMAGE, _STATE, _I64, _I64, _U64)]
+"""``mapped(state, dst, image, guard, at, stride, iv)``: see ``Kernels.mapped``."""
 
 _compile_lock = threading.Lock()
 _compiled: dict[str, Kernels] = {}
@@ -475,6 +553,10 @@ class Kernels(NamedTuple):
     write: Any
     """``write(state, src, out, fd, at, iv)``: encrypt ``src`` into the start of ``out`` (as
     long or longer), then pwrite those ``len(src)`` bytes."""
+    mapped: Any
+    """``mapped(state, dst, image, guard, at, stride, iv)``: decrypt ``len(dst)`` bytes of
+    the mapped payload (``crypto/mapped.ImageMap``: ``image``, ``guard``) from index ``at``
+    into ``dst``."""
 
     def entries(self) -> Entries:
         """The compiled functions themselves, one per signature."""
@@ -483,6 +565,7 @@ class Kernels(NamedTuple):
             _entry(self.read, _BYTES, _I64, _I64, _I64, _U64),
             _entry(self.write, _BYTES, _BYTES, _I64, _I64, _U64),
             _entry(self.write, _READONLY, _BYTES, _I64, _I64, _U64),
+            _entry(self.mapped, _BYTES, _IMAGE, _STATE, _I64, _I64, _U64),
         )  # fmt: skip
 
 
@@ -503,6 +586,7 @@ class Entries(NamedTuple):
     read: Any
     write: Any
     write_readonly: Any
+    mapped: Any
 
 
 def set_cache(enabled: bool) -> None:
@@ -515,10 +599,11 @@ def _compiled_kernel(name: str) -> Kernels:
     with _compile_lock:
         kernel = _compiled.get(name)
         if kernel is None:
-            run, read, write = _FUSED[name]
+            run, read, write, mapped = _FUSED[name]
             kernel = _compiled[name] = Kernels(*(
                 njit(signatures, nogil=True, cache=_cache)(fn) for fn, signatures in (
-                    (run, SIGNATURES), (read, READ_SIGNATURES), (write, WRITE_SIGNATURES))
+                    (run, SIGNATURES), (read, READ_SIGNATURES), (write, WRITE_SIGNATURES),
+                    (mapped, MAPPED_SIGNATURES))
             ))  # fmt: skip
         return kernel
 

@@ -51,3 +51,6 @@ must see that EIO to refuse later writes and flushes)."""
 ZERO_HEAD = 1
 """The fused read found a zero word where it checks for holes: the data is read but not
 decrypted (the caller decrypts it and looks for holes)."""
+FAULTED = -3
+"""The mapped read (``mapped``) met a page that faulted (truncated, or an I/O error): what it
+wrote is not to be used; the caller reads through pread, which reports the cause."""
