@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from nbd_plugin.crypto import jit
+from nbd_plugin.crypto import jit, mapped
 from nbd_plugin.crypto.jit_cipher import failure
-from nbd_plugin.crypto.layout import SHORT, ZERO_HEAD
+from nbd_plugin.crypto.layout import FAULTED, SHORT, ZERO_HEAD
 from nbd_plugin.errors import ImageError
 from nbd_plugin.luks import Volume, open_volume
 from nbd_plugin.osutil.extents import data_segments, first_hole, punch_hole
@@ -96,9 +96,9 @@ class NotFast(Exception):
     """A fast zero was asked for but this zero would have to write data."""
 
 
-def _log(message: str) -> None:
+def _log(message: str, level: str = "error") -> None:
     """One line in nbdkit's log (its stderr)."""
-    print(f"nbdkit: vmshield: error: {message}", file=sys.stderr, flush=True)
+    print(f"nbdkit: vmshield: {level}: {message}", file=sys.stderr, flush=True)
 
 
 def open_disk(
@@ -153,6 +153,10 @@ class EncryptedDisk:
         """Why the image can no longer be trusted to hold what was acknowledged, once it is."""
         self.held_fds: list[int] = []
         """Descriptors that keep the image claimed (see serve/exclusive.py); closed with us."""
+        self._map: mapped.ImageMap | None = None
+        self._map_tried = False
+        self._map_tried_fault = False
+        self._map_lock = threading.Lock()
 
     # ---- the sticky write-back error -----------------------------------------------------
     @contextmanager
@@ -483,7 +487,38 @@ class EncryptedDisk:
         runs = data_segments(self._fd, self._base + offset, self._base + offset + length)
         return [(off - self._base, n, is_data) for off, n, is_data in runs]
 
+    def image_map(self) -> mapped.ImageMap | None:
+        """The payload mapped for the channels' reads (``crypto/mapped``), made on first use;
+        None where it cannot be (not a regular file, no SIGBUS guard, mmap refused), and reads
+        go through pread."""
+        with self._map_lock:
+            if not self._map_tried:
+                self._map_tried = True
+                if self._regular:
+                    why = mapped.install_guard()
+                    try:
+                        if why is None:
+                            self._map = mapped.ImageMap(self._fd, self._base, self.size)
+                    except mapped.MapUnavailable as exc:
+                        why = str(exc)
+                    if why is not None:
+                        _log(f"{self.volume.path}: reads go through pread: {why}", "warning")
+            return self._map
+
+    def map_faulted(self) -> None:
+        """A page of the mapping faulted (the image was cut short or could not be read): say
+        so once; every channel reads through pread from now on."""
+        with self._map_lock:
+            if self._map is not None and not self._map_tried_fault:
+                self._map_tried_fault = True
+                _log(f"{self.volume.path}: a page of the mapped image faulted (cut short, or "
+                     "an I/O error); reading through pread from now on", "warning")  # fmt: skip
+
     def close(self) -> None:
+        with self._map_lock:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
         for fd in self.held_fds:
             os.close(fd)
         self.held_fds = []
@@ -508,9 +543,10 @@ class Channel:
     """
 
     __slots__ = (
-        "_base", "_calls", "_disk", "_fd", "_iv_base", "_iv_step", "_out", "_ranges", "_read",
-        "_read_state", "_sector_mask", "_stride", "_unit_mask", "_write", "_write_state",
-        "_write_writable", "can_trim", "sector", "size", "volume",
+        "_base", "_calls", "_disk", "_fd", "_guard", "_image", "_iv_base", "_iv_step",
+        "_map_delta", "_mapped", "_out", "_ranges", "_read", "_read_state", "_sector_mask",
+        "_stride", "_unit_mask", "_write", "_write_state", "_write_writable", "can_trim",
+        "sector", "size", "volume",
     )  # fmt: skip
 
     def __init__(self, disk: EncryptedDisk) -> None:
@@ -525,6 +561,7 @@ class Channel:
         self._ranges = disk._ranges
         self._read: Any = None
         self._write: Any = None
+        self._mapped: Any = None
         self._prepare()
 
     def _prepare(self) -> None:
@@ -541,19 +578,37 @@ class Channel:
             calls.read_state, calls.write_state, calls.out)  # fmt: skip
         self._write_writable = calls.write_writable
         self._read, self._write = calls.read, calls.write
+        imap = self._disk.image_map()
+        if imap is not None and not mapped.faulted(imap):
+            self._image, self._guard = imap.image, imap.guard
+            self._map_delta = self._base - imap.origin
+            self._mapped = calls.mapped
 
     def pread(self, buf: Any, offset: int) -> None:
         n = len(buf)
         read = self._read
         if (
-            read is None or not 0 < n <= CHANNEL_MAX or (offset | n) & self._sector_mask
+            read is None or not n or (offset | n) & self._sector_mask
             or not 0 <= offset <= self.size - n or type(buf) is not memoryview
             or buf.readonly or buf.ndim != 1 or buf.format != "B" or not buf.c_contiguous
         ):  # fmt: skip
             self._general(self._disk.pread, buf, offset)
             return
-        start = self._base + offset
         iv = (self._iv_base + offset // self.sector * self._iv_step) & IV_MASK
+        if self._mapped is not None:  # decrypt from the page cache: no pread, one pass
+            status = self._mapped(
+                self._read_state, buf, self._image, self._guard, offset + self._map_delta,
+                self._stride, iv,
+            )  # fmt: skip
+            if status:  # holes, the mapping's end, a page that faulted: the disk reads
+                if status == FAULTED:
+                    self._unmap()
+                self._disk.pread(buf, offset)
+            return
+        if n > CHANNEL_MAX:
+            self._disk.pread(buf, offset)
+            return
+        start = self._base + offset
         status = read(self._read_state, buf, self._fd, start, self._stride, iv)
         if status:  # holes, the image's end, or an error: the disk finishes the read
             try:
@@ -586,6 +641,11 @@ class Channel:
                 self._disk._fused_write_rest(self._out[:n], at, status)
         finally:
             self._ranges.leave(offset, end, exclusive)
+
+    def _unmap(self) -> None:
+        """Read through pread from now on (the disk's mapping faulted)."""
+        self._mapped = None  # the image and guard stay referenced until the channel closes
+        self._disk.map_faulted()
 
     def _general(self, call: Callable[..., None], buf: Any, offset: int, **flags: bool) -> None:
         """A request through the disk's general path; on the numba path from now on, if the

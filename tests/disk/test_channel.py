@@ -108,8 +108,11 @@ def offsets(d: EncryptedDisk, n: int, rng: random.Random) -> list[int]:
             SIZE - n - 1, -s, -4096, -d._base, SIZE, 1 << 63]  # fmt: skip
 
 
-def test_same_bytes_and_refusals_as_the_disk(image: Path, tmp_path: Path) -> None:
-    """Every request through a channel on one image and through the disk on its copy."""
+@pytest.mark.parametrize("reads", ["mapped", "pread"])
+def test_same_bytes_and_refusals_as_the_disk(image: Path, tmp_path: Path, reads: str) -> None:
+    """Every request through a channel on one image and through the disk on its copy; the
+    channel's reads decrypt from the mapped payload (``crypto/mapped``), or, where the image
+    cannot be mapped, take the fused pread."""
     copy = tmp_path / "copy.img"
     # the holes too: a hole reads as zeros, the zeros a plain copy writes decrypt to noise
     subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
@@ -117,6 +120,9 @@ def test_same_bytes_and_refusals_as_the_disk(image: Path, tmp_path: Path) -> Non
     try:
         channel = a.channel()
         assert channel._read is not None  # on its own path: not the disk compared with itself
+        assert channel._mapped is not None
+        if reads == "pread":
+            channel._mapped = None
         rng = random.Random(25)
         seen: set[str] = set()
         for case in range(CASES):
@@ -149,20 +155,29 @@ def test_same_bytes_and_refusals_as_the_disk(image: Path, tmp_path: Path) -> Non
 
 def test_the_common_request_takes_the_channel(image: Path) -> None:
     """With the disk's own fused calls broken, the channel's requests still work: it runs
-    them itself (a larger request, which is the disk's, fails)."""
+    them itself, reads of any size from the mapping, and without it reads and writes of up
+    to ``CHANNEL_MAX`` (a larger request, which is the disk's, fails)."""
     d = open_disk(image)
     try:
         channel = d.channel()
-        plain = os.urandom(8192)
+        plain = os.urandom(CHANNEL_MAX + d.sector)
+        channel.pwrite(memoryview(plain[:CHANNEL_MAX]), 0)
+        channel.pwrite(memoryview(plain[CHANNEL_MAX:]), CHANNEL_MAX)
 
         def broken(*args: Any) -> Any:
             raise AssertionError("the disk's path was taken")
 
         d._cipher.read_file = d._cipher.write_file = broken
-        channel.pwrite(memoryview(plain), 8192)
+        channel.pwrite(memoryview(plain[8192:16384]), 8192)
+        got = memoryview(bytearray(len(plain)))
+        channel.pread(got, 0)  # larger than CHANNEL_MAX: from the mapping
+        assert got == plain
+        with pytest.raises(AssertionError, match="disk's path"):
+            channel.pwrite(memoryview(plain), 0)
+        channel._mapped = None  # an image that cannot be mapped: the fused pread
         got = memoryview(bytearray(8192))
         channel.pread(got, 8192)
-        assert got == plain
+        assert got == plain[8192:16384]
         with pytest.raises(AssertionError, match="disk's path"):
             channel.pread(memoryview(bytearray(CHANNEL_MAX + d.sector)), 0)
     finally:
@@ -207,6 +222,9 @@ def test_holes_and_a_truncated_image(image: Path) -> None:
         want = bytearray(CHANNEL_MAX)
         want[65536 : 65536 + 4096] = b"\x5a" * 4096
         assert got == want
+        # the fused pread's way (a mapped read of it runs in test_mapped, in a process of
+        # its own: the SIGBUS it takes is the guard's to handle)
+        channel._mapped = None
         os.truncate(image, payload + SIZE // 2)
         with pytest.raises(ImageError, match="unexpected end of image"):
             channel.pread(memoryview(bytearray(8192)), SIZE - 8192)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import subprocess
@@ -29,6 +30,20 @@ def status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def mapped_kib(pid: int, path: Path) -> int:
+    """Resident kB of the process's mappings of ``path`` (/proc/PID/smaps): a disk server's
+    mapped image (nbd_plugin/crypto/mapped.py), which is page cache, not locked."""
+    real, total, inside = os.path.realpath(path), 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):
+            fields = line.split(maxsplit=5)
+            inside = len(fields) == 6 and fields[5] == real
+        elif inside and head == "Rss:":
+            total += int(line.split()[1])
+    return total
 
 
 READ_SYSCALL = {"x86_64": 0, "aarch64": 63}.get(platform.machine())
