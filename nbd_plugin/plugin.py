@@ -68,7 +68,7 @@ from nbd_plugin.crypto.jit import start_loading, when_decided  # noqa: E402
 from nbd_plugin.errors import Fenced, InvalidPassphrase, VmshieldError  # noqa: E402
 from nbd_plugin.serve.config import ServerConfig, nbdkit_readonly  # noqa: E402
 from nbd_plugin.serve.connlog import ConnectionLog  # noqa: E402
-from nbd_plugin.serve.disk import NotFast  # noqa: E402
+from nbd_plugin.serve.disk import NotFast, prepare_mapped_reads  # noqa: E402
 from nbd_plugin.serve.exports import ExportRefused  # noqa: E402
 from nbd_plugin.serve.hardening import harden_process, lock_all_memory  # noqa: E402
 from nbd_plugin.serve.hostserver import HostServer  # noqa: E402
@@ -153,6 +153,7 @@ def after_fork():
             flush=True,
         )
     start_loading()
+    prepare_mapped_reads()
     if _host is not None:
         _host.after_fork()
     if _config.stats is not None:
