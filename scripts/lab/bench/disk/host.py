@@ -3,8 +3,9 @@
 One nbdkit in host mode (``plugin.py control=SOCK``); disks are added over the control socket
 one by one, each read once (1 MiB) after its add so its request path has run. Measured:
 
-- memory (``/proc/PID/smaps_rollup``) with 1 disk and with N disks: total PSS, and the
-  private memory each added disk costs ((private(N) - private(1)) / (N - 1));
+- memory (``/proc/PID/smaps``, the mapped images' pages apart: ``measure.memory_kib``) with
+  1 disk and with N disks: total PSS, and the private memory each added disk costs
+  ((private(N) - private(1)) / (N - 1));
 - add: the control round trip of each ``add``, and the same image's KDF measured alone in
   this process just before (the images use a cheap PBKDF2 cost, 1000 iterations, so the
   add's own cost is not hidden by the KDF: a real keyslot adds its KDF time on top);
@@ -233,9 +234,9 @@ def run(disks: int, disk_size: int, read_size: int, parallel: int, runs: int, ro
                     first_read(host.sock, name, MIB)
                     if i == 0:
                         time.sleep(0.5)
-                        res.memory_1_kib = memory_kib(pid)
+                        res.memory_1_kib = memory_kib(pid, [str(p) for p in paths])
                 time.sleep(0.5)
-                res.memory_n_kib = memory_kib(pid)
+                res.memory_n_kib = memory_kib(pid, [str(p) for p in paths])
             say(f"memory: {res.memory_1_kib} with 1 disk, {res.memory_n_kib} with {disks}")
             uris = [host.uri(f"disk-{i:03d}") for i in range(parallel)]
             for qd in (1, 16):

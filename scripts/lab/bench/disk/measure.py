@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -43,19 +44,34 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """Rss, Pss and private (Private_Clean + Private_Dirty) KiB from /proc/PID/smaps_rollup.
+def memory_kib(pid: int, images: Collection[str] = ()) -> dict[str, int]:
+    """Rss, Pss and private (Private_Clean + Private_Dirty) KiB from /proc/PID/smaps,
+    without the mappings of ``images``, whose resident pages are reported as ``image``.
 
     Private memory is what one more such server costs; Pss also charges a share of the
-    libraries all the servers map (numba's LLVM, Python, numpy)."""
-    fields: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+    libraries all the servers map (numba's LLVM, Python, numpy). vmshield maps each image's
+    payload to decrypt from the page cache (nbd_plugin/crypto/mapped.py): those pages are
+    the kernel's cache of the image, which any server reading it fills as much (pread
+    copies out of the same pages), and which the kernel reclaims under memory pressure; they
+    are counted apart, not as the server's memory."""
+    real = {os.path.realpath(p) for p in images}
+    totals = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
+    image_rss = 0
+    in_image = False
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            name, _, rest = line.partition(":")
-            if rest.strip().endswith("kB"):
-                fields[name] = int(rest.split()[0])
-    private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0), "private": private}
+            head, _, rest = line.partition(" ")
+            if not head.endswith(":"):  # a mapping's first line: "start-end perms ... path"
+                fields = line.split(maxsplit=5)
+                in_image = len(fields) == 6 and fields[5].strip() in real
+            elif head[:-1] in totals and rest.strip().endswith("kB"):
+                kib = int(rest.split()[0])
+                if not in_image:
+                    totals[head[:-1]] += kib
+                elif head == "Rss:":
+                    image_rss += kib
+    private = totals["Private_Clean"] + totals["Private_Dirty"]
+    return {"rss": totals["Rss"], "pss": totals["Pss"], "private": private, "image": image_rss}
 
 
 def first_byte(socket: str) -> None:
@@ -182,7 +198,7 @@ class Running:
         return peak_rss_kib(self.proc.pid)
 
     def memory_kib(self) -> dict[str, int]:
-        return memory_kib(self.proc.pid)
+        return memory_kib(self.proc.pid, [self.paths.image])
 
     def __enter__(self) -> Running:
         return self
