@@ -191,6 +191,7 @@ def _fault_word_typer(typingctx: Any, guard: Any) -> Any:
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         ary = context.make_array(signature.args[0])(context, builder, args[0])
+        builder.fence("seq_cst")  # no read of the mapping before it moves past this load
         return builder.load_atomic(ary.data, "acquire", 8)
 
     return sig, codegen
@@ -451,23 +452,48 @@ def _cbc_write(state: U64, src: Any, out: Any, fd: int, at: int, iv: np.uint64) 
     return status if status else _pwrite(state, out, len(src), fd, at)  # type: ignore[no-any-return]
 
 
-def _mapped_source(image: Any, guard: Any, at: int, n: int, stride: int) -> int:
+def _zero_words(state: U64, image: Any, at: int, n: int, stride: int) -> int:
+    """``ZERO_HEAD`` if one of every ``stride`` words of ``n`` mapped bytes at ``at`` is zero
+    (a hole may be there), or the last word of a sector is (the image was cut short inside
+    that sector: the page cache zeroes the rest of the page past the end, and no fault
+    says so), else 0."""
+    words = carray(_words(image[at:]), n // 8)
+    if stride > 0:
+        for i in range(0, n // 8, stride):
+            if words[i] == ZERO:
+                return ZERO_HEAD
+    sector = int(state[WORDS])
+    for i in range(sector - 1, n // 8, sector):
+        if words[i] == ZERO:
+            return ZERO_HEAD
+    return 0
+
+
+_zeros: Any = njit(inline="always")(_zero_words)
+
+
+def _mapped_source(state: U64, image: Any, guard: Any, at: int, n: int, stride: int) -> int:
     """Whether ``n`` bytes of the mapped ``image`` at ``at`` can be decrypted from there: 0,
-    ``SHORT`` past the mapping, ``FAULTED`` if a page of it faulted, ``ZERO_HEAD`` if one of
-    every ``stride`` words is zero (a hole may be there)."""
+    ``SHORT`` past the mapping, ``FAULTED`` if a page of it faulted, else ``_zero_words``."""
     if at < 0 or n > image.size - at:
         return SHORT
     if _fault_word(guard) != ZERO:
         return FAULTED
-    if stride > 0:
-        words = carray(_words(image[at:]), n // 8)
-        for i in range(0, n // 8, stride):
-            if words[i] == ZERO:
-                return ZERO_HEAD
-    return 0
+    return _zeros(state, image, at, n, stride)  # type: ignore[no-any-return]
+
+
+def _mapped_result(state: U64, image: Any, guard: Any, at: int, n: int, stride: int,
+                   status: int) -> int:  # fmt: skip
+    """What a mapped read that returned ``status`` returns: the check again, for a hole
+    punched (a trim) or a cut made between the first check and the decryption, which would
+    have decrypted zeros; then ``FAULTED`` if a page faulted meanwhile."""
+    if status == 0:
+        status = _zeros(state, image, at, n, stride)
+    return FAULTED if _fault_word(guard) != ZERO else status
 
 
 _mapped_check: Any = njit(inline="always")(_mapped_source)
+_mapped_done: Any = njit(inline="always")(_mapped_result)
 # ``mapped(state, dst, image, guard, at, stride, iv)``: decrypt ``len(dst)`` bytes of the
 # mapped payload ``image`` from index ``at`` into ``dst`` (``crypto/mapped``): the ciphertext
 # is read where the page cache holds it, no pread. A page that faulted while we read (the
@@ -477,37 +503,37 @@ _mapped_check: Any = njit(inline="always")(_mapped_source)
 def _xts_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
                 iv: np.uint64) -> int:  # fmt: skip
     n = len(dst)
-    status = _mapped_check(image, guard, at, n, stride)
+    status = _mapped_check(state, image, guard, at, n, stride)
     if status == 0:
         status = _xts_body(state, image[at : at + n], dst, iv)
-    return FAULTED if _fault_word(guard) != ZERO else status
+    return _mapped_done(state, image, guard, at, n, stride, status)  # type: ignore[no-any-return]
 
 
 def _xts_sectors_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
                         iv: np.uint64) -> int:  # fmt: skip
     n = len(dst)
-    status = _mapped_check(image, guard, at, n, stride)
+    status = _mapped_check(state, image, guard, at, n, stride)
     if status == 0:
         status = _sectors_body(state, image[at : at + n], dst, iv)
-    return FAULTED if _fault_word(guard) != ZERO else status
+    return _mapped_done(state, image, guard, at, n, stride, status)  # type: ignore[no-any-return]
 
 
 def _xts_vaes_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
                      iv: np.uint64) -> int:  # fmt: skip
     n = len(dst)
-    status = _mapped_check(image, guard, at, n, stride)
+    status = _mapped_check(state, image, guard, at, n, stride)
     if status == 0:
         status = _vaes_body(state, image[at : at + n], dst, iv)
-    return FAULTED if _fault_word(guard) != ZERO else status
+    return _mapped_done(state, image, guard, at, n, stride, status)  # type: ignore[no-any-return]
 
 
 def _cbc_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,
                 iv: np.uint64) -> int:  # fmt: skip
     n = len(dst)
-    status = _mapped_check(image, guard, at, n, stride)
+    status = _mapped_check(state, image, guard, at, n, stride)
     if status == 0:
         status = _cbc_body(state, image[at : at + n], dst, iv)
-    return FAULTED if _fault_word(guard) != ZERO else status
+    return _mapped_done(state, image, guard, at, n, stride, status)  # type: ignore[no-any-return]
 
 
 _FUSED: dict[str, tuple[Any, Any, Any, Any]] = {

@@ -24,7 +24,14 @@ A fault anywhere else restores the action that was there before the guard (the d
 the process dies, as it would have without us) and returns, so the access faults again
 under it; a SIGBUS sent by ``kill`` is sent again, to meet that action. A mapping is
 registered only while the guard is installed; ``ImageMap`` refuses (``MapUnavailable``) if
-it cannot be, and the caller reads through ``pread`` as before.
+it cannot be, and the caller reads through ``pread`` as before. What the guard cannot do: a
+SIGBUS handler installed after it (``faulthandler.enable()``; the server installs none)
+takes the faults first, and if the handler's own mmap fails (no memory for a page table)
+the fault gets the previous action.
+
+A cut inside a page raises nothing: the page cache zeroes the rest of that page. The kernels
+therefore also check the last word of every sector (``kernels._zero_words``), and check
+again after decrypting, for a hole punched or a cut made meanwhile.
 
 Two more things a mapping must not do here. The serving process locks its memory
 (``serve/hardening``: mlockall with MCL_FUTURE | MCL_ONFAULT), which would pin every page of
@@ -88,8 +95,11 @@ class _SigAction(ctypes.Structure):
     ]
 
 
-_table = np.zeros(3 * SLOTS, dtype=np.uint64)
-"""Per slot: first address, end address (0: free), address of the mapping's fault word."""
+_table = np.zeros(2 * SLOTS, dtype=np.uint64)
+"""Per slot: the mapping's first address and its end (0: free)."""
+_guards = np.zeros(SLOTS, dtype=np.uint64)
+"""Per slot: the mapping's fault word. They live as long as the process: a handler that
+matched a slot just before it was freed still writes to a word that exists."""
 _previous = _SigAction()
 """SIGBUS's action before the guard, restored for a fault outside every mapping."""
 _lock = threading.Lock()
@@ -118,6 +128,7 @@ def _compile_handler() -> Any:
 
     words_at: Any = numba.extending.intrinsic(_words_at_typer)
     table_at = np.uint64(_table.ctypes.data)
+    guards_at = np.uint64(_guards.ctypes.data)
     previous_at = np.uint64(ctypes.addressof(_previous))
     slots, page_mask = SLOTS, ~np.uint64(_PAGE - 1)
     sigbus = np.int32(signal.SIGBUS)
@@ -125,10 +136,10 @@ def _compile_handler() -> Any:
     def handle(signum: Any, info: Any, context: Any) -> None:
         addr = carray(info, 3, dtype=np.uint64)[2]  # siginfo_t.si_addr
         code = carray(info, 3, dtype=np.int32)[2]  # si_code: > 0 if the kernel raised it
-        table = carray(words_at(table_at), 3 * slots)
+        table = carray(words_at(table_at), 2 * slots)
         for i in range(slots if code > 0 else 0):
-            if table[3 * i] <= addr < table[3 * i + 1]:
-                carray(words_at(table[3 * i + 2]), 1)[0] = np.uint64(1)
+            if table[2 * i] <= addr < table[2 * i + 1]:
+                carray(words_at(guards_at), slots)[i] = np.uint64(1)
                 page = addr & page_mask
                 flags = np.int32(_MAP_PRIVATE_ANONYMOUS_FIXED)
                 got = _mmap(page, np.uint64(_PAGE), np.int32(_PROT_READ), flags, np.int32(-1),
@@ -188,22 +199,26 @@ class ImageMap:
         if address == _MAP_FAILED:
             raise MapUnavailable(f"the image cannot be mapped (errno {ctypes.get_errno()})")
         self._address: int | None = address
+        # under mlockall(MCL_FUTURE) the mapping is born locked: its pages are cache
+        problem = None
+        if _libc.munlock(address, size) != 0:
+            problem = f"munlock failed (errno {ctypes.get_errno()})"
+        try:
+            slot = -1 if problem else _register(address, address + size)
+        except MapUnavailable as exc:
+            problem = str(exc)
+        if problem is not None:
+            _libc.munmap(address, size)
+            raise MapUnavailable(problem)
+        self._slot = slot
+        _libc.madvise(address, size, _MADV_DONTDUMP)
         memory = (ctypes.c_uint8 * size).from_address(address)
-        # unmapped once nothing reads it any more: the last array over it is gone
-        weakref.finalize(memory, _libc.munmap, address, size)
+        # once the last array over it is gone (never before: a read through it would fault
+        # unguarded), the slot is freed and the range unmapped
+        weakref.finalize(memory, _release, slot, address, size)
         self.image: npt.NDArray[np.uint8] = np.frombuffer(memoryview(memory), dtype=np.uint8)
         self.image.flags.writeable = False
-        self.guard: npt.NDArray[np.uint64] = np.zeros(1, dtype=np.uint64)
-        self._slot = -1
-        try:
-            # under mlockall(MCL_FUTURE) the mapping is born locked: its pages are cache
-            if _libc.munlock(address, size) != 0:
-                raise MapUnavailable(f"munlock failed (errno {ctypes.get_errno()})")
-            _libc.madvise(address, size, _MADV_DONTDUMP)
-            self._slot = _register(address, address + size, self.guard.ctypes.data)
-        except BaseException:
-            self.close()
-            raise
+        self.guard: npt.NDArray[np.uint64] = _guards[slot : slot + 1]
 
     def close(self) -> None:
         """Let go of the file: a read still in flight (there should be none) gets
@@ -212,31 +227,44 @@ class ImageMap:
             return
         self.guard[0] = 1
         flags = _MAP_PRIVATE_ANONYMOUS_FIXED | _MAP_NORESERVE
-        if _mmap(self._address, self._size, _PROT_READ, flags, -1, 0) == _MAP_FAILED:
-            _libc.munmap(self._address, self._size)  # no memory even for that: unmap now
-        if self._slot >= 0:
-            _unregister(self._slot)
-            self._slot = -1
+        if _mmap(self._address, self._size, _PROT_READ, flags, -1, 0) != _MAP_FAILED:
+            _unregister(self._slot, self._address)  # zero pages now: nothing left to guard
+        # else (no memory even for that) the file stays mapped and guarded until the last
+        # array over it is gone
         self._address = None
         self.image = np.zeros(0, dtype=np.uint8)
 
 
-def _register(start: int, end: int, guard: int) -> int:
+def _register(start: int, end: int) -> int:
     with _lock:
         for i in range(SLOTS):
-            if _table[3 * i + 1] == 0:
-                _table[3 * i + 2] = guard
-                _table[3 * i] = start
-                _table[3 * i + 1] = end  # last: the handler sees a whole slot or none
+            if _table[2 * i + 1] == 0:
+                _guards[i] = 0
+                _table[2 * i] = start
+                _table[2 * i + 1] = end  # last: the handler sees a whole slot or none
                 return i
     raise MapUnavailable(f"{SLOTS} images are mapped already")
 
 
-def _unregister(slot: int) -> None:
+def _unregister(slot: int, start: int) -> None:
+    """Free ``slot`` if it still holds the mapping that starts at ``start`` (its range is
+    still reserved until unmapped, so no other mapping can start there meanwhile)."""
     with _lock:
-        _table[3 * slot + 1] = 0
-        _table[3 * slot] = 0
-        _table[3 * slot + 2] = 0
+        if _table[2 * slot] == start and _table[2 * slot + 1] != 0:
+            _table[2 * slot + 1] = 0  # first: the handler no longer matches it
+            _table[2 * slot] = 0
+
+
+def _release(slot: int, address: int, size: int) -> None:
+    """The last array over a mapping is gone: free its slot, then unmap it."""
+    _unregister(slot, address)
+    _libc.munmap(address, size)
+
+
+def mapped_count() -> int:
+    """Mappings the guard knows now (for tests)."""
+    with _lock:
+        return int(np.count_nonzero(_table[1::2]))
 
 
 def faulted(imap: ImageMap) -> bool:
@@ -244,4 +272,12 @@ def faulted(imap: ImageMap) -> bool:
     return bool(imap.guard[0])
 
 
-__all__ = ["SLOTS", "ImageMap", "MapUnavailable", "faulted", "guarded", "install_guard"]
+__all__ = [
+    "SLOTS",
+    "ImageMap",
+    "MapUnavailable",
+    "faulted",
+    "guarded",
+    "install_guard",
+    "mapped_count",
+]

@@ -528,6 +528,7 @@ class EncryptedDisk:
 
     def close(self) -> None:
         with self._map_lock:
+            self._map_tried = True  # a channel made from now on (a racing open) maps nothing
             if self._map is not None:
                 self._map.close()
                 self._map = None

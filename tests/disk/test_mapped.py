@@ -16,11 +16,16 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from nbd_plugin import luks
-from tests.support.nbd import SECRET, connect, serve_plugin
+from nbd_plugin.crypto import jit, mapped
+from nbd_plugin.errors import ImageError
+from nbd_plugin.serve.disk import EncryptedDisk
+from tests.support.nbd import SECRET, connect, qemu_read_luks, serve_plugin
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -319,3 +324,162 @@ def caught(pid: int) -> int:
         if line.startswith("SigCgt:"):
             return int(line.split()[1], 16)
     raise AssertionError("no SigCgt")
+
+
+def open_disk(path: Path, **kw: Any) -> EncryptedDisk:
+    assert jit.kernels() is not None, "the mapped reads are the numba path's"
+    return EncryptedDisk(luks.open_volume(str(path), SECRET, readonly=False), **kw)
+
+
+def test_cut_inside_a_sector(image: Path) -> None:
+    """A cut inside a page raises no SIGBUS: the page cache zeroes the rest of the page. The
+    sector the cut runs through must still give the disk's one-line error, as the pread path
+    does, not its ciphertext and zeros decrypted as data (an attacker's review found it)."""
+    d = open_disk(image)
+    try:
+        channel = d.channel()
+        assert channel._mapped is not None
+        data = os.urandom(1 << 16)
+        channel.pwrite(memoryview(data), 0)
+        for cut in (8192 + 100, 8192 + d.sector - 8, 8192 + 8):
+            os.truncate(image, d._base + cut)
+            got = memoryview(bytearray(8192))
+            channel.pread(got, 0)  # before the cut: the data, from the mapping
+            assert got == data[:8192]
+            with pytest.raises(ImageError, match="unexpected end of image"):
+                channel.pread(memoryview(bytearray(d.sector)), 8192)
+            assert channel._mapped is not None  # nothing faulted: it stays mapped
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("fmt", ["luks1-xts-512", "luks2-xts-4096"])
+def test_a_trim_racing_a_read(tmp_path: Path, fmt: str) -> None:
+    """A trim (a hole punched, discard=unmap) of the range a read is decrypting: the read
+    gives each sector's data or the hole's zeros, never zero ciphertext decrypted (the
+    mapped read checks the sector heads again after decrypting; without that, ~6 reads in
+    3500 went wrong here)."""
+    import random
+    import threading
+
+    path = tmp_path / "disk.img"
+    if fmt == "luks1-xts-512":
+        luks.create_image(str(path), 2 * MIB, SECRET, iterations=1000)
+    else:
+        luks.create_image(str(path), 2 * MIB, SECRET, fmt="luks2", pbkdf="pbkdf2",
+                          iterations=1000, sector_size=4096)  # fmt: skip
+    d = open_disk(path, discard="unmap")
+    try:
+        channel = d.channel()
+        assert channel._mapped is not None
+        data, rng = os.urandom(MIB), random.Random(7)
+        buf = memoryview(bytearray(MIB))
+        deadline, trials, outcomes = time.monotonic() + 8, 0, set()
+        while time.monotonic() < deadline:
+            d.pwrite(memoryview(data), 0)
+            trials += 1
+            trim = threading.Thread(target=punch, args=(d, rng.random() * 0.0005))
+            trim.start()
+            while trim.is_alive():
+                channel.pread(buf, 0)
+                for s in range(0, MIB, d.sector):
+                    sector = buf[s : s + d.sector]
+                    if sector == data[s : s + d.sector]:
+                        outcomes.add("data")
+                    else:
+                        assert sector == bytes(d.sector), (trials, s)
+                        outcomes.add("zeros")
+            trim.join()
+        assert outcomes == {"data", "zeros"}, outcomes  # the race was run, both sides seen
+    finally:
+        d.close()
+
+
+def punch(d: EncryptedDisk, pause: float) -> None:
+    time.sleep(pause)
+    d.trim(0, MIB)
+
+
+def test_no_mapping_after_close_and_none_left_behind(image: Path) -> None:
+    """A channel made after its disk closed (a client's open racing a host-mode removal)
+    maps nothing: the descriptor number may belong to another file by then. And a closed
+    disk leaves no mapping registered with the guard once its arrays are gone."""
+    import gc
+
+    before = mapped.mapped_count()
+    unused = open_disk(image)
+    number = unused._fd
+    unused.close()  # before its first channel: the client's open lost the race
+    other = os.open(image, os.O_RDONLY)  # the number now names another open file
+    if other != number:
+        os.dup2(other, number)
+        os.close(other)
+    try:
+        assert unused.channel()._mapped is None and mapped.mapped_count() == before
+    finally:
+        os.close(number)
+    d = open_disk(image)
+    channel = d.channel()
+    assert channel._mapped is not None and mapped.mapped_count() == before + 1
+    d.close()
+    late = d.channel()
+    assert late._mapped is None and mapped.mapped_count() == before
+    del channel, late
+    gc.collect()
+    assert mapped.mapped_count() == before
+
+
+def test_a_payload_offset_off_the_page(tmp_path: Path, keyfile: Path) -> None:
+    """cryptsetup can put a LUKS1 payload at any sector (--align-payload): the mapping then
+    starts on the page before it. Mapped reads give the bytes the pread path gives, and the
+    bytes QEMU's luks driver decrypts from the same image (cryptsetup made its header)."""
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"")
+    os.truncate(path, 8 * MIB)
+    subprocess.run(
+        ["cryptsetup", "luksFormat", "-q", "--type", "luks1", "--align-payload=2051",
+         "--pbkdf-force-iterations", "1000", "--key-file", str(keyfile), str(path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    d = open_disk(path)
+    try:
+        assert d._base % 4096, d._base  # off the page, as asked
+        channel = d.channel()
+        assert channel._mapped is not None
+        data = os.urandom(d.size)
+        for at in range(0, d.size, 1 << 17):
+            channel.pwrite(memoryview(data[at : at + (1 << 17)]), at)
+        d.flush()
+        got, theirs = memoryview(bytearray(d.size)), memoryview(bytearray(d.size))
+        channel.pread(got, 0)
+        d.pread(theirs, 0)
+        assert got == theirs == data
+    finally:
+        d.close()
+    out = tmp_path / "plain.raw"
+    qemu_read_luks(path, keyfile, out)  # QEMU's luks driver decrypts what we wrote
+    assert out.read_bytes() == data
+
+
+def test_when_every_slot_is_taken_reads_use_pread(
+    image: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """More images than the guard has slots (a host server with over 1024 disks): the next
+    disk says why and reads through pread, with the same bytes."""
+    saved = mapped._table.copy()
+    mapped._table[1::2] = np.where(saved[1::2] == 0, 1, saved[1::2])  # all taken
+    try:
+        d = open_disk(image)
+        try:
+            channel = d.channel()
+            assert channel._mapped is None and channel._read is not None
+            data = os.urandom(8192)
+            channel.pwrite(memoryview(data), 0)
+            got = memoryview(bytearray(8192))
+            channel.pread(got, 0)
+            assert got == data
+        finally:
+            d.close()
+    finally:
+        mapped._table[:] = saved
+    assert "images are mapped already" in capfd.readouterr().err
