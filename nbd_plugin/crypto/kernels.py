@@ -498,6 +498,7 @@ _mapped_done: Any = njit(inline="always")(_mapped_result)
 # mapped payload ``image`` from index ``at`` into ``dst`` (``crypto/mapped``): the ciphertext
 # is read where the page cache holds it, no pread. A page that faulted while we read (the
 # guard set ``guard[0]``) makes the result ``FAULTED``: the bytes in ``dst`` are not used.
+# Written out per kernel like the fused calls above, for the same reason (numba's cache).
 
 
 def _xts_mapped(state: U64, dst: Any, image: Any, guard: Any, at: int, stride: int,

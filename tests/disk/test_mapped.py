@@ -50,6 +50,15 @@ OPEN = """
 """ % SECRET.decode()  # noqa: UP031 (a script's text)
 
 
+def fill(d: Any, channel: Any) -> bytes:
+    """Random plaintext over the whole disk, written through ``channel`` and flushed."""
+    data = os.urandom(d.size)
+    for at in range(0, d.size, 1 << 17):
+        channel.pwrite(memoryview(data[at : at + (1 << 17)]), at)
+    d.flush()
+    return data
+
+
 @pytest.fixture(params=["luks1-xts-512", "luks2-xts-4096"])
 def image(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
@@ -71,13 +80,11 @@ def test_cut_short_while_reads_run(image: Path) -> None:
         + """
     import random, threading
     from nbd_plugin.errors import ImageError
+    from tests.disk.test_mapped import fill
     d = open_disk(sys.argv[1])
     channel = d.channel()
     assert channel._mapped is not None
-    data = os.urandom(d.size)
-    for at in range(0, d.size, 1 << 17):
-        channel.pwrite(memoryview(data[at : at + (1 << 17)]), at)
-    d.flush()
+    data = fill(d, channel)
     full = os.path.getsize(sys.argv[1])
     stop = threading.Event()
 
@@ -353,8 +360,7 @@ def test_cut_inside_a_sector(image: Path) -> None:
         d.close()
 
 
-@pytest.mark.parametrize("fmt", ["luks1-xts-512", "luks2-xts-4096"])
-def test_a_trim_racing_a_read(tmp_path: Path, fmt: str) -> None:
+def test_a_trim_racing_a_read(image: Path) -> None:
     """A trim (a hole punched, discard=unmap) of the range a read is decrypting: the read
     gives each sector's data or the hole's zeros, never zero ciphertext decrypted (the
     mapped read checks the sector heads again after decrypting; without that, ~6 reads in
@@ -362,13 +368,7 @@ def test_a_trim_racing_a_read(tmp_path: Path, fmt: str) -> None:
     import random
     import threading
 
-    path = tmp_path / "disk.img"
-    if fmt == "luks1-xts-512":
-        luks.create_image(str(path), 2 * MIB, SECRET, iterations=1000)
-    else:
-        luks.create_image(str(path), 2 * MIB, SECRET, fmt="luks2", pbkdf="pbkdf2",
-                          iterations=1000, sector_size=4096)  # fmt: skip
-    d = open_disk(path, discard="unmap")
+    d = open_disk(image, discard="unmap")
     try:
         channel = d.channel()
         assert channel._mapped is not None
@@ -446,10 +446,7 @@ def test_a_payload_offset_off_the_page(tmp_path: Path, keyfile: Path) -> None:
         assert d._base % 4096, d._base  # off the page, as asked
         channel = d.channel()
         assert channel._mapped is not None
-        data = os.urandom(d.size)
-        for at in range(0, d.size, 1 << 17):
-            channel.pwrite(memoryview(data[at : at + (1 << 17)]), at)
-        d.flush()
+        data = fill(d, channel)
         got, theirs = memoryview(bytearray(d.size)), memoryview(bytearray(d.size))
         channel.pread(got, 0)
         d.pread(theirs, 0)
