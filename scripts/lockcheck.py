@@ -48,7 +48,13 @@ def differences(wanted: dict[str, str]) -> list[str]:
 
 
 def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: lockcheck.py LOCKFILE (e.g. scripts/requirements.lock)", file=sys.stderr)
+        return 2
     lock = Path(sys.argv[1])
+    if not lock.is_file():
+        print(f"lockcheck: {lock}: no such lock file", file=sys.stderr)
+        return 2
     wanted = pins(lock)
     if not wanted:
         print(f"lockcheck: no pins in {lock}", file=sys.stderr)

@@ -127,3 +127,12 @@ def test_setup_refuses_a_venv_that_drifted_from_the_lock(tmp_path: Path) -> None
         m = re.fullmatch(r"lockcheck: (\S+): (\S+) installed, lock says (\S+)", line)
         assert m and m[2] != m[3] and metadata.version(m[1]) == m[2], line
     assert real.returncode == (1 if drifts else 0), real.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["/nonexistent/requirements.lock"]])
+def test_lockcheck_misused_says_one_line(args: list[str]) -> None:
+    """No lock file named, or none there: one line and status 2, not a traceback."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "lockcheck.py"), *args],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
